@@ -1,0 +1,161 @@
+//! Wiring of `weir run`: the folder source feeds the topology, the topology feeds the
+//! engine, and the HTTP servers serve until the shutdown signal.
+//!
+//! Shutdown order (invariant 6): stop accepting publishes and let in-flight requests get their
+//! answers, drain the batchers, stop relays, close the pools, then stop the admin server.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::data::engine::Engine;
+use crate::data::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::source::folder::Loaded;
+use crate::status::StatusBoard;
+use crate::topology::index::Kind;
+use crate::topology::{Defaults, Key};
+
+pub struct RunConfig {
+    pub dir: PathBuf,
+    pub prune: bool,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub request_timeout: Duration,
+    /// Base URL shown as the streams' endpoint in status.
+    pub public_url: Option<String>,
+    /// Requests each stream's batcher may queue.
+    pub batch_queue: usize,
+}
+
+/// Runs standalone mode until `shutdown` is cancelled.
+pub async fn run(cfg: RunConfig, defaults: Defaults, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let mut engine = Engine::new(metrics);
+    engine.limits.queue_requests = cfg.batch_queue.max(1);
+    let engine = Arc::new(engine);
+    let board = Arc::new(StatusBoard::default());
+
+    let ingest_listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding the ingest port {}", cfg.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin port {}", cfg.admin_listen))?;
+    let local = ingest_listener.local_addr()?;
+    tracing::info!(ingest = %local, admin = %admin_listener.local_addr()?, "listening");
+    let endpoint_base = cfg
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+
+    let watch_stop = shutdown.child_token();
+    let mut rx = crate::source::watch::spawn_folder_watch(
+        cfg.dir.clone(),
+        Duration::from_millis(300),
+        watch_stop.clone(),
+    )
+    .with_context(|| format!("loading manifests from {}", cfg.dir.display()))?;
+
+    let admin_stop = CancellationToken::new();
+    let admin_server = {
+        let app = admin::router(AdminState {
+            engine: engine.clone(),
+            board: board.clone(),
+        });
+        let stop = admin_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(admin_listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+    let ingest_server = {
+        let app = http::router(HttpState {
+            engine: engine.clone(),
+            request_timeout: cfg.request_timeout,
+        });
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(ingest_listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+
+    loop {
+        let loaded = rx.borrow_and_update().clone();
+        apply(&loaded, &defaults, &engine, &board, cfg.prune, &endpoint_base).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = rx.changed() => if changed.is_err() { break },
+        }
+    }
+
+    watch_stop.cancel();
+    // Axum's graceful shutdown stops accepting and waits for in-flight requests, which wait
+    // for their batches to commit.
+    match ingest_server.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "ingest server"),
+        Err(e) => tracing::warn!(error = %e, "ingest server task"),
+        Ok(Ok(())) => {}
+    }
+    engine.shutdown().await;
+    admin_stop.cancel();
+    let _ = admin_server.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Applies one snapshot of the folder: valid resources run, invalid ones keep their previous
+/// version (and say why in status), absent ones stop.
+async fn apply(
+    loaded: &Loaded,
+    defaults: &Defaults,
+    engine: &Engine,
+    board: &StatusBoard,
+    prune: bool,
+    endpoint_base: &str,
+) {
+    let built = crate::topology::build::build(&loaded.index, defaults);
+    let mut kept: BTreeSet<(Kind, Key)> = loaded.broken.clone();
+    for r in &built.reports {
+        if !r.problems.is_empty() {
+            let origin = loaded
+                .origins
+                .get(&(r.kind, r.key.clone()))
+                .map(|o| format!("{} doc {}: ", o.file.display(), o.doc))
+                .unwrap_or_default();
+            for p in &r.problems {
+                tracing::warn!("{origin}{} {}: {p}", r.kind, r.key);
+            }
+            kept.insert((r.kind, r.key.clone()));
+        }
+    }
+    for p in &loaded.problems {
+        tracing::warn!("{p}");
+    }
+    let keep_streams: BTreeSet<Key> = kept
+        .iter()
+        .filter(|(k, _)| *k == Kind::EventStream)
+        .map(|(_, key)| key.clone())
+        .collect();
+    for e in engine
+        .apply(&built.topology.streams, &keep_streams, prune)
+        .await
+    {
+        tracing::error!(error = %e, "applying the topology");
+    }
+    board.update(
+        built.reports,
+        kept,
+        loaded.problems.iter().map(ToString::to_string).collect(),
+        endpoint_base.to_string(),
+    );
+}

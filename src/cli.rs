@@ -1,0 +1,184 @@
+//! The `weir` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "weir", version, about = "Event pipelines declared as Kubernetes resources")]
+pub struct Cli {
+    /// Ingest/read API of a running weir (for client commands).
+    #[arg(long, global = true, env = "WEIR_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Admin API of a running weir (for client commands).
+    #[arg(long, global = true, env = "WEIR_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+    pub admin: String,
+    /// Output format of client commands.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the pipelines declared in a folder of manifests (standalone mode).
+    Run {
+        /// Folder of YAML manifests (EventStream, Subscription, ArchivePolicy, CachePolicy,
+        /// Secret, ConfigMap). Watched: changes apply without a restart.
+        #[arg(short = 'f', long = "filename")]
+        dir: PathBuf,
+        /// When a manifest is deleted, also remove its queues, exchange and stored events if
+        /// its deletionPolicy is Delete. Without it, data is always kept.
+        #[arg(long)]
+        prune: bool,
+        /// Ingest/read listen address.
+        #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// Admin (health, metrics, status) listen address.
+        #[arg(long, env = "WEIR_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+        admin_listen: SocketAddr,
+        /// How long a publish may wait for durability before it is answered 503.
+        #[arg(long, env = "WEIR_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+        request_timeout: Duration,
+        /// Base URL shown as stream endpoints in status (default: the listen address).
+        #[arg(long, env = "WEIR_PUBLIC_URL")]
+        public_url: Option<String>,
+        /// Publish requests each stream may queue for its batcher; beyond that, 503.
+        #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
+        batch_queue: usize,
+    },
+    /// Check a folder of manifests without starting anything; exit 1 on any problem.
+    Validate {
+        #[arg(short = 'f', long = "filename")]
+        dir: PathBuf,
+    },
+    /// Print the CustomResourceDefinitions as multi-document YAML.
+    Crds,
+    /// Show every resource and its conditions (like `kubectl get weir`).
+    Status,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::topology::units::parse_duration(s).map_err(|e| e.to_string())
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            dir,
+            prune,
+            listen,
+            admin_listen,
+            request_timeout,
+            public_url,
+            batch_queue,
+        } => {
+            let defaults = crate::topology::Defaults::from_env()?;
+            runtime()?.block_on(async move {
+                let shutdown = CancellationToken::new();
+                crate::shutdown::on_signal(shutdown.clone());
+                crate::app::run(
+                    crate::app::RunConfig {
+                        dir,
+                        prune,
+                        listen,
+                        admin_listen,
+                        request_timeout,
+                        public_url,
+                        batch_queue,
+                    },
+                    defaults,
+                    shutdown,
+                )
+                .await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { dir } => {
+            let defaults = crate::topology::Defaults::from_env()?;
+            let report = crate::source::folder::validate(&dir, &defaults)?;
+            for p in &report.problems {
+                println!("{p}");
+            }
+            if report.is_ok() {
+                println!("{}: {} resources valid", dir.display(), report.resources);
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("{} problem(s) found", report.problems.len());
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Crds => {
+            print!("{}", crate::api::crds::to_yaml()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => runtime()?.block_on(status(&cli.admin, cli.output)),
+    }
+}
+
+async fn status(admin: &str, output: Output) -> anyhow::Result<ExitCode> {
+    let url = format!("{}/v1/status", admin.trim_end_matches('/'));
+    let body: serde_json::Value = reqwest::get(&url)
+        .await
+        .with_context(|| format!("GET {url}"))?
+        .error_for_status()?
+        .json()
+        .await?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<14} {:<28} {:<6} {}", "KIND", "NAME", "READY", "MESSAGE");
+    let empty = vec![];
+    for r in body["resources"].as_array().unwrap_or(&empty) {
+        let name = format!(
+            "{}/{}",
+            r["namespace"].as_str().unwrap_or(""),
+            r["name"].as_str().unwrap_or("")
+        );
+        let ready = r["conditions"][0]["status"].as_str().unwrap_or("Unknown");
+        let msg = r["conditions"][0]["message"].as_str().unwrap_or("");
+        println!(
+            "{:<14} {:<28} {:<6} {}",
+            r["kind"].as_str().unwrap_or(""),
+            name,
+            ready,
+            msg
+        );
+    }
+    for p in body["problems"].as_array().unwrap_or(&empty) {
+        println!("problem: {}", p.as_str().unwrap_or(""));
+    }
+    Ok(ExitCode::SUCCESS)
+}

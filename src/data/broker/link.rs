@@ -1,0 +1,223 @@
+//! One AMQP connection per broker URL, (re)opened on demand with capped, jittered
+//! exponential backoff shared by every user of the URL.
+//!
+//! lapin's own connection recovery is not used: it is recent, and a publisher needs to know
+//! exactly which messages were confirmed on the connection that broke in order to send the
+//! others again. A broken connection is simply replaced by a new one on the next use.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::time::Instant;
+
+use super::error::{BrokerError, classify, parse_url};
+
+/// First delay after a failed connection attempt.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest delay between attempts: RabbitMQ usually restarts within seconds, and a 503
+/// answered meanwhile tells publishers to retry, so waiting longer buys nothing.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// An unreachable host can leave a TCP connect hanging; nobody waits longer than this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The delay before attempt `failures + 1`, given `failures` consecutive failures (≥ 1):
+/// `BACKOFF_BASE × 2^(failures-1)` capped at `BACKOFF_MAX`, then scaled by `jitter`
+/// (expected in `0.5..=1.0`) so that many processes do not reconnect in lock-step.
+pub(crate) fn backoff_delay(failures: u32, jitter: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let delay = BACKOFF_BASE
+        .saturating_mul(1u32 << exp)
+        .min(BACKOFF_MAX);
+    delay.mul_f64(jitter.clamp(0.5, 1.0))
+}
+
+struct State {
+    conn: Option<Arc<Connection>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<BrokerError>,
+}
+
+/// The connection to one broker URL.
+pub(crate) struct Link {
+    url: String,
+    name: String,
+    /// Serialises connection attempts, so that many tasks noticing a broken connection at
+    /// once open one new connection rather than one each.
+    state: tokio::sync::Mutex<State>,
+    /// The current connection, readable without waiting for an attempt in progress.
+    current: Mutex<Option<Arc<Connection>>>,
+    last_error: Mutex<Option<BrokerError>>,
+}
+
+impl Link {
+    pub(crate) fn new(url: String, name: String) -> Link {
+        Link {
+            url,
+            name,
+            state: tokio::sync::Mutex::new(State {
+                conn: None,
+                failures: 0,
+                retry_at: None,
+                last_error: None,
+            }),
+            current: Mutex::new(None),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// True while a connection is open.
+    pub(crate) fn is_connected(&self) -> bool {
+        lock(&self.current)
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
+    /// The most recent connection or channel failure, for error messages.
+    pub(crate) fn last_error(&self) -> Option<BrokerError> {
+        lock(&self.last_error).clone()
+    }
+
+    /// When the next connection attempt is allowed, if we are backing off.
+    pub(crate) async fn retry_at(&self) -> Option<Instant> {
+        self.state.lock().await.retry_at
+    }
+
+    /// The open connection, or a new one. While backing off after a failed attempt, answers
+    /// the last error at once instead of trying again.
+    pub(crate) async fn connection(&self) -> Result<Arc<Connection>, BrokerError> {
+        let mut st = self.state.lock().await;
+        if let Some(conn) = &st.conn {
+            if conn.status().connected() {
+                return Ok(conn.clone());
+            }
+            tracing::warn!(connection = %self.name, "RabbitMQ connection lost; reconnecting");
+            st.conn = None;
+            *lock(&self.current) = None;
+        }
+        if let Some(at) = st.retry_at
+            && Instant::now() < at
+        {
+            return Err(st
+                .last_error
+                .clone()
+                .unwrap_or_else(|| BrokerError::Unavailable("reconnecting".into())));
+        }
+        let uri = parse_url(&self.url)?;
+        let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props));
+        let err = match attempt.await {
+            Ok(Ok(conn)) => {
+                if st.failures > 0 {
+                    tracing::info!(connection = %self.name, "RabbitMQ connection re-established");
+                }
+                let conn = Arc::new(conn);
+                st.conn = Some(conn.clone());
+                st.failures = 0;
+                st.retry_at = None;
+                st.last_error = None;
+                *lock(&self.current) = Some(conn.clone());
+                *lock(&self.last_error) = None;
+                return Ok(conn);
+            }
+            Ok(Err(e)) => classify("connect", &e),
+            Err(_) => BrokerError::Unavailable(format!(
+                "connect: no answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            )),
+        };
+        st.failures = st.failures.saturating_add(1);
+        let delay = backoff_delay(st.failures, rand::random_range(0.5..=1.0));
+        st.retry_at = Some(Instant::now() + delay);
+        st.last_error = Some(err.clone());
+        self.record(&err);
+        tracing::warn!(
+            connection = %self.name, error = %err, retry_in_ms = delay.as_millis() as u64,
+            "cannot connect to RabbitMQ"
+        );
+        Err(err)
+    }
+
+    /// Records a failure seen on a channel, so that deadline errors can name the cause.
+    pub(crate) fn record(&self, err: &BrokerError) {
+        *lock(&self.last_error) = Some(err.clone());
+    }
+
+    /// Forgets `conn` if it is still the current connection (a channel could not be opened
+    /// on it although it claims to be connected), so that the next use reconnects.
+    pub(crate) async fn discard(&self, conn: &Arc<Connection>) {
+        let mut st = self.state.lock().await;
+        if st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            st.conn = None;
+            *lock(&self.current) = None;
+        }
+    }
+
+    /// A new channel on the current (or a new) connection.
+    pub(crate) async fn channel(&self) -> Result<Channel, BrokerError> {
+        let conn = self.connection().await?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, conn.create_channel()).await {
+            Ok(Ok(ch)) => Ok(ch),
+            Ok(Err(e)) => {
+                let err = classify("open channel", &e);
+                self.record(&err);
+                if !conn.status().connected() || matches!(err, BrokerError::Unavailable(_)) {
+                    self.discard(&conn).await;
+                }
+                Err(err)
+            }
+            Err(_) => {
+                self.discard(&conn).await;
+                Err(BrokerError::Unavailable("open channel: no answer".into()))
+            }
+        }
+    }
+}
+
+/// Locks a mutex that only guards plain values: a panic elsewhere cannot leave them
+/// half-updated, so a poisoned lock is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff_delay(1, 1.0), Duration::from_millis(100));
+        assert_eq!(backoff_delay(2, 1.0), Duration::from_millis(200));
+        assert_eq!(backoff_delay(4, 1.0), Duration::from_millis(800));
+        assert_eq!(backoff_delay(7, 1.0), Duration::from_secs(5));
+        assert_eq!(backoff_delay(1000, 1.0), Duration::from_secs(5));
+        assert_eq!(backoff_delay(1, 0.5), Duration::from_millis(50));
+        // Jitter outside its range is clamped rather than trusted.
+        assert_eq!(backoff_delay(3, 7.0), Duration::from_millis(400));
+    }
+
+    #[tokio::test]
+    async fn refused_connection_backs_off_and_reports_the_cause() {
+        // Port 1 on loopback: nothing listens there, the connect fails at once.
+        let link = Link::new("amqp://guest:guest@127.0.0.1:1/%2f".into(), "test".into());
+        let err = link.connection().await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert!(!link.is_connected());
+        let at = link.retry_at().await.expect("a retry time after a failure");
+        // While backing off (at least 50 ms), no new attempt is made: the same error comes
+        // back at once.
+        assert_eq!(link.connection().await.unwrap_err(), err);
+        assert_eq!(link.retry_at().await, Some(at));
+        assert_eq!(link.last_error(), Some(err));
+        assert!(at <= Instant::now() + BACKOFF_BASE);
+    }
+
+    #[tokio::test]
+    async fn invalid_url_is_not_transient() {
+        let link = Link::new("amqp:nope".into(), "test".into());
+        let err = link.connection().await.unwrap_err();
+        assert!(matches!(err, BrokerError::InvalidUrl(_)), "{err}");
+        assert!(!err.is_transient());
+    }
+}

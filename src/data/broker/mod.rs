@@ -1,0 +1,364 @@
+//! RabbitMQ: one connection per broker URL, the exchanges and queues Weir declares, and
+//! confirmed publishing.
+//!
+//! A [`Broker`] is a cheap handle shared by every stream and subscription that uses the same
+//! URL. It connects on first use and, when the connection breaks, connects again on the next
+//! use with capped exponential backoff; it never panics or stops the process because RabbitMQ
+//! is away. Operations then fail with [`BrokerError::Unavailable`], which callers answer with
+//! 503 and `Retry-After`.
+//!
+//! [`Broker::publish`] returns only when every message has a publisher confirm: a message
+//! reported [`Routing::Routed`] or [`Routing::Unroutable`] is safely with the broker (or, if
+//! unroutable, known to have reached no queue). Events travel as described in [`codec`].
+
+mod codec;
+mod error;
+mod link;
+mod publisher;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::ShortString;
+use lapin::{Channel, ExchangeKind};
+use tokio::time::Instant;
+
+pub use codec::{
+    HEADER_PREFIX, MAX_SHORT_STRING, data_for, from_delivery, from_properties, to_message,
+};
+pub use error::{BrokerError, validate_url};
+/// AMQP header tables and values, as used in [`OutMessage::headers`] and queue arguments.
+pub use lapin::types::{AMQPValue, FieldTable};
+
+use crate::topology::QueueType;
+use error::classify;
+use link::Link;
+use publisher::Publisher;
+
+/// How long a topology operation (declare, bind, delete, count) may take, connection
+/// included, before it is reported unavailable.
+const OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The name a connection shows in RabbitMQ's management UI unless told otherwise.
+const DEFAULT_CONNECTION_NAME: &str = "weir";
+
+/// One message to publish.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutMessage {
+    /// Topic exchange routing key (for events: the event type).
+    pub routing_key: String,
+    /// Application headers (for events: the `cloudEvents:*` attributes).
+    pub headers: FieldTable,
+    pub body: Bytes,
+    /// The `message-id` property (for events: the event id). Left out if over 255 bytes.
+    pub message_id: String,
+    /// The `content-type` property. Left out if over 255 bytes.
+    pub content_type: Option<String>,
+    /// The `timestamp` property, seconds since the Unix epoch.
+    pub timestamp: Option<u64>,
+}
+
+/// What the broker did with a confirmed message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// At least one queue took it.
+    Routed,
+    /// No queue is bound for it: RabbitMQ returned it (`mandatory`) and dropped it.
+    Unroutable,
+}
+
+/// Message and consumer counts of a queue, as a passive declare reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Messages ready for delivery (RabbitMQ does not count unacknowledged ones here).
+    pub messages: u32,
+    pub consumers: u32,
+}
+
+/// A handle to one RabbitMQ (one AMQP URL). Clones share the connection and the publishing
+/// channels. The first publish starts the publishing workers on the current Tokio runtime;
+/// they stop when the last handle is dropped.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    link: Arc<Link>,
+    publisher: OnceLock<Publisher>,
+}
+
+impl fmt::Debug for Broker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL holds a password: it is never printed.
+        f.debug_struct("Broker")
+            .field("connected", &self.inner.link.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// A handle for `url` (`amqp://user:pass@host:port/vhost`). Nothing connects yet; an
+    /// invalid URL is reported by the first operation ([`validate_url`] checks it earlier).
+    pub fn new(url: String) -> Broker {
+        Broker::with_name(url, DEFAULT_CONNECTION_NAME)
+    }
+
+    /// Like [`Broker::new`], with the connection name RabbitMQ shows for this handle's
+    /// connection.
+    pub fn with_name(url: String, connection_name: &str) -> Broker {
+        Broker {
+            inner: Arc::new(Inner {
+                link: Arc::new(Link::new(url, connection_name.to_string())),
+                publisher: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// True while the connection is open. Does not connect.
+    pub async fn healthy(&self) -> bool {
+        self.inner.link.is_connected()
+    }
+
+    /// Connects if needed (a healthcheck). While backing off after a failed attempt, answers
+    /// the last error without trying again.
+    pub async fn check(&self) -> Result<(), BrokerError> {
+        match tokio::time::timeout(OP_TIMEOUT, self.inner.link.connection()).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(BrokerError::Unavailable("connect: no answer".into())),
+        }
+    }
+
+    /// Declares a durable topic exchange. Idempotent.
+    pub async fn declare_exchange(&self, name: &str) -> Result<(), BrokerError> {
+        let name = short("exchange name", name)?;
+        self.op("exchange.declare", async |ch: &Channel| {
+            let options = ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            ch.exchange_declare(name, ExchangeKind::Topic, options, FieldTable::default())
+                .await
+        })
+        .await
+    }
+
+    /// Deletes an exchange. Deleting an exchange that does not exist succeeds.
+    pub async fn delete_exchange(&self, name: &str) -> Result<(), BrokerError> {
+        let name = short("exchange name", name)?;
+        let r = self
+            .op("exchange.delete", async |ch: &Channel| {
+                ch.exchange_delete(name, ExchangeDeleteOptions::default())
+                    .await
+            })
+            .await;
+        not_found_is_ok(r, ())
+    }
+
+    /// Declares a durable queue of the given type with extra arguments (e.g.
+    /// `x-dead-letter-exchange`); `x-queue-type` is set from `queue_type`. Idempotent while
+    /// the arguments stay the same; a queue that exists with other arguments is
+    /// [`BrokerError::Protocol`] 406.
+    pub async fn declare_queue(
+        &self,
+        name: &str,
+        queue_type: QueueType,
+        mut args: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let name = short("queue name", name)?;
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(queue_type.as_arg().into()),
+        );
+        self.op("queue.declare", async |ch: &Channel| {
+            ch.queue_declare(name, QueueDeclareOptions::durable(), args)
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// Binds a queue to an exchange with a topic pattern. Idempotent.
+    pub async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), BrokerError> {
+        let (queue, exchange) = (short("queue name", queue)?, short("exchange name", exchange)?);
+        let routing_key = short("routing key", routing_key)?;
+        self.op("queue.bind", async |ch: &Channel| {
+            ch.queue_bind(
+                queue,
+                exchange,
+                routing_key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        })
+        .await
+    }
+
+    /// Removes a binding. Removing a binding that does not exist succeeds.
+    pub async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), BrokerError> {
+        let (queue, exchange) = (short("queue name", queue)?, short("exchange name", exchange)?);
+        let routing_key = short("routing key", routing_key)?;
+        let r = self
+            .op("queue.unbind", async |ch: &Channel| {
+                ch.queue_unbind(
+                    queue,
+                    exchange,
+                    routing_key,
+                    FieldTable::default(),
+                )
+                .await
+            })
+            .await;
+        not_found_is_ok(r, ())
+    }
+
+    /// Deletes a queue and its messages. Deleting a queue that does not exist succeeds.
+    pub async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        let name = short("queue name", name)?;
+        let r = self
+            .op("queue.delete", async |ch: &Channel| {
+                ch.queue_delete(name, QueueDeleteOptions::default())
+                    .await
+                    .map(|_| ())
+            })
+            .await;
+        not_found_is_ok(r, ())
+    }
+
+    /// Ready messages and consumers of a queue (passive declare); `None` if it does not
+    /// exist.
+    pub async fn queue_counts(&self, name: &str) -> Result<Option<QueueCounts>, BrokerError> {
+        let name = short("queue name", name)?;
+        let r = self
+            .op("queue.declare (passive)", async |ch: &Channel| {
+                let options = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                ch.queue_declare(name, options, FieldTable::default())
+                    .await
+                    .map(|q| {
+                        Some(QueueCounts {
+                            messages: q.message_count(),
+                            consumers: q.consumer_count(),
+                        })
+                    })
+            })
+            .await;
+        not_found_is_ok(r, None)
+    }
+
+    /// A new channel on this broker's connection, for consumers. The caller owns it: when
+    /// it breaks, open another.
+    pub async fn open_channel(&self) -> Result<Channel, BrokerError> {
+        match tokio::time::timeout(OP_TIMEOUT, self.inner.link.channel()).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Unavailable("open channel: no answer".into())),
+        }
+    }
+
+    /// Publishes `msgs` to `exchange` — persistent, `mandatory`, with publisher confirms —
+    /// and returns, in slice order, whether each was routed, once every message is
+    /// confirmed.
+    ///
+    /// The messages of one call go out on one channel in slice order. If the connection
+    /// breaks first, the unconfirmed ones are sent again (so a queue may hold a message
+    /// twice) until `deadline`; after it the answer is [`BrokerError::Unavailable`], and
+    /// nothing may be assumed about any message of the call. A nack from the broker is
+    /// [`BrokerError::Nacked`].
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        msgs: &[OutMessage],
+        deadline: Instant,
+    ) -> Result<Vec<Routing>, BrokerError> {
+        self.inner
+            .publisher
+            .get_or_init(|| Publisher::start(self.inner.link.clone()))
+            .publish(exchange, msgs, deadline)
+            .await
+    }
+
+    /// Runs one topology operation on a fresh channel (a refused operation closes its
+    /// channel, so channels are not shared between operations).
+    async fn op<T>(
+        &self,
+        what: &'static str,
+        f: impl AsyncFnOnce(&Channel) -> lapin::Result<T>,
+    ) -> Result<T, BrokerError> {
+        let run = async {
+            let ch = self.inner.link.channel().await?;
+            let r = f(&ch).await.map_err(|e| classify(what, &e));
+            if let Err(err @ BrokerError::Unavailable(_)) = &r {
+                self.inner.link.record(err);
+            }
+            r
+        };
+        match tokio::time::timeout(OP_TIMEOUT, run).await {
+            Ok(r) => r,
+            Err(_) => Err(BrokerError::Unavailable(format!("{what}: no answer"))),
+        }
+    }
+}
+
+/// Broker handles by URL, so that every stream on the same RabbitMQ shares one connection.
+#[derive(Clone, Default)]
+pub struct Brokers {
+    by_url: Arc<Mutex<HashMap<String, Broker>>>,
+}
+
+impl Brokers {
+    pub fn new() -> Brokers {
+        Brokers::default()
+    }
+
+    /// The handle for `url`, created on first request.
+    pub fn get(&self, url: &str) -> Broker {
+        // The map only holds handles: a panic elsewhere cannot leave it inconsistent.
+        let mut map = self.by_url.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(url.to_string())
+            .or_insert_with(|| Broker::new(url.to_string()))
+            .clone()
+    }
+}
+
+impl fmt::Debug for Brokers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.by_url.lock().map_or(0, |m| m.len());
+        f.debug_struct("Brokers").field("urls", &n).finish()
+    }
+}
+
+fn short(what: &'static str, s: &str) -> Result<ShortString, BrokerError> {
+    ShortString::try_new(s).map_err(|e| BrokerError::InvalidName {
+        what,
+        message: e.to_string(),
+    })
+}
+
+/// RabbitMQ answers 404 when deleting or inspecting something already gone: for idempotent
+/// operations that is success.
+fn not_found_is_ok<T>(r: Result<T, BrokerError>, gone: T) -> Result<T, BrokerError> {
+    match r {
+        Err(BrokerError::Protocol { code: 404, .. }) => Ok(gone),
+        other => other,
+    }
+}

@@ -1,0 +1,759 @@
+//! Confirmed publishing over a small pool of channels.
+//!
+//! Each publishing channel belongs to one worker task; callers hand it a job (the messages of
+//! one `publish` call) through a bounded queue and wait for the answer. A worker publishes in
+//! *rounds*: it takes the jobs waiting for it (up to [`ROUND_MESSAGES`] messages), publishes
+//! all their messages in order on its channel, pipelined (at most [`WINDOW`] unconfirmed),
+//! and answers every job of the round once every message of the round has its confirmation.
+//!
+//! Why rounds: lapin hands a `basic.return` (an unroutable `mandatory` message) to whichever
+//! confirmation completes next on the channel, which need not be the returned message's own
+//! (RabbitMQ confirms unroutable messages at once and routed ones when their queues have them,
+//! so confirms complete out of order). The returned message is always received before the
+//! confirmation of the message it belongs to, so once a round is fully confirmed every return
+//! of the round has been seen, and each is given back to the round's first not-yet-returned
+//! message with the same exchange, routing key and message id (messages that share these
+//! route alike).
+//!
+//! Why workers rather than publishing from the caller's task: a caller may give up (its
+//! deadline passes, its future is dropped) while confirmations are outstanding; the channel's
+//! state must still be settled before the next round uses it.
+//!
+//! When the channel or connection breaks, the messages of a job that have no confirmation are
+//! published again, in order, on a new channel (at-least-once: a message may then be in the
+//! queue twice) until the job's deadline. A nack is the broker's answer, not a failure of the
+//! link, and is reported as [`BrokerError::Nacked`] without resending.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lapin::message::BasicReturnMessage;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::codec::truncate_short;
+use super::error::{BrokerError, classify};
+use super::link::Link;
+use super::{OutMessage, Routing};
+
+/// Publishing channels per broker URL. One channel already carries tens of thousands of
+/// messages a second; a few let a new round start while others wait for their confirms (a
+/// quorum queue confirms after a disk write and replication), and let RabbitMQ spread the
+/// channel work over its schedulers. More would only add connection memory: a stream's
+/// batcher and relay each keep at most one call in flight.
+pub(crate) const CHANNELS: usize = 4;
+
+/// Unconfirmed messages allowed per channel. At ~20k messages/s and a confirm latency of a
+/// few milliseconds, ~100-200 are in flight; 512 leaves headroom while bounding what lapin
+/// buffers for one channel (its frame queue has no bound of its own).
+pub(crate) const WINDOW: usize = 512;
+
+/// A round gathers waiting jobs up to this many messages (a larger job is a round alone).
+/// Answers go out at the end of a round, so this bounds the extra latency a small job sees
+/// from sharing a round with others.
+pub(crate) const ROUND_MESSAGES: usize = 512;
+
+/// Jobs waiting per worker. A job is one caller (a stream's batch, a relay page) that is
+/// waiting anyway; when all workers are this far behind, callers wait (until their deadline)
+/// instead of queueing more work the broker cannot take.
+const JOB_QUEUE: usize = 64;
+
+/// Wait before retrying when no retry time is known (e.g. a channel could not be opened).
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long `confirm.select` may take on a fresh channel.
+const SELECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A message ready to be sent (and sent again after a broken channel).
+struct Prepared {
+    routing_key: ShortString,
+    message_id: Option<ShortString>,
+    props: BasicProperties,
+    body: Bytes,
+}
+
+impl Prepared {
+    fn new(m: &OutMessage) -> Prepared {
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(m.headers.clone());
+        // An id or content type too long for the AMQP property is left out of it: the
+        // CloudEvents headers still carry it.
+        let message_id = ShortString::try_new(m.message_id.as_str()).ok();
+        if let Some(id) = &message_id {
+            props = props.with_message_id(id.clone());
+        }
+        if let Some(ct) = m
+            .content_type
+            .as_deref()
+            .and_then(|ct| ShortString::try_new(ct).ok())
+        {
+            props = props.with_content_type(ct);
+        }
+        if let Some(ts) = m.timestamp {
+            props = props.with_timestamp(ts);
+        }
+        Prepared {
+            // Cut to the limit, so the conversion cannot fail.
+            routing_key: ShortString::try_new(truncate_short(&m.routing_key)).unwrap_or_default(),
+            message_id,
+            props,
+            body: m.body.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Pending,
+    Routed,
+    Unroutable,
+    Nacked,
+}
+
+/// One `publish` call.
+struct Job {
+    exchange: ShortString,
+    msgs: Vec<Prepared>,
+    outcomes: Vec<Outcome>,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Vec<Routing>, BrokerError>>,
+    /// Set after a channel error in a shared round: the job then runs alone, so that an
+    /// error caused by one job (a missing exchange, an oversized message) is answered to
+    /// that job only.
+    isolate: bool,
+    last_error: Option<BrokerError>,
+}
+
+impl Job {
+    fn unsent(&self) -> usize {
+        self.outcomes
+            .iter()
+            .filter(|o| **o == Outcome::Pending)
+            .count()
+    }
+
+    fn answer(self, result: Result<Vec<Routing>, BrokerError>) {
+        // The caller may have given up; then nobody needs the answer.
+        let _ = self.reply.send(result);
+    }
+
+    fn expire(self) {
+        let cause = self.last_error.as_ref().map_or_else(
+            || "no confirmation before the deadline".to_string(),
+            |e| format!("no confirmation before the deadline (last error: {e})"),
+        );
+        self.answer(Err(BrokerError::Unavailable(cause)));
+    }
+}
+
+/// The worker pool of one broker URL.
+pub(crate) struct Publisher {
+    senders: Vec<mpsc::Sender<Job>>,
+    next: AtomicUsize,
+    link: Arc<Link>,
+}
+
+impl Publisher {
+    /// Starts the workers on the current Tokio runtime.
+    pub(crate) fn start(link: Arc<Link>) -> Publisher {
+        let senders = (0..CHANNELS)
+            .map(|id| {
+                let (tx, rx) = mpsc::channel(JOB_QUEUE);
+                let worker = Worker {
+                    id,
+                    link: link.clone(),
+                    rx,
+                    channel: None,
+                    carry: VecDeque::new(),
+                };
+                tokio::spawn(worker.run());
+                tx
+            })
+            .collect();
+        Publisher {
+            senders,
+            next: AtomicUsize::new(0),
+            link,
+        }
+    }
+
+    pub(crate) async fn publish(
+        &self,
+        exchange: &str,
+        msgs: &[OutMessage],
+        deadline: Instant,
+    ) -> Result<Vec<Routing>, BrokerError> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let exchange = ShortString::try_new(exchange).map_err(|e| BrokerError::InvalidName {
+            what: "exchange name",
+            message: e.to_string(),
+        })?;
+        let timed_out = || {
+            BrokerError::Unavailable(match self.link.last_error() {
+                Some(e) => format!("no confirmation before the deadline (last error: {e})"),
+                None => "no confirmation before the deadline".to_string(),
+            })
+        };
+        if deadline <= Instant::now() {
+            return Err(timed_out());
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            exchange,
+            msgs: msgs.iter().map(Prepared::new).collect(),
+            outcomes: vec![Outcome::Pending; msgs.len()],
+            deadline,
+            reply,
+            isolate: false,
+            last_error: None,
+        };
+        let stopped = || BrokerError::Unavailable("publisher stopped".into());
+        match tokio::time::timeout_at(deadline, self.pick().send(job)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(stopped()),
+            Err(_) => return Err(timed_out()),
+        }
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(timed_out()),
+        }
+    }
+
+    /// The worker with the shortest queue, ties broken round-robin.
+    fn pick(&self) -> &mpsc::Sender<Job> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.senders.len();
+        (0..n)
+            .map(|i| &self.senders[(start + i) % n])
+            .max_by_key(|s| s.capacity())
+            .unwrap_or(&self.senders[start % n])
+    }
+}
+
+enum RoundEnd {
+    /// Every message of the round has its confirmation.
+    Complete,
+    /// The channel broke; messages without a confirmation must be sent again.
+    Broken(BrokerError),
+    /// No confirmation came before the last deadline of the round.
+    Stalled,
+}
+
+struct Worker {
+    id: usize,
+    link: Arc<Link>,
+    rx: mpsc::Receiver<Job>,
+    channel: Option<Channel>,
+    /// Jobs taken from the queue and not answered yet, oldest first.
+    carry: VecDeque<Job>,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        loop {
+            if self.carry.is_empty() {
+                match self.rx.recv().await {
+                    Some(job) => self.carry.push_back(job),
+                    // Every handle is gone and nothing is left to answer.
+                    None => return,
+                }
+            }
+            self.expire();
+            if self.carry.is_empty() {
+                continue;
+            }
+            let channel = match self.channel().await {
+                Ok(ch) => ch,
+                Err(err) if !err.is_transient() => {
+                    // A bad URL or refused credentials: waiting will not help.
+                    for job in std::mem::take(&mut self.carry) {
+                        job.answer(Err(err.clone()));
+                    }
+                    continue;
+                }
+                Err(err) => {
+                    self.wait_for_retry(err).await;
+                    continue;
+                }
+            };
+            let mut round = self.take_round();
+            let end = run_round(&channel, &mut round).await;
+            self.settle(round, end);
+        }
+    }
+
+    /// Answers jobs whose caller has given up or whose deadline has passed.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        for job in std::mem::take(&mut self.carry) {
+            if job.reply.is_closed() {
+                continue;
+            }
+            if job.deadline <= now {
+                job.expire();
+            } else {
+                self.carry.push_back(job);
+            }
+        }
+    }
+
+    async fn wait_for_retry(&mut self, err: BrokerError) {
+        for job in &mut self.carry {
+            job.last_error = Some(err.clone());
+        }
+        let retry_at = self
+            .link
+            .retry_at()
+            .await
+            .unwrap_or_else(|| Instant::now() + RETRY_PAUSE);
+        let earliest_deadline = self.carry.iter().map(|j| j.deadline).min();
+        let wake = earliest_deadline.map_or(retry_at, |d| d.min(retry_at));
+        tokio::time::sleep_until(wake).await;
+    }
+
+    /// The worker's channel in confirm mode, opened if needed.
+    async fn channel(&mut self) -> Result<Channel, BrokerError> {
+        if let Some(ch) = &self.channel {
+            if ch.status().connected() {
+                return Ok(ch.clone());
+            }
+            self.channel = None;
+        }
+        let ch = self.link.channel().await?;
+        match tokio::time::timeout(
+            SELECT_TIMEOUT,
+            ch.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let err = classify("confirm.select", &e);
+                self.link.record(&err);
+                return Err(err);
+            }
+            Err(_) => return Err(BrokerError::Unavailable("confirm.select: no answer".into())),
+        }
+        tracing::debug!(worker = self.id, channel = ch.id(), "publishing channel open");
+        self.channel = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// The next jobs to publish together: the oldest job, then more while the round stays
+    /// under [`ROUND_MESSAGES`] messages. An isolated job is a round alone.
+    fn take_round(&mut self) -> Vec<Job> {
+        let mut round = Vec::new();
+        let mut size = 0;
+        while let Some(front) = self.carry.front() {
+            if !round.is_empty() && (front.isolate || size + front.unsent() > ROUND_MESSAGES) {
+                return round;
+            }
+            let Some(job) = self.carry.pop_front() else {
+                break;
+            };
+            size += job.unsent();
+            let isolate = job.isolate;
+            round.push(job);
+            if isolate {
+                return round;
+            }
+        }
+        while size < ROUND_MESSAGES {
+            match self.rx.try_recv() {
+                Ok(job) if size + job.unsent() > ROUND_MESSAGES => {
+                    self.carry.push_back(job);
+                    break;
+                }
+                Ok(job) => {
+                    size += job.unsent();
+                    round.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        round
+    }
+
+    /// Answers the jobs a round finished and keeps the others for another attempt.
+    fn settle(&mut self, round: Vec<Job>, end: RoundEnd) {
+        let alone = round.len() == 1;
+        let mut again = Vec::new();
+        for mut job in round {
+            let nacked = job
+                .outcomes
+                .iter()
+                .filter(|o| **o == Outcome::Nacked)
+                .count();
+            if nacked > 0 {
+                job.answer(Err(BrokerError::Nacked { count: nacked }));
+                continue;
+            }
+            if job.unsent() == 0 {
+                let routing = job
+                    .outcomes
+                    .iter()
+                    .map(|o| match o {
+                        Outcome::Unroutable => Routing::Unroutable,
+                        _ => Routing::Routed,
+                    })
+                    .collect();
+                job.answer(Ok(routing));
+                continue;
+            }
+            match &end {
+                RoundEnd::Stalled => job.expire(),
+                RoundEnd::Broken(err @ BrokerError::Protocol { .. }) if alone || job.isolate => {
+                    job.answer(Err(err.clone()));
+                }
+                RoundEnd::Broken(err @ BrokerError::Protocol { .. }) => {
+                    job.isolate = true;
+                    job.last_error = Some(err.clone());
+                    again.push(job);
+                }
+                RoundEnd::Broken(err) => {
+                    job.last_error = Some(err.clone());
+                    again.push(job);
+                }
+                RoundEnd::Complete => {
+                    // Every message got an answer, so nothing is pending; kept for safety.
+                    again.push(job);
+                }
+            }
+        }
+        for job in again.into_iter().rev() {
+            self.carry.push_front(job);
+        }
+        match end {
+            RoundEnd::Complete => {}
+            RoundEnd::Broken(err) => {
+                tracing::warn!(worker = self.id, error = %err, "publishing channel broke");
+                self.link.record(&err);
+                self.channel = None;
+            }
+            RoundEnd::Stalled => {
+                tracing::warn!(worker = self.id, "no publisher confirms before the deadline");
+                // Dropping the last handle closes the channel; a new one starts clean.
+                self.channel = None;
+            }
+        }
+    }
+}
+
+type ConfirmFuture<'a> = Pin<Box<dyn Future<Output = lapin::Result<Confirmation>> + Send + 'a>>;
+
+/// Publishes one message and resolves to its confirmation.
+///
+/// lapin's `basic_publish` registers the delivery tag and queues the frames synchronously,
+/// before its first suspension point; the caller polls the returned future once right away,
+/// in message order, so that messages go out in order while many confirmations are awaited
+/// together.
+fn send<'a>(ch: &'a Channel, exchange: &ShortString, msg: &Prepared) -> ConfirmFuture<'a> {
+    let exchange = exchange.clone();
+    let routing_key = msg.routing_key.clone();
+    let props = msg.props.clone();
+    let body = msg.body.clone();
+    Box::pin(async move {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        ch.basic_publish(exchange, routing_key, options, &body, props)
+            .await?
+            .await
+    })
+}
+
+/// Publishes every unconfirmed message of `round` and records each confirmation.
+async fn run_round(ch: &Channel, round: &mut [Job]) -> RoundEnd {
+    let Some(last_deadline) = round.iter().map(|j| j.deadline).max() else {
+        return RoundEnd::Complete;
+    };
+    let mut inflight: VecDeque<(usize, usize, ConfirmFuture<'_>)> = VecDeque::new();
+    let mut results: Vec<(usize, usize, lapin::Result<Confirmation>)> = Vec::new();
+    let mut broken = false;
+    'send: for (j, job) in round.iter().enumerate() {
+        for (m, msg) in job.msgs.iter().enumerate() {
+            if job.outcomes[m] != Outcome::Pending {
+                continue;
+            }
+            if broken {
+                break 'send;
+            }
+            if inflight.len() >= WINDOW
+                && let Some((jj, mm, fut)) = inflight.pop_front()
+            {
+                match tokio::time::timeout_at(last_deadline, fut).await {
+                    Ok(r) => {
+                        broken |= r.is_err();
+                        results.push((jj, mm, r));
+                    }
+                    Err(_) => return RoundEnd::Stalled,
+                }
+            }
+            let mut fut = send(ch, &job.exchange, msg);
+            match futures::poll!(fut.as_mut()) {
+                Poll::Ready(r) => {
+                    broken |= r.is_err();
+                    results.push((j, m, r));
+                }
+                Poll::Pending => inflight.push_back((j, m, fut)),
+            }
+        }
+    }
+    while let Some((j, m, fut)) = inflight.pop_front() {
+        match tokio::time::timeout_at(last_deadline, fut).await {
+            Ok(r) => results.push((j, m, r)),
+            Err(_) => return RoundEnd::Stalled,
+        }
+    }
+    // Publish order, whatever order the answers came in.
+    results.sort_by_key(|(j, m, _)| (*j, *m));
+
+    let mut failure: Option<BrokerError> = None;
+    let mut confirmed: Vec<(usize, usize)> = Vec::with_capacity(results.len());
+    let mut returned: Vec<BasicReturnMessage> = Vec::new();
+    for (j, m, r) in results {
+        match r {
+            Ok(Confirmation::Ack(ret)) => {
+                round[j].outcomes[m] = Outcome::Routed;
+                confirmed.push((j, m));
+                returned.extend(ret);
+            }
+            Ok(Confirmation::Nack(ret)) => {
+                round[j].outcomes[m] = Outcome::Nacked;
+                confirmed.push((j, m));
+                returned.extend(ret);
+            }
+            Ok(Confirmation::NotRequested) => {
+                // Only possible if the channel lost confirm mode; treat it as broken.
+                failure.get_or_insert(BrokerError::Unavailable(
+                    "channel is not in confirm mode".into(),
+                ));
+            }
+            Err(e) => {
+                // Prefer the broker's reason (e.g. 404 no exchange) over the state errors
+                // of the messages that followed it on the closed channel.
+                let err = classify("publish", &e);
+                let better = matches!(err, BrokerError::Protocol { .. })
+                    && !matches!(failure, Some(BrokerError::Protocol { .. }));
+                if failure.is_none() || better {
+                    failure = Some(err);
+                }
+            }
+        }
+    }
+
+    let sent: Vec<Identity<'_>> = confirmed
+        .iter()
+        .map(|&(j, m)| Identity {
+            exchange: round[j].exchange.as_str(),
+            routing_key: round[j].msgs[m].routing_key.as_str(),
+            message_id: round[j].msgs[m].message_id.as_ref().map(ShortString::as_str),
+        })
+        .collect();
+    let back: Vec<Identity<'_>> = returned
+        .iter()
+        .map(|r| Identity {
+            exchange: r.delivery.exchange.as_str(),
+            routing_key: r.delivery.routing_key.as_str(),
+            message_id: r
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ShortString::as_str),
+        })
+        .collect();
+    let marks = attribute_returns(&sent, &back);
+    for (&(j, m), was_returned) in confirmed.iter().zip(marks) {
+        if was_returned && round[j].outcomes[m] == Outcome::Routed {
+            round[j].outcomes[m] = Outcome::Unroutable;
+        }
+    }
+
+    match failure {
+        Some(err) => RoundEnd::Broken(err),
+        None => RoundEnd::Complete,
+    }
+}
+
+/// What tells messages apart for routing: the same exchange and routing key route alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Identity<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    message_id: Option<&'a str>,
+}
+
+/// Which of the `sent` messages (in publish order) the `returned` messages belong to: each
+/// return goes to the first sent message with the same identity that has no return yet.
+fn attribute_returns(sent: &[Identity<'_>], returned: &[Identity<'_>]) -> Vec<bool> {
+    let mut marks = vec![false; sent.len()];
+    for r in returned {
+        match (0..sent.len()).find(|&i| !marks[i] && sent[i] == *r) {
+            Some(i) => marks[i] = true,
+            None => tracing::debug!(?r, "returned message matches nothing of its round"),
+        }
+    }
+    marks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id<'a>(rk: &'a str, mid: &'a str) -> Identity<'a> {
+        Identity {
+            exchange: "x",
+            routing_key: rk,
+            message_id: Some(mid),
+        }
+    }
+
+    #[test]
+    fn returns_find_their_own_message_whatever_confirm_carried_them() {
+        let sent = [id("a", "1"), id("b", "2"), id("a", "3"), id("c", "4")];
+        // Returned in any order (lapin attached them to other confirmations).
+        let marks = attribute_returns(&sent, &[id("c", "4"), id("b", "2")]);
+        assert_eq!(marks, vec![false, true, false, true]);
+    }
+
+    #[test]
+    fn identical_messages_are_matched_once_each() {
+        let sent = [id("a", "1"), id("a", "1"), id("a", "1")];
+        let marks = attribute_returns(&sent, &[id("a", "1"), id("a", "1")]);
+        assert_eq!(marks, vec![true, true, false]);
+        // A return that matches nothing (it belongs to a message whose confirmation was
+        // lost with the channel) marks nothing.
+        let marks = attribute_returns(&sent[..1], &[id("z", "9")]);
+        assert_eq!(marks, vec![false]);
+    }
+
+    fn msg(id: &str) -> OutMessage {
+        OutMessage {
+            routing_key: "t".into(),
+            headers: Default::default(),
+            body: Bytes::from_static(b"x"),
+            message_id: id.into(),
+            content_type: None,
+            timestamp: None,
+        }
+    }
+
+    fn job(n: usize) -> (Job, oneshot::Receiver<Result<Vec<Routing>, BrokerError>>) {
+        let (reply, rx) = oneshot::channel();
+        let msgs: Vec<Prepared> = (0..n).map(|i| Prepared::new(&msg(&i.to_string()))).collect();
+        let job = Job {
+            exchange: "x".into(),
+            outcomes: vec![Outcome::Pending; msgs.len()],
+            msgs,
+            deadline: Instant::now() + Duration::from_secs(60),
+            reply,
+            isolate: false,
+            last_error: None,
+        };
+        (job, rx)
+    }
+
+    fn worker() -> (Worker, mpsc::Sender<Job>) {
+        let (tx, rx) = mpsc::channel(JOB_QUEUE);
+        let link = Arc::new(Link::new("amqp://127.0.0.1:1/%2f".into(), "t".into()));
+        let w = Worker {
+            id: 0,
+            link,
+            rx,
+            channel: None,
+            carry: VecDeque::new(),
+        };
+        (w, tx)
+    }
+
+    #[tokio::test]
+    async fn rounds_gather_small_jobs_and_isolate_suspects() {
+        let (mut w, tx) = worker();
+        let mut receivers = Vec::new();
+        for n in [100, 200, 300] {
+            let (j, rx) = job(n);
+            receivers.push(rx);
+            tx.send(j).await.unwrap();
+        }
+        let first = w.rx.recv().await.unwrap();
+        w.carry.push_back(first);
+        let round = w.take_round();
+        assert_eq!(round.iter().map(|j| j.msgs.len()).collect::<Vec<_>>(), [100, 200]);
+        // The job that did not fit waits for the next round.
+        assert_eq!(w.carry.len(), 1);
+
+        // A channel error in a shared round: both jobs are retried, each alone.
+        w.settle(
+            round,
+            RoundEnd::Broken(BrokerError::Protocol {
+                code: 404,
+                text: "NOT_FOUND".into(),
+            }),
+        );
+        assert_eq!(w.carry.len(), 3);
+        let alone = w.take_round();
+        assert_eq!(alone.len(), 1);
+        assert!(alone[0].isolate);
+        // Alone, the same error is the job's own answer.
+        w.settle(
+            alone,
+            RoundEnd::Broken(BrokerError::Protocol {
+                code: 404,
+                text: "NOT_FOUND".into(),
+            }),
+        );
+        let answer = receivers.remove(0).await.unwrap();
+        assert!(matches!(answer, Err(BrokerError::Protocol { code: 404, .. })));
+    }
+
+    #[tokio::test]
+    async fn broken_rounds_keep_jobs_and_expire_them_at_the_deadline() {
+        let (mut w, _tx) = worker();
+        let (mut j, rx) = job(3);
+        j.outcomes[0] = Outcome::Routed;
+        w.carry.push_back(j);
+        let round = w.take_round();
+        w.settle(round, RoundEnd::Broken(BrokerError::Unavailable("gone".into())));
+        assert_eq!(w.carry.len(), 1);
+        assert_eq!(w.carry[0].unsent(), 2, "only unconfirmed messages are sent again");
+        w.carry[0].deadline = Instant::now();
+        w.expire();
+        assert!(w.carry.is_empty());
+        let err = rx.await.unwrap().unwrap_err();
+        assert!(err.is_transient());
+        assert!(err.to_string().contains("gone"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn nacks_and_returns_are_answered() {
+        let (mut w, _tx) = worker();
+        let (mut a, rx_a) = job(2);
+        a.outcomes = vec![Outcome::Routed, Outcome::Unroutable];
+        let (mut b, rx_b) = job(2);
+        b.outcomes = vec![Outcome::Routed, Outcome::Nacked];
+        w.settle(vec![a, b], RoundEnd::Complete);
+        assert_eq!(
+            rx_a.await.unwrap().unwrap(),
+            vec![Routing::Routed, Routing::Unroutable]
+        );
+        assert_eq!(
+            rx_b.await.unwrap().unwrap_err(),
+            BrokerError::Nacked { count: 1 }
+        );
+    }
+}

@@ -1,0 +1,497 @@
+//! The engine runs what the topology asks for: one [`StreamRuntime`] per EventStream, each
+//! with its validator, batcher (streams with a store) or bounded publisher (broker-only
+//! streams), relay and health. `apply` moves the running set to a new topology; a stream
+//! whose plan did not change keeps running untouched.
+
+use std::collections::{BTreeSet, HashMap};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::data::batcher::{self, BatchObserver, BatchWriter, Batcher};
+use crate::data::broker::Broker;
+use crate::data::event::CloudEvent;
+use crate::data::ingest::Validator;
+use crate::data::relay::Relay;
+use crate::data::store::pools::Pools;
+use crate::data::store::{RequestOutcome, Store, StoreError};
+use crate::metrics::Metrics;
+use crate::topology::{DeletionPolicy, Key, StreamPlan};
+
+/// Publishes in flight per broker-only stream and process. 256 concurrent confirm waits
+/// keep RabbitMQ's confirm pipeline full; beyond that callers get 503 rather than queueing.
+const BROKER_INFLIGHT: usize = 256;
+/// How long `stop` waits for a stream's batcher to drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("stream {key}: {message}")]
+    Invalid { key: Key, message: String },
+    #[error("stream {key}: store: {source}")]
+    Store { key: Key, source: StoreError },
+    #[error("stream {key}: broker: {source}")]
+    Broker {
+        key: Key,
+        source: crate::data::broker::BrokerError,
+    },
+}
+
+/// Health of a stream's dependencies, as last observed by this process.
+#[derive(Default)]
+pub struct Health {
+    pub store_ready: AtomicBool,
+    pub broker_ready: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl Health {
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+    pub fn error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+pub enum Backend {
+    Stored {
+        store: Store,
+        /// Set once the stream's rows exist (provisioning may wait for the database).
+        stream_id: Arc<OnceLock<i64>>,
+        batcher: Mutex<Option<Batcher>>,
+        batcher_task: Mutex<Option<JoinHandle<()>>>,
+    },
+    BrokerOnly {
+        inflight: Arc<Semaphore>,
+    },
+}
+
+pub struct StreamRuntime {
+    pub plan: StreamPlan,
+    pub validator: Validator,
+    pub broker: Broker,
+    pub backend: Backend,
+    pub health: Arc<Health>,
+    cancel: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl StreamRuntime {
+    pub fn key(&self) -> &Key {
+        &self.plan.key
+    }
+
+    /// The batcher while the stream runs (`None` once stopping or for broker-only streams).
+    pub fn batcher(&self) -> Option<Batcher> {
+        match &self.backend {
+            Backend::Stored { batcher, .. } => {
+                batcher.lock().unwrap_or_else(|p| p.into_inner()).clone()
+            }
+            Backend::BrokerOnly { .. } => None,
+        }
+    }
+
+    pub fn stream_id(&self) -> Option<i64> {
+        match &self.backend {
+            Backend::Stored { stream_id, .. } => stream_id.get().copied(),
+            Backend::BrokerOnly { .. } => None,
+        }
+    }
+
+    pub fn store(&self) -> Option<&Store> {
+        match &self.backend {
+            Backend::Stored { store, .. } => Some(store),
+            Backend::BrokerOnly { .. } => None,
+        }
+    }
+
+    /// Stops background work and drains the batcher: every queued request is answered.
+    async fn stop(&self) {
+        self.cancel.cancel();
+        if let Backend::Stored {
+            batcher,
+            batcher_task,
+            ..
+        } = &self.backend
+        {
+            drop(batcher.lock().unwrap_or_else(|p| p.into_inner()).take());
+            let task = batcher_task.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(task) = task {
+                if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
+                    tracing::warn!(stream = %self.plan.key, "batcher did not drain in time");
+                }
+            }
+        }
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+struct StoreWriter {
+    store: Store,
+    stream_id: Arc<OnceLock<i64>>,
+    compression: crate::topology::CompressionPlan,
+}
+
+impl BatchWriter for StoreWriter {
+    fn write<'a>(
+        &'a self,
+        requests: &'a [Vec<CloudEvent>],
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<RequestOutcome>, StoreError>> + Send + 'a>,
+    > {
+        Box::pin(async move {
+            let Some(id) = self.stream_id.get().copied() else {
+                return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
+            };
+            let inputs: Vec<_> = requests
+                .iter()
+                .map(|r| crate::data::store::AppendInput { events: r })
+                .collect();
+            self.store.append(id, &inputs, &self.compression).await
+        })
+    }
+}
+
+struct Observer {
+    metrics: Metrics,
+    key: Key,
+}
+
+impl BatchObserver for Observer {
+    fn batch_written(&self, events: usize, elapsed: Duration) {
+        let l = [self.key.namespace.as_str(), self.key.name.as_str()];
+        self.metrics
+            .batch_events
+            .with_label_values(&l)
+            .observe(events as f64);
+        self.metrics
+            .store_append_duration
+            .with_label_values(&l)
+            .observe(elapsed.as_secs_f64());
+    }
+    fn retried(&self) {
+        self.metrics
+            .store_append_retries
+            .with_label_values(&[self.key.namespace.as_str(), self.key.name.as_str()])
+            .inc();
+    }
+}
+
+pub struct Engine {
+    streams: RwLock<HashMap<Key, Arc<StreamRuntime>>>,
+    pools: Pools,
+    brokers: Mutex<HashMap<String, Broker>>,
+    pub metrics: Metrics,
+    pub limits: batcher::Limits,
+}
+
+impl Engine {
+    pub fn new(metrics: Metrics) -> Engine {
+        Engine {
+            streams: RwLock::new(HashMap::new()),
+            pools: Pools::default(),
+            brokers: Mutex::new(HashMap::new()),
+            metrics,
+            limits: batcher::Limits::default(),
+        }
+    }
+
+    pub fn stream(&self, namespace: &str, name: &str) -> Option<Arc<StreamRuntime>> {
+        let streams = self.streams.read().unwrap_or_else(|p| p.into_inner());
+        streams.get(&Key::new(namespace, name)).cloned()
+    }
+
+    pub fn streams(&self) -> Vec<Arc<StreamRuntime>> {
+        let streams = self.streams.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = streams.values().cloned().collect();
+        v.sort_by(|a, b| a.plan.key.cmp(&b.plan.key));
+        v
+    }
+
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    fn broker_for(&self, url: &str) -> Broker {
+        let mut brokers = self.brokers.lock().unwrap_or_else(|p| p.into_inner());
+        brokers
+            .entry(url.to_string())
+            .or_insert_with(|| Broker::new(url.to_string()))
+            .clone()
+    }
+
+    /// Moves the running streams to `plans`. Streams in `keep` (present but currently
+    /// invalid) keep their running version; any other stream not in `plans` is stopped, and
+    /// with `prune` its exchange and stored events are removed if its policy says Delete.
+    pub async fn apply(
+        &self,
+        plans: &std::collections::BTreeMap<Key, StreamPlan>,
+        keep: &BTreeSet<Key>,
+        prune: bool,
+    ) -> Vec<EngineError> {
+        let mut errors = Vec::new();
+        let mut to_stop = Vec::new();
+        let mut to_prune = Vec::new();
+        for (key, plan) in plans {
+            if self.stream(&key.namespace, &key.name).is_some_and(|rt| rt.plan == *plan) {
+                continue;
+            }
+            match self.start(plan.clone()) {
+                Ok(rt) => {
+                    tracing::info!(stream = %key, generation = plan.generation, "stream started");
+                    let old = self
+                        .streams
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.clone(), rt);
+                    to_stop.extend(old);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        {
+            let mut streams = self.streams.write().unwrap_or_else(|p| p.into_inner());
+            let gone: Vec<Key> = streams
+                .keys()
+                .filter(|k| !plans.contains_key(*k) && !keep.contains(*k))
+                .cloned()
+                .collect();
+            for k in gone {
+                if let Some(rt) = streams.remove(&k) {
+                    tracing::info!(stream = %k, "stream stopped");
+                    if prune && rt.plan.deletion_policy == DeletionPolicy::Delete {
+                        to_prune.push(rt.clone());
+                    }
+                    to_stop.push(rt);
+                }
+            }
+        }
+        for rt in to_stop {
+            rt.stop().await;
+        }
+        for rt in to_prune {
+            if let Err(e) = self.prune(&rt).await {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
+    /// Removes a deleted stream's exchange and stored events (deletionPolicy Delete).
+    async fn prune(&self, rt: &StreamRuntime) -> Result<(), EngineError> {
+        let key = rt.plan.key.clone();
+        rt.broker
+            .delete_exchange(&rt.plan.broker.exchange)
+            .await
+            .map_err(|source| EngineError::Broker {
+                key: key.clone(),
+                source,
+            })?;
+        if let Some(store) = rt.store() {
+            store
+                .delete_stream(&key.namespace, &key.name)
+                .await
+                .map_err(|source| EngineError::Store {
+                    key: key.clone(),
+                    source,
+                })?;
+        }
+        tracing::info!(stream = %key, "pruned exchange and stored events");
+        Ok(())
+    }
+
+    fn start(&self, plan: StreamPlan) -> Result<Arc<StreamRuntime>, EngineError> {
+        let key = plan.key.clone();
+        let validator = Validator::new(&plan.validation).map_err(|e| EngineError::Invalid {
+            key: key.clone(),
+            message: e.to_string(),
+        })?;
+        let broker = self.broker_for(&plan.broker.url);
+        let cancel = CancellationToken::new();
+        let health = Arc::new(Health::default());
+        let mut tasks = Vec::new();
+        let backend = match &plan.store {
+            Some(sp) => {
+                let store = self
+                    .pools
+                    .store_for(sp)
+                    .map_err(|source| EngineError::Store {
+                        key: key.clone(),
+                        source,
+                    })?;
+                let connect = PgConnectOptions::from_str(sp.urls.first().map_or("", |s| s))
+                    .map_err(|e| EngineError::Invalid {
+                        key: key.clone(),
+                        message: format!("store URL: {e}"),
+                    })?;
+                let stream_id = Arc::new(OnceLock::new());
+                let writer = Arc::new(StoreWriter {
+                    store: store.clone(),
+                    stream_id: stream_id.clone(),
+                    compression: plan.compression.clone(),
+                });
+                let observer = Arc::new(Observer {
+                    metrics: self.metrics.clone(),
+                    key: key.clone(),
+                });
+                let (b, task) =
+                    Batcher::spawn(plan.batching.clone(), self.limits.clone(), writer, observer);
+                tasks.push(tokio::spawn(provision_store(
+                    key.clone(),
+                    store.clone(),
+                    stream_id.clone(),
+                    health.clone(),
+                    cancel.clone(),
+                    Relay {
+                        key: key.clone(),
+                        store: store.clone(),
+                        connect,
+                        stream_id: 0,
+                        exchange: plan.broker.exchange.clone(),
+                        broker: broker.clone(),
+                        metrics: self.metrics.clone(),
+                    },
+                )));
+                Backend::Stored {
+                    store,
+                    stream_id,
+                    batcher: Mutex::new(Some(b)),
+                    batcher_task: Mutex::new(Some(task)),
+                }
+            }
+            None => {
+                tasks.push(tokio::spawn(provision_exchange(
+                    key.clone(),
+                    broker.clone(),
+                    plan.broker.exchange.clone(),
+                    health.clone(),
+                    cancel.clone(),
+                )));
+                Backend::BrokerOnly {
+                    inflight: Arc::new(Semaphore::new(BROKER_INFLIGHT)),
+                }
+            }
+        };
+        tasks.push(tokio::spawn(watch_broker(
+            broker.clone(),
+            health.clone(),
+            cancel.clone(),
+        )));
+        Ok(Arc::new(StreamRuntime {
+            plan,
+            validator,
+            broker,
+            backend,
+            health,
+            cancel,
+            tasks: Mutex::new(tasks),
+        }))
+    }
+
+    /// Stops every stream (draining batchers) and closes the pools: the last step of a
+    /// graceful shutdown, after the HTTP servers stopped accepting.
+    pub async fn shutdown(&self) {
+        let all: Vec<_> = {
+            let mut streams = self.streams.write().unwrap_or_else(|p| p.into_inner());
+            streams.drain().map(|(_, v)| v).collect()
+        };
+        for rt in all {
+            rt.stop().await;
+        }
+        self.pools.close_all().await;
+    }
+}
+
+async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// Migrates the database, creates the stream's rows, then runs the relay. Retries with
+/// backoff while the database is unreachable; the stream answers 503 meanwhile.
+async fn provision_store(
+    key: Key,
+    store: Store,
+    stream_id: Arc<OnceLock<i64>>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+    mut relay: Relay,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let id = loop {
+        let r = async {
+            store.migrate().await?;
+            store.ensure_stream(&key.namespace, &key.name).await
+        }
+        .await;
+        match r {
+            Ok(id) => break id,
+            Err(e) => {
+                tracing::warn!(stream = %key, error = %e, "store not ready");
+                health.store_ready.store(false, Ordering::Release);
+                health.set_error(Some(format!("store: {e}")));
+                if !sleep_or_cancel(&cancel, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let _ = stream_id.set(id);
+    health.store_ready.store(true, Ordering::Release);
+    health.set_error(None);
+    relay.stream_id = id;
+    relay.run(cancel).await;
+}
+
+async fn provision_exchange(
+    key: Key,
+    broker: Broker,
+    exchange: String,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match broker.declare_exchange(&exchange).await {
+            Ok(()) => {
+                health.set_error(None);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(stream = %key, error = %e, "exchange not declared yet");
+                health.set_error(Some(format!("broker: {e}")));
+                if !sleep_or_cancel(&cancel, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Samples the broker connection's health for status and readiness.
+async fn watch_broker(broker: Broker, health: Arc<Health>, cancel: CancellationToken) {
+    loop {
+        let ok = broker.healthy().await;
+        health.broker_ready.store(ok, Ordering::Release);
+        if !sleep_or_cancel(&cancel, Duration::from_secs(2)).await {
+            return;
+        }
+    }
+}

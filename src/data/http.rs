@@ -1,0 +1,420 @@
+//! The ingest/read HTTP API (default port 8080): publish, and read by position, range and
+//! subject. Every error is an RFC 7807 problem naming what is wrong.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::data::batcher::{BatchError, SubmitError};
+use crate::data::broker::{Routing, to_message};
+use crate::data::engine::{Backend, Engine, StreamRuntime};
+use crate::data::event::{StoredEvent, to_batch_json, to_structured_json};
+use crate::data::ingest::{IngestContext, parse_request};
+use crate::data::problem::{FieldError, Problem};
+use crate::data::store::Appended;
+
+/// Largest page the read API returns; a client pages on with `from`.
+const MAX_PAGE: i64 = 1000;
+const DEFAULT_PAGE: i64 = 100;
+/// `Retry-After` seconds sent with 503: long enough for a batch queue to drain or a broker
+/// connection to come back, short enough not to idle publishers.
+const RETRY_AFTER_SECS: u64 = 1;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub engine: Arc<Engine>,
+    /// How long a publish may wait for durability before it is answered 503.
+    pub request_timeout: Duration,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route(
+            "/v1/namespaces/{ns}/streams/{stream}/events",
+            get(read_range).post(publish),
+        )
+        .route(
+            "/v1/namespaces/{ns}/streams/{stream}/events/{position}",
+            get(read_one),
+        )
+        .route(
+            "/v1/namespaces/{ns}/streams/{stream}/subjects/{subject}/events",
+            get(read_subject),
+        )
+        // Each stream enforces its own maxRequestBytes; axum's global 2 MB default must not.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+fn stream_or_404(st: &HttpState, ns: &str, stream: &str) -> Result<Arc<StreamRuntime>, Problem> {
+    st.engine
+        .stream(ns, stream)
+        .ok_or_else(|| Problem::stream_not_found(ns, stream))
+}
+
+#[derive(serde::Serialize)]
+struct StoredResult<'a> {
+    id: &'a str,
+    source: &'a str,
+    position: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<i64>,
+    duplicate: bool,
+}
+
+#[derive(serde::Serialize)]
+struct RoutedResult<'a> {
+    id: &'a str,
+    source: &'a str,
+    routed: bool,
+}
+
+async fn publish(
+    State(st): State<HttpState>,
+    Path((ns, stream)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = publish_inner(&st, &ns, &stream, &headers, body).await;
+    let (response, outcome_events) = match result {
+        Ok((resp, accepted, duplicates)) => (resp, Some((accepted, duplicates))),
+        Err((p, rejected)) => {
+            if rejected > 0 {
+                st.engine
+                    .metrics
+                    .ingest_events
+                    .with_label_values(&[&ns, &stream, "rejected"])
+                    .inc_by(rejected as u64);
+            }
+            (p.into_response(), None)
+        }
+    };
+    // Only label known streams: an unknown stream name must not create label values.
+    if st.engine.stream(&ns, &stream).is_some() {
+        let m = &st.engine.metrics;
+        m.ingest_requests
+            .with_label_values(&[&ns, &stream, response.status().as_str()])
+            .inc();
+        m.ingest_request_duration
+            .with_label_values(&[&ns, &stream])
+            .observe(started.elapsed().as_secs_f64());
+        if let Some((accepted, duplicates)) = outcome_events {
+            m.ingest_events
+                .with_label_values(&[&ns, &stream, "accepted"])
+                .inc_by(accepted as u64);
+            m.ingest_events
+                .with_label_values(&[&ns, &stream, "duplicate"])
+                .inc_by(duplicates as u64);
+        }
+    }
+    response
+}
+
+type PublishResult = Result<(Response, usize, usize), (Problem, usize)>;
+
+async fn publish_inner(
+    st: &HttpState,
+    ns: &str,
+    stream: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> PublishResult {
+    let rt = stream_or_404(st, ns, stream).map_err(|p| (p, 0))?;
+    crate::data::ingest::check_content_type(headers).map_err(|p| (p, 0))?;
+    let limit = rt.plan.validation.max_request_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = declared.filter(|n| *n > limit) {
+        return Err((Problem::payload_too_large(Some(n), limit), 0));
+    }
+    let batcher = rt.batcher();
+    // Announce the request to the batcher while its body is read and parsed, so a batch
+    // being formed waits for it (up to maxDelay) instead of leaving without it.
+    let joining = batcher.as_ref().map(|b| b.joining());
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| (Problem::payload_too_large(None, limit), 0))?;
+    let ctx = IngestContext {
+        namespace: ns.to_string(),
+        stream: stream.to_string(),
+        now: chrono::Utc::now(),
+    };
+    let events = parse_request(headers, &bytes, &ctx).map_err(|p| (p, 0))?;
+    let n = events.len();
+    rt.validator.check(&events).map_err(|p| (p, n))?;
+    for (i, ev) in events.iter().enumerate() {
+        if ev.subject.is_none() && ev.extensions.contains_key(crate::data::event::EXT_EXPECTED_VERSION) {
+            return Err((
+                Problem::invalid_events({
+                    let mut errs = crate::data::problem::FieldErrors::new();
+                    errs.push(
+                        FieldError::new("expectedversion applies to a subject; this event has none")
+                            .at(i)
+                            .pointer("/expectedversion")
+                            .keyword("subject"),
+                    );
+                    errs
+                }),
+                n,
+            ));
+        }
+    }
+    let deadline = started_deadline(st);
+    match &rt.backend {
+        Backend::Stored { .. } => {
+            let Some(batcher) = batcher else {
+                return Err((unavailable("the stream is shutting down"), 0));
+            };
+            if rt.stream_id().is_none() {
+                let why = rt
+                    .health
+                    .error()
+                    .unwrap_or_else(|| "the event store is not provisioned yet".into());
+                return Err((unavailable(&why), 0));
+            }
+            let rx = match batcher.submit(events.clone(), deadline) {
+                Ok(rx) => rx,
+                Err(SubmitError::Overloaded) => {
+                    return Err((
+                        unavailable("the stream is overloaded: its batch queue is full"),
+                        0,
+                    ));
+                }
+                Err(SubmitError::ShuttingDown) => {
+                    return Err((unavailable("the stream is shutting down"), 0));
+                }
+            };
+            drop(joining);
+            let reply = match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(_)) => Err(BatchError::ShuttingDown),
+                Err(_) => Err(BatchError::DeadlineExceeded),
+            };
+            match reply {
+                Ok(Ok(results)) => Ok(stored_response(&events, &results)),
+                Ok(Err(c)) => Err((
+                    Problem::version_conflict(c.index, &c.subject, c.expected, c.actual),
+                    0,
+                )),
+                Err(BatchError::Failed(e)) => Err((Problem::internal(e), 0)),
+                Err(e) => Err((unavailable(&e.to_string()), 0)),
+            }
+        }
+        Backend::BrokerOnly { inflight } => {
+            drop(joining);
+            let Ok(_permit) = inflight.clone().try_acquire_owned() else {
+                return Err((
+                    unavailable("the stream is overloaded: too many publishes in flight"),
+                    0,
+                ));
+            };
+            let msgs: Vec<_> = events.iter().map(to_message).collect();
+            let labels = [ns, stream];
+            match rt
+                .broker
+                .publish(&rt.plan.broker.exchange, &msgs, deadline)
+                .await
+            {
+                Ok(routing) => {
+                    let m = &st.engine.metrics.broker_publish;
+                    let routed = routing.iter().filter(|r| matches!(r, Routing::Routed)).count();
+                    m.with_label_values(&[labels[0], labels[1], "routed"])
+                        .inc_by(routed as u64);
+                    m.with_label_values(&[labels[0], labels[1], "unroutable"])
+                        .inc_by((routing.len() - routed) as u64);
+                    let results: Vec<_> = events
+                        .iter()
+                        .zip(&routing)
+                        .map(|(e, r)| RoutedResult {
+                            id: &e.id,
+                            source: &e.source,
+                            routed: matches!(r, Routing::Routed),
+                        })
+                        .collect();
+                    let body = serde_json::json!({ "results": results });
+                    Ok((
+                        (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
+                        n,
+                        0,
+                    ))
+                }
+                Err(e) => {
+                    st.engine
+                        .metrics
+                        .broker_publish
+                        .with_label_values(&[labels[0], labels[1], "failed"])
+                        .inc_by(n as u64);
+                    Err((unavailable(&format!("the broker did not confirm: {e}")), 0))
+                }
+            }
+        }
+    }
+}
+
+fn started_deadline(st: &HttpState) -> Instant {
+    Instant::now() + st.request_timeout
+}
+
+fn unavailable(detail: &str) -> Problem {
+    Problem::unavailable(detail.to_string(), RETRY_AFTER_SECS)
+}
+
+fn stored_response(
+    events: &[crate::data::event::CloudEvent],
+    results: &[Appended],
+) -> (Response, usize, usize) {
+    let out: Vec<_> = events
+        .iter()
+        .zip(results)
+        .map(|(e, r)| StoredResult {
+            id: &e.id,
+            source: &e.source,
+            position: r.position,
+            version: r.version,
+            duplicate: r.duplicate,
+        })
+        .collect();
+    let dups = results.iter().filter(|r| r.duplicate).count();
+    let body = serde_json::json!({ "results": out });
+    (
+        (StatusCode::CREATED, axum::Json(body)).into_response(),
+        results.len() - dups,
+        dups,
+    )
+}
+
+fn readable(st: &HttpState, ns: &str, stream: &str) -> Result<(Arc<StreamRuntime>, i64), Problem> {
+    let rt = stream_or_404(st, ns, stream)?;
+    if rt.store().is_none() {
+        return Err(Problem::not_found(format!(
+            "stream {ns}/{stream} has no store (broker-only): it keeps no events to read"
+        )));
+    }
+    let id = rt.stream_id().ok_or_else(|| {
+        unavailable(
+            &rt.health
+                .error()
+                .unwrap_or_else(|| "the event store is not provisioned yet".into()),
+        )
+    })?;
+    Ok((rt, id))
+}
+
+fn store_problem(e: crate::data::store::StoreError) -> Problem {
+    if e.is_transient() {
+        unavailable(&e.to_string())
+    } else {
+        Problem::internal(e.to_string())
+    }
+}
+
+fn batch_response(events: &[StoredEvent]) -> Response {
+    let ces: Vec<_> = events.iter().map(StoredEvent::to_cloud_event).collect();
+    let mut resp = to_batch_json(&ces).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/cloudevents-batch+json"),
+    );
+    resp
+}
+
+#[derive(Deserialize)]
+struct RangeQuery {
+    from: Option<String>,
+    limit: Option<String>,
+}
+
+fn parse_param(name: &str, v: Option<&str>, default: i64, min: i64, max: i64) -> Result<i64, Problem> {
+    match v {
+        None => Ok(default),
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if n >= min && n <= max => Ok(n),
+            _ => Err(Problem::bad_request(format!(
+                "query parameter {name}: expected an integer from {min} to {max}, got {s:?}"
+            ))),
+        },
+    }
+}
+
+async fn read_range(
+    State(st): State<HttpState>,
+    Path((ns, stream)): Path<(String, String)>,
+    Query(q): Query<RangeQuery>,
+) -> Result<Response, Problem> {
+    let from = parse_param("from", q.from.as_deref(), 1, 1, i64::MAX)?;
+    let limit = parse_param("limit", q.limit.as_deref(), DEFAULT_PAGE, 1, MAX_PAGE)?;
+    let (rt, id) = readable(&st, &ns, &stream)?;
+    let store = rt.store().ok_or_else(|| Problem::internal("no store"))?;
+    let events = store.read_range(id, from, limit).await.map_err(store_problem)?;
+    Ok(batch_response(&events))
+}
+
+async fn read_one(
+    State(st): State<HttpState>,
+    Path((ns, stream, position)): Path<(String, String, String)>,
+) -> Result<Response, Problem> {
+    let position = parse_param("position", Some(&position), 1, 1, i64::MAX)?;
+    let (rt, id) = readable(&st, &ns, &stream)?;
+    let store = rt.store().ok_or_else(|| Problem::internal("no store"))?;
+    let ev = store
+        .read_one(id, position)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| {
+            Problem::not_found(format!("stream {ns}/{stream} has no event at position {position}"))
+        })?;
+    let mut resp = to_structured_json(&ev.to_cloud_event()).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/cloudevents+json"),
+    );
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct SubjectQuery {
+    #[serde(rename = "asOf")]
+    as_of: Option<String>,
+    version: Option<String>,
+}
+
+async fn read_subject(
+    State(st): State<HttpState>,
+    Path((ns, stream, subject)): Path<(String, String, String)>,
+    Query(q): Query<SubjectQuery>,
+) -> Result<Response, Problem> {
+    let version = match q.version.as_deref() {
+        None => None,
+        Some(v) => Some(parse_param("version", Some(v), 1, 1, i64::MAX)?),
+    };
+    let as_of = match q.as_of.as_deref() {
+        None => None,
+        Some(t) => Some(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|e| {
+                    Problem::bad_request(format!(
+                        "query parameter asOf: expected an RFC 3339 time, got {t:?}: {e}"
+                    ))
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+    };
+    let (rt, id) = readable(&st, &ns, &stream)?;
+    let store = rt.store().ok_or_else(|| Problem::internal("no store"))?;
+    let events = store
+        .read_subject(id, &subject, version, as_of)
+        .await
+        .map_err(store_problem)?;
+    Ok(batch_response(&events))
+}

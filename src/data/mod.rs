@@ -1,0 +1,12 @@
+//! The data plane: everything that moves events. It depends on `topology` only (never on
+//! `kube` or `api`), so it runs the same under the operator and in standalone mode.
+
+pub mod batcher;
+pub mod broker;
+pub mod engine;
+pub mod event;
+pub mod http;
+pub mod ingest;
+pub mod problem;
+pub mod relay;
+pub mod store;

@@ -1,0 +1,530 @@
+//! RFC 7807 problem details (`application/problem+json`): the body of every error Weir's HTTP
+//! API answers.
+//!
+//! The body is `{type, title, status, detail, errors: [{index, pointer, keyword, message}]}`.
+//! `errors` lists what is wrong with which event of the request (`index`, 0-based position in
+//! the request), at which JSON pointer inside that event (`/id`, `/data/orderId`) and, where it
+//! applies, which check failed (`keyword`: a JSON Schema keyword such as `required` or `type`, or
+//! Weir's own check name). It is always present, empty for problems about the request as a
+//! whole.
+//!
+//! Problem types (the `type` member, one per [`ProblemKind`]):
+//!
+//! | `type` | status | when |
+//! |---|---|---|
+//! | `https://weir.dev/problems/bad-request` | 400 | a request parameter is wrong (read API) |
+//! | `https://weir.dev/problems/malformed-json` | 400 | the body is not JSON (with line and column) |
+//! | `https://weir.dev/problems/invalid-event` | 400 | an event breaks a CloudEvents rule |
+//! | `https://weir.dev/problems/unauthorized` | 401 | no or unknown credentials |
+//! | `https://weir.dev/problems/forbidden` | 403 | the caller may not publish or read here |
+//! | `https://weir.dev/problems/stream-not-found` | 404 | no such EventStream |
+//! | `https://weir.dev/problems/not-found` | 404 | no such event, subject or position |
+//! | `https://weir.dev/problems/version-conflict` | 409 | `expectedversion` does not match |
+//! | `https://weir.dev/problems/payload-too-large` | 413 | the body exceeds `maxRequestBytes` |
+//! | `https://weir.dev/problems/event-too-large` | 413 | an event exceeds `maxEventBytes` |
+//! | `https://weir.dev/problems/unsupported-media-type` | 415 | a content type ingest does not read |
+//! | `https://weir.dev/problems/missing-extension` | 422 | a `requiredExtensions` entry is absent |
+//! | `https://weir.dev/problems/schema-violation` | 422 | `data` breaks the type's JSON Schema |
+//! | `https://weir.dev/problems/unknown-type` | 422 | no schema for the type, unknown types refused |
+//! | `https://weir.dev/problems/validation-failed` | 422 | several of the three above at once |
+//! | `https://weir.dev/problems/rate-limited` | 429 | the stream's rate limit (with `Retry-After`) |
+//! | `https://weir.dev/problems/internal` | 500 | a fault inside Weir |
+//! | `https://weir.dev/problems/unavailable` | 503 | the stream's broker or store is down |
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+/// The media type of a problem body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// At most this many field errors are returned in one problem. A 4 MiB batch of broken events
+/// could otherwise produce a response larger than the request; the first hundred are enough to
+/// fix a publisher, and `detail` says how many there were in all.
+pub const MAX_REPORTED_ERRORS: usize = 100;
+
+/// The kinds of problem Weir reports; each has its own `type` URI, title and status code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProblemKind {
+    BadRequest,
+    MalformedJson,
+    InvalidEvent,
+    Unauthorized,
+    Forbidden,
+    StreamNotFound,
+    NotFound,
+    VersionConflict,
+    PayloadTooLarge,
+    EventTooLarge,
+    UnsupportedMediaType,
+    MissingExtension,
+    SchemaViolation,
+    UnknownType,
+    ValidationFailed,
+    RateLimited,
+    Internal,
+    Unavailable,
+}
+
+impl ProblemKind {
+    /// The `type` URI of this kind.
+    pub fn uri(self) -> &'static str {
+        match self {
+            ProblemKind::BadRequest => "https://weir.dev/problems/bad-request",
+            ProblemKind::MalformedJson => "https://weir.dev/problems/malformed-json",
+            ProblemKind::InvalidEvent => "https://weir.dev/problems/invalid-event",
+            ProblemKind::Unauthorized => "https://weir.dev/problems/unauthorized",
+            ProblemKind::Forbidden => "https://weir.dev/problems/forbidden",
+            ProblemKind::StreamNotFound => "https://weir.dev/problems/stream-not-found",
+            ProblemKind::NotFound => "https://weir.dev/problems/not-found",
+            ProblemKind::VersionConflict => "https://weir.dev/problems/version-conflict",
+            ProblemKind::PayloadTooLarge => "https://weir.dev/problems/payload-too-large",
+            ProblemKind::EventTooLarge => "https://weir.dev/problems/event-too-large",
+            ProblemKind::UnsupportedMediaType => "https://weir.dev/problems/unsupported-media-type",
+            ProblemKind::MissingExtension => "https://weir.dev/problems/missing-extension",
+            ProblemKind::SchemaViolation => "https://weir.dev/problems/schema-violation",
+            ProblemKind::UnknownType => "https://weir.dev/problems/unknown-type",
+            ProblemKind::ValidationFailed => "https://weir.dev/problems/validation-failed",
+            ProblemKind::RateLimited => "https://weir.dev/problems/rate-limited",
+            ProblemKind::Internal => "https://weir.dev/problems/internal",
+            ProblemKind::Unavailable => "https://weir.dev/problems/unavailable",
+        }
+    }
+
+    /// The short, fixed summary of this kind (`title`).
+    pub fn title(self) -> &'static str {
+        match self {
+            ProblemKind::BadRequest => "Bad request",
+            ProblemKind::MalformedJson => "Malformed JSON",
+            ProblemKind::InvalidEvent => "Invalid CloudEvent",
+            ProblemKind::Unauthorized => "Unauthorized",
+            ProblemKind::Forbidden => "Forbidden",
+            ProblemKind::StreamNotFound => "Stream not found",
+            ProblemKind::NotFound => "Not found",
+            ProblemKind::VersionConflict => "Version conflict",
+            ProblemKind::PayloadTooLarge => "Payload too large",
+            ProblemKind::EventTooLarge => "Event too large",
+            ProblemKind::UnsupportedMediaType => "Unsupported media type",
+            ProblemKind::MissingExtension => "Missing required extension",
+            ProblemKind::SchemaViolation => "Schema violation",
+            ProblemKind::UnknownType => "Unknown event type",
+            ProblemKind::ValidationFailed => "Validation failed",
+            ProblemKind::RateLimited => "Rate limited",
+            ProblemKind::Internal => "Internal error",
+            ProblemKind::Unavailable => "Service unavailable",
+        }
+    }
+
+    /// The HTTP status code of this kind.
+    pub fn status(self) -> u16 {
+        match self {
+            ProblemKind::BadRequest | ProblemKind::MalformedJson | ProblemKind::InvalidEvent => 400,
+            ProblemKind::Unauthorized => 401,
+            ProblemKind::Forbidden => 403,
+            ProblemKind::StreamNotFound | ProblemKind::NotFound => 404,
+            ProblemKind::VersionConflict => 409,
+            ProblemKind::PayloadTooLarge | ProblemKind::EventTooLarge => 413,
+            ProblemKind::UnsupportedMediaType => 415,
+            ProblemKind::MissingExtension
+            | ProblemKind::SchemaViolation
+            | ProblemKind::UnknownType
+            | ProblemKind::ValidationFailed => 422,
+            ProblemKind::RateLimited => 429,
+            ProblemKind::Internal => 500,
+            ProblemKind::Unavailable => 503,
+        }
+    }
+}
+
+/// What is wrong with one field of one event.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FieldError {
+    /// 0-based position of the event in the request; `null` when the error is not about one
+    /// event (e.g. malformed JSON).
+    pub index: Option<usize>,
+    /// JSON pointer into the event (`/id`, `/data/orderId`); `null` for the event as a whole.
+    pub pointer: Option<String>,
+    /// The check that failed: a JSON Schema keyword (`required`, `type`, …) or Weir's own
+    /// check name.
+    pub keyword: Option<String>,
+    /// A sentence a person can act on.
+    pub message: String,
+}
+
+impl FieldError {
+    /// An error with only a message; add the rest with the builder methods.
+    pub fn new(message: impl Into<String>) -> FieldError {
+        FieldError {
+            index: None,
+            pointer: None,
+            keyword: None,
+            message: message.into(),
+        }
+    }
+
+    /// Sets the event index.
+    pub fn at(mut self, index: usize) -> FieldError {
+        self.index = Some(index);
+        self
+    }
+
+    /// Sets the event index when known.
+    pub fn at_opt(mut self, index: Option<usize>) -> FieldError {
+        self.index = index;
+        self
+    }
+
+    /// Sets the JSON pointer.
+    pub fn pointer(mut self, pointer: impl Into<String>) -> FieldError {
+        self.pointer = Some(pointer.into());
+        self
+    }
+
+    /// Sets the failing keyword.
+    pub fn keyword(mut self, keyword: impl Into<String>) -> FieldError {
+        self.keyword = Some(keyword.into());
+        self
+    }
+}
+
+/// Collects field errors, keeping the first [`MAX_REPORTED_ERRORS`] and counting the rest.
+#[derive(Clone, Debug, Default)]
+pub struct FieldErrors {
+    shown: Vec<FieldError>,
+    total: usize,
+}
+
+impl FieldErrors {
+    pub fn new() -> FieldErrors {
+        FieldErrors::default()
+    }
+
+    pub fn push(&mut self, error: FieldError) {
+        self.total += 1;
+        if self.shown.len() < MAX_REPORTED_ERRORS {
+            self.shown.push(error);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// How many errors were pushed (shown or not).
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// The problem of `kind` with these errors; `detail` gains a note when some were left out.
+    pub fn into_problem(self, kind: ProblemKind, detail: impl Into<String>) -> Problem {
+        let mut detail = detail.into();
+        if self.total > self.shown.len() {
+            detail.push_str(&format!(
+                " (the first {} of {} errors are listed)",
+                self.shown.len(),
+                self.total
+            ));
+        }
+        let mut problem = Problem::new(kind, detail);
+        problem.errors = self.shown;
+        problem
+    }
+}
+
+/// An RFC 7807 problem. Build it with the constructors; it becomes an HTTP response through
+/// [`IntoResponse`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{status} {title}: {detail}")]
+pub struct Problem {
+    pub kind: ProblemKind,
+    pub status: u16,
+    pub title: String,
+    pub detail: String,
+    pub errors: Vec<FieldError>,
+    /// Seconds for the `Retry-After` header (429 and 503); not part of the body.
+    pub retry_after: Option<u64>,
+}
+
+impl Problem {
+    /// A problem of `kind` with its standard title and status.
+    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Problem {
+        Problem {
+            kind,
+            status: kind.status(),
+            title: kind.title().to_string(),
+            detail: detail.into(),
+            errors: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    /// Adds one field error.
+    pub fn with_error(mut self, error: FieldError) -> Problem {
+        if self.errors.len() < MAX_REPORTED_ERRORS {
+            self.errors.push(error);
+        }
+        self
+    }
+
+    /// Sets `Retry-After` (seconds).
+    pub fn with_retry_after(mut self, seconds: u64) -> Problem {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// 400: a request parameter (path or query) is wrong.
+    pub fn bad_request(detail: impl Into<String>) -> Problem {
+        Problem::new(ProblemKind::BadRequest, detail)
+    }
+
+    /// 400: the body is not JSON. `error`'s text carries the line and column.
+    pub fn malformed_json(index: Option<usize>, error: &serde_json::Error) -> Problem {
+        let where_ = match index {
+            Some(i) => format!(" (in event {i})"),
+            None => String::new(),
+        };
+        Problem::new(
+            ProblemKind::MalformedJson,
+            format!(
+                "the body is not valid JSON at line {}, column {}{where_}: {error}",
+                error.line(),
+                error.column()
+            ),
+        )
+        .with_error(FieldError::new(error.to_string()).at_opt(index))
+    }
+
+    /// 400: events break CloudEvents rules; `errors` say which and where.
+    pub fn invalid_events(errors: FieldErrors) -> Problem {
+        let n = errors.total();
+        errors.into_problem(
+            ProblemKind::InvalidEvent,
+            format!("{n} problem(s) with the events of this request; nothing was published"),
+        )
+    }
+
+    /// 401.
+    pub fn unauthorized(detail: impl Into<String>) -> Problem {
+        Problem::new(ProblemKind::Unauthorized, detail)
+    }
+
+    /// 403.
+    pub fn forbidden(detail: impl Into<String>) -> Problem {
+        Problem::new(ProblemKind::Forbidden, detail)
+    }
+
+    /// 404: no EventStream `namespace/stream`.
+    pub fn stream_not_found(namespace: &str, stream: &str) -> Problem {
+        Problem::new(
+            ProblemKind::StreamNotFound,
+            format!("there is no EventStream {namespace}/{stream}"),
+        )
+    }
+
+    /// 404: an event, subject or position that does not exist.
+    pub fn not_found(detail: impl Into<String>) -> Problem {
+        Problem::new(ProblemKind::NotFound, detail)
+    }
+
+    /// 409: the event at `index` expected `subject` at `expected`, it is at `actual`.
+    pub fn version_conflict(index: usize, subject: &str, expected: i64, actual: i64) -> Problem {
+        let message = format!(
+            "subject {subject:?} is at version {actual}, the event expected version {expected}"
+        );
+        Problem::new(ProblemKind::VersionConflict, message.clone()).with_error(
+            FieldError::new(message)
+                .at(index)
+                .pointer("/expectedversion")
+                .keyword("expectedversion"),
+        )
+    }
+
+    /// 413: the request body is larger than `maxRequestBytes`. `size` is `None` when the body
+    /// was cut off while reading (its full length is unknown).
+    pub fn payload_too_large(size: Option<usize>, limit: usize) -> Problem {
+        let detail = match size {
+            Some(size) => {
+                format!("the request body is {size} bytes; this stream accepts at most {limit}")
+            }
+            None => format!("the request body exceeds this stream's limit of {limit} bytes"),
+        };
+        Problem::new(ProblemKind::PayloadTooLarge, detail)
+    }
+
+    /// 415: `content_type` (if any) is not one ingest reads.
+    pub fn unsupported_media_type(content_type: Option<&str>) -> Problem {
+        let got = match content_type {
+            Some(ct) => format!("Content-Type {ct:?} is not accepted"),
+            None => "the request has no Content-Type".to_string(),
+        };
+        Problem::new(
+            ProblemKind::UnsupportedMediaType,
+            format!(
+                "{got}; send application/cloudevents+json (one event), \
+                 application/cloudevents-batch+json (an array of events), application/json \
+                 (one object or an array of {{type, data, source?, id?, subject?, \
+                 correlationId?}}), or any content type with ce-specversion and the other ce- \
+                 headers (binary mode); JSON bodies must be UTF-8"
+            ),
+        )
+    }
+
+    /// 429 with `Retry-After`.
+    pub fn rate_limited(retry_after_seconds: u64) -> Problem {
+        Problem::new(
+            ProblemKind::RateLimited,
+            "this stream's rate limit is exhausted; retry after the given delay",
+        )
+        .with_retry_after(retry_after_seconds)
+    }
+
+    /// 500. `detail` must not leak secrets (URLs with passwords and the like).
+    pub fn internal(detail: impl Into<String>) -> Problem {
+        Problem::new(ProblemKind::Internal, detail)
+    }
+
+    /// 503 with `Retry-After`.
+    pub fn unavailable(detail: impl Into<String>, retry_after_seconds: u64) -> Problem {
+        Problem::new(ProblemKind::Unavailable, detail).with_retry_after(retry_after_seconds)
+    }
+}
+
+impl serde::Serialize for Problem {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut s = serializer.serialize_struct("Problem", 5)?;
+        s.serialize_field("type", self.kind.uri())?;
+        s.serialize_field("title", &self.title)?;
+        s.serialize_field("status", &self.status)?;
+        s.serialize_field("detail", &self.detail)?;
+        s.serialize_field("errors", &self.errors)?;
+        s.end()
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        // Serialising strings and integers into a Vec cannot fail; the fallback keeps the
+        // answer a valid problem body all the same.
+        let body = serde_json::to_vec(&self).unwrap_or_else(|_| {
+            format!(r#"{{"type":"{}","status":{}}}"#, self.kind.uri(), self.status).into_bytes()
+        });
+        let mut response = (
+            status,
+            [(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON))],
+            body,
+        )
+            .into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_json(response: Response) -> serde_json::Value {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn response_has_problem_shape_and_headers() {
+        let problem = Problem::new(ProblemKind::SchemaViolation, "bad data").with_error(
+            FieldError::new("\"orderId\" is a required property")
+                .at(2)
+                .pointer("/data/orderId")
+                .keyword("required"),
+        );
+        let response = problem.into_response();
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        assert!(response.headers().get(header::RETRY_AFTER).is_none());
+        let body = body_json(response).await;
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "type": "https://weir.dev/problems/schema-violation",
+                "title": "Schema violation",
+                "status": 422,
+                "detail": "bad data",
+                "errors": [{
+                    "index": 2,
+                    "pointer": "/data/orderId",
+                    "keyword": "required",
+                    "message": "\"orderId\" is a required property"
+                }]
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn retry_after_is_a_header_not_a_member() {
+        let response = Problem::rate_limited(7).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+        let body = body_json(response).await;
+        assert!(body.get("retry_after").is_none());
+        assert_eq!(body["errors"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn field_errors_are_capped_and_counted() {
+        let mut errors = FieldErrors::new();
+        for i in 0..(MAX_REPORTED_ERRORS + 5) {
+            errors.push(FieldError::new("x").at(i));
+        }
+        let problem = errors.into_problem(ProblemKind::InvalidEvent, "bad");
+        assert_eq!(problem.errors.len(), MAX_REPORTED_ERRORS);
+        assert_eq!(problem.status, 400);
+        assert!(
+            problem.detail.contains(&format!("of {}", MAX_REPORTED_ERRORS + 5)),
+            "{}",
+            problem.detail
+        );
+    }
+
+    #[test]
+    fn every_kind_has_a_distinct_uri_and_an_error_status() {
+        use ProblemKind::*;
+        let kinds = [
+            BadRequest,
+            MalformedJson,
+            InvalidEvent,
+            Unauthorized,
+            Forbidden,
+            StreamNotFound,
+            NotFound,
+            VersionConflict,
+            PayloadTooLarge,
+            EventTooLarge,
+            UnsupportedMediaType,
+            MissingExtension,
+            SchemaViolation,
+            UnknownType,
+            ValidationFailed,
+            RateLimited,
+            Internal,
+            Unavailable,
+        ];
+        let uris: std::collections::HashSet<_> = kinds.iter().map(|k| k.uri()).collect();
+        assert_eq!(uris.len(), kinds.len());
+        assert!(kinds.iter().all(|k| (400..600).contains(&k.status())));
+    }
+
+    #[test]
+    fn payload_too_large_names_size_and_limit() {
+        let p = Problem::payload_too_large(Some(5000), 4096);
+        assert_eq!(p.status, 413);
+        assert!(p.detail.contains("5000") && p.detail.contains("4096"));
+        let p = Problem::payload_too_large(None, 4096);
+        assert!(p.detail.contains("4096"));
+    }
+}

@@ -1,0 +1,192 @@
+//! The relay: publishes a stream's stored events to its exchange in position order, from a
+//! checkpoint kept in PostgreSQL, with one owner per stream across every process.
+//!
+//! Ownership is a session-level advisory lock held on a dedicated connection. Checkpoint
+//! writes go through that same connection and carry the epoch granted when the lock was
+//! taken, so a process that lost its lock (connection dropped, another owner took over)
+//! cannot move the checkpoint. When the owner dies, PostgreSQL drops its session and lock,
+//! and another process takes over within one lock-poll interval.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener};
+use sqlx::{ConnectOptions, Connection, PgConnection};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::data::broker::{Broker, Routing, to_message};
+use crate::data::store::Store;
+use crate::metrics::Metrics;
+use crate::topology::Key;
+
+/// First key of the two-key advisory lock space used for relays (`'WEIR' - 1`).
+const RELAY_LOCK_CLASS: i32 = 0x5745_4951;
+/// Events read and published per round. 500 keeps a round's confirms well inside one
+/// publish deadline and a round's memory at a few MiB for typical events.
+const PAGE: i64 = 500;
+/// How often a process that does not own the relay tries to take it over.
+const LOCK_POLL: Duration = Duration::from_secs(1);
+/// Upper bound on waiting for an append notification before polling the table anyway
+/// (a notification can be missed while the listener reconnects).
+const IDLE_POLL: Duration = Duration::from_millis(500);
+/// Time allowed for one round of publishes to be confirmed before it is retried.
+const PUBLISH_DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct Relay {
+    pub key: Key,
+    pub store: Store,
+    pub connect: PgConnectOptions,
+    pub stream_id: i64,
+    pub exchange: String,
+    pub broker: Broker,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("store: {0}")]
+    Store(#[from] crate::data::store::StoreError),
+    #[error("lost relay ownership (checkpoint fenced)")]
+    Fenced,
+}
+
+impl Relay {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        while !cancel.is_cancelled() {
+            match self.own_and_relay(&cancel).await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!(stream = %self.key, error = %e, "relay interrupted");
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Waits for the lock, then relays until cancelled or until ownership is lost.
+    async fn own_and_relay(&self, cancel: &CancellationToken) -> Result<(), RelayError> {
+        let mut conn = self.connect.clone().connect().await?;
+        loop {
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(RELAY_LOCK_CLASS)
+                .bind(self.stream_id as i32)
+                .fetch_one(&mut conn)
+                .await?;
+            if got {
+                break;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(LOCK_POLL) => {}
+            }
+        }
+        let (epoch, mut checkpoint): (i64, i64) = sqlx::query_as(
+            "UPDATE weir_relay_checkpoints SET epoch = epoch + 1, updated_at = now()
+             WHERE stream_id = $1 RETURNING epoch, position",
+        )
+        .bind(self.stream_id)
+        .fetch_one(&mut conn)
+        .await?;
+        tracing::info!(stream = %self.key, epoch, checkpoint, "relay owner");
+        let result = self.relay(&mut conn, epoch, &mut checkpoint, cancel).await;
+        // Closing the session releases the lock at once; on error the connection may be
+        // gone already, which releases it too.
+        let _ = conn.close().await;
+        result
+    }
+
+    async fn relay(
+        &self,
+        conn: &mut PgConnection,
+        epoch: i64,
+        checkpoint: &mut i64,
+        cancel: &CancellationToken,
+    ) -> Result<(), RelayError> {
+        let mut listener = PgListener::connect_with(self.store.pool()).await?;
+        listener.listen("weir_appended").await?;
+        let labels = [self.key.namespace.as_str(), self.key.name.as_str()];
+        let lag = self.metrics.relay_lag.with_label_values(&labels);
+        let mut declared = false;
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            if !declared {
+                if let Err(e) = self.broker.declare_exchange(&self.exchange).await {
+                    tracing::warn!(stream = %self.key, error = %e, "declaring exchange failed");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+                declared = true;
+            }
+            let events = self
+                .store
+                .read_range(self.stream_id, *checkpoint + 1, PAGE)
+                .await?;
+            if events.is_empty() {
+                lag.set(0);
+                // Keep the lock session alive and detect a dead one while idle.
+                sqlx::query("SELECT 1").execute(&mut *conn).await?;
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                    n = listener.recv() => { n?; }
+                }
+                continue;
+            }
+            let msgs: Vec<_> = events.iter().map(|e| to_message(&e.to_cloud_event())).collect();
+            let deadline = Instant::now() + PUBLISH_DEADLINE;
+            let routing = tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = self.broker.publish(&self.exchange, &msgs, deadline) => r,
+            };
+            let routing = match routing {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not confirmed: the checkpoint stays, the same events go out again.
+                    tracing::warn!(stream = %self.key, error = %e, "relay publish failed");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
+                }
+            };
+            let routed = routing.iter().filter(|r| matches!(r, Routing::Routed)).count();
+            let last = events.last().map_or(*checkpoint, |e| e.position);
+            let moved = sqlx::query(
+                "UPDATE weir_relay_checkpoints SET position = $2, updated_at = now()
+                 WHERE stream_id = $1 AND epoch = $3",
+            )
+            .bind(self.stream_id)
+            .bind(last)
+            .bind(epoch)
+            .execute(&mut *conn)
+            .await?;
+            if moved.rows_affected() != 1 {
+                return Err(RelayError::Fenced);
+            }
+            *checkpoint = last;
+            let m = &self.metrics.relay_events;
+            m.with_label_values(&[labels[0], labels[1], "routed"])
+                .inc_by(routed as u64);
+            m.with_label_values(&[labels[0], labels[1], "unroutable"])
+                .inc_by((routing.len() - routed) as u64);
+            let head = self.store.head(self.stream_id).await?;
+            lag.set(head - *checkpoint);
+            self.metrics
+                .stream_head
+                .with_label_values(&labels)
+                .set(head);
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The PostgreSQL event store: appends with gap-free positions, per-subject versions and
+//! dedup; reads by position, range and subject (time travel); the relay's checkpoint.
+
+mod append;
+mod codec;
+mod read;
+pub mod pools;
+
+pub use append::{AppendInput, Appended, Conflict, RequestOutcome};
+
+use sqlx::PgPool;
+
+/// Errors of the event store. `Unavailable` is transient (retry, answer 503); the others are not.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("schema migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored event at position {position} cannot be decoded: {message}")]
+    Corrupt { position: i64, message: String },
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_transient(&e) {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Database(e)
+        }
+    }
+}
+
+/// Connection trouble, server shutdown and serialisation conflicts are worth retrying;
+/// constraint violations and SQL errors are not.
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // 08: connection exception; 40001/40P01: serialization failure/deadlock;
+            // 57P01-03: admin shutdown, crash shutdown, cannot connect now; 53300: too many
+            // connections; 25006: read-only transaction (a standby after failover).
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300" | "25006"
+                )
+        }
+        _ => false,
+    }
+}
+
+/// A handle on one event-store database (shared by every stream that names it).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// The embedded migrations (`migrations/`), applied at start-up. sqlx takes an advisory
+/// lock while migrating, so several processes starting at once are safe.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+impl Store {
+    pub fn new(pool: PgPool) -> Store {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The stream's id in this database, creating its rows on first use.
+    pub async fn ensure_stream(&self, namespace: &str, name: &str) -> Result<i64, StoreError> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO weir_streams (namespace, name) VALUES ($1, $2)
+             ON CONFLICT (namespace, name) DO UPDATE SET name = EXCLUDED.name
+             RETURNING stream_id",
+        )
+        .bind(namespace)
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO weir_relay_checkpoints (stream_id) VALUES ($1) ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// The last stored position (0 for an empty stream).
+    pub async fn head(&self, stream_id: i64) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT head FROM weir_streams WHERE stream_id = $1")
+                .bind(stream_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .unwrap_or(0),
+        )
+    }
+
+    /// Removes a stream's events, dedup keys, subjects and checkpoint (deletionPolicy Delete).
+    pub async fn delete_stream(&self, namespace: &str, name: &str) -> Result<u64, StoreError> {
+        let r = sqlx::query("DELETE FROM weir_streams WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+}

@@ -1,0 +1,18 @@
+//! Weir: event pipelines declared as Kubernetes resources.
+//!
+//! Layers (see `docs/architecture.md`): `api` (CRD structs) → `source` (manifest folder or
+//! Kubernetes watch) → `topology` (validated kube-free model) → `data` (the data plane).
+//! `app`, `cli`, `admin` and `status` are wiring; `metrics`, `telemetry` and `shutdown` are
+//! shared leaves.
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod data;
+pub mod metrics;
+pub mod shutdown;
+pub mod source;
+pub mod status;
+pub mod telemetry;
+pub mod topology;

@@ -1,0 +1,181 @@
+//! Prometheus metrics (prefix `weir_`, base units, bounded labels: namespace, stream,
+//! subscription, outcome, code — never ids or URLs).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric Weir exports, registered on one registry per process (tests create their own).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub ingest_requests: IntCounterVec,
+    pub ingest_events: IntCounterVec,
+    pub ingest_request_duration: HistogramVec,
+    pub batch_events: HistogramVec,
+    pub store_append_duration: HistogramVec,
+    pub store_append_retries: IntCounterVec,
+    pub relay_lag: IntGaugeVec,
+    pub relay_events: IntCounterVec,
+    pub broker_publish: IntCounterVec,
+    pub compression_bytes: IntCounterVec,
+    pub stream_head: IntGaugeVec,
+    pub db_connections: IntGaugeVec,
+    pub db_waiting: IntGaugeVec,
+    pub db_acquire_duration: Histogram,
+}
+
+/// Latency buckets from 0.5 ms to 10 s: ingest answers in milliseconds when healthy and the
+/// tail matters up to the request deadline.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    // Registration fails only for a duplicate name, a programming error caught by every test.
+    r.register(Box::new(c.clone()))
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], b: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(b.to_vec()), labels)
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(h.clone()))
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
+    h
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = r.register(Box::new(pc));
+        }
+        let ns = &["namespace", "stream"];
+        Metrics {
+            ingest_requests: counter(
+                &r,
+                "weir_ingest_requests_total",
+                "Publish requests by HTTP status code.",
+                &["namespace", "stream", "code"],
+            ),
+            ingest_events: counter(
+                &r,
+                "weir_ingest_events_total",
+                "Published events by outcome (accepted, duplicate, rejected).",
+                &["namespace", "stream", "outcome"],
+            ),
+            ingest_request_duration: histogram(
+                &r,
+                "weir_ingest_request_duration_seconds",
+                "Publish request latency, from the first byte read to the answer.",
+                ns,
+                LATENCY_BUCKETS,
+            ),
+            batch_events: histogram(
+                &r,
+                "weir_batch_events",
+                "Events per store transaction (group commit).",
+                ns,
+                BATCH_BUCKETS,
+            ),
+            store_append_duration: histogram(
+                &r,
+                "weir_store_append_duration_seconds",
+                "Duration of one append transaction.",
+                ns,
+                LATENCY_BUCKETS,
+            ),
+            store_append_retries: counter(
+                &r,
+                "weir_store_append_retries_total",
+                "Append transactions retried after a transient database error.",
+                ns,
+            ),
+            relay_lag: gauge(
+                &r,
+                "weir_relay_lag_events",
+                "Stored events not yet confirmed by the broker (head minus relay checkpoint).",
+                ns,
+            ),
+            relay_events: counter(
+                &r,
+                "weir_relay_events_total",
+                "Events the relay published to the stream exchange, by routing outcome.",
+                &["namespace", "stream", "outcome"],
+            ),
+            broker_publish: counter(
+                &r,
+                "weir_broker_publish_total",
+                "Broker-only publishes by outcome (routed, unroutable, failed).",
+                &["namespace", "stream", "outcome"],
+            ),
+            compression_bytes: counter(
+                &r,
+                "weir_store_payload_bytes_total",
+                "Payload bytes written to the store, raw and as stored (after compression).",
+                &["namespace", "stream", "kind"],
+            ),
+            stream_head: gauge(
+                &r,
+                "weir_stream_head_position",
+                "Last stored position of the stream, as seen by this process.",
+                ns,
+            ),
+            db_connections: gauge(
+                &r,
+                "weir_db_connections",
+                "Database connections by state (active, idle).",
+                &["pool", "state"],
+            ),
+            db_waiting: gauge(
+                &r,
+                "weir_db_waiting",
+                "Tasks waiting for a database connection.",
+                &["pool"],
+            ),
+            db_acquire_duration: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "weir_db_acquire_duration_seconds",
+                        "Time to acquire a database connection.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .unwrap_or_else(|e| panic!("metric: {e}"));
+                r.register(Box::new(h.clone()))
+                    .unwrap_or_else(|e| panic!("register: {e}"));
+                h
+            },
+            registry: r,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,1007 @@
+//! The manifest folder of standalone mode.
+//!
+//! Every `*.yaml`/`*.yml` file under the folder (recursively, hidden entries skipped) may hold
+//! several documents. Each document is dispatched on `apiVersion`/`kind`: the four Weir kinds,
+//! `v1/Secret` and `v1/ConfigMap` go into an [`Index`]; anything else is skipped with a warning.
+//! Every problem is kept with its file, its 1-based document index and its field path, and a
+//! broken document never hides the problems of the others.
+//!
+//! Resources that are present in the folder but whose document could not be loaded are listed in
+//! [`Loaded::broken`]: the engine keeps their running version instead of stopping them. When a
+//! whole file stops parsing its resources can no longer be named, so [`reload`] takes them from
+//! what the file held at the previous load.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
+use kube::core::object::HasSpec;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use super::SourceError;
+use crate::api;
+use crate::topology::build::{Report, build};
+use crate::topology::index::Kind;
+use crate::topology::{Defaults, Index, Key};
+
+/// Namespace of a manifest that names none, as `kubectl apply` does.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// Where a resource was defined: the file and the 1-based index of the document in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// 1-based, as in messages.
+    pub doc: usize,
+}
+
+/// One problem in the manifest folder, located as precisely as it is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestProblem {
+    pub file: PathBuf,
+    /// 1-based document index; `None` when the file as a whole could not be read.
+    pub doc: Option<usize>,
+    /// Line of a YAML syntax error (1-based), when the problem is one.
+    pub line: Option<usize>,
+    /// Field path inside the document (`spec.batching.maxDelay`); empty when the problem is
+    /// about the document as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestProblem {
+    /// `examples/x.yaml doc 2: spec.batching.maxDelay: invalid duration "5 sec"`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(doc) = self.doc {
+            write!(f, " doc {doc}")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// What one manifest file defined at its last successful parse.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileRecord {
+    pub resources: BTreeSet<(Kind, Key)>,
+    pub secrets: BTreeSet<Key>,
+    pub config_maps: BTreeSet<Key>,
+}
+
+/// One snapshot of the manifest folder.
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    /// Every resource that loaded without a problem. Weir resources carry
+    /// `metadata.namespace` (filled with `default` when absent) and a `metadata.generation`
+    /// that starts at 1 and grows by one whenever the spec changes between reloads, as the
+    /// Kubernetes API server does, so the engine can treat both sources alike.
+    pub index: Index,
+    /// Where each Weir resource (loaded or broken) was defined.
+    pub origins: BTreeMap<(Kind, Key), Origin>,
+    /// Every problem found while loading, in file and document order.
+    pub problems: Vec<ManifestProblem>,
+    /// Resources present in the folder whose document could not be loaded: the engine must keep
+    /// their running version. They are not in `index`.
+    pub broken: BTreeSet<(Kind, Key)>,
+    /// What each file defined at its last successful parse (carried forward while a file does
+    /// not parse, so its resources stay `broken` rather than being taken as deleted).
+    pub files: BTreeMap<PathBuf, FileRecord>,
+    /// The last good generation and spec of each Weir resource, carried forward while the
+    /// resource is broken, so that a fixed resource continues its generation count.
+    pub generations: BTreeMap<(Kind, Key), (i64, serde_json::Value)>,
+    /// How many times the folder has been loaded to produce this snapshot (1 for the first).
+    pub revision: u64,
+}
+
+impl Loaded {
+    /// Number of resources loaded into the index (the four Weir kinds, Secrets and ConfigMaps).
+    pub fn resource_count(&self) -> usize {
+        let i = &self.index;
+        i.streams.len()
+            + i.subscriptions.len()
+            + i.archive_policies.len()
+            + i.cache_policies.len()
+            + i.secrets.len()
+            + i.config_maps.len()
+    }
+}
+
+/// The outcome of `weir validate -f DIR`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ValidationReport {
+    /// One formatted line per problem, every broken document included.
+    pub problems: Vec<String>,
+    /// Resources that loaded (see [`Loaded::resource_count`]).
+    pub resources: usize,
+}
+
+impl ValidationReport {
+    /// `true` when no problem was found: `weir validate` exits 0.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Loads every manifest under `dir`.
+pub fn load(dir: &Path) -> Result<Loaded, SourceError> {
+    load_inner(dir, None)
+}
+
+/// Loads every manifest under `dir` again, knowing the previous snapshot: resources of files
+/// that no longer parse are marked [`Loaded::broken`], Secrets and ConfigMaps of such files
+/// keep their previous data, and generations continue from the previous snapshot.
+pub fn reload(dir: &Path, previous: &Loaded) -> Result<Loaded, SourceError> {
+    load_inner(dir, Some(previous))
+}
+
+/// Loads `dir` and builds its topology without starting anything: every problem, from YAML
+/// syntax to a dangling reference, located by file, document and field path.
+pub fn validate(dir: &Path, defaults: &Defaults) -> Result<ValidationReport, SourceError> {
+    let loaded = load(dir)?;
+    let built = build(&loaded.index, defaults);
+    let mut problems = loaded.problems.clone();
+    problems.extend(build_problems(&loaded, &built.reports));
+    // Sorting by location keeps a file's problems together; the sort is stable, so problems of
+    // one document keep the order in which they were found.
+    problems.sort_by(|a, b| (&a.file, a.doc).cmp(&(&b.file, b.doc)));
+    Ok(ValidationReport {
+        problems: problems.iter().map(ToString::to_string).collect(),
+        resources: loaded.resource_count(),
+    })
+}
+
+/// Locates the problems the topology found in `reports` at the file and document that defined
+/// each resource.
+pub fn build_problems(loaded: &Loaded, reports: &[Report]) -> Vec<ManifestProblem> {
+    let mut out = Vec::new();
+    for report in reports {
+        let origin = loaded.origins.get(&(report.kind, report.key.clone()));
+        for problem in &report.problems {
+            out.push(match origin {
+                Some(origin) => ManifestProblem {
+                    file: origin.file.clone(),
+                    doc: Some(origin.doc),
+                    line: None,
+                    path: problem.path.clone(),
+                    message: problem.message.clone(),
+                },
+                // Every indexed resource has an origin; this only names the resource in case a
+                // report ever concerns one that does not.
+                None => ManifestProblem {
+                    file: PathBuf::from(format!("{} {}", report.kind, report.key)),
+                    doc: None,
+                    line: None,
+                    path: problem.path.clone(),
+                    message: problem.message.clone(),
+                },
+            });
+        }
+    }
+    out
+}
+
+/// Identity of a document, for duplicate detection across kinds.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Ident {
+    Weir(Kind, Key),
+    Secret(Key),
+    ConfigMap(Key),
+}
+
+/// What a document is, from its `apiVersion`/`kind`.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Weir(Kind),
+    Secret,
+    ConfigMap,
+}
+
+/// A problem inside one document, before it is located in a file.
+struct FieldProblem {
+    path: String,
+    message: String,
+}
+
+impl FieldProblem {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> FieldProblem {
+        FieldProblem {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Whether a document's resources could all be named. A file whose resources cannot all be
+/// named (a syntax error, a document without a name, ...) is incomplete: what it held at the
+/// previous load is carried forward as broken.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Named {
+    Yes,
+    No,
+}
+
+struct Loader<'p> {
+    previous: Option<&'p Loaded>,
+    out: Loaded,
+    seen: BTreeMap<Ident, Origin>,
+    incomplete: Vec<PathBuf>,
+}
+
+fn load_inner(dir: &Path, previous: Option<&Loaded>) -> Result<Loaded, SourceError> {
+    let meta = fs::metadata(dir).map_err(|source| SourceError::Folder {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(SourceError::NotADirectory(dir.to_path_buf()));
+    }
+    let mut loader = Loader {
+        previous,
+        out: Loaded {
+            revision: previous.map_or(1, |p| p.revision + 1),
+            ..Loaded::default()
+        },
+        seen: BTreeMap::new(),
+        incomplete: Vec::new(),
+    };
+    for file in manifest_files(dir, &mut loader.out.problems)? {
+        loader.load_file(&file);
+    }
+    loader.carry_forward();
+    loader.stamp_generations();
+    Ok(loader.out)
+}
+
+/// The manifest files under `dir`, sorted so that loads are deterministic (and "the second
+/// definition" of a duplicate is well defined). Hidden entries are skipped: editors keep swap
+/// and lock files there, and a ConfigMap mounted as a volume keeps a second copy of every file
+/// under `..data/`. Symbolic links are followed (that same mount links each file into `..data/`),
+/// with walkdir detecting loops.
+fn manifest_files(
+    dir: &Path,
+    problems: &mut Vec<ManifestProblem>,
+) -> Result<Vec<PathBuf>, SourceError> {
+    let mut files = Vec::new();
+    let walk = walkdir::WalkDir::new(dir)
+        .follow_links(true)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
+    for entry in walk {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(err) => {
+                let path = err.path().map(Path::to_path_buf);
+                match (err.depth(), path) {
+                    (0, _) | (_, None) => {
+                        return Err(SourceError::Folder {
+                            path: dir.to_path_buf(),
+                            source: err.into(),
+                        });
+                    }
+                    // Removed while we were walking: as if it had never been there.
+                    _ if err.io_error().map(io::Error::kind) == Some(io::ErrorKind::NotFound) => {
+                        continue;
+                    }
+                    (_, Some(path)) => {
+                        problems.push(ManifestProblem {
+                            file: path,
+                            doc: None,
+                            line: None,
+                            path: String::new(),
+                            message: format!("cannot read: {err}"),
+                        });
+                        continue;
+                    }
+                }
+            }
+        };
+        if entry.file_type().is_file() && is_manifest_name(entry.path()) {
+            files.push(entry.into_path());
+        }
+    }
+    Ok(files)
+}
+
+/// `*.yaml` or `*.yml` (any case).
+pub(crate) fn is_manifest_name(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"))
+}
+
+impl Loader<'_> {
+    fn problem(&mut self, file: &Path, doc: Option<usize>, p: FieldProblem) {
+        self.out.problems.push(ManifestProblem {
+            file: file.to_path_buf(),
+            doc,
+            line: None,
+            path: p.path,
+            message: p.message,
+        });
+    }
+
+    fn load_file(&mut self, file: &Path) {
+        let mut record = FileRecord::default();
+        let named = match fs::read(file) {
+            // Deleted between listing and reading: the watch reports the deletion and the next
+            // load will not list it.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return,
+            Err(err) => {
+                self.problem(
+                    file,
+                    None,
+                    FieldProblem::new("", format!("cannot read: {err}")),
+                );
+                Named::No
+            }
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => self.load_text(file, &text, &mut record),
+                Err(err) => {
+                    self.problem(
+                        file,
+                        None,
+                        FieldProblem::new("", format!("not UTF-8 text: {err}")),
+                    );
+                    Named::No
+                }
+            },
+        };
+        if named == Named::No {
+            self.incomplete.push(file.to_path_buf());
+        }
+        self.out.files.insert(file.to_path_buf(), record);
+    }
+
+    fn load_text(&mut self, file: &Path, text: &str, record: &mut FileRecord) -> Named {
+        let mut named = Named::Yes;
+        let mut last_error: Option<String> = None;
+        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let doc = i + 1;
+            let mut value = match Value::deserialize(document) {
+                Ok(value) => value,
+                Err(err) => {
+                    named = Named::No;
+                    let message = err.to_string();
+                    // After a syntax error the parser yields the same error forever; a document
+                    // error that is not a syntax error (a duplicate key, an unknown anchor) is
+                    // followed by the next document as usual.
+                    if last_error.as_ref() == Some(&message) {
+                        break;
+                    }
+                    self.out.problems.push(ManifestProblem {
+                        file: file.to_path_buf(),
+                        doc: Some(doc),
+                        line: err.location().map(|l| l.line()),
+                        path: String::new(),
+                        message: message.clone(),
+                    });
+                    last_error = Some(message);
+                    continue;
+                }
+            };
+            last_error = None;
+            if let Err(err) = value.apply_merge() {
+                self.problem(file, Some(doc), FieldProblem::new("", err.to_string()));
+                named = Named::No;
+                continue;
+            }
+            // An empty document (`---` twice, or only comments) is no resource.
+            if value.is_null() {
+                continue;
+            }
+            if self.load_document(file, doc, value, record) == Named::No {
+                named = Named::No;
+            }
+        }
+        named
+    }
+
+    fn load_document(
+        &mut self,
+        file: &Path,
+        doc: usize,
+        value: Value,
+        record: &mut FileRecord,
+    ) -> Named {
+        if !value.is_mapping() {
+            self.problem(
+                file,
+                Some(doc),
+                FieldProblem::new(
+                    "",
+                    "a manifest must be a mapping with apiVersion, kind and metadata",
+                ),
+            );
+            return Named::No;
+        }
+        let api_version = value.get("apiVersion").and_then(Value::as_str);
+        let kind_name = value.get("kind").and_then(Value::as_str);
+        let (Some(api_version), Some(kind_name)) = (api_version, kind_name) else {
+            for field in ["apiVersion", "kind"] {
+                if value.get(field).and_then(Value::as_str).is_none() {
+                    self.problem(
+                        file,
+                        Some(doc),
+                        FieldProblem::new(field, "required: a string"),
+                    );
+                }
+            }
+            return Named::No;
+        };
+        let weir_kind = if api_version == api::common::API_VERSION {
+            Kind::from_name(kind_name)
+        } else {
+            None
+        };
+        let target = match (weir_kind, api_version, kind_name) {
+            (Some(kind), _, _) => Target::Weir(kind),
+            (None, "v1", "Secret") => Target::Secret,
+            (None, "v1", "ConfigMap") => Target::ConfigMap,
+            (None, v, k) if v.split('/').next() == Some(api::common::GROUP) => {
+                // A Weir group with a kind or version Weir does not know is a typo, not a
+                // resource meant for someone else: say so rather than skip it quietly.
+                let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+                self.problem(
+                    file,
+                    Some(doc),
+                    FieldProblem::new(
+                        "kind",
+                        format!(
+                            "unknown Weir kind {k:?} in {v:?}: expected {} in {}",
+                            known.join(", "),
+                            api::common::API_VERSION
+                        ),
+                    ),
+                );
+                return Named::No;
+            }
+            (None, v, k) => {
+                tracing::warn!(file = %file.display(), doc, api_version = v, kind = k,
+                    "skipping a manifest of a kind Weir does not read");
+                return Named::Yes;
+            }
+        };
+
+        let Some(name) = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+        else {
+            self.problem(
+                file,
+                Some(doc),
+                FieldProblem::new("metadata.name", "required: a string"),
+            );
+            return Named::No;
+        };
+        let namespace = match value.get("metadata").and_then(|m| m.get("namespace")) {
+            None | Some(Value::Null) => DEFAULT_NAMESPACE,
+            Some(ns) => match ns.as_str() {
+                Some(ns) => ns,
+                None => {
+                    self.problem(
+                        file,
+                        Some(doc),
+                        FieldProblem::new("metadata.namespace", "must be a string"),
+                    );
+                    return Named::No;
+                }
+            },
+        };
+        let key = Key::new(namespace, name);
+        let ident = match target {
+            Target::Weir(kind) => Ident::Weir(kind, key.clone()),
+            Target::Secret => Ident::Secret(key.clone()),
+            Target::ConfigMap => Ident::ConfigMap(key.clone()),
+        };
+        let origin = Origin {
+            file: file.to_path_buf(),
+            doc,
+        };
+        if let Some(first) = self.seen.get(&ident) {
+            let message = format!(
+                "{kind_name} {key} is already defined in {} doc {}",
+                first.file.display(),
+                first.doc
+            );
+            self.problem(file, Some(doc), FieldProblem::new("metadata.name", message));
+            return Named::Yes;
+        }
+        self.seen.insert(ident, origin.clone());
+
+        let mut problems = Vec::new();
+        let name_ok = match target {
+            Target::Weir(_) => is_dns_label(name),
+            // Kubernetes allows dots in Secret and ConfigMap names.
+            Target::Secret | Target::ConfigMap => is_dns_subdomain(name),
+        };
+        if !name_ok {
+            let what = match target {
+                Target::Weir(_) => "a DNS label",
+                Target::Secret | Target::ConfigMap => "a DNS subdomain",
+            };
+            problems.push(FieldProblem::new(
+                "metadata.name",
+                format!(
+                    "{name:?} is not a valid name: it must be {what} (lowercase letters, digits and '-', \
+                     starting and ending with a letter or digit, at most 63 characters)"
+                ),
+            ));
+        }
+        if !is_dns_label(namespace) {
+            problems.push(FieldProblem::new(
+                "metadata.namespace",
+                format!("{namespace:?} is not a valid namespace: it must be a DNS label"),
+            ));
+        }
+
+        match target {
+            Target::Weir(kind) => {
+                record.resources.insert((kind, key.clone()));
+                self.out.origins.insert((kind, key.clone()), origin);
+                match self.insert_weir(kind, &key, value) {
+                    Err(mut decode) => problems.append(&mut decode),
+                    Ok(()) if !problems.is_empty() => remove_weir(&mut self.out.index, kind, &key),
+                    Ok(()) => {}
+                }
+                if !problems.is_empty() {
+                    self.out.broken.insert((kind, key));
+                }
+            }
+            Target::Secret => {
+                record.secrets.insert(key.clone());
+                match decode_secret(value) {
+                    Ok(data) if problems.is_empty() => {
+                        self.out.index.secrets.insert(key, data);
+                    }
+                    Ok(_) => {}
+                    Err(mut decode) => problems.append(&mut decode),
+                }
+            }
+            Target::ConfigMap => {
+                record.config_maps.insert(key.clone());
+                match decode_config_map(value) {
+                    Ok(data) if problems.is_empty() => {
+                        self.out.index.config_maps.insert(key, data);
+                    }
+                    Ok(_) => {}
+                    Err(mut decode) => problems.append(&mut decode),
+                }
+            }
+        }
+        for p in problems {
+            self.problem(file, Some(doc), p);
+        }
+        Named::Yes
+    }
+
+    /// Decodes a Weir resource into the index.
+    fn insert_weir(
+        &mut self,
+        kind: Kind,
+        key: &Key,
+        value: Value,
+    ) -> Result<(), Vec<FieldProblem>> {
+        let index = &mut self.out.index;
+        match kind {
+            Kind::EventStream => {
+                index
+                    .streams
+                    .insert(key.clone(), decode_resource(value, key)?);
+            }
+            Kind::Subscription => {
+                index
+                    .subscriptions
+                    .insert(key.clone(), decode_resource(value, key)?);
+            }
+            Kind::ArchivePolicy => {
+                index
+                    .archive_policies
+                    .insert(key.clone(), decode_resource(value, key)?);
+            }
+            Kind::CachePolicy => {
+                index
+                    .cache_policies
+                    .insert(key.clone(), decode_resource(value, key)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// For every file that could not be fully read, keeps what it held at the previous load and
+    /// that no other document defines now: Weir resources become broken (their running version
+    /// stays), Secrets and ConfigMaps keep their previous data (so that resources using them are
+    /// not failed by a file they do not live in).
+    fn carry_forward(&mut self) {
+        let Some(previous) = self.previous else {
+            return;
+        };
+        for file in std::mem::take(&mut self.incomplete) {
+            let Some(before) = previous.files.get(&file) else {
+                continue;
+            };
+            let Some(record) = self.out.files.get_mut(&file) else {
+                continue;
+            };
+            for (kind, key) in &before.resources {
+                if !self.seen.contains_key(&Ident::Weir(*kind, key.clone())) {
+                    record.resources.insert((*kind, key.clone()));
+                    self.out.broken.insert((*kind, key.clone()));
+                    if let Some(origin) = previous.origins.get(&(*kind, key.clone())) {
+                        self.out
+                            .origins
+                            .insert((*kind, key.clone()), origin.clone());
+                    }
+                }
+            }
+            for key in &before.secrets {
+                if !self.seen.contains_key(&Ident::Secret(key.clone()))
+                    && let Some(data) = previous.index.secrets.get(key)
+                {
+                    record.secrets.insert(key.clone());
+                    self.out.index.secrets.insert(key.clone(), data.clone());
+                }
+            }
+            for key in &before.config_maps {
+                if !self.seen.contains_key(&Ident::ConfigMap(key.clone()))
+                    && let Some(data) = previous.index.config_maps.get(key)
+                {
+                    record.config_maps.insert(key.clone());
+                    self.out.index.config_maps.insert(key.clone(), data.clone());
+                }
+            }
+        }
+    }
+
+    /// Gives every loaded Weir resource its generation, and carries forward the last good
+    /// generation of broken ones.
+    fn stamp_generations(&mut self) {
+        let empty = BTreeMap::new();
+        let before = self.previous.map_or(&empty, |p| &p.generations);
+        let gens = &mut self.out.generations;
+        let index = &mut self.out.index;
+        stamp(Kind::EventStream, &mut index.streams, before, gens);
+        stamp(Kind::Subscription, &mut index.subscriptions, before, gens);
+        stamp(
+            Kind::ArchivePolicy,
+            &mut index.archive_policies,
+            before,
+            gens,
+        );
+        stamp(Kind::CachePolicy, &mut index.cache_policies, before, gens);
+        for id in &self.out.broken {
+            if let Some(g) = before.get(id) {
+                gens.insert(id.clone(), g.clone());
+            }
+        }
+    }
+}
+
+fn remove_weir(index: &mut Index, kind: Kind, key: &Key) {
+    match kind {
+        Kind::EventStream => {
+            index.streams.remove(key);
+        }
+        Kind::Subscription => {
+            index.subscriptions.remove(key);
+        }
+        Kind::ArchivePolicy => {
+            index.archive_policies.remove(key);
+        }
+        Kind::CachePolicy => {
+            index.cache_policies.remove(key);
+        }
+    }
+}
+
+/// Generation 1 for a new resource; the previous one while the spec is unchanged; one more when
+/// it changed.
+fn stamp<T>(
+    kind: Kind,
+    map: &mut BTreeMap<Key, T>,
+    before: &BTreeMap<(Kind, Key), (i64, serde_json::Value)>,
+    out: &mut BTreeMap<(Kind, Key), (i64, serde_json::Value)>,
+) where
+    T: Resource + HasSpec,
+    T::Spec: serde::Serialize,
+{
+    for (key, obj) in map.iter_mut() {
+        // Serializing plain spec structs cannot fail; should it, the spec counts as changed.
+        let spec = serde_json::to_value(obj.spec()).unwrap_or(serde_json::Value::Null);
+        let id = (kind, key.clone());
+        let generation = match before.get(&id) {
+            Some((g, s)) if *s == spec && !spec.is_null() => *g,
+            Some((g, _)) => g + 1,
+            None => 1,
+        };
+        obj.meta_mut().generation = Some(generation);
+        out.insert(id, (generation, spec));
+    }
+}
+
+/// Decodes a Weir resource, with the field path of a type error and every unknown field as a
+/// problem (the API server rejects unknown fields too; here they would be silently ignored).
+fn decode_resource<T>(value: Value, key: &Key) -> Result<T, Vec<FieldProblem>>
+where
+    T: DeserializeOwned + Resource,
+{
+    let mut obj: T = decode(value)?;
+    let meta = obj.meta_mut();
+    meta.namespace = Some(key.namespace.clone());
+    // Server-owned in Kubernetes; set by the loader here.
+    meta.generation = None;
+    Ok(obj)
+}
+
+/// Typed deserialization through `serde_path_to_error` (the path of a type error) and
+/// `serde_ignored` (the path of every unknown field).
+fn decode<T: DeserializeOwned>(value: Value) -> Result<T, Vec<FieldProblem>> {
+    let mut unknown = Vec::new();
+    let result: Result<T, _> = {
+        let mut on_ignored = |path: serde_ignored::Path<'_>| {
+            let path = ignored_path(&path);
+            // Read by the loader itself, not by the typed structs.
+            if path != "apiVersion" && path != "kind" {
+                unknown.push(path);
+            }
+        };
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(value, &mut on_ignored))
+    };
+    let mut problems: Vec<FieldProblem> = Vec::new();
+    let value = match result {
+        Ok(value) => Some(value),
+        Err(err) => {
+            let path = err.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            problems.push(FieldProblem::new(path, err.into_inner().to_string()));
+            None
+        }
+    };
+    problems.extend(
+        unknown
+            .into_iter()
+            .map(|p| FieldProblem::new(p, "unknown field")),
+    );
+    match value {
+        Some(value) if problems.is_empty() => Ok(value),
+        _ => Err(problems),
+    }
+}
+
+/// A `serde_ignored` path written like `serde_path_to_error` writes its paths
+/// (`spec.schemas[0].type`), without the markers it adds for options and newtypes.
+fn ignored_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", ignored_path(parent)),
+        P::Map { parent, key } => {
+            let parent = ignored_path(parent);
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            ignored_path(parent)
+        }
+    }
+}
+
+/// The fields of a `v1/Secret` manifest that Weir reads or accepts.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SecretManifest {
+    #[allow(dead_code)] // Checked for validity only.
+    metadata: ObjectMeta,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+    #[serde(default)]
+    string_data: BTreeMap<String, String>,
+    #[allow(dead_code)] // Accepted so that real Secret manifests load; Weir has no use for it.
+    #[serde(default, rename = "type")]
+    type_: Option<String>,
+    #[allow(dead_code)] // As above.
+    #[serde(default)]
+    immutable: Option<bool>,
+}
+
+/// `data` base64-decoded, then `stringData` on top (it wins, as on the API server).
+fn decode_secret(value: Value) -> Result<BTreeMap<String, Vec<u8>>, Vec<FieldProblem>> {
+    let secret: SecretManifest = decode(value)?;
+    let mut out = BTreeMap::new();
+    let mut problems = Vec::new();
+    for (k, v) in secret.data {
+        match base64::engine::general_purpose::STANDARD.decode(v.trim()) {
+            Ok(bytes) => {
+                out.insert(k, bytes);
+            }
+            Err(err) => problems.push(FieldProblem::new(
+                format!("data.{k}"),
+                format!("invalid base64: {err}"),
+            )),
+        }
+    }
+    for (k, v) in secret.string_data {
+        out.insert(k, v.into_bytes());
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The fields of a `v1/ConfigMap` manifest that Weir reads or accepts.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfigMapManifest {
+    #[allow(dead_code)] // Checked for validity only.
+    metadata: ObjectMeta,
+    #[serde(default)]
+    data: BTreeMap<String, String>,
+    #[allow(dead_code)] // Accepted so that real ConfigMap manifests load; nothing Weir reads is binary.
+    #[serde(default)]
+    binary_data: BTreeMap<String, String>,
+    #[allow(dead_code)] // As above.
+    #[serde(default)]
+    immutable: Option<bool>,
+}
+
+fn decode_config_map(value: Value) -> Result<BTreeMap<String, String>, Vec<FieldProblem>> {
+    let cm: ConfigMapManifest = decode(value)?;
+    Ok(cm.data)
+}
+
+/// RFC 1123 label: at most 63 lowercase letters, digits and '-', starting and ending with a
+/// letter or digit. Resource names and namespaces of Weir kinds must be one.
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain: DNS labels joined by '.', at most 253 characters.
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_names() {
+        for ok in ["orders", "a", "a-1", "0rders", &"a".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "Orders", "-a", "a-", "a.b", "a_b", &"a".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+        assert!(is_dns_subdomain("pg.credentials"));
+        assert!(!is_dns_subdomain("pg..credentials"));
+        assert!(!is_dns_subdomain(".pg"));
+    }
+
+    #[test]
+    fn manifest_names() {
+        assert!(is_manifest_name(Path::new("a/b.yaml")));
+        assert!(is_manifest_name(Path::new("b.YML")));
+        assert!(!is_manifest_name(Path::new("b.yaml.swp")));
+        assert!(!is_manifest_name(Path::new("b.yaml~")));
+        assert!(!is_manifest_name(Path::new("yaml")));
+    }
+
+    #[test]
+    fn problem_display() {
+        let p = ManifestProblem {
+            file: PathBuf::from("examples/x.yaml"),
+            doc: Some(2),
+            line: None,
+            path: "spec.batching.maxDelay".into(),
+            message: "invalid duration \"5 sec\"".into(),
+        };
+        assert_eq!(
+            p.to_string(),
+            "examples/x.yaml doc 2: spec.batching.maxDelay: invalid duration \"5 sec\""
+        );
+        let p = ManifestProblem {
+            doc: None,
+            path: String::new(),
+            message: "cannot read: denied".into(),
+            ..p
+        };
+        assert_eq!(p.to_string(), "examples/x.yaml: cannot read: denied");
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Sample {
+        spec: SampleSpec,
+    }
+    #[derive(Deserialize, Debug)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct SampleSpec {
+        max_events: Option<u32>,
+        items: Vec<Item>,
+    }
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Item {
+        name: String,
+    }
+
+    fn problems_of(yaml: &str) -> Vec<String> {
+        let value: Value = serde_yaml::from_str(yaml).unwrap();
+        match decode::<Sample>(value) {
+            Ok(_) => Vec::new(),
+            Err(ps) => ps
+                .into_iter()
+                .map(|p| format!("{}: {}", p.path, p.message))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn decode_reports_type_errors_and_unknown_fields_with_paths() {
+        assert_eq!(
+            problems_of("kind: X\napiVersion: v\nspec: {maxEvents: x, items: []}"),
+            ["spec.maxEvents: invalid type: string \"x\", expected u32"]
+        );
+        assert_eq!(
+            problems_of("spec: {maxEvent: 5, items: [{name: a, nmae: b}]}"),
+            [
+                "spec.maxEvent: unknown field",
+                "spec.items[0].nmae: unknown field"
+            ]
+        );
+        assert_eq!(
+            problems_of("spec: {maxEvents: 5, items: []}"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            problems_of("other: 1"),
+            [": missing field `spec`", "other: unknown field"]
+        );
+    }
+
+    #[test]
+    fn secret_data_is_decoded_and_string_data_wins() {
+        let value: Value = serde_yaml::from_str(
+            "metadata: {name: s}\ndata: {a: aGVsbG8=, b: eA==}\nstringData: {b: plain}\ntype: Opaque",
+        )
+        .unwrap();
+        let data = decode_secret(value).map_err(|_| ()).unwrap();
+        assert_eq!(data["a"], b"hello");
+        assert_eq!(data["b"], b"plain");
+
+        let value: Value =
+            serde_yaml::from_str("metadata: {name: s}\ndata: {a: 'not base64!'}").unwrap();
+        let problems = decode_secret(value).err().unwrap();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].path, "data.a");
+        assert!(
+            problems[0].message.starts_with("invalid base64"),
+            "{}",
+            problems[0].message
+        );
+    }
+}

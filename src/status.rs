@@ -1,0 +1,189 @@
+//! What `weir status` and `/v1/status` show: every resource with its conditions, as
+//! `kubectl get weir` would. Assembled from the topology's reports (is the spec valid?) and
+//! the engine's health (are its broker and store reachable?).
+
+use std::collections::BTreeSet;
+use std::sync::RwLock;
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use crate::data::engine::Engine;
+use crate::topology::Key;
+use crate::topology::build::Report;
+use crate::topology::index::Kind;
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Condition {
+    fn new(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: if ok { "True" } else { "False" }.into(),
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceStatus {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+    pub ready: bool,
+    pub conditions: Vec<Condition>,
+    /// Kind-specific fields (endpoint, exchange, head, ...).
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The latest view of the control plane, replaced on every apply.
+#[derive(Default)]
+pub struct StatusBoard {
+    inner: RwLock<Snapshot>,
+}
+
+#[derive(Default, Clone)]
+struct Snapshot {
+    loaded: bool,
+    reports: Vec<Report>,
+    /// Resources whose new version is invalid but whose previous version keeps running.
+    kept: BTreeSet<(Kind, Key)>,
+    /// Manifest problems that belong to no resource (unparsable files).
+    manifest_problems: Vec<String>,
+    endpoint_base: String,
+}
+
+impl StatusBoard {
+    pub fn update(
+        &self,
+        reports: Vec<Report>,
+        kept: BTreeSet<(Kind, Key)>,
+        manifest_problems: Vec<String>,
+        endpoint_base: String,
+    ) {
+        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        *s = Snapshot {
+            loaded: true,
+            reports,
+            kept,
+            manifest_problems,
+            endpoint_base,
+        };
+    }
+
+    /// True once a topology has been applied (readiness).
+    pub fn loaded(&self) -> bool {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).loaded
+    }
+
+    pub fn manifest_problems(&self) -> Vec<String> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .manifest_problems
+            .clone()
+    }
+
+    pub async fn resources(&self, engine: &Engine) -> Vec<ResourceStatus> {
+        let snap = self.inner.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out = Vec::new();
+        for r in &snap.reports {
+            let mut conditions = Vec::new();
+            let mut fields = serde_json::Map::new();
+            let kept = snap.kept.contains(&(r.kind, r.key.clone()));
+            let valid = r.problems.is_empty();
+            let spec_msg = r
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            let reason = r
+                .problems
+                .first()
+                .map_or("Valid".to_string(), |p| format!("{:?}", p.reason));
+            let mut ready = valid;
+            if r.kind == Kind::EventStream {
+                if let Some(rt) = engine.stream(&r.key.namespace, &r.key.name) {
+                    let broker = rt.health.broker_ready.load(Ordering::Acquire);
+                    conditions.push(Condition::new(
+                        "BrokerReady",
+                        broker,
+                        if broker { "Connected" } else { "BrokerUnavailable" },
+                        if broker {
+                            String::new()
+                        } else {
+                            rt.health.error().unwrap_or_default()
+                        },
+                    ));
+                    ready &= broker;
+                    if rt.plan.store.is_some() {
+                        let store = rt.health.store_ready.load(Ordering::Acquire);
+                        conditions.push(Condition::new(
+                            "StoreReady",
+                            store,
+                            if store { "Connected" } else { "StoreUnavailable" },
+                            if store {
+                                String::new()
+                            } else {
+                                rt.health.error().unwrap_or_default()
+                            },
+                        ));
+                        ready &= store;
+                        if let (Some(store), Some(id)) = (rt.store(), rt.stream_id()) {
+                            if let Ok(head) = store.head(id).await {
+                                fields.insert("head".into(), head.to_string().into());
+                            }
+                        }
+                    }
+                    fields.insert("exchange".into(), rt.plan.broker.exchange.clone().into());
+                    fields.insert(
+                        "endpoint".into(),
+                        format!(
+                            "{}/v1/namespaces/{}/streams/{}/events",
+                            snap.endpoint_base, r.key.namespace, r.key.name
+                        )
+                        .into(),
+                    );
+                } else {
+                    ready = false;
+                }
+            }
+            let ready_cond = if !valid && kept {
+                Condition::new(
+                    "Ready",
+                    false,
+                    &reason,
+                    format!("the new version is invalid, the previous one keeps running: {spec_msg}"),
+                )
+            } else if !valid {
+                Condition::new("Ready", false, &reason, spec_msg)
+            } else if !ready {
+                Condition::new("Ready", false, "NotReady", "waiting for the broker or store")
+            } else {
+                Condition::new("Ready", true, "Ready", "")
+            };
+            conditions.insert(0, ready_cond);
+            out.push(ResourceStatus {
+                kind: r.kind.to_string(),
+                namespace: r.key.namespace.clone(),
+                name: r.key.name.clone(),
+                generation: r.generation,
+                ready: ready && valid,
+                conditions,
+                fields,
+            });
+        }
+        out
+    }
+}

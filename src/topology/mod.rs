@@ -1,0 +1,19 @@
+//! The validated, kube-free model of what should run.
+//!
+//! Both sources (the Kubernetes watcher and the manifest folder) fill an [`Index`] of raw
+//! resources; [`build::build`] turns the index into a [`Topology`] of plans plus a report of
+//! every problem found, by resource and field path. `data/` runs plans and never sees `api/`.
+
+pub mod build;
+pub mod defaults;
+pub mod filter;
+pub mod index;
+pub mod plan;
+pub mod status;
+pub mod units;
+
+pub use build::{Built, Problem, Reason, Report, build};
+pub use defaults::Defaults;
+pub use filter::Filter;
+pub use index::{Index, Kind};
+pub use plan::*;

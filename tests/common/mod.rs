@@ -1,0 +1,293 @@
+//! Test harness: unique databases, manifest folders, and real `weir` processes.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+pub fn pg_admin_url() -> String {
+    std::env::var("WEIR_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A name unique to this test run, safe for databases, exchanges and queues.
+pub fn unique(prefix: &str) -> String {
+    let n: u64 = rand::random();
+    format!("{prefix}{:x}", n & 0xffff_ffff_ffff)
+}
+
+/// Creates an empty database and returns its URL.
+pub async fn fresh_database() -> String {
+    let name = unique("weir_t_");
+    let admin = sqlx::PgPool::connect(&pg_admin_url())
+        .await
+        .expect("PostgreSQL must be running for integration tests");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    admin.close().await;
+    let base = pg_admin_url();
+    let cut = base.rfind('/').expect("url has a path");
+    format!("{}/{name}", &base[..cut])
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A manifest folder with Secrets for the local RabbitMQ and the given database.
+pub struct Manifests {
+    pub dir: tempfile::TempDir,
+}
+
+impl Manifests {
+    pub fn new(db_url: &str) -> Manifests {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = Manifests { dir };
+        m.write(
+            "secrets.yaml",
+            &format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: test}}\nstringData: {{url: \"{AMQP_URL}\"}}\n---\n\
+                 apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: test}}\nstringData: {{url: \"{db_url}\"}}\n"
+            ),
+        );
+        m
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, file: &str, text: &str) {
+        // Write then rename, as editors do, so the watcher never sees half a file.
+        let tmp = self.dir.path().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, text).expect("write manifest");
+        std::fs::rename(&tmp, self.dir.path().join(file)).expect("rename manifest");
+    }
+
+    pub fn remove(&self, file: &str) {
+        std::fs::remove_file(self.dir.path().join(file)).expect("remove manifest");
+    }
+}
+
+/// An EventStream manifest in namespace `test` with a store, `extra` appended to its spec.
+pub fn stream_yaml(name: &str, exchange: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  \
+         broker: {{urlSecretRef: {{name: rabbitmq, key: url}}, exchange: {exchange}}}\n  \
+         store: {{urlSecretRef: {{name: pg, key: url}}}}\n{extra}"
+    )
+}
+
+/// A broker-only EventStream manifest.
+pub fn broker_only_yaml(name: &str, exchange: &str) -> String {
+    format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  \
+         broker: {{urlSecretRef: {{name: rabbitmq, key: url}}, exchange: {exchange}, queueType: quorum}}\n"
+    )
+}
+
+/// A running `weir run` process, killed on drop.
+pub struct Weir {
+    pub child: Child,
+    pub url: String,
+    pub admin: String,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Weir {
+    pub fn start(dir: &Path) -> Weir {
+        Self::start_with(dir, &[])
+    }
+
+    pub fn start_with(dir: &Path, env: &[(&str, &str)]) -> Weir {
+        let port = free_port();
+        let admin_port = free_port();
+        let log = std::env::temp_dir().join(format!("{}.log", unique("weir-test-")));
+        let logf = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
+        cmd.arg("run")
+            .arg("-f")
+            .arg(dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .env("RUST_LOG", std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn weir");
+        Weir {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            dir: dir.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the stream answers reads (store provisioned) or publishes can go out.
+    pub async fn wait_ready(&self, ns: &str, stream: &str) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = client
+                .get(format!("{}/v1/status", self.admin))
+                .send()
+                .await
+                .ok();
+            if let Some(r) = st {
+                if let Ok(v) = r.json::<serde_json::Value>().await {
+                    let ready = v["resources"].as_array().is_some_and(|rs| {
+                        rs.iter().any(|r| {
+                            r["namespace"] == ns && r["name"] == stream && r["ready"] == true
+                        })
+                    });
+                    if ready {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stream {ns}/{stream} not ready in 30 s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn events_url(&self, ns: &str, stream: &str) -> String {
+        format!("{}/v1/namespaces/{ns}/streams/{stream}/events", self.url)
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL on Unix
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "weir did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Weir {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Declares a durable classic queue bound to `exchange` with routing key `#` and returns a
+/// channel to consume it with.
+pub async fn bind_test_queue(exchange: &str) -> (lapin::Connection, lapin::Channel, String) {
+    use lapin::options::*;
+    use lapin::types::FieldTable;
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running for integration tests");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.exchange_declare(
+        exchange.into(),
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare exchange");
+    let q = unique("weir-test-q-");
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare queue");
+    ch.queue_bind(
+        q.as_str().into(),
+        exchange.into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind queue");
+    (conn, ch, q)
+}
+
+/// Drains up to `want` messages from `queue`, returning their `cloudEvents:weirposition` (or
+/// `cloudEvents:id` when absent) header values in arrival order. Stops after `idle` without
+/// a message.
+pub async fn drain_queue(ch: &lapin::Channel, queue: &str, want: usize, idle: Duration) -> Vec<String> {
+    use futures::StreamExt;
+    use lapin::options::*;
+    use lapin::types::{AMQPValue, FieldTable};
+    ch.basic_qos(1000, BasicQosOptions::default()).await.expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            unique("c").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut out = Vec::new();
+    while out.len() < want {
+        let next = tokio::time::timeout(idle, consumer.next()).await;
+        let Ok(Some(Ok(d))) = next else { break };
+        let headers = d.properties.headers().clone().unwrap_or_default();
+        let get = |k: &str| {
+            headers.inner().get(k).and_then(|v| match v {
+                AMQPValue::LongString(s) => Some(s.to_string()),
+                AMQPValue::ShortString(s) => Some(s.to_string()),
+                _ => None,
+            })
+        };
+        let v = get("cloudEvents:weirposition")
+            .or_else(|| get("cloudEvents:id"))
+            .unwrap_or_default();
+        out.push(v);
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    out
+}
