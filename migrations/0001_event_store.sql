@@ -9,8 +9,9 @@ CREATE TABLE weir_streams (
     namespace   TEXT NOT NULL,
     name        TEXT NOT NULL,
     head        BIGINT NOT NULL DEFAULT 0,
-    -- Recorded time of the head event: recorded times never go backwards within a stream.
-    head_time   TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+    -- Recorded time of the head event (NULL before the first): recorded times never go
+    -- backwards within a stream.
+    head_time   TIMESTAMPTZ,
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     UNIQUE (namespace, name)
 );

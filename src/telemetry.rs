@@ -2,8 +2,12 @@
 
 use tracing_subscriber::EnvFilter;
 
+/// lapin logs every message RabbitMQ returns as unroutable at WARN; for Weir an unroutable
+/// event is an expected outcome (counted in metrics), not a warning.
+const DEFAULT_FILTER: &str = "info,lapin::returned_messages=error";
+
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = std::env::var("WEIR_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

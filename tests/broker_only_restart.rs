@@ -34,7 +34,7 @@ async fn rabbitmq_restart_loses_no_event_answered_202() {
     let ex = unique("weir.test.bo.");
     m.write("stream.yaml", &broker_only_yaml("fanout", &ex));
     let (conn, _ch, q) = bind_test_queue(&ex).await;
-    let w = Weir::start(m.path());
+    let mut w = Weir::start(m.path());
     w.wait_ready("test", "fanout").await;
     let url = Arc::new(w.events_url("test", "fanout"));
     let stop = Arc::new(AtomicBool::new(false));

@@ -360,17 +360,28 @@ async fn a_write_then_rename_burst_is_one_reload() {
     let mut rx = source::spawn_folder_watch(dir.clone(), debounce, shutdown.clone()).unwrap();
     assert_eq!(rx.borrow_and_update().revision, 1);
 
-    // An editor's save: write a temporary file, then rename it over the manifest; plus a second
-    // manifest written in the same burst.
+    // An editor's save: write a temporary file, then rename it over the manifest; then two more
+    // manifests, as a tool writing several files would. The steps are a few milliseconds apart,
+    // so the debouncer releases the paths in different ticks: still one change.
+    let step = Duration::from_millis(20);
     let tmp_file = dir.join("orders.yaml.tmp");
     std::fs::write(&tmp_file, stream(10)).unwrap();
+    tokio::time::sleep(step).await;
     std::fs::rename(&tmp_file, dir.join("orders.yaml")).unwrap();
+    tokio::time::sleep(step).await;
     std::fs::write(dir.join("secret.yaml"), SECRET).unwrap();
+    tokio::time::sleep(step).await;
+    std::fs::write(
+        dir.join("schemas.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: schemas, namespace: shop}\n",
+    )
+    .unwrap();
 
     let s = wait_for(&mut rx, "the burst", |l| l.revision > 1).await;
     assert_eq!(s.revision, 2);
     assert_eq!(max_events(&s), Some(10));
     assert!(s.index.secrets.contains_key(&shop("rabbitmq")));
+    assert!(s.index.config_maps.contains_key(&shop("schemas")));
 
     // Nothing more arrives: no second reload for the same burst, and the reload's own reads of
     // the files do not trigger another.
@@ -402,4 +413,28 @@ async fn shutdown_stops_the_watch() {
     std::fs::write(tmp.path().join("orders.yaml"), stream(1)).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rx.borrow().revision, 1);
+}
+
+#[test]
+fn validate_locates_topology_problems_at_their_file_and_document() {
+    let dir = fixture("topology");
+    let d = dir.display();
+    let report = source::validate(&dir, &Defaults::default()).unwrap();
+    assert!(!report.is_ok());
+    assert_eq!(report.resources, 5);
+    let hint = "expected an integer and a unit (ms, s, m, h, d), e.g. \"250ms\" or \"90d\"";
+    assert_eq!(
+        report.problems,
+        [
+            format!(
+                "{d}/pipeline.yaml doc 2: spec.batching.maxDelay: invalid duration \"5 sec\": {hint}"
+            ),
+            format!(
+                "{d}/pipeline.yaml doc 3: spec.broker.urlSecretRef: Secret shop/amqp not found"
+            ),
+            format!(
+                "{d}/subscriptions.yaml doc 2: spec.delivery.timeout: invalid duration \"10 s\": {hint}"
+            ),
+        ]
+    );
 }

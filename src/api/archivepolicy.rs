@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 /// An ArchivePolicy: moves the stored events of the selected EventStreams, once they are older
 /// than `archiveAfter`, into zstd-compressed archive segments, and optionally deletes them
 /// later. Exactly one of `streams` or `streamNames` selects the streams.
+// Each `printcolumn(...)` repeats keys such as `type_`, which clippy takes for duplicated
+// attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, KubeSchema)]
 #[kube(
     group = "weir.dev",
@@ -25,9 +28,21 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(name = "Last Run", type_ = "date", json_path = ".status.lastRun"),
-    printcolumn(name = "Archived", type_ = "string", json_path = ".status.archivedEvents"),
-    printcolumn(name = "Ratio", type_ = "string", json_path = ".status.compressionRatio"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Archived",
+        type_ = "string",
+        json_path = ".status.archivedEvents"
+    ),
+    printcolumn(
+        name = "Ratio",
+        type_ = "string",
+        json_path = ".status.compressionRatio"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.streams) != has(self.streamNames)")

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 /// A CachePolicy: an in-memory cache in front of the read API of the selected EventStreams.
 /// Exactly one of `streams` or `streamNames` selects the streams.
+// Each `printcolumn(...)` repeats keys such as `type_`, which clippy takes for duplicated
+// attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, KubeSchema)]
 #[kube(
     group = "weir.dev",
@@ -25,7 +28,11 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(name = "Hit Ratio", type_ = "string", json_path = ".status.hitRatio"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.streams) != has(self.streamNames)")

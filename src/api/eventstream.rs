@@ -9,6 +9,9 @@ use super::common::{ConfigMapKeyRef, DeletionPolicy, SecretKeyRef, SecretRef, fr
 
 /// An EventStream: an HTTP endpoint that accepts CloudEvents, checks them, batches them, stores
 /// them in PostgreSQL (optional) and publishes them to a RabbitMQ exchange.
+// Each `printcolumn(...)` repeats keys such as `type_`, which clippy takes for duplicated
+// attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
 #[kube(
     group = "weir.dev",
@@ -26,7 +29,11 @@ use super::common::{ConfigMapKeyRef, DeletionPolicy, SecretKeyRef, SecretRef, fr
     ),
     printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
     printcolumn(name = "Head", type_ = "string", json_path = ".status.head"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EventStreamSpec {

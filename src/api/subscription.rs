@@ -9,6 +9,9 @@ use super::common::{DeletionPolicy, SecretKeyRef, free_form_object_list};
 
 /// A Subscription: delivers the events of one EventStream that match its filters to a sink, with
 /// retries, dead-lettering, optional per-key ordering and replay from the store.
+// Each `printcolumn(...)` repeats keys such as `type_`, which clippy takes for duplicated
+// attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
 #[kube(
     group = "weir.dev",
@@ -32,7 +35,11 @@ use super::common::{DeletionPolicy, SecretKeyRef, free_form_object_list};
     ),
     printcolumn(name = "Backlog", type_ = "integer", json_path = ".status.backlog"),
     printcolumn(name = "Consumers", type_ = "integer", json_path = ".status.consumers"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SubscriptionSpec {

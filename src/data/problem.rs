@@ -284,11 +284,8 @@ impl Problem {
         };
         Problem::new(
             ProblemKind::MalformedJson,
-            format!(
-                "the body is not valid JSON at line {}, column {}{where_}: {error}",
-                error.line(),
-                error.column()
-            ),
+            // serde_json's message ends with "at line L column C".
+            format!("the body is not valid JSON{where_}: {error}"),
         )
         .with_error(FieldError::new(error.to_string()).at_opt(index))
     }
@@ -407,7 +404,12 @@ impl IntoResponse for Problem {
         // Serialising strings and integers into a Vec cannot fail; the fallback keeps the
         // answer a valid problem body all the same.
         let body = serde_json::to_vec(&self).unwrap_or_else(|_| {
-            format!(r#"{{"type":"{}","status":{}}}"#, self.kind.uri(), self.status).into_bytes()
+            format!(
+                r#"{{"type":"{}","status":{}}}"#,
+                self.kind.uri(),
+                self.status
+            )
+            .into_bytes()
         });
         let mut response = (
             status,
@@ -485,7 +487,9 @@ mod tests {
         assert_eq!(problem.errors.len(), MAX_REPORTED_ERRORS);
         assert_eq!(problem.status, 400);
         assert!(
-            problem.detail.contains(&format!("of {}", MAX_REPORTED_ERRORS + 5)),
+            problem
+                .detail
+                .contains(&format!("of {}", MAX_REPORTED_ERRORS + 5)),
             "{}",
             problem.detail
         );

@@ -21,8 +21,12 @@ use super::folder::{self, Loaded, is_manifest_name};
 /// files; short enough that an edit feels applied at once.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(300);
 
-/// Loads `dir`, then watches it (recursively) and publishes a new snapshot after every change,
-/// until `shutdown` is cancelled or every receiver is dropped.
+/// The shortest debounce [`spawn_folder_watch`] uses, whatever it is given.
+pub const MIN_DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// Loads `dir`, then watches it (recursively) and publishes a new snapshot once the folder has
+/// been quiet for `debounce` after a change, until `shutdown` is cancelled or every receiver is
+/// dropped.
 ///
 /// The receiver starts with the first load. A reload that fails as a whole (the folder was
 /// removed) is logged and publishes nothing: the previous snapshot stays in force. Must be called
@@ -36,7 +40,18 @@ pub fn spawn_folder_watch(
     // one would only cause a redundant reload: capacity 1, and `try_send` drops the surplus.
     // This also keeps the notify callback, which runs on the debouncer's thread, non-blocking.
     let (signal_tx, signal_rx) = mpsc::channel::<()>(1);
-    let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
+    // A floor keeps the debouncer's tick (below) from turning into a busy loop.
+    let debounce = debounce.max(MIN_DEBOUNCE);
+    // Two stages. notify-debouncer-full releases each path's events once that path has been
+    // quiet for `per_path` (it stitches a rename's two halves together and folds a file's
+    // create-write-close into one change), checking every `per_path / 2`. Different paths of one
+    // burst therefore come out at different checks, so `run` then waits until no release has
+    // come for `debounce` before it reloads: changes less than about `debounce - per_path / 2`
+    // apart are one reload, and a reload follows the last change after at most
+    // `per_path * 1.5 + debounce`.
+    let per_path = debounce / 4;
+    let tick = per_path / 2;
+    let mut debouncer = new_debouncer(per_path, Some(tick), move |result: DebounceEventResult| {
         let relevant = match result {
             Ok(events) => events.iter().any(is_relevant),
             Err(errors) => {
@@ -82,11 +97,6 @@ async fn run(
     tx: watch::Sender<Arc<Loaded>>,
     shutdown: CancellationToken,
 ) {
-    // The debouncer releases the events of each path once that path has been quiet for
-    // `debounce`, checking every `debounce / 4`: the paths of one burst (the temporary file and
-    // the manifest of a write-and-rename) can come out one check apart. Waiting for two checks
-    // without a new signal merges them into one reload.
-    let settle = debounce / 2;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -96,7 +106,7 @@ async fn run(
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(settle) => break,
+                () = tokio::time::sleep(debounce) => break,
                 signal = signals.recv() => if signal.is_none() { break },
             }
         }

@@ -7,6 +7,9 @@
 //! between resources.
 //!
 //! A resource with any problem gets no plan. Secret values never appear in messages.
+//!
+//! A reference to another Weir resource only needs that resource to exist: a Subscription whose
+//! EventStream has problems is still valid, since the stream's last good version keeps running.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -40,7 +43,9 @@ pub struct Built {
 impl Built {
     /// The report of one resource.
     pub fn report(&self, kind: Kind, key: &Key) -> Option<&Report> {
-        self.reports.iter().find(|r| r.kind == kind && &r.key == key)
+        self.reports
+            .iter()
+            .find(|r| r.kind == kind && &r.key == key)
     }
 
     /// Whether every resource is valid.
@@ -60,6 +65,7 @@ pub struct Report {
 }
 
 impl Report {
+    /// Whether the resource has no problem (and so has a plan).
     pub fn is_valid(&self) -> bool {
         self.problems.is_empty()
     }
@@ -70,6 +76,7 @@ impl Report {
 pub struct Problem {
     /// Where, e.g. `spec.batching.maxDelay` or `spec.filters[1].any[0].exact`.
     pub path: String,
+    /// What is wrong, naming the offending value (never a Secret's value).
     pub message: String,
     pub reason: Reason,
 }
@@ -133,7 +140,12 @@ pub fn build(index: &Index, defaults: &Defaults) -> Built {
     // Two streams publishing to one exchange would mix their events: the older stream keeps it.
     let mut exchange_owner: BTreeMap<String, Key> = BTreeMap::new();
     let mut order: Vec<usize> = (0..stream_reports.len()).collect();
-    order.sort_by_key(|&i| creation_order(&index.streams[&stream_reports[i].0].metadata, &stream_reports[i].0));
+    order.sort_by_key(|&i| {
+        creation_order(
+            &index.streams[&stream_reports[i].0].metadata,
+            &stream_reports[i].0,
+        )
+    });
     for i in order {
         let (key, _, problems, _) = &mut stream_reports[i];
         let exchange = index.streams[&*key]
@@ -155,14 +167,30 @@ pub fn build(index: &Index, defaults: &Defaults) -> Built {
         }
     }
     for (key, generation, problems, plan) in stream_reports {
-        finish(&mut built.reports, &mut built.topology.streams, Kind::EventStream, key, generation, problems, plan);
+        finish(
+            &mut built.reports,
+            &mut built.topology.streams,
+            Kind::EventStream,
+            key,
+            generation,
+            problems,
+            plan,
+        );
     }
 
     for (key, sub) in &index.subscriptions {
         let mut cx = Cx::new(index, defaults, key);
         let plan = subscription_plan(&mut cx, key, &sub.metadata, &sub.spec);
         let problems = cx.problems;
-        finish(&mut built.reports, &mut built.topology.subscriptions, Kind::Subscription, key.clone(), generation(&sub.metadata), problems, plan);
+        finish(
+            &mut built.reports,
+            &mut built.topology.subscriptions,
+            Kind::Subscription,
+            key.clone(),
+            generation(&sub.metadata),
+            problems,
+            plan,
+        );
     }
 
     let archive: Vec<(&Key, &ObjectMeta, &ArchivePolicySpec)> = index
@@ -178,7 +206,15 @@ pub fn build(index: &Index, defaults: &Defaults) -> Built {
         defaults,
         "ArchivePolicy",
     ) {
-        finish(&mut built.reports, &mut built.topology.archive_policies, Kind::ArchivePolicy, key, generation, problems, plan);
+        finish(
+            &mut built.reports,
+            &mut built.topology.archive_policies,
+            Kind::ArchivePolicy,
+            key,
+            generation,
+            problems,
+            plan,
+        );
     }
 
     let cache: Vec<(&Key, &ObjectMeta, &CachePolicySpec)> = index
@@ -194,7 +230,15 @@ pub fn build(index: &Index, defaults: &Defaults) -> Built {
         defaults,
         "CachePolicy",
     ) {
-        finish(&mut built.reports, &mut built.topology.cache_policies, Kind::CachePolicy, key, generation, problems, plan);
+        finish(
+            &mut built.reports,
+            &mut built.topology.cache_policies,
+            Kind::CachePolicy,
+            key,
+            generation,
+            problems,
+            plan,
+        );
     }
 
     built
@@ -282,7 +326,12 @@ impl<'a> Cx<'a> {
     }
 
     /// Like [`Cx::duration`], and zero is a problem.
-    fn positive_duration(&mut self, value: Option<&String>, path: &str, default: Duration) -> Duration {
+    fn positive_duration(
+        &mut self,
+        value: Option<&String>,
+        path: &str,
+        default: Duration,
+    ) -> Duration {
         let d = self.duration(value, path, default);
         if d.is_zero() {
             self.invalid(path, "must be greater than zero");
@@ -313,7 +362,11 @@ impl<'a> Cx<'a> {
     fn secret(&mut self, r: &api::SecretKeyRef, path: &str) -> Option<Vec<u8>> {
         let key = self.key(&r.name);
         let Some(secret) = self.index.secrets.get(&key) else {
-            self.push(path, format!("Secret {key} not found"), Reason::SecretNotFound);
+            self.push(
+                path,
+                format!("Secret {key} not found"),
+                Reason::SecretNotFound,
+            );
             return None;
         };
         match secret.get(&r.key) {
@@ -336,11 +389,21 @@ impl<'a> Cx<'a> {
         match String::from_utf8(bytes) {
             Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
             Ok(_) => {
-                self.invalid(path, format!("Secret {} key {:?} is empty", self.key(&r.name), r.key));
+                self.invalid(
+                    path,
+                    format!("Secret {} key {:?} is empty", self.key(&r.name), r.key),
+                );
                 None
             }
             Err(_) => {
-                self.invalid(path, format!("Secret {} key {:?} is not UTF-8 text", self.key(&r.name), r.key));
+                self.invalid(
+                    path,
+                    format!(
+                        "Secret {} key {:?} is not UTF-8 text",
+                        self.key(&r.name),
+                        r.key
+                    ),
+                );
                 None
             }
         }
@@ -349,7 +412,11 @@ impl<'a> Cx<'a> {
     fn config_map(&mut self, r: &api::ConfigMapKeyRef, path: &str) -> Option<String> {
         let key = self.key(&r.name);
         let Some(cm) = self.index.config_maps.get(&key) else {
-            self.push(path, format!("ConfigMap {key} not found"), Reason::ConfigMapNotFound);
+            self.push(
+                path,
+                format!("ConfigMap {key} not found"),
+                Reason::ConfigMapNotFound,
+            );
             return None;
         };
         match cm.get(&r.key) {
@@ -371,7 +438,11 @@ impl<'a> Cx<'a> {
         match self.index.streams.get(&key) {
             Some(s) => Some((key, s)),
             None => {
-                self.push(path, format!("EventStream {key} not found"), Reason::StreamNotFound);
+                self.push(
+                    path,
+                    format!("EventStream {key} not found"),
+                    Reason::StreamNotFound,
+                );
                 None
             }
         }
@@ -391,7 +462,8 @@ fn check_url(s: &str, schemes: &[&str]) -> bool {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -417,7 +489,12 @@ fn check_exchange(name: &str) -> Result<(), &'static str> {
 // ----------------------------------------------------------------------------------------------
 // EventStream
 
-fn stream_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &EventStreamSpec) -> StreamPlan {
+fn stream_plan(
+    cx: &mut Cx<'_>,
+    key: &Key,
+    meta: &ObjectMeta,
+    spec: &EventStreamSpec,
+) -> StreamPlan {
     // Broker.
     let url = cx
         .secret_text(&spec.broker.url_secret_ref, "spec.broker.urlSecretRef")
@@ -427,14 +504,18 @@ fn stream_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &EventStream
         let r = &spec.broker.url_secret_ref;
         cx.invalid(
             "spec.broker.urlSecretRef",
-            format!("Secret {} key {:?} is not an amqp:// or amqps:// URL", cx.key(&r.name), r.key),
+            format!(
+                "Secret {} key {:?} is not an amqp:// or amqps:// URL",
+                cx.key(&r.name),
+                r.key
+            ),
         );
     }
     let exchange = match spec.broker.exchange.as_deref() {
         None | Some("") => default_exchange(key),
         Some(e) => {
             if let Err(why) = check_exchange(e) {
-                cx.invalid("spec.broker.exchange", format!("exchange {e:?} {why}"));
+                cx.invalid("spec.broker.exchange", format!("exchange {e:?}: {why}"));
             }
             e.to_string()
         }
@@ -489,8 +570,17 @@ fn stream_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &EventStream
     };
     let batching = BatchingPlan {
         max_events,
-        max_bytes: cx.size(b.max_bytes.as_ref(), "spec.batching.maxBytes", d.max_bytes, false),
-        max_delay: cx.duration(b.max_delay.as_ref(), "spec.batching.maxDelay", cx.defaults.batch_max_delay),
+        max_bytes: cx.size(
+            b.max_bytes.as_ref(),
+            "spec.batching.maxBytes",
+            d.max_bytes,
+            false,
+        ),
+        max_delay: cx.duration(
+            b.max_delay.as_ref(),
+            "spec.batching.maxDelay",
+            cx.defaults.batch_max_delay,
+        ),
     };
 
     let validation = validation_plan(cx, spec.validation.as_ref());
@@ -499,7 +589,12 @@ fn stream_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &EventStream
     let c = spec.compression.clone().unwrap_or_default();
     let dc = CompressionPlan::default();
     let compression = CompressionPlan {
-        min_bytes: cx.size(c.min_bytes.as_ref(), "spec.compression.minBytes", dc.min_bytes, true),
+        min_bytes: cx.size(
+            c.min_bytes.as_ref(),
+            "spec.compression.minBytes",
+            dc.min_bytes,
+            true,
+        ),
         level: zstd_level(cx, c.level, dc.level, "spec.compression.level"),
     };
 
@@ -567,7 +662,11 @@ fn pool_plan(cx: &mut Cx<'_>, pool: Option<&api::eventstream::PoolSpec>) -> Pool
     PoolPlan {
         size,
         max_connections,
-        idle_timeout: cx.duration(p.idle_timeout.as_ref(), "spec.store.pool.idleTimeout", d.idle_timeout),
+        idle_timeout: cx.duration(
+            p.idle_timeout.as_ref(),
+            "spec.store.pool.idleTimeout",
+            d.idle_timeout,
+        ),
         connect_timeout: cx.positive_duration(
             p.connect_timeout.as_ref(),
             "spec.store.pool.connectTimeout",
@@ -587,7 +686,10 @@ fn zstd_level(cx: &mut Cx<'_>, level: Option<i32>, default: i32, path: &str) -> 
     }
 }
 
-fn validation_plan(cx: &mut Cx<'_>, v: Option<&api::eventstream::ValidationSpec>) -> ValidationPlan {
+fn validation_plan(
+    cx: &mut Cx<'_>,
+    v: Option<&api::eventstream::ValidationSpec>,
+) -> ValidationPlan {
     let d = ValidationPlan::default();
     let Some(v) = v else { return d };
     let required_extensions = v.required_extensions.clone().unwrap_or_default();
@@ -595,7 +697,9 @@ fn validation_plan(cx: &mut Cx<'_>, v: Option<&api::eventstream::ValidationSpec>
         if !is_attribute_name(name) {
             cx.invalid(
                 format!("spec.validation.requiredExtensions[{i}]"),
-                format!("{name:?} is not a CloudEvents attribute name (lowercase letters and digits)"),
+                format!(
+                    "{name:?} is not a CloudEvents attribute name (lowercase letters and digits)"
+                ),
             );
         }
     }
@@ -636,7 +740,11 @@ fn validation_plan(cx: &mut Cx<'_>, v: Option<&api::eventstream::ValidationSpec>
                     Err(e) => {
                         cx.invalid(
                             doc_path,
-                            format!("ConfigMap {} key {:?} is neither JSON nor YAML: {e}", cx.key(&r.name), r.key),
+                            format!(
+                                "ConfigMap {} key {:?} is neither JSON nor YAML: {e}",
+                                cx.key(&r.name),
+                                r.key
+                            ),
                         );
                         continue;
                     }
@@ -688,7 +796,10 @@ fn check_ingest(cx: &mut Cx<'_>, spec: &EventStreamSpec) {
         match auth.mode.unwrap_or(AuthMode::None) {
             AuthMode::None => {}
             AuthMode::Tokens => match &auth.tokens_secret_ref {
-                None => cx.invalid("spec.ingest.auth.tokensSecretRef", "required with mode Tokens"),
+                None => cx.invalid(
+                    "spec.ingest.auth.tokensSecretRef",
+                    "required with mode Tokens",
+                ),
                 Some(r) => {
                     let key = cx.key(&r.name);
                     match cx.index.secrets.get(&key) {
@@ -729,7 +840,9 @@ fn check_ingest(cx: &mut Cx<'_>, spec: &EventStreamSpec) {
             Some(r) => {
                 cx.secret(r, "spec.pii.keySecretRef");
             }
-            None if !fields.is_empty() => cx.invalid("spec.pii.keySecretRef", "required when fields are listed"),
+            None if !fields.is_empty() => {
+                cx.invalid("spec.pii.keySecretRef", "required when fields are listed")
+            }
             None => {}
         }
     }
@@ -738,10 +851,17 @@ fn check_ingest(cx: &mut Cx<'_>, spec: &EventStreamSpec) {
 // ----------------------------------------------------------------------------------------------
 // Subscription
 
-fn subscription_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &SubscriptionSpec) -> SubscriptionPlan {
+fn subscription_plan(
+    cx: &mut Cx<'_>,
+    key: &Key,
+    meta: &ObjectMeta,
+    spec: &SubscriptionSpec,
+) -> SubscriptionPlan {
     let stream = cx.stream(&spec.stream, "spec.stream");
     let broker_only = stream.as_ref().is_some_and(|(_, s)| s.spec.store.is_none());
-    let stream_key = stream.map(|(k, _)| k).unwrap_or_else(|| cx.key(&spec.stream));
+    let stream_key = stream
+        .map(|(k, _)| k)
+        .unwrap_or_else(|| cx.key(&spec.stream));
 
     let filters = match parse_filters(spec.filters.as_deref().unwrap_or_default(), "spec.filters") {
         Ok(f) => f,
@@ -753,7 +873,8 @@ fn subscription_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &Subsc
 
     // Sink.
     let s = &spec.sink;
-    let url = destination_url(cx, s.uri.as_deref(), s.ref_.as_ref(), "spec.sink").unwrap_or_default();
+    let url =
+        destination_url(cx, s.uri.as_deref(), s.ref_.as_ref(), "spec.sink").unwrap_or_default();
     let auth_token = s
         .auth_secret_ref
         .as_ref()
@@ -775,11 +896,25 @@ fn subscription_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &Subsc
         retry: dl.retry.unwrap_or(d.retry),
         backoff_policy: match dl.backoff_policy {
             Some(api::subscription::BackoffPolicy::Linear) => BackoffPolicy::Linear,
-            Some(api::subscription::BackoffPolicy::Exponential) | None => BackoffPolicy::Exponential,
+            Some(api::subscription::BackoffPolicy::Exponential) | None => {
+                BackoffPolicy::Exponential
+            }
         },
-        backoff_delay: cx.duration(dl.backoff_delay.as_ref(), "spec.delivery.backoffDelay", d.backoff_delay),
-        backoff_max: cx.duration(dl.backoff_max.as_ref(), "spec.delivery.backoffMax", d.backoff_max),
-        retry_after_max: cx.duration(dl.retry_after_max.as_ref(), "spec.delivery.retryAfterMax", d.retry_after_max),
+        backoff_delay: cx.duration(
+            dl.backoff_delay.as_ref(),
+            "spec.delivery.backoffDelay",
+            d.backoff_delay,
+        ),
+        backoff_max: cx.duration(
+            dl.backoff_max.as_ref(),
+            "spec.delivery.backoffMax",
+            d.backoff_max,
+        ),
+        retry_after_max: cx.duration(
+            dl.retry_after_max.as_ref(),
+            "spec.delivery.retryAfterMax",
+            d.retry_after_max,
+        ),
         dead_letter: dl
             .dead_letter_sink
             .as_ref()
@@ -813,7 +948,10 @@ fn subscription_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &Subsc
         );
     }
 
-    let partition_key = spec.partition_key.clone().unwrap_or_else(|| "subject".to_string());
+    let partition_key = spec
+        .partition_key
+        .clone()
+        .unwrap_or_else(|| "subject".to_string());
     if !is_attribute_name(&partition_key) {
         cx.invalid(
             "spec.partitionKey",
@@ -865,23 +1003,37 @@ fn subscription_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &Subsc
 }
 
 /// The URL of a sink given as exactly one of `uri` or `ref`.
-fn destination_url(cx: &mut Cx<'_>, uri: Option<&str>, service: Option<&ServiceRef>, path: &str) -> Option<String> {
+fn destination_url(
+    cx: &mut Cx<'_>,
+    uri: Option<&str>,
+    service: Option<&ServiceRef>,
+    path: &str,
+) -> Option<String> {
     match (uri, service) {
         (Some(uri), None) => {
             if check_url(uri, &["http", "https"]) {
                 Some(uri.to_string())
             } else {
-                cx.invalid(format!("{path}.uri"), format!("{uri:?} is not an absolute http:// or https:// URL"));
+                cx.invalid(
+                    format!("{path}.uri"),
+                    format!("{uri:?} is not an absolute http:// or https:// URL"),
+                );
                 None
             }
         }
         (None, Some(r)) => {
             let before = cx.problems.len();
             if let Some(kind) = r.kind.as_deref().filter(|k| *k != "Service") {
-                cx.invalid(format!("{path}.ref.kind"), format!("kind {kind:?} is not supported: only Service"));
+                cx.invalid(
+                    format!("{path}.ref.kind"),
+                    format!("kind {kind:?} is not supported: only Service"),
+                );
             }
             if !is_dns_label(&r.name) {
-                cx.invalid(format!("{path}.ref.name"), format!("{:?} is not a valid Service name", r.name));
+                cx.invalid(
+                    format!("{path}.ref.name"),
+                    format!("{:?} is not a valid Service name", r.name),
+                );
             }
             let port = r.port.unwrap_or(80);
             if port == 0 {
@@ -889,9 +1041,13 @@ fn destination_url(cx: &mut Cx<'_>, uri: Option<&str>, service: Option<&ServiceR
             }
             let p = r.path.as_deref().unwrap_or("/");
             if !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err() {
-                cx.invalid(format!("{path}.ref.path"), format!("{p:?} is not an absolute URL path"));
+                cx.invalid(
+                    format!("{path}.ref.path"),
+                    format!("{p:?} is not an absolute URL path"),
+                );
             }
-            (cx.problems.len() == before).then(|| format!("http://{}.{}.svc:{port}{p}", r.name, cx.namespace))
+            (cx.problems.len() == before)
+                .then(|| format!("http://{}.{}.svc:{port}{p}", r.name, cx.namespace))
         }
         (None, None) | (Some(_), Some(_)) => {
             cx.invalid(path, "exactly one of uri or ref must be set");
@@ -914,7 +1070,8 @@ fn dead_letter_plan(cx: &mut Cx<'_>, dls: &DeadLetterSinkSpec) -> Option<DeadLet
         Some(name) => cx
             .stream(name, &format!("{PATH}.stream"))
             .map(|(k, _)| DeadLetterPlan::Stream(k)),
-        None => destination_url(cx, dls.uri.as_deref(), dls.ref_.as_ref(), PATH).map(DeadLetterPlan::Sink),
+        None => destination_url(cx, dls.uri.as_deref(), dls.ref_.as_ref(), PATH)
+            .map(DeadLetterPlan::Sink),
     }
 }
 
@@ -970,7 +1127,9 @@ fn select_streams(
                     }
                     // A selector naturally matches broker-only streams too; they have nothing
                     // to archive or cache, so they are left out rather than reported.
-                    Ok(true) if es.spec.store.is_some() => out.push((key.clone(), "spec.streams".to_string())),
+                    Ok(true) if es.spec.store.is_some() => {
+                        out.push((key.clone(), "spec.streams".to_string()))
+                    }
                     Ok(_) => {}
                 }
             }
@@ -1039,8 +1198,18 @@ fn policies<S, P>(
     out.into_values().collect()
 }
 
-fn archive_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &ArchivePolicySpec, streams: Vec<Key>) -> ArchivePlan {
-    let archive_after = cx.positive_duration(spec.archive_after.as_ref(), "spec.archiveAfter", cx.defaults.archive_after);
+fn archive_plan(
+    cx: &mut Cx<'_>,
+    key: &Key,
+    meta: &ObjectMeta,
+    spec: &ArchivePolicySpec,
+    streams: Vec<Key>,
+) -> ArchivePlan {
+    let archive_after = cx.positive_duration(
+        spec.archive_after.as_ref(),
+        "spec.archiveAfter",
+        cx.defaults.archive_after,
+    );
     let delete_after = spec
         .delete_after
         .as_ref()
@@ -1077,12 +1246,18 @@ fn archive_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &ArchivePol
             (Some(_), None) => ArchiveDestinationPlan::Store,
             (None, Some(v)) => {
                 if !v.path.starts_with('/') {
-                    cx.invalid("spec.destination.volume.path", format!("{:?} must be an absolute path", v.path));
+                    cx.invalid(
+                        "spec.destination.volume.path",
+                        format!("{:?} must be an absolute path", v.path),
+                    );
                 }
                 ArchiveDestinationPlan::Volume(PathBuf::from(&v.path))
             }
             _ => {
-                cx.invalid("spec.destination", "exactly one of store or volume must be set");
+                cx.invalid(
+                    "spec.destination",
+                    "exactly one of store or volume must be set",
+                );
                 ArchiveDestinationPlan::Store
             }
         },
@@ -1093,16 +1268,31 @@ fn archive_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &ArchivePol
         streams,
         archive_after,
         delete_after,
-        schedule: cx.positive_duration(spec.schedule.as_ref(), "spec.schedule", Duration::from_secs(3600)),
+        schedule: cx.positive_duration(
+            spec.schedule.as_ref(),
+            "spec.schedule",
+            Duration::from_secs(3600),
+        ),
         segment_max_events,
-        segment_max_bytes: cx.size(segment.max_bytes.as_ref(), "spec.segment.maxBytes", 64 << 20, false),
+        segment_max_bytes: cx.size(
+            segment.max_bytes.as_ref(),
+            "spec.segment.maxBytes",
+            64 << 20,
+            false,
+        ),
         compression_level: zstd_level(cx, compression.level, 6, "spec.compression.level"),
         dictionary: compression.dictionary.unwrap_or(true),
         destination,
     }
 }
 
-fn cache_plan(cx: &mut Cx<'_>, key: &Key, meta: &ObjectMeta, spec: &CachePolicySpec, streams: Vec<Key>) -> CachePlan {
+fn cache_plan(
+    cx: &mut Cx<'_>,
+    key: &Key,
+    meta: &ObjectMeta,
+    spec: &CachePolicySpec,
+    streams: Vec<Key>,
+) -> CachePlan {
     use api::cachepolicy::CacheStrategy as S;
     let max_items = match spec.max_items {
         None => cx.defaults.cache_max_items,
@@ -1156,15 +1346,29 @@ mod tests {
                     .with_timezone(&chrono::Utc)
             ))
         );
-        for bad in ["0", "99999999999999999999", "Latest", "", "yesterday", "-5", "2024-05-01"] {
+        for bad in [
+            "0",
+            "99999999999999999999",
+            "Latest",
+            "",
+            "yesterday",
+            "-5",
+            "2024-05-01",
+        ] {
             assert!(parse_start_from(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn names_and_urls() {
-        assert!(check_url("amqp://guest:guest@127.0.0.1:5672/%2f", &["amqp", "amqps"]));
-        assert!(check_url("postgres://u:p@db:5432/x", &["postgres", "postgresql"]));
+        assert!(check_url(
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            &["amqp", "amqps"]
+        ));
+        assert!(check_url(
+            "postgres://u:p@db:5432/x",
+            &["postgres", "postgresql"]
+        ));
         assert!(!check_url("http://x", &["amqp"]));
         assert!(!check_url("amqp:///vhost", &["amqp"]));
         assert!(!check_url("not a url", &["http"]));

@@ -38,13 +38,17 @@ impl Default for Defaults {
 /// A defaults environment variable that could not be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DefaultsError {
+    /// The variable is set to something that does not parse.
     #[error("environment variable {var}={value:?}: {expected}")]
     Invalid {
         var: &'static str,
         value: String,
         expected: &'static str,
     },
-    #[error("environment variable {var} is set but DB_HOST is not: set DB_HOST to use a default database")]
+    /// A `DB_*` variable is set without `DB_HOST`: probably a forgotten host.
+    #[error(
+        "environment variable {var} is set but DB_HOST is not: set DB_HOST to use a default database"
+    )]
     MissingHost { var: &'static str },
 }
 
@@ -132,9 +136,7 @@ fn parse_positive<T: TryFrom<u64>>(var: &'static str, value: &str) -> Result<T, 
 
 /// `postgres://user:password@host:port/database` from the `DB_*` variables, or `None` when
 /// none is set.
-fn database_url(
-    get: &impl Fn(&str) -> Option<String>,
-) -> Result<Option<String>, DefaultsError> {
+fn database_url(get: &impl Fn(&str) -> Option<String>) -> Result<Option<String>, DefaultsError> {
     let Some(host) = get("DB_HOST") else {
         for var in ["DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE"] {
             if get(var).is_some() {
@@ -144,7 +146,10 @@ fn database_url(
         return Ok(None);
     };
     let host = host.trim();
-    if host.chars().any(|c| c.is_whitespace() || "/@?#".contains(c)) {
+    if host
+        .chars()
+        .any(|c| c.is_whitespace() || "/@?#".contains(c))
+    {
         return Err(invalid("DB_HOST", host, "expected a host name or address"));
     }
     // A bare IPv6 address needs brackets in a URL.
@@ -220,7 +225,10 @@ mod tests {
         assert_eq!(d.cache_ttl, Duration::from_secs(60));
         assert_eq!(d.cache_max_items, 5000);
         // An empty variable is as good as unset.
-        assert_eq!(from(&[("EVENT_BATCH_SIZE", "")]).unwrap().batch_max_events, 50);
+        assert_eq!(
+            from(&[("EVENT_BATCH_SIZE", "")]).unwrap().batch_max_events,
+            50
+        );
     }
 
     #[test]

@@ -20,11 +20,17 @@ use crate::topology::build::{Problem, Reason};
 /// One parsed filter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Filter {
+    /// Every attribute equals its value.
     Exact(BTreeMap<String, String>),
+    /// Every attribute starts with its value.
     Prefix(BTreeMap<String, String>),
+    /// Every attribute ends with its value.
     Suffix(BTreeMap<String, String>),
+    /// Every filter matches.
     All(Vec<Filter>),
+    /// At least one filter matches.
     Any(Vec<Filter>),
+    /// The filter does not match.
     Not(Box<Filter>),
 }
 
@@ -100,7 +106,11 @@ fn parse_one(value: &Value, path: &str, problems: &mut Vec<Problem>) -> Option<F
     let (op, arg) = match (entries.next(), entries.next()) {
         (Some(entry), None) => entry,
         (None, _) => {
-            problem(problems, path, format!("empty filter: expected one of {OPERATORS}"));
+            problem(
+                problems,
+                path,
+                format!("empty filter: expected one of {OPERATORS}"),
+            );
             return None;
         }
         (Some(_), Some(_)) => {
@@ -159,7 +169,10 @@ fn parse_one(value: &Value, path: &str, problems: &mut Vec<Problem>) -> Option<F
 
 /// CloudEvents attribute names: lowercase ASCII letters and digits.
 pub fn is_attribute_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 fn parse_map(
@@ -169,7 +182,11 @@ fn parse_map(
     problems: &mut Vec<Problem>,
 ) -> Option<BTreeMap<String, String>> {
     let Some(obj) = value.as_object() else {
-        problem(problems, path, "expected a map of attribute name to string value");
+        problem(
+            problems,
+            path,
+            "expected a map of attribute name to string value",
+        );
         return None;
     };
     if obj.is_empty() {
@@ -225,41 +242,103 @@ mod tests {
 
     #[test]
     fn operators_match_as_knative_does() {
-        let order_eu = event(&[("type", "order.created"), ("region", "eu"), ("subject", "o-17")]);
-        let order_us = event(&[("type", "order.created"), ("region", "us"), ("subject", "o-18")]);
+        let order_eu = event(&[
+            ("type", "order.created"),
+            ("region", "eu"),
+            ("subject", "o-17"),
+        ]);
+        let order_us = event(&[
+            ("type", "order.created"),
+            ("region", "us"),
+            ("subject", "o-18"),
+        ]);
         let payment = event(&[("type", "payment.done"), ("subject", "p-1")]);
         // (filters, matches order_eu, matches order_us, matches payment)
         let table = [
             (json!([]), true, true, true),
-            (json!([{"exact": {"type": "order.created"}}]), true, true, false),
+            (
+                json!([{"exact": {"type": "order.created"}}]),
+                true,
+                true,
+                false,
+            ),
             (json!([{"exact": {"type": "order."}}]), false, false, false),
-            (json!([{"exact": {"type": "order.created", "region": "eu"}}]), true, false, false),
+            (
+                json!([{"exact": {"type": "order.created", "region": "eu"}}]),
+                true,
+                false,
+                false,
+            ),
             (json!([{"prefix": {"type": "order."}}]), true, true, false),
             (json!([{"suffix": {"type": ".done"}}]), false, false, true),
             (json!([{"suffix": {"subject": "17"}}]), true, false, false),
             // Top-level filters are ANDed.
-            (json!([{"prefix": {"type": "order."}}, {"exact": {"region": "eu"}}]), true, false, false),
-            (json!([{"all": [{"prefix": {"type": "order."}}, {"exact": {"region": "us"}}]}]), false, true, false),
-            (json!([{"any": [{"exact": {"region": "eu"}}, {"prefix": {"type": "payment."}}]}]), true, false, true),
-            (json!([{"not": {"exact": {"region": "eu"}}}]), false, true, true),
+            (
+                json!([{"prefix": {"type": "order."}}, {"exact": {"region": "eu"}}]),
+                true,
+                false,
+                false,
+            ),
+            (
+                json!([{"all": [{"prefix": {"type": "order."}}, {"exact": {"region": "us"}}]}]),
+                false,
+                true,
+                false,
+            ),
+            (
+                json!([{"any": [{"exact": {"region": "eu"}}, {"prefix": {"type": "payment."}}]}]),
+                true,
+                false,
+                true,
+            ),
+            (
+                json!([{"not": {"exact": {"region": "eu"}}}]),
+                false,
+                true,
+                true,
+            ),
             // A missing attribute never matches, so `not` of it does.
             (json!([{"exact": {"region": "eu"}}]), true, false, false),
-            (json!([{"not": {"prefix": {"region": "e"}}}]), false, true, true),
+            (
+                json!([{"not": {"prefix": {"region": "e"}}}]),
+                false,
+                true,
+                true,
+            ),
             // Nesting.
             (
                 json!([{"any": [
                     {"all": [{"prefix": {"type": "order."}}, {"not": {"exact": {"region": "eu"}}}]},
                     {"suffix": {"type": "done"}}
                 ]}]),
-                false, true, true,
+                false,
+                true,
+                true,
             ),
-            (json!([{"not": {"any": [{"exact": {"region": "eu"}}, {"exact": {"region": "us"}}]}}]), false, false, true),
+            (
+                json!([{"not": {"any": [{"exact": {"region": "eu"}}, {"exact": {"region": "us"}}]}}]),
+                false,
+                false,
+                true,
+            ),
         ];
         for (i, (filters, eu, us, pay)) in table.into_iter().enumerate() {
             let fs = parse(filters.clone());
-            assert_eq!(matches_all(&fs, &order_eu), eu, "row {i} {filters} on order_eu");
-            assert_eq!(matches_all(&fs, &order_us), us, "row {i} {filters} on order_us");
-            assert_eq!(matches_all(&fs, &payment), pay, "row {i} {filters} on payment");
+            assert_eq!(
+                matches_all(&fs, &order_eu),
+                eu,
+                "row {i} {filters} on order_eu"
+            );
+            assert_eq!(
+                matches_all(&fs, &order_us),
+                us,
+                "row {i} {filters} on order_us"
+            );
+            assert_eq!(
+                matches_all(&fs, &payment),
+                pay,
+                "row {i} {filters} on payment"
+            );
         }
     }
 
@@ -282,27 +361,79 @@ mod tests {
         let cases = [
             (json!(["type"]), "spec.filters[0]", "must be an object"),
             (json!([{}]), "spec.filters[0]", "empty filter"),
-            (json!([{"exact": {"a": "1"}, "prefix": {"b": "2"}}]), "spec.filters[0]", "exactly one operator"),
-            (json!([{"equals": {"a": "1"}}]), "spec.filters[0]", "unknown filter operator \"equals\""),
-            (json!([{"exact": {}}]), "spec.filters[0].exact", "at least one attribute"),
-            (json!([{"exact": "type"}]), "spec.filters[0].exact", "expected a map"),
-            (json!([{"exact": {"Region": "eu"}}]), "spec.filters[0].exact", "\"Region\" must be lowercase"),
-            (json!([{"exact": {"ce-type": "x"}}]), "spec.filters[0].exact", "lowercase letters and digits"),
-            (json!([{"exact": {"weirposition": 5}}]), "spec.filters[0].exact.weirposition", "expected a string"),
-            (json!([{"prefix": {"type": ""}}]), "spec.filters[0].prefix.type", "must not be empty"),
-            (json!([{"all": []}]), "spec.filters[0].all", "at least one filter"),
-            (json!([{"any": {"exact": {"a": "b"}}}]), "spec.filters[0].any", "list of filters"),
-            (json!([{"exact": {"a": "b"}}, {"any": [{"exact": {"a": "b"}}, {"exact": {"b": 1}}]}]), "spec.filters[1].any[1].exact.b", "expected a string"),
-            (json!([{"not": {"all": [{"suffix": {}}]}}]), "spec.filters[0].not.all[0].suffix", "at least one attribute"),
-            (json!([{"cesql": "type = 'x'"}]), "spec.filters[0].cesql", "not supported"),
+            (
+                json!([{"exact": {"a": "1"}, "prefix": {"b": "2"}}]),
+                "spec.filters[0]",
+                "exactly one operator",
+            ),
+            (
+                json!([{"equals": {"a": "1"}}]),
+                "spec.filters[0]",
+                "unknown filter operator \"equals\"",
+            ),
+            (
+                json!([{"exact": {}}]),
+                "spec.filters[0].exact",
+                "at least one attribute",
+            ),
+            (
+                json!([{"exact": "type"}]),
+                "spec.filters[0].exact",
+                "expected a map",
+            ),
+            (
+                json!([{"exact": {"Region": "eu"}}]),
+                "spec.filters[0].exact",
+                "\"Region\" must be lowercase",
+            ),
+            (
+                json!([{"exact": {"ce-type": "x"}}]),
+                "spec.filters[0].exact",
+                "lowercase letters and digits",
+            ),
+            (
+                json!([{"exact": {"weirposition": 5}}]),
+                "spec.filters[0].exact.weirposition",
+                "expected a string",
+            ),
+            (
+                json!([{"prefix": {"type": ""}}]),
+                "spec.filters[0].prefix.type",
+                "must not be empty",
+            ),
+            (
+                json!([{"all": []}]),
+                "spec.filters[0].all",
+                "at least one filter",
+            ),
+            (
+                json!([{"any": {"exact": {"a": "b"}}}]),
+                "spec.filters[0].any",
+                "list of filters",
+            ),
+            (
+                json!([{"exact": {"a": "b"}}, {"any": [{"exact": {"a": "b"}}, {"exact": {"b": 1}}]}]),
+                "spec.filters[1].any[1].exact.b",
+                "expected a string",
+            ),
+            (
+                json!([{"not": {"all": [{"suffix": {}}]}}]),
+                "spec.filters[0].not.all[0].suffix",
+                "at least one attribute",
+            ),
+            (
+                json!([{"cesql": "type = 'x'"}]),
+                "spec.filters[0].cesql",
+                "not supported",
+            ),
         ];
         for (filters, path, needle) in cases {
             let problems = parse_filters(filters.as_array().unwrap(), "spec.filters")
                 .expect_err(&filters.to_string());
             assert!(
-                problems
-                    .iter()
-                    .any(|p| p.path == path && p.message.contains(needle) && p.reason == Reason::InvalidSpec),
+                problems.iter().any(|p| p.path == path
+                    && p.message.contains(needle)
+                    && p.reason == Reason::InvalidSpec),
                 "{filters}: expected {path}: ...{needle}..., got {problems:?}"
             );
         }
@@ -320,7 +451,11 @@ mod tests {
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["spec.filters[0].exact", "spec.filters[1].prefix.b", "spec.filters[2]"]
+            [
+                "spec.filters[0].exact",
+                "spec.filters[1].prefix.b",
+                "spec.filters[2]"
+            ]
         );
         assert_eq!(
             problems[1].to_string(),

@@ -10,6 +10,7 @@ use crate::topology::Key;
 /// Every resource the topology is built from, keyed by namespace/name.
 #[derive(Default, Clone, Debug)]
 pub struct Index {
+    /// EventStreams by namespace/name (likewise for the three kinds below).
     pub streams: BTreeMap<Key, api::EventStream>,
     pub subscriptions: BTreeMap<Key, api::Subscription>,
     pub archive_policies: BTreeMap<Key, api::ArchivePolicy>,

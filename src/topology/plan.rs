@@ -197,6 +197,7 @@ pub struct SinkPlan {
     pub auth_token: Option<String>,
 }
 
+/// How the delay between delivery attempts grows (both with ±20% jitter).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum BackoffPolicy {
     /// delay × 2^n.
@@ -214,6 +215,7 @@ pub enum DeadLetterPlan {
     Stream(Key),
 }
 
+/// Timeouts, retries and dead-lettering of a subscription's deliveries.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeliveryPlan {
     /// Limit of one attempt.
@@ -256,6 +258,7 @@ pub enum StartFrom {
     Position(i64),
 }
 
+/// Delivery ordering of a subscription.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OrderingPlan {
     /// Deliveries run concurrently, in any order.
@@ -290,6 +293,7 @@ pub struct SubscriptionPlan {
     pub deletion_policy: DeletionPolicy,
 }
 
+/// Where archive segments are written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ArchiveDestinationPlan {
     /// The stream's own PostgreSQL database.
@@ -319,6 +323,7 @@ pub struct ArchivePlan {
     pub destination: ArchiveDestinationPlan,
 }
 
+/// Eviction strategy of a read cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum CacheStrategy {
     Lru,

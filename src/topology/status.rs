@@ -14,6 +14,7 @@ pub enum ConditionStatus {
 }
 
 impl ConditionStatus {
+    /// The status as written in a condition.
     pub fn as_str(self) -> &'static str {
         match self {
             ConditionStatus::True => "True",

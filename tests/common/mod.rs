@@ -141,7 +141,7 @@ impl Weir {
     }
 
     /// Waits until the stream answers reads (store provisioned) or publishes can go out.
-    pub async fn wait_ready(&self, ns: &str, stream: &str) {
+    pub async fn wait_ready(&mut self, ns: &str, stream: &str) {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -164,7 +164,9 @@ impl Weir {
             }
             assert!(
                 Instant::now() < deadline,
-                "stream {ns}/{stream} not ready in 30 s; log:\n{}",
+                "stream {ns}/{stream} not ready in 30 s (process: {:?}, admin {}); log:\n{}",
+                self.child.try_wait(),
+                self.admin,
                 self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -92,7 +92,11 @@ pub fn to_message(ev: &CloudEvent) -> OutMessage {
     OutMessage {
         routing_key: truncate_short(&ev.ty).to_string(),
         headers,
-        body: ev.data.as_ref().map(|d| d.bytes().clone()).unwrap_or_default(),
+        body: ev
+            .data
+            .as_ref()
+            .map(|d| d.bytes().clone())
+            .unwrap_or_default(),
         message_id: ev.id.clone(),
         content_type,
         timestamp,
@@ -324,7 +328,10 @@ mod tests {
         assert_eq!(h.get("cloudEvents:type"), Some(&long_str("order.created")));
         assert_eq!(h.get("cloudEvents:weirposition"), Some(&long_str("42")));
         assert_eq!(h.get("cloudEvents:flag"), Some(&AMQPValue::Boolean(true)));
-        assert_eq!(h.get("cloudEvents:count"), Some(&AMQPValue::LongLongInt(-7)));
+        assert_eq!(
+            h.get("cloudEvents:count"),
+            Some(&AMQPValue::LongLongInt(-7))
+        );
         assert!(h.get("cloudEvents:datacontenttype").is_none());
         assert_eq!(msg.content_type.as_deref(), Some("application/json"));
         assert_eq!(msg.routing_key, "order.created");
@@ -400,7 +407,9 @@ mod tests {
         let mut h = to_message(&event(None, None)).headers;
         h.insert("cloudEvents:id".into(), AMQPValue::LongLongInt(5));
         let err = from_delivery(Some(&h), None, b"").unwrap_err();
-        assert!(matches!(err, BrokerError::Decode { ref header, .. } if header == "cloudEvents:id"));
+        assert!(
+            matches!(err, BrokerError::Decode { ref header, .. } if header == "cloudEvents:id")
+        );
 
         let mut h = to_message(&event(None, None)).headers;
         h.insert("cloudEvents:specversion".into(), long_str("0.3"));

@@ -112,6 +112,9 @@ mod tests {
     fn io_errors_are_unavailable() {
         let err: lapin::Error =
             std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused").into();
-        assert!(matches!(classify("connect", &err), BrokerError::Unavailable(_)));
+        assert!(matches!(
+            classify("connect", &err),
+            BrokerError::Unavailable(_)
+        ));
     }
 }

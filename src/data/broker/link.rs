@@ -26,9 +26,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// (expected in `0.5..=1.0`) so that many processes do not reconnect in lock-step.
 pub(crate) fn backoff_delay(failures: u32, jitter: f64) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
-    let delay = BACKOFF_BASE
-        .saturating_mul(1u32 << exp)
-        .min(BACKOFF_MAX);
+    let delay = BACKOFF_BASE.saturating_mul(1u32 << exp).min(BACKOFF_MAX);
     delay.mul_f64(jitter.clamp(0.5, 1.0))
 }
 
@@ -137,6 +135,17 @@ impl Link {
             "cannot connect to RabbitMQ"
         );
         Err(err)
+    }
+
+    /// Starts a connection attempt on a separate task unless one is already under way.
+    pub(crate) fn connect_in_background(self: &Arc<Self>) {
+        let link = self.clone();
+        tokio::spawn(async move {
+            // Someone holding the lock is connecting (or about to); no need to queue up.
+            if link.state.try_lock().is_ok() {
+                let _ = link.connection().await;
+            }
+        });
     }
 
     /// Records a failure seen on a channel, so that deadline errors can name the cause.

@@ -16,9 +16,8 @@ mod error;
 mod link;
 mod publisher;
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -122,9 +121,15 @@ impl Broker {
         }
     }
 
-    /// True while the connection is open. Does not connect.
+    /// True while the connection is open. Never waits: when there is no connection it
+    /// starts an attempt in the background (subject to the backoff), so that a broker that
+    /// came back is seen as healthy again even when nothing is being published.
     pub async fn healthy(&self) -> bool {
-        self.inner.link.is_connected()
+        if self.inner.link.is_connected() {
+            return true;
+        }
+        self.inner.link.connect_in_background();
+        false
     }
 
     /// Connects if needed (a healthcheck). While backing off after a failed attempt, answers
@@ -192,7 +197,10 @@ impl Broker {
         exchange: &str,
         routing_key: &str,
     ) -> Result<(), BrokerError> {
-        let (queue, exchange) = (short("queue name", queue)?, short("exchange name", exchange)?);
+        let (queue, exchange) = (
+            short("queue name", queue)?,
+            short("exchange name", exchange)?,
+        );
         let routing_key = short("routing key", routing_key)?;
         self.op("queue.bind", async |ch: &Channel| {
             ch.queue_bind(
@@ -214,17 +222,15 @@ impl Broker {
         exchange: &str,
         routing_key: &str,
     ) -> Result<(), BrokerError> {
-        let (queue, exchange) = (short("queue name", queue)?, short("exchange name", exchange)?);
+        let (queue, exchange) = (
+            short("queue name", queue)?,
+            short("exchange name", exchange)?,
+        );
         let routing_key = short("routing key", routing_key)?;
         let r = self
             .op("queue.unbind", async |ch: &Channel| {
-                ch.queue_unbind(
-                    queue,
-                    exchange,
-                    routing_key,
-                    FieldTable::default(),
-                )
-                .await
+                ch.queue_unbind(queue, exchange, routing_key, FieldTable::default())
+                    .await
             })
             .await;
         not_found_is_ok(r, ())
@@ -316,34 +322,6 @@ impl Broker {
             Ok(r) => r,
             Err(_) => Err(BrokerError::Unavailable(format!("{what}: no answer"))),
         }
-    }
-}
-
-/// Broker handles by URL, so that every stream on the same RabbitMQ shares one connection.
-#[derive(Clone, Default)]
-pub struct Brokers {
-    by_url: Arc<Mutex<HashMap<String, Broker>>>,
-}
-
-impl Brokers {
-    pub fn new() -> Brokers {
-        Brokers::default()
-    }
-
-    /// The handle for `url`, created on first request.
-    pub fn get(&self, url: &str) -> Broker {
-        // The map only holds handles: a panic elsewhere cannot leave it inconsistent.
-        let mut map = self.by_url.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(url.to_string())
-            .or_insert_with(|| Broker::new(url.to_string()))
-            .clone()
-    }
-}
-
-impl fmt::Debug for Brokers {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.by_url.lock().map_or(0, |m| m.len());
-        f.debug_struct("Brokers").field("urls", &n).finish()
     }
 }
 

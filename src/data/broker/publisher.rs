@@ -347,7 +347,11 @@ impl Worker {
             }
             Err(_) => return Err(BrokerError::Unavailable("confirm.select: no answer".into())),
         }
-        tracing::debug!(worker = self.id, channel = ch.id(), "publishing channel open");
+        tracing::debug!(
+            worker = self.id,
+            channel = ch.id(),
+            "publishing channel open"
+        );
         self.channel = Some(ch.clone());
         Ok(ch)
     }
@@ -444,7 +448,10 @@ impl Worker {
                 self.channel = None;
             }
             RoundEnd::Stalled => {
-                tracing::warn!(worker = self.id, "no publisher confirms before the deadline");
+                tracing::warn!(
+                    worker = self.id,
+                    "no publisher confirms before the deadline"
+                );
                 // Dropping the last handle closes the channel; a new one starts clean.
                 self.channel = None;
             }
@@ -561,7 +568,10 @@ async fn run_round(ch: &Channel, round: &mut [Job]) -> RoundEnd {
         .map(|&(j, m)| Identity {
             exchange: round[j].exchange.as_str(),
             routing_key: round[j].msgs[m].routing_key.as_str(),
-            message_id: round[j].msgs[m].message_id.as_ref().map(ShortString::as_str),
+            message_id: round[j].msgs[m]
+                .message_id
+                .as_ref()
+                .map(ShortString::as_str),
         })
         .collect();
     let back: Vec<Identity<'_>> = returned
@@ -655,7 +665,9 @@ mod tests {
 
     fn job(n: usize) -> (Job, oneshot::Receiver<Result<Vec<Routing>, BrokerError>>) {
         let (reply, rx) = oneshot::channel();
-        let msgs: Vec<Prepared> = (0..n).map(|i| Prepared::new(&msg(&i.to_string()))).collect();
+        let msgs: Vec<Prepared> = (0..n)
+            .map(|i| Prepared::new(&msg(&i.to_string())))
+            .collect();
         let job = Job {
             exchange: "x".into(),
             outcomes: vec![Outcome::Pending; msgs.len()],
@@ -693,7 +705,10 @@ mod tests {
         let first = w.rx.recv().await.unwrap();
         w.carry.push_back(first);
         let round = w.take_round();
-        assert_eq!(round.iter().map(|j| j.msgs.len()).collect::<Vec<_>>(), [100, 200]);
+        assert_eq!(
+            round.iter().map(|j| j.msgs.len()).collect::<Vec<_>>(),
+            [100, 200]
+        );
         // The job that did not fit waits for the next round.
         assert_eq!(w.carry.len(), 1);
 
@@ -718,7 +733,10 @@ mod tests {
             }),
         );
         let answer = receivers.remove(0).await.unwrap();
-        assert!(matches!(answer, Err(BrokerError::Protocol { code: 404, .. })));
+        assert!(matches!(
+            answer,
+            Err(BrokerError::Protocol { code: 404, .. })
+        ));
     }
 
     #[tokio::test]
@@ -728,9 +746,16 @@ mod tests {
         j.outcomes[0] = Outcome::Routed;
         w.carry.push_back(j);
         let round = w.take_round();
-        w.settle(round, RoundEnd::Broken(BrokerError::Unavailable("gone".into())));
+        w.settle(
+            round,
+            RoundEnd::Broken(BrokerError::Unavailable("gone".into())),
+        );
         assert_eq!(w.carry.len(), 1);
-        assert_eq!(w.carry[0].unsent(), 2, "only unconfirmed messages are sent again");
+        assert_eq!(
+            w.carry[0].unsent(),
+            2,
+            "only unconfirmed messages are sent again"
+        );
         w.carry[0].deadline = Instant::now();
         w.expire();
         assert!(w.carry.is_empty());

@@ -131,14 +131,23 @@ mod tests {
     #[test]
     fn modes() {
         let ct = |v| headers(&[("content-type", v)]);
-        assert_eq!(detect(&ct("application/cloudevents+json")), Ok(Mode::Structured));
+        assert_eq!(
+            detect(&ct("application/cloudevents+json")),
+            Ok(Mode::Structured)
+        );
         assert_eq!(
             detect(&ct("Application/CloudEvents+JSON; charset=UTF-8")),
             Ok(Mode::Structured)
         );
-        assert_eq!(detect(&ct("application/cloudevents-batch+json")), Ok(Mode::Batch));
+        assert_eq!(
+            detect(&ct("application/cloudevents-batch+json")),
+            Ok(Mode::Batch)
+        );
         assert_eq!(detect(&ct("application/json")), Ok(Mode::Plain));
-        assert_eq!(detect(&ct("application/json; charset=utf-8")), Ok(Mode::Plain));
+        assert_eq!(
+            detect(&ct("application/json; charset=utf-8")),
+            Ok(Mode::Plain)
+        );
         assert_eq!(
             detect(&headers(&[
                 ("content-type", "application/json"),
@@ -187,10 +196,16 @@ mod tests {
     fn payload_kinds() {
         assert_eq!(payload_kind("application/json"), PayloadKind::Json);
         assert_eq!(payload_kind("text/json"), PayloadKind::Json);
-        assert_eq!(payload_kind("application/vnd.shop.order+json; v=2"), PayloadKind::Json);
+        assert_eq!(
+            payload_kind("application/vnd.shop.order+json; v=2"),
+            PayloadKind::Json
+        );
         assert_eq!(payload_kind("text/plain"), PayloadKind::Text);
         assert_eq!(payload_kind("text/csv; charset=utf-8"), PayloadKind::Text);
-        assert_eq!(payload_kind("text/plain; charset=iso-8859-1"), PayloadKind::Other);
+        assert_eq!(
+            payload_kind("text/plain; charset=iso-8859-1"),
+            PayloadKind::Other
+        );
         assert_eq!(payload_kind("application/octet-stream"), PayloadKind::Other);
         assert_eq!(payload_kind("garbage"), PayloadKind::Other);
     }

@@ -58,6 +58,9 @@
 //! - binary mode: a JSON `Content-Type` gives [`Data::Json`] (the body must be JSON), `text/*`
 //!   in UTF-8 gives [`Data::Text`] (or [`Data::Binary`] if the bytes are not UTF-8), anything
 //!   else or no `Content-Type` gives [`Data::Binary`]; an empty body is an event without data.
+//!   A JSON body is kept whole, whitespace around the value included (binary in, binary out is
+//!   exact); structured mode has no room for that outer whitespace, so there only the value's
+//!   own text is reproduced.
 //!
 //! [`Data::Json`]: crate::data::event::Data::Json
 //! [`Data::Text`]: crate::data::event::Data::Text

@@ -116,9 +116,7 @@ fn parse(
         if mode == Mode::Plain {
             let defaults = PlainDefaults {
                 source: ctx.default_source(),
-                time: ctx
-                    .now
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                time: ctx.now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             };
             for (i, raw) in raws.into_iter().enumerate() {
                 events.extend(plain_event(i, raw, owner, &defaults, &mut errs));
@@ -673,7 +671,9 @@ fn plain_event(
         subject,
         time: Some(defaults.time.clone()),
         extensions,
-        data: raw.data.map(|d| Data::Json(owner.bytes(d.get().as_bytes()))),
+        data: raw
+            .data
+            .map(|d| Data::Json(owner.bytes(d.get().as_bytes()))),
     })
 }
 

@@ -376,7 +376,10 @@ mod tests {
     #[test]
     fn json_string_decodes_escapes() {
         assert_eq!(json_string(r#""a\nb""#).unwrap(), "a\nb");
-        assert!(matches!(json_string(r#""ab""#).unwrap(), Cow::Borrowed("ab")));
+        assert!(matches!(
+            json_string(r#""ab""#).unwrap(),
+            Cow::Borrowed("ab")
+        ));
         assert!(json_string(r#""\ud800""#).is_err());
         assert!(check_json(b" {\"a\": [1, 2]} ").is_ok());
         assert!(check_json(b"{\"a\": ").is_err());

@@ -217,9 +217,10 @@ impl Validator {
                          does not allow unknown types",
                         ev.ty,
                         known.join(", "),
-                        ev.dataschema
-                            .as_deref()
-                            .map_or_else(|| "an event without dataschema".into(), |d| format!("{d:?}"))
+                        ev.dataschema.as_deref().map_or_else(
+                            || "an event without dataschema".into(),
+                            |d| format!("{d:?}")
+                        )
                     ))
                     .at(index)
                     .pointer("/dataschema")

@@ -109,7 +109,7 @@ impl Store {
 
         // The per-stream counter row, locked until commit: appends to one stream are
         // serialised across processes, which makes positions gap-free and commit-ordered.
-        let (head, head_time): (i64, DateTime<Utc>) = sqlx::query_as(
+        let (head, head_time): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
             "SELECT head, head_time FROM weir_streams WHERE stream_id = $1 FOR UPDATE",
         )
         .bind(stream_id)
