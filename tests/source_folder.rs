@@ -232,6 +232,61 @@ fn a_missing_folder_is_an_error_not_a_problem() {
     ));
 }
 
+#[test]
+fn reload_keeps_what_a_file_that_stopped_parsing_held() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let two_streams = format!(
+        "{}---\n{}",
+        stream(1),
+        stream(2).replace("name: orders", "name: payments")
+    );
+    std::fs::write(dir.join("streams.yaml"), &two_streams).unwrap();
+    std::fs::write(dir.join("secret.yaml"), SECRET).unwrap();
+    let first = source::load(dir).unwrap();
+    assert!(first.problems.is_empty(), "{:#?}", lines(&first));
+    assert_eq!(first.index.streams.len(), 2);
+
+    // The second document stops parsing: the first still loads, the second is kept as broken.
+    // The Secret's file loses its name: its previous data is kept.
+    let broken_second =
+        two_streams.replace("kind: EventStream\nmetadata: {name: payments", "kind: [");
+    assert_ne!(broken_second, two_streams);
+    std::fs::write(dir.join("streams.yaml"), broken_second).unwrap();
+    std::fs::write(
+        dir.join("secret.yaml"),
+        SECRET.replace("name: rabbitmq, ", ""),
+    )
+    .unwrap();
+    let second = source::reload(dir, &first).unwrap();
+    assert_eq!(second.revision, 2);
+    assert_eq!(second.problems.len(), 2, "{:#?}", lines(&second));
+    assert_eq!(max_events(&second), Some(1));
+    assert_eq!(
+        generation(&second),
+        Some(1),
+        "unchanged spec, same generation"
+    );
+    assert_eq!(
+        second.broken.iter().collect::<Vec<_>>(),
+        [&(Kind::EventStream, shop("payments"))]
+    );
+    assert_eq!(
+        second.index.secrets[&shop("rabbitmq")]["url"],
+        b"amqp://127.0.0.1"
+    );
+
+    // Without a previous load there is nothing to carry forward.
+    let fresh = source::load(dir).unwrap();
+    assert!(fresh.broken.is_empty());
+    assert!(fresh.index.secrets.is_empty());
+
+    // Once the file is gone, so are its resources.
+    std::fs::remove_file(dir.join("streams.yaml")).unwrap();
+    let third = source::reload(dir, &second).unwrap();
+    assert!(third.broken.is_empty() && third.index.streams.is_empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // The folder watch.
 

@@ -425,7 +425,7 @@ mod tests {
             rxs.push(b.submit(vec![ev(i), ev(i + 100), ev(i + 200)], d).unwrap());
         }
         for rx in rxs {
-            assert_eq!(rx.await.unwrap().unwrap().len(), 3);
+            assert_eq!(rx.await.unwrap().unwrap().unwrap().len(), 3);
         }
         let batches = w.batches.lock().unwrap().clone();
         // 8 requests of 3 events with maxEvents 10: whole requests only, at most 3 per batch.
@@ -440,7 +440,7 @@ mod tests {
         let (b, _h) = Batcher::spawn(plan(2), Limits::default(), w.clone(), Arc::new(Quiet));
         let d = Instant::now() + Duration::from_secs(5);
         let rx = b.submit((0..7).map(ev).collect(), d).unwrap();
-        assert_eq!(rx.await.unwrap().unwrap().len(), 7);
+        assert_eq!(rx.await.unwrap().unwrap().unwrap().len(), 7);
         assert_eq!(*w.batches.lock().unwrap(), vec![vec![7]]);
     }
 

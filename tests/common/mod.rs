@@ -93,6 +93,18 @@ pub fn broker_only_yaml(name: &str, exchange: &str) -> String {
     )
 }
 
+/// A private copy of the `weir` binary made at first use, so that a rebuild of
+/// `target/debug/weir` while the tests run cannot swap the program under them.
+pub fn weir_binary() -> PathBuf {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dst = std::env::temp_dir().join(unique("weir-bin-"));
+        std::fs::copy(env!("CARGO_BIN_EXE_weir"), &dst).expect("copy the weir binary");
+        dst
+    })
+    .clone()
+}
+
 /// A running `weir run` process, killed on drop.
 pub struct Weir {
     pub child: Child,
@@ -112,7 +124,7 @@ impl Weir {
         let admin_port = free_port();
         let log = std::env::temp_dir().join(format!("{}.log", unique("weir-test-")));
         let logf = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
+        let mut cmd = Command::new(weir_binary());
         cmd.arg("run")
             .arg("-f")
             .arg(dir)
