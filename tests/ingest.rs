@@ -567,3 +567,50 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_answered() {
         assert!(stored.contains(id), "answered {id} not stored");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_answers_in_flight_publishes_and_exits_cleanly() {
+    let db_url = fresh_database().await;
+    let m = Manifests::new(&db_url);
+    m.write("stream.yaml", &stream_yaml("term", &unique("weir.test.term."), ""));
+    let mut w = Weir::start(m.path());
+    w.wait_ready("test", "term").await;
+    let url = Arc::new(w.events_url("test", "term"));
+    let client = reqwest::Client::new();
+    let mut tasks = vec![];
+    for c in 0..16 {
+        let url = url.clone();
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ok = vec![];
+            for r in 0.. {
+                let id = format!("t{c}-{r}");
+                match client.post(url.as_str()).json(&json!({"type": "t", "id": id, "data": {}})).send().await {
+                    Ok(resp) if resp.status().as_u16() == 201 => ok.push(id),
+                    Ok(resp) if resp.status().as_u16() == 503 => {}
+                    Ok(resp) => panic!("unexpected {}", resp.status()),
+                    Err(_) => break, // the listener is gone
+                }
+            }
+            ok
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let status = w.terminate();
+    assert!(status.success(), "weir exited with {status}; log:\n{}", w.log_text());
+    let mut ok_ids = vec![];
+    for t in tasks {
+        ok_ids.extend(t.await.unwrap());
+    }
+    assert!(!ok_ids.is_empty());
+    let db = sqlx::PgPool::connect(&db_url).await.unwrap();
+    let stored: BTreeSet<String> = sqlx::query_scalar("SELECT id FROM weir_events")
+        .fetch_all(&db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    for id in &ok_ids {
+        assert!(stored.contains(id), "answered {id} not stored");
+    }
+}
