@@ -110,7 +110,7 @@ fn event(i: usize, ty: &str, data: Option<Data>, ct: Option<&str>) -> CloudEvent
                 "weirrecordedtime".into(),
                 ExtValue::String("2024-05-01T10:00:01.000000Z".into()),
             ),
-            ("vip".into(), ExtValue::Bool(i % 2 == 0)),
+            ("vip".into(), ExtValue::Bool(i.is_multiple_of(2))),
             ("priority".into(), ExtValue::Integer(i as i64)),
         ]),
         data,
@@ -302,7 +302,7 @@ async fn concurrent_callers_each_get_all_their_messages_confirmed_in_order() {
     }
     let got = drain(&s.broker, &s.queue).await;
     assert_eq!(got.len(), 12 * 40 * 25);
-    let mut last = vec![None::<usize>; 12];
+    let mut last = [None::<usize>; 12];
     for p in got.iter().map(position) {
         let caller = p / 100_000;
         assert!(

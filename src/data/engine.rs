@@ -455,6 +455,7 @@ async fn provision_store(
     let _ = stream_id.set(id);
     health.store_ready.store(true, Ordering::Release);
     health.set_error(None);
+    tokio::spawn(watch_store(store.clone(), health.clone(), cancel.clone()));
     relay.stream_id = id;
     relay.run(cancel).await;
 }
@@ -480,6 +481,36 @@ async fn provision_exchange(
                     return;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Samples the store's health for status: a trivial query with a short timeout, so an
+/// outage shows up in conditions even while nobody publishes.
+async fn watch_store(store: Store, health: Arc<Health>, cancel: CancellationToken) {
+    loop {
+        if !sleep_or_cancel(&cancel, Duration::from_secs(2)).await {
+            return;
+        }
+        let probe = tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(store.pool()),
+        )
+        .await;
+        match probe {
+            Ok(Ok(_)) => {
+                if !health.store_ready.swap(true, Ordering::AcqRel) {
+                    health.set_error(None);
+                }
+            }
+            Ok(Err(e)) => {
+                health.store_ready.store(false, Ordering::Release);
+                health.set_error(Some(format!("store: {e}")));
+            }
+            Err(_) => {
+                health.store_ready.store(false, Ordering::Release);
+                health.set_error(Some("store: health check timed out".into()));
             }
         }
     }

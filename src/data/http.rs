@@ -17,8 +17,8 @@ use crate::data::batcher::{BatchError, SubmitError};
 use crate::data::broker::{Routing, to_message};
 use crate::data::engine::{Backend, Engine, StreamRuntime};
 use crate::data::event::{StoredEvent, to_batch_json, to_structured_json};
-use crate::data::ingest::{IngestContext, parse_request};
-use crate::data::problem::{FieldError, Problem};
+use crate::data::ingest::{IngestContext, parse_request_bytes};
+use crate::data::problem::Problem;
 use crate::data::store::Appended;
 
 /// Largest page the read API returns; a client pages on with `from`.
@@ -150,26 +150,9 @@ async fn publish_inner(
         stream: stream.to_string(),
         now: chrono::Utc::now(),
     };
-    let events = parse_request(headers, &bytes, &ctx).map_err(|p| (p, 0))?;
+    let events = parse_request_bytes(headers, &bytes, &ctx).map_err(|p| (p, 0))?;
     let n = events.len();
     rt.validator.check(&events).map_err(|p| (p, n))?;
-    for (i, ev) in events.iter().enumerate() {
-        if ev.subject.is_none() && ev.extensions.contains_key(crate::data::event::EXT_EXPECTED_VERSION) {
-            return Err((
-                Problem::invalid_events({
-                    let mut errs = crate::data::problem::FieldErrors::new();
-                    errs.push(
-                        FieldError::new("expectedversion applies to a subject; this event has none")
-                            .at(i)
-                            .pointer("/expectedversion")
-                            .keyword("subject"),
-                    );
-                    errs
-                }),
-                n,
-            ));
-        }
-    }
     let deadline = started_deadline(st);
     match &rt.backend {
         Backend::Stored { .. } => {

@@ -36,7 +36,18 @@ const HEADER_PREFIX_ALT: &str = "cloudEvents_";
 /// bytes.
 pub const MAX_SHORT_STRING: usize = 255;
 
-/// The AMQP message for an event (see the module documentation for the mapping).
+/// The AMQP message for an event, following the CloudEvents AMQP binding (binary mode):
+///
+/// - every attribute except `datacontenttype` is a header `cloudEvents:<attribute>`
+///   (`specversion`, `id`, `source`, `type`, `subject`, `time`, `dataschema` and every
+///   extension, `weirposition`, `weirversion` and `weirrecordedtime` among them); strings
+///   are AMQP long strings, Boolean and Integer extensions AMQP booleans and longs;
+/// - `datacontenttype` is the `content-type` property (the header
+///   `cloudEvents:datacontenttype` if it is over 255 bytes);
+/// - the body is the data (empty for none), the routing key the type (cut to 255 bytes),
+///   `message-id` the id, `timestamp` the producer's `time` in seconds.
+///
+/// [`from_delivery`] reads it back; it derives the kind of data from the content type.
 pub fn to_message(ev: &CloudEvent) -> OutMessage {
     let mut headers = FieldTable::default();
     let mut put = |name: &str, value: AMQPValue| {

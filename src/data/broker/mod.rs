@@ -9,7 +9,8 @@
 //!
 //! [`Broker::publish`] returns only when every message has a publisher confirm: a message
 //! reported [`Routing::Routed`] or [`Routing::Unroutable`] is safely with the broker (or, if
-//! unroutable, known to have reached no queue). Events travel as described in [`codec`].
+//! unroutable, known to have reached no queue). How events travel (the CloudEvents AMQP
+//! binding) is described at [`to_message`].
 
 mod codec;
 mod error;

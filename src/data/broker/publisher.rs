@@ -70,6 +70,9 @@ const JOB_QUEUE: usize = 64;
 /// Wait before retrying when no retry time is known (e.g. a channel could not be opened).
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
+/// Shortest wait between two attempts to get a channel.
+const MIN_PAUSE: Duration = Duration::from_millis(10);
+
 /// How long `confirm.select` may take on a fresh channel.
 const SELECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -321,7 +324,8 @@ impl Worker {
             .unwrap_or_else(|| Instant::now() + RETRY_PAUSE);
         let earliest_deadline = self.carry.iter().map(|j| j.deadline).min();
         let wake = earliest_deadline.map_or(retry_at, |d| d.min(retry_at));
-        tokio::time::sleep_until(wake).await;
+        // Never spin, whatever the clock says.
+        tokio::time::sleep_until(wake.max(Instant::now() + MIN_PAUSE)).await;
     }
 
     /// The worker's channel in confirm mode, opened if needed.

@@ -1,0 +1,129 @@
+//! The store disappears and comes back (a TCP proxy in front of PostgreSQL is cut and
+//! restored): publishes answer 503 with Retry-After meanwhile, the process keeps running and
+//! recovers by itself, and nothing answered 201 is lost.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A TCP proxy to `upstream` on a fixed local port that can be cut (listener closed and
+/// every connection dropped) and restored.
+struct Proxy {
+    port: u16,
+    upstream: String,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    async fn start(upstream: &str) -> Proxy {
+        let mut p = Proxy {
+            port: free_port(),
+            upstream: upstream.to_string(),
+            stop: CancellationToken::new(),
+        };
+        p.restore().await;
+        p
+    }
+
+    fn cut(&mut self) {
+        self.stop.cancel();
+    }
+
+    async fn restore(&mut self) {
+        self.stop = CancellationToken::new();
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.expect("bind proxy");
+        let (stop, upstream) = (self.stop.clone(), self.upstream.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
+                };
+                let (stop, upstream) = (stop.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else { return };
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_outage_answers_503_and_recovers_without_a_restart() {
+    let direct = fresh_database().await;
+    let mut proxy = Proxy::start("127.0.0.1:5432").await;
+    let db_name = direct.rsplit('/').next().unwrap().to_string();
+    let via_proxy = format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port);
+    let m = Manifests::new(&via_proxy);
+    m.write("stream.yaml", &stream_yaml("flaky", &unique("weir.test.flaky."), ""));
+    let mut w = Weir::start_with(m.path(), &[("WEIR_REQUEST_TIMEOUT", "2s")]);
+    w.wait_ready("test", "flaky").await;
+    let url = w.events_url("test", "flaky");
+    let c = reqwest::Client::new();
+    let mut answered = BTreeSet::new();
+    let mut publish = |id: String| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let r = c.post(&url).json(&json!({"type": "t", "id": id, "data": {}})).send().await.unwrap();
+            let retry_after = r.headers().get("retry-after").is_some();
+            (r.status().as_u16(), retry_after, id)
+        }
+    };
+    let (s, _, id) = publish("before".into()).await;
+    assert_eq!(s, 201);
+    answered.insert(id);
+
+    proxy.cut();
+    let (s, retry_after, _) = publish("during".into()).await;
+    assert_eq!((s, retry_after), (503, true), "a store outage is a 503 with Retry-After");
+    // Status reports the outage (sampled every 2 s) while the process keeps serving.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status: serde_json::Value = c.get(format!("{}/v1/status", w.admin)).send().await.unwrap().json().await.unwrap();
+        let store_down = status["resources"][0]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "StoreReady" && c["status"] == "False");
+        if store_down {
+            assert_eq!(status["resources"][0]["ready"], false);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "status never showed the outage: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(w.child.try_wait().unwrap().is_none(), "weir must keep running");
+
+    proxy.restore().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    loop {
+        let (s, _, id) = publish(format!("after-{i}")).await;
+        i += 1;
+        if s == 201 {
+            answered.insert(id);
+            break;
+        }
+        assert_eq!(s, 503);
+        assert!(std::time::Instant::now() < deadline, "no recovery after the store came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let db = sqlx::PgPool::connect(&direct).await.unwrap();
+    let stored: BTreeSet<String> = sqlx::query_scalar("SELECT id FROM weir_events")
+        .fetch_all(&db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(answered.is_subset(&stored), "answered {answered:?}, stored {stored:?}");
+}
