@@ -99,7 +99,7 @@ async fn a_store_outage_answers_503_and_recovers_without_a_restart() {
             assert_eq!(status["resources"][0]["ready"], false);
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "status never showed the outage: {status}");
+        assert!(std::time::Instant::now() < deadline, "status never showed the outage: {status}\n{}", w.log_text());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(w.child.try_wait().unwrap().is_none(), "weir must keep running");
