@@ -35,7 +35,11 @@ pub struct RunConfig {
 }
 
 /// Runs standalone mode until `shutdown` is cancelled.
-pub async fn run(cfg: RunConfig, defaults: Defaults, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: RunConfig,
+    defaults: Defaults,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let mut engine = Engine::new(metrics);
     engine.limits.queue_requests = cfg.batch_queue.max(1);
@@ -91,7 +95,15 @@ pub async fn run(cfg: RunConfig, defaults: Defaults, shutdown: CancellationToken
 
     loop {
         let loaded = rx.borrow_and_update().clone();
-        apply(&loaded, &defaults, &engine, &board, cfg.prune, &endpoint_base).await;
+        apply(
+            &loaded,
+            &defaults,
+            &engine,
+            &board,
+            cfg.prune,
+            &endpoint_base,
+        )
+        .await;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = rx.changed() => if changed.is_err() { break },

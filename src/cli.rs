@@ -10,13 +10,27 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
-#[command(name = "weir", version, about = "Event pipelines declared as Kubernetes resources")]
+#[command(
+    name = "weir",
+    version,
+    about = "Event pipelines declared as Kubernetes resources"
+)]
 pub struct Cli {
     /// Ingest/read API of a running weir (for client commands).
-    #[arg(long, global = true, env = "WEIR_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "WEIR_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
     /// Admin API of a running weir (for client commands).
-    #[arg(long, global = true, env = "WEIR_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+    #[arg(
+        long,
+        global = true,
+        env = "WEIR_ADMIN_URL",
+        default_value = "http://127.0.0.1:9090"
+    )]
     pub admin: String,
     /// Output format of client commands.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
@@ -159,7 +173,7 @@ async fn status(admin: &str, output: Output) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&body)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<14} {:<28} {:<6} {}", "KIND", "NAME", "READY", "MESSAGE");
+    println!("{:<14} {:<28} {:<6} MESSAGE", "KIND", "NAME", "READY");
     let empty = vec![];
     for r in body["resources"].as_array().unwrap_or(&empty) {
         let name = format!(

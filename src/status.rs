@@ -119,7 +119,11 @@ impl StatusBoard {
                     conditions.push(Condition::new(
                         "BrokerReady",
                         broker,
-                        if broker { "Connected" } else { "BrokerUnavailable" },
+                        if broker {
+                            "Connected"
+                        } else {
+                            "BrokerUnavailable"
+                        },
                         if broker {
                             String::new()
                         } else {
@@ -132,7 +136,11 @@ impl StatusBoard {
                         conditions.push(Condition::new(
                             "StoreReady",
                             store,
-                            if store { "Connected" } else { "StoreUnavailable" },
+                            if store {
+                                "Connected"
+                            } else {
+                                "StoreUnavailable"
+                            },
                             if store {
                                 String::new()
                             } else {
@@ -140,10 +148,10 @@ impl StatusBoard {
                             },
                         ));
                         ready &= store;
-                        if let (Some(store), Some(id)) = (rt.store(), rt.stream_id()) {
-                            if let Ok(head) = store.head(id).await {
-                                fields.insert("head".into(), head.to_string().into());
-                            }
+                        if let (Some(store), Some(id)) = (rt.store(), rt.stream_id())
+                            && let Ok(head) = store.head(id).await
+                        {
+                            fields.insert("head".into(), head.to_string().into());
                         }
                     }
                     fields.insert("exchange".into(), rt.plan.broker.exchange.clone().into());
@@ -164,12 +172,19 @@ impl StatusBoard {
                     "Ready",
                     false,
                     &reason,
-                    format!("the new version is invalid, the previous one keeps running: {spec_msg}"),
+                    format!(
+                        "the new version is invalid, the previous one keeps running: {spec_msg}"
+                    ),
                 )
             } else if !valid {
                 Condition::new("Ready", false, &reason, spec_msg)
             } else if !ready {
-                Condition::new("Ready", false, "NotReady", "waiting for the broker or store")
+                Condition::new(
+                    "Ready",
+                    false,
+                    "NotReady",
+                    "waiting for the broker or store",
+                )
             } else {
                 Condition::new("Ready", true, "Ready", "")
             };

@@ -18,12 +18,17 @@ struct StartAppGuard;
 
 impl Drop for StartAppGuard {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").args(["-q", "start_app"]).status();
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "start_app"])
+            .status();
     }
 }
 
 fn rabbitmqctl(arg: &str) {
-    let s = Command::new("rabbitmqctl").args(["-q", arg]).status().expect("rabbitmqctl");
+    let s = Command::new("rabbitmqctl")
+        .args(["-q", arg])
+        .status()
+        .expect("rabbitmqctl");
     assert!(s.success(), "rabbitmqctl {arg}");
 }
 
@@ -42,7 +47,8 @@ async fn rabbitmq_restart_loses_no_event_answered_202() {
     let client = reqwest::Client::new();
     let mut tasks = vec![];
     for c in 0..4 {
-        let (url, stop, restarted, client) = (url.clone(), stop.clone(), restarted.clone(), client.clone());
+        let (url, stop, restarted, client) =
+            (url.clone(), stop.clone(), restarted.clone(), client.clone());
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut ok_after, mut unavailable) = (vec![], 0, 0);
             let mut i = 0;
@@ -50,7 +56,11 @@ async fn rabbitmq_restart_loses_no_event_answered_202() {
                 let id = format!("bo{c}-{i}");
                 i += 1;
                 let after = restarted.load(Ordering::Acquire);
-                let r = client.post(url.as_str()).json(&json!({"type": "t", "id": id, "data": {"i": i}})).send().await;
+                let r = client
+                    .post(url.as_str())
+                    .json(&json!({"type": "t", "id": id, "data": {"i": i}}))
+                    .send()
+                    .await;
                 match r.map(|r| r.status().as_u16()) {
                     Ok(202) => {
                         ok.push(id);
@@ -83,10 +93,24 @@ async fn rabbitmq_restart_loses_no_event_answered_202() {
         unavailable += u;
     }
     drop(conn);
-    assert!(after > 0, "publishing recovered after the restart (503s during it: {unavailable})");
-    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await.unwrap();
+    assert!(
+        after > 0,
+        "publishing recovered after the restart (503s during it: {unavailable})"
+    );
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let seen: BTreeSet<String> = drain_queue(&ch, &q, usize::MAX, Duration::from_secs(5)).await.into_iter().collect();
+    let seen: BTreeSet<String> = drain_queue(&ch, &q, usize::MAX, Duration::from_secs(5))
+        .await
+        .into_iter()
+        .collect();
     let missing: Vec<_> = answered.iter().filter(|id| !seen.contains(*id)).collect();
-    assert!(missing.is_empty(), "{} of {} answered events missing, e.g. {:?}", missing.len(), answered.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} answered events missing, e.g. {:?}",
+        missing.len(),
+        answered.len(),
+        &missing[..missing.len().min(5)]
+    );
 }

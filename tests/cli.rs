@@ -20,7 +20,11 @@ fn weir(args: &[&str]) -> (i32, String, String) {
 #[test]
 fn validate_reports_every_broken_document_with_file_doc_and_path() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy("examples/quickstart/secrets.yaml", dir.path().join("secrets.yaml")).unwrap();
+    std::fs::copy(
+        "examples/quickstart/secrets.yaml",
+        dir.path().join("secrets.yaml"),
+    )
+    .unwrap();
     std::fs::write(
         dir.path().join("streams.yaml"),
         "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {name: a, namespace: shop}\n\
@@ -41,8 +45,18 @@ fn validate_reports_every_broken_document_with_file_doc_and_path() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
     assert!(lines.contains(&format!("{d}/streams.yaml doc 1: spec.batching.maxDelay: invalid duration \"5 sec\": expected an integer and a unit (ms, s, m, h, d), e.g. \"250ms\" or \"90d\"").as_str()), "{out}");
-    assert!(lines.iter().any(|l| l.starts_with(&format!("{d}/streams.yaml doc 2: spec.batching.maxEvents: invalid type"))), "{out}");
-    assert!(lines.contains(&format!("{d}/sub.yaml doc 1: spec.stream: EventStream shop/nope not found").as_str()), "{out}");
+    assert!(
+        lines.iter().any(|l| l.starts_with(&format!(
+            "{d}/streams.yaml doc 2: spec.batching.maxEvents: invalid type"
+        ))),
+        "{out}"
+    );
+    assert!(
+        lines.contains(
+            &format!("{d}/sub.yaml doc 1: spec.stream: EventStream shop/nope not found").as_str()
+        ),
+        "{out}"
+    );
 }
 
 #[test]
@@ -56,8 +70,16 @@ fn validate_accepts_the_quickstart() {
 fn crds_prints_exactly_the_committed_files() {
     let (code, out, err) = weir(&["crds"]);
     assert_eq!(code, 0, "{err}");
-    for name in ["eventstreams", "subscriptions", "archivepolicies", "cachepolicies"] {
+    for name in [
+        "eventstreams",
+        "subscriptions",
+        "archivepolicies",
+        "cachepolicies",
+    ] {
         let file = std::fs::read_to_string(format!("crds/{name}.weir.dev.yaml")).unwrap();
-        assert!(out.contains(file.trim()), "crds/{name}.weir.dev.yaml differs from `weir crds`");
+        assert!(
+            out.contains(file.trim()),
+            "crds/{name}.weir.dev.yaml differs from `weir crds`"
+        );
     }
 }

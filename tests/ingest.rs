@@ -40,7 +40,11 @@ async fn assert_gap_free(db: &sqlx::PgPool, n: i64) {
         .await
         .unwrap();
     let positions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(positions, (1..=n).collect::<Vec<_>>(), "positions gap-free 1..={n}");
+    assert_eq!(
+        positions,
+        (1..=n).collect::<Vec<_>>(),
+        "positions gap-free 1..={n}"
+    );
     let bad: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (
            SELECT version, lag(version) OVER (PARTITION BY subject ORDER BY position) AS prev,
@@ -51,7 +55,10 @@ async fn assert_gap_free(db: &sqlx::PgPool, n: i64) {
     .fetch_one(db)
     .await
     .unwrap();
-    assert_eq!(bad, 0, "per-subject versions are gap-free and follow position order");
+    assert_eq!(
+        bad, 0,
+        "per-subject versions are gap-free and follow position order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -66,7 +73,10 @@ async fn two_processes_store_20000_events_once_and_relay_them_in_order() {
     a.wait_ready("test", "orders").await;
     b.wait_ready("test", "orders").await;
 
-    let urls = Arc::new([a.events_url("test", "orders"), b.events_url("test", "orders")]);
+    let urls = Arc::new([
+        a.events_url("test", "orders"),
+        b.events_url("test", "orders"),
+    ]);
     let client = reqwest::Client::new();
     let mut tasks = vec![];
     for c in 0..8 {
@@ -99,7 +109,11 @@ async fn two_processes_store_20000_events_once_and_relay_them_in_order() {
 
     let relayed = drain_queue(&ch, &q, 20_000, Duration::from_secs(20)).await;
     let relayed: Vec<i64> = relayed.iter().map(|p| p.parse().unwrap()).collect();
-    assert_eq!(relayed, (1..=20_000).collect::<Vec<_>>(), "relayed once each, in position order");
+    assert_eq!(
+        relayed,
+        (1..=20_000).collect::<Vec<_>>(),
+        "relayed once each, in position order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -114,7 +128,10 @@ async fn kill_9_mid_run_loses_no_answered_event() {
     a.wait_ready("test", "orders").await;
     b.wait_ready("test", "orders").await;
 
-    let urls = Arc::new([a.events_url("test", "orders"), b.events_url("test", "orders")]);
+    let urls = Arc::new([
+        a.events_url("test", "orders"),
+        b.events_url("test", "orders"),
+    ]);
     let client = reqwest::Client::new();
     let mut tasks = vec![];
     for c in 0..4 {
@@ -124,11 +141,11 @@ async fn kill_9_mid_run_loses_no_answered_event() {
             let mut ok_ids = vec![];
             for r in 0..200 {
                 let body = seed_events(&format!("k{c}-r{r}"), 5, 20, r);
-                if let Ok(resp) = client.post(&urls[(c + r) % 2]).json(&body).send().await {
-                    if resp.status().as_u16() == 201 {
-                        for i in 0..5 {
-                            ok_ids.push(format!("k{c}-r{r}-{i}"));
-                        }
+                if let Ok(resp) = client.post(&urls[(c + r) % 2]).json(&body).send().await
+                    && resp.status().as_u16() == 201
+                {
+                    for i in 0..5 {
+                        ok_ids.push(format!("k{c}-r{r}-{i}"));
                     }
                 }
             }
@@ -226,41 +243,139 @@ async fn every_error_case_names_the_problem_and_the_server_keeps_serving() {
     };
     let structured = "application/cloudevents+json";
     let cases: Vec<(&str, String, &str, String, u16, &str)> = vec![
-        ("unknown stream", w.events_url("test", "nope"), structured, ce(json!({})), 404, "nope"),
-        ("unsupported content type", url.clone(), "text/xml", "<e/>".into(), 415, "text/xml"),
-        ("body over maxRequestBytes", url.clone(), structured, "x".repeat(9000), 413, "8192"),
-        ("event over maxEventBytes", url.clone(), structured, ce(json!({"data": {"orderId": "x".repeat(2000)}})), 413, "1024"),
-        ("malformed JSON", url.clone(), structured, "{\"id\": ".into(), 400, "line 1"),
-        ("missing id", url.clone(), structured, ce(json!({"id": null})), 400, "/id"),
-        ("bad extension name", url.clone(), structured, ce(json!({"Bad-Name": "x"})), 400, "Bad-Name"),
-        ("schema violation", url.clone(), structured, ce(json!({"data": {"other": 1}})), 422, "/data"),
-        ("unknown type", url.clone(), structured, ce(json!({"type": "order.exploded"})), 422, "order.exploded"),
-        ("missing required extension", w.events_url("test", "strict"), structured, ce(json!({})), 422, "correlationid"),
+        (
+            "unknown stream",
+            w.events_url("test", "nope"),
+            structured,
+            ce(json!({})),
+            404,
+            "nope",
+        ),
+        (
+            "unsupported content type",
+            url.clone(),
+            "text/xml",
+            "<e/>".into(),
+            415,
+            "text/xml",
+        ),
+        (
+            "body over maxRequestBytes",
+            url.clone(),
+            structured,
+            "x".repeat(9000),
+            413,
+            "8192",
+        ),
+        (
+            "event over maxEventBytes",
+            url.clone(),
+            structured,
+            ce(json!({"data": {"orderId": "x".repeat(2000)}})),
+            413,
+            "1024",
+        ),
+        (
+            "malformed JSON",
+            url.clone(),
+            structured,
+            "{\"id\": ".into(),
+            400,
+            "line 1",
+        ),
+        (
+            "missing id",
+            url.clone(),
+            structured,
+            ce(json!({"id": null})),
+            400,
+            "/id",
+        ),
+        (
+            "bad extension name",
+            url.clone(),
+            structured,
+            ce(json!({"Bad-Name": "x"})),
+            400,
+            "Bad-Name",
+        ),
+        (
+            "schema violation",
+            url.clone(),
+            structured,
+            ce(json!({"data": {"other": 1}})),
+            422,
+            "/data",
+        ),
+        (
+            "unknown type",
+            url.clone(),
+            structured,
+            ce(json!({"type": "order.exploded"})),
+            422,
+            "order.exploded",
+        ),
+        (
+            "missing required extension",
+            w.events_url("test", "strict"),
+            structured,
+            ce(json!({})),
+            422,
+            "correlationid",
+        ),
     ];
     for (name, u, ct, body, want, needle) in cases {
         let (status, ctype, v) = send(u, ct, body).await;
         assert_eq!(status, want, "{name}: {v}");
-        assert!(ctype.starts_with("application/problem+json"), "{name}: {ctype}");
+        assert!(
+            ctype.starts_with("application/problem+json"),
+            "{name}: {ctype}"
+        );
         assert_eq!(v["status"], want, "{name}");
         let text = v.to_string();
-        assert!(text.contains(needle), "{name}: body should mention {needle:?}: {text}");
+        assert!(
+            text.contains(needle),
+            "{name}: body should mention {needle:?}: {text}"
+        );
     }
     // The schema violation names the event index, pointer and keyword.
-    let (_, _, v) = send(url.clone(), "application/cloudevents-batch+json",
-        format!("[{},{}]", ce(json!({"id": "a"})), ce(json!({"id": "b", "data": {"orderId": 5}})))).await;
+    let (_, _, v) = send(
+        url.clone(),
+        "application/cloudevents-batch+json",
+        format!(
+            "[{},{}]",
+            ce(json!({"id": "a"})),
+            ce(json!({"id": "b", "data": {"orderId": 5}}))
+        ),
+    )
+    .await;
     let e = &v["errors"][0];
-    assert_eq!((e["index"].as_i64(), e["pointer"].as_str(), e["keyword"].as_str()), (Some(1), Some("/data/orderId"), Some("type")), "{v}");
+    assert_eq!(
+        (
+            e["index"].as_i64(),
+            e["pointer"].as_str(),
+            e["keyword"].as_str()
+        ),
+        (Some(1), Some("/data/orderId"), Some("type")),
+        "{v}"
+    );
     // Nothing of a rejected request was stored, and the server still serves.
     let (status, _, v) = send(url.clone(), structured, ce(json!({"id": "ok"}))).await;
     assert_eq!(status, 201, "{v}");
-    assert_eq!(v["results"][0]["position"], 1, "rejected requests stored nothing: {v}");
+    assert_eq!(
+        v["results"][0]["position"], 1,
+        "rejected requests stored nothing: {v}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_commit_batches_concurrent_single_event_requests() {
     let db_url = fresh_database().await;
     let m = Manifests::new(&db_url);
-    m.write("stream.yaml", &stream_yaml("gc", &unique("weir.test.gc."), ""));
+    m.write(
+        "stream.yaml",
+        &stream_yaml("gc", &unique("weir.test.gc."), ""),
+    );
     let mut w = Weir::start(m.path());
     w.wait_ready("test", "gc").await;
     let url = Arc::new(w.events_url("test", "gc"));
@@ -299,14 +414,21 @@ async fn group_commit_batches_concurrent_single_event_requests() {
     };
     let (sum, count) = (get("weir_batch_events_sum"), get("weir_batch_events_count"));
     assert_eq!(sum as i64, 64 * 30);
-    assert!(sum / count > 1.0, "mean batch {} should exceed 1", sum / count);
+    assert!(
+        sum / count > 1.0,
+        "mean batch {} should exceed 1",
+        sum / count
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_expected_versions_let_exactly_one_win() {
     let db_url = fresh_database().await;
     let m = Manifests::new(&db_url);
-    m.write("stream.yaml", &stream_yaml("acc", &unique("weir.test.ev."), ""));
+    m.write(
+        "stream.yaml",
+        &stream_yaml("acc", &unique("weir.test.ev."), ""),
+    );
     let mut w = Weir::start(m.path());
     w.wait_ready("test", "acc").await;
     let url = w.events_url("test", "acc");
@@ -317,8 +439,11 @@ async fn racing_expected_versions_let_exactly_one_win() {
         async move {
             c.post(&url)
                 .header("content-type", "application/cloudevents+json")
-                .body(json!({"specversion": "1.0", "id": id, "source": "/race", "type": "t",
-                    "subject": subject, "expectedversion": expected}).to_string())
+                .body(
+                    json!({"specversion": "1.0", "id": id, "source": "/race", "type": "t",
+                    "subject": subject, "expectedversion": expected})
+                    .to_string(),
+                )
                 .send()
                 .await
                 .unwrap()
@@ -329,7 +454,11 @@ async fn racing_expected_versions_let_exactly_one_win() {
     for round in 0..20 {
         let s = format!("acct-{round}");
         assert_eq!(post(format!("{s}-open"), s.clone(), "0".into()).await, 201);
-        assert_eq!(post(format!("{s}-again"), s.clone(), "0".into()).await, 409, "subject exists");
+        assert_eq!(
+            post(format!("{s}-again"), s.clone(), "0".into()).await,
+            409,
+            "subject exists"
+        );
         let (x, y) = tokio::join!(
             post(format!("{s}-x"), s.clone(), "1".into()),
             post(format!("{s}-y"), s.clone(), "1".into())
@@ -345,14 +474,20 @@ async fn data_round_trips_byte_for_byte_in_every_content_mode() {
     let db_url = fresh_database().await;
     let m = Manifests::new(&db_url);
     let ex = unique("weir.test.rt.");
-    m.write("stream.yaml", &stream_yaml("rt", &ex, "  compression: {minBytes: 1KiB, level: 3}\n"));
+    m.write(
+        "stream.yaml",
+        &stream_yaml("rt", &ex, "  compression: {minBytes: 1KiB, level: 3}\n"),
+    );
     let (_conn, ch, q) = bind_test_queue(&ex).await;
     let mut w = Weir::start(m.path());
     w.wait_ready("test", "rt").await;
     let url = w.events_url("test", "rt");
     let c = reqwest::Client::new();
     let binary: Vec<u8> = (0..=255u8).collect();
-    let big_json = format!("{{ \"z\" : 1,\n  \"a\":[1.50, 2e3], \"pad\": \"{}\" }}", "y".repeat(3000));
+    let big_json = format!(
+        "{{ \"z\" : 1,\n  \"a\":[1.50, 2e3], \"pad\": \"{}\" }}",
+        "y".repeat(3000)
+    );
     // (request, expected data kind in structured output, expected payload bytes)
     let odd_json = "{ \"b\" : 1,   \"a\":2.50 ,\"n\":null}";
     let mut expectations: Vec<(String, Vec<u8>, &str)> = vec![];
@@ -360,12 +495,24 @@ async fn data_round_trips_byte_for_byte_in_every_content_mode() {
     let structured = format!(
         r#"{{"specversion":"1.0","id":"s1","source":"/rt","type":"t","datacontenttype":"application/json","data":{odd_json}}}"#
     );
-    let r = c.post(&url).header("content-type", "application/cloudevents+json").body(structured).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "application/cloudevents+json")
+        .body(structured)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     expectations.push(("s1".into(), odd_json.as_bytes().to_vec(), "json"));
 
     let text = json!({"specversion":"1.0","id":"s2","source":"/rt","type":"t","datacontenttype":"text/plain","data":"héllo \"world\"\n"});
-    let r = c.post(&url).header("content-type", "application/cloudevents+json").body(text.to_string()).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "application/cloudevents+json")
+        .body(text.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     expectations.push(("s2".into(), "héllo \"world\"\n".as_bytes().to_vec(), "text"));
 
@@ -375,35 +522,70 @@ async fn data_round_trips_byte_for_byte_in_every_content_mode() {
         r#"[{{"specversion":"1.0","id":"s3","source":"/rt","type":"t","datacontenttype":"application/octet-stream","data_base64":"{b64}"}},
             {{"specversion":"1.0","id":"s4","source":"/rt","type":"t","data":{big_json}}}]"#
     );
-    let r = c.post(&url).header("content-type", "application/cloudevents-batch+json").body(batch).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(batch)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     expectations.push(("s3".into(), binary.clone(), "binary"));
     expectations.push(("s4".into(), big_json.as_bytes().to_vec(), "json"));
 
-    let r = c.post(&url)
-        .header("ce-specversion", "1.0").header("ce-id", "b1").header("ce-source", "/rt").header("ce-type", "t")
+    let r = c
+        .post(&url)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "b1")
+        .header("ce-source", "/rt")
+        .header("ce-type", "t")
         .header("content-type", "application/octet-stream")
-        .body(binary.clone()).send().await.unwrap();
+        .body(binary.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     expectations.push(("b1".into(), binary.clone(), "binary"));
-    let r = c.post(&url)
-        .header("ce-specversion", "1.0").header("ce-id", "b2").header("ce-source", "/rt").header("ce-type", "t")
+    let r = c
+        .post(&url)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "b2")
+        .header("ce-source", "/rt")
+        .header("ce-type", "t")
         .header("content-type", "application/json")
-        .body(odd_json).send().await.unwrap();
+        .body(odd_json)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     expectations.push(("b2".into(), odd_json.as_bytes().to_vec(), "json"));
-    let r = c.post(&url)
-        .header("ce-specversion", "1.0").header("ce-id", "b3").header("ce-source", "/rt").header("ce-type", "t")
+    let r = c
+        .post(&url)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "b3")
+        .header("ce-source", "/rt")
+        .header("ce-type", "t")
         .header("content-type", "text/plain; charset=utf-8")
-        .body("plain text").send().await.unwrap();
+        .body("plain text")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     expectations.push(("b3".into(), b"plain text".to_vec(), "text"));
 
     // Read back through the API: structured JSON, data spliced verbatim.
-    let page = c.get(format!("{url}?from=1&limit=100")).send().await.unwrap();
-    assert_eq!(page.headers()["content-type"], "application/cloudevents-batch+json");
+    let page = c
+        .get(format!("{url}?from=1&limit=100"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        page.headers()["content-type"],
+        "application/cloudevents-batch+json"
+    );
     let text = page.text().await.unwrap();
-    let raw: Vec<BTreeMap<String, Box<serde_json::value::RawValue>>> = serde_json::from_str(&text).unwrap();
+    let raw: Vec<BTreeMap<String, Box<serde_json::value::RawValue>>> =
+        serde_json::from_str(&text).unwrap();
     let by_id: HashMap<String, &BTreeMap<String, Box<serde_json::value::RawValue>>> = raw
         .iter()
         .map(|e| (serde_json::from_str::<String>(e["id"].get()).unwrap(), e))
@@ -412,7 +594,9 @@ async fn data_round_trips_byte_for_byte_in_every_content_mode() {
         let e = by_id[id];
         let got: Vec<u8> = match *kind {
             "json" => e["data"].get().as_bytes().to_vec(),
-            "text" => serde_json::from_str::<String>(e["data"].get()).unwrap().into_bytes(),
+            "text" => serde_json::from_str::<String>(e["data"].get())
+                .unwrap()
+                .into_bytes(),
             _ => base64::engine::general_purpose::STANDARD
                 .decode(serde_json::from_str::<String>(e["data_base64"].get()).unwrap())
                 .unwrap(),
@@ -424,12 +608,21 @@ async fn data_round_trips_byte_for_byte_in_every_content_mode() {
     use futures::StreamExt;
     use lapin::options::*;
     let mut consumer = ch
-        .basic_consume(q.as_str().into(), "rt".into(), BasicConsumeOptions::default(), lapin::types::FieldTable::default())
+        .basic_consume(
+            q.as_str().into(),
+            "rt".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
         .await
         .unwrap();
     let mut seen = 0;
     while seen < expectations.len() {
-        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.unwrap().unwrap().unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         let headers = d.properties.headers().clone().unwrap_or_default();
         let id = match headers.inner().get("cloudEvents:id") {
             Some(lapin::types::AMQPValue::LongString(s)) => s.to_string(),
@@ -454,7 +647,12 @@ async fn the_watched_folder_applies_add_edit_break_and_delete_without_restart() 
         let url = url.clone();
         async move {
             let body = json!({"type": "t", "data": {"pad": "p".repeat(size)}});
-            c.post(&url).json(&body).send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+            c.post(&url)
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
         }
     };
     let ex = unique("weir.test.live.");
@@ -463,20 +661,37 @@ async fn the_watched_folder_applies_add_edit_break_and_delete_without_restart() 
     w.wait_ready("test", "live").await;
     assert_eq!(publish(2000).await, 201);
     // Edit: a smaller maxEventBytes takes effect.
-    m.write("live.yaml", &stream_yaml("live", &ex, "  validation: {maxEventBytes: 1KiB}\n"));
+    m.write(
+        "live.yaml",
+        &stream_yaml("live", &ex, "  validation: {maxEventBytes: 1KiB}\n"),
+    );
     wait_for(|| async { publish(2000).await == 413 }, "edit applied").await;
     assert_eq!(publish(10).await, 201);
     // Break: the previous version keeps running and status says why.
-    m.write("live.yaml", &stream_yaml("live", &ex, "  batching: {maxDelay: 5 sec}\n"));
+    m.write(
+        "live.yaml",
+        &stream_yaml("live", &ex, "  batching: {maxDelay: 5 sec}\n"),
+    );
     wait_for(
         || async {
-            let s: Value = c.get(format!("{}/v1/status", w.admin)).send().await.unwrap().json().await.unwrap();
+            let s: Value = c
+                .get(format!("{}/v1/status", w.admin))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             s.to_string().contains("5 sec")
         },
         "broken manifest reported",
     )
     .await;
-    assert_eq!(publish(2000).await, 413, "the previous (edited) version still runs");
+    assert_eq!(
+        publish(2000).await,
+        413,
+        "the previous (edited) version still runs"
+    );
     assert_eq!(publish(10).await, 201);
     // Delete: the stream stops.
     m.remove("live.yaml");
@@ -490,7 +705,10 @@ where
 {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !f().await {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -499,8 +717,18 @@ where
 async fn overload_answers_503_with_retry_after_and_loses_nothing_answered() {
     let db_url = fresh_database().await;
     let m = Manifests::new(&db_url);
-    m.write("stream.yaml", &stream_yaml("slow", &unique("weir.test.slow."), "  batching: {maxEvents: 10}\n"));
-    let mut w = Weir::start_with(m.path(), &[("WEIR_BATCH_QUEUE", "4"), ("WEIR_REQUEST_TIMEOUT", "60s")]);
+    m.write(
+        "stream.yaml",
+        &stream_yaml(
+            "slow",
+            &unique("weir.test.slow."),
+            "  batching: {maxEvents: 10}\n",
+        ),
+    );
+    let mut w = Weir::start_with(
+        m.path(),
+        &[("WEIR_BATCH_QUEUE", "4"), ("WEIR_REQUEST_TIMEOUT", "60s")],
+    );
     w.wait_ready("test", "slow").await;
     let url = Arc::new(w.events_url("test", "slow"));
     let rss = |metrics: &str| -> f64 {
@@ -534,7 +762,10 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_answered() {
                 match resp.status().as_u16() {
                     201 => ok.push(id),
                     503 => {
-                        assert!(resp.headers().contains_key("retry-after"), "503 without Retry-After");
+                        assert!(
+                            resp.headers().contains_key("retry-after"),
+                            "503 without Retry-After"
+                        );
                         overloaded += 1;
                     }
                     s => panic!("unexpected {s}"),
@@ -556,7 +787,11 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_answered() {
     assert!(overloaded > 0, "a stalled store must turn into 503s");
     // 48 clients keep sending 100 KB requests while the store is stalled; the queue holds at
     // most 4 requests plus the two batches waiting on the lock.
-    assert!(during - before < 48e6, "memory grew by {} bytes", during - before);
+    assert!(
+        during - before < 48e6,
+        "memory grew by {} bytes",
+        during - before
+    );
     let stored: BTreeSet<String> = sqlx::query_scalar("SELECT id FROM weir_events")
         .fetch_all(&db)
         .await
@@ -572,7 +807,10 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_answered() {
 async fn sigterm_answers_in_flight_publishes_and_exits_cleanly() {
     let db_url = fresh_database().await;
     let m = Manifests::new(&db_url);
-    m.write("stream.yaml", &stream_yaml("term", &unique("weir.test.term."), ""));
+    m.write(
+        "stream.yaml",
+        &stream_yaml("term", &unique("weir.test.term."), ""),
+    );
     let mut w = Weir::start(m.path());
     w.wait_ready("test", "term").await;
     let url = Arc::new(w.events_url("test", "term"));
@@ -585,7 +823,12 @@ async fn sigterm_answers_in_flight_publishes_and_exits_cleanly() {
             let mut ok = vec![];
             for r in 0.. {
                 let id = format!("t{c}-{r}");
-                match client.post(url.as_str()).json(&json!({"type": "t", "id": id, "data": {}})).send().await {
+                match client
+                    .post(url.as_str())
+                    .json(&json!({"type": "t", "id": id, "data": {}}))
+                    .send()
+                    .await
+                {
                     Ok(resp) if resp.status().as_u16() == 201 => ok.push(id),
                     Ok(resp) if resp.status().as_u16() == 503 => {}
                     Ok(resp) => panic!("unexpected {}", resp.status()),
@@ -597,7 +840,11 @@ async fn sigterm_answers_in_flight_publishes_and_exits_cleanly() {
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
     let status = w.terminate();
-    assert!(status.success(), "weir exited with {status}; log:\n{}", w.log_text());
+    assert!(
+        status.success(),
+        "weir exited with {status}; log:\n{}",
+        w.log_text()
+    );
     let mut ok_ids = vec![];
     for t in tasks {
         ok_ids.extend(t.await.unwrap());

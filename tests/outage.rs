@@ -37,7 +37,9 @@ impl Proxy {
 
     async fn restore(&mut self) {
         self.stop = CancellationToken::new();
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.expect("bind proxy");
+        let listener = TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("bind proxy");
         let (stop, upstream) = (self.stop.clone(), self.upstream.clone());
         tokio::spawn(async move {
             loop {
@@ -47,7 +49,9 @@ impl Proxy {
                 };
                 let (stop, upstream) = (stop.clone(), upstream.clone());
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else { return };
+                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = stop.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
@@ -65,16 +69,24 @@ async fn a_store_outage_answers_503_and_recovers_without_a_restart() {
     let db_name = direct.rsplit('/').next().unwrap().to_string();
     let via_proxy = format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port);
     let m = Manifests::new(&via_proxy);
-    m.write("stream.yaml", &stream_yaml("flaky", &unique("weir.test.flaky."), ""));
+    m.write(
+        "stream.yaml",
+        &stream_yaml("flaky", &unique("weir.test.flaky."), ""),
+    );
     let mut w = Weir::start_with(m.path(), &[("WEIR_REQUEST_TIMEOUT", "2s")]);
     w.wait_ready("test", "flaky").await;
     let url = w.events_url("test", "flaky");
     let c = reqwest::Client::new();
     let mut answered = BTreeSet::new();
-    let mut publish = |id: String| {
+    let publish = |id: String| {
         let (c, url) = (c.clone(), url.clone());
         async move {
-            let r = c.post(&url).json(&json!({"type": "t", "id": id, "data": {}})).send().await.unwrap();
+            let r = c
+                .post(&url)
+                .json(&json!({"type": "t", "id": id, "data": {}}))
+                .send()
+                .await
+                .unwrap();
             let retry_after = r.headers().get("retry-after").is_some();
             (r.status().as_u16(), retry_after, id)
         }
@@ -85,11 +97,22 @@ async fn a_store_outage_answers_503_and_recovers_without_a_restart() {
 
     proxy.cut();
     let (s, retry_after, _) = publish("during".into()).await;
-    assert_eq!((s, retry_after), (503, true), "a store outage is a 503 with Retry-After");
+    assert_eq!(
+        (s, retry_after),
+        (503, true),
+        "a store outage is a 503 with Retry-After"
+    );
     // Status reports the outage (sampled every 2 s) while the process keeps serving.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let status: serde_json::Value = c.get(format!("{}/v1/status", w.admin)).send().await.unwrap().json().await.unwrap();
+        let status: serde_json::Value = c
+            .get(format!("{}/v1/status", w.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let store_down = status["resources"][0]["conditions"]
             .as_array()
             .unwrap()
@@ -99,10 +122,17 @@ async fn a_store_outage_answers_503_and_recovers_without_a_restart() {
             assert_eq!(status["resources"][0]["ready"], false);
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "status never showed the outage: {status}\n{}", w.log_text());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status never showed the outage: {status}\n{}",
+            w.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(w.child.try_wait().unwrap().is_none(), "weir must keep running");
+    assert!(
+        w.child.try_wait().unwrap().is_none(),
+        "weir must keep running"
+    );
 
     proxy.restore().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -115,7 +145,10 @@ async fn a_store_outage_answers_503_and_recovers_without_a_restart() {
             break;
         }
         assert_eq!(s, 503);
-        assert!(std::time::Instant::now() < deadline, "no recovery after the store came back");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recovery after the store came back"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let db = sqlx::PgPool::connect(&direct).await.unwrap();
@@ -125,5 +158,8 @@ async fn a_store_outage_answers_503_and_recovers_without_a_restart() {
         .unwrap()
         .into_iter()
         .collect();
-    assert!(answered.is_subset(&stored), "answered {answered:?}, stored {stored:?}");
+    assert!(
+        answered.is_subset(&stored),
+        "answered {answered:?}, stored {stored:?}"
+    );
 }

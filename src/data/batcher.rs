@@ -218,10 +218,9 @@ impl Task {
                     Err(_) if self.joining.load(Ordering::Acquire) > 0 => {
                         // Requests are being parsed right now: give them until maxDelay.
                         let wait_until = started + self.plan.max_delay;
-                        match tokio::time::timeout_at(wait_until, self.rx.recv()).await {
-                            Ok(p) => p,
-                            Err(_) => None,
-                        }
+                        tokio::time::timeout_at(wait_until, self.rx.recv())
+                            .await
+                            .unwrap_or_default()
                     }
                     Err(_) => None,
                 };
@@ -268,8 +267,10 @@ async fn write_with_retry(
 ) {
     let mut backoff = Duration::from_millis(20);
     loop {
-        let requests: Vec<Vec<CloudEvent>> =
-            batch.iter_mut().map(|p| std::mem::take(&mut p.events)).collect();
+        let requests: Vec<Vec<CloudEvent>> = batch
+            .iter_mut()
+            .map(|p| std::mem::take(&mut p.events))
+            .collect();
         let started = Instant::now();
         let result = writer.write(&requests).await;
         match result {
@@ -409,8 +410,10 @@ mod tests {
         let w = fake(1, 0);
         let (b, _h) = Batcher::spawn(plan(50), Limits::default(), w.clone(), Arc::new(Quiet));
         let start = Instant::now();
-        let rx = b.submit(vec![ev(1)], start + Duration::from_secs(5)).unwrap();
-        rx.await.unwrap().unwrap();
+        let rx = b
+            .submit(vec![ev(1)], start + Duration::from_secs(5))
+            .unwrap();
+        rx.await.unwrap().unwrap().unwrap();
         // Only the write's own 1 ms: no maxDelay wait for a lone request.
         assert_eq!(start.elapsed(), Duration::from_millis(1));
     }
@@ -429,7 +432,11 @@ mod tests {
         }
         let batches = w.batches.lock().unwrap().clone();
         // 8 requests of 3 events with maxEvents 10: whole requests only, at most 3 per batch.
-        assert!(batches.iter().all(|b| b.iter().all(|n| *n == 3) && b.len() <= 3));
+        assert!(
+            batches
+                .iter()
+                .all(|b| b.iter().all(|n| *n == 3) && b.len() <= 3)
+        );
         assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 8);
         assert!(batches.iter().any(|b| b.len() > 1), "{batches:?}");
     }
@@ -454,8 +461,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(2)).await;
         let rx2 = b.submit(vec![ev(2)], d).unwrap();
         drop(guard);
-        rx1.await.unwrap().unwrap();
-        rx2.await.unwrap().unwrap();
+        rx1.await.unwrap().unwrap().unwrap();
+        rx2.await.unwrap().unwrap().unwrap();
         assert_eq!(*w.batches.lock().unwrap(), vec![vec![1, 1]]);
     }
 
@@ -503,7 +510,11 @@ mod tests {
             }
             tokio::task::yield_now().await;
         }
-        assert!(overloaded > 0 && accepted.len() <= 4 + 2, "{}", accepted.len());
+        assert!(
+            overloaded > 0 && accepted.len() <= 4 + 2,
+            "{}",
+            accepted.len()
+        );
         gate.add_permits(1000);
         for rx in accepted {
             assert!(rx.await.unwrap().is_ok());

@@ -125,14 +125,18 @@ impl StreamRuntime {
         } = &self.backend
         {
             drop(batcher.lock().unwrap_or_else(|p| p.into_inner()).take());
-            let task = batcher_task.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(task) = task {
-                if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
-                    tracing::warn!(stream = %self.plan.key, "batcher did not drain in time");
-                }
+            let task = batcher_task
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(task) = task
+                && tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err()
+            {
+                tracing::warn!(stream = %self.plan.key, "batcher did not drain in time");
             }
         }
-        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
@@ -246,7 +250,10 @@ impl Engine {
         let mut to_stop = Vec::new();
         let mut to_prune = Vec::new();
         for (key, plan) in plans {
-            if self.stream(&key.namespace, &key.name).is_some_and(|rt| rt.plan == *plan) {
+            if self
+                .stream(&key.namespace, &key.name)
+                .is_some_and(|rt| rt.plan == *plan)
+            {
                 continue;
             }
             match self.start(plan.clone()) {

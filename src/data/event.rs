@@ -167,8 +167,10 @@ impl StoredEvent {
     pub fn to_cloud_event(&self) -> CloudEvent {
         let mut ev = self.event.clone();
         ev.extensions.remove(EXT_EXPECTED_VERSION);
-        ev.extensions
-            .insert(EXT_POSITION.into(), ExtValue::String(self.position.to_string()));
+        ev.extensions.insert(
+            EXT_POSITION.into(),
+            ExtValue::String(self.position.to_string()),
+        );
         if let Some(v) = self.version {
             ev.extensions
                 .insert(EXT_VERSION.into(), ExtValue::String(v.to_string()));

@@ -211,7 +211,10 @@ async fn publish_inner(
             {
                 Ok(routing) => {
                     let m = &st.engine.metrics.broker_publish;
-                    let routed = routing.iter().filter(|r| matches!(r, Routing::Routed)).count();
+                    let routed = routing
+                        .iter()
+                        .filter(|r| matches!(r, Routing::Routed))
+                        .count();
                     m.with_label_values(&[labels[0], labels[1], "routed"])
                         .inc_by(routed as u64);
                     m.with_label_values(&[labels[0], labels[1], "unroutable"])
@@ -318,7 +321,13 @@ struct RangeQuery {
     limit: Option<String>,
 }
 
-fn parse_param(name: &str, v: Option<&str>, default: i64, min: i64, max: i64) -> Result<i64, Problem> {
+fn parse_param(
+    name: &str,
+    v: Option<&str>,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, Problem> {
     match v {
         None => Ok(default),
         Some(s) => match s.parse::<i64>() {
@@ -339,7 +348,10 @@ async fn read_range(
     let limit = parse_param("limit", q.limit.as_deref(), DEFAULT_PAGE, 1, MAX_PAGE)?;
     let (rt, id) = readable(&st, &ns, &stream)?;
     let store = rt.store().ok_or_else(|| Problem::internal("no store"))?;
-    let events = store.read_range(id, from, limit).await.map_err(store_problem)?;
+    let events = store
+        .read_range(id, from, limit)
+        .await
+        .map_err(store_problem)?;
     Ok(batch_response(&events))
 }
 
@@ -355,7 +367,9 @@ async fn read_one(
         .await
         .map_err(store_problem)?
         .ok_or_else(|| {
-            Problem::not_found(format!("stream {ns}/{stream} has no event at position {position}"))
+            Problem::not_found(format!(
+                "stream {ns}/{stream} has no event at position {position}"
+            ))
         })?;
     let mut resp = to_structured_json(&ev.to_cloud_event()).into_response();
     resp.headers_mut().insert(

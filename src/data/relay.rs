@@ -143,7 +143,10 @@ impl Relay {
                 }
                 continue;
             }
-            let msgs: Vec<_> = events.iter().map(|e| to_message(&e.to_cloud_event())).collect();
+            let msgs: Vec<_> = events
+                .iter()
+                .map(|e| to_message(&e.to_cloud_event()))
+                .collect();
             let deadline = Instant::now() + PUBLISH_DEADLINE;
             let routing = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -161,7 +164,10 @@ impl Relay {
                     continue;
                 }
             };
-            let routed = routing.iter().filter(|r| matches!(r, Routing::Routed)).count();
+            let routed = routing
+                .iter()
+                .filter(|r| matches!(r, Routing::Routed))
+                .count();
             let last = events.last().map_or(*checkpoint, |e| e.position);
             let moved = sqlx::query(
                 "UPDATE weir_relay_checkpoints SET position = $2, updated_at = now()

@@ -6,9 +6,13 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UnitError {
-    #[error("invalid duration {0:?}: expected an integer and a unit (ms, s, m, h, d), e.g. \"250ms\" or \"90d\"")]
+    #[error(
+        "invalid duration {0:?}: expected an integer and a unit (ms, s, m, h, d), e.g. \"250ms\" or \"90d\""
+    )]
     Duration(String),
-    #[error("invalid size {0:?}: expected an integer and an optional unit (B, KiB, MiB, GiB, KB, MB, GB), e.g. \"256KiB\"")]
+    #[error(
+        "invalid size {0:?}: expected an integer and an optional unit (B, KiB, MiB, GiB, KB, MB, GB), e.g. \"256KiB\""
+    )]
     Size(String),
 }
 

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 pub fn pg_admin_url() -> String {
-    std::env::var("WEIR_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("WEIR_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A name unique to this test run, safe for databases, exchanges and queues.
@@ -132,7 +133,10 @@ impl Weir {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{admin_port}"))
-            .env("RUST_LOG", std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(logf);
         for (k, v) in env {
@@ -162,16 +166,15 @@ impl Weir {
                 .send()
                 .await
                 .ok();
-            if let Some(r) = st {
-                if let Ok(v) = r.json::<serde_json::Value>().await {
-                    let ready = v["resources"].as_array().is_some_and(|rs| {
-                        rs.iter().any(|r| {
-                            r["namespace"] == ns && r["name"] == stream && r["ready"] == true
-                        })
-                    });
-                    if ready {
-                        return;
-                    }
+            if let Some(r) = st
+                && let Ok(v) = r.json::<serde_json::Value>().await
+            {
+                let ready = v["resources"].as_array().is_some_and(|rs| {
+                    rs.iter()
+                        .any(|r| r["namespace"] == ns && r["name"] == stream && r["ready"] == true)
+                });
+                if ready {
+                    return;
                 }
             }
             assert!(
@@ -271,11 +274,18 @@ pub async fn bind_test_queue(exchange: &str) -> (lapin::Connection, lapin::Chann
 /// Drains up to `want` messages from `queue`, returning their `cloudEvents:weirposition` (or
 /// `cloudEvents:id` when absent) header values in arrival order. Stops after `idle` without
 /// a message.
-pub async fn drain_queue(ch: &lapin::Channel, queue: &str, want: usize, idle: Duration) -> Vec<String> {
+pub async fn drain_queue(
+    ch: &lapin::Channel,
+    queue: &str,
+    want: usize,
+    idle: Duration,
+) -> Vec<String> {
     use futures::StreamExt;
     use lapin::options::*;
     use lapin::types::{AMQPValue, FieldTable};
-    ch.basic_qos(1000, BasicQosOptions::default()).await.expect("qos");
+    ch.basic_qos(1000, BasicQosOptions::default())
+        .await
+        .expect("qos");
     let mut consumer = ch
         .basic_consume(
             queue.into(),

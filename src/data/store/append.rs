@@ -179,11 +179,11 @@ impl Store {
             let mut pos = next;
             for (index, ev) in r.events.iter().enumerate() {
                 let key = (ev.source.as_str(), ev.id.as_str());
-                if let Some(orig) = new_known.get(&key).copied().or_else(|| {
-                    known
-                        .get(&(ev.source.clone(), ev.id.clone()))
-                        .copied()
-                }) {
+                if let Some(orig) = new_known
+                    .get(&key)
+                    .copied()
+                    .or_else(|| known.get(&(ev.source.clone(), ev.id.clone())).copied())
+                {
                     results.push(Appended {
                         duplicate: true,
                         ..orig
@@ -197,16 +197,16 @@ impl Store {
                             .copied()
                             .or_else(|| versions.get(subject).copied())
                             .unwrap_or(0);
-                        if let Some(expected) = expected_version(ev) {
-                            if expected != current {
-                                conflict = Some(Conflict {
-                                    index,
-                                    subject: subject.clone(),
-                                    expected,
-                                    actual: current,
-                                });
-                                break;
-                            }
+                        if let Some(expected) = expected_version(ev)
+                            && expected != current
+                        {
+                            conflict = Some(Conflict {
+                                index,
+                                subject: subject.clone(),
+                                expected,
+                                actual: current,
+                            });
+                            break;
                         }
                         new_versions.insert(subject.as_str(), current + 1);
                         Some(current + 1)

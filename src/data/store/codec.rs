@@ -40,12 +40,12 @@ pub fn encode_extensions(ev: &CloudEvent) -> Option<String> {
 
 /// Payload bytes as stored and their encoding: zstd when at least `min_bytes` and smaller.
 pub fn encode_data(data: &[u8], min_bytes: usize, level: i32) -> (i16, Vec<u8>) {
-    if data.len() >= min_bytes && min_bytes > 0 {
-        if let Ok(compressed) = zstd::bulk::compress(data, level) {
-            if compressed.len() < data.len() {
-                return (ENCODING_ZSTD, compressed);
-            }
-        }
+    if data.len() >= min_bytes
+        && min_bytes > 0
+        && let Ok(compressed) = zstd::bulk::compress(data, level)
+        && compressed.len() < data.len()
+    {
+        return (ENCODING_ZSTD, compressed);
     }
     (ENCODING_RAW, data.to_vec())
 }
@@ -79,7 +79,9 @@ pub fn decode_row(row: &PgRow) -> Result<StoredEvent, StoreError> {
     let corrupt = |message: String| StoreError::Corrupt { position, message };
     let extensions: Option<String> = row.try_get("extensions")?;
     let extensions: BTreeMap<String, ExtValue> = match extensions {
-        Some(text) => serde_json::from_str(&text).map_err(|e| corrupt(format!("extensions: {e}")))?,
+        Some(text) => {
+            serde_json::from_str(&text).map_err(|e| corrupt(format!("extensions: {e}")))?
+        }
         None => BTreeMap::new(),
     };
     let kind: i16 = row.try_get("data_kind")?;
@@ -120,7 +122,8 @@ mod tests {
 
     #[test]
     fn large_payloads_are_compressed_and_come_back() {
-        let data = br#"{"k":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#.repeat(100);
+        let data = br#"{"k":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#
+            .repeat(100);
         let (enc, stored) = encode_data(&data, 1024, 3);
         assert_eq!(enc, ENCODING_ZSTD);
         assert!(stored.len() < data.len() / 10);

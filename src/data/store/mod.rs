@@ -3,8 +3,8 @@
 
 mod append;
 mod codec;
-mod read;
 pub mod pools;
+mod read;
 
 pub use append::{AppendInput, Appended, Conflict, RequestOutcome};
 
