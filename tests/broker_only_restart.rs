@@ -34,6 +34,7 @@ fn rabbitmqctl(arg: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rabbitmq_restart_loses_no_event_answered_202() {
+    let _lock = rabbitmq_restart_lock();
     let db_url = fresh_database().await;
     let m = Manifests::new(&db_url);
     let ex = unique("weir.test.bo.");

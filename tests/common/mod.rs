@@ -94,6 +94,19 @@ pub fn broker_only_yaml(name: &str, exchange: &str) -> String {
     )
 }
 
+/// Several test binaries restart RabbitMQ; this lock file (shared with `tests/broker_restart.rs`)
+/// keeps them from doing it at the same time. Held until dropped.
+pub fn rabbitmq_restart_lock() -> std::fs::File {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("weir-rabbitmq-restart.lock"))
+        .expect("lock file");
+    file.lock().expect("lock");
+    file
+}
+
 /// A private copy of the `weir` binary made at first use, so that a rebuild of
 /// `target/debug/weir` while the tests run cannot swap the program under them.
 pub fn weir_binary() -> PathBuf {
