@@ -861,3 +861,66 @@ async fn sigterm_answers_in_flight_publishes_and_exits_cleanly() {
         assert!(stored.contains(id), "answered {id} not stored");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_manifest_removes_data_only_under_prune_and_delete_policy() {
+    let db_url = fresh_database().await;
+    let db = sqlx::PgPool::connect(&db_url).await.unwrap();
+    let count = |name: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM weir_events e JOIN weir_streams s USING (stream_id) WHERE s.name = $1",
+            )
+            .bind(name)
+            .fetch_one(&db)
+            .await
+            .unwrap()
+        }
+    };
+    for (prune, policy, kept) in [(false, "Delete", true), (true, "Retain", true), (true, "Delete", false)] {
+        let m = Manifests::new(&db_url);
+        let name: &'static str = Box::leak(unique("p").into_boxed_str());
+        let ex = unique("weir.test.prune.");
+        m.write("s.yaml", &stream_yaml(name, &ex, &format!("  deletionPolicy: {policy}\n")));
+        let mut w = if prune {
+            Weir::start_with_args(m.path(), &["--prune"])
+        } else {
+            Weir::start(m.path())
+        };
+        w.wait_ready("test", name).await;
+        let r = reqwest::Client::new()
+            .post(w.events_url("test", name))
+            .json(&json!({"type": "t", "data": {}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(count(name).await, 1);
+        m.remove("s.yaml");
+        let url = w.events_url("test", name);
+        wait_for(
+            || async {
+                reqwest::Client::new().post(&url).json(&json!({"type": "t", "data": {}})).send().await.unwrap().status() == 404
+            },
+            "stream stopped",
+        )
+        .await;
+        // Pruning happens right after the stop; give it a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(count(name).await > 0, kept, "prune={prune} policy={policy}");
+        let exchange_exists = {
+            let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await.unwrap();
+            let ch = conn.create_channel().await.unwrap();
+            ch.exchange_declare(
+                ex.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .is_ok()
+        };
+        assert_eq!(exchange_exists, kept, "exchange kept? prune={prune} policy={policy}");
+    }
+}

@@ -133,7 +133,15 @@ impl Weir {
         Self::start_with(dir, &[])
     }
 
+    pub fn start_with_args(dir: &Path, args: &[&str]) -> Weir {
+        Self::spawn(dir, &[], args)
+    }
+
     pub fn start_with(dir: &Path, env: &[(&str, &str)]) -> Weir {
+        Self::spawn(dir, env, &[])
+    }
+
+    fn spawn(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Weir {
         let port = free_port();
         let admin_port = free_port();
         let log = std::env::temp_dir().join(format!("{}.log", unique("weir-test-")));
@@ -146,6 +154,7 @@ impl Weir {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{admin_port}"))
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "warn".into()),
