@@ -878,11 +878,18 @@ async fn a_deleted_manifest_removes_data_only_under_prune_and_delete_policy() {
             .unwrap()
         }
     };
-    for (prune, policy, kept) in [(false, "Delete", true), (true, "Retain", true), (true, "Delete", false)] {
+    for (prune, policy, kept) in [
+        (false, "Delete", true),
+        (true, "Retain", true),
+        (true, "Delete", false),
+    ] {
         let m = Manifests::new(&db_url);
         let name: &'static str = Box::leak(unique("p").into_boxed_str());
         let ex = unique("weir.test.prune.");
-        m.write("s.yaml", &stream_yaml(name, &ex, &format!("  deletionPolicy: {policy}\n")));
+        m.write(
+            "s.yaml",
+            &stream_yaml(name, &ex, &format!("  deletionPolicy: {policy}\n")),
+        );
         let mut w = if prune {
             Weir::start_with_args(m.path(), &["--prune"])
         } else {
@@ -901,7 +908,14 @@ async fn a_deleted_manifest_removes_data_only_under_prune_and_delete_policy() {
         let url = w.events_url("test", name);
         wait_for(
             || async {
-                reqwest::Client::new().post(&url).json(&json!({"type": "t", "data": {}})).send().await.unwrap().status() == 404
+                reqwest::Client::new()
+                    .post(&url)
+                    .json(&json!({"type": "t", "data": {}}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    == 404
             },
             "stream stopped",
         )
@@ -910,17 +924,25 @@ async fn a_deleted_manifest_removes_data_only_under_prune_and_delete_policy() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(count(name).await > 0, kept, "prune={prune} policy={policy}");
         let exchange_exists = {
-            let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await.unwrap();
+            let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
             let ch = conn.create_channel().await.unwrap();
             ch.exchange_declare(
                 ex.as_str().into(),
                 lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() },
+                lapin::options::ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 lapin::types::FieldTable::default(),
             )
             .await
             .is_ok()
         };
-        assert_eq!(exchange_exists, kept, "exchange kept? prune={prune} policy={policy}");
+        assert_eq!(
+            exchange_exists, kept,
+            "exchange kept? prune={prune} policy={policy}"
+        );
     }
 }

@@ -172,10 +172,16 @@ impl BatchWriter for StoreWriter {
 struct Observer {
     metrics: Metrics,
     key: Key,
+    /// Appends are the most direct evidence of the store's health: a committed batch means
+    /// reachable, a transient failure means not (the probe in `watch_store` covers idle times).
+    health: Arc<Health>,
 }
 
 impl BatchObserver for Observer {
     fn batch_written(&self, events: usize, elapsed: Duration) {
+        if !self.health.store_ready.swap(true, Ordering::AcqRel) {
+            self.health.set_error(None);
+        }
         let l = [self.key.namespace.as_str(), self.key.name.as_str()];
         self.metrics
             .batch_events
@@ -187,6 +193,12 @@ impl BatchObserver for Observer {
             .observe(elapsed.as_secs_f64());
     }
     fn retried(&self) {
+        if self.health.store_ready.swap(false, Ordering::AcqRel) {
+            tracing::warn!(stream = %self.key, "store unavailable: append failed");
+        }
+        self.health.set_error(Some(
+            "store: an append failed with a transient error".into(),
+        ));
         self.metrics
             .store_append_retries
             .with_label_values(&[self.key.namespace.as_str(), self.key.name.as_str()])
@@ -353,6 +365,7 @@ impl Engine {
                 let observer = Arc::new(Observer {
                     metrics: self.metrics.clone(),
                     key: key.clone(),
+                    health: health.clone(),
                 });
                 let (b, task) =
                     Batcher::spawn(plan.batching.clone(), self.limits.clone(), writer, observer);
@@ -508,15 +521,20 @@ async fn watch_store(store: Store, health: Arc<Health>, cancel: CancellationToke
         match probe {
             Ok(Ok(_)) => {
                 if !health.store_ready.swap(true, Ordering::AcqRel) {
+                    tracing::info!("store reachable again");
                     health.set_error(None);
                 }
             }
             Ok(Err(e)) => {
-                health.store_ready.store(false, Ordering::Release);
+                if health.store_ready.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(error = %e, "store health check failed");
+                }
                 health.set_error(Some(format!("store: {e}")));
             }
             Err(_) => {
-                health.store_ready.store(false, Ordering::Release);
+                if health.store_ready.swap(false, Ordering::AcqRel) {
+                    tracing::warn!("store health check timed out");
+                }
                 health.set_error(Some("store: health check timed out".into()));
             }
         }

@@ -112,8 +112,21 @@ pub fn rabbitmq_restart_lock() -> std::fs::File {
 pub fn weir_binary() -> PathBuf {
     static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     COPY.get_or_init(|| {
-        let dst = std::env::temp_dir().join(unique("weir-bin-"));
-        std::fs::copy(env!("CARGO_BIN_EXE_weir"), &dst).expect("copy the weir binary");
+        let src = env!("CARGO_BIN_EXE_weir");
+        // One copy per build (named by size and mtime), so repeated runs do not pile up copies.
+        let meta = std::fs::metadata(src).expect("the weir binary");
+        let stamp = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let dst = std::env::temp_dir().join(format!("weir-bin-{}-{stamp}", meta.len()));
+        if !dst.exists() {
+            let tmp = std::env::temp_dir().join(unique("weir-bin-tmp-"));
+            std::fs::copy(src, &tmp).expect("copy the weir binary");
+            // Rename is atomic: concurrent test binaries never run a half-written copy.
+            std::fs::rename(&tmp, &dst).expect("place the weir binary copy");
+        }
         dst
     })
     .clone()

@@ -1,0 +1,241 @@
+//! Delivery of a subscription's events to its sink.
+//!
+//! # Topology on RabbitMQ (names in [`Names`])
+//! - `weir.<ns>.<stream>.<subscription>`: the subscription's durable queue (type from the
+//!   stream, quorum by default), bound to the stream exchange with the narrowest topic
+//!   patterns its `type` filters allow (`#` otherwise). Other filters run in the consumer:
+//!   an event that does not match is acked and counted, never delivered.
+//! - `ordering: perKey`: instead, a consistent-hash exchange `weir-hash.<ns>.<subscription>`
+//!   (hashing the `cloudEvents:<partitionKey>` header) bound to the stream exchange, and one
+//!   single-active-consumer queue `weir.<ns>.<stream>.<subscription>.p<i>` per partition.
+//! - `weir-retry.<ns>.<subscription>.<ms>ms`: one delay queue per delay bucket (see
+//!   [`backoff`]), whose `x-message-ttl` dead-letters back to the subscription's queue through
+//!   the default exchange. A retry is published there (confirmed) before the original is
+//!   acked, so it survives a restart of every process and blocks nothing else.
+//! - `weir-dlq.<ns>.<subscription>`: dead letters. The `weir-` prefixes of retry and dead
+//!   letter queues never begin a subscription queue's name (`weir.`), so they cannot collide.
+//!
+//! # Contract
+//! Attempts = `retry + 1`. The attempt count travels in the message header
+//! [`ATTEMPTS_HEADER`]. After the last failed attempt (or at once for a non-retryable answer)
+//! the event is published — confirmed — to the dead-letter queue with `weirerrordest`,
+//! `weirerrorcode`, `weirerrordata` and `weirattempts`, and only then acked. Under
+//! `ordering: perKey` a retry waits in place (the message stays unacked, so a crash redelivers
+//! it), which blocks only its own lane.
+
+pub mod backoff;
+pub mod runner;
+pub mod sender;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::data::event::CloudEvent;
+use crate::topology::{Key, OrderingPlan, SubscriptionPlan};
+
+pub use runner::{Runner, Settings, SubState};
+pub use sender::{Failure, Outcome, Sender};
+
+/// Header holding the number of attempts already made (an AMQP long).
+pub const ATTEMPTS_HEADER: &str = "weir-attempts";
+/// Extensions a dead-lettered event gains.
+pub const EXT_ERROR_DEST: &str = "weirerrordest";
+pub const EXT_ERROR_CODE: &str = "weirerrorcode";
+pub const EXT_ERROR_DATA: &str = "weirerrordata";
+pub const EXT_ATTEMPTS: &str = "weirattempts";
+/// Type of the event appended to a `deadLetterSink: {stream}`.
+pub const DELIVERY_FAILED_TYPE: &str = "dev.weir.delivery.failed";
+
+/// Errors of the delivery subsystem.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("sink: {0}")]
+    Sink(String),
+    #[error("broker: {0}")]
+    Broker(#[from] crate::data::broker::BrokerError),
+    #[error("store: {0}")]
+    Store(#[from] crate::data::store::StoreError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("appending to stream {stream}: {message}")]
+    Append { stream: Key, message: String },
+    #[error("shutting down")]
+    Shutdown,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Appends events to an EventStream (replies and `deadLetterSink: {stream}`); implemented by
+/// the subscription manager over the engine, by fakes in tests.
+pub trait Appender: Send + Sync + 'static {
+    /// Appends `events` durably (stored, or confirmed by the broker for broker-only streams).
+    fn append<'a>(
+        &'a self,
+        stream: &'a Key,
+        events: Vec<CloudEvent>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), DeliveryError>> + Send + 'a>>;
+}
+
+/// The RabbitMQ names of one subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    /// The queue consumed (`ordering: none`), or the prefix of the partition queues.
+    pub queue: String,
+    pub dead_letter_queue: String,
+    /// Consistent-hash exchange (`ordering: perKey` only).
+    pub hash_exchange: Option<String>,
+    /// Partition queues (`ordering: perKey`); empty otherwise.
+    pub partitions: Vec<String>,
+    retry_prefix: String,
+}
+
+impl Names {
+    pub fn new(plan: &SubscriptionPlan) -> Names {
+        let (ns, sub, stream) = (&plan.key.namespace, &plan.key.name, &plan.stream.name);
+        let queue = format!("weir.{ns}.{stream}.{sub}");
+        let (hash_exchange, partitions) = match &plan.ordering {
+            OrderingPlan::None => (None, vec![]),
+            OrderingPlan::PerKey { partitions, .. } => (
+                Some(format!("weir-hash.{ns}.{sub}")),
+                (0..*partitions).map(|i| format!("{queue}.p{i}")).collect(),
+            ),
+        };
+        Names {
+            queue,
+            dead_letter_queue: format!("weir-dlq.{ns}.{sub}"),
+            hash_exchange,
+            partitions,
+            retry_prefix: format!("weir-retry.{ns}.{sub}."),
+        }
+    }
+
+    /// The delay queue of one bucket.
+    pub fn retry_queue(&self, delay: std::time::Duration) -> String {
+        format!("{}{}ms", self.retry_prefix, delay.as_millis())
+    }
+
+    /// The queues events are consumed from.
+    pub fn consumed(&self) -> Vec<String> {
+        if self.partitions.is_empty() {
+            vec![self.queue.clone()]
+        } else {
+            self.partitions.clone()
+        }
+    }
+}
+
+/// The topic patterns that bind a subscription's queue to the stream exchange: when every
+/// event the filters accept must have a `type` from a known set (a top-level `exact` on
+/// `type`, or a `prefix` ending in `.`), bind just those; otherwise `#`. The consumer still
+/// applies every filter, so a wider binding is only less efficient, never wrong.
+pub fn binding_keys(plan: &SubscriptionPlan) -> Vec<String> {
+    use crate::topology::filter::Filter;
+    let topic_safe = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 200
+            && !s.contains(['*', '#'])
+            && !s.split('.').any(str::is_empty)
+    };
+    for f in &plan.filters {
+        match f {
+            Filter::Exact(m) => {
+                if let Some(t) = m.get("type")
+                    && topic_safe(t)
+                {
+                    return vec![t.clone()];
+                }
+            }
+            Filter::Prefix(m) => {
+                if let Some(p) = m.get("type")
+                    && let Some(stem) = p.strip_suffix('.')
+                    && topic_safe(stem)
+                {
+                    return vec![format!("{stem}.#")];
+                }
+            }
+            Filter::Any(fs) => {
+                let keys: Vec<Option<String>> = fs
+                    .iter()
+                    .map(|f| match f {
+                        Filter::Exact(m) if m.len() == 1 => {
+                            m.get("type").filter(|t| topic_safe(t)).cloned()
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                if !keys.is_empty() && keys.iter().all(Option::is_some) {
+                    return keys.into_iter().flatten().collect();
+                }
+            }
+            _ => {}
+        }
+    }
+    vec!["#".to_string()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::filter::parse_filters;
+
+    fn plan(filters: serde_json::Value, ordering: OrderingPlan) -> SubscriptionPlan {
+        SubscriptionPlan {
+            key: Key::new("shop", "notify"),
+            generation: 1,
+            stream: Key::new("shop", "orders"),
+            filters: parse_filters(filters.as_array().unwrap(), "spec.filters").unwrap(),
+            sink: crate::topology::SinkPlan {
+                url: "http://x/".into(),
+                format: crate::topology::SinkFormat::Binary,
+                auth_token: None,
+            },
+            delivery: Default::default(),
+            start_from: crate::topology::StartFrom::Latest,
+            ordering,
+            consumers: 4,
+            rate_limit: None,
+            reply: None,
+            deletion_policy: crate::topology::DeletionPolicy::Delete,
+        }
+    }
+
+    #[test]
+    fn names_follow_the_api_and_cannot_collide() {
+        let n = Names::new(&plan(serde_json::json!([]), OrderingPlan::None));
+        assert_eq!(n.queue, "weir.shop.orders.notify");
+        assert_eq!(n.dead_letter_queue, "weir-dlq.shop.notify");
+        assert_eq!(
+            n.retry_queue(std::time::Duration::from_millis(400)),
+            "weir-retry.shop.notify.400ms"
+        );
+        let p = Names::new(&plan(
+            serde_json::json!([]),
+            OrderingPlan::PerKey {
+                partition_key: "subject".into(),
+                partitions: 2,
+            },
+        ));
+        assert_eq!(p.consumed(), ["weir.shop.orders.notify.p0", "weir.shop.orders.notify.p1"]);
+        assert_eq!(p.hash_exchange.as_deref(), Some("weir-hash.shop.notify"));
+    }
+
+    #[test]
+    fn bindings_are_narrowed_by_type_filters_only_when_safe() {
+        let keys = |f: serde_json::Value| binding_keys(&plan(f, OrderingPlan::None));
+        assert_eq!(keys(serde_json::json!([])), ["#"]);
+        assert_eq!(keys(serde_json::json!([{"exact": {"type": "order.created"}}])), ["order.created"]);
+        assert_eq!(keys(serde_json::json!([{"prefix": {"type": "order."}}])), ["order.#"]);
+        // A prefix that does not end at a word boundary cannot be a topic pattern.
+        assert_eq!(keys(serde_json::json!([{"prefix": {"type": "ord"}}])), ["#"]);
+        assert_eq!(keys(serde_json::json!([{"exact": {"type": "a.*"}}])), ["#"]);
+        assert_eq!(
+            keys(serde_json::json!([{"any": [{"exact": {"type": "a"}}, {"exact": {"type": "b"}}]}])),
+            ["a", "b"]
+        );
+        assert_eq!(
+            keys(serde_json::json!([{"any": [{"exact": {"type": "a"}}, {"prefix": {"type": "b"}}]}])),
+            ["#"]
+        );
+        assert_eq!(keys(serde_json::json!([{"not": {"exact": {"type": "a"}}}])), ["#"]);
+    }
+}

@@ -1,0 +1,1234 @@
+//! The runtime of one subscription in one worker: provisioning of its queues, catch-up from
+//! the store, the live consumer(s), retries, dead letters, replies, and graceful stop.
+//!
+//! # Catch-up (`startFrom` other than `latest`)
+//! Provisioning and catch-up run under a PostgreSQL advisory lock per subscription, so that
+//! one worker at a time does them. The queue is declared (and bound) *before* the store is
+//! read, so every event committed after the catch-up's last read also reaches the queue: the
+//! catch-up reads pages in position order until a page is empty and records its high-water
+//! mark; the live consumers then drop every first-attempt message at or below it. Progress
+//! (`next_position`, `caught_up_to`, `position`) lives in `weir_subscription_progress`, so a
+//! worker that dies mid-way is replaced by another that resumes from the last page.
+//!
+//! # Graceful stop
+//! The consumers are cancelled (`basic.cancel`), deliveries already started finish (each
+//! bounded by `delivery.timeout`; a perKey retry waiting in place is abandoned and its
+//! message returned), then the channels close, which returns every prefetched message that
+//! was not started. Nothing is dead-lettered and no attempt is counted because of a stop.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ExchangeBindOptions, ExchangeDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::backoff::{all_buckets, retry_after_delay, retry_delay};
+use super::sender::{Failure, Outcome, Sender};
+use super::{
+    ATTEMPTS_HEADER, Appender, DELIVERY_FAILED_TYPE, DeliveryError, EXT_ATTEMPTS, EXT_ERROR_CODE,
+    EXT_ERROR_DATA, EXT_ERROR_DEST, Names, binding_keys,
+};
+use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
+use crate::data::event::{
+    CloudEvent, EXT_CAUSATION_ID, EXT_CORRELATION_ID, EXT_POSITION, EXT_RECORDED_TIME,
+    EXT_VERSION, ExtValue,
+};
+use crate::data::store::Store;
+use crate::metrics::Metrics;
+use crate::topology::filter::matches_all;
+use crate::topology::{
+    DeadLetterPlan, OrderingPlan, QueueType, SinkFormat, StartFrom, StreamPlan, SubscriptionPlan,
+};
+
+/// Stored events read per catch-up page: large enough to keep the sink busy, small enough
+/// that a page re-delivered after a failure is a small repeat.
+const CATCHUP_PAGE: i64 = 500;
+/// Messages prefetched per perKey lane: the lane delivers one at a time, a few more keep it
+/// from waiting on the network between messages.
+const LANE_PREFETCH: u16 = 8;
+/// How often the backlog is sampled from the broker (a passive declare per queue).
+const BACKLOG_EVERY: Duration = Duration::from_secs(3);
+/// How often the delivered position is written to the progress table.
+const POSITION_EVERY: Duration = Duration::from_secs(2);
+/// Pause before reconnecting a consumer or retrying provisioning after a failure.
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// How long a retry or dead-letter publish may wait for its confirm.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings applied live, without restarting the consumers' deliveries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Deliveries in flight in this worker.
+    pub consumers: u32,
+    /// Deliveries started per second in this worker.
+    pub rate_limit: Option<u32>,
+}
+
+/// What status shows about a running subscription.
+pub struct SubState {
+    /// Highest stream position delivered (or dead-lettered) so far.
+    pub position: AtomicI64,
+    pub caught_up: AtomicBool,
+    pub provisioned: AtomicBool,
+    pub inflight: AtomicI64,
+    /// Ready messages in the broker plus deliveries in flight here; -1 before the first
+    /// sample.
+    pub backlog: AtomicI64,
+    /// Last attempt's outcome: reachable, and what happened.
+    pub sink: Mutex<Option<(bool, String)>>,
+    /// Why the subscription is not running, if it is not.
+    pub error: Mutex<Option<String>>,
+}
+
+impl Default for SubState {
+    fn default() -> Self {
+        SubState {
+            position: AtomicI64::new(0),
+            caught_up: AtomicBool::new(false),
+            provisioned: AtomicBool::new(false),
+            inflight: AtomicI64::new(0),
+            backlog: AtomicI64::new(-1),
+            sink: Mutex::new(None),
+            error: Mutex::new(None),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain values only: a panic elsewhere cannot leave them half-written.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SubState {
+    fn set_error(&self, e: Option<String>) {
+        *lock(&self.error) = e;
+    }
+    pub fn error(&self) -> Option<String> {
+        lock(&self.error).clone()
+    }
+    pub fn sink(&self) -> Option<(bool, String)> {
+        lock(&self.sink).clone()
+    }
+}
+
+/// The stream side a subscription reads from.
+#[derive(Clone)]
+pub struct StreamSide {
+    pub plan: StreamPlan,
+    pub broker: Broker,
+    pub store: Option<Store>,
+    /// The stream's id in its store, once provisioned.
+    pub stream_id: Arc<dyn Fn() -> Option<i64> + Send + Sync>,
+}
+
+/// One running subscription.
+pub struct Runner {
+    pub plan: SubscriptionPlan,
+    pub stream_plan: StreamPlan,
+    pub names: Names,
+    pub state: Arc<SubState>,
+    inner: Arc<Inner>,
+    settings: watch::Sender<Settings>,
+    cancel: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Inner {
+    plan: SubscriptionPlan,
+    names: Names,
+    state: Arc<SubState>,
+    metrics: Metrics,
+    stream: StreamSide,
+    sender: Sender,
+    dl_sender: Option<Sender>,
+    appender: Arc<dyn Appender>,
+    settings: watch::Receiver<Settings>,
+    /// In-flight cap (`consumers`), resized live.
+    limit: Arc<Semaphore>,
+    limit_size: Mutex<u32>,
+    pacer: Pacer,
+    /// First-attempt messages at or below this position were delivered by the catch-up.
+    hwm: AtomicI64,
+    declared_delays: Mutex<HashSet<Duration>>,
+}
+
+impl Runner {
+    /// Starts the subscription's tasks. Fails at once only for a sink that cannot work.
+    pub fn start(
+        plan: SubscriptionPlan,
+        stream: StreamSide,
+        appender: Arc<dyn Appender>,
+        metrics: Metrics,
+    ) -> Result<Runner, DeliveryError> {
+        let consumers = plan.consumers.max(1);
+        let sender = Sender::new(&plan.sink, plan.delivery.timeout, consumers as usize)?;
+        let dl_sender = match &plan.delivery.dead_letter {
+            Some(DeadLetterPlan::Sink(url)) => Some(Sender::to_url(
+                url,
+                SinkFormat::Binary,
+                None,
+                plan.delivery.timeout,
+                1,
+            )?),
+            _ => None,
+        };
+        let names = super::Names::new(&plan);
+        let state = Arc::new(SubState::default());
+        let settings = Settings {
+            consumers,
+            rate_limit: plan.rate_limit.filter(|r| *r > 0),
+        };
+        let (tx, rx) = watch::channel(settings);
+        let inner = Arc::new(Inner {
+            plan: plan.clone(),
+            names: names.clone(),
+            state: state.clone(),
+            metrics,
+            stream: stream.clone(),
+            sender,
+            dl_sender,
+            appender,
+            settings: rx,
+            limit: Arc::new(Semaphore::new(consumers as usize)),
+            limit_size: Mutex::new(consumers),
+            pacer: Pacer::default(),
+            hwm: AtomicI64::new(0),
+            declared_delays: Mutex::new(HashSet::new()),
+        });
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(inner.clone(), cancel.clone()));
+        Ok(Runner {
+            plan,
+            stream_plan: stream.plan,
+            names,
+            state,
+            inner,
+            settings: tx,
+            cancel,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// Applies `consumers` and `rateLimit` without stopping deliveries.
+    pub fn update(&self, plan: &SubscriptionPlan) {
+        let s = Settings {
+            consumers: plan.consumers.max(1),
+            rate_limit: plan.rate_limit.filter(|r| *r > 0),
+        };
+        self.inner.resize(s.consumers);
+        self.settings.send_replace(s);
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Settings {
+        *self.settings.borrow()
+    }
+
+    /// Stops gracefully (see the module documentation).
+    pub async fn stop(&self) {
+        self.cancel.cancel();
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            // Deliveries finish within their timeout; the margin covers the acks and the
+            // channel close.
+            let bound = self.plan.delivery.timeout + Duration::from_secs(10);
+            if tokio::time::timeout(bound, task).await.is_err() {
+                tracing::warn!(subscription = %self.plan.key, "consumers did not stop in time");
+            }
+        }
+    }
+
+    /// Deletes the subscription's queues, exchange and progress (deletionPolicy Delete).
+    pub async fn prune(&self) -> Result<(), DeliveryError> {
+        let broker = &self.inner.stream.broker;
+        for q in self.names.consumed() {
+            broker.delete_queue(&q).await?;
+        }
+        broker.delete_queue(&self.names.queue).await?;
+        if let Some(x) = &self.names.hash_exchange {
+            broker.delete_exchange(x).await?;
+        }
+        for d in all_buckets(&self.plan.delivery) {
+            broker.delete_queue(&self.names.retry_queue(d)).await?;
+        }
+        broker.delete_queue(&self.names.dead_letter_queue).await?;
+        if let Some(store) = &self.inner.stream.store {
+            sqlx::query("DELETE FROM weir_subscription_progress WHERE namespace = $1 AND name = $2")
+                .bind(&self.plan.key.namespace)
+                .bind(&self.plan.key.name)
+                .execute(store.pool())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
+    // Provisioning and catch-up, retried until they succeed or the subscription stops.
+    loop {
+        match inner.prepare(&cancel).await {
+            Ok(()) => break,
+            Err(DeliveryError::Shutdown) => return,
+            Err(e) => {
+                tracing::warn!(subscription = %inner.plan.key, error = %e, "subscription not ready");
+                inner.state.set_error(Some(e.to_string()));
+                if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
+                    return;
+                }
+            }
+        }
+    }
+    inner.state.set_error(None);
+    inner.state.caught_up.store(true, Ordering::Release);
+    let side = tokio::spawn(background(inner.clone(), cancel.clone()));
+    match &inner.plan.ordering {
+        OrderingPlan::None => consume_shared(inner.clone(), cancel.clone()).await,
+        OrderingPlan::PerKey { .. } => {
+            let lanes: Vec<_> = inner
+                .names
+                .partitions
+                .iter()
+                .map(|q| tokio::spawn(consume_lane(inner.clone(), q.clone(), cancel.clone())))
+                .collect();
+            for l in lanes {
+                let _ = l.await;
+            }
+        }
+    }
+    let _ = side.await;
+    inner.flush_position().await;
+}
+
+/// Samples the backlog and writes the delivered position, until stopped.
+async fn background(inner: Arc<Inner>, cancel: CancellationToken) {
+    let labels = inner.labels();
+    let backlog = inner.metrics.subscription_backlog.with_label_values(&labels);
+    let mut last_sample = Instant::now() - BACKLOG_EVERY;
+    loop {
+        if last_sample.elapsed() >= BACKLOG_EVERY {
+            last_sample = Instant::now();
+            let mut ready = 0i64;
+            let mut ok = true;
+            for q in inner.names.consumed() {
+                match inner.stream.broker.queue_counts(&q).await {
+                    Ok(Some(c)) => ready += i64::from(c.messages),
+                    _ => ok = false,
+                }
+            }
+            if ok {
+                let total = ready + inner.state.inflight.load(Ordering::Acquire);
+                inner.state.backlog.store(total, Ordering::Release);
+                backlog.set(total);
+            }
+        }
+        inner.flush_position().await;
+        if !sleep_or_cancel(&cancel, POSITION_EVERY.min(BACKLOG_EVERY)).await {
+            return;
+        }
+    }
+}
+
+impl Inner {
+    fn labels(&self) -> [&str; 2] {
+        [self.plan.key.namespace.as_str(), self.plan.key.name.as_str()]
+    }
+
+    fn resize(&self, new: u32) {
+        let mut size = lock(&self.limit_size);
+        let old = *size;
+        *size = new;
+        if new > old {
+            self.limit.add_permits((new - old) as usize);
+        } else if new < old {
+            // Take the surplus permits as in-flight deliveries return them.
+            let limit = self.limit.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = limit.acquire_many_owned(old - new).await {
+                    p.forget();
+                }
+            });
+        }
+    }
+
+    /// Waits for the rate limit, if any.
+    async fn pace(&self) {
+        let rate = self.settings.borrow().rate_limit;
+        self.pacer.wait(rate).await;
+    }
+
+    fn note_position(&self, ev: &CloudEvent) {
+        if let Some(p) = ev
+            .extension_str(EXT_POSITION)
+            .and_then(|p| p.parse::<i64>().ok())
+        {
+            self.state.position.fetch_max(p, Ordering::AcqRel);
+        }
+    }
+
+    async fn flush_position(&self) {
+        let (Some(store), Some(_)) = (&self.stream.store, (self.stream.stream_id)()) else {
+            return;
+        };
+        let p = self.state.position.load(Ordering::Acquire);
+        if p == 0 {
+            return;
+        }
+        let _ = sqlx::query(
+            "UPDATE weir_subscription_progress SET position = $3, updated_at = now()
+             WHERE namespace = $1 AND name = $2 AND position < $3",
+        )
+        .bind(&self.plan.key.namespace)
+        .bind(&self.plan.key.name)
+        .bind(p)
+        .execute(store.pool())
+        .await;
+    }
+
+    /// Declares the queues and bindings; true if the subscription's queue did not exist.
+    async fn provision(&self) -> Result<bool, DeliveryError> {
+        let broker = &self.stream.broker;
+        let qt = self.stream.plan.broker.queue_type;
+        let exchange = &self.stream.plan.broker.exchange;
+        broker.declare_exchange(exchange).await?;
+        let first = self.names.consumed()[0].clone();
+        let fresh = broker.queue_counts(&first).await?.is_none();
+        broker
+            .declare_queue(&self.names.dead_letter_queue, qt, FieldTable::default())
+            .await?;
+        let keys = binding_keys(&self.plan);
+        match &self.names.hash_exchange {
+            None => {
+                broker
+                    .declare_queue(&self.names.queue, qt, FieldTable::default())
+                    .await?;
+                for k in &keys {
+                    broker.bind_queue(&self.names.queue, exchange, k).await?;
+                }
+            }
+            Some(hx) => {
+                let OrderingPlan::PerKey { partition_key, .. } = &self.plan.ordering else {
+                    return Err(DeliveryError::Other("hash exchange without perKey".into()));
+                };
+                let ch = broker.open_channel().await?;
+                let mut args = FieldTable::default();
+                args.insert(
+                    "hash-header".into(),
+                    AMQPValue::LongString(format!("cloudEvents:{partition_key}").into()),
+                );
+                let durable = ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                };
+                let r = async {
+                    ch.exchange_declare(
+                        hx.as_str().into(),
+                        ExchangeKind::Custom("x-consistent-hash".into()),
+                        durable,
+                        args,
+                    )
+                    .await?;
+                    for k in &keys {
+                        ch.exchange_bind(
+                            hx.as_str().into(),
+                            exchange.as_str().into(),
+                            k.as_str().into(),
+                            ExchangeBindOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await?;
+                    }
+                    lapin::Result::Ok(())
+                }
+                .await;
+                let _ = ch.close(200, "OK".into()).await;
+                r.map_err(|e| {
+                    DeliveryError::Other(format!(
+                        "declaring the consistent-hash exchange {hx} (is the \
+                         rabbitmq_consistent_hash_exchange plugin enabled?): {e}"
+                    ))
+                })?;
+                for q in &self.names.partitions {
+                    let mut a = FieldTable::default();
+                    a.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+                    broker.declare_queue(q, qt, a).await?;
+                    // With the consistent-hash exchange the binding key is the weight.
+                    broker.bind_queue(q, hx, "1").await?;
+                }
+            }
+        }
+        self.state.provisioned.store(true, Ordering::Release);
+        Ok(fresh)
+    }
+
+    /// Provisions, then catches up from the store when the subscription is new and starts
+    /// from the past (see the module documentation).
+    async fn prepare(&self, cancel: &CancellationToken) -> Result<(), DeliveryError> {
+        let Some(store) = self.stream.store.clone() else {
+            self.provision().await?;
+            return Ok(());
+        };
+        let stream_id = loop {
+            if let Some(id) = (self.stream.stream_id)() {
+                break id;
+            }
+            if !sleep_or_cancel(cancel, Duration::from_millis(200)).await {
+                return Err(DeliveryError::Shutdown);
+            }
+        };
+        let (ns, name) = (&self.plan.key.namespace, &self.plan.key.name);
+        let mut conn = store.pool().acquire().await?;
+        let lock_key = format!("weir-subscription/{ns}/{name}");
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(DeliveryError::Shutdown),
+            r = sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                .bind(&lock_key)
+                .execute(&mut *conn) => { r?; }
+        }
+        let result = self.prepare_locked(&store, stream_id, cancel).await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+            .bind(&lock_key)
+            .execute(&mut *conn)
+            .await;
+        result
+    }
+
+    async fn prepare_locked(
+        &self,
+        store: &Store,
+        stream_id: i64,
+        cancel: &CancellationToken,
+    ) -> Result<(), DeliveryError> {
+        let (ns, name) = (&self.plan.key.namespace, &self.plan.key.name);
+        let fresh = self.provision().await?;
+        let row: Option<(i64, Option<i64>, i64, i64)> = sqlx::query_as(
+            "SELECT next_position, caught_up_to, position, stream_id
+             FROM weir_subscription_progress WHERE namespace = $1 AND name = $2",
+        )
+        .bind(ns)
+        .bind(name)
+        .fetch_optional(store.pool())
+        .await?;
+        let row = match row {
+            Some(r) if !fresh && r.3 == stream_id => r,
+            _ => {
+                // A new subscription (or its queue was deleted, or it now reads another
+                // stream): record where it starts. A queue that existed before progress was
+                // kept counts as `latest`.
+                let head = store.head(stream_id).await?;
+                let start = if fresh {
+                    match &self.plan.start_from {
+                        StartFrom::Latest => None,
+                        StartFrom::Earliest => Some(1),
+                        StartFrom::Position(p) => Some(*p),
+                        StartFrom::Time(t) => Some(
+                            sqlx::query_scalar::<_, Option<i64>>(
+                                "SELECT min(position) FROM weir_events
+                                 WHERE stream_id = $1 AND recorded_at >= $2",
+                            )
+                            .bind(stream_id)
+                            .bind(t)
+                            .fetch_one(store.pool())
+                            .await?
+                            .unwrap_or(head + 1),
+                        ),
+                    }
+                } else {
+                    None
+                };
+                let (next, caught) = match start {
+                    None => (head + 1, Some(0)),
+                    Some(p) => (p, None),
+                };
+                sqlx::query(
+                    "INSERT INTO weir_subscription_progress
+                       (namespace, name, stream_id, next_position, caught_up_to, position)
+                     VALUES ($1, $2, $3, $4, $5, 0)
+                     ON CONFLICT (namespace, name) DO UPDATE SET stream_id = $3,
+                       next_position = $4, caught_up_to = $5, position = 0, updated_at = now()",
+                )
+                .bind(ns)
+                .bind(name)
+                .bind(stream_id)
+                .bind(next)
+                .bind(caught)
+                .execute(store.pool())
+                .await?;
+                (next, caught, 0, stream_id)
+            }
+        };
+        self.state.position.fetch_max(row.2, Ordering::AcqRel);
+        if let Some(hwm) = row.1 {
+            self.hwm.store(hwm, Ordering::Release);
+            return Ok(());
+        }
+        let mut next = row.0;
+        tracing::info!(subscription = %self.plan.key, from = next, "catching up from the store");
+        loop {
+            let page = store.read_range(stream_id, next, CATCHUP_PAGE).await?;
+            let Some(last) = page.last().map(|e| e.position) else {
+                break;
+            };
+            let events: Vec<CloudEvent> = page.iter().map(|e| e.to_cloud_event()).collect();
+            self.deliver_page(events, cancel).await?;
+            next = last + 1;
+            sqlx::query(
+                "UPDATE weir_subscription_progress SET next_position = $3, updated_at = now()
+                 WHERE namespace = $1 AND name = $2",
+            )
+            .bind(ns)
+            .bind(name)
+            .bind(next)
+            .execute(store.pool())
+            .await?;
+            self.flush_position().await;
+        }
+        let hwm = next - 1;
+        sqlx::query(
+            "UPDATE weir_subscription_progress SET caught_up_to = $3, updated_at = now()
+             WHERE namespace = $1 AND name = $2",
+        )
+        .bind(ns)
+        .bind(name)
+        .bind(hwm)
+        .execute(store.pool())
+        .await?;
+        self.hwm.store(hwm, Ordering::Release);
+        tracing::info!(subscription = %self.plan.key, to = hwm, "caught up");
+        Ok(())
+    }
+
+    /// Delivers one catch-up page: concurrently (ordering none, up to `consumers`) or one
+    /// event at a time (perKey, which keeps every key's order).
+    async fn deliver_page(
+        &self,
+        events: Vec<CloudEvent>,
+        cancel: &CancellationToken,
+    ) -> Result<(), DeliveryError> {
+        let in_place = !matches!(self.plan.ordering, OrderingPlan::None);
+        let width = if in_place {
+            1
+        } else {
+            self.settings.borrow().consumers.max(1) as usize
+        };
+        let results: Vec<Result<(), DeliveryError>> = futures::stream::iter(events)
+            .map(|ev| async move {
+                if !self.accepts(&ev) {
+                    self.count("filtered");
+                    self.note_position(&ev);
+                    return Ok(());
+                }
+                let _permit = self.limit.acquire().await;
+                self.process(ev, 0, in_place, cancel).await
+            })
+            .buffered(width)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    fn accepts(&self, ev: &CloudEvent) -> bool {
+        matches_all(&self.plan.filters, &|name| ev.attribute(name))
+    }
+
+    fn count(&self, outcome: &str) {
+        let [ns, sub] = self.labels();
+        self.metrics
+            .deliveries
+            .with_label_values(&[ns, sub, outcome])
+            .inc();
+    }
+
+    /// Delivers an event until it is settled: delivered, handed to a durable retry, or
+    /// dead-lettered (each confirmed). `attempts` were made before. `in_place`: retries wait
+    /// here (perKey) instead of in a delay queue. An error means nothing was settled: the
+    /// caller returns the message to its queue.
+    async fn process(
+        &self,
+        ev: CloudEvent,
+        attempts: u32,
+        in_place: bool,
+        cancel: &CancellationToken,
+    ) -> Result<(), DeliveryError> {
+        let labels = self.labels();
+        let mut attempt = attempts;
+        let inflight = self
+            .metrics
+            .subscription_inflight
+            .with_label_values(&labels);
+        loop {
+            self.pace().await;
+            attempt += 1;
+            self.state.inflight.fetch_add(1, Ordering::AcqRel);
+            inflight.inc();
+            let (outcome, took) = self.sender.send(&ev).await;
+            self.state.inflight.fetch_sub(1, Ordering::AcqRel);
+            inflight.dec();
+            self.metrics
+                .delivery_duration
+                .with_label_values(&labels)
+                .observe(took.as_secs_f64());
+            match outcome {
+                Outcome::Delivered { status, reply } => {
+                    self.attempt_metric("success");
+                    *lock(&self.state.sink) = Some((true, format!("last delivery answered {status}")));
+                    if let (Some(r), Some(stream)) = (reply, &self.plan.reply) {
+                        let r = reply_event(r, &ev);
+                        self.appender.append(stream, vec![r]).await?;
+                    }
+                    self.count("delivered");
+                    self.note_position(&ev);
+                    return Ok(());
+                }
+                Outcome::Failed(f) => {
+                    self.attempt_metric(f.class());
+                    *lock(&self.state.sink) = Some((
+                        false,
+                        format!("last attempt failed: {} {}", f.code, first_line(&f.data)),
+                    ));
+                    if f.retryable && attempt <= self.plan.delivery.retry {
+                        let delay = match f.retry_after {
+                            Some(d) => retry_after_delay(&self.plan.delivery, d),
+                            None => retry_delay(
+                                &self.plan.delivery,
+                                attempt,
+                                rand::random_range(0.8..=1.2),
+                            ),
+                        };
+                        self.metrics
+                            .delivery_retries
+                            .with_label_values(&labels)
+                            .inc();
+                        if in_place {
+                            if !sleep_or_cancel(cancel, delay).await {
+                                return Err(DeliveryError::Shutdown);
+                            }
+                            continue;
+                        }
+                        return self.publish_retry(&ev, attempt, delay).await;
+                    }
+                    self.dead_letter(&ev, &f, attempt).await?;
+                    self.note_position(&ev);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn attempt_metric(&self, outcome: &str) {
+        let [ns, sub] = self.labels();
+        self.metrics
+            .delivery_attempts
+            .with_label_values(&[ns, sub, outcome])
+            .inc();
+    }
+
+    async fn publish_to_queue(&self, queue: &str, mut msg: OutMessage) -> Result<(), DeliveryError> {
+        msg.routing_key = queue.to_string();
+        let deadline = Instant::now() + PUBLISH_TIMEOUT;
+        let routing = self.stream.broker.publish("", &[msg], deadline).await?;
+        match routing.first() {
+            Some(Routing::Routed) => Ok(()),
+            _ => Err(DeliveryError::Broker(BrokerError::Unavailable(format!(
+                "queue {queue} does not exist"
+            )))),
+        }
+    }
+
+    async fn publish_retry(
+        &self,
+        ev: &CloudEvent,
+        attempts: u32,
+        delay: Duration,
+    ) -> Result<(), DeliveryError> {
+        let queue = self.names.retry_queue(delay);
+        if !lock(&self.declared_delays).contains(&delay) {
+            self.declare_delay_queue(&queue, delay).await?;
+            lock(&self.declared_delays).insert(delay);
+        }
+        let mut msg = to_message(ev);
+        msg.headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        let r = self.publish_to_queue(&queue, msg).await;
+        if r.is_err() {
+            // The queue may have been deleted behind our back: declare it again next time.
+            lock(&self.declared_delays).remove(&delay);
+        }
+        r
+    }
+
+    async fn declare_delay_queue(&self, queue: &str, delay: Duration) -> Result<(), DeliveryError> {
+        let qt = self.stream.plan.broker.queue_type;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(delay.as_millis() as i64),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        // Back to the subscription's queue (perKey retries wait in place, so this is only
+        // used with ordering none).
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(self.names.queue.as_str().into()),
+        );
+        if qt == QueueType::Quorum {
+            // Expired messages move at least once: the broker republishes with a confirm
+            // before it drops the message here.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+        self.stream.broker.declare_queue(queue, qt, args).await?;
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        ev: &CloudEvent,
+        f: &Failure,
+        attempts: u32,
+    ) -> Result<(), DeliveryError> {
+        let mut dead = ev.clone();
+        let put = |ev: &mut CloudEvent, k: &str, v: String| {
+            ev.extensions.insert(k.to_string(), ExtValue::String(v));
+        };
+        put(&mut dead, EXT_ERROR_DEST, self.sender.url().to_string());
+        put(&mut dead, EXT_ERROR_CODE, f.code.clone());
+        put(&mut dead, EXT_ERROR_DATA, f.data.clone());
+        put(&mut dead, EXT_ATTEMPTS, attempts.to_string());
+        let mut msg = to_message(&dead);
+        msg.headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        self.publish_to_queue(&self.names.dead_letter_queue, msg)
+            .await?;
+        let labels = self.labels();
+        self.metrics.deadletters.with_label_values(&labels).inc();
+        self.count("deadlettered");
+        match &self.plan.delivery.dead_letter {
+            None => {}
+            Some(DeadLetterPlan::Sink(_)) => {
+                if let Some(s) = &self.dl_sender
+                    && let (Outcome::Failed(e), _) = s.send(&dead).await
+                {
+                    // The dead-letter queue holds the event; the sink is a notification.
+                    tracing::warn!(subscription = %self.plan.key, code = %e.code,
+                        "dead-letter sink refused the event (it stays in the dead-letter queue)");
+                }
+            }
+            Some(DeadLetterPlan::Stream(stream)) => {
+                let failed = failed_event(&dead, &self.plan.key.name);
+                self.appender.append(stream, vec![failed]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one live message; returns whether to ack (true) or return it (false).
+    async fn handle(
+        &self,
+        props: &lapin::BasicProperties,
+        body: &[u8],
+        in_place: bool,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let attempts = props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(ATTEMPTS_HEADER).cloned());
+        let attempts = match attempts {
+            Some(AMQPValue::LongLongInt(n)) => Some(n.clamp(0, i64::from(u32::MAX)) as u32),
+            Some(AMQPValue::LongInt(n)) => Some(n.max(0) as u32),
+            _ => None,
+        };
+        let ev = match from_properties(props, body) {
+            Ok(ev) => ev,
+            Err(e) => {
+                // Not a CloudEvent: nothing can deliver it. Park it in the dead-letter queue,
+                // as received, with the reason.
+                let mut headers = props.headers().clone().unwrap_or_default();
+                headers.insert(
+                    "weir-error".into(),
+                    AMQPValue::LongString(e.to_string().into()),
+                );
+                let msg = OutMessage {
+                    routing_key: String::new(),
+                    headers,
+                    body: bytes::Bytes::copy_from_slice(body),
+                    message_id: String::new(),
+                    content_type: props.content_type().as_ref().map(|c| c.to_string()),
+                    timestamp: None,
+                };
+                return self
+                    .publish_to_queue(&self.names.dead_letter_queue, msg)
+                    .await
+                    .is_ok();
+            }
+        };
+        if attempts.is_none()
+            && let Some(p) = ev
+                .extension_str(EXT_POSITION)
+                .and_then(|p| p.parse::<i64>().ok())
+            && p <= self.hwm.load(Ordering::Acquire)
+        {
+            // Delivered by the catch-up already.
+            self.count("duplicate");
+            return true;
+        }
+        if !self.accepts(&ev) {
+            self.count("filtered");
+            return true;
+        }
+        match self
+            .process(ev, attempts.unwrap_or(0), in_place, cancel)
+            .await
+        {
+            Ok(()) => true,
+            Err(DeliveryError::Shutdown) => false,
+            Err(e) => {
+                tracing::warn!(subscription = %self.plan.key, error = %e,
+                    "could not settle a delivery; it returns to the queue");
+                sleep_or_cancel(cancel, RECONNECT_DELAY).await;
+                false
+            }
+        }
+    }
+}
+
+/// Spaces starts evenly at `rate` per second (no burst): the limit is per worker, and an
+/// even pace is what a rate-limited sink expects.
+#[derive(Debug)]
+pub struct Pacer {
+    next: tokio::sync::Mutex<Instant>,
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        Pacer {
+            next: tokio::sync::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Pacer {
+    /// Waits for the next start slot; `None` (unlimited) returns at once.
+    pub async fn wait(&self, rate: Option<u32>) {
+        let Some(rate) = rate else { return };
+        let mut next = self.next.lock().await;
+        let now = Instant::now();
+        if *next < now {
+            *next = now;
+        }
+        let at = *next;
+        *next += Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+        drop(next);
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    let line = s.lines().next().unwrap_or_default();
+    match line.char_indices().nth(120) {
+        Some((i, _)) => &line[..i],
+        None => line,
+    }
+}
+
+/// Weir's stored-event extensions, which the target stream assigns anew.
+fn strip_stored(ev: &mut CloudEvent) {
+    for k in [EXT_POSITION, EXT_VERSION, EXT_RECORDED_TIME] {
+        ev.extensions.remove(k);
+    }
+}
+
+/// A sink's reply as appended to `reply.stream`: the delivered event's `correlationid`
+/// (kept when the reply has its own) and `causationid` = the delivered event's id.
+pub fn reply_event(mut reply: CloudEvent, cause: &CloudEvent) -> CloudEvent {
+    strip_stored(&mut reply);
+    if let Some(c) = cause.correlation_id() {
+        reply
+            .extensions
+            .entry(EXT_CORRELATION_ID.into())
+            .or_insert(ExtValue::String(c));
+    }
+    reply.extensions.insert(
+        EXT_CAUSATION_ID.into(),
+        ExtValue::String(cause.id.clone()),
+    );
+    reply
+}
+
+/// The `dev.weir.delivery.failed` event appended to a `deadLetterSink: {stream}`: the dead
+/// letter with a derived id (stable, so that appending it twice stores it once), the failed
+/// event's id as `causationid`, its `correlationid` kept and its type in `weirfailedtype`.
+pub fn failed_event(dead: &CloudEvent, subscription: &str) -> CloudEvent {
+    let mut ev = dead.clone();
+    strip_stored(&mut ev);
+    ev.id = format!("{}.failed.{subscription}", dead.id);
+    ev.extensions
+        .insert("weirfailedtype".into(), ExtValue::String(dead.ty.clone()));
+    ev.ty = DELIVERY_FAILED_TYPE.into();
+    ev.extensions.insert(
+        EXT_CAUSATION_ID.into(),
+        ExtValue::String(dead.id.clone()),
+    );
+    ev
+}
+
+/// Consumes the subscription's queue (ordering none) until stopped, reconnecting when the
+/// channel breaks and re-consuming when `consumers` changes (prefetch = consumers).
+async fn consume_shared(inner: Arc<Inner>, cancel: CancellationToken) {
+    let mut tasks = JoinSet::new();
+    let mut settings = inner.settings.clone();
+    'connect: while !cancel.is_cancelled() {
+        let prefetch = settings.borrow_and_update().consumers;
+        let (ch, mut consumer, tag) = match open_consumer(&inner, &inner.names.queue, prefetch).await {
+            Ok(x) => x,
+            Err(e) => {
+                inner.state.set_error(Some(e.to_string()));
+                if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        inner.state.set_error(None);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    finish(&ch, tag, &mut tasks).await;
+                    return;
+                }
+                changed = settings.changed() => {
+                    if changed.is_err() { continue; }
+                    if settings.borrow().consumers != prefetch {
+                        // A new prefetch needs a new consumer: the started deliveries finish
+                        // and are acked, the prefetched ones return to the queue with the
+                        // channel, and consuming resumes with the new prefetch.
+                        finish(&ch, tag, &mut tasks).await;
+                        continue 'connect;
+                    }
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                d = consumer.next() => match d {
+                    Some(Ok(d)) => {
+                        let permit = tokio::select! {
+                            _ = cancel.cancelled() => {
+                                let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                                finish(&ch, tag, &mut tasks).await;
+                                return;
+                            }
+                            p = inner.limit.clone().acquire_owned() => p,
+                        };
+                        let Ok(permit) = permit else { continue };
+                        let inner = inner.clone();
+                        let cancel = cancel.clone();
+                        tasks.spawn(async move {
+                            let ok = inner.handle(&d.properties, &d.data, false, &cancel).await;
+                            let _ = if ok {
+                                d.acker.ack(BasicAckOptions::default()).await
+                            } else {
+                                d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+                            };
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(subscription = %inner.plan.key, error = %e, "consumer failed; reconnecting");
+                        while tasks.join_next().await.is_some() {}
+                        sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+                        continue 'connect;
+                    }
+                    None => {
+                        while tasks.join_next().await.is_some() {}
+                        sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+                        continue 'connect;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stops a consumer gracefully: no new deliveries, the started ones finish (and ack), then
+/// the channel closes and the broker takes back every prefetched message not started.
+async fn finish(ch: &Channel, tag: ShortString, tasks: &mut JoinSet<()>) {
+    let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
+    while tasks.join_next().await.is_some() {}
+    let _ = ch.close(200, "OK".into()).await;
+}
+
+async fn open_consumer(
+    inner: &Inner,
+    queue: &str,
+    prefetch: u32,
+) -> Result<(Channel, lapin::Consumer, ShortString), DeliveryError> {
+    let ch = inner.stream.broker.open_channel().await?;
+    let amqp = |e: lapin::Error| {
+        DeliveryError::Broker(BrokerError::Unavailable(format!("consume {queue}: {e}")))
+    };
+    // Prefetch bounds the messages held by this worker: one per delivery in flight.
+    let prefetch = u16::try_from(prefetch).unwrap_or(u16::MAX);
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(amqp)?;
+    let tag: ShortString = format!("weir-{}", uuid::Uuid::now_v7()).into();
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            tag.clone(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp)?;
+    Ok((ch, consumer, tag))
+}
+
+/// Consumes one partition queue (perKey): one delivery at a time, in queue order; a retry
+/// waits in place so that later events of the same keys wait behind it.
+async fn consume_lane(inner: Arc<Inner>, queue: String, cancel: CancellationToken) {
+    while !cancel.is_cancelled() {
+        let (ch, mut consumer, tag) = match open_consumer(&inner, &queue, LANE_PREFETCH.into()).await {
+            Ok(x) => x,
+            Err(e) => {
+                inner.state.set_error(Some(e.to_string()));
+                if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        loop {
+            let d = tokio::select! {
+                _ = cancel.cancelled() => None,
+                d = consumer.next() => Some(d),
+            };
+            let Some(d) = d else {
+                let mut none = JoinSet::new();
+                finish(&ch, tag, &mut none).await;
+                return;
+            };
+            let Some(Ok(d)) = d else {
+                sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+                break;
+            };
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => None,
+                p = inner.limit.clone().acquire_owned() => p.ok(),
+            };
+            let ok = match permit {
+                Some(_p) => inner.handle(&d.properties, &d.data, true, &cancel).await,
+                None => false,
+            };
+            let _ = if ok {
+                d.acker.ack(BasicAckOptions::default()).await
+            } else {
+                d.acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn ev(id: &str, ext: &[(&str, &str)]) -> CloudEvent {
+        CloudEvent {
+            id: id.into(),
+            source: "/s".into(),
+            ty: "order.created".into(),
+            datacontenttype: None,
+            dataschema: None,
+            subject: None,
+            time: None,
+            extensions: ext
+                .iter()
+                .map(|(k, v)| (k.to_string(), ExtValue::String(v.to_string())))
+                .collect::<BTreeMap<_, _>>(),
+            data: None,
+        }
+    }
+
+    #[test]
+    fn replies_keep_the_correlation_and_name_their_cause() {
+        let cause = ev("c1", &[("correlationid", "saga-1"), ("weirposition", "9")]);
+        let r = reply_event(ev("r1", &[("weirposition", "3")]), &cause);
+        assert_eq!(r.correlation_id().as_deref(), Some("saga-1"));
+        assert_eq!(r.extension_str("causationid").as_deref(), Some("c1"));
+        assert!(r.extension_str("weirposition").is_none());
+        // A reply's own correlationid wins.
+        let r = reply_event(ev("r2", &[("correlationid", "own")]), &cause);
+        assert_eq!(r.correlation_id().as_deref(), Some("own"));
+    }
+
+    #[test]
+    fn failed_events_keep_the_correlation_and_have_a_stable_id() {
+        let dead = ev("p1", &[("correlationid", "saga-1"), ("weirposition", "4"), ("weirerrorcode", "400")]);
+        let f = failed_event(&dead, "payments");
+        assert_eq!(f.ty, DELIVERY_FAILED_TYPE);
+        assert_eq!(f.id, "p1.failed.payments");
+        assert_eq!(f.correlation_id().as_deref(), Some("saga-1"));
+        assert_eq!(f.extension_str("causationid").as_deref(), Some("p1"));
+        assert_eq!(f.extension_str("weirfailedtype").as_deref(), Some("order.created"));
+        assert_eq!(f.extension_str("weirerrorcode").as_deref(), Some("400"));
+        assert!(f.extension_str("weirposition").is_none());
+        assert_eq!(failed_event(&dead, "payments"), f);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_spaces_starts_and_can_change_rate() {
+        let p = Pacer::default();
+        let start = Instant::now();
+        for _ in 0..5 {
+            p.wait(Some(10)).await;
+        }
+        // Starts at 0, 100, 200, 300 and 400 ms.
+        assert_eq!(start.elapsed(), Duration::from_millis(400));
+        let t = Instant::now();
+        p.wait(Some(2)).await; // the slot booked at 10/s
+        p.wait(Some(2)).await;
+        assert_eq!(t.elapsed(), Duration::from_millis(600));
+        let t = Instant::now();
+        for _ in 0..100 {
+            p.wait(None).await;
+        }
+        assert!(t.elapsed() < Duration::from_millis(1));
+    }
+}

@@ -1,0 +1,408 @@
+//! The HTTP side of a delivery: one POST of a CloudEvent to a sink, and what its answer means.
+//!
+//! - Binary mode (default): every attribute in a `ce-<name>` header (values percent-encoded as
+//!   the CloudEvents HTTP binding asks), `datacontenttype` as `Content-Type`, the data as body.
+//! - Structured mode: the event in the CloudEvents JSON format, `application/cloudevents+json`.
+//! - `Authorization: Bearer <token>` when the sink has an auth Secret.
+//!
+//! 2xx is delivered; connection errors, timeouts, 404, 409, 429 and 5xx are retryable; any
+//! other status is final. A 2xx carrying a CloudEvent (binary: `ce-specversion`, or
+//! structured: `application/cloudevents+json`) is a reply.
+
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+
+use super::DeliveryError;
+use crate::data::event::{CloudEvent, SPEC_VERSION, to_structured_json};
+use crate::data::ingest::{IngestContext, parse_request};
+use crate::topology::{SinkFormat, SinkPlan};
+
+/// Longest part of a sink's error answer kept as `weirerrordata`.
+pub const ERROR_DATA_MAX: usize = 1024;
+/// Longest answer body read from a sink: a reply is one event, and an error body is cut to
+/// 1 KiB anyway; a sink streaming gigabytes cannot exhaust memory.
+const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Characters percent-encoded in `ce-` header values: the CloudEvents HTTP binding asks for
+/// space, double quote, percent and everything outside printable ASCII.
+const HEADER_ENCODE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
+
+/// What one attempt came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// 2xx; `reply` is the CloudEvent the sink answered with, if any.
+    Delivered {
+        status: u16,
+        reply: Option<CloudEvent>,
+    },
+    /// Anything else.
+    Failed(Failure),
+}
+
+/// A failed attempt, with what the dead-letter queue records about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    /// Whether another attempt may succeed.
+    pub retryable: bool,
+    /// The HTTP status, or `timeout` / `connect` / `error` when there was no answer.
+    pub code: String,
+    /// The answer's body (or the error), cut to [`ERROR_DATA_MAX`] bytes.
+    pub data: String,
+    /// `Retry-After` of a 429 or 503, in seconds or as an HTTP date.
+    pub retry_after: Option<Duration>,
+}
+
+impl Failure {
+    /// The label of this failure in metrics: a status class, never the URL or body.
+    pub fn class(&self) -> &'static str {
+        match self.code.as_bytes().first() {
+            Some(b'4') => "4xx",
+            Some(b'5') => "5xx",
+            _ if self.code == "timeout" => "timeout",
+            _ => "error",
+        }
+    }
+}
+
+/// Sends events to one sink. Cheap to clone (the connection pool is shared).
+#[derive(Clone)]
+pub struct Sender {
+    client: reqwest::Client,
+    url: String,
+    format: SinkFormat,
+    auth: Option<String>,
+    timeout: Duration,
+}
+
+impl Sender {
+    /// A sender for `sink`; `max_idle` keeps that many connections open (the subscription's
+    /// `consumers`: one per delivery in flight). An `https` URL is refused: this build has
+    /// no TLS stack for sinks, and failing clearly beats failing on every event.
+    pub fn new(sink: &SinkPlan, timeout: Duration, max_idle: usize) -> Result<Sender, DeliveryError> {
+        Sender::to_url(&sink.url, sink.format, sink.auth_token.clone(), timeout, max_idle)
+    }
+
+    /// A sender for a plain URL (dead-letter sinks).
+    pub fn to_url(
+        url: &str,
+        format: SinkFormat,
+        auth: Option<String>,
+        timeout: Duration,
+        max_idle: usize,
+    ) -> Result<Sender, DeliveryError> {
+        if !url.starts_with("http://") {
+            return Err(DeliveryError::Sink(format!(
+                "{url}: only http:// sinks are supported by this build (no TLS for sinks); \
+                 put a TLS-terminating proxy or a cluster-internal http:// Service in front"
+            )));
+        }
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(max_idle)
+            .timeout(timeout)
+            .build()
+            .map_err(|e| DeliveryError::Sink(format!("HTTP client: {e}")))?;
+        Ok(Sender {
+            client,
+            url: url.to_string(),
+            format,
+            auth,
+            timeout,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// One attempt; never errors: every failure is an [`Outcome::Failed`].
+    pub async fn send(&self, ev: &CloudEvent) -> (Outcome, Duration) {
+        let started = Instant::now();
+        let mut req = self.client.post(&self.url).timeout(self.timeout);
+        match self.format {
+            SinkFormat::Structured => {
+                req = req
+                    .header(header::CONTENT_TYPE, "application/cloudevents+json")
+                    .body(to_structured_json(ev));
+            }
+            SinkFormat::Binary => {
+                req = req.headers(binary_headers(ev));
+                if let Some(d) = &ev.data {
+                    req = req.body(d.bytes().clone());
+                }
+            }
+        }
+        if let Some(t) = &self.auth {
+            req = req.bearer_auth(t);
+        }
+        let outcome = match req.send().await {
+            Err(e) => Outcome::Failed(Failure {
+                retryable: true,
+                code: if e.is_timeout() { "timeout" } else { "connect" }.into(),
+                data: cut(&e.to_string()),
+                retry_after: None,
+            }),
+            Ok(resp) => answer(resp).await,
+        };
+        (outcome, started.elapsed())
+    }
+}
+
+async fn answer(resp: reqwest::Response) -> Outcome {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = read_capped(resp).await;
+    if (200..300).contains(&status) {
+        let reply = body.and_then(|b| reply_event(&headers, &b));
+        return Outcome::Delivered { status, reply };
+    }
+    let retryable = matches!(status, 404 | 409 | 429) || status >= 500;
+    let retry_after = if matches!(status, 429 | 503) {
+        headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after)
+    } else {
+        None
+    };
+    Outcome::Failed(Failure {
+        retryable,
+        code: status.to_string(),
+        data: body
+            .map(|b| cut(&String::from_utf8_lossy(&b)))
+            .unwrap_or_default(),
+        retry_after,
+    })
+}
+
+async fn read_capped(mut resp: reqwest::Response) -> Option<bytes::Bytes> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                if buf.len() + c.len() > MAX_RESPONSE_BYTES {
+                    return Some(buf.freeze());
+                }
+                buf.extend_from_slice(&c);
+            }
+            Ok(None) => return Some(buf.freeze()),
+            Err(_) => return (!buf.is_empty()).then(|| buf.freeze()),
+        }
+    }
+}
+
+/// The CloudEvent in a 2xx answer, if it carries one (a body that is not an event is no
+/// reply, and neither is a broken one: the delivery itself succeeded).
+fn reply_event(headers: &HeaderMap, body: &bytes::Bytes) -> Option<CloudEvent> {
+    let structured = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/cloudevents+json"));
+    let binary = headers.contains_key("ce-specversion");
+    if !structured && !binary {
+        return None;
+    }
+    let ctx = IngestContext::new("", "", chrono::Utc::now());
+    match parse_request(headers, body, &ctx) {
+        Ok(mut evs) if evs.len() == 1 => evs.pop(),
+        Ok(_) => None,
+        Err(p) => {
+            tracing::warn!(problem = %p.detail, "sink answered with an invalid CloudEvent; no reply");
+            None
+        }
+    }
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let t = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let ms = (t.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_milliseconds();
+    Some(Duration::from_millis(ms.max(0) as u64))
+}
+
+/// The `ce-` headers of an event in binary mode.
+pub fn binary_headers(ev: &CloudEvent) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let mut put = |name: &str, value: &str| {
+        let enc = utf8_percent_encode(value, HEADER_ENCODE).to_string();
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(format!("ce-{name}")),
+            HeaderValue::try_from(enc),
+        ) {
+            h.insert(n, v);
+        }
+    };
+    put("specversion", SPEC_VERSION);
+    put("id", &ev.id);
+    put("source", &ev.source);
+    put("type", &ev.ty);
+    for (n, v) in [
+        ("subject", &ev.subject),
+        ("time", &ev.time),
+        ("dataschema", &ev.dataschema),
+    ] {
+        if let Some(v) = v {
+            put(n, v);
+        }
+    }
+    for (n, v) in &ev.extensions {
+        put(n, &v.as_string());
+    }
+    if let Some(ct) = ev
+        .datacontenttype
+        .as_deref()
+        .and_then(|ct| HeaderValue::try_from(ct).ok())
+    {
+        h.insert(header::CONTENT_TYPE, ct);
+    }
+    h
+}
+
+/// `s` cut to at most [`ERROR_DATA_MAX`] bytes at a character boundary.
+pub fn cut(s: &str) -> String {
+    if s.len() <= ERROR_DATA_MAX {
+        return s.to_string();
+    }
+    let mut end = ERROR_DATA_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::data::event::{Data, ExtValue};
+
+    fn event() -> CloudEvent {
+        CloudEvent {
+            id: "e 1".into(),
+            source: "/s".into(),
+            ty: "order.created".into(),
+            datacontenttype: Some("application/json".into()),
+            dataschema: None,
+            subject: Some("ö".into()),
+            time: None,
+            extensions: BTreeMap::from([("weirposition".into(), ExtValue::String("7".into()))]),
+            data: Some(Data::Json(bytes::Bytes::from_static(b"{\"a\":1}"))),
+        }
+    }
+
+    /// A sink answering `status` with `body` and `headers`, recording what it received.
+    async fn sink(
+        status: u16,
+        headers: Vec<(&'static str, &'static str)>,
+        body: &'static str,
+    ) -> (String, tokio::sync::mpsc::Receiver<(HeaderMap, bytes::Bytes)>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move |h: HeaderMap, b: bytes::Bytes| {
+                let tx = tx.clone();
+                let headers = headers.clone();
+                async move {
+                    let _ = tx.send((h, b)).await;
+                    let mut r = axum::response::Response::new(axum::body::Body::from(body));
+                    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                    for (k, v) in headers {
+                        r.headers_mut().insert(k, HeaderValue::from_static(v));
+                    }
+                    r
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        (url, rx)
+    }
+
+    fn sender(url: &str, format: SinkFormat) -> Sender {
+        Sender::to_url(url, format, Some("tok".into()), Duration::from_secs(2), 1).unwrap()
+    }
+
+    #[tokio::test]
+    async fn binary_mode_sends_ce_headers_and_the_data() {
+        let (url, mut rx) = sink(202, vec![], "").await;
+        let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
+        assert!(matches!(out, Outcome::Delivered { status: 202, reply: None }), "{out:?}");
+        let (h, b) = rx.recv().await.unwrap();
+        assert_eq!(h["ce-id"], "e%201");
+        assert_eq!(h["ce-subject"], "%C3%B6");
+        assert_eq!(h["ce-weirposition"], "7");
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(h["authorization"], "Bearer tok");
+        assert_eq!(&b[..], b"{\"a\":1}");
+    }
+
+    #[tokio::test]
+    async fn structured_mode_sends_the_json_format() {
+        let (url, mut rx) = sink(200, vec![], "").await;
+        sender(&url, SinkFormat::Structured).send(&event()).await;
+        let (h, b) = rx.recv().await.unwrap();
+        assert_eq!(h["content-type"], "application/cloudevents+json");
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["id"], "e 1");
+        assert_eq!(v["data"]["a"], 1);
+    }
+
+    #[tokio::test]
+    async fn statuses_are_classified() {
+        for (status, retryable) in [(400, false), (401, false), (404, true), (409, true), (429, true), (500, true), (503, true)] {
+            let (url, _rx) = sink(status, vec![("retry-after", "3")], "nope").await;
+            let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
+            let Outcome::Failed(f) = out else { panic!("{status}: delivered") };
+            assert_eq!(f.retryable, retryable, "{status}");
+            assert_eq!(f.code, status.to_string());
+            assert_eq!(f.data, "nope");
+            let want = matches!(status, 429 | 503).then(|| Duration::from_secs(3));
+            assert_eq!(f.retry_after, want, "{status}");
+        }
+        // Nothing listens on port 1.
+        let (out, _) = sender("http://127.0.0.1:1/", SinkFormat::Binary).send(&event()).await;
+        let Outcome::Failed(f) = out else { panic!("delivered") };
+        assert!(f.retryable);
+        assert_eq!(f.code, "connect");
+    }
+
+    #[tokio::test]
+    async fn a_cloudevent_in_a_2xx_is_a_reply() {
+        let (url, _rx) = sink(
+            200,
+            vec![("ce-specversion", "1.0"), ("ce-id", "r1"), ("ce-source", "/pay"), ("ce-type", "payment.done"), ("content-type", "application/json")],
+            "{\"ok\":true}",
+        )
+        .await;
+        let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
+        let Outcome::Delivered { reply: Some(r), .. } = out else { panic!("{out:?}") };
+        assert_eq!(r.ty, "payment.done");
+        assert_eq!(r.id, "r1");
+        // A plain JSON answer is not a reply.
+        let (url, _rx) = sink(200, vec![("content-type", "application/json")], "{\"type\":\"x\"}").await;
+        let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
+        assert!(matches!(out, Outcome::Delivered { reply: None, .. }), "{out:?}");
+    }
+
+    #[test]
+    fn https_sinks_fail_clearly() {
+        let err = Sender::to_url("https://x/", SinkFormat::Binary, None, Duration::from_secs(1), 1)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("only http://"), "{err}");
+    }
+
+    #[test]
+    fn error_data_is_cut_at_a_char_boundary() {
+        let s = "é".repeat(1000);
+        let c = cut(&s);
+        assert!(c.len() <= ERROR_DATA_MAX && c.len() >= ERROR_DATA_MAX - 1);
+    }
+}
