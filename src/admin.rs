@@ -1,4 +1,5 @@
-//! The admin port (default 9090): health, readiness, metrics and status.
+//! The admin port (default 9090): health, readiness, metrics, status, and the dead-letter
+//! operations of the CLI (`weir dlq`), described in `docs/http-api.md`.
 
 use std::sync::Arc;
 
@@ -9,12 +10,14 @@ use axum::routing::get;
 use http::{StatusCode, header};
 
 use crate::data::engine::Engine;
+use crate::data::subscriptions::Subscriptions;
 use crate::status::StatusBoard;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub engine: Arc<Engine>,
     pub board: Arc<StatusBoard>,
+    pub subscriptions: Arc<Subscriptions>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -23,6 +26,18 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route(
+            "/v1/namespaces/{ns}/subscriptions/{name}/deadletters",
+            get(dlq_list).delete(dlq_purge),
+        )
+        .route(
+            "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/redrive",
+            axum::routing::post(dlq_redrive),
+        )
+        .route(
+            "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/{id}",
+            get(dlq_show),
+        )
         .with_state(state)
 }
 
@@ -67,4 +82,80 @@ async fn status(State(st): State<AdminState>) -> Response {
         "problems": st.board.manifest_problems(),
     }))
     .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// The answer to a dead-letter operation that failed: 404 when the subscription does not run
+/// here, 503 when the broker cannot be reached.
+fn dlq_error(e: crate::data::delivery::DeliveryError) -> Response {
+    use crate::data::delivery::DeliveryError;
+    let status = match &e {
+        DeliveryError::Other(m) if m.contains("not running") => StatusCode::NOT_FOUND,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        axum::Json(serde_json::json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or_default(),
+            "status": status.as_u16(),
+            "detail": e.to_string(),
+        })),
+    )
+        .into_response()
+}
+
+async fn dlq_list(
+    State(st): State<AdminState>,
+    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> Response {
+    let key = crate::topology::Key::new(ns, name);
+    let limit = q.limit.unwrap_or(100);
+    match st.subscriptions.dead_letters(&key, limit).await {
+        Ok(list) => axum::Json(serde_json::json!({ "deadLetters": list })).into_response(),
+        Err(e) => dlq_error(e),
+    }
+}
+
+async fn dlq_show(
+    State(st): State<AdminState>,
+    axum::extract::Path((ns, name, id)): axum::extract::Path<(String, String, String)>,
+) -> Response {
+    let key = crate::topology::Key::new(ns, name);
+    let max = crate::data::subscriptions::MAX_LIST;
+    match st.subscriptions.dead_letters(&key, max).await {
+        Ok(list) => match list.into_iter().find(|d| d.id == id) {
+            Some(d) => axum::Json(d).into_response(),
+            None => (StatusCode::NOT_FOUND, "no such dead letter").into_response(),
+        },
+        Err(e) => dlq_error(e),
+    }
+}
+
+async fn dlq_redrive(
+    State(st): State<AdminState>,
+    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
+) -> Response {
+    let key = crate::topology::Key::new(ns, name);
+    match st.subscriptions.redrive(&key, &|_| {}).await {
+        Ok(n) => axum::Json(serde_json::json!({ "redriven": n })).into_response(),
+        Err(e) => dlq_error(e),
+    }
+}
+
+async fn dlq_purge(
+    State(st): State<AdminState>,
+    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
+) -> Response {
+    let key = crate::topology::Key::new(ns, name);
+    match st.subscriptions.purge(&key).await {
+        Ok(n) => axum::Json(serde_json::json!({ "purged": n })).into_response(),
+        Err(e) => dlq_error(e),
+    }
 }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::data::engine::Engine;
 use crate::data::http::{self, HttpState};
+use crate::data::subscriptions::Subscriptions;
 use crate::metrics::Metrics;
 use crate::source::folder::Loaded;
 use crate::status::StatusBoard;
@@ -45,6 +46,8 @@ pub async fn run(
     engine.limits.queue_requests = cfg.batch_queue.max(1);
     let engine = Arc::new(engine);
     let board = Arc::new(StatusBoard::default());
+    let subscriptions = Arc::new(Subscriptions::new(engine.clone()));
+    board.attach_subscriptions(subscriptions.clone());
 
     let ingest_listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -72,6 +75,7 @@ pub async fn run(
         let app = admin::router(AdminState {
             engine: engine.clone(),
             board: board.clone(),
+            subscriptions: subscriptions.clone(),
         });
         let stop = admin_stop.clone();
         tokio::spawn(async move {
@@ -99,6 +103,7 @@ pub async fn run(
             &loaded,
             &defaults,
             &engine,
+            &subscriptions,
             &board,
             cfg.prune,
             &endpoint_base,
@@ -113,7 +118,11 @@ pub async fn run(
     watch_stop.cancel();
     // Axum's graceful shutdown stops accepting and waits for in-flight requests, which wait
     // for their batches to commit.
-    match ingest_server.await {
+    // Subscriptions stop taking messages at the same time; their started deliveries finish
+    // (and replies reach the still-running batchers) before the streams drain and the pools
+    // close.
+    let (ingest, ()) = tokio::join!(ingest_server, subscriptions.shutdown());
+    match ingest {
         Ok(Err(e)) => tracing::warn!(error = %e, "ingest server"),
         Err(e) => tracing::warn!(error = %e, "ingest server task"),
         Ok(Ok(())) => {}
@@ -131,6 +140,7 @@ async fn apply(
     loaded: &Loaded,
     defaults: &Defaults,
     engine: &Engine,
+    subscriptions: &Subscriptions,
     board: &StatusBoard,
     prune: bool,
     endpoint_base: &str,
@@ -163,6 +173,17 @@ async fn apply(
         .await
     {
         tracing::error!(error = %e, "applying the topology");
+    }
+    let keep_subscriptions: BTreeSet<Key> = kept
+        .iter()
+        .filter(|(k, _)| *k == Kind::Subscription)
+        .map(|(_, key)| key.clone())
+        .collect();
+    for e in subscriptions
+        .apply(&built.topology.subscriptions, &keep_subscriptions, prune)
+        .await
+    {
+        tracing::error!(error = %e, "applying the subscriptions");
     }
     board.update(
         built.reports,

@@ -82,6 +82,45 @@ pub enum Command {
     Crds,
     /// Show every resource and its conditions (like `kubectl get weir`).
     Status,
+    /// Measure throughput and latency beside a raw baseline in the same run.
+    Bench(BenchCmd),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchCmd {
+    /// The scenario to measure.
+    #[arg(value_enum)]
+    scenario: crate::bench::Scenario,
+    /// Events to measure after warm-up (batch-1 variants measure at most 50,000).
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Concurrent HTTP clients (batch-1 variants use at least 64).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Events per request (default: both 1 and 100).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Bytes of each event's JSON payload.
+    #[arg(long, default_value_t = 512)]
+    payload: usize,
+    /// Offered rate in events/s (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Stop each measurement after this long.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw latency percentiles against offered rate into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// PostgreSQL server for the benchmark's fresh databases.
+    #[arg(long, env = "WEIR_BENCH_PG", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pg: String,
+    /// RabbitMQ for the benchmark's fresh exchanges and queues.
+    #[arg(long, env = "WEIR_BENCH_AMQP", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp: String,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -158,6 +197,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => runtime()?.block_on(status(&cli.admin, cli.output)),
+        Command::Bench(b) => {
+            // `--url` (global) targets a running weir only when given explicitly.
+            let url = std::env::args()
+                .any(|a| a == "--url" || a.starts_with("--url="))
+                .then(|| cli.url.clone());
+            let args = crate::bench::BenchArgs {
+                scenario: b.scenario,
+                events: b.events,
+                concurrency: b.concurrency,
+                batch: b.batch,
+                payload: b.payload,
+                rate: b.rate,
+                duration: b.duration,
+                url,
+                json: b.json,
+                plot: b.plot,
+                pg_url: b.pg,
+                amqp_url: b.amqp,
+            };
+            runtime()?.block_on(crate::bench::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

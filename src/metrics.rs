@@ -24,6 +24,13 @@ pub struct Metrics {
     pub db_connections: IntGaugeVec,
     pub db_waiting: IntGaugeVec,
     pub db_acquire_duration: Histogram,
+    pub delivery_attempts: IntCounterVec,
+    pub delivery_duration: HistogramVec,
+    pub deliveries: IntCounterVec,
+    pub delivery_retries: IntCounterVec,
+    pub deadletters: IntCounterVec,
+    pub subscription_backlog: IntGaugeVec,
+    pub subscription_inflight: IntGaugeVec,
 }
 
 /// Latency buckets from 0.5 ms to 10 s: ingest answers in milliseconds when healthy and the
@@ -164,6 +171,49 @@ impl Metrics {
                     .unwrap_or_else(|e| panic!("register: {e}"));
                 h
             },
+            delivery_attempts: counter(
+                &r,
+                "weir_delivery_attempts_total",
+                "Delivery attempts by outcome (success, 4xx, 5xx, timeout, error).",
+                &["namespace", "subscription", "outcome"],
+            ),
+            delivery_duration: histogram(
+                &r,
+                "weir_delivery_duration_seconds",
+                "Duration of one delivery attempt, until the sink's answer.",
+                &["namespace", "subscription"],
+                LATENCY_BUCKETS,
+            ),
+            deliveries: counter(
+                &r,
+                "weir_deliveries_total",
+                "Events settled by outcome (delivered, deadlettered, filtered, duplicate).",
+                &["namespace", "subscription", "outcome"],
+            ),
+            delivery_retries: counter(
+                &r,
+                "weir_delivery_retries_total",
+                "Retries scheduled after a failed attempt.",
+                &["namespace", "subscription"],
+            ),
+            deadletters: counter(
+                &r,
+                "weir_deadletters_total",
+                "Events moved to the dead-letter queue.",
+                &["namespace", "subscription"],
+            ),
+            subscription_backlog: gauge(
+                &r,
+                "weir_subscription_backlog_messages",
+                "Messages waiting in the subscription's queues plus deliveries in flight (sampled).",
+                &["namespace", "subscription"],
+            ),
+            subscription_inflight: gauge(
+                &r,
+                "weir_subscription_inflight",
+                "Delivery attempts in flight in this worker.",
+                &["namespace", "subscription"],
+            ),
             registry: r,
         }
     }

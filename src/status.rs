@@ -3,12 +3,13 @@
 //! the engine's health (are its broker and store reachable?).
 
 use std::collections::BTreeSet;
-use std::sync::RwLock;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
 use crate::data::engine::Engine;
+use crate::data::subscriptions::Subscriptions;
 use crate::topology::Key;
 use crate::topology::build::Report;
 use crate::topology::index::Kind;
@@ -50,6 +51,8 @@ pub struct ResourceStatus {
 #[derive(Default)]
 pub struct StatusBoard {
     inner: RwLock<Snapshot>,
+    /// The running subscriptions, for their conditions and fields.
+    subscriptions: OnceLock<Arc<Subscriptions>>,
 }
 
 #[derive(Default, Clone)]
@@ -79,6 +82,11 @@ impl StatusBoard {
             manifest_problems,
             endpoint_base,
         };
+    }
+
+    /// Makes subscription status (conditions, queues, backlog, position) part of the view.
+    pub fn attach_subscriptions(&self, subscriptions: Arc<Subscriptions>) {
+        let _ = self.subscriptions.set(subscriptions);
     }
 
     /// True once a topology has been applied (readiness).
@@ -167,6 +175,11 @@ impl StatusBoard {
                     ready = false;
                 }
             }
+            if r.kind == Kind::Subscription
+                && let Some(subs) = self.subscriptions.get()
+            {
+                ready &= subscription_status(subs, &r.key, &mut conditions, &mut fields);
+            }
             let ready_cond = if !valid && kept {
                 Condition::new(
                     "Ready",
@@ -201,4 +214,74 @@ impl StatusBoard {
         }
         out
     }
+}
+
+/// Conditions (`SinkReachable`, `CaughtUp`, `Ordering`) and fields (`queue`,
+/// `deadLetterQueue`, `consumers`, `selector`, `backlog`, `position`) of a subscription;
+/// returns whether it runs.
+fn subscription_status(
+    subs: &Subscriptions,
+    key: &Key,
+    conditions: &mut Vec<Condition>,
+    fields: &mut serde_json::Map<String, serde_json::Value>,
+) -> bool {
+    let Some((runner, plan)) = subs.get(key) else {
+        let why = subs
+            .problem(key)
+            .unwrap_or_else(|| "not running".to_string());
+        conditions.push(Condition::new("Running", false, "NotRunning", why));
+        return false;
+    };
+    let st = &runner.state;
+    let (sink_ok, sink_msg) = st
+        .sink()
+        .unwrap_or((true, "no delivery attempted yet".to_string()));
+    conditions.push(Condition::new(
+        "SinkReachable",
+        sink_ok,
+        if sink_ok { "Delivered" } else { "DeliveryFailed" },
+        sink_msg,
+    ));
+    let caught_up = st.caught_up.load(Ordering::Acquire);
+    conditions.push(Condition::new(
+        "CaughtUp",
+        caught_up,
+        if caught_up { "Live" } else { "CatchingUp" },
+        st.error().unwrap_or_default(),
+    ));
+    let (ordering_reason, ordering_msg) = match &plan.ordering {
+        crate::topology::OrderingPlan::None => ("Unordered", String::new()),
+        crate::topology::OrderingPlan::PerKey {
+            partition_key,
+            partitions: 1,
+        } => ("Serial", format!("one lane: every event in order (key {partition_key})")),
+        crate::topology::OrderingPlan::PerKey {
+            partition_key,
+            partitions,
+        } => ("PerKey", format!("{partitions} lanes keyed by {partition_key}")),
+    };
+    conditions.push(Condition::new("Ordering", true, ordering_reason, ordering_msg));
+    let queues = runner.names.consumed();
+    fields.insert("queue".into(), runner.names.queue.clone().into());
+    if queues.len() > 1 || queues[0] != runner.names.queue {
+        fields.insert("partitionQueues".into(), queues.into());
+    }
+    fields.insert(
+        "deadLetterQueue".into(),
+        runner.names.dead_letter_queue.clone().into(),
+    );
+    fields.insert("consumers".into(), runner.settings().consumers.into());
+    fields.insert(
+        "selector".into(),
+        format!("weir.dev/subscription={}", key.name).into(),
+    );
+    let backlog = st.backlog.load(Ordering::Acquire);
+    if backlog >= 0 {
+        fields.insert("backlog".into(), backlog.into());
+    }
+    fields.insert(
+        "position".into(),
+        st.position.load(Ordering::Acquire).to_string().into(),
+    );
+    caught_up && st.error().is_none()
 }

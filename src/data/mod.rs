@@ -3,6 +3,7 @@
 
 pub mod batcher;
 pub mod broker;
+pub mod delivery;
 pub mod engine;
 pub mod event;
 pub mod http;
@@ -10,3 +11,4 @@ pub mod ingest;
 pub mod problem;
 pub mod relay;
 pub mod store;
+pub mod subscriptions;

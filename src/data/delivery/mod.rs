@@ -59,6 +59,10 @@ pub enum DeliveryError {
     Database(#[from] sqlx::Error),
     #[error("appending to stream {stream}: {message}")]
     Append { stream: Key, message: String },
+    /// The target stream refuses an appended event (schema, validation, version conflict):
+    /// retrying cannot help.
+    #[error("{0}")]
+    Rejected(String),
     #[error("shutting down")]
     Shutdown,
     #[error("{0}")]

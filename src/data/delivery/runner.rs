@@ -249,6 +249,11 @@ impl Runner {
         }
     }
 
+    /// The broker the subscription's queues live on.
+    pub fn inner_broker(&self) -> crate::data::broker::Broker {
+        self.inner.stream.broker.clone()
+    }
+
     /// Deletes the subscription's queues, exchange and progress (deletionPolicy Delete).
     pub async fn prune(&self) -> Result<(), DeliveryError> {
         let broker = &self.inner.stream.broker;
@@ -691,7 +696,16 @@ impl Inner {
                     *lock(&self.state.sink) = Some((true, format!("last delivery answered {status}")));
                     if let (Some(r), Some(stream)) = (reply, &self.plan.reply) {
                         let r = reply_event(r, &ev);
-                        self.appender.append(stream, vec![r]).await?;
+                        match self.appender.append(stream, vec![r]).await {
+                            Ok(()) => {}
+                            Err(DeliveryError::Rejected(why)) => {
+                                // The delivery itself succeeded; a reply the target stream
+                                // refuses is reported, not retried for ever.
+                                tracing::warn!(subscription = %self.plan.key, reason = %why, "reply refused");
+                                self.count("reply_refused");
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                     self.count("delivered");
                     self.note_position(&ev);
@@ -846,7 +860,14 @@ impl Inner {
             }
             Some(DeadLetterPlan::Stream(stream)) => {
                 let failed = failed_event(&dead, &self.plan.key.name);
-                self.appender.append(stream, vec![failed]).await?;
+                match self.appender.append(stream, vec![failed]).await {
+                    Ok(()) => {}
+                    Err(DeliveryError::Rejected(why)) => {
+                        tracing::warn!(subscription = %self.plan.key, reason = %why,
+                            "dead-letter stream refused the failed event (it stays in the dead-letter queue)");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(())

@@ -1,0 +1,132 @@
+//! The load generator: concurrent HTTP publishers with an optional offered rate, latencies
+//! recorded in an HDR histogram, progress on stderr.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+
+use super::BenchError;
+
+pub struct LoadResult {
+    pub events: usize,
+    pub elapsed: Duration,
+    /// Request latencies in microseconds.
+    pub latency: Histogram<u64>,
+    pub errors: usize,
+}
+
+impl LoadResult {
+    pub fn events_per_s(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// A JSON payload of about `bytes` bytes.
+pub fn payload(bytes: usize, i: usize) -> serde_json::Value {
+    let pad = bytes.saturating_sub(48).max(1);
+    json!({"orderId": format!("o-{i}"), "amount": i % 1000, "note": "x".repeat(pad)})
+}
+
+/// Publishes `events` events to `url` in requests of `batch`, from `concurrency` clients,
+/// at `rate` events/s overall if set. `label` prefixes event ids (unique per run).
+pub async fn publish(
+    url: &str,
+    label: &str,
+    events: usize,
+    batch: usize,
+    concurrency: usize,
+    payload_bytes: usize,
+    rate: Option<u64>,
+    max_duration: Option<Duration>,
+    show_progress: bool,
+) -> Result<LoadResult, BenchError> {
+    let batch = batch.max(1);
+    let requests = events.div_ceil(batch);
+    let next = Arc::new(AtomicUsize::new(0));
+    let done_events = Arc::new(AtomicUsize::new(0));
+    // One shared client: connection reuse, as a real publisher would.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+    let started = Instant::now();
+    let deadline = max_duration.map(|d| started + d);
+    let interval = rate.map(|r| Duration::from_secs_f64(batch as f64 / r.max(1) as f64));
+    let body_template = payload(payload_bytes, 0);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, next, done_events) = (client.clone(), next.clone(), done_events.clone());
+        let (url, label, template) = (url.to_string(), label.to_string(), body_template.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .map_err(|e| BenchError::Pipeline(e.to_string()))?;
+            let mut errors = 0;
+            loop {
+                let r = next.fetch_add(1, Ordering::Relaxed);
+                if r >= requests || deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                // Open-loop pacing: request r is due at r × interval, whatever the latency.
+                let due = interval.map(|iv| started + iv * r as u32);
+                if let Some(due) = due {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let n = batch.min(events - r * batch);
+                let body: Vec<_> = (0..n)
+                    .map(|i| {
+                        json!({"type": "order.created", "id": format!("{label}-{r}-{i}"),
+                               "subject": format!("order-{}", (r * batch + i) % 1000),
+                               "data": template})
+                    })
+                    .collect();
+                let t0 = due.unwrap_or_else(Instant::now).max(started);
+                let resp = client.post(&url).json(&body).send().await;
+                let ok = matches!(&resp, Ok(r) if r.status().is_success());
+                let us = t0.elapsed().as_micros().max(1) as u64;
+                let _ = hist.record(us.min(60_000_000));
+                if ok {
+                    done_events.fetch_add(n, Ordering::Relaxed);
+                } else {
+                    errors += 1;
+                }
+            }
+            Ok::<_, BenchError>((hist, errors))
+        }));
+    }
+    let progress = show_progress.then(|| {
+        let done_events = done_events.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let d = done_events.load(Ordering::Relaxed);
+                eprint!(
+                    "\r  {d}/{events} events ({:.0}%)   ",
+                    100.0 * d as f64 / events.max(1) as f64
+                );
+            }
+        })
+    });
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| BenchError::Pipeline(e.to_string()))?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t
+            .await
+            .map_err(|e| BenchError::Pipeline(e.to_string()))??;
+        let _ = latency.add(h);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    if let Some(p) = progress {
+        p.abort();
+        eprintln!();
+    }
+    Ok(LoadResult {
+        events: done_events.load(Ordering::Relaxed),
+        elapsed,
+        latency,
+        errors,
+    })
+}

@@ -1,0 +1,91 @@
+//! `weir bench`: Weir's throughput and latency measured beside a raw baseline in the same run
+//! (same machine, same services, same settings), reported as a ratio.
+//!
+//! Each scenario starts its own `weir run` pipeline (a child process of this binary) against a
+//! fresh database and fresh exchanges, warms up, measures, and cleans up.
+
+mod load;
+mod pipeline;
+mod report;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use report::{Measurement, Report};
+
+/// What `weir bench` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// HTTP publish → durable in PostgreSQL, against a raw UNNEST append.
+    Ingest,
+    /// HTTP publish to a broker-only stream, against a raw confirmed lapin publisher.
+    Broker,
+    /// Stored events → stream exchange, against the raw confirmed publisher.
+    Relay,
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchArgs {
+    pub scenario: Scenario,
+    /// Events to measure (after warm-up).
+    pub events: usize,
+    /// Concurrent HTTP clients (and baseline publishers where it applies).
+    pub concurrency: usize,
+    /// Events per request; `None`: the scenario's default set (ingest: 1 and 100).
+    pub batch: Option<usize>,
+    /// Bytes of each event's JSON payload.
+    pub payload: usize,
+    /// Offered rate in events/s; `None`: as fast as possible.
+    pub rate: Option<u64>,
+    /// Stop measuring after this long even if `events` were not all sent.
+    pub duration: Option<Duration>,
+    /// Publish to a running weir instead of starting one (`--url`): its stream `shop/orders`.
+    pub url: Option<String>,
+    pub json: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+    /// PostgreSQL server for the fresh benchmark database and the baseline.
+    pub pg_url: String,
+    pub amqp_url: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("broker: {0}")]
+    Broker(String),
+    #[error("pipeline: {0}")]
+    Pipeline(String),
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("plot: {0}")]
+    Plot(String),
+}
+
+/// Runs one scenario, prints its table, and writes `--json`/`--plot` if asked.
+pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
+    let reports = match args.scenario {
+        Scenario::Ingest => scenarios::ingest(&args).await?,
+        Scenario::Broker => scenarios::broker(&args).await?,
+        Scenario::Relay => scenarios::relay(&args).await?,
+    };
+    println!("{}", report::table(&reports));
+    if let Some(path) = &args.json {
+        let v = if reports.len() == 1 {
+            serde_json::to_value(&reports[0])
+        } else {
+            serde_json::to_value(&reports)
+        };
+        let text = v.map(|v| serde_json::to_string_pretty(&v).unwrap_or_default());
+        std::fs::write(path, text.unwrap_or_default())?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        report::plot(&reports, path)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(reports)
+}

@@ -1,0 +1,225 @@
+//! Results: one [`Report`] per measured variant (Weir beside its baseline), a table for
+//! people, JSON for scripts, an SVG plot of latency against offered rate.
+
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::BenchError;
+use super::load::LoadResult;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Measurement {
+    pub name: String,
+    pub events_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p999_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offered_rate: Option<u64>,
+    pub events: usize,
+    pub seconds: f64,
+    pub errors: usize,
+}
+
+impl Measurement {
+    pub fn from_load(name: &str, r: &LoadResult, offered_rate: Option<u64>) -> Measurement {
+        let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Measurement {
+            name: name.to_string(),
+            events_per_s: r.events_per_s(),
+            p50_ms: Some(q(&r.latency, 0.5)),
+            p99_ms: Some(q(&r.latency, 0.99)),
+            p999_ms: Some(q(&r.latency, 0.999)),
+            offered_rate,
+            events: r.events,
+            seconds: r.elapsed.as_secs_f64(),
+            errors: r.errors,
+        }
+    }
+
+    pub fn rate_only(name: &str, events: usize, seconds: f64) -> Measurement {
+        Measurement {
+            name: name.to_string(),
+            events_per_s: events as f64 / seconds.max(1e-9),
+            p50_ms: None,
+            p99_ms: None,
+            p999_ms: None,
+            offered_rate: None,
+            events,
+            seconds,
+            errors: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Versions {
+    pub weir: String,
+    pub postgresql: String,
+    pub rabbitmq: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    /// The variant measured, e.g. `batch=100 concurrency=8 payload=512B`.
+    pub variant: String,
+    pub weir: Measurement,
+    pub baseline: Measurement,
+    /// weir ÷ baseline (events/s).
+    pub ratio: f64,
+    pub machine: Machine,
+    pub versions: Versions,
+}
+
+impl Report {
+    pub fn new(
+        scenario: &str,
+        variant: String,
+        weir: Measurement,
+        baseline: Measurement,
+        versions: Versions,
+    ) -> Report {
+        Report {
+            scenario: scenario.to_string(),
+            variant,
+            ratio: weir.events_per_s / baseline.events_per_s.max(1e-9),
+            weir,
+            baseline,
+            machine: machine(),
+            versions,
+        }
+    }
+}
+
+pub fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or_else(|| "unknown".to_string(), |s| s.trim().to_string());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib: f64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_gib: (kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.2}"))
+}
+
+/// The human-readable table: each variant's Weir row beside its baseline row and the ratio.
+pub fn table(reports: &[Report]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<44} {:<36} {:>12} {:>8} {:>8} {:>8} {:>7}\n",
+        "scenario / variant", "system", "events/s", "p50 ms", "p99 ms", "p999 ms", "ratio"
+    ));
+    for r in reports {
+        let head = format!("{} {}", r.scenario, r.variant);
+        for (i, m) in [&r.weir, &r.baseline].into_iter().enumerate() {
+            out.push_str(&format!(
+                "{:<44} {:<36} {:>12.0} {:>8} {:>8} {:>8} {:>7}\n",
+                if i == 0 { head.as_str() } else { "" },
+                m.name,
+                m.events_per_s,
+                ms(m.p50_ms),
+                ms(m.p99_ms),
+                ms(m.p999_ms),
+                if i == 0 { format!("{:.2}", r.ratio) } else { String::new() },
+            ));
+        }
+    }
+    if let Some(r) = reports.first() {
+        out.push_str(&format!(
+            "machine: {} ({} cores, {} GiB) · PostgreSQL {} · RabbitMQ {} · weir {}\n",
+            r.machine.cpu,
+            r.machine.cores,
+            r.machine.memory_gib,
+            r.versions.postgresql,
+            r.versions.rabbitmq,
+            r.versions.weir
+        ));
+    }
+    out
+}
+
+/// Latency percentiles (ms) of Weir's measurements against their offered rate (or the
+/// achieved rate when the run was unpaced).
+pub fn plot(reports: &[Report], path: &Path) -> Result<(), BenchError> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Display| BenchError::Plot(e.to_string());
+    let mut points: Vec<(f64, f64, f64, f64)> = reports
+        .iter()
+        .filter_map(|r| {
+            let x = r.weir.offered_rate.map_or(r.weir.events_per_s, |v| v as f64);
+            Some((x, r.weir.p50_ms?, r.weir.p99_ms?, r.weir.p999_ms?))
+        })
+        .collect();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if points.is_empty() {
+        return Err(BenchError::Plot("no latency measurements to plot".into()));
+    }
+    let max_x = points.iter().map(|p| p.0).fold(1.0, f64::max) * 1.1;
+    let max_y = points.iter().map(|p| p.3).fold(1.0, f64::max) * 1.1;
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let title = format!("weir bench {}: latency vs offered rate", reports[0].scenario);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(20)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_x, 0f64..max_y)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("offered rate (events/s)")
+        .y_desc("request latency (ms)")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let series: [(&str, RGBColor, fn(&(f64, f64, f64, f64)) -> f64); 3] = [
+        ("p50", BLUE, |p| p.1),
+        ("p99", RED, |p| p.2),
+        ("p99.9", BLACK, |p| p.3),
+    ];
+    for (label, color, f) in series {
+        chart
+            .draw_series(LineSeries::new(points.iter().map(|p| (p.0, f(p))), &color))
+            .map_err(|e| err(&e))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart
+            .draw_series(points.iter().map(|p| Circle::new((p.0, f(p)), 3, color.filled())))
+            .map_err(|e| err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! The scenarios and their baselines.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use sqlx::Connection as _;
+
+use super::load::{self, payload};
+use super::pipeline::{Database, Pipeline, with_database};
+use super::report::{Measurement, Report, Versions};
+use super::{BenchArgs, BenchError};
+
+/// Batch-1 variants send at most this many events: one transaction per event in the
+/// baseline makes larger runs take minutes without changing the ratio.
+const SINGLE_EVENT_CAP: usize = 50_000;
+/// Connections of the raw append baseline: the number of appends Weir runs at once per
+/// stream and process (`batcher::Limits::inflight_batches`).
+const BASELINE_CONNECTIONS: usize = 2;
+/// Unconfirmed messages the raw publisher keeps in flight.
+const PUBLISH_WINDOW: usize = 200;
+
+fn stream_yaml(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  \
+         broker: {{urlSecretRef: {{name: rabbitmq, key: url}}, queueType: quorum}}\n{extra}"
+    )
+}
+
+async fn versions(pg_url: &str) -> Versions {
+    let pg = async {
+        let mut c = sqlx::PgConnection::connect(pg_url).await.ok()?;
+        sqlx::query_scalar::<_, String>("SHOW server_version")
+            .fetch_one(&mut c)
+            .await
+            .ok()
+    }
+    .await;
+    let rabbit = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "version"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty());
+    Versions {
+        weir: env!("CARGO_PKG_VERSION").to_string(),
+        postgresql: pg.unwrap_or_else(|| "unknown".into()),
+        rabbitmq: rabbit.unwrap_or_else(|| "unknown".into()),
+    }
+}
+
+/// A scratch database with Weir's schema, for the raw baselines. Dropped by the caller.
+async fn scratch_db(pg_url: &str) -> Result<(String, String), BenchError> {
+    let name = format!("weir_bench_raw_{:x}", rand::random::<u32>());
+    let mut admin = sqlx::PgConnection::connect(pg_url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await?;
+    let url = with_database(pg_url, &name);
+    let pool = sqlx::PgPool::connect(&url).await?;
+    crate::data::store::Store::new(pool.clone())
+        .migrate()
+        .await
+        .map_err(|e| BenchError::Pipeline(e.to_string()))?;
+    pool.close().await;
+    Ok((url, name))
+}
+
+async fn drop_db(pg_url: &str, name: &str) -> Result<(), BenchError> {
+    let mut admin = sqlx::PgConnection::connect(pg_url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    Ok(())
+}
+
+/// The raw append baseline: the same rows Weir writes (same table definition, 512-byte JSON
+/// payloads), `txn` rows per transaction with one `UNNEST` insert, on `connections`
+/// connections, default `synchronous_commit` like Weir.
+async fn raw_append(
+    db_url: &str,
+    events: usize,
+    txn: usize,
+    connections: usize,
+    payload_bytes: usize,
+) -> Result<Measurement, BenchError> {
+    let mut setup = sqlx::PgConnection::connect(db_url).await?;
+    sqlx::query("CREATE TABLE bench_raw (LIKE weir_events INCLUDING ALL)")
+        .execute(&mut setup)
+        .await?;
+    let data = serde_json::to_vec(&payload(payload_bytes, 0)).unwrap_or_default();
+    let txns = events.div_ceil(txn.max(1));
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for _ in 0..connections {
+        let (next, data, url) = (next.clone(), data.clone(), db_url.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut c = sqlx::PgConnection::connect(&url).await?;
+            loop {
+                let t = next.fetch_add(1, Ordering::Relaxed);
+                if t >= txns {
+                    return Ok::<_, sqlx::Error>(());
+                }
+                let n = txn.min(events - t * txn);
+                let base = (t * txn) as i64;
+                let pos: Vec<i64> = (1..=n as i64).map(|i| base + i).collect();
+                let ids: Vec<String> = pos.iter().map(|p| format!("raw-{p}")).collect();
+                let subjects: Vec<String> = pos.iter().map(|p| format!("order-{}", p % 1000)).collect();
+                let datas: Vec<Vec<u8>> = (0..n).map(|_| data.clone()).collect();
+                let mut tx = c.begin().await?;
+                sqlx::query(
+                    "INSERT INTO bench_raw (stream_id, position, id, source, type, subject, version,
+                         datacontenttype, data_kind, data, recorded_at)
+                     SELECT 1, u.p, u.id, '/bench', 'order.created', u.s, 1, 'application/json', 1, u.d, now()
+                     FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bytea[]) AS u(p, id, s, d)",
+                )
+                .bind(&pos)
+                .bind(&ids)
+                .bind(&subjects)
+                .bind(&datas)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await
+            .map_err(|e| BenchError::Pipeline(e.to_string()))??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Measurement::rate_only(
+        &format!("raw unnest append ({txn}/txn, {connections} conns)"),
+        events,
+        secs,
+    ))
+}
+
+pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
+    let versions = versions(&args.pg_url).await;
+    let pipe = match &args.url {
+        Some(_) => None,
+        None => {
+            eprintln!("starting a weir pipeline…");
+            let p = Pipeline::start(&args.pg_url, &args.amqp_url, |_| {
+                stream_yaml(
+                    "orders",
+                    "  store: {urlSecretRef: {name: pg, key: url}}\n  batching: {maxEvents: 100}\n",
+                )
+            })
+            .await?;
+            p.wait_ready(&["orders"]).await?;
+            Some(p)
+        }
+    };
+    let url = match (&args.url, &pipe) {
+        (Some(u), _) => format!("{}/v1/namespaces/shop/streams/orders/events", u.trim_end_matches('/')),
+        (None, Some(p)) => p.events_url("orders"),
+        (None, None) => unreachable!("a pipeline is started when no --url is given"),
+    };
+    let batches = args.batch.map_or_else(|| vec![1, 100], |b| vec![b]);
+    let rates = rates(args);
+    let mut reports = vec![];
+    let run_id = format!("{:x}", rand::random::<u32>());
+    for batch in batches {
+        let events = if batch == 1 { args.events.min(SINGLE_EVENT_CAP) } else { args.events };
+        let concurrency = if batch == 1 { args.concurrency.max(64) } else { args.concurrency };
+        eprintln!("ingest batch={batch}: warm-up");
+        load::publish(&url, &format!("w{run_id}-{batch}"), (events / 20).clamp(100, 5_000), batch, concurrency, args.payload, None, None, false).await?;
+        for rate in &rates {
+            eprintln!("ingest batch={batch} concurrency={concurrency} rate={}: weir", rate.map_or("max".into(), |r| r.to_string()));
+            let r = load::publish(&url, &format!("m{run_id}-{batch}-{}", rate.unwrap_or(0)), events, batch, concurrency, args.payload, *rate, args.duration, true).await?;
+            let weir = Measurement::from_load(&format!("weir (HTTP, {concurrency} clients)"), &r, *rate);
+            eprintln!("ingest batch={batch}: raw baseline");
+            let (db, name) = scratch_db(&args.pg_url).await?;
+            let baseline = raw_append(&db, r.events.max(1), batch, BASELINE_CONNECTIONS, args.payload).await;
+            drop_db(&args.pg_url, &name).await?;
+            reports.push(Report::new(
+                "ingest",
+                format!("batch={batch} c={concurrency} payload={}B", args.payload),
+                weir,
+                baseline?,
+                versions.clone(),
+            ));
+        }
+    }
+    if let Some(p) = pipe {
+        p.stop().await?;
+    }
+    Ok(reports)
+}
+
+/// The offered rates to measure: `--rate`, or a sweep when a plot is asked for.
+fn rates(args: &BenchArgs) -> Vec<Option<u64>> {
+    match (args.rate, &args.plot) {
+        (Some(r), _) => vec![Some(r)],
+        (None, Some(_)) => vec![Some(1_000), Some(5_000), Some(20_000), None],
+        (None, None) => vec![None],
+    }
+}
+
+/// Declares a quorum queue bound to `exchange` so published messages are routed and kept,
+/// as in production.
+async fn bind_queue(ch: &lapin::Channel, exchange: &str, queue: &str) -> Result<(), BenchError> {
+    let b = |e: lapin::Error| BenchError::Broker(e.to_string());
+    ch.exchange_declare(
+        exchange.into(),
+        lapin::ExchangeKind::Topic,
+        lapin::options::ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(b)?;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .map_err(b)?;
+    ch.queue_bind(queue.into(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .map_err(b)?;
+    Ok(())
+}
+
+/// The raw publisher baseline: one lapin channel with confirms, `PUBLISH_WINDOW` messages
+/// unconfirmed at most, persistent and mandatory, the same body and headers Weir sends.
+async fn raw_publish(
+    ch: &lapin::Channel,
+    exchange: &str,
+    events: usize,
+    payload_bytes: usize,
+) -> Result<Measurement, BenchError> {
+    let b = |e: lapin::Error| BenchError::Broker(e.to_string());
+    ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(b)?;
+    let body = serde_json::to_vec(&payload(payload_bytes, 0)).unwrap_or_default();
+    let mut window = VecDeque::with_capacity(PUBLISH_WINDOW);
+    let started = Instant::now();
+    for i in 0..events {
+        if window.len() >= PUBLISH_WINDOW
+            && let Some(c) = window.pop_front()
+        {
+            let _: lapin::Confirmation = c_await(c).await?;
+        }
+        let mut headers = FieldTable::default();
+        headers.insert("cloudEvents:id".into(), AMQPValue::LongString(format!("raw-{i}").into()));
+        headers.insert("cloudEvents:source".into(), AMQPValue::LongString("/bench".into()));
+        headers.insert("cloudEvents:type".into(), AMQPValue::LongString("order.created".into()));
+        headers.insert("cloudEvents:specversion".into(), AMQPValue::LongString("1.0".into()));
+        let props = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                "order.created".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &body,
+                props,
+            )
+            .await
+            .map_err(b)?;
+        window.push_back(confirm);
+    }
+    while let Some(c) = window.pop_front() {
+        c_await(c).await?;
+    }
+    Ok(Measurement::rate_only(
+        &format!("raw lapin publisher (window {PUBLISH_WINDOW})"),
+        events,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+async fn c_await(
+    c: lapin::PublisherConfirm,
+) -> Result<lapin::Confirmation, BenchError> {
+    c.await.map_err(|e| BenchError::Broker(e.to_string()))
+}
+
+pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
+    let versions = versions(&args.pg_url).await;
+    eprintln!("starting a weir pipeline…");
+    let pipe = Pipeline::start(&args.pg_url, &args.amqp_url, |s| {
+        format!(
+            "{}  deletionPolicy: Delete\n",
+            stream_yaml("fanout", &format!("  # exchange per run\n"))
+                .replace("queueType: quorum}", &format!("queueType: quorum, exchange: weir.bench.fanout-{s}}}"))
+        )
+    })
+    .await?;
+    pipe.wait_ready(&["fanout"]).await?;
+    let exchange = format!("weir.bench.fanout-{}", pipe.suffix);
+    let conn = lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
+        .await
+        .map_err(|e| BenchError::Broker(e.to_string()))?;
+    let ch = conn.create_channel().await.map_err(|e| BenchError::Broker(e.to_string()))?;
+    let queue = format!("weir-bench-{}", pipe.suffix);
+    bind_queue(&ch, &exchange, &queue).await?;
+    let url = pipe.events_url("fanout");
+    let batches = args.batch.map_or_else(|| vec![1, 100], |b| vec![b]);
+    let mut reports = vec![];
+    for batch in batches {
+        let events = if batch == 1 { args.events.min(SINGLE_EVENT_CAP) } else { args.events };
+        let concurrency = if batch == 1 { args.concurrency.max(64) } else { args.concurrency };
+        load::publish(&url, &format!("w{}", pipe.suffix), (events / 20).clamp(100, 5_000), batch, concurrency, args.payload, None, None, false).await?;
+        eprintln!("broker batch={batch}: weir");
+        let r = load::publish(&url, &format!("m{}-{batch}", pipe.suffix), events, batch, concurrency, args.payload, args.rate, args.duration, true).await?;
+        let weir = Measurement::from_load(&format!("weir (HTTP, {concurrency} clients)"), &r, args.rate);
+        eprintln!("broker batch={batch}: raw publisher");
+        let raw_ch = conn.create_channel().await.map_err(|e| BenchError::Broker(e.to_string()))?;
+        let baseline = raw_publish(&raw_ch, &exchange, r.events.max(1), args.payload).await?;
+        reports.push(Report::new("broker", format!("batch={batch} c={concurrency} payload={}B", args.payload), weir, baseline, versions.clone()));
+    }
+    let _ = ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    pipe.stop().await?;
+    Ok(reports)
+}
+
+pub async fn relay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
+    let versions = versions(&args.pg_url).await;
+    // Store the events first, straight through the store, before any weir runs; then start
+    // weir and time how long its relay takes to publish them all.
+    let db = Database::create(&args.pg_url).await?;
+    let exchange = format!("weir.bench.relay-{}", db.suffix);
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    let store = crate::data::store::Store::new(pool.clone());
+    let pe = |e: crate::data::store::StoreError| BenchError::Pipeline(e.to_string());
+    store.migrate().await.map_err(pe)?;
+    let stream_id = store.ensure_stream("bench", "orders").await.map_err(pe)?;
+    eprintln!("storing {} events…", args.events);
+    let data = bytes::Bytes::from(serde_json::to_vec(&payload(args.payload, 0)).unwrap_or_default());
+    let compression = crate::topology::CompressionPlan::default();
+    for chunk in (0..args.events).collect::<Vec<_>>().chunks(1000) {
+        let events: Vec<_> = chunk
+            .iter()
+            .map(|i| crate::data::event::CloudEvent {
+                id: format!("relay-{i}"),
+                source: "/bench".into(),
+                ty: "order.created".into(),
+                datacontenttype: Some("application/json".into()),
+                dataschema: None,
+                subject: Some(format!("order-{}", i % 1000)),
+                time: None,
+                extensions: Default::default(),
+                data: Some(crate::data::event::Data::Json(data.clone())),
+            })
+            .collect();
+        store
+            .append(stream_id, &[crate::data::store::AppendInput { events: &events }], &compression)
+            .await
+            .map_err(pe)?;
+    }
+    let conn = lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
+        .await
+        .map_err(|e| BenchError::Broker(e.to_string()))?;
+    let ch = conn.create_channel().await.map_err(|e| BenchError::Broker(e.to_string()))?;
+    let queue = format!("weir-bench-relay-{}", db.suffix);
+    bind_queue(&ch, &exchange, &queue).await?;
+    eprintln!("starting weir; timing its relay…");
+    let started = Instant::now();
+    let pipe = Pipeline::start_on(db, &args.pg_url, &args.amqp_url, |_| {
+        stream_yaml("orders", "  store: {urlSecretRef: {name: pg, key: url}}\n")
+            .replace("queueType: quorum}", &format!("queueType: quorum, exchange: {exchange}}}"))
+    })
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut last_print = Instant::now();
+    loop {
+        let cp: i64 = sqlx::query_scalar("SELECT position FROM weir_relay_checkpoints WHERE stream_id = $1")
+            .bind(stream_id)
+            .fetch_one(&pool)
+            .await?;
+        if cp as usize >= args.events {
+            break;
+        }
+        if last_print.elapsed() > Duration::from_millis(500) {
+            eprint!("\r  relayed {cp}/{}   ", args.events);
+            last_print = Instant::now();
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Pipeline("the relay did not catch up in 10 minutes".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Includes weir's start-up (well under a second), which favours the baseline.
+    let relayed = started.elapsed();
+    eprintln!("\r  relayed {} events in {relayed:?}", args.events);
+    let weir = Measurement::rate_only("weir relay (store → exchange)", args.events, relayed.as_secs_f64());
+    let raw_ch = conn.create_channel().await.map_err(|e| BenchError::Broker(e.to_string()))?;
+    let baseline = raw_publish(&raw_ch, &exchange, args.events, args.payload).await?;
+    let _ = ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    pool.close().await;
+    pipe.stop().await?;
+    Ok(vec![Report::new("relay", format!("events={} payload={}B", args.events, args.payload), weir, baseline, versions)])
+}

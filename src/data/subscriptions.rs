@@ -1,0 +1,397 @@
+//! The subscriptions running in this worker: [`Subscriptions::apply`] moves them to a new
+//! topology (start, stop, restart on a changed spec, live update of `consumers` and
+//! `rateLimit`), and the dead-letter operations the admin API offers.
+//!
+//! `consumers` and `rateLimit` are per worker (per replica): with three replicas and
+//! `consumers: 4`, up to twelve deliveries run at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
+use lapin::types::AMQPValue;
+use tokio::time::Instant;
+
+use crate::data::batcher::{BatchError, SubmitError};
+use crate::data::broker::{Routing, from_properties, to_message};
+use crate::data::delivery::runner::StreamSide;
+use crate::data::delivery::{
+    ATTEMPTS_HEADER, Appender, DeliveryError, EXT_ATTEMPTS, EXT_ERROR_CODE, EXT_ERROR_DATA,
+    EXT_ERROR_DEST, Runner,
+};
+use crate::data::engine::{Backend, Engine};
+use crate::data::event::{CloudEvent, to_structured_json};
+use crate::metrics::Metrics;
+use crate::topology::{DeletionPolicy, Key, SubscriptionPlan};
+
+/// How long an append of a reply or a failed event may wait for durability.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most dead letters one list answers: the admin API is for people and scripts, not bulk
+/// export; the rest stays in the queue.
+pub const MAX_LIST: usize = 1000;
+
+struct Entry {
+    runner: Arc<Runner>,
+    /// The plan as last applied (consumers and rateLimit may differ from the runner's
+    /// starting plan).
+    plan: SubscriptionPlan,
+}
+
+/// Every subscription of this worker.
+pub struct Subscriptions {
+    engine: Arc<Engine>,
+    metrics: Metrics,
+    running: RwLock<BTreeMap<Key, Entry>>,
+    /// Why a subscription in the topology is not running.
+    problems: RwLock<BTreeMap<Key, String>>,
+}
+
+/// One dead letter, as the admin API shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub position: Option<String>,
+    pub attempts: Option<String>,
+    pub error_code: Option<String>,
+    pub error_dest: Option<String>,
+    pub error_data: Option<String>,
+    /// The whole event in the CloudEvents JSON format.
+    pub event: serde_json::Value,
+}
+
+fn rd<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // Plain maps, replaced whole: a panic elsewhere cannot leave them half-updated.
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+fn wr<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Two plans that differ at most in `consumers` and `rateLimit` (applied live).
+fn same_but_live(a: &SubscriptionPlan, b: &SubscriptionPlan) -> bool {
+    let mut b = b.clone();
+    b.consumers = a.consumers;
+    b.rate_limit = a.rate_limit;
+    b.generation = a.generation;
+    *a == b
+}
+
+impl Subscriptions {
+    pub fn new(engine: Arc<Engine>) -> Subscriptions {
+        Subscriptions {
+            metrics: engine.metrics.clone(),
+            engine,
+            running: RwLock::new(BTreeMap::new()),
+            problems: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// The running subscription and the plan applied to it.
+    pub fn get(&self, key: &Key) -> Option<(Arc<Runner>, SubscriptionPlan)> {
+        rd(&self.running)
+            .get(key)
+            .map(|e| (e.runner.clone(), e.plan.clone()))
+    }
+
+    /// Why a subscription of the topology is not running, if so.
+    pub fn problem(&self, key: &Key) -> Option<String> {
+        rd(&self.problems).get(key).cloned()
+    }
+
+    /// Moves the running subscriptions to `plans` (call after the engine applied the
+    /// streams). Subscriptions in `keep` (present but currently invalid) keep running as
+    /// they are; others absent from `plans` stop, and with `prune` their queues and progress
+    /// are deleted when their deletionPolicy is Delete.
+    pub async fn apply(
+        &self,
+        plans: &BTreeMap<Key, SubscriptionPlan>,
+        keep: &BTreeSet<Key>,
+        prune: bool,
+    ) -> Vec<DeliveryError> {
+        let mut errors = Vec::new();
+        let mut problems = BTreeMap::new();
+        for (key, plan) in plans {
+            let Some(rt) = self.engine.stream(&plan.stream.namespace, &plan.stream.name) else {
+                problems.insert(key.clone(), format!("EventStream {} is not running", plan.stream));
+                if let Some(e) = wr(&self.running).remove(key) {
+                    e.runner.stop().await;
+                }
+                continue;
+            };
+            let current = self.get(key);
+            if let Some((runner, applied)) = &current
+                && runner.stream_plan == rt.plan
+                && same_but_live(&runner.plan, plan)
+            {
+                if applied != plan {
+                    runner.update(plan);
+                    if let Some(e) = wr(&self.running).get_mut(key) {
+                        e.plan = plan.clone();
+                    }
+                    tracing::info!(subscription = %key, consumers = plan.consumers,
+                        rate = ?plan.rate_limit, "subscription settings updated");
+                }
+                continue;
+            }
+            // A changed spec: stop the old consumers first, so that no two versions deliver
+            // at once, then start the new one.
+            if current.is_some()
+                && let Some(e) = wr(&self.running).remove(key)
+            {
+                e.runner.stop().await;
+            }
+            let rt2 = rt.clone();
+            let side = StreamSide {
+                plan: rt.plan.clone(),
+                broker: rt.broker.clone(),
+                store: rt.store().cloned(),
+                stream_id: Arc::new(move || rt2.stream_id()),
+            };
+            let appender = Arc::new(EngineAppender {
+                engine: self.engine.clone(),
+            });
+            match Runner::start(plan.clone(), side, appender, self.metrics.clone()) {
+                Ok(r) => {
+                    tracing::info!(subscription = %key, generation = plan.generation, "subscription started");
+                    wr(&self.running).insert(
+                        key.clone(),
+                        Entry {
+                            runner: Arc::new(r),
+                            plan: plan.clone(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    problems.insert(key.clone(), e.to_string());
+                    errors.push(e);
+                }
+            }
+        }
+        let gone: Vec<Entry> = {
+            let mut running = wr(&self.running);
+            let keys: Vec<Key> = running
+                .keys()
+                .filter(|k| !plans.contains_key(*k) && !keep.contains(*k))
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| running.remove(k)).collect()
+        };
+        for e in gone {
+            tracing::info!(subscription = %e.plan.key, "subscription stopped");
+            e.runner.stop().await;
+            if prune && e.plan.deletion_policy == DeletionPolicy::Delete {
+                match e.runner.prune().await {
+                    Ok(()) => tracing::info!(subscription = %e.plan.key, "pruned queues and progress"),
+                    Err(err) => errors.push(err),
+                }
+            }
+        }
+        *wr(&self.problems) = problems;
+        errors
+    }
+
+    /// Stops every subscription gracefully (before the engine drains its batchers, so that
+    /// replies still find them).
+    pub async fn shutdown(&self) {
+        let all: Vec<Entry> = std::mem::take(&mut *wr(&self.running)).into_values().collect();
+        let stops = all.iter().map(|e| e.runner.stop());
+        futures::future::join_all(stops).await;
+    }
+
+    fn runner(&self, key: &Key) -> Result<Arc<Runner>, DeliveryError> {
+        self.get(key)
+            .map(|(r, _)| r)
+            .ok_or_else(|| DeliveryError::Other(format!("subscription {key} is not running here")))
+    }
+
+    /// Up to `limit` dead letters, oldest first. They stay in the queue.
+    pub async fn dead_letters(
+        &self,
+        key: &Key,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, DeliveryError> {
+        let r = self.runner(key)?;
+        let broker = &r.inner_broker();
+        let ch = broker.open_channel().await?;
+        let mut out = Vec::new();
+        let q = r.names.dead_letter_queue.clone();
+        // Messages taken with basic.get stay unacked on this channel; closing it returns
+        // them all, in order.
+        while out.len() < limit.min(MAX_LIST) {
+            let got = ch
+                .basic_get(q.as_str().into(), BasicGetOptions::default())
+                .await
+                .map_err(|e| DeliveryError::Other(format!("basic.get {q}: {e}")))?;
+            let Some(m) = got else { break };
+            let d = m.delivery;
+            match from_properties(&d.properties, &d.data) {
+                Ok(ev) => out.push(dead_letter_view(&ev)),
+                Err(e) => out.push(DeadLetter {
+                    id: String::new(),
+                    source: String::new(),
+                    ty: String::new(),
+                    position: None,
+                    attempts: None,
+                    error_code: Some("undecodable".into()),
+                    error_dest: None,
+                    error_data: Some(e.to_string()),
+                    event: serde_json::Value::Null,
+                }),
+            }
+        }
+        let _ = ch.close(200, "OK".into()).await;
+        Ok(out)
+    }
+
+    /// Moves every dead letter present now back to the subscription's queue (attempts
+    /// start over); returns how many. `progress` is called after each one.
+    pub async fn redrive(
+        &self,
+        key: &Key,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<u64, DeliveryError> {
+        let r = self.runner(key)?;
+        let broker = r.inner_broker();
+        let q = r.names.dead_letter_queue.clone();
+        let Some(counts) = broker.queue_counts(&q).await? else {
+            return Ok(0);
+        };
+        let ch = broker.open_channel().await?;
+        let mut moved = 0u64;
+        // Only the dead letters present at the start: one that fails again while we work
+        // lands back in the queue and must not be redriven in a loop.
+        while moved < u64::from(counts.messages) {
+            let got = ch
+                .basic_get(q.as_str().into(), BasicGetOptions::default())
+                .await
+                .map_err(|e| DeliveryError::Other(format!("basic.get {q}: {e}")))?;
+            let Some(m) = got else { break };
+            let d = m.delivery;
+            let mut ev = from_properties(&d.properties, &d.data)?;
+            for k in [EXT_ERROR_DEST, EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ATTEMPTS] {
+                ev.extensions.remove(k);
+            }
+            let mut msg = to_message(&ev);
+            // Present (0): the live consumer must not take it for a catch-up duplicate.
+            msg.headers
+                .insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(0));
+            let exchange = match &r.names.hash_exchange {
+                Some(hx) => hx.clone(),
+                None => {
+                    msg.routing_key = r.names.queue.clone();
+                    String::new()
+                }
+            };
+            let deadline = Instant::now() + APPEND_TIMEOUT;
+            let routing = broker.publish(&exchange, &[msg], deadline).await?;
+            if routing.first() != Some(&Routing::Routed) {
+                return Err(DeliveryError::Other(format!(
+                    "the subscription's queue took no message (is it deleted?); {moved} redriven"
+                )));
+            }
+            d.acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| DeliveryError::Other(format!("ack: {e}")))?;
+            moved += 1;
+            progress(moved);
+        }
+        let _ = ch.close(200, "OK".into()).await;
+        Ok(moved)
+    }
+
+    /// Deletes every dead letter; returns how many.
+    pub async fn purge(&self, key: &Key) -> Result<u64, DeliveryError> {
+        let r = self.runner(key)?;
+        let ch = r.inner_broker().open_channel().await?;
+        let q = r.names.dead_letter_queue.clone();
+        let n = ch
+            .queue_purge(q.as_str().into(), QueuePurgeOptions::default())
+            .await
+            .map_err(|e| DeliveryError::Other(format!("queue.purge {q}: {e}")))?;
+        let _ = ch.close(200, "OK".into()).await;
+        Ok(u64::from(n))
+    }
+}
+
+fn dead_letter_view(ev: &CloudEvent) -> DeadLetter {
+    DeadLetter {
+        id: ev.id.clone(),
+        source: ev.source.clone(),
+        ty: ev.ty.clone(),
+        position: ev.extension_str("weirposition"),
+        attempts: ev.extension_str(EXT_ATTEMPTS),
+        error_code: ev.extension_str(EXT_ERROR_CODE),
+        error_dest: ev.extension_str(EXT_ERROR_DEST),
+        error_data: ev.extension_str(EXT_ERROR_DATA),
+        event: serde_json::from_slice(&to_structured_json(ev)).unwrap_or_default(),
+    }
+}
+
+/// Appends through the engine's running streams: the batcher (stored streams) or a
+/// confirmed publish (broker-only streams), after the target stream's validation.
+struct EngineAppender {
+    engine: Arc<Engine>,
+}
+
+impl Appender for EngineAppender {
+    fn append<'a>(
+        &'a self,
+        stream: &'a Key,
+        events: Vec<CloudEvent>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), DeliveryError>> + Send + 'a>> {
+        Box::pin(async move {
+            let err = |message: String| DeliveryError::Append {
+                stream: stream.clone(),
+                message,
+            };
+            let rt = self
+                .engine
+                .stream(&stream.namespace, &stream.name)
+                .ok_or_else(|| err("the stream is not running".into()))?;
+            if let Err(p) = rt.validator.check(&events) {
+                return Err(DeliveryError::Rejected(format!(
+                    "stream {stream} refuses the event: {}",
+                    p.detail
+                )));
+            }
+            let deadline = Instant::now() + APPEND_TIMEOUT;
+            match &rt.backend {
+                Backend::Stored { .. } => {
+                    let batcher = rt
+                        .batcher()
+                        .ok_or_else(|| err("the stream is shutting down".into()))?;
+                    let rx = batcher.submit(events, deadline).map_err(|e| match e {
+                        SubmitError::Overloaded => err("the stream is overloaded".into()),
+                        SubmitError::ShuttingDown => err("the stream is shutting down".into()),
+                    })?;
+                    match tokio::time::timeout_at(deadline, rx).await {
+                        Ok(Ok(Ok(Ok(_)))) => Ok(()),
+                        Ok(Ok(Ok(Err(conflict)))) => Err(DeliveryError::Rejected(format!(
+                            "stream {stream}: version conflict on {}",
+                            conflict.subject
+                        ))),
+                        Ok(Ok(Err(e))) => Err(err(e.to_string())),
+                        Ok(Err(_)) => Err(err(BatchError::ShuttingDown.to_string())),
+                        Err(_) => Err(err(BatchError::DeadlineExceeded.to_string())),
+                    }
+                }
+                Backend::BrokerOnly { .. } => {
+                    let msgs: Vec<_> = events.iter().map(to_message).collect();
+                    rt.broker
+                        .publish(&rt.plan.broker.exchange, &msgs, deadline)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| err(e.to_string()))
+                }
+            }
+        })
+    }
+}
