@@ -84,6 +84,25 @@ pub enum Command {
     Status,
     /// Measure throughput and latency beside a raw baseline in the same run.
     Bench(BenchCmd),
+    /// Dead letters of a subscription (through the admin API).
+    Dlq {
+        #[command(subcommand)]
+        action: crate::cli_delivery::DlqAction,
+    },
+    /// Print events as they are stored in a stream, following new ones (Ctrl-C stops).
+    Tail {
+        /// `<namespace>/<stream>`.
+        target: String,
+        /// First position to print.
+        #[arg(long, default_value_t = 1)]
+        from: i64,
+    },
+    /// Receive CloudEvents over HTTP and print each one (a sink for quickstarts and
+    /// debugging).
+    Sink {
+        #[arg(long, default_value = "127.0.0.1:8888")]
+        listen: SocketAddr,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -197,6 +216,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => runtime()?.block_on(status(&cli.admin, cli.output)),
+        Command::Dlq { action } => {
+            runtime()?.block_on(crate::cli_delivery::dlq(&cli.admin, cli.output, action))
+        }
+        Command::Tail { target, from } => runtime()?.block_on(crate::cli_delivery::tail(
+            &cli.url, cli.output, &target, from,
+        )),
+        Command::Sink { listen } => {
+            runtime()?.block_on(crate::cli_delivery::sink(listen, cli.output))
+        }
         Command::Bench(b) => {
             // `--url` (global) targets a running weir only when given explicitly.
             let url = std::env::args()

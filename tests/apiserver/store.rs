@@ -481,7 +481,8 @@ impl Store {
         self.objects.get(&rt.key())
     }
 
-    fn with_type_meta(rt: &ResourceType, mut object: Value) -> Value {
+    /// The object with the `apiVersion` and `kind` of the type it is served as.
+    pub fn with_type_meta(rt: &ResourceType, mut object: Value) -> Value {
         object["apiVersion"] = json!(rt.api_version());
         object["kind"] = json!(rt.kind);
         object

@@ -1,0 +1,247 @@
+//! What every reconcile shares: the API client, the controllers' caches, the data plane, the
+//! status queue and the leadership flag.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::Client;
+use kube::Resource;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
+
+use crate::api::{ArchivePolicy, CachePolicy, EventStream, Subscription};
+use crate::control::refs::{RefCache, Refs, refs_of};
+use crate::control::status_writer::StatusQueue;
+use crate::control::{CONTROLLER_NAME, ControlError};
+use crate::data::engine::Engine;
+use crate::data::subscriptions::Subscriptions;
+use crate::metrics::Metrics;
+use crate::status::StatusBoard;
+use crate::topology::{Defaults, Index, Key};
+
+/// Tunables of the control plane.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often a valid resource is reconciled again (status samples such as the head or the
+    /// backlog) and how old a cached Secret may get before it is read again.
+    pub refresh: Duration,
+    /// Base URL shown as the streams' endpoint in status.
+    pub endpoint_base: String,
+    /// How long a reconcile waits for the controllers' caches to fill at startup.
+    pub cache_sync_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            refresh: Duration::from_secs(60),
+            endpoint_base: "http://weir:8080".to_string(),
+            cache_sync_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The controllers' caches (one per kind and watched namespace).
+#[derive(Clone, Default)]
+pub struct Stores {
+    pub streams: Vec<Store<EventStream>>,
+    pub subscriptions: Vec<Store<Subscription>>,
+    pub archive_policies: Vec<Store<ArchivePolicy>>,
+    pub cache_policies: Vec<Store<CachePolicy>>,
+}
+
+fn key_of<K: Resource>(obj: &K) -> Option<Key> {
+    Some(Key::new(obj.meta().namespace.clone()?, obj.meta().name.clone()?))
+}
+
+fn deleting<K: Resource>(obj: &K) -> bool {
+    obj.meta().deletion_timestamp.is_some()
+}
+
+impl Stores {
+    /// Waits until every cache has completed its first list.
+    pub async fn wait_until_ready(&self, timeout: Duration) -> Result<(), ControlError> {
+        let all = async {
+            for s in &self.streams {
+                s.wait_until_ready().await.ok();
+            }
+            for s in &self.subscriptions {
+                s.wait_until_ready().await.ok();
+            }
+            for s in &self.archive_policies {
+                s.wait_until_ready().await.ok();
+            }
+            for s in &self.cache_policies {
+                s.wait_until_ready().await.ok();
+            }
+        };
+        tokio::time::timeout(timeout, all)
+            .await
+            .map_err(|_| ControlError::DataPlane("the watch caches did not fill in time".into()))
+    }
+
+    /// All EventStreams currently cached.
+    pub fn streams(&self) -> Vec<Arc<EventStream>> {
+        self.streams.iter().flat_map(Store::state).collect()
+    }
+
+    /// All Subscriptions currently cached.
+    pub fn subscriptions(&self) -> Vec<Arc<Subscription>> {
+        self.subscriptions.iter().flat_map(Store::state).collect()
+    }
+
+    /// Live (not deleting) Subscriptions of the stream `key`.
+    pub fn subscriptions_of(&self, key: &Key) -> Vec<String> {
+        self.subscriptions()
+            .iter()
+            .filter(|s| !deleting(s.as_ref()))
+            .filter(|s| {
+                s.metadata.namespace.as_deref() == Some(key.namespace.as_str())
+                    && s.spec.stream == key.name
+            })
+            .filter_map(|s| s.metadata.name.clone())
+            .collect()
+    }
+
+    /// Whether the EventStream `key` exists and is being deleted.
+    pub fn stream_deleting(&self, key: &Key) -> bool {
+        self.streams()
+            .iter()
+            .any(|s| key_of(s.as_ref()).as_ref() == Some(key) && deleting(s.as_ref()))
+    }
+
+    /// The index of every resource that should run, and the Secrets/ConfigMaps they
+    /// reference (to be filled in by the caller). Objects being deleted are left out, except
+    /// an EventStream that still has live Subscriptions: it keeps running under them.
+    pub fn index(&self) -> (Index, Refs) {
+        let mut index = Index::default();
+        let mut refs = Refs::default();
+        let live_subs: BTreeSet<Key> = self
+            .subscriptions()
+            .iter()
+            .filter(|s| !deleting(s.as_ref()))
+            .filter_map(|s| Some(Key::new(s.metadata.namespace.clone()?, s.spec.stream.clone())))
+            .collect();
+        for s in self.streams() {
+            let Some(key) = key_of(s.as_ref()) else {
+                continue;
+            };
+            if deleting(s.as_ref()) && !live_subs.contains(&key) {
+                continue;
+            }
+            if let Ok(spec) = serde_json::to_value(&s.spec) {
+                refs.extend(refs_of(&key.namespace, &spec));
+            }
+            index.streams.insert(key, (*s).clone());
+        }
+        for s in self.subscriptions() {
+            let Some(key) = key_of(s.as_ref()) else {
+                continue;
+            };
+            if deleting(s.as_ref()) {
+                continue;
+            }
+            if let Ok(spec) = serde_json::to_value(&s.spec) {
+                refs.extend(refs_of(&key.namespace, &spec));
+            }
+            index.subscriptions.insert(key, (*s).clone());
+        }
+        for p in self.archive_policies.iter().flat_map(Store::state) {
+            if let Some(key) = key_of(p.as_ref())
+                && !deleting(p.as_ref())
+            {
+                index.archive_policies.insert(key, (*p).clone());
+            }
+        }
+        for p in self.cache_policies.iter().flat_map(Store::state) {
+            if let Some(key) = key_of(p.as_ref())
+                && !deleting(p.as_ref())
+            {
+                index.cache_policies.insert(key, (*p).clone());
+            }
+        }
+        (index, refs)
+    }
+}
+
+/// Shared state of every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub defaults: Defaults,
+    pub engine: Arc<Engine>,
+    pub subscriptions: Arc<Subscriptions>,
+    pub board: Arc<StatusBoard>,
+    pub stores: Stores,
+    pub refs: RefCache,
+    pub status: StatusQueue,
+    pub recorder: Recorder,
+    pub settings: Settings,
+    /// Whether this replica holds the Lease (status, finalizers, Events, data removal).
+    pub leader: Arc<AtomicBool>,
+    /// Serialises topology applies: the data plane moves from one whole topology to the next.
+    pub apply_lock: tokio::sync::Mutex<()>,
+    /// Consecutive failures per resource, for the exponential backoff of transient errors.
+    pub failures: Mutex<HashMap<Key, u32>>,
+}
+
+impl Context {
+    /// A context for reconciler tests: a fresh data plane, empty caches, leadership held, a
+    /// status queue whose receiver is returned.
+    pub fn test(
+        client: Client,
+        stores: Stores,
+    ) -> (
+        Arc<Context>,
+        tokio::sync::mpsc::Receiver<crate::control::status_writer::StatusUpdate>,
+    ) {
+        let engine = Arc::new(Engine::new(Metrics::new()));
+        let (status, rx) = StatusQueue::new(64, &engine.metrics.registry);
+        let ctx = Context {
+            recorder: Recorder::new(client.clone(), reporter(None)),
+            client,
+            defaults: Defaults::default(),
+            subscriptions: Arc::new(Subscriptions::new(engine.clone())),
+            engine,
+            board: Arc::new(StatusBoard::default()),
+            stores,
+            refs: RefCache::default(),
+            status,
+            settings: Settings::default(),
+            leader: Arc::new(AtomicBool::new(true)),
+            apply_lock: tokio::sync::Mutex::new(()),
+            failures: Mutex::new(HashMap::new()),
+        };
+        (Arc::new(ctx), rx)
+    }
+
+    /// Whether this replica holds the Lease.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Acquire)
+    }
+
+    /// Records a failure of `key` and returns how many in a row.
+    pub fn failed(&self, key: &Key) -> u32 {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// Forgets the failures of `key` after a successful reconcile.
+    pub fn succeeded(&self, key: &Key) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
+/// The reporter of Events: the controller name and this replica's Pod.
+pub fn reporter(instance: Option<String>) -> Reporter {
+    Reporter {
+        controller: CONTROLLER_NAME.to_string(),
+        instance,
+    }
+}

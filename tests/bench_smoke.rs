@@ -1,0 +1,55 @@
+//! A small run of every `weir bench` scenario: it completes and reports sane, non-zero
+//! numbers for Weir and its baseline. (Speed targets live in the benchmark, not here.)
+
+mod common;
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("out.json");
+    let out = Command::new(common::weir_binary())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run weir bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "weir bench {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ratio"), "a table is printed: {stdout}");
+    serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap()
+}
+
+fn assert_sane(r: &serde_json::Value, scenario: &str, events: u64) {
+    assert_eq!(r["scenario"], scenario);
+    for side in ["weir", "baseline"] {
+        let rate = r[side]["events_per_s"].as_f64().unwrap();
+        assert!(rate > 0.0 && rate.is_finite(), "{side} rate {rate}");
+        assert_eq!(r[side]["events"].as_u64(), Some(events), "{side} measured every event: {r}");
+    }
+    let ratio = r["ratio"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio.is_finite());
+    assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(r["versions"]["postgresql"].as_str().unwrap().starts_with(char::is_numeric));
+}
+
+#[test]
+fn ingest_broker_and_relay_scenarios_complete_with_sane_numbers() {
+    let r = bench(&["ingest", "--events", "400", "--batch", "50", "--concurrency", "4"]);
+    assert_sane(&r, "ingest", 400);
+    let p50 = r["weir"]["p50_ms"].as_f64().unwrap();
+    let p999 = r["weir"]["p999_ms"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p999 >= p50, "percentiles are ordered: {r}");
+
+    let r = bench(&["broker", "--events", "400", "--batch", "50", "--concurrency", "4"]);
+    assert_sane(&r, "broker", 400);
+
+    let r = bench(&["relay", "--events", "500"]);
+    assert_sane(&r, "relay", 500);
+}

@@ -1,0 +1,590 @@
+//! Black-box tests of subscriptions: real `weir run` processes, the real PostgreSQL and
+//! RabbitMQ, and a sink (an HTTP server inside the test) that fails on demand.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// How the test sink answers.
+#[derive(Clone, Debug)]
+enum Mode {
+    /// 200 to everything.
+    Ok,
+    /// 503 to the first `n` attempts of every event id, then 200.
+    FailFirst(u32),
+    /// This status, with this body, to everything.
+    Status(u16, &'static str),
+    /// 500 with this probability, else 200.
+    Random(f64),
+    /// 200 after this long.
+    Slow(Duration),
+}
+
+/// One request the sink received.
+#[derive(Clone, Debug)]
+struct Got {
+    id: String,
+    ty: String,
+    subject: String,
+    position: i64,
+    at: Instant,
+    ok: bool,
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct SinkState {
+    mode: Option<Mode>,
+    got: Vec<Got>,
+    attempts: HashMap<String, u32>,
+}
+
+/// The test sink.
+#[derive(Clone)]
+struct Sink {
+    url: String,
+    st: Arc<Mutex<SinkState>>,
+}
+
+impl Sink {
+    async fn start(mode: Mode) -> Sink {
+        let st = Arc::new(Mutex::new(SinkState {
+            mode: Some(mode),
+            ..Default::default()
+        }));
+        let s2 = st.clone();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move |h: http::HeaderMap, _b: bytes::Bytes| {
+                let st = s2.clone();
+                async move {
+                    let hv = |k: &str| {
+                        h.get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    let id = hv("ce-id");
+                    let (mode, n) = {
+                        let mut s = st.lock().unwrap();
+                        let n = {
+                            let a = s.attempts.entry(id.clone()).or_insert(0);
+                            *a += 1;
+                            *a
+                        };
+                        (s.mode.clone().unwrap(), n)
+                    };
+                    let (status, body) = match mode {
+                        Mode::Ok => (200, ""),
+                        Mode::FailFirst(k) => {
+                            if n <= k {
+                                (503, "not yet")
+                            } else {
+                                (200, "")
+                            }
+                        }
+                        Mode::Status(s, b) => (s, b),
+                        Mode::Random(p) => {
+                            if rand::random::<f64>() < p {
+                                (500, "flaky")
+                            } else {
+                                (200, "")
+                            }
+                        }
+                        Mode::Slow(d) => {
+                            tokio::time::sleep(d).await;
+                            (200, "")
+                        }
+                    };
+                    let headers = h
+                        .iter()
+                        .filter(|(k, _)| k.as_str().starts_with("ce-"))
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    st.lock().unwrap().got.push(Got {
+                        id,
+                        ty: hv("ce-type"),
+                        subject: hv("ce-subject"),
+                        position: hv("ce-weirposition").parse().unwrap_or(0),
+                        at: Instant::now(),
+                        ok: status == 200,
+                        headers,
+                    });
+                    (http::StatusCode::from_u16(status).unwrap(), body)
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        Sink { url, st }
+    }
+
+    fn set_mode(&self, m: Mode) {
+        self.st.lock().unwrap().mode = Some(m);
+    }
+
+    fn got(&self) -> Vec<Got> {
+        self.st.lock().unwrap().got.clone()
+    }
+
+    /// Distinct ids answered 200.
+    fn delivered(&self) -> BTreeSet<String> {
+        self.got()
+            .into_iter()
+            .filter(|g| g.ok)
+            .map(|g| g.id)
+            .collect()
+    }
+
+    async fn wait_delivered(&self, n: usize, within: Duration, weir: &Weir) {
+        let deadline = Instant::now() + within;
+        loop {
+            let d = self.delivered().len();
+            if d >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {d} of {n} events delivered in {within:?}; log:\n{}",
+                tail(&weir.log_text())
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn tail(s: &str) -> &str {
+    let mut i = s.len().saturating_sub(4000);
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+fn subscription_yaml(name: &str, sink: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}, namespace: test}}\n\
+         spec:\n  stream: orders\n  sink: {{uri: \"{sink}\"}}\n{extra}"
+    )
+}
+
+/// `n` events in seed JSON, ids `<prefix>-<i>`, subjects spread over `keys`.
+fn events(prefix: &str, n: usize, keys: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            json!({
+                "type": "order.created",
+                "id": format!("{prefix}-{i}"),
+                "subject": format!("key-{}", i % keys),
+                "data": {"n": i}
+            })
+        })
+        .collect()
+}
+
+async fn publish(url: &str, evs: &[Value]) {
+    let client = reqwest::Client::new();
+    for chunk in evs.chunks(100) {
+        let r = client
+            .post(url)
+            .json(&Value::Array(chunk.to_vec()))
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+    }
+}
+
+/// Messages ready in a queue (None: no such queue).
+async fn queue_len(name: &str) -> Option<u32> {
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let r = ch
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.message_count());
+    let _ = conn.close(200, "OK".into()).await;
+    r
+}
+
+async fn status_of(weir: &Weir, name: &str) -> Value {
+    let v: Value = reqwest::get(format!("{}/v1/status", weir.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "Subscription" && r["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until the subscription reports Ready (queues declared, caught up).
+async fn wait_subscription(weir: &Weir, name: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status_of(weir, name).await;
+        if s["ready"] == true {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "subscription {name} not ready: {s}; log:\n{}",
+            tail(&weir.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Setup {
+    m: Manifests,
+    weir: Weir,
+    sub: String,
+}
+
+async fn setup(sink: &Sink, sub_extra: &str) -> Setup {
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    let ex = unique("weir.test.orders.");
+    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let sub = unique("s");
+    m.write("sub.yaml", &subscription_yaml(&sub, &sink.url, sub_extra));
+    let mut weir = Weir::start(m.path());
+    weir.wait_ready("test", "orders").await;
+    wait_subscription(&weir, &sub).await;
+    Setup { m, weir, sub }
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_are_exponential_capped_and_deliver_everything() {
+    let sink = Sink::start(Mode::FailFirst(3)).await;
+    let s = setup(
+        &sink,
+        "  consumers: 64\n  delivery: {retry: 5, backoffDelay: 100ms, backoffMax: 300ms}\n",
+    )
+    .await;
+    let status = status_of(&s.weir, &s.sub).await;
+    assert_eq!(status["fields"]["queue"], format!("weir.test.orders.{}", s.sub));
+    assert_eq!(status["fields"]["deadLetterQueue"], format!("weir-dlq.test.{}", s.sub));
+    assert_eq!(status["fields"]["consumers"], 64);
+
+    publish(&s.weir.events_url("test", "orders"), &events("r", 5000, 50)).await;
+    sink.wait_delivered(5000, Duration::from_secs(180), &s.weir).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let got = sink.got();
+    let mut by_id: HashMap<&str, Vec<&Got>> = HashMap::new();
+    for g in &got {
+        by_id.entry(g.id.as_str()).or_default().push(g);
+    }
+    assert_eq!(by_id.len(), 5000);
+    let mut gaps: [Vec<Duration>; 3] = [vec![], vec![], vec![]];
+    for (id, attempts) in &by_id {
+        assert_eq!(attempts.len(), 4, "{id}: {} attempts", attempts.len());
+        for k in 0..3 {
+            gaps[k].push(attempts[k + 1].at - attempts[k].at);
+        }
+    }
+    // Each retry waits at least its (jittered, bucketed) delay: ≥ 0.7 × nominal.
+    let mins: Vec<Duration> = gaps.iter().map(|g| *g.iter().min().unwrap()).collect();
+    assert!(mins[0] >= Duration::from_millis(70), "{mins:?}");
+    assert!(mins[1] >= Duration::from_millis(140), "{mins:?}");
+    // The third delay is 400 ms nominal, capped at 300 ms.
+    assert!(mins[2] >= Duration::from_millis(280), "{mins:?}");
+    let medians: Vec<Duration> = gaps.iter_mut().map(|g| median(g)).collect();
+    assert!(
+        medians[1] > medians[0].mul_f64(1.5) && medians[2] > medians[1],
+        "delays grow: {medians:?}"
+    );
+    assert!(
+        medians[2] < Duration::from_millis(300 + 250),
+        "capped by backoffMax: {medians:?}"
+    );
+    assert_eq!(queue_len(&format!("weir-dlq.test.{}", s.sub)).await, Some(0));
+    let metrics = s.weir.metrics().await;
+    assert!(metrics.contains("weir_delivery_attempts_total"), "{metrics}");
+    assert!(metrics.contains("weir_delivery_retries_total"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_400_dead_letters_with_context_and_redrive_delivers() {
+    let sink = Sink::start(Mode::Status(400, "bad order")).await;
+    let s = setup(
+        &sink,
+        "  delivery: {retry: 3, backoffDelay: 10ms}\n  filters:\n    - prefix: {type: order.}\n    - not: {exact: {region: us}}\n",
+    )
+    .await;
+    let url = s.weir.events_url("test", "orders");
+    publish(&url, &events("d", 20, 5)).await;
+    // Filtered out: a region extension `us`, or another type. Binary mode carries the region.
+    let client = reqwest::Client::new();
+    for (i, (ty, region)) in [("order.created", "us"), ("payment.done", "eu")].iter().enumerate() {
+        let r = client
+            .post(&url)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", format!("skip-{i}"))
+            .header("ce-source", "/t")
+            .header("ce-type", *ty)
+            .header("ce-region", *region)
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let dlq = format!("weir-dlq.test.{}", s.sub);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queue_len(&dlq).await != Some(20) {
+        assert!(Instant::now() < deadline, "DLQ has {:?}", queue_len(&dlq).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = sink.got();
+    assert_eq!(got.len(), 20, "a 400 is not retried and filtered events never arrive");
+    assert!(got.iter().all(|g| g.id.starts_with("d-")));
+
+    let list: Value = reqwest::get(format!(
+        "{}/v1/namespaces/test/subscriptions/{}/deadletters?limit=50",
+        s.weir.admin, s.sub
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let dl = list["deadLetters"].as_array().unwrap();
+    assert_eq!(dl.len(), 20);
+    for d in dl {
+        assert_eq!(d["errorCode"], "400", "{d}");
+        assert_eq!(d["errorData"], "bad order");
+        assert_eq!(d["errorDest"], sink.url.as_str());
+        assert_eq!(d["attempts"], "1");
+        assert_eq!(d["event"]["weirerrorcode"], "400");
+        assert!(d["event"]["weirposition"].is_string());
+        assert_eq!(d["type"], "order.created");
+    }
+    // Listing leaves them in the queue.
+    assert_eq!(queue_len(&dlq).await, Some(20));
+
+    // A fixed sink, then redrive through the CLI.
+    sink.set_mode(Mode::Ok);
+    let out = std::process::Command::new(weir_binary())
+        .args(["--admin", &s.weir.admin, "dlq", "redrive", &format!("test/{}", s.sub)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("20"), "{}", String::from_utf8_lossy(&out.stdout));
+    sink.wait_delivered(20, Duration::from_secs(30), &s.weir).await;
+    assert_eq!(queue_len(&dlq).await, Some(0));
+    let delivered = sink.got().into_iter().filter(|g| g.ok).collect::<Vec<_>>();
+    // Redriven events arrive without the error attributes.
+    assert!(delivered.iter().all(|g| !g.headers.contains_key("ce-weirerrorcode")));
+    drop(s.m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_waiting_survive_kill_9() {
+    let sink = Sink::start(Mode::FailFirst(1)).await;
+    let mut s = setup(&sink, "  delivery: {retry: 3, backoffDelay: 3s, backoffMax: 3s}\n").await;
+    publish(&s.weir.events_url("test", "orders"), &events("k", 50, 5)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.got().len() < 50 {
+        assert!(Instant::now() < deadline, "first attempts: {}", sink.got().len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sink.delivered().is_empty(), "every first attempt failed");
+    s.weir.kill9();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let weir = Weir::start(s.m.path());
+    sink.wait_delivered(50, Duration::from_secs(60), &weir).await;
+    let got = sink.got();
+    let per_id = got.iter().fold(HashMap::<&str, u32>::new(), |mut m, g| {
+        *m.entry(&g.id).or_default() += 1;
+        m
+    });
+    assert!(per_id.values().all(|n| *n == 2), "one failure, one success each: {per_id:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_delivery_loses_and_dead_letters_nothing() {
+    let sink = Sink::start(Mode::Slow(Duration::from_millis(300))).await;
+    let mut s = setup(&sink, "  consumers: 8\n  delivery: {retry: 0, timeout: 5s}\n").await;
+    publish(&s.weir.events_url("test", "orders"), &events("t", 200, 20)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.got().len() < 20 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = s.weir.terminate();
+    assert!(status.success(), "{status:?}");
+    let dlq = format!("weir-dlq.test.{}", s.sub);
+    assert_eq!(queue_len(&dlq).await, Some(0), "nothing dead-lettered by the shutdown");
+    let before = sink.delivered().len();
+    assert!(before < 200, "stopped mid-way ({before})");
+    // Every request that started got its answer (the shutdown waited for it).
+    assert!(sink.got().iter().all(|g| g.ok));
+    sink.set_mode(Mode::Ok);
+    let weir = Weir::start(s.m.path());
+    sink.wait_delivered(200, Duration::from_secs(60), &weir).await;
+    assert_eq!(queue_len(&dlq).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    let ex = unique("weir.test.orders.");
+    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let mut weir = Weir::start(m.path());
+    weir.wait_ready("test", "orders").await;
+    let url = weir.events_url("test", "orders");
+    publish(&url, &events("h", 10_000, 100)).await;
+
+    let sink = Sink::start(Mode::Ok).await;
+    let sub = unique("s");
+    m.write(
+        "sub.yaml",
+        &subscription_yaml(&sub, &sink.url, "  startFrom: earliest\n  consumers: 32\n"),
+    );
+    // New events keep arriving while the subscription catches up.
+    let live = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            for r in 0..20 {
+                publish(&url, &events(&format!("l{r}"), 100, 100)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    live.await.unwrap();
+    sink.wait_delivered(12_000, Duration::from_secs(180), &weir).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = sink.got();
+    let mut seen = BTreeSet::new();
+    let dups: Vec<i64> = got
+        .iter()
+        .filter(|g| !seen.insert(g.position))
+        .map(|g| g.position)
+        .collect();
+    assert!(dups.is_empty(), "delivered twice: {dups:?}");
+    assert_eq!(seen, (1..=12_000).collect::<BTreeSet<i64>>(), "every position once");
+    let st = wait_subscription(&weir, &sub).await;
+    let caught = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "CaughtUp")
+        .unwrap()
+        .clone();
+    assert_eq!(caught["status"], "True", "{st}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status_of(&weir, &sub).await;
+        if st["fields"]["position"] == "12000" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_key_ordering_holds_across_two_processes_with_a_flaky_sink() {
+    let sink = Sink::start(Mode::Random(0.2)).await;
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    let ex = unique("weir.test.orders.");
+    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let sub = unique("s");
+    m.write(
+        "sub.yaml",
+        &subscription_yaml(
+            &sub,
+            &sink.url,
+            "  ordering: perKey\n  partitions: 4\n  delivery: {retry: 20, backoffDelay: 10ms, backoffMax: 50ms}\n",
+        ),
+    );
+    let mut a = Weir::start(m.path());
+    let mut b = Weir::start(m.path());
+    a.wait_ready("test", "orders").await;
+    b.wait_ready("test", "orders").await;
+    let st = wait_subscription(&a, &sub).await;
+    wait_subscription(&b, &sub).await;
+    let ordering = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ordering")
+        .unwrap()
+        .clone();
+    assert_eq!(ordering["reason"], "PerKey");
+
+    // 50 keys × 200 events, published half through each process.
+    let all = events("o", 10_000, 50);
+    let (x, y) = all.split_at(5000);
+    tokio::join!(
+        publish(&a.events_url("test", "orders"), x),
+        publish(&b.events_url("test", "orders"), y)
+    );
+    sink.wait_delivered(10_000, Duration::from_secs(300), &a).await;
+    let got = sink.got();
+    let mut per_key: HashMap<&str, Vec<i64>> = HashMap::new();
+    for g in &got {
+        let v = per_key.entry(g.subject.as_str()).or_default();
+        if !v.contains(&g.position) {
+            v.push(g.position);
+        }
+    }
+    assert_eq!(per_key.len(), 50);
+    for (k, v) in &per_key {
+        assert_eq!(v.len(), 200, "{k}");
+        assert!(v.windows(2).all(|w| w[0] < w[1]), "{k} out of order: {v:?}");
+    }
+}
+
+#[test]
+fn an_invalid_filter_is_rejected_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: rabbitmq, namespace: test}\nstringData: {url: \"amqp://x\"}\n---\n\
+         apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {name: orders, namespace: test}\n\
+         spec:\n  broker: {urlSecretRef: {name: rabbitmq, key: url}}\n---\n\
+         apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {name: bad, namespace: test}\n\
+         spec:\n  stream: orders\n  sink: {uri: \"http://x/\"}\n  filters:\n    - all: [{exact: {type: a}}, {nope: {}}]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(weir_binary())
+        .args(["validate", "-f"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("spec.filters[0].all[1]"), "{text}");
+}
