@@ -73,6 +73,40 @@ pub enum Command {
         #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
         batch_queue: usize,
     },
+    /// Run as the in-cluster controller and worker: watch the resources through the
+    /// Kubernetes API and run their pipelines.
+    Operator {
+        /// Namespaces to watch, comma-separated; default all.
+        #[arg(long, env = "WEIR_NAMESPACES", value_delimiter = ',')]
+        namespaces: Vec<String>,
+        /// Ingest/read listen address.
+        #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// Admin (health, metrics, status) listen address.
+        #[arg(long, env = "WEIR_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+        admin_listen: SocketAddr,
+        /// How long a publish may wait for durability before it is answered 503.
+        #[arg(long, env = "WEIR_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+        request_timeout: Duration,
+        /// Base URL shown as stream endpoints in status (e.g. the ingest Service's URL).
+        #[arg(long, env = "WEIR_PUBLIC_URL")]
+        public_url: Option<String>,
+        /// Publish requests each stream may queue for its batcher; beyond that, 503.
+        #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
+        batch_queue: usize,
+        /// Namespace of the leader-election Lease (the Pod's own namespace in a cluster).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// Name of the leader-election Lease.
+        #[arg(long, env = "WEIR_LEASE_NAME", default_value = "weir-operator")]
+        lease_name: String,
+        /// This replica's identity in the Lease (the Pod name in a cluster).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Resync interval of valid resources and maximum age of cached Secrets.
+        #[arg(long, env = "WEIR_REFRESH", default_value = "60s", value_parser = parse_duration)]
+        refresh: Duration,
+    },
     /// Check a folder of manifests without starting anything; exit 1 on any problem.
     Validate {
         #[arg(short = 'f', long = "filename")]
@@ -189,6 +223,50 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         request_timeout,
                         public_url,
                         batch_queue,
+                    },
+                    defaults,
+                    shutdown,
+                )
+                .await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Operator {
+            namespaces,
+            listen,
+            admin_listen,
+            request_timeout,
+            public_url,
+            batch_queue,
+            lease_namespace,
+            lease_name,
+            identity,
+            refresh,
+        } => {
+            let defaults = crate::topology::Defaults::from_env()?;
+            let identity =
+                identity.unwrap_or_else(|| format!("weir-{}", uuid::Uuid::now_v7().simple()));
+            runtime()?.block_on(async move {
+                let shutdown = CancellationToken::new();
+                crate::shutdown::on_signal(shutdown.clone());
+                crate::control::run(
+                    crate::control::OperatorConfig {
+                        namespaces: namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+                        listen,
+                        admin_listen,
+                        request_timeout,
+                        public_url,
+                        batch_queue,
+                        lease: crate::control::leader::LeaseConfig {
+                            namespace: lease_namespace,
+                            name: lease_name,
+                            identity,
+                            duration: 15,
+                            grace: 5,
+                        },
+                        refresh,
+                        status_queue: crate::control::status_writer::DEFAULT_CAPACITY,
+                        concurrency: 4,
                     },
                     defaults,
                     shutdown,

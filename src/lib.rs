@@ -10,6 +10,7 @@ pub mod api;
 pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod control;
 pub mod cli_delivery;
 pub mod data;
 pub mod metrics;

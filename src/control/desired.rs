@@ -21,15 +21,28 @@ pub struct Observed {
     pub ok: bool,
     pub reason: String,
     pub message: String,
+    /// Whether `False` here makes the resource not ready (a dependency such as the broker),
+    /// or is only information (a subscription still replaying, a sink answering errors).
+    pub gates_ready: bool,
 }
 
 impl Observed {
+    /// A dependency condition: `False` makes `Ready` false.
     pub fn new(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Observed {
         Observed {
             type_: type_.into(),
             ok,
             reason: reason.into(),
             message: message.into(),
+            gates_ready: true,
+        }
+    }
+
+    /// An informational condition: shown, but `Ready` does not depend on it.
+    pub fn info(type_: &str, ok: bool, reason: &str, message: impl Into<String>) -> Observed {
+        Observed {
+            gates_ready: false,
+            ..Observed::new(type_, ok, reason, message)
         }
     }
 }
@@ -65,7 +78,7 @@ pub fn desired(report: &Report, facts: &Facts, previous: &[Condition], now: Time
         ("False", ready_cond.reason.clone(), ready_cond.message.clone())
     } else if let Some((reason, message)) = &facts.not_ready {
         ("False", reason.clone(), message.clone())
-    } else if let Some(bad) = facts.conditions.iter().find(|c| !c.ok) {
+    } else if let Some(bad) = facts.conditions.iter().find(|c| c.gates_ready && !c.ok) {
         ("False", bad.reason.clone(), bad.message.clone())
     } else {
         ("True", REASON_READY.to_string(), String::new())

@@ -531,7 +531,10 @@ fn watch(
     };
 
     let (tx, rx) = mpsc::channel::<Bytes>(WATCH_BUFFER);
-    let started = shared.lock().watch_start(&rt, ns.as_deref(), from);
+    let (started, kick) = {
+        let store = shared.lock();
+        (store.watch_start(&rt, ns.as_deref(), from), store.kick.subscribe())
+    };
     match started {
         Err(e) if e.code == 410 => {
             // Sent before the stream starts, so this cannot fail for lack of room.
@@ -541,7 +544,7 @@ fn watch(
         Err(e) => return Err(e),
         Ok((initial, live, start_rv)) => {
             tokio::spawn(watch_task(
-                rt, ns, sel, initial, live, start_rv, bookmarks, send_initial, timeout, tx, encode,
+                rt, ns, sel, initial, live, kick, start_rv, bookmarks, send_initial, timeout, tx, encode,
             ));
         }
     }
@@ -563,6 +566,7 @@ async fn watch_task(
     sel: Selectors,
     initial: Vec<(&'static str, Value)>,
     mut live: broadcast::Receiver<Arc<WatchEvent>>,
+    mut kick: tokio::sync::watch::Receiver<u64>,
     start_rv: u64,
     bookmarks: bool,
     send_initial: bool,
@@ -596,6 +600,7 @@ async fn watch_task(
     loop {
         tokio::select! {
             _ = &mut deadline => return,
+            _ = kick.changed() => return,
             _ = ticker.tick(), if bookmarks => {
                 if tx.send(bookmark(last_rv, false)).await.is_err() {
                     return;

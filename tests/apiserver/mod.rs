@@ -19,6 +19,7 @@
 //! server.clear_calls();
 //! server.object("weir.dev", "eventstreams", "shop", "orders"); // the stored object, if any
 //! server.compact();                                  // forget watch history: resuming watches get 410
+//! server.disconnect_watches();                       // end open watches (clients resume)
 //! ```
 //!
 //! The server lives until the `TestApiServer` is dropped. It starts with the namespaces
@@ -274,6 +275,12 @@ impl TestApiServer {
     /// `410 Gone` (as after etcd compaction).
     pub fn compact(&self) {
         self.shared.lock().compact();
+    }
+
+    /// Ends every open watch stream, as an API server restart or a load balancer timeout
+    /// does; clients resume from their last resourceVersion.
+    pub fn disconnect_watches(&self) {
+        self.shared.lock().kick.send_modify(|n| *n += 1);
     }
 }
 

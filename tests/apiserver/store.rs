@@ -428,6 +428,8 @@ pub struct Store {
     /// Every event with `rv <= compacted` has left the log.
     compacted: u64,
     pub tx: broadcast::Sender<Arc<WatchEvent>>,
+    /// Bumped to end every open watch (clients then resume from their last version).
+    pub kick: tokio::sync::watch::Sender<u64>,
     pub calls: Vec<Call>,
 }
 
@@ -443,6 +445,7 @@ impl Store {
             log: VecDeque::new(),
             compacted: 0,
             tx,
+            kick: tokio::sync::watch::channel(0).0,
             calls: Vec::new(),
         };
         let ctx = WriteCtx {

@@ -1,0 +1,224 @@
+//! The delivery commands of the CLI: `weir dlq`, `weir tail` and `weir sink`. The first two
+//! talk to a running `weir` over HTTP (admin API and read API), so they work the same against
+//! a cluster through `kubectl port-forward`.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+
+use crate::cli::Output;
+
+#[derive(Subcommand, Debug)]
+pub enum DlqAction {
+    /// List dead letters with their error context (they stay in the queue).
+    List {
+        /// `<namespace>/<subscription>`.
+        target: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one dead letter in full.
+    Show {
+        /// `<namespace>/<subscription>`.
+        target: String,
+        /// The event id.
+        id: String,
+    },
+    /// Move every dead letter back to the subscription's queue (attempts start over).
+    Redrive {
+        /// `<namespace>/<subscription>`.
+        target: String,
+    },
+    /// Delete every dead letter.
+    Purge {
+        /// `<namespace>/<subscription>`.
+        target: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn split(target: &str) -> anyhow::Result<(&str, &str)> {
+    match target.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns, name))
+        }
+        _ => bail!("expected <namespace>/<name>, got {target:?}"),
+    }
+}
+
+/// The body of an answer, or an error carrying its `detail`.
+async fn answer(r: reqwest::Response) -> anyhow::Result<serde_json::Value> {
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let detail = body["detail"].as_str().unwrap_or("");
+        bail!("{status}: {detail}");
+    }
+    Ok(body)
+}
+
+pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Result<ExitCode> {
+    let client = reqwest::Client::new();
+    let base = |target: &str| -> anyhow::Result<String> {
+        let (ns, name) = split(target)?;
+        Ok(format!(
+            "{}/v1/namespaces/{ns}/subscriptions/{name}/deadletters",
+            admin.trim_end_matches('/')
+        ))
+    };
+    match action {
+        DlqAction::List { target, limit } => {
+            let url = format!("{}?limit={limit}", base(&target)?);
+            let body = answer(client.get(&url).send().await.with_context(|| format!("GET {url}"))?).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<36} {:<24} {:<9} {:<5} {:<8} ERROR",
+                "ID", "TYPE", "POSITION", "CODE", "ATTEMPTS"
+            );
+            let empty = vec![];
+            for d in body["deadLetters"].as_array().unwrap_or(&empty) {
+                let s = |k: &str| d[k].as_str().unwrap_or("").to_string();
+                let data: String = s("errorData").lines().next().unwrap_or("").chars().take(60).collect();
+                println!(
+                    "{:<36} {:<24} {:<9} {:<5} {:<8} {}",
+                    s("id"),
+                    s("type"),
+                    s("position"),
+                    s("errorCode"),
+                    s("attempts"),
+                    data
+                );
+            }
+        }
+        DlqAction::Show { target, id } => {
+            let url = format!("{}/{}", base(&target)?, percent_encoding::utf8_percent_encode(&id, percent_encoding::NON_ALPHANUMERIC));
+            let body = answer(client.get(&url).send().await.with_context(|| format!("GET {url}"))?).await?;
+            println!("{}", serde_json::to_string_pretty(&body)?);
+        }
+        DlqAction::Redrive { target } => {
+            let url = format!("{}/redrive", base(&target)?);
+            eprint!("redriving…");
+            let body = answer(client.post(&url).send().await.with_context(|| format!("POST {url}"))?).await?;
+            eprintln!(" done");
+            if output == Output::Json {
+                println!("{body}");
+            } else {
+                println!("redriven: {}", body["redriven"]);
+            }
+        }
+        DlqAction::Purge { target, yes } => {
+            if !yes {
+                eprint!("delete every dead letter of {target}? [y/N] ");
+                let _ = std::io::stderr().flush();
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                if !matches!(line.trim(), "y" | "Y" | "yes") {
+                    eprintln!("nothing deleted");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            let url = base(&target)?;
+            let body = answer(client.delete(&url).send().await.with_context(|| format!("DELETE {url}"))?).await?;
+            if output == Output::Json {
+                println!("{body}");
+            } else {
+                println!("purged: {}", body["purged"]);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How often `tail` asks for new events once it reached the head.
+const TAIL_POLL: Duration = Duration::from_millis(500);
+
+pub async fn tail(url: &str, output: Output, target: &str, from: i64) -> anyhow::Result<ExitCode> {
+    let (ns, stream) = split(target)?;
+    let client = reqwest::Client::new();
+    let mut next = from.max(1);
+    loop {
+        let u = format!(
+            "{}/v1/namespaces/{ns}/streams/{stream}/events?from={next}&limit=500",
+            url.trim_end_matches('/')
+        );
+        let body = answer(client.get(&u).send().await.with_context(|| format!("GET {u}"))?).await?;
+        let empty = vec![];
+        let events = body.as_array().unwrap_or(&empty);
+        for ev in events {
+            print_event(ev, output);
+            if let Some(p) = ev["weirposition"].as_str().and_then(|p| p.parse::<i64>().ok()) {
+                next = next.max(p + 1);
+            }
+        }
+        if events.is_empty() {
+            tokio::time::sleep(TAIL_POLL).await;
+        }
+    }
+}
+
+fn print_event(ev: &serde_json::Value, output: Output) {
+    if output == Output::Json {
+        println!("{ev}");
+        return;
+    }
+    let s = |k: &str| ev[k].as_str().unwrap_or("").to_string();
+    let data = if ev["data"].is_null() {
+        ev["data_base64"].as_str().map(|b| format!("(base64) {b}")).unwrap_or_default()
+    } else {
+        ev["data"].to_string()
+    };
+    println!(
+        "{:>8} {} {:<24} {:<20} {} {}",
+        s("weirposition"),
+        s("weirrecordedtime"),
+        s("type"),
+        s("subject"),
+        s("id"),
+        data
+    );
+}
+
+/// Answers 200 to every POST and prints the CloudEvent it carries (binary or structured).
+pub async fn sink(listen: SocketAddr, output: Output) -> anyhow::Result<ExitCode> {
+    let app = axum::Router::new().fallback(move |headers: http::HeaderMap, body: bytes::Bytes| async move {
+        let ctx = crate::data::ingest::IngestContext::new("", "", chrono::Utc::now());
+        match crate::data::ingest::parse_request(&headers, &body, &ctx) {
+            Ok(events) => {
+                for ev in &events {
+                    let json = crate::data::event::to_structured_json(ev);
+                    let v: serde_json::Value = serde_json::from_slice(&json).unwrap_or_default();
+                    if output == Output::Json {
+                        println!("{v}");
+                    } else {
+                        println!("☁️  cloudevent");
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    }
+                }
+                http::StatusCode::OK
+            }
+            Err(p) => {
+                eprintln!("not a CloudEvent: {}", p.detail);
+                http::StatusCode::BAD_REQUEST
+            }
+        }
+    });
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    eprintln!("listening on http://{}", l.local_addr()?);
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::shutdown::on_signal(stop.clone());
+    axum::serve(l, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,353 @@
+//! Wiring of `weir operator`: the Kubernetes watch feeds the topology, the topology feeds the
+//! same data plane as standalone mode, and the HTTP servers serve until the shutdown signal.
+//!
+//! Startup: admin port first (`/readyz` answers 503), then wait for the four CRDs to be
+//! established, then the Lease, the status writer and the controllers.
+//! Shutdown (SIGTERM): the controllers stop taking work, ingest stops accepting and answers
+//! what is in flight, subscriptions finish their deliveries, batchers drain, pools close,
+//! queued statuses are written, then the Lease is released and the admin port closes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::{Stream, StreamExt};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::api::{ArchivePolicy, CachePolicy, EventStream, Subscription};
+use crate::control::context::{Context, Settings, Stores, reporter};
+use crate::control::leader::{self, LeaseConfig};
+use crate::control::reconcile::{WeirResource, error_policy, reconcile};
+use crate::control::refs::RefCache;
+use crate::control::status_writer::{self, StatusQueue};
+use crate::control::ControlError;
+use crate::data::engine::Engine;
+use crate::data::http::{self, HttpState};
+use crate::data::subscriptions::Subscriptions;
+use crate::metrics::Metrics;
+use crate::status::StatusBoard;
+use crate::topology::Defaults;
+
+/// Settings of `weir operator`.
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Namespaces to watch; empty: all.
+    pub namespaces: Vec<String>,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub request_timeout: Duration,
+    /// Base URL shown as the streams' endpoint in status.
+    pub public_url: Option<String>,
+    /// Requests each stream's batcher may queue.
+    pub batch_queue: usize,
+    pub lease: LeaseConfig,
+    /// Resync of valid resources and maximum age of cached Secrets.
+    pub refresh: Duration,
+    /// Capacity of the status queue.
+    pub status_queue: usize,
+    /// Reconciles running at once per kind and namespace. Each one applies the whole
+    /// topology under one lock, so more would only queue; 4 lets status work of several
+    /// objects overlap the API round-trips.
+    pub concurrency: u16,
+}
+
+/// Runs operator mode until `shutdown` is cancelled.
+pub async fn run(
+    cfg: OperatorConfig,
+    defaults: Defaults,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    run_with_client(client, cfg, defaults, shutdown).await
+}
+
+/// [`run`] with a given client (tests point it at a test API server).
+pub async fn run_with_client(
+    client: Client,
+    cfg: OperatorConfig,
+    defaults: Defaults,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let mut engine = Engine::new(metrics);
+    engine.limits.queue_requests = cfg.batch_queue.max(1);
+    let engine = Arc::new(engine);
+    let subscriptions = Arc::new(Subscriptions::new(engine.clone()));
+    let board = Arc::new(StatusBoard::default());
+
+    let ingest_listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding the ingest port {}", cfg.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin port {}", cfg.admin_listen))?;
+    let local = ingest_listener.local_addr()?;
+    tracing::info!(ingest = %local, admin = %admin_listener.local_addr()?, "listening");
+    let endpoint_base = cfg
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+
+    // Admin first: liveness answers while the CRDs are awaited, readiness does not.
+    let admin_stop = CancellationToken::new();
+    let admin_server = {
+        let app = admin::router(AdminState {
+            engine: engine.clone(),
+            board: board.clone(),
+        });
+        let stop = admin_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(admin_listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+
+    let established = tokio::select! {
+        r = wait_for_crds(&client) => r,
+        _ = shutdown.cancelled() => {
+            admin_stop.cancel();
+            let _ = admin_server.await;
+            return Ok(());
+        }
+    };
+    established?;
+
+    let leader_flag = Arc::new(AtomicBool::new(false));
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let lease_stop = CancellationToken::new();
+    let lease_task = leader::start(
+        client.clone(),
+        cfg.lease.clone(),
+        leader_flag.clone(),
+        leader_tx,
+        lease_stop.clone(),
+    )
+    .await?;
+
+    let (status, status_rx) = StatusQueue::new(cfg.status_queue, &engine.metrics.registry);
+    let writer_stop = CancellationToken::new();
+    let writer = tokio::spawn(status_writer::run(
+        client.clone(),
+        status_rx,
+        status.counter.clone(),
+        leader_flag.clone(),
+        writer_stop.clone(),
+    ));
+
+    let ingest_server = {
+        let app = http::router(HttpState {
+            engine: engine.clone(),
+            request_timeout: cfg.request_timeout,
+        });
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(ingest_listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+
+    // One controller per kind and namespace (or one per kind for all namespaces).
+    let scopes: Vec<Option<String>> = if cfg.namespaces.is_empty() {
+        vec![None]
+    } else {
+        cfg.namespaces.iter().cloned().map(Some).collect()
+    };
+    let wc = watcher::Config::default();
+    let mut stream_ctls = Vec::new();
+    let mut sub_ctls = Vec::new();
+    let mut ap_ctls = Vec::new();
+    let mut cp_ctls = Vec::new();
+    let mut stores = Stores::default();
+    for ns in &scopes {
+        let es = Controller::new(api::<EventStream>(&client, ns), wc.clone());
+        stores.streams.push(es.store());
+        stream_ctls.push(es);
+        let subs = Controller::new(api::<Subscription>(&client, ns), wc.clone());
+        let sub_store = subs.store();
+        stores.subscriptions.push(sub_store.clone());
+        // A change of a stream (created, edited, being deleted) re-checks its subscriptions.
+        let subs = subs.watches(api::<EventStream>(&client, ns), wc.clone(), move |es| {
+            let ns = es.namespace();
+            let name = es.name_any();
+            sub_store
+                .state()
+                .into_iter()
+                .filter(|s| s.namespace() == ns && s.spec.stream == name)
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect::<Vec<_>>()
+        });
+        sub_ctls.push(subs);
+        let ap = Controller::new(api::<ArchivePolicy>(&client, ns), wc.clone());
+        stores.archive_policies.push(ap.store());
+        ap_ctls.push(ap);
+        let cp = Controller::new(api::<CachePolicy>(&client, ns), wc.clone());
+        stores.cache_policies.push(cp.store());
+        cp_ctls.push(cp);
+    }
+
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter(Some(cfg.lease.identity.clone()))),
+        client: client.clone(),
+        defaults,
+        engine: engine.clone(),
+        subscriptions: subscriptions.clone(),
+        board: board.clone(),
+        stores,
+        refs: RefCache::default(),
+        status,
+        settings: Settings {
+            refresh: cfg.refresh,
+            endpoint_base,
+            ..Settings::default()
+        },
+        leader: leader_flag,
+        apply_lock: tokio::sync::Mutex::new(()),
+        failures: std::sync::Mutex::new(Default::default()),
+    });
+
+    // With no resource at all no reconcile runs: apply the (empty) topology once the caches
+    // are filled, so that readiness reflects "loaded".
+    {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::control::reconcile::sync(&ctx, false).await {
+                tracing::warn!(error = %e, "initial apply");
+            }
+        });
+    }
+
+    let config = kube::runtime::controller::Config::default().concurrency(cfg.concurrency);
+    let mut runs = Vec::new();
+    for c in stream_ctls {
+        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown));
+    }
+    for c in sub_ctls {
+        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown));
+    }
+    for c in ap_ctls {
+        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown));
+    }
+    for c in cp_ctls {
+        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown));
+    }
+    futures::future::join_all(runs).await;
+
+    // Controllers are done (shutdown). Same order as standalone mode from here on.
+    match ingest_server.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "ingest server"),
+        Err(e) => tracing::warn!(error = %e, "ingest server task"),
+        Ok(Ok(())) => {}
+    }
+    subscriptions.shutdown().await;
+    engine.shutdown().await;
+    writer_stop.cancel();
+    let _ = writer.await;
+    lease_stop.cancel();
+    let _ = lease_task.await;
+    admin_stop.cancel();
+    let _ = admin_server.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn api<K: WeirResource>(client: &Client, ns: &Option<String>) -> Api<K> {
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Every change of leadership, as a stream (a new holder writes every status at once).
+fn leader_changes(rx: watch::Receiver<bool>) -> impl Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+}
+
+async fn drive<K: WeirResource>(
+    ctl: Controller<K>,
+    ctx: &Arc<Context>,
+    config: &kube::runtime::controller::Config,
+    leader_rx: &watch::Receiver<bool>,
+    shutdown: &CancellationToken,
+) {
+    let stop = shutdown.clone();
+    ctl.with_config(config.clone())
+        .reconcile_all_on(leader_changes(leader_rx.clone()))
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile::<K>, error_policy::<K>, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                // Watch errors (one malformed object, a dropped connection) are logged;
+                // the watcher recovers by itself and never stops.
+                tracing::debug!(kind = %K::KIND, error = %e, "controller");
+            }
+        })
+        .await;
+}
+
+/// The four CRDs' names.
+fn crd_names() -> Vec<String> {
+    crate::api::crds::all()
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .collect()
+}
+
+/// Waits (polling with `get`, the only CRD verb Weir needs) until every Weir CRD reports
+/// `Established=True`.
+async fn wait_for_crds(client: &Client) -> Result<(), ControlError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut logged = false;
+    loop {
+        let mut missing = None;
+        for name in crd_names() {
+            let established = match api.get_opt(&name).await {
+                Ok(Some(crd)) => crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True"),
+                Ok(None) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, crd = %name, "reading CRD");
+                    false
+                }
+            };
+            if !established {
+                missing = Some(name);
+                break;
+            }
+        }
+        match missing {
+            None => {
+                tracing::info!("CRDs established");
+                return Ok(());
+            }
+            Some(name) => {
+                if !logged {
+                    tracing::info!(crd = %name, "waiting for the CRD to be established");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+}
