@@ -154,7 +154,7 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             let p = Pipeline::start(&args.pg_url, &args.amqp_url, |_| {
                 stream_yaml(
                     "orders",
-                    "  store: {urlSecretRef: {name: pg, key: url}}\n  batching: {maxEvents: 100}\n",
+                    "  store: {urlSecretRef: {name: pg, key: url}}\n  batching: {maxEvents: 1000}\n",
                 )
             })
             .await?;
@@ -178,11 +178,20 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
         load::publish(&url, &format!("w{run_id}-{batch}"), (events / 20).clamp(100, 5_000), batch, concurrency, args.payload, None, None, false).await?;
         for rate in &rates {
             eprintln!("ingest batch={batch} concurrency={concurrency} rate={}: weir", rate.map_or("max".into(), |r| r.to_string()));
+            let before = batch_stats(pipe.as_ref()).await;
             let r = load::publish(&url, &format!("m{run_id}-{batch}-{}", rate.unwrap_or(0)), events, batch, concurrency, args.payload, *rate, args.duration, true).await?;
+            let after = batch_stats(pipe.as_ref()).await;
+            // The baseline writes the same rows in transactions of the size Weir actually
+            // used (its group commit merges requests), on as many connections as Weir
+            // writes with; without a pipeline of our own, the request size.
+            let txn = match (before, after) {
+                (Some((s0, c0)), Some((s1, c1))) if c1 > c0 => ((s1 - s0) / (c1 - c0)).round().max(1.0) as usize,
+                _ => batch,
+            };
             let weir = Measurement::from_load(&format!("weir (HTTP, {concurrency} clients)"), &r, *rate);
-            eprintln!("ingest batch={batch}: raw baseline");
+            eprintln!("ingest batch={batch}: raw baseline ({txn} rows per transaction)");
             let (db, name) = scratch_db(&args.pg_url).await?;
-            let baseline = raw_append(&db, r.events.max(1), batch, BASELINE_CONNECTIONS, args.payload).await;
+            let baseline = raw_append(&db, r.events.max(1), txn, BASELINE_CONNECTIONS, args.payload).await;
             drop_db(&args.pg_url, &name).await?;
             reports.push(Report::new(
                 "ingest",
@@ -197,6 +206,18 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
         p.stop().await?;
     }
     Ok(reports)
+}
+
+/// `(sum, count)` of the pipeline's `weir_batch_events` histogram (events per transaction).
+async fn batch_stats(pipe: Option<&Pipeline>) -> Option<(f64, f64)> {
+    let text = reqwest::get(format!("{}/metrics", pipe?.admin)).await.ok()?.text().await.ok()?;
+    let get = |name: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    Some((get("weir_batch_events_sum")?, get("weir_batch_events_count")?))
 }
 
 /// The offered rates to measure: `--rate`, or a sweep when a plot is asked for.

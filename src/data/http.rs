@@ -9,12 +9,14 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::data::batcher::{BatchError, SubmitError};
 use crate::data::broker::{Routing, to_message};
+use crate::data::cache::{CacheKey, Cached, read_through};
 use crate::data::engine::{Backend, Engine, StreamRuntime};
 use crate::data::event::{StoredEvent, to_batch_json, to_structured_json};
 use crate::data::ingest::{IngestContext, parse_request_bytes};
@@ -48,6 +50,10 @@ pub fn router(state: HttpState) -> Router {
         .route(
             "/v1/namespaces/{ns}/streams/{stream}/subjects/{subject}/events",
             get(read_subject),
+        )
+        .route(
+            "/v1/namespaces/{ns}/correlations/{id}/events",
+            get(crate::data::trace::handler),
         )
         // Each stream enforces its own maxRequestBytes; axum's global 2 MB default must not.
         .layer(DefaultBodyLimit::disable())
@@ -166,7 +172,16 @@ async fn publish_inner(
                     .unwrap_or_else(|| "the event store is not provisioned yet".into());
                 return Err((unavailable(&why), 0));
             }
-            let rx = match batcher.submit(events.clone(), deadline) {
+            // The response names each event; keep just that, the events move to the batcher.
+            let names: Vec<(String, String)> =
+                events.iter().map(|e| (e.id.clone(), e.source.clone())).collect();
+            // Subjects whose cached reads this append makes stale (only if a cache serves them).
+            let subjects: Vec<String> = if st.engine.caches.covers(&rt.plan.key) {
+                events.iter().filter_map(|e| e.subject.clone()).collect()
+            } else {
+                Vec::new()
+            };
+            let rx = match batcher.submit(events, deadline) {
                 Ok(rx) => rx,
                 Err(SubmitError::Overloaded) => {
                     return Err((
@@ -185,7 +200,17 @@ async fn publish_inner(
                 Err(_) => Err(BatchError::DeadlineExceeded),
             };
             match reply {
-                Ok(Ok(results)) => Ok(stored_response(&events, &results)),
+                Ok(Ok(results)) => {
+                    // Before the 2xx: a read on this replica after the answer sees the append.
+                    if let Some(id) = rt.stream_id() {
+                        st.engine.caches.appended(
+                            &rt.plan.key,
+                            id,
+                            subjects.iter().map(String::as_str),
+                        );
+                    }
+                    Ok(stored_response(&names, &results))
+                }
                 Ok(Err(c)) => Err((
                     Problem::version_conflict(c.index, &c.subject, c.expected, c.actual),
                     0,
@@ -256,16 +281,13 @@ fn unavailable(detail: &str) -> Problem {
     Problem::unavailable(detail.to_string(), RETRY_AFTER_SECS)
 }
 
-fn stored_response(
-    events: &[crate::data::event::CloudEvent],
-    results: &[Appended],
-) -> (Response, usize, usize) {
-    let out: Vec<_> = events
+fn stored_response(names: &[(String, String)], results: &[Appended]) -> (Response, usize, usize) {
+    let out: Vec<_> = names
         .iter()
         .zip(results)
-        .map(|(e, r)| StoredResult {
-            id: &e.id,
-            source: &e.source,
+        .map(|((id, source), r)| StoredResult {
+            id,
+            source,
             position: r.position,
             version: r.version,
             duplicate: r.duplicate,
@@ -305,9 +327,13 @@ fn store_problem(e: crate::data::store::StoreError) -> Problem {
     }
 }
 
-fn batch_response(events: &[StoredEvent]) -> Response {
+fn batch_body(events: &[StoredEvent]) -> Bytes {
     let ces: Vec<_> = events.iter().map(StoredEvent::to_cloud_event).collect();
-    let mut resp = to_batch_json(&ces).into_response();
+    Bytes::from(to_batch_json(&ces))
+}
+
+fn batch_response(body: Bytes) -> Response {
+    let mut resp = body.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/cloudevents-batch+json"),
@@ -348,11 +374,30 @@ async fn read_range(
     let limit = parse_param("limit", q.limit.as_deref(), DEFAULT_PAGE, 1, MAX_PAGE)?;
     let (rt, id) = readable(&st, &ns, &stream)?;
     let store = rt.store().ok_or_else(|| Problem::internal("no store"))?;
-    let events = store
-        .read_range(id, from, limit)
-        .await
-        .map_err(store_problem)?;
-    Ok(batch_response(&events))
+    let cache = st.engine.caches.route(&rt.plan.key);
+    let key = CacheKey::Range {
+        stream: rt.plan.key.clone(),
+        stream_id: id,
+        from,
+        limit,
+    };
+    let page = read_through(cache.as_deref(), key, || async {
+        let events = store
+            .read_range(id, from, limit)
+            .await
+            .map_err(store_problem)?;
+        // Only a full page is final: a short one grows with the next append.
+        let full = events.len() as i64 == limit;
+        Ok::<_, Problem>((
+            Cached {
+                body: batch_body(&events),
+                events: None,
+            },
+            full,
+        ))
+    })
+    .await?;
+    Ok(batch_response(page.body.clone()))
 }
 
 async fn read_one(
@@ -362,16 +407,28 @@ async fn read_one(
     let position = parse_param("position", Some(&position), 1, 1, i64::MAX)?;
     let (rt, id) = readable(&st, &ns, &stream)?;
     let store = rt.store().ok_or_else(|| Problem::internal("no store"))?;
-    let ev = store
-        .read_one(id, position)
-        .await
-        .map_err(store_problem)?
-        .ok_or_else(|| {
-            Problem::not_found(format!(
-                "stream {ns}/{stream} has no event at position {position}"
-            ))
-        })?;
-    let mut resp = to_structured_json(&ev.to_cloud_event()).into_response();
+    let cache = st.engine.caches.route(&rt.plan.key);
+    let key = CacheKey::One {
+        stream: rt.plan.key.clone(),
+        stream_id: id,
+        position,
+    };
+    // A stored event never changes; a missing one is an error, never cached.
+    let one = read_through(cache.as_deref(), key, || async {
+        let ev = store
+            .read_one(id, position)
+            .await
+            .map_err(store_problem)?
+            .ok_or_else(|| {
+                Problem::not_found(format!(
+                    "stream {ns}/{stream} has no event at position {position}"
+                ))
+            })?;
+        let body = Bytes::from(to_structured_json(&ev.to_cloud_event()));
+        Ok::<_, Problem>((Cached { body, events: None }, true))
+    })
+    .await?;
+    let mut resp = one.body.clone().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/cloudevents+json"),
@@ -409,9 +466,44 @@ async fn read_subject(
     };
     let (rt, id) = readable(&st, &ns, &stream)?;
     let store = rt.store().ok_or_else(|| Problem::internal("no store"))?;
-    let events = store
-        .read_subject(id, &subject, version, as_of)
-        .await
-        .map_err(store_problem)?;
-    Ok(batch_response(&events))
+    let Some(cache) = st.engine.caches.route(&rt.plan.key) else {
+        let events = store
+            .read_subject(id, &subject, version, as_of)
+            .await
+            .map_err(store_problem)?;
+        return Ok(batch_response(batch_body(&events)));
+    };
+    // The cache holds the whole subject; `version` and `asOf` select from it in memory.
+    let key = CacheKey::Subject {
+        stream: rt.plan.key.clone(),
+        stream_id: id,
+        subject: subject.clone(),
+    };
+    let all = read_through(Some(&cache), key, || async {
+        let events = store
+            .read_subject(id, &subject, None, None)
+            .await
+            .map_err(store_problem)?;
+        let body = batch_body(&events);
+        Ok::<_, Problem>((
+            Cached {
+                body,
+                events: Some(events),
+            },
+            true,
+        ))
+    })
+    .await?;
+    if version.is_none() && as_of.is_none() {
+        return Ok(batch_response(all.body.clone()));
+    }
+    let selected: Vec<StoredEvent> = all
+        .events
+        .iter()
+        .flatten()
+        .filter(|e| version.is_none_or(|v| e.version.is_some_and(|ev| ev <= v)))
+        .filter(|e| as_of.is_none_or(|t| e.recorded_time <= t))
+        .cloned()
+        .collect();
+    Ok(batch_response(batch_body(&selected)))
 }
