@@ -112,9 +112,7 @@ pub async fn publish(
         .map_err(|e| BenchError::Pipeline(e.to_string()))?;
     let mut errors = 0;
     for t in tasks {
-        let (h, e) = t
-            .await
-            .map_err(|e| BenchError::Pipeline(e.to_string()))??;
+        let (h, e) = t.await.map_err(|e| BenchError::Pipeline(e.to_string()))??;
         let _ = latency.add(h);
         errors += e;
     }

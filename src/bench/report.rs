@@ -78,6 +78,9 @@ pub struct Report {
     pub variant: String,
     pub weir: Measurement,
     pub baseline: Measurement,
+    /// A second baseline where one applies (ingest: the raw append on two connections).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_parallel: Option<Measurement>,
     /// weir ÷ baseline (events/s).
     pub ratio: f64,
     pub machine: Machine,
@@ -98,6 +101,7 @@ impl Report {
             ratio: weir.events_per_s / baseline.events_per_s.max(1e-9),
             weir,
             baseline,
+            baseline_parallel: None,
             machine: machine(),
             versions,
         }
@@ -138,7 +142,12 @@ pub fn table(reports: &[Report]) -> String {
     ));
     for r in reports {
         let head = format!("{} {}", r.scenario, r.variant);
-        for (i, m) in [&r.weir, &r.baseline].into_iter().enumerate() {
+        let rows = [
+            Some(&r.weir),
+            Some(&r.baseline),
+            r.baseline_parallel.as_ref(),
+        ];
+        for (i, m) in rows.into_iter().flatten().enumerate() {
             out.push_str(&format!(
                 "{:<44} {:<36} {:>12.0} {:>8} {:>8} {:>8} {:>7}\n",
                 if i == 0 { head.as_str() } else { "" },
@@ -147,7 +156,11 @@ pub fn table(reports: &[Report]) -> String {
                 ms(m.p50_ms),
                 ms(m.p99_ms),
                 ms(m.p999_ms),
-                if i == 0 { format!("{:.2}", r.ratio) } else { String::new() },
+                if i == 0 {
+                    format!("{:.2}", r.ratio)
+                } else {
+                    String::new()
+                },
             ));
         }
     }
@@ -173,7 +186,10 @@ pub fn plot(reports: &[Report], path: &Path) -> Result<(), BenchError> {
     let mut points: Vec<(f64, f64, f64, f64)> = reports
         .iter()
         .filter_map(|r| {
-            let x = r.weir.offered_rate.map_or(r.weir.events_per_s, |v| v as f64);
+            let x = r
+                .weir
+                .offered_rate
+                .map_or(r.weir.events_per_s, |v| v as f64);
             Some((x, r.weir.p50_ms?, r.weir.p99_ms?, r.weir.p999_ms?))
         })
         .collect();
@@ -185,7 +201,10 @@ pub fn plot(reports: &[Report], path: &Path) -> Result<(), BenchError> {
     let max_y = points.iter().map(|p| p.3).fold(1.0, f64::max) * 1.1;
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let title = format!("weir bench {}: latency vs offered rate", reports[0].scenario);
+    let title = format!(
+        "weir bench {}: latency vs offered rate",
+        reports[0].scenario
+    );
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
         .margin(20)
@@ -211,7 +230,11 @@ pub fn plot(reports: &[Report], path: &Path) -> Result<(), BenchError> {
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         chart
-            .draw_series(points.iter().map(|p| Circle::new((p.0, f(p)), 3, color.filled())))
+            .draw_series(
+                points
+                    .iter()
+                    .map(|p| Circle::new((p.0, f(p)), 3, color.filled())),
+            )
             .map_err(|e| err(&e))?;
     }
     chart

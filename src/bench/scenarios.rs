@@ -20,9 +20,12 @@ use super::{BenchArgs, BenchError};
 /// Batch-1 variants send at most this many events: one transaction per event in the
 /// baseline makes larger runs take minutes without changing the ratio.
 const SINGLE_EVENT_CAP: usize = 50_000;
-/// Connections of the raw append baseline: the number of appends Weir runs at once per
-/// stream and process (`batcher::Limits::inflight_batches`).
-const BASELINE_CONNECTIONS: usize = 2;
+/// Connections of the raw append baseline. Weir's appends to one stream commit one at a time
+/// (the counter-row lock that makes positions gap-free and commit-ordered), so the matching
+/// baseline writes on one connection; a second baseline on two connections (Weir's
+/// `inflight_batches`) is reported beside it as `baseline_parallel`.
+const BASELINE_CONNECTIONS: usize = 1;
+const PARALLEL_BASELINE_CONNECTIONS: usize = 2;
 /// Unconfirmed messages the raw publisher keeps in flight.
 const PUBLISH_WINDOW: usize = 200;
 
@@ -134,8 +137,7 @@ async fn raw_append(
         }));
     }
     for t in tasks {
-        t.await
-            .map_err(|e| BenchError::Pipeline(e.to_string()))??;
+        t.await.map_err(|e| BenchError::Pipeline(e.to_string()))??;
     }
     let secs = started.elapsed().as_secs_f64();
     Ok(Measurement::rate_only(
@@ -163,7 +165,10 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
         }
     };
     let url = match (&args.url, &pipe) {
-        (Some(u), _) => format!("{}/v1/namespaces/shop/streams/orders/events", u.trim_end_matches('/')),
+        (Some(u), _) => format!(
+            "{}/v1/namespaces/shop/streams/orders/events",
+            u.trim_end_matches('/')
+        ),
         (None, Some(p)) => p.events_url("orders"),
         (None, None) => unreachable!("a pipeline is started when no --url is given"),
     };
@@ -172,34 +177,80 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     let mut reports = vec![];
     let run_id = format!("{:x}", rand::random::<u32>());
     for batch in batches {
-        let events = if batch == 1 { args.events.min(SINGLE_EVENT_CAP) } else { args.events };
-        let concurrency = if batch == 1 { args.concurrency.max(64) } else { args.concurrency };
+        let events = if batch == 1 {
+            args.events.min(SINGLE_EVENT_CAP)
+        } else {
+            args.events
+        };
+        let concurrency = if batch == 1 {
+            args.concurrency.max(64)
+        } else {
+            args.concurrency
+        };
         eprintln!("ingest batch={batch}: warm-up");
-        load::publish(&url, &format!("w{run_id}-{batch}"), (events / 20).clamp(100, 5_000), batch, concurrency, args.payload, None, None, false).await?;
+        load::publish(
+            &url,
+            &format!("w{run_id}-{batch}"),
+            (events / 20).clamp(100, 5_000),
+            batch,
+            concurrency,
+            args.payload,
+            None,
+            None,
+            false,
+        )
+        .await?;
         for rate in &rates {
-            eprintln!("ingest batch={batch} concurrency={concurrency} rate={}: weir", rate.map_or("max".into(), |r| r.to_string()));
+            eprintln!(
+                "ingest batch={batch} concurrency={concurrency} rate={}: weir",
+                rate.map_or("max".into(), |r| r.to_string())
+            );
             let before = batch_stats(pipe.as_ref()).await;
-            let r = load::publish(&url, &format!("m{run_id}-{batch}-{}", rate.unwrap_or(0)), events, batch, concurrency, args.payload, *rate, args.duration, true).await?;
+            let r = load::publish(
+                &url,
+                &format!("m{run_id}-{batch}-{}", rate.unwrap_or(0)),
+                events,
+                batch,
+                concurrency,
+                args.payload,
+                *rate,
+                args.duration,
+                true,
+            )
+            .await?;
             let after = batch_stats(pipe.as_ref()).await;
             // The baseline writes the same rows in transactions of the size Weir actually
             // used (its group commit merges requests), on as many connections as Weir
             // writes with; without a pipeline of our own, the request size.
             let txn = match (before, after) {
-                (Some((s0, c0)), Some((s1, c1))) if c1 > c0 => ((s1 - s0) / (c1 - c0)).round().max(1.0) as usize,
+                (Some((s0, c0)), Some((s1, c1))) if c1 > c0 => {
+                    ((s1 - s0) / (c1 - c0)).round().max(1.0) as usize
+                }
                 _ => batch,
             };
-            let weir = Measurement::from_load(&format!("weir (HTTP, {concurrency} clients)"), &r, *rate);
+            let weir =
+                Measurement::from_load(&format!("weir (HTTP, {concurrency} clients)"), &r, *rate);
             eprintln!("ingest batch={batch}: raw baseline ({txn} rows per transaction)");
-            let (db, name) = scratch_db(&args.pg_url).await?;
-            let baseline = raw_append(&db, r.events.max(1), txn, BASELINE_CONNECTIONS, args.payload).await;
-            drop_db(&args.pg_url, &name).await?;
-            reports.push(Report::new(
+            let mut baselines = vec![];
+            for conns in [BASELINE_CONNECTIONS, PARALLEL_BASELINE_CONNECTIONS] {
+                let (db, name) = scratch_db(&args.pg_url).await?;
+                let b = raw_append(&db, r.events.max(1), txn, conns, args.payload).await;
+                drop_db(&args.pg_url, &name).await?;
+                baselines.push(b?);
+            }
+            let parallel = baselines.pop();
+            let baseline = baselines
+                .pop()
+                .ok_or_else(|| BenchError::Pipeline("no baseline".into()))?;
+            let mut report = Report::new(
                 "ingest",
                 format!("batch={batch} c={concurrency} payload={}B", args.payload),
                 weir,
-                baseline?,
+                baseline,
                 versions.clone(),
-            ));
+            );
+            report.baseline_parallel = parallel;
+            reports.push(report);
         }
     }
     if let Some(p) = pipe {
@@ -210,14 +261,22 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
 
 /// `(sum, count)` of the pipeline's `weir_batch_events` histogram (events per transaction).
 async fn batch_stats(pipe: Option<&Pipeline>) -> Option<(f64, f64)> {
-    let text = reqwest::get(format!("{}/metrics", pipe?.admin)).await.ok()?.text().await.ok()?;
+    let text = reqwest::get(format!("{}/metrics", pipe?.admin))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
     let get = |name: &str| -> Option<f64> {
         text.lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
     };
-    Some((get("weir_batch_events_sum")?, get("weir_batch_events_count")?))
+    Some((
+        get("weir_batch_events_sum")?,
+        get("weir_batch_events_count")?,
+    ))
 }
 
 /// The offered rates to measure: `--rate`, or a sweep when a plot is asked for.
@@ -245,7 +304,10 @@ async fn bind_queue(ch: &lapin::Channel, exchange: &str, queue: &str) -> Result<
     .await
     .map_err(b)?;
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
@@ -256,9 +318,15 @@ async fn bind_queue(ch: &lapin::Channel, exchange: &str, queue: &str) -> Result<
     )
     .await
     .map_err(b)?;
-    ch.queue_bind(queue.into(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
-        .await
-        .map_err(b)?;
+    ch.queue_bind(
+        queue.into(),
+        exchange.into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(b)?;
     Ok(())
 }
 
@@ -271,7 +339,9 @@ async fn raw_publish(
     payload_bytes: usize,
 ) -> Result<Measurement, BenchError> {
     let b = |e: lapin::Error| BenchError::Broker(e.to_string());
-    ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(b)?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(b)?;
     let body = serde_json::to_vec(&payload(payload_bytes, 0)).unwrap_or_default();
     let mut window = VecDeque::with_capacity(PUBLISH_WINDOW);
     let started = Instant::now();
@@ -282,10 +352,22 @@ async fn raw_publish(
             let _: lapin::Confirmation = c_await(c).await?;
         }
         let mut headers = FieldTable::default();
-        headers.insert("cloudEvents:id".into(), AMQPValue::LongString(format!("raw-{i}").into()));
-        headers.insert("cloudEvents:source".into(), AMQPValue::LongString("/bench".into()));
-        headers.insert("cloudEvents:type".into(), AMQPValue::LongString("order.created".into()));
-        headers.insert("cloudEvents:specversion".into(), AMQPValue::LongString("1.0".into()));
+        headers.insert(
+            "cloudEvents:id".into(),
+            AMQPValue::LongString(format!("raw-{i}").into()),
+        );
+        headers.insert(
+            "cloudEvents:source".into(),
+            AMQPValue::LongString("/bench".into()),
+        );
+        headers.insert(
+            "cloudEvents:type".into(),
+            AMQPValue::LongString("order.created".into()),
+        );
+        headers.insert(
+            "cloudEvents:specversion".into(),
+            AMQPValue::LongString("1.0".into()),
+        );
         let props = lapin::BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
@@ -315,9 +397,7 @@ async fn raw_publish(
     ))
 }
 
-async fn c_await(
-    c: lapin::PublisherConfirm,
-) -> Result<lapin::Confirmation, BenchError> {
+async fn c_await(c: lapin::PublisherConfirm) -> Result<lapin::Confirmation, BenchError> {
     c.await.map_err(|e| BenchError::Broker(e.to_string()))
 }
 
@@ -327,8 +407,10 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     let pipe = Pipeline::start(&args.pg_url, &args.amqp_url, |s| {
         format!(
             "{}  deletionPolicy: Delete\n",
-            stream_yaml("fanout", &format!("  # exchange per run\n"))
-                .replace("queueType: quorum}", &format!("queueType: quorum, exchange: weir.bench.fanout-{s}}}"))
+            stream_yaml("fanout", &format!("  # exchange per run\n")).replace(
+                "queueType: quorum}",
+                &format!("queueType: quorum, exchange: weir.bench.fanout-{s}}}")
+            )
         )
     })
     .await?;
@@ -337,25 +419,73 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     let conn = lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
         .await
         .map_err(|e| BenchError::Broker(e.to_string()))?;
-    let ch = conn.create_channel().await.map_err(|e| BenchError::Broker(e.to_string()))?;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| BenchError::Broker(e.to_string()))?;
     let queue = format!("weir-bench-{}", pipe.suffix);
     bind_queue(&ch, &exchange, &queue).await?;
     let url = pipe.events_url("fanout");
     let batches = args.batch.map_or_else(|| vec![1, 100], |b| vec![b]);
     let mut reports = vec![];
     for batch in batches {
-        let events = if batch == 1 { args.events.min(SINGLE_EVENT_CAP) } else { args.events };
-        let concurrency = if batch == 1 { args.concurrency.max(64) } else { args.concurrency };
-        load::publish(&url, &format!("w{}", pipe.suffix), (events / 20).clamp(100, 5_000), batch, concurrency, args.payload, None, None, false).await?;
+        let events = if batch == 1 {
+            args.events.min(SINGLE_EVENT_CAP)
+        } else {
+            args.events
+        };
+        let concurrency = if batch == 1 {
+            args.concurrency.max(64)
+        } else {
+            args.concurrency
+        };
+        load::publish(
+            &url,
+            &format!("w{}", pipe.suffix),
+            (events / 20).clamp(100, 5_000),
+            batch,
+            concurrency,
+            args.payload,
+            None,
+            None,
+            false,
+        )
+        .await?;
         eprintln!("broker batch={batch}: weir");
-        let r = load::publish(&url, &format!("m{}-{batch}", pipe.suffix), events, batch, concurrency, args.payload, args.rate, args.duration, true).await?;
-        let weir = Measurement::from_load(&format!("weir (HTTP, {concurrency} clients)"), &r, args.rate);
+        let r = load::publish(
+            &url,
+            &format!("m{}-{batch}", pipe.suffix),
+            events,
+            batch,
+            concurrency,
+            args.payload,
+            args.rate,
+            args.duration,
+            true,
+        )
+        .await?;
+        let weir = Measurement::from_load(
+            &format!("weir (HTTP, {concurrency} clients)"),
+            &r,
+            args.rate,
+        );
         eprintln!("broker batch={batch}: raw publisher");
-        let raw_ch = conn.create_channel().await.map_err(|e| BenchError::Broker(e.to_string()))?;
+        let raw_ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| BenchError::Broker(e.to_string()))?;
         let baseline = raw_publish(&raw_ch, &exchange, r.events.max(1), args.payload).await?;
-        reports.push(Report::new("broker", format!("batch={batch} c={concurrency} payload={}B", args.payload), weir, baseline, versions.clone()));
+        reports.push(Report::new(
+            "broker",
+            format!("batch={batch} c={concurrency} payload={}B", args.payload),
+            weir,
+            baseline,
+            versions.clone(),
+        ));
     }
-    let _ = ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
     pipe.stop().await?;
     Ok(reports)
 }
@@ -372,7 +502,8 @@ pub async fn relay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     store.migrate().await.map_err(pe)?;
     let stream_id = store.ensure_stream("bench", "orders").await.map_err(pe)?;
     eprintln!("storing {} events…", args.events);
-    let data = bytes::Bytes::from(serde_json::to_vec(&payload(args.payload, 0)).unwrap_or_default());
+    let data =
+        bytes::Bytes::from(serde_json::to_vec(&payload(args.payload, 0)).unwrap_or_default());
     let compression = crate::topology::CompressionPlan::default();
     for chunk in (0..args.events).collect::<Vec<_>>().chunks(1000) {
         let events: Vec<_> = chunk
@@ -390,30 +521,40 @@ pub async fn relay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             })
             .collect();
         store
-            .append(stream_id, &[crate::data::store::AppendInput { events: &events }], &compression)
+            .append(
+                stream_id,
+                &[crate::data::store::AppendInput { events: &events }],
+                &compression,
+            )
             .await
             .map_err(pe)?;
     }
     let conn = lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
         .await
         .map_err(|e| BenchError::Broker(e.to_string()))?;
-    let ch = conn.create_channel().await.map_err(|e| BenchError::Broker(e.to_string()))?;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| BenchError::Broker(e.to_string()))?;
     let queue = format!("weir-bench-relay-{}", db.suffix);
     bind_queue(&ch, &exchange, &queue).await?;
     eprintln!("starting weir; timing its relay…");
     let started = Instant::now();
     let pipe = Pipeline::start_on(db, &args.pg_url, &args.amqp_url, |_| {
-        stream_yaml("orders", "  store: {urlSecretRef: {name: pg, key: url}}\n")
-            .replace("queueType: quorum}", &format!("queueType: quorum, exchange: {exchange}}}"))
+        stream_yaml("orders", "  store: {urlSecretRef: {name: pg, key: url}}\n").replace(
+            "queueType: quorum}",
+            &format!("queueType: quorum, exchange: {exchange}}}"),
+        )
     })
     .await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut last_print = Instant::now();
     loop {
-        let cp: i64 = sqlx::query_scalar("SELECT position FROM weir_relay_checkpoints WHERE stream_id = $1")
-            .bind(stream_id)
-            .fetch_one(&pool)
-            .await?;
+        let cp: i64 =
+            sqlx::query_scalar("SELECT position FROM weir_relay_checkpoints WHERE stream_id = $1")
+                .bind(stream_id)
+                .fetch_one(&pool)
+                .await?;
         if cp as usize >= args.events {
             break;
         }
@@ -422,18 +563,35 @@ pub async fn relay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             last_print = Instant::now();
         }
         if Instant::now() > deadline {
-            return Err(BenchError::Pipeline("the relay did not catch up in 10 minutes".into()));
+            return Err(BenchError::Pipeline(
+                "the relay did not catch up in 10 minutes".into(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Includes weir's start-up (well under a second), which favours the baseline.
     let relayed = started.elapsed();
     eprintln!("\r  relayed {} events in {relayed:?}", args.events);
-    let weir = Measurement::rate_only("weir relay (store → exchange)", args.events, relayed.as_secs_f64());
-    let raw_ch = conn.create_channel().await.map_err(|e| BenchError::Broker(e.to_string()))?;
+    let weir = Measurement::rate_only(
+        "weir relay (store → exchange)",
+        args.events,
+        relayed.as_secs_f64(),
+    );
+    let raw_ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| BenchError::Broker(e.to_string()))?;
     let baseline = raw_publish(&raw_ch, &exchange, args.events, args.payload).await?;
-    let _ = ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
     pool.close().await;
     pipe.stop().await?;
-    Ok(vec![Report::new("relay", format!("events={} payload={}B", args.events, args.payload), weir, baseline, versions)])
+    Ok(vec![Report::new(
+        "relay",
+        format!("events={} payload={}B", args.events, args.payload),
+        weir,
+        baseline,
+        versions,
+    )])
 }
