@@ -53,6 +53,7 @@ async fn readyz(State(st): State<AdminState>) -> Response {
 
 async fn metrics(State(st): State<AdminState>) -> Response {
     sample_pools(&st.engine);
+    st.engine.caches.sample();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.engine.metrics.render(),
@@ -94,7 +95,7 @@ struct ListQuery {
 fn dlq_error(e: crate::data::delivery::DeliveryError) -> Response {
     use crate::data::delivery::DeliveryError;
     let status = match &e {
-        DeliveryError::Other(m) if m.contains("not running") => StatusCode::NOT_FOUND,
+        DeliveryError::NotRunning(_) => StatusCode::NOT_FOUND,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     (

@@ -174,6 +174,9 @@ async fn apply(
     {
         tracing::error!(error = %e, "applying the topology");
     }
+    engine
+        .caches
+        .apply(&built.topology.cache_policies, &engine.streams());
     let keep_subscriptions: BTreeSet<Key> = kept
         .iter()
         .filter(|(k, _)| *k == Kind::Subscription)

@@ -131,6 +131,12 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         from: i64,
     },
+    /// Print a saga: every stored event of a namespace carrying a correlationid, as a
+    /// causation tree (`causationid` → parent).
+    Trace {
+        namespace: String,
+        correlationid: String,
+    },
     /// Receive CloudEvents over HTTP and print each one (a sink for quickstarts and
     /// debugging).
     Sink {
@@ -169,10 +175,18 @@ pub struct BenchCmd {
     #[arg(long)]
     plot: Option<PathBuf>,
     /// PostgreSQL server for the benchmark's fresh databases.
-    #[arg(long, env = "WEIR_BENCH_PG", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "WEIR_BENCH_PG",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     pg: String,
     /// RabbitMQ for the benchmark's fresh exchanges and queues.
-    #[arg(long, env = "WEIR_BENCH_AMQP", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "WEIR_BENCH_AMQP",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     amqp: String,
 }
 
@@ -299,6 +313,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Tail { target, from } => runtime()?.block_on(crate::cli_delivery::tail(
             &cli.url, cli.output, &target, from,
+        )),
+        Command::Trace {
+            namespace,
+            correlationid,
+        } => runtime()?.block_on(crate::cli_trace::trace(
+            &cli.url,
+            cli.output,
+            &namespace,
+            &correlationid,
         )),
         Command::Sink { listen } => {
             runtime()?.block_on(crate::cli_delivery::sink(listen, cli.output))

@@ -75,7 +75,14 @@ pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Resu
     match action {
         DlqAction::List { target, limit } => {
             let url = format!("{}?limit={limit}", base(&target)?);
-            let body = answer(client.get(&url).send().await.with_context(|| format!("GET {url}"))?).await?;
+            let body = answer(
+                client
+                    .get(&url)
+                    .send()
+                    .await
+                    .with_context(|| format!("GET {url}"))?,
+            )
+            .await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&body)?);
                 return Ok(ExitCode::SUCCESS);
@@ -87,7 +94,13 @@ pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Resu
             let empty = vec![];
             for d in body["deadLetters"].as_array().unwrap_or(&empty) {
                 let s = |k: &str| d[k].as_str().unwrap_or("").to_string();
-                let data: String = s("errorData").lines().next().unwrap_or("").chars().take(60).collect();
+                let data: String = s("errorData")
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(60)
+                    .collect();
                 println!(
                     "{:<36} {:<24} {:<9} {:<5} {:<8} {}",
                     s("id"),
@@ -100,14 +113,32 @@ pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Resu
             }
         }
         DlqAction::Show { target, id } => {
-            let url = format!("{}/{}", base(&target)?, percent_encoding::utf8_percent_encode(&id, percent_encoding::NON_ALPHANUMERIC));
-            let body = answer(client.get(&url).send().await.with_context(|| format!("GET {url}"))?).await?;
+            let url = format!(
+                "{}/{}",
+                base(&target)?,
+                percent_encoding::utf8_percent_encode(&id, percent_encoding::NON_ALPHANUMERIC)
+            );
+            let body = answer(
+                client
+                    .get(&url)
+                    .send()
+                    .await
+                    .with_context(|| format!("GET {url}"))?,
+            )
+            .await?;
             println!("{}", serde_json::to_string_pretty(&body)?);
         }
         DlqAction::Redrive { target } => {
             let url = format!("{}/redrive", base(&target)?);
             eprint!("redriving…");
-            let body = answer(client.post(&url).send().await.with_context(|| format!("POST {url}"))?).await?;
+            let body = answer(
+                client
+                    .post(&url)
+                    .send()
+                    .await
+                    .with_context(|| format!("POST {url}"))?,
+            )
+            .await?;
             eprintln!(" done");
             if output == Output::Json {
                 println!("{body}");
@@ -127,7 +158,14 @@ pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Resu
                 }
             }
             let url = base(&target)?;
-            let body = answer(client.delete(&url).send().await.with_context(|| format!("DELETE {url}"))?).await?;
+            let body = answer(
+                client
+                    .delete(&url)
+                    .send()
+                    .await
+                    .with_context(|| format!("DELETE {url}"))?,
+            )
+            .await?;
             if output == Output::Json {
                 println!("{body}");
             } else {
@@ -150,12 +188,22 @@ pub async fn tail(url: &str, output: Output, target: &str, from: i64) -> anyhow:
             "{}/v1/namespaces/{ns}/streams/{stream}/events?from={next}&limit=500",
             url.trim_end_matches('/')
         );
-        let body = answer(client.get(&u).send().await.with_context(|| format!("GET {u}"))?).await?;
+        let body = answer(
+            client
+                .get(&u)
+                .send()
+                .await
+                .with_context(|| format!("GET {u}"))?,
+        )
+        .await?;
         let empty = vec![];
         let events = body.as_array().unwrap_or(&empty);
         for ev in events {
             print_event(ev, output);
-            if let Some(p) = ev["weirposition"].as_str().and_then(|p| p.parse::<i64>().ok()) {
+            if let Some(p) = ev["weirposition"]
+                .as_str()
+                .and_then(|p| p.parse::<i64>().ok())
+            {
                 next = next.max(p + 1);
             }
         }
@@ -172,7 +220,10 @@ fn print_event(ev: &serde_json::Value, output: Output) {
     }
     let s = |k: &str| ev[k].as_str().unwrap_or("").to_string();
     let data = if ev["data"].is_null() {
-        ev["data_base64"].as_str().map(|b| format!("(base64) {b}")).unwrap_or_default()
+        ev["data_base64"]
+            .as_str()
+            .map(|b| format!("(base64) {b}"))
+            .unwrap_or_default()
     } else {
         ev["data"].to_string()
     };
@@ -189,28 +240,50 @@ fn print_event(ev: &serde_json::Value, output: Output) {
 
 /// Answers 200 to every POST and prints the CloudEvent it carries (binary or structured).
 pub async fn sink(listen: SocketAddr, output: Output) -> anyhow::Result<ExitCode> {
-    let app = axum::Router::new().fallback(move |headers: http::HeaderMap, body: bytes::Bytes| async move {
-        let ctx = crate::data::ingest::IngestContext::new("", "", chrono::Utc::now());
-        match crate::data::ingest::parse_request(&headers, &body, &ctx) {
-            Ok(events) => {
-                for ev in &events {
-                    let json = crate::data::event::to_structured_json(ev);
-                    let v: serde_json::Value = serde_json::from_slice(&json).unwrap_or_default();
-                    if output == Output::Json {
-                        println!("{v}");
-                    } else {
-                        println!("☁️  cloudevent");
-                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                    }
+    let app = axum::Router::new().fallback(
+        move |mut headers: http::HeaderMap, body: bytes::Bytes| async move {
+            // Weir's own attributes (position, version, commit time) are refused from
+            // publishers by the parser; a sink receives them, so they are set aside and put
+            // back.
+            let mut weir_attrs = vec![];
+            for name in ["weirposition", "weirversion", "weirrecordedtime"] {
+                if let Some(v) = headers.remove(format!("ce-{name}").as_str())
+                    && let Ok(v) = v.to_str()
+                {
+                    weir_attrs.push((name, v.to_string()));
                 }
-                http::StatusCode::OK
             }
-            Err(p) => {
-                eprintln!("not a CloudEvent: {}", p.detail);
-                http::StatusCode::BAD_REQUEST
+            let ctx = crate::data::ingest::IngestContext::new("", "", chrono::Utc::now());
+            match crate::data::ingest::parse_request(&headers, &body, &ctx) {
+                Ok(mut events) => {
+                    for ev in &mut events {
+                        for (k, v) in &weir_attrs {
+                            ev.extensions.insert(
+                                k.to_string(),
+                                crate::data::event::ExtValue::String(v.clone()),
+                            );
+                        }
+                    }
+                    for ev in &events {
+                        let json = crate::data::event::to_structured_json(ev);
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&json).unwrap_or_default();
+                        if output == Output::Json {
+                            println!("{v}");
+                        } else {
+                            println!("☁️  cloudevent");
+                            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                        }
+                    }
+                    http::StatusCode::OK
+                }
+                Err(p) => {
+                    eprintln!("not a CloudEvent: {}", p.detail);
+                    http::StatusCode::BAD_REQUEST
+                }
             }
-        }
-    });
+        },
+    );
     let l = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

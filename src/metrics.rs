@@ -31,6 +31,12 @@ pub struct Metrics {
     pub deadletters: IntCounterVec,
     pub subscription_backlog: IntGaugeVec,
     pub subscription_inflight: IntGaugeVec,
+    pub cache_requests: IntCounterVec,
+    pub cache_evictions: IntCounterVec,
+    pub cache_entries: IntGaugeVec,
+    pub db_acquire_timeouts: IntCounterVec,
+    pub db_pool_up: IntGaugeVec,
+    pub db_replica_lag: prometheus::GaugeVec,
 }
 
 /// Latency buckets from 0.5 ms to 10 s: ingest answers in milliseconds when healthy and the
@@ -214,7 +220,61 @@ impl Metrics {
                 "Delivery attempts in flight in this worker.",
                 &["namespace", "subscription"],
             ),
+            cache_requests: counter(
+                &r,
+                "weir_cache_requests_total",
+                "Read-cache lookups by result (hit, miss), per CachePolicy.",
+                &["namespace", "policy", "result"],
+            ),
+            cache_evictions: counter(
+                &r,
+                "weir_cache_evictions_total",
+                "Entries evicted from a read cache (full or expired; not invalidations).",
+                &["namespace", "policy"],
+            ),
+            cache_entries: gauge(
+                &r,
+                "weir_cache_entries",
+                "Entries held in a read cache (sampled at scrape).",
+                &["namespace", "policy"],
+            ),
+            db_acquire_timeouts: counter(
+                &r,
+                "weir_db_acquire_timeouts_total",
+                "Connection acquisitions that gave up after the pool's connectTimeout.",
+                &["pool"],
+            ),
+            db_pool_up: gauge(
+                &r,
+                "weir_db_pool_up",
+                "1 if the pool's last health check got a connection and ran a query, else 0.",
+                &["pool"],
+            ),
+            db_replica_lag: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "weir_db_replica_lag_seconds",
+                        "Age of the last transaction a standby replayed (0 on a primary), sampled by the pool health check.",
+                    ),
+                    &["pool"],
+                )
+                .unwrap_or_else(|e| panic!("metric: {e}"));
+                r.register(Box::new(g.clone()))
+                    .unwrap_or_else(|e| panic!("register: {e}"));
+                g
+            },
             registry: r,
+        }
+    }
+
+    /// Creates a stream's error series at zero, so that dashboards and alerts see 0 rather
+    /// than no data before the first error.
+    pub fn init_stream(&self, namespace: &str, stream: &str) {
+        let l = [namespace, stream];
+        self.store_append_retries.with_label_values(&l);
+        for outcome in ["accepted", "duplicate", "rejected"] {
+            self.ingest_events
+                .with_label_values(&[namespace, stream, outcome]);
         }
     }
 

@@ -3,8 +3,8 @@
 //! the engine's health (are its broker and store reachable?).
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, OnceLock, RwLock};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use serde::Serialize;
 
@@ -175,6 +175,15 @@ impl StatusBoard {
                     ready = false;
                 }
             }
+            if r.kind == Kind::CachePolicy
+                && let Some(cache) = engine.caches.policy(&r.key)
+            {
+                // Sampled on this replica: each replica has its own cache.
+                if let Some(ratio) = cache.hit_ratio() {
+                    fields.insert("hitRatio".into(), format!("{ratio:.2}").into());
+                }
+                fields.insert("entries".into(), cache.entry_count().into());
+            }
             if r.kind == Kind::Subscription
                 && let Some(subs) = self.subscriptions.get()
             {
@@ -239,7 +248,11 @@ fn subscription_status(
     conditions.push(Condition::new(
         "SinkReachable",
         sink_ok,
-        if sink_ok { "Delivered" } else { "DeliveryFailed" },
+        if sink_ok {
+            "Delivered"
+        } else {
+            "DeliveryFailed"
+        },
         sink_msg,
     ));
     let caught_up = st.caught_up.load(Ordering::Acquire);
@@ -247,20 +260,37 @@ fn subscription_status(
         "CaughtUp",
         caught_up,
         if caught_up { "Live" } else { "CatchingUp" },
-        st.error().unwrap_or_default(),
+        st.error().unwrap_or_else(|| {
+            if caught_up {
+                String::new()
+            } else {
+                "provisioning its queues or replaying stored events".to_string()
+            }
+        }),
     ));
     let (ordering_reason, ordering_msg) = match &plan.ordering {
         crate::topology::OrderingPlan::None => ("Unordered", String::new()),
         crate::topology::OrderingPlan::PerKey {
             partition_key,
             partitions: 1,
-        } => ("Serial", format!("one lane: every event in order (key {partition_key})")),
+        } => (
+            "Serial",
+            format!("one lane: every event in order (key {partition_key})"),
+        ),
         crate::topology::OrderingPlan::PerKey {
             partition_key,
             partitions,
-        } => ("PerKey", format!("{partitions} lanes keyed by {partition_key}")),
+        } => (
+            "PerKey",
+            format!("{partitions} lanes keyed by {partition_key}"),
+        ),
     };
-    conditions.push(Condition::new("Ordering", true, ordering_reason, ordering_msg));
+    conditions.push(Condition::new(
+        "Ordering",
+        true,
+        ordering_reason,
+        ordering_msg,
+    ));
     let queues = runner.names.consumed();
     fields.insert("queue".into(), runner.names.queue.clone().into());
     if queues.len() > 1 || queues[0] != runner.names.queue {
@@ -283,5 +313,8 @@ fn subscription_status(
         "position".into(),
         st.position.load(Ordering::Acquire).to_string().into(),
     );
+    if let Some(n) = st.notice() {
+        fields.insert("notice".into(), n.into());
+    }
     caught_up && st.error().is_none()
 }

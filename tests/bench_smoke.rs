@@ -31,23 +31,48 @@ fn assert_sane(r: &serde_json::Value, scenario: &str, events: u64) {
     for side in ["weir", "baseline"] {
         let rate = r[side]["events_per_s"].as_f64().unwrap();
         assert!(rate > 0.0 && rate.is_finite(), "{side} rate {rate}");
-        assert_eq!(r[side]["events"].as_u64(), Some(events), "{side} measured every event: {r}");
+        assert_eq!(
+            r[side]["events"].as_u64(),
+            Some(events),
+            "{side} measured every event: {r}"
+        );
     }
     let ratio = r["ratio"].as_f64().unwrap();
     assert!(ratio > 0.0 && ratio.is_finite());
     assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
-    assert!(r["versions"]["postgresql"].as_str().unwrap().starts_with(char::is_numeric));
+    assert!(
+        r["versions"]["postgresql"]
+            .as_str()
+            .unwrap()
+            .starts_with(char::is_numeric)
+    );
 }
 
 #[test]
 fn ingest_broker_and_relay_scenarios_complete_with_sane_numbers() {
-    let r = bench(&["ingest", "--events", "400", "--batch", "50", "--concurrency", "4"]);
+    let r = bench(&[
+        "ingest",
+        "--events",
+        "400",
+        "--batch",
+        "50",
+        "--concurrency",
+        "4",
+    ]);
     assert_sane(&r, "ingest", 400);
     let p50 = r["weir"]["p50_ms"].as_f64().unwrap();
     let p999 = r["weir"]["p999_ms"].as_f64().unwrap();
     assert!(p50 > 0.0 && p999 >= p50, "percentiles are ordered: {r}");
 
-    let r = bench(&["broker", "--events", "400", "--batch", "50", "--concurrency", "4"]);
+    let r = bench(&[
+        "broker",
+        "--events",
+        "400",
+        "--batch",
+        "50",
+        "--concurrency",
+        "4",
+    ]);
     assert_sane(&r, "broker", 400);
 
     let r = bench(&["relay", "--events", "500"]);

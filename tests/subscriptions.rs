@@ -289,12 +289,25 @@ async fn retries_are_exponential_capped_and_deliver_everything() {
     )
     .await;
     let status = status_of(&s.weir, &s.sub).await;
-    assert_eq!(status["fields"]["queue"], format!("weir.test.orders.{}", s.sub));
-    assert_eq!(status["fields"]["deadLetterQueue"], format!("weir-dlq.test.{}", s.sub));
+    assert_eq!(
+        status["fields"]["queue"],
+        format!("weir.test.orders.{}", s.sub)
+    );
+    assert_eq!(
+        status["fields"]["deadLetterQueue"],
+        format!("weir-dlq.test.{}", s.sub)
+    );
     assert_eq!(status["fields"]["consumers"], 64);
 
-    publish(&s.weir.events_url("test", "orders"), &events("r", 5000, 50)).await;
-    sink.wait_delivered(5000, Duration::from_secs(180), &s.weir).await;
+    // Published at a pace the subscription keeps up with, so that the gaps the sink
+    // observes are the retry delays rather than time spent queueing behind a backlog.
+    let url = s.weir.events_url("test", "orders");
+    for chunk in events("r", 5000, 50).chunks(50) {
+        publish(&url, chunk).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sink.wait_delivered(5000, Duration::from_secs(180), &s.weir)
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let got = sink.got();
@@ -310,40 +323,65 @@ async fn retries_are_exponential_capped_and_deliver_everything() {
             gaps[k].push(attempts[k + 1].at - attempts[k].at);
         }
     }
-    // Each retry waits at least its (jittered, bucketed) delay: ≥ 0.7 × nominal.
-    let mins: Vec<Duration> = gaps.iter().map(|g| *g.iter().min().unwrap()).collect();
-    assert!(mins[0] >= Duration::from_millis(70), "{mins:?}");
-    assert!(mins[1] >= Duration::from_millis(140), "{mins:?}");
+    // Each retry waits at least its (jittered, bucketed) delay — 100, 141 and 300 ms at the
+    // least. Measured at the 10th percentile: a loaded test machine delays some of the sink's
+    // timestamps, which shortens a few observed gaps.
+    let p10: Vec<Duration> = gaps
+        .iter()
+        .map(|g| {
+            let mut g = g.clone();
+            g.sort();
+            g[g.len() / 10]
+        })
+        .collect();
+    assert!(p10[0] >= Duration::from_millis(80), "{p10:?}");
+    assert!(p10[1] >= Duration::from_millis(113), "{p10:?}");
     // The third delay is 400 ms nominal, capped at 300 ms.
-    assert!(mins[2] >= Duration::from_millis(280), "{mins:?}");
+    assert!(p10[2] >= Duration::from_millis(240), "{p10:?}");
     let medians: Vec<Duration> = gaps.iter_mut().map(|g| median(g)).collect();
     assert!(
         medians[1] > medians[0].mul_f64(1.5) && medians[2] > medians[1],
         "delays grow: {medians:?}"
     );
+    // Capped by backoffMax (300 ms), plus the time a message takes from the delay queue
+    // back through the subscription's queue to the sink.
     assert!(
-        medians[2] < Duration::from_millis(300 + 250),
+        medians[2] < Duration::from_millis(300 + 150),
         "capped by backoffMax: {medians:?}"
     );
-    assert_eq!(queue_len(&format!("weir-dlq.test.{}", s.sub)).await, Some(0));
+    assert_eq!(
+        queue_len(&format!("weir-dlq.test.{}", s.sub)).await,
+        Some(0)
+    );
     let metrics = s.weir.metrics().await;
-    assert!(metrics.contains("weir_delivery_attempts_total"), "{metrics}");
+    assert!(
+        metrics.contains("weir_delivery_attempts_total"),
+        "{metrics}"
+    );
     assert!(metrics.contains("weir_delivery_retries_total"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_400_dead_letters_with_context_and_redrive_delivers() {
     let sink = Sink::start(Mode::Status(400, "bad order")).await;
+    let dl_sink = Sink::start(Mode::Ok).await;
     let s = setup(
         &sink,
-        "  delivery: {retry: 3, backoffDelay: 10ms}\n  filters:\n    - prefix: {type: order.}\n    - not: {exact: {region: us}}\n",
+        &format!(
+            "  delivery: {{retry: 3, backoffDelay: 10ms, deadLetterSink: {{uri: \"{}\"}}}}\n  \
+             filters:\n    - prefix: {{type: order.}}\n    - not: {{exact: {{region: us}}}}\n",
+            dl_sink.url
+        ),
     )
     .await;
     let url = s.weir.events_url("test", "orders");
     publish(&url, &events("d", 20, 5)).await;
     // Filtered out: a region extension `us`, or another type. Binary mode carries the region.
     let client = reqwest::Client::new();
-    for (i, (ty, region)) in [("order.created", "us"), ("payment.done", "eu")].iter().enumerate() {
+    for (i, (ty, region)) in [("order.created", "us"), ("payment.done", "eu")]
+        .iter()
+        .enumerate()
+    {
         let r = client
             .post(&url)
             .header("ce-specversion", "1.0")
@@ -360,13 +398,24 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
     let dlq = format!("weir-dlq.test.{}", s.sub);
     let deadline = Instant::now() + Duration::from_secs(30);
     while queue_len(&dlq).await != Some(20) {
-        assert!(Instant::now() < deadline, "DLQ has {:?}", queue_len(&dlq).await);
+        assert!(
+            Instant::now() < deadline,
+            "DLQ has {:?}",
+            queue_len(&dlq).await
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = sink.got();
-    assert_eq!(got.len(), 20, "a 400 is not retried and filtered events never arrive");
-    assert!(got.iter().all(|g| g.id.starts_with("d-") && g.ty == "order.created"));
+    assert_eq!(
+        got.len(),
+        20,
+        "a 400 is not retried and filtered events never arrive"
+    );
+    assert!(
+        got.iter()
+            .all(|g| g.id.starts_with("d-") && g.ty == "order.created")
+    );
 
     let list: Value = reqwest::get(format!(
         "{}/v1/namespaces/test/subscriptions/{}/deadletters?limit=50",
@@ -388,52 +437,115 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
         assert!(d["event"]["weirposition"].is_string());
         assert_eq!(d["type"], "order.created");
     }
-    // Listing leaves them in the queue.
-    assert_eq!(queue_len(&dlq).await, Some(20));
+    // The dead-letter sink got each one too, with the error context.
+    dl_sink
+        .wait_delivered(20, Duration::from_secs(10), &s.weir)
+        .await;
+    assert!(
+        dl_sink
+            .got()
+            .iter()
+            .all(|g| g.headers.get("ce-weirerrorcode").map(String::as_str) == Some("400"))
+    );
+    let st = status_of(&s.weir, &s.sub).await;
+    let reach = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "SinkReachable")
+        .unwrap()
+        .clone();
+    assert_eq!(reach["status"], "False", "{st}");
+    assert!(reach["message"].as_str().unwrap().contains("400"), "{st}");
+    // Listing leaves them in the queue (they return as the listing's channel closes).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queue_len(&dlq).await != Some(20) {
+        assert!(
+            Instant::now() < deadline,
+            "DLQ has {:?}",
+            queue_len(&dlq).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A fixed sink, then redrive through the CLI.
     sink.set_mode(Mode::Ok);
     let out = std::process::Command::new(weir_binary())
-        .args(["--admin", &s.weir.admin, "dlq", "redrive", &format!("test/{}", s.sub)])
+        .args([
+            "--admin",
+            &s.weir.admin,
+            "dlq",
+            "redrive",
+            &format!("test/{}", s.sub),
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("20"), "{}", String::from_utf8_lossy(&out.stdout));
-    sink.wait_delivered(20, Duration::from_secs(30), &s.weir).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("20"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    sink.wait_delivered(20, Duration::from_secs(30), &s.weir)
+        .await;
     assert_eq!(queue_len(&dlq).await, Some(0));
     let delivered = sink.got().into_iter().filter(|g| g.ok).collect::<Vec<_>>();
     // Redriven events arrive without the error attributes.
-    assert!(delivered.iter().all(|g| !g.headers.contains_key("ce-weirerrorcode")));
+    assert!(
+        delivered
+            .iter()
+            .all(|g| !g.headers.contains_key("ce-weirerrorcode"))
+    );
     drop(s.m);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_waiting_survive_kill_9() {
     let sink = Sink::start(Mode::FailFirst(1)).await;
-    let mut s = setup(&sink, "  delivery: {retry: 3, backoffDelay: 3s, backoffMax: 3s}\n").await;
+    let mut s = setup(
+        &sink,
+        "  delivery: {retry: 3, backoffDelay: 3s, backoffMax: 3s}\n",
+    )
+    .await;
     publish(&s.weir.events_url("test", "orders"), &events("k", 50, 5)).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while sink.got().len() < 50 {
-        assert!(Instant::now() < deadline, "first attempts: {}", sink.got().len());
+        assert!(
+            Instant::now() < deadline,
+            "first attempts: {}",
+            sink.got().len()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(sink.delivered().is_empty(), "every first attempt failed");
     s.weir.kill9();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let weir = Weir::start(s.m.path());
-    sink.wait_delivered(50, Duration::from_secs(60), &weir).await;
+    sink.wait_delivered(50, Duration::from_secs(60), &weir)
+        .await;
     let got = sink.got();
     let per_id = got.iter().fold(HashMap::<&str, u32>::new(), |mut m, g| {
         *m.entry(&g.id).or_default() += 1;
         m
     });
-    assert!(per_id.values().all(|n| *n == 2), "one failure, one success each: {per_id:?}");
+    assert!(
+        per_id.values().all(|n| *n == 2),
+        "one failure, one success each: {per_id:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_during_delivery_loses_and_dead_letters_nothing() {
     let sink = Sink::start(Mode::Slow(Duration::from_millis(300))).await;
-    let mut s = setup(&sink, "  consumers: 8\n  delivery: {retry: 0, timeout: 5s}\n").await;
+    let mut s = setup(
+        &sink,
+        "  consumers: 8\n  delivery: {retry: 0, timeout: 5s}\n",
+    )
+    .await;
     publish(&s.weir.events_url("test", "orders"), &events("t", 200, 20)).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while sink.got().len() < 20 {
@@ -443,14 +555,19 @@ async fn sigterm_during_delivery_loses_and_dead_letters_nothing() {
     let status = s.weir.terminate();
     assert!(status.success(), "{status:?}");
     let dlq = format!("weir-dlq.test.{}", s.sub);
-    assert_eq!(queue_len(&dlq).await, Some(0), "nothing dead-lettered by the shutdown");
+    assert_eq!(
+        queue_len(&dlq).await,
+        Some(0),
+        "nothing dead-lettered by the shutdown"
+    );
     let before = sink.delivered().len();
     assert!(before < 200, "stopped mid-way ({before})");
     // Every request that started got its answer (the shutdown waited for it).
     assert!(sink.got().iter().all(|g| g.ok));
     sink.set_mode(Mode::Ok);
     let weir = Weir::start(s.m.path());
-    sink.wait_delivered(200, Duration::from_secs(60), &weir).await;
+    sink.wait_delivered(200, Duration::from_secs(60), &weir)
+        .await;
     assert_eq!(queue_len(&dlq).await, Some(0));
 }
 
@@ -482,7 +599,8 @@ async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
         })
     };
     live.await.unwrap();
-    sink.wait_delivered(12_000, Duration::from_secs(180), &weir).await;
+    sink.wait_delivered(12_000, Duration::from_secs(180), &weir)
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let got = sink.got();
     let mut seen = BTreeSet::new();
@@ -492,7 +610,11 @@ async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
         .map(|g| g.position)
         .collect();
     assert!(dups.is_empty(), "delivered twice: {dups:?}");
-    assert_eq!(seen, (1..=12_000).collect::<BTreeSet<i64>>(), "every position once");
+    assert_eq!(
+        seen,
+        (1..=12_000).collect::<BTreeSet<i64>>(),
+        "every position once"
+    );
     let st = wait_subscription(&weir, &sub).await;
     let caught = st["conditions"]
         .as_array()
@@ -547,9 +669,13 @@ async fn per_key_ordering_holds_across_two_processes_with_a_flaky_sink() {
     // 50 keys × 200 events, published half through each process.
     let all = events("o", 10_000, 50);
     let (x, y) = all.split_at(5000);
-    let (ua, ub) = (a.events_url("test", "orders"), b.events_url("test", "orders"));
+    let (ua, ub) = (
+        a.events_url("test", "orders"),
+        b.events_url("test", "orders"),
+    );
     tokio::join!(publish(&ua, x), publish(&ub, y));
-    sink.wait_delivered(10_000, Duration::from_secs(300), &a).await;
+    sink.wait_delivered(10_000, Duration::from_secs(300), &a)
+        .await;
     let got = sink.got();
     let mut per_key: HashMap<&str, Vec<i64>> = HashMap::new();
     for g in &got {
@@ -585,4 +711,355 @@ fn an_invalid_filter_is_rejected_with_its_path() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("spec.filters[0].all[1]"), "{text}");
+}
+
+/// The saga example's services (see `examples/saga/services.py`), in process.
+async fn saga_services() -> String {
+    async fn step(
+        path: &'static str,
+        h: http::HeaderMap,
+        body: bytes::Bytes,
+    ) -> axum::response::Response {
+        let data: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let hv = |k: &str| {
+            h.get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        if path == "payments" && data["amount"].as_f64().unwrap_or(0.0) > 1000.0 {
+            return (http::StatusCode::PAYMENT_REQUIRED, "card declined").into_response();
+        }
+        let (ty, prefix) = match path {
+            "payments" => ("payment.completed", "pay-"),
+            "shipping" => ("shipment.scheduled", "ship-"),
+            _ => ("order.cancelled", "cancel-"),
+        };
+        let mut r = axum::Json(json!({"orderId": data["orderId"]})).into_response();
+        let hs = r.headers_mut();
+        hs.insert("ce-specversion", "1.0".parse().unwrap());
+        hs.insert("ce-id", format!("{prefix}{}", hv("ce-id")).parse().unwrap());
+        hs.insert("ce-source", format!("/saga/{path}").parse().unwrap());
+        hs.insert("ce-type", ty.parse().unwrap());
+        hs.insert("ce-subject", hv("ce-subject").parse().unwrap());
+        r
+    }
+    use axum::response::IntoResponse;
+    let app = axum::Router::new()
+        .route(
+            "/payments",
+            axum::routing::post(|h, b| step("payments", h, b)),
+        )
+        .route(
+            "/shipping",
+            axum::routing::post(|h, b| step("shipping", h, b)),
+        )
+        .route(
+            "/compensation",
+            axum::routing::post(|h, b| step("compensation", h, b)),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_saga_example_compensates_a_failed_payment() {
+    let services = saga_services().await;
+    let db = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ns = unique("saga-");
+    // The example's manifests in a namespace of this test, pointing at the in-process services.
+    for f in ["streams.yaml", "subscriptions.yaml"] {
+        let text = std::fs::read_to_string(format!("examples/saga/{f}"))
+            .unwrap()
+            .replace("namespace: saga", &format!("namespace: {ns}"))
+            .replace("http://127.0.0.1:8801", &services);
+        std::fs::write(dir.path().join(f), text).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("secrets.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{url: \"{AMQP_URL}\"}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\nstringData: {{url: \"{db}\"}}\n"
+        ),
+    )
+    .unwrap();
+    let mut weir = Weir::start(dir.path());
+    weir.wait_ready(&ns, "orders").await;
+    weir.wait_ready(&ns, "failures").await;
+    for s in ["payment", "shipping", "compensate"] {
+        wait_subscription(&weir, s).await;
+    }
+    let url = weir.events_url(&ns, "orders");
+    publish(
+        &url,
+        &[
+            json!({"type": "order.created", "subject": "o-1", "correlationId": "saga-1", "data": {"orderId": "o-1", "amount": 20}}),
+            json!({"type": "order.created", "subject": "o-2", "correlationId": "saga-2", "data": {"orderId": "o-2", "amount": 5000}}),
+        ],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let events = loop {
+        let evs: Value = reqwest::get(format!("{url}?from=1&limit=100"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let evs = evs.as_array().unwrap().clone();
+        if evs.len() >= 5 {
+            break evs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "saga incomplete: {evs:?}\n{}",
+            tail(&weir.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let steps: Vec<(String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["correlationid"].as_str().unwrap_or("").to_string(),
+                e["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let of = |c: &str| -> Vec<&str> {
+        steps
+            .iter()
+            .filter(|(k, _)| k == c)
+            .map(|(_, t)| t.as_str())
+            .collect()
+    };
+    assert_eq!(
+        of("saga-1"),
+        ["order.created", "payment.completed", "shipment.scheduled"],
+        "{steps:?}"
+    );
+    assert_eq!(
+        of("saga-2"),
+        ["order.created", "order.cancelled"],
+        "{steps:?}"
+    );
+    // Causation: each reply names the event that caused it.
+    let by_type = |t: &str| events.iter().find(|e| e["type"] == t).unwrap().clone();
+    let created1 = events.iter().find(|e| e["subject"] == "o-1").unwrap();
+    assert_eq!(by_type("payment.completed")["causationid"], created1["id"]);
+    // The failure itself is in the dead-letter stream, with its context.
+    let failures: Value = reqwest::get(format!("{}?from=1", weir.events_url(&ns, "failures")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let f = &failures.as_array().unwrap()[0];
+    assert_eq!(f["type"], "dev.weir.delivery.failed");
+    assert_eq!(f["correlationid"], "saga-2");
+    assert_eq!(f["weirerrorcode"], "402");
+    assert_eq!(f["weirerrordata"], "card declined");
+    assert_eq!(by_type("order.cancelled")["causationid"], f["id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_queue() {
+    let sink = Sink::start(Mode::Ok).await;
+    let delivery = "  delivery: {backoffDelay: 100ms, backoffMax: 1s, retryAfterMax: 1s}\n";
+    let s = setup(
+        &sink,
+        &format!("  consumers: 2\n  rateLimit: {{eventsPerSecond: 5}}\n{delivery}"),
+    )
+    .await;
+    let url = s.weir.events_url("test", "orders");
+    publish(&url, &events("a", 60, 6)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = sink.got().len();
+    assert!(n <= 15, "rate limited to 5/s: {n} in 2 s");
+
+    // Live: a higher rate and more consumers, without restarting the subscription.
+    s.m.write(
+        "sub.yaml",
+        &subscription_yaml(
+            &s.sub,
+            &sink.url,
+            &format!("  consumers: 8\n  rateLimit: {{eventsPerSecond: 20}}\n{delivery}"),
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(&s.weir, &s.sub).await["fields"]["consumers"] != 8 {
+        assert!(Instant::now() < deadline, "consumers not updated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = sink.got().len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rate = sink.got().len() - before;
+    assert!((10..=30).contains(&rate), "about 20/s now: {rate}");
+
+    // Another shape (perKey): what waits in the old queue is still delivered, then the old
+    // queue goes away.
+    s.m.write(
+        "sub.yaml",
+        &subscription_yaml(
+            &s.sub,
+            &sink.url,
+            &format!("  ordering: perKey\n  partitions: 2\n{delivery}"),
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status_of(&s.weir, &s.sub).await["fields"]["partitionQueues"].is_null() {
+        assert!(Instant::now() < deadline, "perKey not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    publish(&url, &events("b", 40, 4)).await;
+    sink.wait_delivered(100, Duration::from_secs(30), &s.weir)
+        .await;
+    let old = format!("weir.test.orders.{}", s.sub);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while queue_len(&old).await.is_some() {
+        assert!(Instant::now() < deadline, "old queue not deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(queue_len(&format!("{old}.p0")).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_key_delivers_events_without_the_key_too() {
+    let sink = Sink::start(Mode::Ok).await;
+    let s = setup(&sink, "  ordering: perKey\n  partitions: 3\n").await;
+    let url = s.weir.events_url("test", "orders");
+    let evs: Vec<Value> = (0..20)
+        .map(|i| json!({"type": "order.created", "id": format!("n-{i}"), "data": {"n": i}}))
+        .collect();
+    publish(&url, &evs).await;
+    publish(&url, &events("k", 20, 4)).await;
+    sink.wait_delivered(40, Duration::from_secs(30), &s.weir)
+        .await;
+    // Unkeyed events share one lane: they arrive in position order.
+    let unkeyed: Vec<i64> = sink
+        .got()
+        .iter()
+        .filter(|g| g.subject.is_empty())
+        .map(|g| g.position)
+        .collect();
+    assert_eq!(unkeyed, (1..=20).collect::<Vec<_>>());
+}
+
+/// Waits until `path` holds at least `n` lines.
+async fn wait_lines(path: &std::path::Path, n: usize, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= n {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{what}: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cli_sink_tail_and_dlq_list_show_purge() {
+    let tmp = tempfile::tempdir().unwrap();
+    // `weir sink` as the subscription's sink.
+    let port = free_port();
+    let sink_out = tmp.path().join("sink.out");
+    /// Kills the child when the test ends, even when it fails.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let sink_proc = std::process::Command::new(weir_binary())
+        .args([
+            "-o",
+            "json",
+            "sink",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(std::fs::File::create(&sink_out).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sink_proc = Kill(sink_proc);
+    let refusing = Sink::start(Mode::Status(422, "unprocessable")).await;
+    let s = setup(
+        &Sink {
+            url: format!("http://127.0.0.1:{port}/"),
+            st: Default::default(),
+        },
+        "",
+    )
+    .await;
+    let sub2 = unique("s");
+    s.m.write("sub2.yaml", &subscription_yaml(&sub2, &refusing.url, ""));
+    wait_subscription(&s.weir, &sub2).await;
+    publish(&s.weir.events_url("test", "orders"), &events("c", 3, 3)).await;
+
+    let text = wait_lines(&sink_out, 3, "weir sink output").await;
+    for i in 0..3 {
+        assert!(text.contains(&format!("\"id\":\"c-{i}\"")), "{text}");
+    }
+    drop(sink_proc);
+
+    let tail_out = tmp.path().join("tail.out");
+    let tail = Kill(
+        std::process::Command::new(weir_binary())
+            .args(["--url", &s.weir.url, "-o", "json", "tail", "test/orders"])
+            .stdout(std::fs::File::create(&tail_out).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_lines(&tail_out, 3, "weir tail output").await;
+    publish(&s.weir.events_url("test", "orders"), &events("f", 1, 1)).await;
+    let text = wait_lines(&tail_out, 4, "weir tail follows").await;
+    assert!(text.contains("\"id\":\"f-0\""), "{text}");
+    drop(tail);
+
+    let dlq = format!("weir-dlq.test.{sub2}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queue_len(&dlq).await != Some(4) {
+        assert!(
+            Instant::now() < deadline,
+            "DLQ: {:?}",
+            queue_len(&dlq).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(weir_binary())
+            .arg("--admin")
+            .arg(&s.weir.admin)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let target = format!("test/{sub2}");
+    let list = cli(&["dlq", "list", &target]);
+    assert!(list.contains("c-1") && list.contains("422"), "{list}");
+    let show: Value = serde_json::from_str(&cli(&["dlq", "show", &target, "c-2"])).unwrap();
+    assert_eq!(show["errorData"], "unprocessable");
+    assert_eq!(show["event"]["id"], "c-2");
+    let purged = cli(&["dlq", "purge", &target, "--yes"]);
+    assert!(purged.contains("purged: 4"), "{purged}");
+    assert_eq!(queue_len(&dlq).await, Some(0));
+    // Not running here: a clear error, non-zero exit.
+    let out = std::process::Command::new(weir_binary())
+        .args(["--admin", &s.weir.admin, "dlq", "list", "test/nope"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not running"));
 }

@@ -30,19 +30,32 @@ pub fn payload(bytes: usize, i: usize) -> serde_json::Value {
     json!({"orderId": format!("o-{i}"), "amount": i % 1000, "note": "x".repeat(pad)})
 }
 
-/// Publishes `events` events to `url` in requests of `batch`, from `concurrency` clients,
+/// One load run: `events` events to `url` in requests of `batch`, from `concurrency` clients,
 /// at `rate` events/s overall if set. `label` prefixes event ids (unique per run).
-pub async fn publish(
-    url: &str,
-    label: &str,
-    events: usize,
-    batch: usize,
-    concurrency: usize,
-    payload_bytes: usize,
-    rate: Option<u64>,
-    max_duration: Option<Duration>,
-    show_progress: bool,
-) -> Result<LoadResult, BenchError> {
+pub struct LoadSpec<'a> {
+    pub url: &'a str,
+    pub label: &'a str,
+    pub events: usize,
+    pub batch: usize,
+    pub concurrency: usize,
+    pub payload_bytes: usize,
+    pub rate: Option<u64>,
+    pub max_duration: Option<Duration>,
+    pub show_progress: bool,
+}
+
+pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
+    let &LoadSpec {
+        url,
+        label,
+        events,
+        batch,
+        concurrency,
+        payload_bytes,
+        rate,
+        max_duration,
+        show_progress,
+    } = spec;
     let batch = batch.max(1);
     let requests = events.div_ceil(batch);
     let next = Arc::new(AtomicUsize::new(0));

@@ -218,7 +218,8 @@ pub fn plot(reports: &[Report], path: &Path) -> Result<(), BenchError> {
         .y_desc("request latency (ms)")
         .draw()
         .map_err(|e| err(&e))?;
-    let series: [(&str, RGBColor, fn(&(f64, f64, f64, f64)) -> f64); 3] = [
+    type Pick = fn(&(f64, f64, f64, f64)) -> f64;
+    let series: [(&str, RGBColor, Pick); 3] = [
         ("p50", BLUE, |p| p.1),
         ("p99", RED, |p| p.2),
         ("p99.9", BLACK, |p| p.3),

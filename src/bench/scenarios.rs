@@ -188,17 +188,17 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             args.concurrency
         };
         eprintln!("ingest batch={batch}: warm-up");
-        load::publish(
-            &url,
-            &format!("w{run_id}-{batch}"),
-            (events / 20).clamp(100, 5_000),
+        load::publish(&load::LoadSpec {
+            url: &url,
+            label: &format!("w{run_id}-{batch}"),
+            events: (events / 20).clamp(100, 5_000),
             batch,
             concurrency,
-            args.payload,
-            None,
-            None,
-            false,
-        )
+            payload_bytes: args.payload,
+            rate: None,
+            max_duration: None,
+            show_progress: false,
+        })
         .await?;
         for rate in &rates {
             eprintln!(
@@ -206,17 +206,17 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
                 rate.map_or("max".into(), |r| r.to_string())
             );
             let before = batch_stats(pipe.as_ref()).await;
-            let r = load::publish(
-                &url,
-                &format!("m{run_id}-{batch}-{}", rate.unwrap_or(0)),
+            let r = load::publish(&load::LoadSpec {
+                url: &url,
+                label: &format!("m{run_id}-{batch}-{}", rate.unwrap_or(0)),
                 events,
                 batch,
                 concurrency,
-                args.payload,
-                *rate,
-                args.duration,
-                true,
-            )
+                payload_bytes: args.payload,
+                rate: *rate,
+                max_duration: args.duration,
+                show_progress: true,
+            })
             .await?;
             let after = batch_stats(pipe.as_ref()).await;
             // The baseline writes the same rows in transactions of the size Weir actually
@@ -407,7 +407,7 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     let pipe = Pipeline::start(&args.pg_url, &args.amqp_url, |s| {
         format!(
             "{}  deletionPolicy: Delete\n",
-            stream_yaml("fanout", &format!("  # exchange per run\n")).replace(
+            stream_yaml("fanout", "").replace(
                 "queueType: quorum}",
                 &format!("queueType: quorum, exchange: weir.bench.fanout-{s}}}")
             )
@@ -439,30 +439,30 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
         } else {
             args.concurrency
         };
-        load::publish(
-            &url,
-            &format!("w{}", pipe.suffix),
-            (events / 20).clamp(100, 5_000),
+        load::publish(&load::LoadSpec {
+            url: &url,
+            label: &format!("w{}", pipe.suffix),
+            events: (events / 20).clamp(100, 5_000),
             batch,
             concurrency,
-            args.payload,
-            None,
-            None,
-            false,
-        )
+            payload_bytes: args.payload,
+            rate: None,
+            max_duration: None,
+            show_progress: false,
+        })
         .await?;
         eprintln!("broker batch={batch}: weir");
-        let r = load::publish(
-            &url,
-            &format!("m{}-{batch}", pipe.suffix),
+        let r = load::publish(&load::LoadSpec {
+            url: &url,
+            label: &format!("m{}-{batch}", pipe.suffix),
             events,
             batch,
             concurrency,
-            args.payload,
-            args.rate,
-            args.duration,
-            true,
-        )
+            payload_bytes: args.payload,
+            rate: args.rate,
+            max_duration: args.duration,
+            show_progress: true,
+        })
         .await?;
         let weir = Measurement::from_load(
             &format!("weir (HTTP, {concurrency} clients)"),

@@ -14,12 +14,12 @@ use kube::runtime::reflector::Store;
 use crate::api::{ArchivePolicy, CachePolicy, EventStream, Subscription};
 use crate::control::refs::{RefCache, Refs, refs_of};
 use crate::control::status_writer::StatusQueue;
-use crate::control::{CONTROLLER_NAME, ControlError};
+use crate::control::{CONTROLLER_NAME, ControlError, FINALIZER};
 use crate::data::engine::Engine;
 use crate::data::subscriptions::Subscriptions;
 use crate::metrics::Metrics;
 use crate::status::StatusBoard;
-use crate::topology::{Defaults, Index, Key};
+use crate::topology::{Defaults, Index, Key, Kind};
 
 /// Tunables of the control plane.
 #[derive(Clone, Debug)]
@@ -52,12 +52,44 @@ pub struct Stores {
     pub cache_policies: Vec<Store<CachePolicy>>,
 }
 
+/// Waits for one cache's first list. A cache's readiness wakes only its latest waiter (the
+/// controller itself waits on it too), so a second waiter polls again every 100 ms.
+async fn ready<K>(store: &Store<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    while tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready())
+        .await
+        .is_err()
+    {}
+}
+
 fn key_of<K: Resource>(obj: &K) -> Option<Key> {
-    Some(Key::new(obj.meta().namespace.clone()?, obj.meta().name.clone()?))
+    Some(Key::new(
+        obj.meta().namespace.clone()?,
+        obj.meta().name.clone()?,
+    ))
 }
 
 fn deleting<K: Resource>(obj: &K) -> bool {
     obj.meta().deletion_timestamp.is_some()
+}
+
+/// Whether a deleted object must leave the topology now: it is being deleted and either has
+/// no cleanup finalizer left (its cleanup is done, or it never needed one) or is the object
+/// being cleaned up. Until then it keeps running, so that its cleanup finds it and can honour
+/// its deletionPolicy.
+fn gone<K: Resource>(obj: &K, key: &Key, kind: Kind, cleaning: Option<(Kind, &Key)>) -> bool {
+    if !deleting(obj) {
+        return false;
+    }
+    let finalized = obj
+        .meta()
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == FINALIZER);
+    !finalized || cleaning == Some((kind, key))
 }
 
 impl Stores {
@@ -65,16 +97,16 @@ impl Stores {
     pub async fn wait_until_ready(&self, timeout: Duration) -> Result<(), ControlError> {
         let all = async {
             for s in &self.streams {
-                s.wait_until_ready().await.ok();
+                ready(s).await;
             }
             for s in &self.subscriptions {
-                s.wait_until_ready().await.ok();
+                ready(s).await;
             }
             for s in &self.archive_policies {
-                s.wait_until_ready().await.ok();
+                ready(s).await;
             }
             for s in &self.cache_policies {
-                s.wait_until_ready().await.ok();
+                ready(s).await;
             }
         };
         tokio::time::timeout(timeout, all)
@@ -113,22 +145,28 @@ impl Stores {
     }
 
     /// The index of every resource that should run, and the Secrets/ConfigMaps they
-    /// reference (to be filled in by the caller). Objects being deleted are left out, except
-    /// an EventStream that still has live Subscriptions: it keeps running under them.
-    pub fn index(&self) -> (Index, Refs) {
+    /// reference (to be filled in by the caller). Objects being deleted are left out once
+    /// their cleanup is done, or when `cleaning` names them; an EventStream that still has
+    /// live Subscriptions keeps running under them regardless.
+    pub fn index(&self, cleaning: Option<(Kind, &Key)>) -> (Index, Refs) {
         let mut index = Index::default();
         let mut refs = Refs::default();
         let live_subs: BTreeSet<Key> = self
             .subscriptions()
             .iter()
             .filter(|s| !deleting(s.as_ref()))
-            .filter_map(|s| Some(Key::new(s.metadata.namespace.clone()?, s.spec.stream.clone())))
+            .filter_map(|s| {
+                Some(Key::new(
+                    s.metadata.namespace.clone()?,
+                    s.spec.stream.clone(),
+                ))
+            })
             .collect();
         for s in self.streams() {
             let Some(key) = key_of(s.as_ref()) else {
                 continue;
             };
-            if deleting(s.as_ref()) && !live_subs.contains(&key) {
+            if gone(s.as_ref(), &key, Kind::EventStream, cleaning) && !live_subs.contains(&key) {
                 continue;
             }
             if let Ok(spec) = serde_json::to_value(&s.spec) {
@@ -140,7 +178,7 @@ impl Stores {
             let Some(key) = key_of(s.as_ref()) else {
                 continue;
             };
-            if deleting(s.as_ref()) {
+            if gone(s.as_ref(), &key, Kind::Subscription, cleaning) {
                 continue;
             }
             if let Ok(spec) = serde_json::to_value(&s.spec) {
@@ -150,14 +188,14 @@ impl Stores {
         }
         for p in self.archive_policies.iter().flat_map(Store::state) {
             if let Some(key) = key_of(p.as_ref())
-                && !deleting(p.as_ref())
+                && !gone(p.as_ref(), &key, Kind::ArchivePolicy, cleaning)
             {
                 index.archive_policies.insert(key, (*p).clone());
             }
         }
         for p in self.cache_policies.iter().flat_map(Store::state) {
             if let Some(key) = key_of(p.as_ref())
-                && !deleting(p.as_ref())
+                && !gone(p.as_ref(), &key, Kind::CachePolicy, cleaning)
             {
                 index.cache_policies.insert(key, (*p).clone());
             }

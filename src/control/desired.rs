@@ -75,7 +75,11 @@ pub fn desired(report: &Report, facts: &Facts, previous: &[Condition], now: Time
     let generation = Some(report.generation);
     let ready_cond = crate::topology::status::ready_condition(report);
     let (status, reason, message) = if !report.is_valid() {
-        ("False", ready_cond.reason.clone(), ready_cond.message.clone())
+        (
+            "False",
+            ready_cond.reason.clone(),
+            ready_cond.message.clone(),
+        )
     } else if let Some((reason, message)) = &facts.not_ready {
         ("False", reason.clone(), message.clone())
     } else if let Some(bad) = facts.conditions.iter().find(|c| c.gates_ready && !c.ok) {
@@ -169,7 +173,12 @@ mod tests {
         let again = desired(&r, &Facts::default(), &prev, t("2026-01-01T00:05:00Z"));
         assert_eq!(again.ready.last_transition_time, t("2026-01-01T00:00:00Z"));
 
-        let fixed = desired(&report(vec![]), &Facts::default(), &prev, t("2026-01-01T00:06:00Z"));
+        let fixed = desired(
+            &report(vec![]),
+            &Facts::default(),
+            &prev,
+            t("2026-01-01T00:06:00Z"),
+        );
         assert_eq!(fixed.ready.status, "True");
         assert_eq!(fixed.ready.reason, REASON_READY);
         assert_eq!(fixed.ready.last_transition_time, t("2026-01-01T00:06:00Z"));
@@ -191,7 +200,12 @@ mod tests {
     fn a_failing_dependency_makes_a_valid_resource_not_ready() {
         let facts = Facts {
             conditions: vec![
-                Observed::new("BrokerReady", false, "BrokerUnavailable", "connection refused"),
+                Observed::new(
+                    "BrokerReady",
+                    false,
+                    "BrokerUnavailable",
+                    "connection refused",
+                ),
                 Observed::new("StoreReady", true, "Connected", ""),
             ],
             not_ready: None,
@@ -216,7 +230,10 @@ mod tests {
     #[test]
     fn stream_deleted_wins_over_ready() {
         let facts = Facts {
-            not_ready: Some((REASON_STREAM_DELETED.into(), "EventStream shop/orders is being deleted".into())),
+            not_ready: Some((
+                REASON_STREAM_DELETED.into(),
+                "EventStream shop/orders is being deleted".into(),
+            )),
             ..Facts::default()
         };
         let d = desired(&report(vec![]), &facts, &[], t("2026-01-01T00:00:00Z"));

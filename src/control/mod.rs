@@ -30,6 +30,40 @@ pub const CONTROLLER_NAME: &str = "weir.dev/operator";
 /// Label that `status.selector` of a Subscription selects on (the `/scale` selector).
 pub const SUBSCRIPTION_LABEL: &str = "weir.dev/subscription";
 
+/// Every (API group, resource, verb) `weir operator` calls. The chart's RBAC grants exactly
+/// these (a test checks), so a new call needs a new rule in the same change.
+pub const API_CALLS: &[(&str, &str, &str)] = &[
+    // Controllers' watches; the finalizer (streams and subscriptions only) is added and
+    // removed with a JSON patch.
+    ("weir.dev", "eventstreams", "list"),
+    ("weir.dev", "eventstreams", "watch"),
+    ("weir.dev", "eventstreams", "patch"),
+    ("weir.dev", "subscriptions", "list"),
+    ("weir.dev", "subscriptions", "watch"),
+    ("weir.dev", "subscriptions", "patch"),
+    ("weir.dev", "archivepolicies", "list"),
+    ("weir.dev", "archivepolicies", "watch"),
+    ("weir.dev", "cachepolicies", "list"),
+    ("weir.dev", "cachepolicies", "watch"),
+    // Status: server-side apply.
+    ("weir.dev", "eventstreams/status", "patch"),
+    ("weir.dev", "subscriptions/status", "patch"),
+    ("weir.dev", "archivepolicies/status", "patch"),
+    ("weir.dev", "cachepolicies/status", "patch"),
+    // Referenced Secrets and ConfigMaps, one by one.
+    ("", "secrets", "get"),
+    ("", "configmaps", "get"),
+    // Events: created, then patched as a series when they repeat.
+    ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
+    // Leader election.
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "patch"),
+    // Waiting for the CRDs to be established.
+    ("apiextensions.k8s.io", "customresourcedefinitions", "get"),
+];
+
 /// What can go wrong in the control plane.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {

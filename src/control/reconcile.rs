@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::Resource;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
-use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -96,15 +96,18 @@ pub struct Synced {
 }
 
 /// Builds the topology from the caches (Secrets and ConfigMaps re-read when older than the
-/// refresh interval) and moves the data plane to it. With `prune`, streams and subscriptions
-/// that left the topology have their queues and data removed when their deletionPolicy says
-/// `Delete` (only the Lease holder prunes, from a finalizer).
-pub async fn sync(ctx: &Context, prune: bool) -> Result<Synced, ControlError> {
+/// refresh interval) and moves the data plane to it. With `cleaning` (only the Lease holder,
+/// from a finalizer), that object leaves the topology and streams and subscriptions that left
+/// it have their queues and data removed when their deletionPolicy says `Delete`.
+pub async fn sync(ctx: &Context, cleaning: Option<(Kind, &Key)>) -> Result<Synced, ControlError> {
+    let prune = cleaning.is_some();
+    tracing::debug!(prune, "sync: waiting for the caches");
     ctx.stores
         .wait_until_ready(ctx.settings.cache_sync_timeout)
         .await?;
     let _guard = ctx.apply_lock.lock().await;
-    let (mut index, refs) = ctx.stores.index();
+    tracing::debug!("sync: building");
+    let (mut index, refs) = ctx.stores.index(cleaning);
     ctx.refs
         .refresh(&ctx.client, &refs, ctx.settings.refresh)
         .await?;
@@ -128,11 +131,7 @@ pub async fn sync(ctx: &Context, prune: bool) -> Result<Synced, ControlError> {
     let mut stream_errors = Vec::new();
     for e in ctx
         .engine
-        .apply(
-            &built.topology.streams,
-            &keep(Kind::EventStream),
-            prune,
-        )
+        .apply(&built.topology.streams, &keep(Kind::EventStream), prune)
         .await
     {
         tracing::warn!(error = %e, "applying streams");
@@ -143,6 +142,9 @@ pub async fn sync(ctx: &Context, prune: bool) -> Result<Synced, ControlError> {
         };
         stream_errors.push((key, e.to_string()));
     }
+    ctx.engine
+        .caches
+        .apply(&built.topology.cache_policies, &ctx.engine.streams());
     for e in ctx
         .subscriptions
         .apply(
@@ -154,6 +156,7 @@ pub async fn sync(ctx: &Context, prune: bool) -> Result<Synced, ControlError> {
     {
         tracing::warn!(error = %e, "applying subscriptions");
     }
+    tracing::debug!(resources = built.reports.len(), "sync: applied");
     ctx.board.update(
         built.reports.clone(),
         kept,
@@ -189,7 +192,7 @@ pub async fn reconcile<K: WeirResource>(
     } else if obj.meta().deletion_timestamp.is_some() {
         // Not the holder, or a kind without data of its own: stop running it here; the
         // holder's finalizer removes its data.
-        sync(&ctx, false).await.map(|_| Action::await_change())
+        sync(&ctx, None).await.map(|_| Action::await_change())
     } else {
         apply(obj, &ctx).await
     };
@@ -201,11 +204,7 @@ pub async fn reconcile<K: WeirResource>(
 
 /// Retries transient failures with exponential backoff (2 s, 4 s, ... up to 5 min), and
 /// records a Warning Event whose reason is the error's category.
-pub fn error_policy<K: WeirResource>(
-    obj: Arc<K>,
-    err: &ControlError,
-    ctx: Arc<Context>,
-) -> Action {
+pub fn error_policy<K: WeirResource>(obj: Arc<K>, err: &ControlError, ctx: Arc<Context>) -> Action {
     let Ok(key) = key_of(obj.as_ref()) else {
         return Action::await_change();
     };
@@ -217,7 +216,15 @@ pub fn error_policy<K: WeirResource>(
         let reason = err.category().to_string();
         let note = truncate(&err.to_string(), 1000);
         tokio::spawn(async move {
-            publish(&ctx, obj.as_ref(), EventType::Warning, &reason, "Reconcile", note).await;
+            publish(
+                &ctx,
+                obj.as_ref(),
+                EventType::Warning,
+                &reason,
+                "Reconcile",
+                note,
+            )
+            .await;
         });
     }
     Action::requeue(delay)
@@ -260,10 +267,8 @@ async fn apply<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, Co
     // edited to point at another Secret); the rest of the index within the refresh interval.
     let value = serde_json::to_value(obj.as_ref())?;
     let own = refs_of(&key.namespace, &value["spec"]);
-    ctx.refs
-        .refresh(&ctx.client, &own, Duration::ZERO)
-        .await?;
-    let synced = sync(ctx, false).await?;
+    ctx.refs.refresh(&ctx.client, &own, Duration::ZERO).await?;
+    let synced = sync(ctx, None).await?;
     let Some(report) = synced.built.report(K::KIND, &key) else {
         // Not in the cache yet (a reconcile racing the watch): the watch event follows.
         return Ok(Action::requeue(ctx.settings.refresh));
@@ -282,14 +287,23 @@ async fn apply<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, Co
             });
         }
         let before = previous.iter().find(|c| c.type_ == READY);
-        let changed = before.is_none_or(|b| b.status != d.ready.status || b.reason != d.ready.reason);
+        let changed =
+            before.is_none_or(|b| b.status != d.ready.status || b.reason != d.ready.reason);
         if changed {
             let (type_, note) = if d.ready.status == "True" {
                 (EventType::Normal, format!("{} {} is ready", K::KIND, key))
             } else {
                 (EventType::Warning, d.ready.message.clone())
             };
-            publish(ctx, obj.as_ref(), type_, &d.ready.reason, "Reconcile", truncate(&note, 1000)).await;
+            publish(
+                ctx,
+                obj.as_ref(),
+                type_,
+                &d.ready.reason,
+                "Reconcile",
+                truncate(&note, 1000),
+            )
+            .await;
         }
     }
     if let Some((_, message)) = synced.stream_errors.iter().find(|(k, _)| *k == key) {
@@ -306,7 +320,9 @@ async fn apply<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, Co
             .any(|p| p.reason == Reason::SecretNotFound || p.reason == Reason::ConfigMapNotFound)
     {
         // Secrets are not watched: look again soon, so that creating one is noticed quickly.
-        return Ok(Action::requeue(ctx.settings.refresh.min(Duration::from_secs(10))));
+        return Ok(Action::requeue(
+            ctx.settings.refresh.min(Duration::from_secs(10)),
+        ));
     }
     Ok(Action::requeue(ctx.settings.refresh))
 }
@@ -321,7 +337,7 @@ async fn cleanup<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, 
             return Err(ControlError::StreamInUse(key.to_string(), subs.join(", ")));
         }
     }
-    let synced = sync(ctx, true).await?;
+    let synced = sync(ctx, Some((K::KIND, &key))).await?;
     if let Some((_, message)) = synced.stream_errors.iter().find(|(k, _)| *k == key) {
         return Err(ControlError::DataPlane(message.clone()));
     }
@@ -367,7 +383,11 @@ pub async fn facts(kind: Kind, key: &Key, synced: &Synced, ctx: &Context) -> Fac
             f.conditions.push(Observed::new(
                 "BrokerReady",
                 broker,
-                if broker { "Connected" } else { "BrokerUnavailable" },
+                if broker {
+                    "Connected"
+                } else {
+                    "BrokerUnavailable"
+                },
                 if broker { String::new() } else { err.clone() },
             ));
             if rt.plan.store.is_some() {
@@ -375,7 +395,11 @@ pub async fn facts(kind: Kind, key: &Key, synced: &Synced, ctx: &Context) -> Fac
                 f.conditions.push(Observed::new(
                     "StoreReady",
                     store,
-                    if store { "Connected" } else { "StoreUnavailable" },
+                    if store {
+                        "Connected"
+                    } else {
+                        "StoreUnavailable"
+                    },
                     if store { String::new() } else { err },
                 ));
                 // The head comes from the store (shared by every replica), not from memory.
@@ -402,13 +426,13 @@ pub async fn facts(kind: Kind, key: &Key, synced: &Synced, ctx: &Context) -> Fac
                 "selector".into(),
                 json!(format!("{SUBSCRIPTION_LABEL}={}", key.name)),
             );
-            if let Some(plan) = synced.built.topology.subscriptions.get(key) {
-                if ctx.stores.stream_deleting(&plan.stream) {
-                    f.not_ready = Some((
-                        REASON_STREAM_DELETED.into(),
-                        format!("EventStream {} is being deleted", plan.stream),
-                    ));
-                }
+            if let Some(plan) = synced.built.topology.subscriptions.get(key)
+                && ctx.stores.stream_deleting(&plan.stream)
+            {
+                f.not_ready = Some((
+                    REASON_STREAM_DELETED.into(),
+                    format!("EventStream {} is being deleted", plan.stream),
+                ));
             }
             match ctx.subscriptions.get(key) {
                 Some((runner, plan)) => {
@@ -426,7 +450,8 @@ pub async fn facts(kind: Kind, key: &Key, synced: &Synced, ctx: &Context) -> Fac
                     }
                     let position = runner.state.position.load(Ordering::Acquire);
                     if position > 0 {
-                        f.fields.insert("position".into(), json!(position.to_string()));
+                        f.fields
+                            .insert("position".into(), json!(position.to_string()));
                     }
                     let caught_up = runner.state.caught_up.load(Ordering::Acquire);
                     f.conditions.push(Observed::info(

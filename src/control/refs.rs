@@ -71,11 +71,16 @@ struct Cached<T> {
     value: Option<T>,
 }
 
+/// A Secret's decoded values by key.
+pub type SecretData = BTreeMap<String, Vec<u8>>;
+/// A ConfigMap's `data`.
+pub type ConfigMapData = BTreeMap<String, String>;
+
 /// Cache of the referenced Secrets (decoded) and ConfigMaps.
 #[derive(Default)]
 pub struct RefCache {
-    secrets: Mutex<HashMap<Key, Cached<BTreeMap<String, Vec<u8>>>>>,
-    config_maps: Mutex<HashMap<Key, Cached<BTreeMap<String, String>>>>,
+    secrets: Mutex<HashMap<Key, Cached<SecretData>>>,
+    config_maps: Mutex<HashMap<Key, Cached<ConfigMapData>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -162,14 +167,10 @@ impl RefCache {
     }
 
     /// The cached Secrets and ConfigMaps among `refs` that exist, as the index holds them.
-    #[allow(clippy::type_complexity)]
     pub fn resolved(
         &self,
         refs: &Refs,
-    ) -> (
-        BTreeMap<Key, BTreeMap<String, Vec<u8>>>,
-        BTreeMap<Key, BTreeMap<String, String>>,
-    ) {
+    ) -> (BTreeMap<Key, SecretData>, BTreeMap<Key, ConfigMapData>) {
         let secrets = lock(&self.secrets);
         let s = refs
             .secrets
@@ -214,7 +215,10 @@ mod tests {
         });
         let refs = refs_of("shop", &spec);
         let names: Vec<_> = refs.secrets.iter().map(|k| k.name.as_str()).collect();
-        assert_eq!(names, ["pg", "pg-read", "publishers", "rabbitmq", "sink-token"]);
+        assert_eq!(
+            names,
+            ["pg", "pg-read", "publishers", "rabbitmq", "sink-token"]
+        );
         assert!(refs.secrets.iter().all(|k| k.namespace == "shop"));
         let cms: Vec<_> = refs.config_maps.iter().map(|k| k.name.as_str()).collect();
         assert_eq!(cms, ["schemas"]);
@@ -222,15 +226,17 @@ mod tests {
 
     #[test]
     fn string_data_wins_over_data() {
-        let mut s = Secret::default();
-        s.data = Some(
-            [
-                ("url".to_string(), k8s_openapi::ByteString(b"old".to_vec())),
-                ("other".to_string(), k8s_openapi::ByteString(b"x".to_vec())),
-            ]
-            .into(),
-        );
-        s.string_data = Some([("url".to_string(), "new".to_string())].into());
+        let s = Secret {
+            data: Some(
+                [
+                    ("url".to_string(), k8s_openapi::ByteString(b"old".to_vec())),
+                    ("other".to_string(), k8s_openapi::ByteString(b"x".to_vec())),
+                ]
+                .into(),
+            ),
+            string_data: Some([("url".to_string(), "new".to_string())].into()),
+            ..Secret::default()
+        };
         let d = decode_secret(&s);
         assert_eq!(d["url"], b"new");
         assert_eq!(d["other"], b"x");

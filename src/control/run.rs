@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
@@ -26,12 +26,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::api::{ArchivePolicy, CachePolicy, EventStream, Subscription};
+use crate::control::ControlError;
 use crate::control::context::{Context, Settings, Stores, reporter};
 use crate::control::leader::{self, LeaseConfig};
 use crate::control::reconcile::{WeirResource, error_policy, reconcile};
 use crate::control::refs::RefCache;
 use crate::control::status_writer::{self, StatusQueue};
-use crate::control::ControlError;
 use crate::data::engine::Engine;
 use crate::data::http::{self, HttpState};
 use crate::data::subscriptions::Subscriptions;
@@ -107,6 +107,7 @@ pub async fn run_with_client(
         let app = admin::router(AdminState {
             engine: engine.clone(),
             board: board.clone(),
+            subscriptions: subscriptions.clone(),
         });
         let stop = admin_stop.clone();
         tokio::spawn(async move {
@@ -225,7 +226,7 @@ pub async fn run_with_client(
     {
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::control::reconcile::sync(&ctx, false).await {
+            if let Err(e) = crate::control::reconcile::sync(&ctx, None).await {
                 tracing::warn!(error = %e, "initial apply");
             }
         });
@@ -234,16 +235,16 @@ pub async fn run_with_client(
     let config = kube::runtime::controller::Config::default().concurrency(cfg.concurrency);
     let mut runs = Vec::new();
     for c in stream_ctls {
-        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown));
+        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown).boxed());
     }
     for c in sub_ctls {
-        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown));
+        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown).boxed());
     }
     for c in ap_ctls {
-        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown));
+        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown).boxed());
     }
     for c in cp_ctls {
-        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown));
+        runs.push(drive(c, &ctx, &config, &leader_rx, &shutdown).boxed());
     }
     futures::future::join_all(runs).await;
 

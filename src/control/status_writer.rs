@@ -46,7 +46,10 @@ pub struct StatusQueue {
 impl StatusQueue {
     /// A queue of `capacity` updates, its counter registered on `registry` (a second
     /// registration on the same registry reuses nothing and is ignored).
-    pub fn new(capacity: usize, registry: &Registry) -> (StatusQueue, mpsc::Receiver<StatusUpdate>) {
+    pub fn new(
+        capacity: usize,
+        registry: &Registry,
+    ) -> (StatusQueue, mpsc::Receiver<StatusUpdate>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         // The metric name and label are static and valid: construction cannot fail.
         let counter = IntCounterVec::new(

@@ -212,14 +212,17 @@ pub struct Engine {
     brokers: Mutex<HashMap<String, Broker>>,
     pub metrics: Metrics,
     pub limits: batcher::Limits,
+    /// The read side's caches (CachePolicies).
+    pub caches: crate::data::cache::Caches,
 }
 
 impl Engine {
     pub fn new(metrics: Metrics) -> Engine {
         Engine {
             streams: RwLock::new(HashMap::new()),
-            pools: Pools::default(),
+            pools: Pools::new(metrics.clone()),
             brokers: Mutex::new(HashMap::new()),
+            caches: crate::data::cache::Caches::new(metrics.clone()),
             metrics,
             limits: batcher::Limits::default(),
         }
@@ -334,6 +337,7 @@ impl Engine {
 
     fn start(&self, plan: StreamPlan) -> Result<Arc<StreamRuntime>, EngineError> {
         let key = plan.key.clone();
+        self.metrics.init_stream(&key.namespace, &key.name);
         let validator = Validator::new(&plan.validation).map_err(|e| EngineError::Invalid {
             key: key.clone(),
             message: e.to_string(),
@@ -431,6 +435,7 @@ impl Engine {
         for rt in all {
             rt.stop().await;
         }
+        self.caches.shutdown();
         self.pools.close_all().await;
     }
 }

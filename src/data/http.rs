@@ -173,8 +173,10 @@ async fn publish_inner(
                 return Err((unavailable(&why), 0));
             }
             // The response names each event; keep just that, the events move to the batcher.
-            let names: Vec<(String, String)> =
-                events.iter().map(|e| (e.id.clone(), e.source.clone())).collect();
+            let names: Vec<(String, String)> = events
+                .iter()
+                .map(|e| (e.id.clone(), e.source.clone()))
+                .collect();
             // Subjects whose cached reads this append makes stale (only if a cache serves them).
             let subjects: Vec<String> = if st.engine.caches.covers(&rt.plan.key) {
                 events.iter().filter_map(|e| e.subject.clone()).collect()
@@ -345,6 +347,47 @@ fn batch_response(body: Bytes) -> Response {
 struct RangeQuery {
     from: Option<String>,
     limit: Option<String>,
+    consistency: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OneQuery {
+    consistency: Option<String>,
+}
+
+/// The store a read goes to, and whether it is the read replica: the replica
+/// (`readUrlSecretRef`, eventually consistent) unless `consistency=strong` asks for the
+/// primary or the stream has no replica.
+fn read_store(
+    st: &HttpState,
+    rt: &StreamRuntime,
+    consistency: Option<&str>,
+) -> Result<(crate::data::store::Store, bool), Problem> {
+    let strong = match consistency {
+        None | Some("eventual") => false,
+        Some("strong") => true,
+        Some(other) => {
+            return Err(Problem::bad_request(format!(
+                "query parameter consistency: expected strong or eventual, got {other:?}"
+            )));
+        }
+    };
+    let primary = rt
+        .store()
+        .cloned()
+        .ok_or_else(|| Problem::internal("no store"))?;
+    let replica = match (&rt.plan.store, strong) {
+        (Some(plan), false) => st
+            .engine
+            .pools()
+            .read_store_for(plan)
+            .map_err(store_problem)?,
+        _ => None,
+    };
+    Ok(match replica {
+        Some(r) => (r, true),
+        None => (primary, false),
+    })
 }
 
 fn parse_param(
@@ -373,7 +416,9 @@ async fn read_range(
     let from = parse_param("from", q.from.as_deref(), 1, 1, i64::MAX)?;
     let limit = parse_param("limit", q.limit.as_deref(), DEFAULT_PAGE, 1, MAX_PAGE)?;
     let (rt, id) = readable(&st, &ns, &stream)?;
-    let store = rt.store().ok_or_else(|| Problem::internal("no store"))?;
+    let (store, _) = read_store(&st, &rt, q.consistency.as_deref())?;
+    let store = &store;
+    // Full pages and stored events never change, so a replica's answer caches as well.
     let cache = st.engine.caches.route(&rt.plan.key);
     let key = CacheKey::Range {
         stream: rt.plan.key.clone(),
@@ -403,10 +448,12 @@ async fn read_range(
 async fn read_one(
     State(st): State<HttpState>,
     Path((ns, stream, position)): Path<(String, String, String)>,
+    Query(q): Query<OneQuery>,
 ) -> Result<Response, Problem> {
     let position = parse_param("position", Some(&position), 1, 1, i64::MAX)?;
     let (rt, id) = readable(&st, &ns, &stream)?;
-    let store = rt.store().ok_or_else(|| Problem::internal("no store"))?;
+    let (store, _) = read_store(&st, &rt, q.consistency.as_deref())?;
+    let store = &store;
     let cache = st.engine.caches.route(&rt.plan.key);
     let key = CacheKey::One {
         stream: rt.plan.key.clone(),
@@ -441,6 +488,7 @@ struct SubjectQuery {
     #[serde(rename = "asOf")]
     as_of: Option<String>,
     version: Option<String>,
+    consistency: Option<String>,
 }
 
 async fn read_subject(
@@ -465,8 +513,12 @@ async fn read_subject(
         ),
     };
     let (rt, id) = readable(&st, &ns, &stream)?;
-    let store = rt.store().ok_or_else(|| Problem::internal("no store"))?;
-    let Some(cache) = st.engine.caches.route(&rt.plan.key) else {
+    let (store, replica) = read_store(&st, &rt, q.consistency.as_deref())?;
+    let store = &store;
+    // Invalidations come from the primary; a lagging replica could refill the cache with a
+    // subject older than the invalidation, so subjects read from a replica are not cached.
+    let cache = st.engine.caches.route(&rt.plan.key).filter(|_| !replica);
+    let Some(cache) = cache else {
         let events = store
             .read_subject(id, &subject, version, as_of)
             .await

@@ -3,6 +3,7 @@
 
 pub mod batcher;
 pub mod broker;
+pub mod cache;
 pub mod delivery;
 pub mod engine;
 pub mod event;
@@ -12,3 +13,4 @@ pub mod problem;
 pub mod relay;
 pub mod store;
 pub mod subscriptions;
+pub mod trace;

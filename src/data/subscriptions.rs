@@ -118,9 +118,17 @@ impl Subscriptions {
         let mut errors = Vec::new();
         let mut problems = BTreeMap::new();
         for (key, plan) in plans {
-            let Some(rt) = self.engine.stream(&plan.stream.namespace, &plan.stream.name) else {
-                problems.insert(key.clone(), format!("EventStream {} is not running", plan.stream));
-                if let Some(e) = wr(&self.running).remove(key) {
+            let Some(rt) = self
+                .engine
+                .stream(&plan.stream.namespace, &plan.stream.name)
+            else {
+                problems.insert(
+                    key.clone(),
+                    format!("EventStream {} is not running", plan.stream),
+                );
+                // Bound first: the lock guard must not live across the await (Send futures).
+                let old = wr(&self.running).remove(key);
+                if let Some(e) = old {
                     e.runner.stop().await;
                 }
                 continue;
@@ -142,9 +150,13 @@ impl Subscriptions {
             }
             // A changed spec: stop the old consumers first, so that no two versions deliver
             // at once, then start the new one.
-            if current.is_some()
-                && let Some(e) = wr(&self.running).remove(key)
-            {
+            // Bound first: the lock guard must not live across the await (Send futures).
+            let old = if current.is_some() {
+                wr(&self.running).remove(key)
+            } else {
+                None
+            };
+            if let Some(e) = old {
                 e.runner.stop().await;
             }
             let rt2 = rt.clone();
@@ -188,7 +200,9 @@ impl Subscriptions {
             e.runner.stop().await;
             if prune && e.plan.deletion_policy == DeletionPolicy::Delete {
                 match e.runner.prune().await {
-                    Ok(()) => tracing::info!(subscription = %e.plan.key, "pruned queues and progress"),
+                    Ok(()) => {
+                        tracing::info!(subscription = %e.plan.key, "pruned queues and progress")
+                    }
                     Err(err) => errors.push(err),
                 }
             }
@@ -200,7 +214,9 @@ impl Subscriptions {
     /// Stops every subscription gracefully (before the engine drains its batchers, so that
     /// replies still find them).
     pub async fn shutdown(&self) {
-        let all: Vec<Entry> = std::mem::take(&mut *wr(&self.running)).into_values().collect();
+        let all: Vec<Entry> = std::mem::take(&mut *wr(&self.running))
+            .into_values()
+            .collect();
         let stops = all.iter().map(|e| e.runner.stop());
         futures::future::join_all(stops).await;
     }
@@ -208,7 +224,7 @@ impl Subscriptions {
     fn runner(&self, key: &Key) -> Result<Arc<Runner>, DeliveryError> {
         self.get(key)
             .map(|(r, _)| r)
-            .ok_or_else(|| DeliveryError::Other(format!("subscription {key} is not running here")))
+            .ok_or_else(|| DeliveryError::NotRunning(key.clone()))
     }
 
     /// Up to `limit` dead letters, oldest first. They stay in the queue.

@@ -55,6 +55,9 @@ fn json_response(code: u16, body: &Value) -> Response {
 }
 
 fn error_response(e: &ApiError) -> Response {
+    if std::env::var_os("WEIR_TEST_APISERVER_LOG").is_some() {
+        eprintln!("apiserver: error {}: {}", e.code, e.message);
+    }
     json_response(e.code, &e.status())
 }
 
@@ -149,8 +152,13 @@ pub async fn handle(
     let user_agent = header_str(header::USER_AGENT);
     let accept = header_str(header::ACCEPT);
     let content_type = header_str(header::CONTENT_TYPE);
-    let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segs: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let target = parse_target(&segs);
+    let method_name = method.to_string();
 
     let call = match &target {
         Some(t) => Call {
@@ -179,8 +187,46 @@ pub async fn handle(
         },
     };
     shared.lock().calls.push(call);
+    let response = route(
+        &shared,
+        method,
+        &path,
+        segs.as_slice(),
+        target,
+        query,
+        accept,
+        content_type,
+        user_agent,
+        body,
+    );
+    if std::env::var_os("WEIR_TEST_APISERVER_LOG").is_some() {
+        eprintln!(
+            "apiserver: {} {}?{} -> {}",
+            method_name,
+            path,
+            uri.query().unwrap_or_default(),
+            response.status()
+        );
+    }
+    response
+}
 
-    match (segs.as_slice(), target) {
+#[allow(clippy::too_many_arguments)]
+fn route(
+    shared: &Arc<Shared>,
+    method: Method,
+    path: &str,
+    segs: &[&str],
+    target: Option<Target>,
+    query: HashMap<String, String>,
+    accept: String,
+    content_type: String,
+    user_agent: String,
+    body: Bytes,
+) -> Response {
+    let _ = path;
+
+    match (segs, target) {
         (["api"], _) => json_response(200, &shared.lock().registry.api_versions(&shared.address)),
         (["apis"], _) => json_response(200, &shared.lock().registry.api_group_list()),
         (["api", v], _) => match shared.lock().registry.resource_list("", v) {
@@ -196,8 +242,8 @@ pub async fn handle(
             None => not_found_path(),
         },
         (["openapi", "v3"], _) => json_response(200, &openapi::index(&shared.lock().registry)),
-        (["openapi", "v3", "api", v], _) => openapi_doc(&shared, "", v),
-        (["openapi", "v3", "apis", g, v], _) => openapi_doc(&shared, g, v),
+        (["openapi", "v3", "api", v], _) => openapi_doc(shared, "", v),
+        (["openapi", "v3", "apis", g, v], _) => openapi_doc(shared, g, v),
         (["version"], _) => json_response(
             200,
             &json!({
@@ -216,7 +262,7 @@ pub async fn handle(
                 user_agent,
                 body,
             };
-            match serve_resource(&shared, t, req) {
+            match serve_resource(shared, t, req) {
                 Ok(r) => r,
                 Err(e) => error_response(&e),
             }
@@ -258,7 +304,7 @@ impl Request {
             return Err(ApiError::new(
                 415,
                 "UnsupportedMediaType",
-                "this test server speaks JSON only",
+                "this test server reads JSON only; kubectl sends protobuf from its typed subcommands (`kubectl create namespace|secret|...`): use `kubectl apply -f` instead",
             ));
         }
         serde_json::from_slice(&self.body)
@@ -269,12 +315,20 @@ impl Request {
         // Without fieldManager, the manager is the user agent's program name, as on a real server.
         let manager = self.query.get("fieldManager").cloned().unwrap_or_else(|| {
             let ua = self.user_agent.split('/').next().unwrap_or_default();
-            if ua.is_empty() { "unknown".into() } else { ua.into() }
+            if ua.is_empty() {
+                "unknown".into()
+            } else {
+                ua.into()
+            }
         });
         WriteCtx {
             manager,
             dry_run: self.query.get("dryRun").is_some_and(|v| v == "All"),
-            strict: self.query.get("fieldValidation").is_some_and(|v| v == "Strict"),
+            strict: self
+                .query
+                .get("fieldValidation")
+                .is_some_and(|v| v == "Strict"),
+            force: self.query.get("force").is_some_and(|v| v == "true"),
         }
     }
 }
@@ -285,12 +339,26 @@ fn serve_resource(shared: &Arc<Shared>, t: Target, req: Request) -> Result<Respo
         .registry
         .find(&t.group, &t.version, &t.plural)
         .cloned()
-        .ok_or_else(|| ApiError::new(404, "NotFound", "the server could not find the requested resource"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        })?;
     if t.namespace.is_some() && !rt.namespaced {
-        return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+        return Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     }
     if rt.namespaced && t.namespace.is_none() && t.name.is_some() {
-        return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+        return Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     }
     let ns = t.namespace.clone().unwrap_or_default();
     let sub = match t.sub.as_deref() {
@@ -298,7 +366,11 @@ fn serve_resource(shared: &Arc<Shared>, t: Target, req: Request) -> Result<Respo
         Some("status") if rt.status_subresource => Sub::Status,
         Some("scale") if rt.scale.is_some() => Sub::Scale,
         Some(_) => {
-            return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+            return Err(ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ));
         }
     };
     let sel = Selectors::parse(
@@ -328,7 +400,10 @@ fn serve_resource(shared: &Arc<Shared>, t: Target, req: Request) -> Result<Respo
                 Sub::Status => Ok(json_response(200, &obj)),
                 Sub::Main if table::wants_table(&req.accept) => {
                     let rv = store.resource_version().to_string();
-                    Ok(json_response(200, &table::table(&rt, &[obj], &rv, &include)))
+                    Ok(json_response(
+                        200,
+                        &table::table(&rt, &[obj], &rv, &include),
+                    ))
                 }
                 Sub::Main => Ok(json_response(200, &obj)),
             }
@@ -344,7 +419,12 @@ fn serve_resource(shared: &Arc<Shared>, t: Target, req: Request) -> Result<Respo
             Ok(json_response(200, &out))
         }
         ("patch", Some(name)) => {
-            let ct = req.content_type.split(';').next().unwrap_or_default().trim();
+            let ct = req
+                .content_type
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim();
             let patch = match ct {
                 "application/json-patch+json" => Patch::Json(req.json_body()?),
                 "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
@@ -352,9 +432,11 @@ fn serve_resource(shared: &Arc<Shared>, t: Target, req: Request) -> Result<Respo
                 }
                 "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
                     if !req.query.contains_key("fieldManager") {
-                        return Err(ApiError::invalid(&rt, name, &[
-                            "fieldManager: Required value: is required for apply patch".into(),
-                        ]));
+                        return Err(ApiError::invalid(
+                            &rt,
+                            name,
+                            &["fieldManager: Required value: is required for apply patch".into()],
+                        ));
                     }
                     // YAML is a superset of JSON, so this reads both encodings.
                     let body: Value = serde_yaml::from_slice(&req.body).map_err(|e| {
@@ -366,7 +448,9 @@ fn serve_resource(shared: &Arc<Shared>, t: Target, req: Request) -> Result<Respo
                     return Err(ApiError::new(
                         415,
                         "UnsupportedMediaType",
-                        format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml ({other})"),
+                        format!(
+                            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml ({other})"
+                        ),
                     ));
                 }
             };
@@ -384,14 +468,24 @@ fn serve_resource(shared: &Arc<Shared>, t: Target, req: Request) -> Result<Respo
             let (items, _) = store.list(&rt, t.namespace.as_deref(), &sel);
             let mut deleted = Vec::new();
             for item in items {
-                let ons = item["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-                let oname = item["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let ons = item["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let oname = item["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 deleted.push(store.delete(&rt, &ons, &oname, &options, &ctx)?);
             }
             let rv = store.resource_version().to_string();
             Ok(json_response(200, &list_doc(&rt, deleted, &rv, None)))
         }
-        _ => Err(ApiError::new(405, "MethodNotAllowed", format!("{verb} is not supported on this path"))),
+        _ => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("{verb} is not supported on this path"),
+        )),
     }
 }
 
@@ -418,7 +512,12 @@ fn delete_response(rt: &ResourceType, object: Value) -> Response {
     )
 }
 
-fn list_doc(rt: &ResourceType, items: Vec<Value>, rv: &str, cont: Option<(String, usize)>) -> Value {
+fn list_doc(
+    rt: &ResourceType,
+    items: Vec<Value>,
+    rv: &str,
+    cont: Option<(String, usize)>,
+) -> Value {
     let mut metadata = json!({"resourceVersion": rv});
     if let Some((token, remaining)) = cont {
         metadata["continue"] = json!(token);
@@ -435,7 +534,13 @@ fn list_doc(rt: &ResourceType, items: Vec<Value>, rv: &str, cont: Option<(String
 /// `list`, with `resourceVersion`/`resourceVersionMatch` and `limit`/`continue`. Lists are
 /// always served from the current state: `resourceVersionMatch=Exact` of an older version
 /// gets 410 (no snapshots are kept), and a continued list is not a consistent snapshot.
-fn list(shared: &Shared, rt: &ResourceType, ns: Option<&str>, sel: &Selectors, req: &Request) -> Result<Response, ApiError> {
+fn list(
+    shared: &Shared,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    sel: &Selectors,
+    req: &Request,
+) -> Result<Response, ApiError> {
     let store = shared.lock();
     let current = store.resource_version();
     let asked = req.query.get("resourceVersion").filter(|v| !v.is_empty());
@@ -445,10 +550,16 @@ fn list(shared: &Shared, rt: &ResourceType, ns: Option<&str>, sel: &Selectors, r
             .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {asked}")))?;
         match req.query.get("resourceVersionMatch").map(String::as_str) {
             Some("Exact") if n != current => {
-                return Err(ApiError::gone(format!("too old resource version: {n} ({current})")));
+                return Err(ApiError::gone(format!(
+                    "too old resource version: {n} ({current})"
+                )));
             }
             _ if n > current => {
-                return Err(ApiError::new(504, "Timeout", format!("Too large resource version: {n}, current: {current}")));
+                return Err(ApiError::new(
+                    504,
+                    "Timeout",
+                    format!("Too large resource version: {n}, current: {current}"),
+                ));
             }
             _ => {}
         }
@@ -466,7 +577,11 @@ fn list(shared: &Shared, rt: &ResourceType, ns: Option<&str>, sel: &Selectors, r
         items.retain(|o| key_of(o) > *token);
     }
     let mut cont = None;
-    if let Some(limit) = req.query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0)
+    if let Some(limit) = req
+        .query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
         && items.len() > limit
     {
         let remaining = items.len() - limit;
@@ -485,6 +600,29 @@ fn list(shared: &Shared, rt: &ResourceType, ns: Option<&str>, sel: &Selectors, r
         return Ok(json_response(200, &t));
     }
     Ok(json_response(200, &list_doc(rt, items, &rv, cont)))
+}
+
+/// Parses the simple Go durations clients send (`30s`, `1m30s`, `2h`).
+fn go_duration(s: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut num = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let n: f64 = std::mem::take(&mut num).parse().ok()?;
+        total += n * match c {
+            'h' => 3600.0,
+            'm' => 60.0,
+            's' => 1.0,
+            _ => return None,
+        };
+    }
+    if !num.is_empty() {
+        return None;
+    }
+    Some(Duration::from_secs_f64(total))
 }
 
 fn watch_line(type_: &str, object: &Value) -> Bytes {
@@ -515,16 +653,21 @@ fn watch(
                 .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v}")))?,
         ),
     };
+    // `timeoutSeconds`, else the request's `timeout` (a Go duration such as `4s` or `1m`).
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .map(Duration::from_secs)
+        .or_else(|| q.get("timeout").and_then(|t| go_duration(t)))
         .unwrap_or(DEFAULT_WATCH_TIMEOUT);
     let as_table = table::wants_table(&req.accept);
     let include = q.get("includeObject").cloned().unwrap_or_default();
     let encode = move |rt: &ResourceType, type_: &str, object: &Value, rv: u64| {
         if as_table && type_ != "BOOKMARK" && type_ != "ERROR" {
-            watch_line(type_, &table::table(rt, std::slice::from_ref(object), &rv.to_string(), &include))
+            watch_line(
+                type_,
+                &table::table(rt, std::slice::from_ref(object), &rv.to_string(), &include),
+            )
         } else {
             watch_line(type_, object)
         }
@@ -533,7 +676,10 @@ fn watch(
     let (tx, rx) = mpsc::channel::<Bytes>(WATCH_BUFFER);
     let (started, kick) = {
         let store = shared.lock();
-        (store.watch_start(&rt, ns.as_deref(), from), store.kick.subscribe())
+        (
+            store.watch_start(&rt, ns.as_deref(), from),
+            store.kick.subscribe(),
+        )
     };
     match started {
         Err(e) if e.code == 410 => {
@@ -544,7 +690,18 @@ fn watch(
         Err(e) => return Err(e),
         Ok((initial, live, start_rv)) => {
             tokio::spawn(watch_task(
-                rt, ns, sel, initial, live, kick, start_rv, bookmarks, send_initial, timeout, tx, encode,
+                rt,
+                ns,
+                sel,
+                initial,
+                live,
+                kick,
+                start_rv,
+                bookmarks,
+                send_initial,
+                timeout,
+                tx,
+                encode,
             ));
         }
     }
@@ -559,12 +716,33 @@ fn watch(
         .into_response())
 }
 
+/// How a change shows in a watch with selectors: an object that starts matching is ADDED,
+/// one that stops matching is DELETED, as from a real server's watch cache.
+fn visible_as(
+    sel: &Selectors,
+    type_: &'static str,
+    object: &Value,
+    old: Option<&Value>,
+) -> Option<&'static str> {
+    let now = sel.matches(object);
+    let before = old.is_some_and(|o| sel.matches(o));
+    match (type_, before, now) {
+        ("MODIFIED", true, true) => Some("MODIFIED"),
+        ("MODIFIED", false, true) => Some("ADDED"),
+        ("MODIFIED", true, false) => Some("DELETED"),
+        ("MODIFIED", false, false) => None,
+        ("DELETED", _, _) if before || now => Some("DELETED"),
+        ("ADDED", _, true) => Some("ADDED"),
+        _ => None,
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn watch_task(
     rt: ResourceType,
     ns: Option<String>,
     sel: Selectors,
-    initial: Vec<(&'static str, Value)>,
+    initial: Vec<(&'static str, Value, Option<Value>)>,
     mut live: broadcast::Receiver<Arc<WatchEvent>>,
     mut kick: tokio::sync::watch::Receiver<u64>,
     start_rv: u64,
@@ -584,8 +762,15 @@ async fn watch_task(
             &json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": meta}),
         )
     };
-    for (type_, object) in initial {
-        if sel.matches(&object) && tx.send(encode(&rt, type_, &object, start_rv)).await.is_err() {
+    for (type_, object, old) in initial {
+        let Some(type_) = visible_as(&sel, type_, &object, old.as_ref()) else {
+            continue;
+        };
+        if tx
+            .send(encode(&rt, type_, &object, start_rv))
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -620,10 +805,11 @@ async fn watch_task(
                     continue;
                 }
                 let object = Store::with_type_meta(&rt, event.object.clone());
-                if !sel.matches(&object) {
+                let old = event.old.clone().map(|o| Store::with_type_meta(&rt, o));
+                let Some(type_) = visible_as(&sel, event.type_, &object, old.as_ref()) else {
                     continue;
-                }
-                if tx.send(encode(&rt, event.type_, &object, event.rv)).await.is_err() {
+                };
+                if tx.send(encode(&rt, type_, &object, event.rv)).await.is_err() {
                     return;
                 }
             }

@@ -14,8 +14,10 @@
 //! let client: kube::Client = server.client();        // a kube-rs client for it
 //! let out = server.kubectl(&["apply", "-f", "crds/"]).await; // the real kubectl against it
 //! assert!(out.success, "{}", out.stderr);
+//! server.kubectl_with_input(&["apply", "-f", "-"], yaml).await;
 //! server.kubectl_command();                          // a std::process::Command with --kubeconfig/--cache-dir set
 //! server.calls();                                    // every request served, as `Call`s (verb, group, resource, ...)
+//! server.permissions_used(|c| !c.is_kubectl());      // {(group, "resource[/sub]", verb)} for RBAC checks
 //! server.clear_calls();
 //! server.object("weir.dev", "eventstreams", "shop", "orders"); // the stored object, if any
 //! server.compact();                                  // forget watch history: resuming watches get 410
@@ -35,14 +37,18 @@
 //! - Built-in kinds: core v1 Namespaces, Secrets, ConfigMaps and Events,
 //!   `events.k8s.io/v1` Events, `coordination.k8s.io/v1` Leases,
 //!   `apiextensions.k8s.io/v1` CustomResourceDefinitions. Creating a CRD serves its kinds at
-//!   once and sets `Established=True`; deleting it deletes its objects.
+//!   once and sets `Established=True`; deleting it deletes its objects. A Secret's
+//!   `stringData` is stored as base64 `data` and its `type` defaults to `Opaque`.
 //! - Verbs: get, list (`labelSelector`, `fieldSelector`, `resourceVersion`,
 //!   `resourceVersionMatch`, `limit`/`continue`), watch (replay from a `resourceVersion`,
 //!   ADDED/MODIFIED/DELETED, BOOKMARK with `allowWatchBookmarks`, `sendInitialEvents`,
-//!   `timeoutSeconds`, `ERROR` 410 for a compacted version), create (`generateName`),
+//!   `timeoutSeconds`, `ERROR` 410 for a compacted version; with a selector, an object that
+//!   starts or stops matching is ADDED or DELETED; bookmarks every 2 s), create (`generateName`),
 //!   update (409 on a stale `resourceVersion`), patch (JSON patch, merge patch, strategic
 //!   merge treated as merge, server-side apply treated as merge plus removal of fields the
-//!   manager stopped applying, with `managedFields`), delete (finalizers:
+//!   manager stopped applying, `managedFields` per manager, 409 when an apply changes a
+//!   field another manager owns unless `force=true`; updates take over the fields they
+//!   change, so kube-lease-manager's locking works), delete (finalizers:
 //!   `deletionTimestamp` first, removal with the last finalizer; preconditions),
 //!   deletecollection; `dryRun=All`; `fieldValidation=Strict`.
 //! - Custom resources: unknown fields pruned (or rejected when Strict), the object validated
@@ -56,16 +62,24 @@
 //!
 //! # Not supported (differences from a real server)
 //!
-//! No authentication or authorization (every call is allowed and recorded instead, so tests
+//! No other kinds (Pods, Deployments, Services, HPAs, ... are not served); no
+//! authentication or authorization (every call is allowed and recorded instead, so tests
 //! compare the calls with RBAC rules); no protobuf, CBOR or aggregated discovery; no
 //! `/openapi/v2`; no admission webhooks, CEL validation rules or schema defaults; no
 //! garbage collection by `ownerReferences`; no conversion between CRD versions (every
-//! served version shows the same stored object); server-side apply never reports conflicts
-//! between managers and owns lists atomically; core and `events.k8s.io` Events are separate
-//! stores; a namespace is removed at once after its contents were deleted (a real one stays
-//! `Terminating` until its contents are gone); a watch with a label selector does not turn
-//! an object that stops matching into a DELETED event; lists are served from the current
-//! state only.
+//! served version shows the same stored object); server-side apply owns lists as a whole
+//! (no merging of `listType: map` items by key, so two managers applying different items
+//! of one list conflict or replace each other); core and `events.k8s.io` Events are separate
+//! stores; a namespace is removed at once after deleting its contents, and contents held by
+//! finalizers stay, marked, in the deleted namespace (a real one stays `Terminating` until
+//! they are gone); lists are served from the current state
+//! only; kubectl's typed subcommands that send protobuf (`kubectl create namespace`,
+//! `kubectl create secret ...`) get 415 (use `kubectl apply -f`).
+//!
+//! Set `WEIR_TEST_APISERVER_LOG=1` to print every request and error to stderr, and
+//! `WEIR_TEST_KUBECTL` to use another kubectl binary. For manual use, the ignored test
+//! `serve_manually` in `tests/apiserver_kubectl.rs` starts a server with the quickstart
+//! applied and prints its kubeconfig.
 
 #![allow(dead_code)]
 
@@ -103,6 +117,21 @@ pub struct Call {
     pub user_agent: String,
     /// The `fieldManager` query parameter.
     pub field_manager: Option<String>,
+}
+
+impl Call {
+    /// The RBAC resource: `plural` or `plural/subresource` (empty for non-resource paths).
+    pub fn rbac_resource(&self) -> String {
+        match &self.subresource {
+            Some(sub) => format!("{}/{sub}", self.resource),
+            None => self.resource.clone(),
+        }
+    }
+
+    /// Whether kubectl made the call (rather than, e.g., the operator under test).
+    pub fn is_kubectl(&self) -> bool {
+        self.user_agent.starts_with("kubectl")
+    }
 }
 
 /// What a kubectl run printed.
@@ -243,9 +272,50 @@ impl TestApiServer {
         }
     }
 
+    /// Runs kubectl with `args`, writing `input` to its standard input (for `-f -`).
+    pub async fn kubectl_with_input(&self, args: &[&str], input: &str) -> KubectlOutput {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = tokio::process::Command::from(self.kubectl_command());
+        cmd.args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => panic!("kubectl cannot be run: {e}"),
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            // kubectl exiting early closes the pipe; its output then says why.
+            let _ = stdin.write_all(input.as_bytes()).await;
+        }
+        match child.wait_with_output().await {
+            Ok(out) => KubectlOutput {
+                success: out.status.success(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            },
+            Err(e) => panic!("kubectl cannot be run: {e}"),
+        }
+    }
+
     /// Every call served so far, in order.
     pub fn calls(&self) -> Vec<Call> {
         self.shared.lock().calls.clone()
+    }
+
+    /// The distinct `(group, resource[/subresource], verb)` triples of the resource calls
+    /// that `include` selects, e.g. `|c| !c.is_kubectl()` for what the code under test
+    /// used, to compare with RBAC rules.
+    pub fn permissions_used(
+        &self,
+        include: impl Fn(&Call) -> bool,
+    ) -> std::collections::BTreeSet<(String, String, String)> {
+        self.calls()
+            .iter()
+            .filter(|c| !c.resource.is_empty() && include(c))
+            .map(|c| (c.group.clone(), c.rbac_resource(), c.verb.clone()))
+            .collect()
     }
 
     /// Forgets the recorded calls.
@@ -271,8 +341,8 @@ impl TestApiServer {
         self.shared.lock().resource_version()
     }
 
-    /// Forgets the watch history: a watch resuming from any version before now gets
-    /// `410 Gone` (as after etcd compaction).
+    /// Forgets the watch history: a watch resuming from any version handed out so far gets
+    /// `410 Gone` (as after etcd compaction); lists from now on return newer versions.
     pub fn compact(&self) {
         self.shared.lock().compact();
     }

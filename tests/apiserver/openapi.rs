@@ -61,9 +61,12 @@ fn operation(rt: &ResourceType, action: &str, with_body: bool) -> Value {
             .map(|t| (t.to_string(), json!({"schema": {"type": "object"}})))
             .collect()
         } else {
-            [("application/json".to_string(), json!({"schema": {"$ref": reference}}))]
-                .into_iter()
-                .collect()
+            [(
+                "application/json".to_string(),
+                json!({"schema": {"$ref": reference}}),
+            )]
+            .into_iter()
+            .collect()
         };
         op["requestBody"] = json!({"content": content});
     }
@@ -92,10 +95,12 @@ fn object_schema(rt: &ResourceType) -> Value {
                 "type": "string",
                 "description": "Kind is a string value representing the REST resource this object represents.",
             }));
-            props.entry("metadata").or_insert_with(|| json!({
-                "type": "object",
-                "description": "Standard object's metadata.",
-            }));
+            props.entry("metadata").or_insert_with(|| {
+                json!({
+                    "type": "object",
+                    "description": "Standard object's metadata.",
+                })
+            });
         }
         map.insert("x-kubernetes-group-version-kind".into(), json!([gvk(rt)]));
     }

@@ -174,7 +174,11 @@ impl Registry {
         );
         crds.status_subresource = true;
         crds.generation = true;
-        crds.columns = vec![column("Created At", "string", ".metadata.creationTimestamp")];
+        crds.columns = vec![column(
+            "Created At",
+            "string",
+            ".metadata.creationTimestamp",
+        )];
         let mut leases = builtin("coordination.k8s.io", "v1", "Lease", "leases", &[], true);
         leases.columns = vec![column("Holder", "string", ".spec.holderIdentity")];
         let mut events = builtin("events.k8s.io", "v1", "Event", "events", &["ev"], true);
@@ -275,12 +279,15 @@ impl Registry {
 
     /// `GET /apis/{group}`.
     pub fn api_group(&self, group: &str) -> Option<Value> {
-        self.groups().into_iter().find(|(g, _)| g == group).map(|(g, vs)| {
-            let mut doc = Self::group_doc(&g, &vs);
-            doc["kind"] = json!("APIGroup");
-            doc["apiVersion"] = json!("v1");
-            doc
-        })
+        self.groups()
+            .into_iter()
+            .find(|(g, _)| g == group)
+            .map(|(g, vs)| {
+                let mut doc = Self::group_doc(&g, &vs);
+                doc["kind"] = json!("APIGroup");
+                doc["apiVersion"] = json!("v1");
+                doc
+            })
     }
 
     /// `GET /api/v1` or `GET /apis/{group}/{version}`.
@@ -349,14 +356,8 @@ pub fn types_of_crd(crd: &Value) -> Vec<ResourceType> {
                 })
                 .unwrap_or_default();
             let scale = v["subresources"]["scale"].as_object().map(|s| ScalePaths {
-                spec_replicas: s
-                    .get("specReplicasPath")
-                    .map(str_of)
-                    .unwrap_or_default(),
-                status_replicas: s
-                    .get("statusReplicasPath")
-                    .map(str_of)
-                    .unwrap_or_default(),
+                spec_replicas: s.get("specReplicasPath").map(str_of).unwrap_or_default(),
+                status_replicas: s.get("statusReplicasPath").map(str_of).unwrap_or_default(),
                 label_selector: s.get("labelSelectorPath").map(str_of),
             });
             let kind = str_of(&names["kind"]);

@@ -86,7 +86,9 @@ fn to_json_schema(schema: &Value) -> Value {
                         "properties" | "patternProperties" => Value::Object(
                             v.as_object()
                                 .map(|m| {
-                                    m.iter().map(|(n, s)| (n.clone(), to_json_schema(s))).collect()
+                                    m.iter()
+                                        .map(|(n, s)| (n.clone(), to_json_schema(s)))
+                                        .collect()
                                 })
                                 .unwrap_or_default(),
                         ),
@@ -103,7 +105,11 @@ fn to_json_schema(schema: &Value) -> Value {
             {
                 out.insert("type".into(), Value::from(vec![t.clone(), "null".into()]));
             }
-            if map.get("x-kubernetes-int-or-string").and_then(Value::as_bool) == Some(true) {
+            if map
+                .get("x-kubernetes-int-or-string")
+                .and_then(Value::as_bool)
+                == Some(true)
+            {
                 out.remove("type");
             }
             Value::Object(out)

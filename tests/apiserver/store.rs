@@ -46,8 +46,12 @@ impl ApiError {
     }
 
     pub fn not_found(rt: &ResourceType, name: &str) -> Self {
-        Self::new(404, "NotFound", format!("{} \"{name}\" not found", rt.qualified()))
-            .with_details(rt, name)
+        Self::new(
+            404,
+            "NotFound",
+            format!("{} \"{name}\" not found", rt.qualified()),
+        )
+        .with_details(rt, name)
     }
 
     pub fn conflict(rt: &ResourceType, name: &str) -> Self {
@@ -105,6 +109,14 @@ impl ApiError {
 
 pub type Result<T> = std::result::Result<T, ApiError>;
 
+/// The start of a watch: the events to send first, the live events after them, and the
+/// resourceVersion the first ones bring the client to.
+pub type WatchStart = (
+    Vec<(&'static str, Value, Option<Value>)>,
+    broadcast::Receiver<Arc<WatchEvent>>,
+    u64,
+);
+
 /// One change, as watches see it.
 #[derive(Debug)]
 pub struct WatchEvent {
@@ -113,6 +125,9 @@ pub struct WatchEvent {
     pub namespace: String,
     pub type_: &'static str,
     pub object: Value,
+    /// The object before the change (for MODIFIED and DELETED), so a watch with a selector
+    /// can tell an object that starts or stops matching.
+    pub old: Option<Value>,
 }
 
 /// Which part of an object a write addresses.
@@ -142,9 +157,9 @@ pub enum Patch {
     /// for built-in kinds list merge keys are ignored, which Weir's kinds do not need).
     Merge(Value),
     /// `application/apply-patch+yaml`: server-side apply, treated as a merge patch plus
-    /// removal of the fields the same manager applied before and no longer applies. Lists
-    /// are owned atomically and conflicts between managers are never reported (as if
-    /// `force=true`).
+    /// removal of the fields the same manager applied before and no longer applies, with
+    /// 409 conflicts when it changes a field another manager owns (unless `force=true`).
+    /// Lists are owned as a whole (no `listType: map` merging by key).
     Apply(Value),
 }
 
@@ -154,6 +169,8 @@ pub struct WriteCtx {
     pub dry_run: bool,
     /// `fieldValidation=Strict`: unknown fields are an error instead of being pruned.
     pub strict: bool,
+    /// `force=true` on an apply patch: take fields other managers own instead of a 409.
+    pub force: bool,
 }
 
 /// Label and field selectors of a list or watch.
@@ -223,7 +240,10 @@ impl Selectors {
                 LabelReq::In(k.trim().into(), set_of(v))
             } else if let Some(k) = req.strip_prefix('!') {
                 LabelReq::NotExists(k.trim().into())
-            } else if req.chars().all(|c| c.is_alphanumeric() || "-_./".contains(c)) {
+            } else if req
+                .chars()
+                .all(|c| c.is_alphanumeric() || "-_./".contains(c))
+            {
                 LabelReq::Exists(req)
             } else {
                 return Err(ApiError::bad_request(format!(
@@ -304,7 +324,13 @@ fn fields_of(value: &Value, root: bool) -> Value {
                     }
                     continue;
                 }
-                out.insert(format!("f:{k}"), fields_of(v, false));
+                // A Secret's stringData is stored (and owned) as data.
+                let name = if root && k == "stringData" {
+                    "data"
+                } else {
+                    k.as_str()
+                };
+                out.insert(format!("f:{name}"), fields_of(v, false));
             }
             Value::Object(out)
         }
@@ -353,6 +379,108 @@ fn remove_path(object: &mut Value, path: &[String]) {
     }
 }
 
+/// The value at a field path, if present.
+fn value_at<'a>(object: &'a Value, path: &[String]) -> Option<&'a Value> {
+    let mut v = object;
+    for p in path {
+        v = v.get(p)?;
+    }
+    Some(v)
+}
+
+/// Removes a path from a `fieldsV1` set, and the parents it leaves empty.
+fn remove_field(fields: &mut Value, path: &[String]) -> bool {
+    let Some((first, rest)) = path.split_first() else {
+        return false;
+    };
+    let key = format!("f:{first}");
+    let Some(map) = fields.as_object_mut() else {
+        return false;
+    };
+    if rest.is_empty() {
+        return map.remove(&key).is_some();
+    }
+    let Some(child) = map.get_mut(&key) else {
+        return false;
+    };
+    let removed = remove_field(child, rest);
+    if child.as_object().is_some_and(|c| c.is_empty()) {
+        map.remove(&key);
+    }
+    removed
+}
+
+/// Keeps the fields of a set that exist (non-null) in `object`.
+fn retain_present(fields: &mut Value, object: &Value) {
+    let Some(map) = fields.as_object_mut() else {
+        return;
+    };
+    map.retain(|k, child| {
+        let key = k.trim_start_matches("f:");
+        match object.get(key) {
+            None | Some(Value::Null) => false,
+            Some(v) => {
+                if v.is_object() && child.as_object().is_some_and(|c| !c.is_empty()) {
+                    retain_present(child, v);
+                    child.as_object().is_some_and(|c| !c.is_empty())
+                } else {
+                    true
+                }
+            }
+        }
+    });
+}
+
+/// Server-side apply conflicts: fields the apply changes that another manager owns.
+fn apply_conflicts(
+    managers: &[Value],
+    manager: &str,
+    fields: &Value,
+    base: &Value,
+    patched: &Value,
+) -> Vec<String> {
+    let mut leaves = Vec::new();
+    leaf_paths(fields, &mut Vec::new(), &mut leaves);
+    let mut conflicts = Vec::new();
+    for path in leaves {
+        if value_at(base, &path) == value_at(patched, &path) {
+            continue;
+        }
+        for other in managers.iter().filter(|e| e["manager"] != manager) {
+            if has_path(&other["fieldsV1"], &path) {
+                conflicts.push(format!(
+                    "conflict with \"{}\": .{}",
+                    other["manager"].as_str().unwrap_or_default(),
+                    path.join(".")
+                ));
+            }
+        }
+    }
+    conflicts
+}
+
+/// A write takes the fields it changes from every other manager (managers left with no
+/// fields are dropped), as the real server's field management does.
+fn transfer_ownership(new: &mut Value, old: &Value, fields: &Value, manager: &str) {
+    let mut leaves = Vec::new();
+    leaf_paths(fields, &mut Vec::new(), &mut leaves);
+    let changed: Vec<Vec<String>> = leaves
+        .into_iter()
+        .filter(|p| value_at(old, p) != value_at(new, p))
+        .collect();
+    let Some(list) = new["metadata"]["managedFields"].as_array_mut() else {
+        return;
+    };
+    for entry in list.iter_mut().filter(|e| e["manager"] != manager) {
+        for path in &changed {
+            remove_field(&mut entry["fieldsV1"], path);
+        }
+    }
+    list.retain(|e| {
+        e["manager"] == manager || e["fieldsV1"].as_object().is_some_and(|f| !f.is_empty())
+    });
+}
+
 /// Removes `$`-directives of strategic merge patches (e.g. `$setElementOrder/...`), which a
 /// merge patch would otherwise store as fields.
 fn strip_directives(v: &mut Value) {
@@ -362,6 +490,25 @@ fn strip_directives(v: &mut Value) {
             strip_directives(child);
         }
     }
+}
+
+/// Applies a JSON patch as the real server does, where a `test` for `null` of a missing
+/// path succeeds (kube-runtime's finalizer helper relies on that); the patch is atomic
+/// because the caller patches a copy.
+fn apply_json_patch(
+    doc: &mut Value,
+    ops: &json_patch::Patch,
+) -> std::result::Result<(), json_patch::PatchError> {
+    for op in &ops.0 {
+        if let json_patch::PatchOperation::Test(t) = op
+            && t.value.is_null()
+            && doc.pointer(t.path.as_str()).is_none()
+        {
+            continue;
+        }
+        json_patch::patch(doc, std::slice::from_ref(op))?;
+    }
+    Ok(())
 }
 
 /// The content that decides a `generation` bump: everything but metadata (and status
@@ -452,6 +599,7 @@ impl Store {
             manager: "kube-apiserver".into(),
             dry_run: false,
             strict: false,
+            force: false,
         };
         for ns in ["default", "kube-system", "kube-public"] {
             let rt = store.namespaces();
@@ -474,8 +622,10 @@ impl Store {
         self.rv
     }
 
-    /// Forgets the event log, so every watch resuming from an earlier version gets 410.
+    /// Forgets the event log and moves the version on (as writes to other resources do on
+    /// a real cluster), so every watch resuming from a version handed out so far gets 410.
     pub fn compact(&mut self) {
+        self.rv += 1;
         self.log.clear();
         self.compacted = self.rv;
     }
@@ -491,22 +641,30 @@ impl Store {
         object
     }
 
-    fn commit(&mut self, rt: &ResourceType, ns: &str, name: &str, mut object: Value, type_: &'static str) -> Value {
+    fn commit(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        mut object: Value,
+        type_: &'static str,
+    ) -> Value {
         self.rv += 1;
         object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let bucket = self.objects.entry(rt.key()).or_default();
         let key = (ns.to_string(), name.to_string());
-        if type_ == "DELETED" {
-            bucket.remove(&key);
+        let old = if type_ == "DELETED" {
+            bucket.remove(&key)
         } else {
-            bucket.insert(key, object.clone());
-        }
+            bucket.insert(key, object.clone())
+        };
         let event = Arc::new(WatchEvent {
             rv: self.rv,
             key: rt.key(),
             namespace: ns.to_string(),
             type_,
             object: object.clone(),
+            old,
         });
         self.log.push_back(event.clone());
         while self.log.len() > LOG_CAPACITY {
@@ -551,13 +709,17 @@ impl Store {
         rt: &ResourceType,
         ns: Option<&str>,
         from: Option<u64>,
-    ) -> Result<(Vec<(&'static str, Value)>, broadcast::Receiver<Arc<WatchEvent>>, u64)> {
+    ) -> Result<WatchStart> {
         let rx = self.tx.subscribe();
         let in_scope = |e: &WatchEvent| e.key == rt.key() && ns.is_none_or(|n| n == e.namespace);
         match from {
             None => {
                 let (items, rv) = self.list(rt, ns, &Selectors::default());
-                Ok((items.into_iter().map(|o| ("ADDED", o)).collect(), rx, rv))
+                Ok((
+                    items.into_iter().map(|o| ("ADDED", o, None)).collect(),
+                    rx,
+                    rv,
+                ))
             }
             Some(from) if from < self.compacted => Err(ApiError::gone(format!(
                 "too old resource version: {from} ({})",
@@ -573,7 +735,13 @@ impl Store {
                     .log
                     .iter()
                     .filter(|e| e.rv > from && in_scope(e))
-                    .map(|e| (e.type_, Self::with_type_meta(rt, e.object.clone())))
+                    .map(|e| {
+                        (
+                            e.type_,
+                            Self::with_type_meta(rt, e.object.clone()),
+                            e.old.clone().map(|o| Self::with_type_meta(rt, o)),
+                        )
+                    })
                     .collect();
                 Ok((replay, rx, self.rv))
             }
@@ -592,7 +760,13 @@ impl Store {
     }
 
     /// Prunes, validates and fixes the type of a custom resource about to be stored.
-    fn admit(&self, rt: &ResourceType, name: &str, object: &mut Value, ctx: &WriteCtx) -> Result<()> {
+    fn admit(
+        &self,
+        rt: &ResourceType,
+        name: &str,
+        object: &mut Value,
+        ctx: &WriteCtx,
+    ) -> Result<()> {
         let Some(schema) = rt.schema.as_ref().filter(|_| rt.custom) else {
             return Ok(());
         };
@@ -616,6 +790,30 @@ impl Store {
         Ok(())
     }
 
+    /// A Secret's `stringData` is merged into `data` (base64) and never stored, and its
+    /// type defaults to `Opaque`, as on a real server.
+    fn normalize_secret(rt: &ResourceType, object: &mut Value) {
+        use base64::Engine;
+        if !(rt.group.is_empty() && rt.plural == "secrets") {
+            return;
+        }
+        if object["type"].as_str().is_none_or(str::is_empty) {
+            object["type"] = json!("Opaque");
+        }
+        let Some(string_data) = object.as_object_mut().and_then(|m| m.remove("stringData")) else {
+            return;
+        };
+        if !object["data"].is_object() {
+            object["data"] = json!({});
+        }
+        if let Some(map) = string_data.as_object() {
+            for (k, v) in map {
+                let plain = v.as_str().unwrap_or_default();
+                object["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(plain));
+            }
+        }
+    }
+
     fn is_crd(rt: &ResourceType) -> bool {
         rt.group == "apiextensions.k8s.io" && rt.plural == "customresourcedefinitions"
     }
@@ -623,9 +821,7 @@ impl Store {
     /// A CRD is accepted and established as soon as it is stored.
     fn establish(crd: &mut Value) {
         let t = now();
-        let cond = |type_: &str, reason: &str, msg: &str| {
-            json!({"type": type_, "status": "True", "reason": reason, "message": msg, "lastTransitionTime": t})
-        };
+        let cond = |type_: &str, reason: &str, msg: &str| json!({"type": type_, "status": "True", "reason": reason, "message": msg, "lastTransitionTime": t});
         let versions: Vec<Value> = crd["spec"]["versions"]
             .as_array()
             .map(|vs| {
@@ -645,7 +841,13 @@ impl Store {
         });
     }
 
-    fn managed_entry(rt: &ResourceType, ctx: &WriteCtx, operation: &str, sub: Sub, fields: Value) -> Value {
+    fn managed_entry(
+        rt: &ResourceType,
+        ctx: &WriteCtx,
+        operation: &str,
+        sub: Sub,
+        fields: Value,
+    ) -> Value {
         let mut e = json!({
             "manager": ctx.manager,
             "operation": operation,
@@ -676,23 +878,45 @@ impl Store {
     }
 
     /// `create`.
-    pub fn create(&mut self, rt: &ResourceType, ns: &str, mut body: Value, ctx: &WriteCtx) -> Result<Value> {
+    pub fn create(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        mut body: Value,
+        ctx: &WriteCtx,
+    ) -> Result<Value> {
         self.create_with(rt, ns, &mut body, ctx, "Update")?;
         Ok(body)
     }
 
-    fn create_with(&mut self, rt: &ResourceType, ns: &str, body: &mut Value, ctx: &WriteCtx, operation: &str) -> Result<()> {
+    fn create_with(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        body: &mut Value,
+        ctx: &WriteCtx,
+        operation: &str,
+    ) -> Result<()> {
         if !body.is_object() {
-            return Err(ApiError::bad_request("the body of the request must be an object"));
+            return Err(ApiError::bad_request(
+                "the body of the request must be an object",
+            ));
         }
         if !body["metadata"].is_object() {
             body["metadata"] = json!({});
         }
         let fields = fields_of(body, true);
-        let mut name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let mut name = body["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if name.is_empty() {
             let Some(prefix) = body["metadata"]["generateName"].as_str() else {
-                return Err(ApiError::invalid(rt, "", &["metadata.name: Required value: name or generateName is required".into()]));
+                return Err(ApiError::invalid(
+                    rt,
+                    "",
+                    &["metadata.name: Required value: name or generateName is required".into()],
+                ));
             };
             let suffix: String = (0..5)
                 .map(|_| {
@@ -728,6 +952,7 @@ impl Store {
             map.remove("status");
         }
         self.admit(rt, &name, body, ctx)?;
+        Self::normalize_secret(rt, body);
         *body = Self::with_type_meta(rt, body.take());
         let meta = &mut body["metadata"];
         meta["name"] = json!(name);
@@ -748,7 +973,10 @@ impl Store {
                 m.remove("generation");
             }
         }
-        Self::record_manager(body, Self::managed_entry(rt, ctx, operation, Sub::Main, fields));
+        Self::record_manager(
+            body,
+            Self::managed_entry(rt, ctx, operation, Sub::Main, fields),
+        );
         if Self::is_crd(rt) {
             Self::establish(body);
         }
@@ -767,11 +995,19 @@ impl Store {
     }
 
     /// `update` (PUT) of the object or of a subresource.
-    pub fn update(&mut self, rt: &ResourceType, ns: &str, name: &str, body: Value, sub: Sub, ctx: &WriteCtx) -> Result<Value> {
+    pub fn update(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        body: Value,
+        sub: Sub,
+        ctx: &WriteCtx,
+    ) -> Result<Value> {
         let old = self.get(rt, ns, name)?;
         let (body, fields) = if sub == Sub::Scale {
             let fields = fields_of(&body, false);
-            (self.from_scale(rt, &old, &body)?, fields)
+            (self.object_with_scale(rt, &old, &body)?, fields)
         } else {
             let fields = fields_of(&body, true);
             (body, fields)
@@ -783,7 +1019,12 @@ impl Store {
                 ]));
             }
             None | Some("") => {}
-            Some(rv) if rv != old["metadata"]["resourceVersion"].as_str().unwrap_or_default() => {
+            Some(rv)
+                if rv
+                    != old["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or_default() =>
+            {
                 return Err(ApiError::conflict(rt, name));
             }
             Some(_) => {}
@@ -794,7 +1035,15 @@ impl Store {
     }
 
     /// `patch` of the object or of a subresource; an apply patch creates a missing object.
-    pub fn patch(&mut self, rt: &ResourceType, ns: &str, name: &str, patch: Patch, sub: Sub, ctx: &WriteCtx) -> Result<Value> {
+    pub fn patch(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        patch: Patch,
+        sub: Sub,
+        ctx: &WriteCtx,
+    ) -> Result<Value> {
         let old = match self.get(rt, ns, name) {
             Ok(old) => old,
             Err(e) => {
@@ -821,10 +1070,30 @@ impl Store {
         let mut patched = base.clone();
         let (operation, fields) = match &patch {
             Patch::Json(ops) => {
-                let ops: json_patch::Patch = serde_json::from_value(ops.clone())
+                // As on the real API server (evanphx/json-patch), `test` of a missing path
+                // against `null` succeeds: kube-rs adds the first finalizer that way.
+                let ops = match ops.as_array() {
+                    Some(list) => Value::Array(
+                        list.iter()
+                            .filter(|op| {
+                                !(op["op"] == "test"
+                                    && op["value"].is_null()
+                                    && patched.pointer(op["path"].as_str().unwrap_or("")).is_none())
+                            })
+                            .cloned()
+                            .collect(),
+                    ),
+                    None => ops.clone(),
+                };
+                let ops: json_patch::Patch = serde_json::from_value(ops)
                     .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
-                json_patch::patch(&mut patched, &ops)
-                    .map_err(|e| ApiError::new(422, "Invalid", format!("the JSON patch cannot be applied: {e}")))?;
+                apply_json_patch(&mut patched, &ops).map_err(|e| {
+                    ApiError::new(
+                        422,
+                        "Invalid",
+                        format!("the JSON patch cannot be applied: {e}"),
+                    )
+                })?;
                 ("Update", fields_of(&patched, sub != Sub::Scale))
             }
             Patch::Merge(body) => {
@@ -844,7 +1113,9 @@ impl Store {
                     .unwrap_or_default();
                 let subname = sub.name().map(Value::from).unwrap_or(Value::Null);
                 let mine = |e: &Value| {
-                    e["manager"] == json!(ctx.manager) && e["operation"] == "Apply" && e["subresource"] == subname
+                    e["manager"] == json!(ctx.manager)
+                        && e["operation"] == "Apply"
+                        && e["subresource"] == subname
                 };
                 if let Some(prev) = managers.iter().find(|e| mine(e)) {
                     let mut leaves = Vec::new();
@@ -859,17 +1130,37 @@ impl Store {
                         }
                     }
                 }
+                if !ctx.force {
+                    let conflicts =
+                        apply_conflicts(&managers, &ctx.manager, &fields, &base, &patched);
+                    if !conflicts.is_empty() {
+                        return Err(ApiError::new(
+                            409,
+                            "Conflict",
+                            format!(
+                                "Apply failed with {} conflict{}: {}",
+                                conflicts.len(),
+                                if conflicts.len() == 1 { "" } else { "s" },
+                                conflicts.join("\n")
+                            ),
+                        )
+                        .with_details(rt, name));
+                    }
+                }
                 ("Apply", fields)
             }
         };
         // A resourceVersion in the patch is a precondition.
         if let Some(rv) = patched["metadata"]["resourceVersion"].as_str()
-            && rv != base["metadata"]["resourceVersion"].as_str().unwrap_or_default()
+            && rv
+                != base["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
         {
             return Err(ApiError::conflict(rt, name));
         }
         let new = if sub == Sub::Scale {
-            self.from_scale(rt, &old, &patched)?
+            self.object_with_scale(rt, &old, &patched)?
         } else {
             patched
         };
@@ -889,10 +1180,14 @@ impl Store {
     /// The `autoscaling/v1 Scale` view of an object.
     pub fn scale_of(&self, rt: &ResourceType, object: &Value) -> Result<Value> {
         let Some(paths) = &rt.scale else {
-            return Err(ApiError::not_found(rt, object["metadata"]["name"].as_str().unwrap_or_default()));
+            return Err(ApiError::not_found(
+                rt,
+                object["metadata"]["name"].as_str().unwrap_or_default(),
+            ));
         };
         let meta = &object["metadata"];
-        let mut status = json!({"replicas": get_path(object, &paths.status_replicas).as_i64().unwrap_or(0)});
+        let mut status =
+            json!({"replicas": get_path(object, &paths.status_replicas).as_i64().unwrap_or(0)});
         if let Some(sel) = &paths.label_selector
             && let Some(s) = get_path(object, sel).as_str()
         {
@@ -914,18 +1209,26 @@ impl Store {
     }
 
     /// The object with the replicas of a written Scale.
-    fn from_scale(&self, rt: &ResourceType, old: &Value, scale: &Value) -> Result<Value> {
+    fn object_with_scale(&self, rt: &ResourceType, old: &Value, scale: &Value) -> Result<Value> {
         let name = old["metadata"]["name"].as_str().unwrap_or_default();
         let Some(paths) = &rt.scale else {
             return Err(ApiError::not_found(rt, name));
         };
         let Some(replicas) = scale["spec"]["replicas"].as_i64() else {
-            return Err(ApiError::invalid(rt, name, &["spec.replicas: Required value".into()]));
+            return Err(ApiError::invalid(
+                rt,
+                name,
+                &["spec.replicas: Required value".into()],
+            ));
         };
         if replicas < 0 {
-            return Err(ApiError::invalid(rt, name, &[format!(
-                "spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0"
-            )]));
+            return Err(ApiError::invalid(
+                rt,
+                name,
+                &[format!(
+                    "spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0"
+                )],
+            ));
         }
         let mut new = old.clone();
         set_path(&mut new, &paths.spec_replicas, json!(replicas));
@@ -946,7 +1249,9 @@ impl Store {
         entry: Value,
     ) -> Result<Value> {
         if !new.is_object() {
-            return Err(ApiError::bad_request("the body of the request must be an object"));
+            return Err(ApiError::bad_request(
+                "the body of the request must be an object",
+            ));
         }
         if sub == Sub::Status {
             // Only the status is taken from a status write.
@@ -995,6 +1300,7 @@ impl Store {
         }
         if sub != Sub::Status {
             self.admit(rt, name, &mut new, ctx)?;
+            Self::normalize_secret(rt, &mut new);
         }
         new = Self::with_type_meta(rt, new);
         if rt.generation && spec_part(rt, &new) != spec_part(rt, &old) {
@@ -1007,6 +1313,12 @@ impl Store {
             if spec_part(rt, &new) == spec_part(rt, &old) {
                 new["status"] = old["status"].clone();
             }
+        }
+        transfer_ownership(&mut new, &old, &entry["fieldsV1"], &ctx.manager);
+        let mut entry = entry;
+        // An update owns what it set, not what it removed.
+        if entry["operation"] == "Update" {
+            retain_present(&mut entry["fieldsV1"], &new);
         }
         Self::record_manager(&mut new, entry);
         if comparable(&new) == comparable(&old) {
@@ -1053,7 +1365,14 @@ impl Store {
     }
 
     /// `delete`: marks an object with finalizers, removes one without. Returns the object.
-    pub fn delete(&mut self, rt: &ResourceType, ns: &str, name: &str, options: &Value, ctx: &WriteCtx) -> Result<Value> {
+    pub fn delete(
+        &mut self,
+        rt: &ResourceType,
+        ns: &str,
+        name: &str,
+        options: &Value,
+        ctx: &WriteCtx,
+    ) -> Result<Value> {
         let mut object = self.get(rt, ns, name)?;
         let pre = &options["preconditions"];
         if let Some(uid) = pre["uid"].as_str()
@@ -1072,11 +1391,22 @@ impl Store {
         if rt.group.is_empty() && rt.plural == "namespaces" {
             // Namespace contents are deleted (honouring their finalizers) and the namespace
             // goes at once, where a real cluster keeps it `Terminating` until it is empty.
-            let types: Vec<ResourceType> = self.registry.all().iter().filter(|t| t.namespaced).cloned().collect();
+            let types: Vec<ResourceType> = self
+                .registry
+                .all()
+                .iter()
+                .filter(|t| t.namespaced)
+                .cloned()
+                .collect();
             for t in types {
                 let names: Vec<String> = self
                     .bucket(&t)
-                    .map(|b| b.keys().filter(|(n, _)| n == name).map(|(_, o)| o.clone()).collect())
+                    .map(|b| {
+                        b.keys()
+                            .filter(|(n, _)| n == name)
+                            .map(|(_, o)| o.clone())
+                            .collect()
+                    })
                     .unwrap_or_default();
                 for o in names {
                     let _ = self.delete(&t, name, &o, &Value::Null, ctx);

@@ -84,9 +84,9 @@ fn cell(type_: &str, value: &Value) -> Value {
             .or_else(|| n.as_f64().map(|f| f as i64))
             .map(Value::from)
             .unwrap_or(Value::Null),
-        ("number", Value::Number(_)) | ("boolean", Value::Bool(_)) | ("string", Value::String(_)) => {
-            value.clone()
-        }
+        ("number", Value::Number(_))
+        | ("boolean", Value::Bool(_))
+        | ("string", Value::String(_)) => value.clone(),
         ("date", Value::String(s)) => match DateTime::parse_from_rfc3339(s) {
             Ok(t) => json!(human_duration(
                 (Utc::now() - t.with_timezone(&Utc)).num_seconds()
@@ -119,7 +119,11 @@ fn columns_of(rt: &ResourceType) -> Vec<(String, String, String, String, i64, St
         ));
     }
     // Built-in kinds and CRDs without an Age column get one, as the real server prints them.
-    if !rt.columns.iter().any(|c| c.name == "Age") {
+    if !rt
+        .columns
+        .iter()
+        .any(|c| c.name == "Age" || c.name == "Created At")
+    {
         cols.push((
             "Age".into(),
             "date".into(),
@@ -134,7 +138,12 @@ fn columns_of(rt: &ResourceType) -> Vec<(String, String, String, String, i64, St
 
 /// Builds the Table for `objects`. `include_object` is the request's `includeObject`
 /// (`None`, `Metadata` (the default) or `Object`).
-pub fn table(rt: &ResourceType, objects: &[Value], resource_version: &str, include_object: &str) -> Value {
+pub fn table(
+    rt: &ResourceType,
+    objects: &[Value],
+    resource_version: &str,
+    include_object: &str,
+) -> Value {
     let cols = columns_of(rt);
     let definitions: Vec<Value> = cols
         .iter()

@@ -19,9 +19,7 @@ pub const JITTER: f64 = 0.2;
 pub fn nominal(plan: &DeliveryPlan, n: u32) -> Duration {
     let n = n.max(1);
     match plan.backoff_policy {
-        BackoffPolicy::Exponential => plan
-            .backoff_delay
-            .saturating_mul(1u32 << (n - 1).min(30)),
+        BackoffPolicy::Exponential => plan.backoff_delay.saturating_mul(1u32 << (n - 1).min(30)),
         BackoffPolicy::Linear => plan.backoff_delay.saturating_mul(n),
     }
 }
@@ -103,7 +101,9 @@ mod tests {
     #[test]
     fn exponential_grows_by_powers_of_two_and_is_capped() {
         let p = plan(BackoffPolicy::Exponential, 200, 5_000);
-        let ds: Vec<u128> = (1..=8).map(|n| retry_delay(&p, n, 1.0).as_millis()).collect();
+        let ds: Vec<u128> = (1..=8)
+            .map(|n| retry_delay(&p, n, 1.0).as_millis())
+            .collect();
         assert_eq!(ds, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
     }
 

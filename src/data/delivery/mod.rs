@@ -63,6 +63,8 @@ pub enum DeliveryError {
     /// retrying cannot help.
     #[error("{0}")]
     Rejected(String),
+    #[error("subscription {0} is not running in this process")]
+    NotRunning(Key),
     #[error("shutting down")]
     Shutdown,
     #[error("{0}")]
@@ -219,7 +221,10 @@ mod tests {
                 partitions: 2,
             },
         ));
-        assert_eq!(p.consumed(), ["weir.shop.orders.notify.p0", "weir.shop.orders.notify.p1"]);
+        assert_eq!(
+            p.consumed(),
+            ["weir.shop.orders.notify.p0", "weir.shop.orders.notify.p1"]
+        );
         assert_eq!(p.hash_exchange.as_deref(), Some("weir-hash.shop.notify"));
     }
 
@@ -227,19 +232,35 @@ mod tests {
     fn bindings_are_narrowed_by_type_filters_only_when_safe() {
         let keys = |f: serde_json::Value| binding_keys(&plan(f, OrderingPlan::None));
         assert_eq!(keys(serde_json::json!([])), ["#"]);
-        assert_eq!(keys(serde_json::json!([{"exact": {"type": "order.created"}}])), ["order.created"]);
-        assert_eq!(keys(serde_json::json!([{"prefix": {"type": "order."}}])), ["order.#"]);
+        assert_eq!(
+            keys(serde_json::json!([{"exact": {"type": "order.created"}}])),
+            ["order.created"]
+        );
+        assert_eq!(
+            keys(serde_json::json!([{"prefix": {"type": "order."}}])),
+            ["order.#"]
+        );
         // A prefix that does not end at a word boundary cannot be a topic pattern.
-        assert_eq!(keys(serde_json::json!([{"prefix": {"type": "ord"}}])), ["#"]);
+        assert_eq!(
+            keys(serde_json::json!([{"prefix": {"type": "ord"}}])),
+            ["#"]
+        );
         assert_eq!(keys(serde_json::json!([{"exact": {"type": "a.*"}}])), ["#"]);
         assert_eq!(
-            keys(serde_json::json!([{"any": [{"exact": {"type": "a"}}, {"exact": {"type": "b"}}]}])),
+            keys(
+                serde_json::json!([{"any": [{"exact": {"type": "a"}}, {"exact": {"type": "b"}}]}])
+            ),
             ["a", "b"]
         );
         assert_eq!(
-            keys(serde_json::json!([{"any": [{"exact": {"type": "a"}}, {"prefix": {"type": "b"}}]}])),
+            keys(
+                serde_json::json!([{"any": [{"exact": {"type": "a"}}, {"prefix": {"type": "b"}}]}])
+            ),
             ["#"]
         );
-        assert_eq!(keys(serde_json::json!([{"not": {"exact": {"type": "a"}}}])), ["#"]);
+        assert_eq!(
+            keys(serde_json::json!([{"not": {"exact": {"type": "a"}}}])),
+            ["#"]
+        );
     }
 }

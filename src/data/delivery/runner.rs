@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ExchangeBindOptions, ExchangeDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicQosOptions, ExchangeBindOptions, ExchangeDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
@@ -41,8 +41,8 @@ use super::{
 };
 use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
 use crate::data::event::{
-    CloudEvent, EXT_CAUSATION_ID, EXT_CORRELATION_ID, EXT_POSITION, EXT_RECORDED_TIME,
-    EXT_VERSION, ExtValue,
+    CloudEvent, EXT_CAUSATION_ID, EXT_CORRELATION_ID, EXT_POSITION, EXT_RECORDED_TIME, EXT_VERSION,
+    ExtValue,
 };
 use crate::data::store::Store;
 use crate::metrics::Metrics;
@@ -65,6 +65,12 @@ const POSITION_EVERY: Duration = Duration::from_secs(2);
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 /// How long a retry or dead-letter publish may wait for its confirm.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Partition queues looked for when the shape of a subscription changed (`partitions` is
+/// rarely above a few dozen; a lane beyond this is left alone).
+const MAX_PARTITIONS_SCAN: u32 = 64;
+/// How long a drained queue must stay empty before it is deleted: retries still waiting in
+/// delay queues may come back to it meanwhile (bounded by `backoffMax` / `retryAfterMax`).
+const DRAIN_SETTLE_MAX: Duration = Duration::from_secs(300);
 
 /// Settings applied live, without restarting the consumers' deliveries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +95,9 @@ pub struct SubState {
     pub sink: Mutex<Option<(bool, String)>>,
     /// Why the subscription is not running, if it is not.
     pub error: Mutex<Option<String>>,
+    /// Something the operator should know although it runs (a queue kept with old
+    /// arguments).
+    pub notice: Mutex<Option<String>>,
 }
 
 impl Default for SubState {
@@ -101,6 +110,7 @@ impl Default for SubState {
             backlog: AtomicI64::new(-1),
             sink: Mutex::new(None),
             error: Mutex::new(None),
+            notice: Mutex::new(None),
         }
     }
 }
@@ -116,6 +126,9 @@ impl SubState {
     }
     pub fn error(&self) -> Option<String> {
         lock(&self.error).clone()
+    }
+    pub fn notice(&self) -> Option<String> {
+        lock(&self.notice).clone()
     }
     pub fn sink(&self) -> Option<(bool, String)> {
         lock(&self.sink).clone()
@@ -269,11 +282,13 @@ impl Runner {
         }
         broker.delete_queue(&self.names.dead_letter_queue).await?;
         if let Some(store) = &self.inner.stream.store {
-            sqlx::query("DELETE FROM weir_subscription_progress WHERE namespace = $1 AND name = $2")
-                .bind(&self.plan.key.namespace)
-                .bind(&self.plan.key.name)
-                .execute(store.pool())
-                .await?;
+            sqlx::query(
+                "DELETE FROM weir_subscription_progress WHERE namespace = $1 AND name = $2",
+            )
+            .bind(&self.plan.key.namespace)
+            .bind(&self.plan.key.name)
+            .execute(store.pool())
+            .await?;
         }
         Ok(())
     }
@@ -304,6 +319,16 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
     inner.state.set_error(None);
     inner.state.caught_up.store(true, Ordering::Release);
     let side = tokio::spawn(background(inner.clone(), cancel.clone()));
+    let drains = match inner.retire_stale().await {
+        Ok(stale) => stale
+            .into_iter()
+            .map(|q| tokio::spawn(drain(inner.clone(), q, cancel.clone())))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(subscription = %inner.plan.key, error = %e, "looking for stale queues");
+            vec![]
+        }
+    };
     match &inner.plan.ordering {
         OrderingPlan::None => consume_shared(inner.clone(), cancel.clone()).await,
         OrderingPlan::PerKey { .. } => {
@@ -319,13 +344,19 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
         }
     }
     let _ = side.await;
+    for d in drains {
+        let _ = d.await;
+    }
     inner.flush_position().await;
 }
 
 /// Samples the backlog and writes the delivered position, until stopped.
 async fn background(inner: Arc<Inner>, cancel: CancellationToken) {
     let labels = inner.labels();
-    let backlog = inner.metrics.subscription_backlog.with_label_values(&labels);
+    let backlog = inner
+        .metrics
+        .subscription_backlog
+        .with_label_values(&labels);
     let mut last_sample = Instant::now() - BACKLOG_EVERY;
     loop {
         if last_sample.elapsed() >= BACKLOG_EVERY {
@@ -353,7 +384,10 @@ async fn background(inner: Arc<Inner>, cancel: CancellationToken) {
 
 impl Inner {
     fn labels(&self) -> [&str; 2] {
-        [self.plan.key.namespace.as_str(), self.plan.key.name.as_str()]
+        [
+            self.plan.key.namespace.as_str(),
+            self.plan.key.name.as_str(),
+        ]
     }
 
     fn resize(&self, new: u32) {
@@ -410,19 +444,16 @@ impl Inner {
     /// Declares the queues and bindings; true if the subscription's queue did not exist.
     async fn provision(&self) -> Result<bool, DeliveryError> {
         let broker = &self.stream.broker;
-        let qt = self.stream.plan.broker.queue_type;
         let exchange = &self.stream.plan.broker.exchange;
         broker.declare_exchange(exchange).await?;
         let first = self.names.consumed()[0].clone();
         let fresh = broker.queue_counts(&first).await?.is_none();
-        broker
-            .declare_queue(&self.names.dead_letter_queue, qt, FieldTable::default())
+        self.declare_or_keep(&self.names.dead_letter_queue, FieldTable::default())
             .await?;
         let keys = binding_keys(&self.plan);
         match &self.names.hash_exchange {
             None => {
-                broker
-                    .declare_queue(&self.names.queue, qt, FieldTable::default())
+                self.declare_or_keep(&self.names.queue, FieldTable::default())
                     .await?;
                 for k in &keys {
                     broker.bind_queue(&self.names.queue, exchange, k).await?;
@@ -473,7 +504,7 @@ impl Inner {
                 for q in &self.names.partitions {
                     let mut a = FieldTable::default();
                     a.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-                    broker.declare_queue(q, qt, a).await?;
+                    self.declare_or_keep(q, a).await?;
                     // With the consistent-hash exchange the binding key is the weight.
                     broker.bind_queue(q, hx, "1").await?;
                 }
@@ -693,7 +724,8 @@ impl Inner {
             match outcome {
                 Outcome::Delivered { status, reply } => {
                     self.attempt_metric("success");
-                    *lock(&self.state.sink) = Some((true, format!("last delivery answered {status}")));
+                    *lock(&self.state.sink) =
+                        Some((true, format!("last delivery answered {status}")));
                     if let (Some(r), Some(stream)) = (reply, &self.plan.reply) {
                         let r = reply_event(r, &ev);
                         match self.appender.append(stream, vec![r]).await {
@@ -754,7 +786,11 @@ impl Inner {
             .inc();
     }
 
-    async fn publish_to_queue(&self, queue: &str, mut msg: OutMessage) -> Result<(), DeliveryError> {
+    async fn publish_to_queue(
+        &self,
+        queue: &str,
+        mut msg: OutMessage,
+    ) -> Result<(), DeliveryError> {
         msg.routing_key = queue.to_string();
         let deadline = Instant::now() + PUBLISH_TIMEOUT;
         let routing = self.stream.broker.publish("", &[msg], deadline).await?;
@@ -819,8 +855,85 @@ impl Inner {
                 AMQPValue::LongString("reject-publish".into()),
             );
         }
-        self.stream.broker.declare_queue(queue, qt, args).await?;
-        Ok(())
+        self.declare_or_keep(queue, args).await
+    }
+
+    /// Declares a queue. One that exists with other immutable arguments (the stream's
+    /// `queueType` changed, say) is kept as it is and reported, instead of failing for ever:
+    /// its messages stay deliverable. Deleting the subscription with `--prune` recreates it.
+    async fn declare_or_keep(&self, name: &str, args: FieldTable) -> Result<(), DeliveryError> {
+        let qt = self.stream.plan.broker.queue_type;
+        match self.stream.broker.declare_queue(name, qt, args).await {
+            Err(BrokerError::Protocol { code: 406, text }) => {
+                if self.stream.broker.queue_counts(name).await?.is_none() {
+                    return Err(BrokerError::Protocol { code: 406, text }.into());
+                }
+                let notice = format!(
+                    "queue {name} exists with other arguments ({text}); it is kept as it is \
+                     (delete the subscription with --prune to recreate it)"
+                );
+                tracing::warn!(subscription = %self.plan.key, "{notice}");
+                *lock(&self.state.notice) = Some(notice);
+                Ok(())
+            }
+            r => Ok(r?),
+        }
+    }
+
+    /// Queues of an earlier shape of this subscription (another `ordering`, fewer
+    /// `partitions`) that still exist: unbound here so that nothing new reaches them, then
+    /// drained by [`drain`].
+    async fn retire_stale(&self) -> Result<Vec<String>, DeliveryError> {
+        let broker = &self.stream.broker;
+        let exchange = &self.stream.plan.broker.exchange;
+        let lanes = |from: u32| {
+            (from..MAX_PARTITIONS_SCAN)
+                .map(|i| format!("{}.p{i}", self.names.queue))
+                .collect::<Vec<_>>()
+        };
+        let candidates = match &self.plan.ordering {
+            OrderingPlan::None => lanes(0),
+            OrderingPlan::PerKey { partitions, .. } => {
+                let mut c = vec![self.names.queue.clone()];
+                c.extend(lanes(*partitions));
+                c
+            }
+        };
+        let mut stale = vec![];
+        for q in candidates {
+            if broker.queue_counts(&q).await?.is_some() {
+                stale.push(q);
+            }
+        }
+        if stale.is_empty() {
+            return Ok(stale);
+        }
+        match &self.names.hash_exchange {
+            // Deleting the old hash exchange removes its bindings, both ways.
+            None => {
+                broker
+                    .delete_exchange(&format!(
+                        "weir-hash.{}.{}",
+                        self.plan.key.namespace, self.plan.key.name
+                    ))
+                    .await?
+            }
+            Some(hx) => {
+                for q in stale.iter().filter(|q| **q != self.names.queue) {
+                    broker.unbind_queue(q, hx, "1").await?;
+                }
+            }
+        }
+        if stale.contains(&self.names.queue) {
+            let mut keys = binding_keys(&self.plan);
+            keys.push("#".into());
+            keys.dedup();
+            for k in keys {
+                broker.unbind_queue(&self.names.queue, exchange, &k).await?;
+            }
+        }
+        tracing::info!(subscription = %self.plan.key, queues = ?stale, "draining queues of an earlier shape");
+        Ok(stale)
     }
 
     async fn dead_letter(
@@ -1000,10 +1113,9 @@ pub fn reply_event(mut reply: CloudEvent, cause: &CloudEvent) -> CloudEvent {
             .entry(EXT_CORRELATION_ID.into())
             .or_insert(ExtValue::String(c));
     }
-    reply.extensions.insert(
-        EXT_CAUSATION_ID.into(),
-        ExtValue::String(cause.id.clone()),
-    );
+    reply
+        .extensions
+        .insert(EXT_CAUSATION_ID.into(), ExtValue::String(cause.id.clone()));
     reply
 }
 
@@ -1017,10 +1129,8 @@ pub fn failed_event(dead: &CloudEvent, subscription: &str) -> CloudEvent {
     ev.extensions
         .insert("weirfailedtype".into(), ExtValue::String(dead.ty.clone()));
     ev.ty = DELIVERY_FAILED_TYPE.into();
-    ev.extensions.insert(
-        EXT_CAUSATION_ID.into(),
-        ExtValue::String(dead.id.clone()),
-    );
+    ev.extensions
+        .insert(EXT_CAUSATION_ID.into(), ExtValue::String(dead.id.clone()));
     ev
 }
 
@@ -1031,16 +1141,17 @@ async fn consume_shared(inner: Arc<Inner>, cancel: CancellationToken) {
     let mut settings = inner.settings.clone();
     'connect: while !cancel.is_cancelled() {
         let prefetch = settings.borrow_and_update().consumers;
-        let (ch, mut consumer, tag) = match open_consumer(&inner, &inner.names.queue, prefetch).await {
-            Ok(x) => x,
-            Err(e) => {
-                inner.state.set_error(Some(e.to_string()));
-                if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
-                    break;
+        let (ch, mut consumer, tag) =
+            match open_consumer(&inner, &inner.names.queue, prefetch).await {
+                Ok(x) => x,
+                Err(e) => {
+                    inner.state.set_error(Some(e.to_string()));
+                    if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
+            };
         inner.state.set_error(None);
         loop {
             tokio::select! {
@@ -1134,20 +1245,89 @@ async fn open_consumer(
     Ok((ch, consumer, tag))
 }
 
+/// Delivers what is left in a queue of an earlier shape (one message at a time, in queue
+/// order), then deletes it once it stayed empty long enough for pending retries to return.
+async fn drain(inner: Arc<Inner>, queue: String, cancel: CancellationToken) {
+    let settle = inner
+        .plan
+        .delivery
+        .backoff_max
+        .max(inner.plan.delivery.retry_after_max)
+        .min(DRAIN_SETTLE_MAX)
+        + Duration::from_secs(1);
+    let mut empty_since: Option<Instant> = None;
+    while !cancel.is_cancelled() {
+        let ch = match inner.stream.broker.open_channel().await {
+            Ok(ch) => ch,
+            Err(_) => {
+                sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+                continue;
+            }
+        };
+        loop {
+            let got = ch
+                .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                .await;
+            let Ok(got) = got else { break };
+            let Some(m) = got else {
+                let since = *empty_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= settle {
+                    // Quorum queues do not implement `if-empty`: the queue was unbound and
+                    // stayed empty through the settle time, so it is deleted outright.
+                    let _ = ch.close(200, "OK".into()).await;
+                    match inner.stream.broker.delete_queue(&queue).await {
+                        Ok(()) => {
+                            tracing::info!(subscription = %inner.plan.key, queue, "drained and deleted");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(subscription = %inner.plan.key, queue, error = %e,
+                                "deleting a drained queue");
+                            empty_since = None;
+                            break;
+                        }
+                    }
+                }
+                if !sleep_or_cancel(&cancel, Duration::from_secs(1)).await {
+                    let _ = ch.close(200, "OK".into()).await;
+                    return;
+                }
+                continue;
+            };
+            empty_since = None;
+            let d = m.delivery;
+            let ok = inner.handle(&d.properties, &d.data, true, &cancel).await;
+            let _ = if ok {
+                d.acker.ack(BasicAckOptions::default()).await
+            } else {
+                d.acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+            };
+        }
+        let _ = ch.close(200, "OK".into()).await;
+        sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+    }
+}
+
 /// Consumes one partition queue (perKey): one delivery at a time, in queue order; a retry
 /// waits in place so that later events of the same keys wait behind it.
 async fn consume_lane(inner: Arc<Inner>, queue: String, cancel: CancellationToken) {
     while !cancel.is_cancelled() {
-        let (ch, mut consumer, tag) = match open_consumer(&inner, &queue, LANE_PREFETCH.into()).await {
-            Ok(x) => x,
-            Err(e) => {
-                inner.state.set_error(Some(e.to_string()));
-                if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
-                    return;
+        let (ch, mut consumer, tag) =
+            match open_consumer(&inner, &queue, LANE_PREFETCH.into()).await {
+                Ok(x) => x,
+                Err(e) => {
+                    inner.state.set_error(Some(e.to_string()));
+                    if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
+            };
         loop {
             let d = tokio::select! {
                 _ = cancel.cancelled() => None,
@@ -1167,7 +1347,17 @@ async fn consume_lane(inner: Arc<Inner>, queue: String, cancel: CancellationToke
                 p = inner.limit.clone().acquire_owned() => p.ok(),
             };
             let ok = match permit {
-                Some(_p) => inner.handle(&d.properties, &d.data, true, &cancel).await,
+                // A message that could not be settled (the broker or the reply stream is
+                // away) is tried again here rather than returned: the messages prefetched
+                // behind it must not overtake it.
+                Some(_p) => loop {
+                    if inner.handle(&d.properties, &d.data, true, &cancel).await {
+                        break true;
+                    }
+                    if cancel.is_cancelled() {
+                        break false;
+                    }
+                },
                 None => false,
             };
             let _ = if ok {
@@ -1221,13 +1411,23 @@ mod tests {
 
     #[test]
     fn failed_events_keep_the_correlation_and_have_a_stable_id() {
-        let dead = ev("p1", &[("correlationid", "saga-1"), ("weirposition", "4"), ("weirerrorcode", "400")]);
+        let dead = ev(
+            "p1",
+            &[
+                ("correlationid", "saga-1"),
+                ("weirposition", "4"),
+                ("weirerrorcode", "400"),
+            ],
+        );
         let f = failed_event(&dead, "payments");
         assert_eq!(f.ty, DELIVERY_FAILED_TYPE);
         assert_eq!(f.id, "p1.failed.payments");
         assert_eq!(f.correlation_id().as_deref(), Some("saga-1"));
         assert_eq!(f.extension_str("causationid").as_deref(), Some("p1"));
-        assert_eq!(f.extension_str("weirfailedtype").as_deref(), Some("order.created"));
+        assert_eq!(
+            f.extension_str("weirfailedtype").as_deref(),
+            Some("order.created")
+        );
         assert_eq!(f.extension_str("weirerrorcode").as_deref(), Some("400"));
         assert!(f.extension_str("weirposition").is_none());
         assert_eq!(failed_event(&dead, "payments"), f);

@@ -80,8 +80,18 @@ impl Sender {
     /// A sender for `sink`; `max_idle` keeps that many connections open (the subscription's
     /// `consumers`: one per delivery in flight). An `https` URL is refused: this build has
     /// no TLS stack for sinks, and failing clearly beats failing on every event.
-    pub fn new(sink: &SinkPlan, timeout: Duration, max_idle: usize) -> Result<Sender, DeliveryError> {
-        Sender::to_url(&sink.url, sink.format, sink.auth_token.clone(), timeout, max_idle)
+    pub fn new(
+        sink: &SinkPlan,
+        timeout: Duration,
+        max_idle: usize,
+    ) -> Result<Sender, DeliveryError> {
+        Sender::to_url(
+            &sink.url,
+            sink.format,
+            sink.auth_token.clone(),
+            timeout,
+            max_idle,
+        )
     }
 
     /// A sender for a plain URL (dead-letter sinks).
@@ -203,8 +213,14 @@ fn reply_event(headers: &HeaderMap, body: &bytes::Bytes) -> Option<CloudEvent> {
     if !structured && !binary {
         return None;
     }
+    // A sink that echoes the delivered event back sends the position, version and commit
+    // time it received; the target stream assigns its own.
+    let mut headers = headers.clone();
+    for k in ["ce-weirposition", "ce-weirversion", "ce-weirrecordedtime"] {
+        headers.remove(k);
+    }
     let ctx = IngestContext::new("", "", chrono::Utc::now());
-    match parse_request(headers, body, &ctx) {
+    match parse_request(&headers, body, &ctx) {
         Ok(mut evs) if evs.len() == 1 => evs.pop(),
         Ok(_) => None,
         Err(p) => {
@@ -301,7 +317,10 @@ mod tests {
         status: u16,
         headers: Vec<(&'static str, &'static str)>,
         body: &'static str,
-    ) -> (String, tokio::sync::mpsc::Receiver<(HeaderMap, bytes::Bytes)>) {
+    ) -> (
+        String,
+        tokio::sync::mpsc::Receiver<(HeaderMap, bytes::Bytes)>,
+    ) {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let app = axum::Router::new().route(
             "/",
@@ -333,7 +352,16 @@ mod tests {
     async fn binary_mode_sends_ce_headers_and_the_data() {
         let (url, mut rx) = sink(202, vec![], "").await;
         let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
-        assert!(matches!(out, Outcome::Delivered { status: 202, reply: None }), "{out:?}");
+        assert!(
+            matches!(
+                out,
+                Outcome::Delivered {
+                    status: 202,
+                    reply: None
+                }
+            ),
+            "{out:?}"
+        );
         let (h, b) = rx.recv().await.unwrap();
         assert_eq!(h["ce-id"], "e%201");
         assert_eq!(h["ce-subject"], "%C3%B6");
@@ -356,10 +384,20 @@ mod tests {
 
     #[tokio::test]
     async fn statuses_are_classified() {
-        for (status, retryable) in [(400, false), (401, false), (404, true), (409, true), (429, true), (500, true), (503, true)] {
+        for (status, retryable) in [
+            (400, false),
+            (401, false),
+            (404, true),
+            (409, true),
+            (429, true),
+            (500, true),
+            (503, true),
+        ] {
             let (url, _rx) = sink(status, vec![("retry-after", "3")], "nope").await;
             let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
-            let Outcome::Failed(f) = out else { panic!("{status}: delivered") };
+            let Outcome::Failed(f) = out else {
+                panic!("{status}: delivered")
+            };
             assert_eq!(f.retryable, retryable, "{status}");
             assert_eq!(f.code, status.to_string());
             assert_eq!(f.data, "nope");
@@ -367,8 +405,12 @@ mod tests {
             assert_eq!(f.retry_after, want, "{status}");
         }
         // Nothing listens on port 1.
-        let (out, _) = sender("http://127.0.0.1:1/", SinkFormat::Binary).send(&event()).await;
-        let Outcome::Failed(f) = out else { panic!("delivered") };
+        let (out, _) = sender("http://127.0.0.1:1/", SinkFormat::Binary)
+            .send(&event())
+            .await;
+        let Outcome::Failed(f) = out else {
+            panic!("delivered")
+        };
         assert!(f.retryable);
         assert_eq!(f.code, "connect");
     }
@@ -377,25 +419,76 @@ mod tests {
     async fn a_cloudevent_in_a_2xx_is_a_reply() {
         let (url, _rx) = sink(
             200,
-            vec![("ce-specversion", "1.0"), ("ce-id", "r1"), ("ce-source", "/pay"), ("ce-type", "payment.done"), ("content-type", "application/json")],
+            vec![
+                ("ce-specversion", "1.0"),
+                ("ce-id", "r1"),
+                ("ce-source", "/pay"),
+                ("ce-type", "payment.done"),
+                ("content-type", "application/json"),
+            ],
             "{\"ok\":true}",
         )
         .await;
         let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
-        let Outcome::Delivered { reply: Some(r), .. } = out else { panic!("{out:?}") };
+        let Outcome::Delivered { reply: Some(r), .. } = out else {
+            panic!("{out:?}")
+        };
         assert_eq!(r.ty, "payment.done");
         assert_eq!(r.id, "r1");
         // A plain JSON answer is not a reply.
-        let (url, _rx) = sink(200, vec![("content-type", "application/json")], "{\"type\":\"x\"}").await;
+        let (url, _rx) = sink(
+            200,
+            vec![("content-type", "application/json")],
+            "{\"type\":\"x\"}",
+        )
+        .await;
         let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
-        assert!(matches!(out, Outcome::Delivered { reply: None, .. }), "{out:?}");
+        assert!(
+            matches!(out, Outcome::Delivered { reply: None, .. }),
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_answer_within_the_timeout_is_a_retryable_timeout() {
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(|| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                "late"
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        let s = Sender::to_url(
+            &url,
+            SinkFormat::Binary,
+            None,
+            Duration::from_millis(200),
+            1,
+        )
+        .unwrap();
+        let (out, took) = s.send(&event()).await;
+        let Outcome::Failed(f) = out else {
+            panic!("delivered")
+        };
+        assert_eq!(f.code, "timeout");
+        assert!(f.retryable);
+        assert!(took < Duration::from_secs(2), "{took:?}");
     }
 
     #[test]
     fn https_sinks_fail_clearly() {
-        let err = Sender::to_url("https://x/", SinkFormat::Binary, None, Duration::from_secs(1), 1)
-            .err()
-            .unwrap();
+        let err = Sender::to_url(
+            "https://x/",
+            SinkFormat::Binary,
+            None,
+            Duration::from_secs(1),
+            1,
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("only http://"), "{err}");
     }
 

@@ -13,6 +13,10 @@ use super::{Store, StoreError};
 use crate::data::event::{CloudEvent, EXT_EXPECTED_VERSION, ExtValue};
 use crate::topology::CompressionPlan;
 
+/// Budget for the subject list of a `weir_subjects` notification: PostgreSQL caps a payload
+/// at 8000 bytes and the rest of it (stream id, namespace, name) takes under 300.
+const NOTIFY_SUBJECTS_BYTES: usize = 7000;
+
 /// One publish request's events.
 pub struct AppendInput<'a> {
     pub events: &'a [CloudEvent],
@@ -105,7 +109,8 @@ impl Store {
         requests: &[AppendInput<'_>],
         compression: &CompressionPlan,
     ) -> Result<Vec<RequestOutcome>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.acquire().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
 
         // The per-stream counter row, locked until commit: appends to one stream are
         // serialised across processes, which makes positions gap-free and commit-ordered.
@@ -256,6 +261,12 @@ impl Store {
                 }
             }
             let (subj, subj_v): (Vec<&str>, Vec<i64>) = final_versions.into_iter().unzip();
+            // The read caches of every replica drop these subjects on `weir_subjects` (sent at
+            // commit). A notification holds under 8000 bytes: a list that might not fit (JSON
+            // escaping can grow a character to 6 bytes) is sent as null, "every subject".
+            let notify_subjects = (subj.iter().map(|s| s.len() * 6 + 4).sum::<usize>()
+                <= NOTIFY_SUBJECTS_BYTES)
+                .then_some(&subj);
             sqlx::query(
                 "WITH t AS (SELECT GREATEST(clock_timestamp(), $2::timestamptz) AS ts),
                  ev AS (
@@ -281,8 +292,15 @@ impl Store {
                  h AS (
                    UPDATE weir_streams SET head = $19, head_time = (SELECT ts FROM t)
                    WHERE stream_id = $1
+                 ),
+                 n AS (
+                   SELECT pg_notify('weir_subjects', json_build_object('stream_id', s.stream_id,
+                       'namespace', s.namespace, 'name', s.name, 'subjects', $20::text[])::text)
+                   FROM weir_streams s
+                   WHERE s.stream_id = $1 AND cardinality($17::text[]) > 0
                  )
-                 SELECT pg_notify('weir_appended', $1::text || ':' || $19::text)",
+                 SELECT pg_notify('weir_appended', $1::text || ':' || $19::text),
+                        (SELECT count(*) FROM n)",
             )
             .bind(stream_id)
             .bind(head_time)
@@ -303,6 +321,7 @@ impl Store {
             .bind(&subj)
             .bind(&subj_v)
             .bind(next)
+            .bind(notify_subjects)
             .execute(&mut *tx)
             .await?;
         }

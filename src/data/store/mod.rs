@@ -8,7 +8,10 @@ mod read;
 
 pub use append::{AppendInput, Appended, Conflict, RequestOutcome};
 
-use sqlx::PgPool;
+use std::sync::Arc;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 
 /// Errors of the event store. `Unavailable` is transient (retry, answer 503); the others are not.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,29 @@ fn is_transient(e: &sqlx::Error) -> bool {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    stats: Option<Arc<PoolStats>>,
+}
+
+/// The instruments of one pool (`weir_db_*{pool}`), fed by [`Store::acquire`].
+pub struct PoolStats {
+    pub waiting: prometheus::IntGauge,
+    pub acquire: prometheus::Histogram,
+    pub timeouts: prometheus::IntCounter,
+}
+
+impl std::fmt::Debug for PoolStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolStats").finish_non_exhaustive()
+    }
+}
+
+/// Counts a task as waiting for a connection until dropped (also when the wait is cancelled).
+struct Waiting<'a>(&'a prometheus::IntGauge);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// The embedded migrations (`migrations/`), applied at start-up. sqlx takes an advisory
@@ -76,7 +102,32 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 impl Store {
     pub fn new(pool: PgPool) -> Store {
-        Store { pool }
+        Store { pool, stats: None }
+    }
+
+    /// A store whose connection acquisitions are measured.
+    pub fn with_stats(pool: PgPool, stats: Arc<PoolStats>) -> Store {
+        Store {
+            pool,
+            stats: Some(stats),
+        }
+    }
+
+    /// A connection from the pool: time to acquire, waiters and timeouts are measured.
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        let Some(stats) = &self.stats else {
+            return Ok(self.pool.acquire().await?);
+        };
+        stats.waiting.inc();
+        let waiting = Waiting(&stats.waiting);
+        let started = std::time::Instant::now();
+        let r = self.pool.acquire().await;
+        drop(waiting);
+        stats.acquire.observe(started.elapsed().as_secs_f64());
+        if matches!(r, Err(sqlx::Error::PoolTimedOut)) {
+            stats.timeouts.inc();
+        }
+        Ok(r?)
     }
 
     pub fn pool(&self) -> &PgPool {

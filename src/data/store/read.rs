@@ -19,7 +19,7 @@ impl Store {
         ))
         .bind(stream_id)
         .bind(position)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.acquire().await?)
         .await?;
         row.as_ref().map(decode_row).transpose()
     }
@@ -40,7 +40,7 @@ impl Store {
         .bind(stream_id)
         .bind(from)
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.acquire().await?)
         .await?;
         rows.iter().map(decode_row).collect()
     }
@@ -67,8 +67,40 @@ impl Store {
         .bind(subject)
         .bind(version)
         .bind(as_of)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.acquire().await?)
         .await?;
         rows.iter().map(decode_row).collect()
+    }
+}
+
+impl Store {
+    /// Events of the namespace's streams `streams` in this database that carry `correlationid`
+    /// = `correlation_id`, in commit-time order, at most `limit`; each with its stream's name.
+    pub async fn read_correlation(
+        &self,
+        namespace: &str,
+        streams: &[String],
+        correlation_id: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, StoredEvent)>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT s.name AS stream_name, ",
+            event_columns!(),
+            " FROM weir_events e JOIN weir_streams s ON s.stream_id = e.stream_id
+             WHERE e.correlation_id = $1 AND s.namespace = $2 AND s.name = ANY($3)
+             ORDER BY e.recorded_at, e.stream_id, e.position LIMIT $4"
+        ))
+        .bind(correlation_id)
+        .bind(namespace)
+        .bind(streams)
+        .bind(limit)
+        .fetch_all(&mut *self.acquire().await?)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let name: String = sqlx::Row::try_get(r, "stream_name")?;
+                Ok((name, decode_row(r)?))
+            })
+            .collect()
     }
 }

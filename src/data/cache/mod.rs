@@ -1,0 +1,680 @@
+//! The read side's caches, one per CachePolicy, shared by the streams the policy selects.
+//!
+//! What is cached: one event by position, full range pages, and a subject's events (the whole
+//! list; `version` and `asOf` filter it in memory). Values are the encoded response bodies,
+//! weighed by their size for `maxBytes`.
+//!
+//! Strategies: `LRU` and `TTL` run on moka (LRU eviction; TTL = moka's expiry with LRU only
+//! when full). `LFU` and `FIFO` run on [`bounded::Bounded`], a small structure of ours,
+//! because moka's TinyLFU only decides admission and its eviction is recency-based. `ttl`
+//! bounds every entry's age whatever the strategy.
+//!
+//! Correctness: an event at a position never changes, and a full page never changes, so those
+//! entries need no invalidation (a stream re-created after a prune has a new store id, part
+//! of the key). A subject changes on every append to it:
+//! - on this replica, the publish handler invalidates the subjects it appended before it
+//!   answers 2xx, so a read after the answer sees the append;
+//! - every append also sends `NOTIFY weir_subjects` with the stream and its subjects in the
+//!   append's transaction; each replica listens per database and invalidates on receipt
+//!   (typically milliseconds after the commit, well within a second). While a replica's
+//!   listener is not connected, its caches for that database are bypassed and cleared on
+//!   reconnect, because notifications sent meanwhile are lost.
+//! - A read that misses takes a [`Ticket`] (a generation of the key's stripe) before querying
+//!   the database and stores its result only if no invalidation of that stripe happened
+//!   since, so a slow read can never put back a list that an append made stale.
+
+pub mod bounded;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prometheus::{IntCounter, IntGauge};
+use tokio_util::sync::CancellationToken;
+
+use crate::data::engine::StreamRuntime;
+use crate::data::event::StoredEvent;
+use crate::metrics::Metrics;
+use crate::topology::{CachePlan, CacheStrategy, Key};
+
+use bounded::{Bounded, Order};
+
+/// The PostgreSQL notification channel that carries the subjects an append changed.
+pub const SUBJECTS_CHANNEL: &str = "weir_subjects";
+
+/// Invalidation stripes per cache. A miss's ticket conflicts with any invalidation in its
+/// stripe; 64 stripes keep false conflicts rare under write load at a fixed, tiny cost.
+const STRIPES: usize = 64;
+
+/// What a cached read is keyed by.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CacheKey {
+    /// One event.
+    One {
+        stream: Key,
+        stream_id: i64,
+        position: i64,
+    },
+    /// A full page (`limit` events from `from`).
+    Range {
+        stream: Key,
+        stream_id: i64,
+        from: i64,
+        limit: i64,
+    },
+    /// Every event of a subject.
+    Subject {
+        stream: Key,
+        stream_id: i64,
+        subject: String,
+    },
+}
+
+/// A cached answer.
+#[derive(Debug)]
+pub struct Cached {
+    /// The encoded response body.
+    pub body: Bytes,
+    /// The events, kept for subject reads so `version` and `asOf` filter them in memory.
+    pub events: Option<Vec<StoredEvent>>,
+}
+
+impl Cached {
+    fn weight(&self) -> u64 {
+        self.body.len() as u64
+    }
+}
+
+/// The generation of a key's stripe when a miss started; see [`PolicyCache::put`].
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket {
+    stripe: usize,
+    generation: u64,
+}
+
+/// The storage behind a policy, by strategy.
+enum Backing {
+    Moka(moka::sync::Cache<CacheKey, Arc<Cached>>),
+    /// The lock guards a plain map; it is never held across an await.
+    Own(Mutex<Bounded<CacheKey, Arc<Cached>>>),
+}
+
+/// The cache of one CachePolicy.
+pub struct PolicyCache {
+    pub plan: CachePlan,
+    backing: Backing,
+    stripes: Box<[Mutex<u64>]>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    hit_counter: IntCounter,
+    miss_counter: IntCounter,
+    evictions: IntCounter,
+    entries: IntGauge,
+}
+
+fn stripe_of(key: &CacheKey) -> usize {
+    let mut h = std::hash::DefaultHasher::new();
+    match key {
+        // Subject entries share the stripe of the subject, so its invalidation finds them.
+        CacheKey::Subject {
+            stream, subject, ..
+        } => (stream, subject).hash(&mut h),
+        other => other.hash(&mut h),
+    }
+    (h.finish() as usize) % STRIPES
+}
+
+fn subject_stripe(stream: &Key, subject: &str) -> usize {
+    let mut h = std::hash::DefaultHasher::new();
+    (stream, subject).hash(&mut h);
+    (h.finish() as usize) % STRIPES
+}
+
+impl PolicyCache {
+    /// A new, empty cache for `plan`, counting into `metrics`.
+    pub fn new(plan: CachePlan, metrics: &Metrics) -> PolicyCache {
+        let labels = [plan.key.namespace.as_str(), plan.key.name.as_str()];
+        let hit_counter = metrics
+            .cache_requests
+            .with_label_values(&[labels[0], labels[1], "hit"]);
+        let miss_counter = metrics
+            .cache_requests
+            .with_label_values(&[labels[0], labels[1], "miss"]);
+        let evictions = metrics.cache_evictions.with_label_values(&labels);
+        let entries = metrics.cache_entries.with_label_values(&labels);
+        let items = usize::try_from(plan.max_items).unwrap_or(usize::MAX);
+        let backing = match plan.strategy {
+            CacheStrategy::Lru | CacheStrategy::Ttl => {
+                let counter = evictions.clone();
+                let mut b = moka::sync::Cache::builder()
+                    .eviction_policy(moka::policy::EvictionPolicy::lru())
+                    .time_to_live(plan.ttl)
+                    .eviction_listener(move |_k, _v, cause| {
+                        if cause.was_evicted() {
+                            counter.inc();
+                        }
+                    });
+                b = match plan.max_bytes {
+                    // moka bounds one total weight. Weighing each entry at least the average
+                    // share (maxBytes / maxItems) makes that one bound imply both: the bytes
+                    // never exceed maxBytes and the entries never exceed maxItems.
+                    Some(max_bytes) => {
+                        let floor = max_bytes.div_ceil(plan.max_items.max(1));
+                        b.max_capacity(max_bytes)
+                            .weigher(move |_k, v: &Arc<Cached>| {
+                                u32::try_from(v.weight().max(floor)).unwrap_or(u32::MAX)
+                            })
+                    }
+                    None => b.max_capacity(plan.max_items),
+                };
+                Backing::Moka(b.build())
+            }
+            CacheStrategy::Lfu | CacheStrategy::Fifo => {
+                let order = if plan.strategy == CacheStrategy::Lfu {
+                    Order::Lfu
+                } else {
+                    Order::Fifo
+                };
+                Backing::Own(Mutex::new(Bounded::new(
+                    order,
+                    items,
+                    plan.max_bytes,
+                    Some(plan.ttl),
+                )))
+            }
+        };
+        PolicyCache {
+            plan,
+            backing,
+            stripes: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            hit_counter,
+            miss_counter,
+            evictions,
+            entries,
+        }
+    }
+
+    fn own(&self) -> Option<std::sync::MutexGuard<'_, Bounded<CacheKey, Arc<Cached>>>> {
+        match &self.backing {
+            Backing::Own(m) => Some(m.lock().unwrap_or_else(|p| p.into_inner())),
+            Backing::Moka(_) => None,
+        }
+    }
+
+    /// Looks a key up without counting a hit or miss.
+    fn peek(&self, key: &CacheKey) -> Option<Arc<Cached>> {
+        match &self.backing {
+            Backing::Moka(c) => c.get(key),
+            Backing::Own(_) => {
+                let (v, expired) = self.own().map(|mut b| b.get(key)).unwrap_or((None, 0));
+                self.evictions.inc_by(expired);
+                v
+            }
+        }
+    }
+
+    /// Looks a key up, counting a hit or a miss.
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<Cached>> {
+        let v = self.peek(key);
+        if v.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            self.hit_counter.inc();
+        } else {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+            self.miss_counter.inc();
+        }
+        v
+    }
+
+    /// Take before reading the database on a miss.
+    pub fn ticket(&self, key: &CacheKey) -> Ticket {
+        let stripe = stripe_of(key);
+        let generation = *self.stripes[stripe]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Ticket { stripe, generation }
+    }
+
+    /// Stores a value read after `ticket` was taken, unless an invalidation of its stripe
+    /// happened since (then the value may be stale and is dropped).
+    pub fn put(&self, ticket: Ticket, key: CacheKey, value: Arc<Cached>) {
+        let stripe = self.stripes[ticket.stripe]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *stripe != ticket.generation {
+            return;
+        }
+        // Inserted under the stripe lock: an invalidation cannot slip between check and insert.
+        match &self.backing {
+            Backing::Moka(c) => c.insert(key, value),
+            Backing::Own(_) => {
+                let weight = value.weight();
+                let evicted = self
+                    .own()
+                    .map(|mut b| b.insert(key, value, weight))
+                    .unwrap_or(0);
+                self.evictions.inc_by(evicted);
+            }
+        }
+    }
+
+    /// Drops the cached events of a subject.
+    pub fn invalidate_subject(&self, stream: &Key, stream_id: i64, subject: &str) {
+        let key = CacheKey::Subject {
+            stream: stream.clone(),
+            stream_id,
+            subject: subject.to_string(),
+        };
+        let mut stripe = self.stripes[subject_stripe(stream, subject)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *stripe += 1;
+        match &self.backing {
+            Backing::Moka(c) => c.invalidate(&key),
+            Backing::Own(_) => {
+                if let Some(mut b) = self.own() {
+                    b.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Drops everything (lost notifications, unreadable notification).
+    pub fn invalidate_all(&self) {
+        // Every stripe is held while clearing, so no miss that started earlier can insert.
+        let mut guards: Vec<_> = self
+            .stripes
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        for g in &mut guards {
+            **g += 1;
+        }
+        match &self.backing {
+            Backing::Moka(c) => {
+                c.invalidate_all();
+                c.run_pending_tasks();
+            }
+            Backing::Own(_) => {
+                if let Some(mut b) = self.own() {
+                    b.clear();
+                }
+            }
+        }
+    }
+
+    /// Runs moka's deferred maintenance (evictions, expiry) and purges expired own entries;
+    /// tests call it before asserting, the metrics scrape before sampling.
+    pub fn run_pending_tasks(&self) {
+        match &self.backing {
+            Backing::Moka(c) => c.run_pending_tasks(),
+            Backing::Own(_) => {
+                let n = self.own().map(|mut b| b.purge_expired()).unwrap_or(0);
+                self.evictions.inc_by(n);
+            }
+        }
+    }
+
+    /// Entries held now.
+    pub fn entry_count(&self) -> u64 {
+        match &self.backing {
+            Backing::Moka(c) => c.entry_count(),
+            Backing::Own(_) => self.own().map_or(0, |b| b.len() as u64),
+        }
+    }
+
+    /// Whether a key is held, without counting a hit or miss or touching LFU counts (tests).
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        match &self.backing {
+            Backing::Moka(c) => c.contains_key(key),
+            Backing::Own(_) => self.own().is_some_and(|b| b.eviction_order().contains(key)),
+        }
+    }
+
+    /// Hits over lookups since the cache was created; `None` before the first lookup.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let h = self.hits.load(Ordering::Relaxed);
+        let m = self.misses.load(Ordering::Relaxed);
+        (h + m > 0).then(|| h as f64 / (h + m) as f64)
+    }
+
+    /// Updates the entries gauge (at scrape time).
+    pub fn sample(&self) {
+        self.run_pending_tasks();
+        self.entries.set(self.entry_count() as i64);
+    }
+}
+
+/// Reads through `cache`: a hit answers from memory; a miss runs `load`, whose result is stored
+/// when it says it is cacheable (e.g. a full page) and no invalidation raced it.
+pub async fn read_through<E, F, Fut>(
+    cache: Option<&PolicyCache>,
+    key: CacheKey,
+    load: F,
+) -> Result<Arc<Cached>, E>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(Cached, bool), E>>,
+{
+    let Some(cache) = cache else {
+        return Ok(Arc::new(load().await?.0));
+    };
+    if let Some(hit) = cache.get(&key) {
+        return Ok(hit);
+    }
+    let ticket = cache.ticket(&key);
+    let (value, cacheable) = load().await?;
+    let value = Arc::new(value);
+    if cacheable {
+        cache.put(ticket, key, value.clone());
+    }
+    Ok(value)
+}
+
+/// A stream's cache and whether invalidations of its database currently arrive.
+#[derive(Clone)]
+struct Route {
+    cache: Arc<PolicyCache>,
+    url: String,
+    live: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Shared {
+    policies: RwLock<HashMap<Key, Arc<PolicyCache>>>,
+    routes: RwLock<HashMap<Key, Route>>,
+}
+
+impl Shared {
+    /// Clears the caches of every stream stored in the database at `url`.
+    fn clear_url(&self, url: &str) {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut done = HashSet::new();
+        for r in routes.values().filter(|r| r.url == url) {
+            if done.insert(r.cache.plan.key.clone()) {
+                r.cache.invalidate_all();
+            }
+        }
+    }
+
+    fn on_notification(&self, url: &str, payload: &str) {
+        let Ok(n) = serde_json::from_str::<SubjectsNotice>(payload) else {
+            tracing::warn!("unreadable {SUBJECTS_CHANNEL} notification: clearing caches");
+            self.clear_url(url);
+            return;
+        };
+        let stream = Key::new(n.namespace, n.name);
+        let route = self
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&stream)
+            .cloned();
+        let Some(route) = route else { return };
+        match n.subjects {
+            Some(subjects) => {
+                for s in &subjects {
+                    route.cache.invalidate_subject(&stream, n.stream_id, s);
+                }
+            }
+            // Too many subjects for one notification: the whole cache goes.
+            None => route.cache.invalidate_all(),
+        }
+    }
+}
+
+/// The payload of a `weir_subjects` notification (built in the append's SQL).
+#[derive(serde::Deserialize)]
+struct SubjectsNotice {
+    stream_id: i64,
+    namespace: String,
+    name: String,
+    /// `null` when the list would not fit a notification.
+    subjects: Option<Vec<String>>,
+}
+
+struct Listener {
+    cancel: CancellationToken,
+    live: Arc<AtomicBool>,
+}
+
+/// Every policy's cache, the stream → cache routing, and one invalidation listener per
+/// database that a cached stream uses.
+pub struct Caches {
+    metrics: Metrics,
+    shared: Arc<Shared>,
+    listeners: Mutex<HashMap<String, Listener>>,
+}
+
+impl Caches {
+    pub fn new(metrics: Metrics) -> Caches {
+        Caches {
+            metrics,
+            shared: Arc::new(Shared::default()),
+            listeners: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Moves the caches to `plans`: a new or changed policy gets a new (empty) cache of its new
+    /// size and strategy, a removed one is dropped. `streams` are the running streams (after
+    /// the engine applied the same topology). Must run inside the Tokio runtime.
+    pub fn apply(&self, plans: &BTreeMap<Key, CachePlan>, streams: &[Arc<StreamRuntime>]) {
+        let mut policies = self
+            .shared
+            .policies
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<Key> = policies
+            .keys()
+            .filter(|k| !plans.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            policies.remove(&k);
+            let l = [k.namespace.as_str(), k.name.as_str()];
+            let m = &self.metrics;
+            let _ = m.cache_requests.remove_label_values(&[l[0], l[1], "hit"]);
+            let _ = m.cache_requests.remove_label_values(&[l[0], l[1], "miss"]);
+            let _ = m.cache_evictions.remove_label_values(&l);
+            let _ = m.cache_entries.remove_label_values(&l);
+        }
+        for (k, plan) in plans {
+            if policies.get(k).is_some_and(|c| c.plan == *plan) {
+                continue;
+            }
+            tracing::info!(policy = %k, strategy = ?plan.strategy, max_items = plan.max_items, "cache policy applied");
+            policies.insert(
+                k.clone(),
+                Arc::new(PolicyCache::new(plan.clone(), &self.metrics)),
+            );
+        }
+        let urls: HashMap<&Key, &str> = streams
+            .iter()
+            .filter_map(|rt| {
+                let url = rt.plan.store.as_ref()?.urls.first()?;
+                Some((&rt.plan.key, url.as_str()))
+            })
+            .collect();
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        let mut routes = HashMap::new();
+        let mut needed = HashSet::new();
+        for cache in policies.values() {
+            for s in &cache.plan.streams {
+                let Some(url) = urls.get(s) else { continue };
+                needed.insert(url.to_string());
+                let live = listeners
+                    .entry(url.to_string())
+                    .or_insert_with(|| self.spawn_listener(url))
+                    .live
+                    .clone();
+                routes.insert(
+                    s.clone(),
+                    Route {
+                        cache: cache.clone(),
+                        url: url.to_string(),
+                        live,
+                    },
+                );
+            }
+        }
+        listeners.retain(|url, l| {
+            let keep = needed.contains(url);
+            if !keep {
+                l.cancel.cancel();
+            }
+            keep
+        });
+        *self
+            .shared
+            .routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = routes;
+    }
+
+    fn spawn_listener(&self, url: &str) -> Listener {
+        let cancel = CancellationToken::new();
+        let live = Arc::new(AtomicBool::new(false));
+        tokio::spawn(listen(
+            url.to_string(),
+            self.shared.clone(),
+            live.clone(),
+            cancel.clone(),
+        ));
+        Listener { cancel, live }
+    }
+
+    /// The cache for reads of `stream`, if a policy selects it and its invalidations arrive.
+    pub fn route(&self, stream: &Key) -> Option<Arc<PolicyCache>> {
+        let routes = self.shared.routes.read().unwrap_or_else(|p| p.into_inner());
+        let r = routes.get(stream)?;
+        r.live.load(Ordering::Acquire).then(|| r.cache.clone())
+    }
+
+    /// Whether a policy selects `stream` (its publishes then invalidate subjects).
+    pub fn covers(&self, stream: &Key) -> bool {
+        self.shared
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(stream)
+    }
+
+    /// The cache of a policy (status, tests).
+    pub fn policy(&self, key: &Key) -> Option<Arc<PolicyCache>> {
+        self.shared
+            .policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Invalidates subjects just appended to `stream` on this replica (before the 2xx).
+    pub fn appended<'a>(
+        &self,
+        stream: &Key,
+        stream_id: i64,
+        subjects: impl IntoIterator<Item = &'a str>,
+    ) {
+        let cache = {
+            let routes = self.shared.routes.read().unwrap_or_else(|p| p.into_inner());
+            routes.get(stream).map(|r| r.cache.clone())
+        };
+        if let Some(cache) = cache {
+            for s in subjects {
+                cache.invalidate_subject(stream, stream_id, s);
+            }
+        }
+    }
+
+    /// Updates the entries gauges (at scrape time).
+    pub fn sample(&self) {
+        let policies: Vec<_> = self
+            .shared
+            .policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for p in policies {
+            p.sample();
+        }
+    }
+
+    /// Stops the listeners (shutdown).
+    pub fn shutdown(&self) {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, l) in listeners.drain() {
+            l.cancel.cancel();
+        }
+    }
+}
+
+/// Listens for `weir_subjects` on one database, reconnecting with backoff. The caches of that
+/// database are used only while this listens (`live`), and cleared whenever it (re)connects.
+async fn listen(
+    url: String,
+    shared: Arc<Shared>,
+    live: Arc<AtomicBool>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let connect = async {
+            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+            // A lost connection ends our loop instead of reconnecting silently: notifications
+            // sent meanwhile are lost and the caches must be cleared first.
+            l.eager_reconnect(false);
+            l.listen(SUBJECTS_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let connected = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = connect => r,
+        };
+        match connected {
+            Ok(mut l) => {
+                backoff = Duration::from_millis(200);
+                shared.clear_url(&url);
+                live.store(true, Ordering::Release);
+                loop {
+                    let next = tokio::select! {
+                        _ = cancel.cancelled() => {
+                            live.store(false, Ordering::Release);
+                            return;
+                        }
+                        n = l.try_recv() => n,
+                    };
+                    match next {
+                        Ok(Some(n)) => shared.on_notification(&url, n.payload()),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                live.store(false, Ordering::Release);
+                shared.clear_url(&url);
+                tracing::warn!(
+                    "cache invalidation listener lost its connection; caches bypassed until it is back"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cache invalidation listener cannot connect; caches bypassed");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        // Up to 5 s between attempts: a database that is down is not hammered.
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests;

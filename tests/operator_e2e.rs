@@ -1,0 +1,708 @@
+//! End to end: the real `weir operator` binary against the in-process test API server, driven
+//! by the real `kubectl`, with the real RabbitMQ and PostgreSQL.
+//!
+//! One scenario (it needs minutes of wall time, so it is one test rather than many):
+//! `kubectl apply` of the quickstart, every resource `Ready=True`, `kubectl get weir` and
+//! `kubectl explain`, events published, stored and delivered, `kubectl scale`, malformed
+//! resources reported and fixed without a restart, a second operator serving ingest and taking
+//! the Lease over when the holder is killed, `kubectl delete` under each deletionPolicy, and
+//! finally the chart's RBAC compared with every call the operators made.
+//!
+//! Where the test API server differs from a real one (no authorization: calls are recorded
+//! and compared with the chart's rules instead), see `tests/apiserver/mod.rs`.
+
+mod apiserver;
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use apiserver::TestApiServer;
+use axum::Router;
+use axum::routing::post;
+use common::{free_port, unique, weir_binary};
+use serde_json::{Value, json};
+
+/// A running `weir operator`, killed on drop.
+struct Operator {
+    child: Child,
+    url: String,
+    admin: String,
+    log: std::path::PathBuf,
+}
+
+impl Operator {
+    fn start(server: &TestApiServer, identity: &str, lease: &str, extra: &[&str]) -> Operator {
+        let port = free_port();
+        let admin = free_port();
+        let log = std::env::temp_dir().join(format!("{}.log", unique("weir-operator-")));
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(weir_binary())
+            .args(["operator", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{admin}"))
+            .args(["--identity", identity, "--lease-name", lease])
+            .args(["--lease-namespace", "default", "--refresh", "2s"])
+            .args(extra)
+            .env("KUBECONFIG", server.kubeconfig())
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "warn,weir=info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn weir operator");
+        Operator {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin}"),
+            log,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status (failing after 30 s).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "weir operator did not exit after SIGTERM; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The quickstart manifests, moved to namespace `ns` and pointed at `sink`.
+fn quickstart(ns: &str, sink: &str) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+        .replace("namespace: shop", &format!("namespace: {ns}"))
+        .replace("http://127.0.0.1:8888/", sink)
+}
+
+/// Polls `f` every 250 ms until it returns `Some`, failing after `secs` with `what`.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, ops: &[&Operator], mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = ops.iter().map(|o| o.log_text()).collect();
+            panic!(
+                "timed out after {secs} s waiting for {what}; operator logs:\n{}",
+                logs.join("\n=====\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn get_json(server: &TestApiServer, args: &[&str]) -> Option<Value> {
+    let mut a = vec!["get"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["-o", "json"]);
+    let out = server.kubectl(&a).await;
+    if !out.success {
+        return None;
+    }
+    serde_json::from_str(&out.stdout).ok()
+}
+
+fn ready(obj: &Value) -> Option<(String, String, String)> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or("").to_string(),
+                c["reason"].as_str().unwrap_or("").to_string(),
+                c["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
+async fn wait_ready(server: &TestApiServer, ns: &str, what: &str, ops: &[&Operator]) {
+    eventually(90, &format!("{what} Ready=True"), ops, || async {
+        let v = get_json(server, &["-n", ns, what]).await?;
+        let items = v["items"].as_array()?.clone();
+        (!items.is_empty()
+            && items
+                .iter()
+                .all(|i| ready(i).is_some_and(|(s, _, _)| s == "True")))
+        .then_some(())
+    })
+    .await;
+}
+
+async fn wait_condition(
+    server: &TestApiServer,
+    ns: &str,
+    what: &str,
+    status: &str,
+    reason: &str,
+    ops: &[&Operator],
+) -> String {
+    eventually(
+        60,
+        &format!("{what} Ready={status} {reason}"),
+        ops,
+        || async {
+            let v = get_json(server, &["-n", ns, what]).await?;
+            let (s, r, m) = ready(&v)?;
+            (s == status && r == reason).then_some(m)
+        },
+    )
+    .await
+}
+
+async fn exchange_exists(name: &str) -> bool {
+    let conn = lapin::Connection::connect(common::AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running");
+    let ch = conn.create_channel().await.unwrap();
+    let ok = ch
+        .exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(0, "".into()).await;
+    ok
+}
+
+async fn queue_exists(name: &str) -> bool {
+    let conn = lapin::Connection::connect(common::AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running");
+    let ch = conn.create_channel().await.unwrap();
+    let ok = ch
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(0, "".into()).await;
+    ok
+}
+
+fn event(id: &str) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": "/e2e", "type": "order.created",
+           "data": {"orderId": id, "amount": 3}})
+}
+
+async fn publish(url: &str, ns: &str, stream: &str, id: &str) -> reqwest::StatusCode {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/namespaces/{ns}/streams/{stream}/events"))
+        .header("content-type", "application/cloudevents+json")
+        .body(event(id).to_string())
+        .send()
+        .await
+        .map(|r| r.status())
+        .unwrap_or(reqwest::StatusCode::SERVICE_UNAVAILABLE)
+}
+
+/// A sink that records the `ce-id` of every delivery.
+async fn sink() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let app = Router::new().route(
+        "/",
+        post(move |headers: http::HeaderMap| {
+            let s = s.clone();
+            async move {
+                let id = headers
+                    .get("ce-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                s.lock().unwrap().push(id);
+                http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/"), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_end_to_end_with_kubectl() {
+    let server = TestApiServer::start().await;
+    let ns = unique("e2e");
+    let lease = unique("weir-");
+    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
+    assert!(out.success, "{}", out.stderr);
+    // kubectl's typed `create` subcommands send protobuf, which the test server does not
+    // read: everything is created with `apply -f -`.
+    let out = server
+        .kubectl_with_input(
+            &["apply", "-f", "-"],
+            &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"),
+        )
+        .await;
+    assert!(out.success, "{}", out.stderr);
+
+    let mut a = Operator::start(&server, "op-a", &lease, &[]);
+    let (sink_url, delivered) = sink().await;
+    let out = server
+        .kubectl_with_input(&["apply", "-f", "-"], &quickstart(&ns, &sink_url))
+        .await;
+    assert!(out.success, "{}", out.stderr);
+
+    // One of each of the other two kinds, so that `kubectl get weir` shows all four.
+    let policies = format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: hot, namespace: {ns}}}\n\
+         spec: {{streamNames: [orders]}}\n---\n\
+         apiVersion: weir.dev/v1alpha1\nkind: ArchivePolicy\nmetadata: {{name: nightly, namespace: {ns}}}\n\
+         spec: {{streamNames: [orders]}}\n"
+    );
+    let out = server
+        .kubectl_with_input(&["apply", "-f", "-"], &policies)
+        .await;
+    assert!(out.success, "{}", out.stderr);
+
+    // Every resource becomes ready.
+    wait_ready(&server, &ns, "eventstreams", &[&a]).await;
+    wait_ready(&server, &ns, "subscriptions", &[&a]).await;
+    wait_ready(&server, &ns, "cachepolicies", &[&a]).await;
+    wait_ready(&server, &ns, "archivepolicies", &[&a]).await;
+    let es = get_json(&server, &["-n", &ns, "es", "orders"])
+        .await
+        .unwrap();
+    assert_eq!(es["status"]["exchange"], format!("weir.{ns}.orders"));
+    assert_eq!(
+        es["status"]["observedGeneration"],
+        es["metadata"]["generation"]
+    );
+    assert!(
+        es["metadata"]["finalizers"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("weir.dev/cleanup"))
+    );
+
+    // `kubectl get weir` shows the kinds with their printer columns.
+    let out = server.kubectl(&["get", "weir", "-n", &ns]).await;
+    assert!(out.success, "{}", out.stderr);
+    for needle in [
+        "ENDPOINT",
+        "HEAD",
+        "BACKLOG",
+        "CONSUMERS",
+        "eventstream.weir.dev/orders",
+        "subscription.weir.dev/print-orders",
+        "cachepolicy.weir.dev/hot",
+        "archivepolicy.weir.dev/nightly",
+    ] {
+        assert!(
+            out.stdout.contains(needle),
+            "no {needle} in:\n{}",
+            out.stdout
+        );
+    }
+    // `kubectl explain` shows the doc comments.
+    let out = server
+        .kubectl(&["explain", "eventstream.spec.batching"])
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("maxEvents") && out.stdout.contains("grouped"),
+        "{}",
+        out.stdout
+    );
+
+    // Publish: stored (read back) and delivered.
+    assert!(publish(&a.url, &ns, "orders", "e1").await.is_success());
+    let body: Value = reqwest::get(format!(
+        "{}/v1/namespaces/{ns}/streams/orders/events/1",
+        a.url
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(body["id"], "e1");
+    eventually(30, "delivery of e1", &[&a], || async {
+        delivered
+            .lock()
+            .unwrap()
+            .contains(&"e1".to_string())
+            .then_some(())
+    })
+    .await;
+
+    // /scale: the new consumers value is applied live and reported.
+    let out = server
+        .kubectl(&["scale", "-n", &ns, "wsub", "print-orders", "--replicas=8"])
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    eventually(30, "status.consumers = 8", &[&a], || async {
+        let v = get_json(&server, &["-n", &ns, "wsub", "print-orders"]).await?;
+        (v["status"]["consumers"] == 8).then_some(())
+    })
+    .await;
+    let v = get_json(&server, &["-n", &ns, "wsub", "print-orders"])
+        .await
+        .unwrap();
+    assert_eq!(
+        v["status"]["selector"],
+        "weir.dev/subscription=print-orders"
+    );
+
+    // A malformed stream (a duration the CRD schema cannot check) is reported and skipped;
+    // fixing it makes it ready without a restart.
+    let broken = format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: broken, namespace: {ns}}}\n\
+         spec:\n  broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}\n  batching: {{maxDelay: soon}}\n"
+    );
+    let out = server
+        .kubectl_with_input(&["apply", "-f", "-"], &broken)
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    let msg = wait_condition(&server, &ns, "es/broken", "False", "InvalidSpec", &[&a]).await;
+    assert!(msg.contains("spec.batching.maxDelay"), "{msg}");
+    let out = server
+        .kubectl(&[
+            "patch",
+            "-n",
+            &ns,
+            "es",
+            "broken",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"batching":{"maxDelay":"5ms"}}}"#,
+        ])
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    wait_condition(&server, &ns, "es/broken", "True", "Ready", &[&a]).await;
+
+    // A missing Secret names the Secret; creating it makes the stream ready.
+    let secret = unique("late-");
+    let nosecret = format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: nosecret, namespace: {ns}}}\n\
+         spec:\n  broker: {{urlSecretRef: {{name: {secret}, key: url}}}}\n  deletionPolicy: Delete\n"
+    );
+    let out = server
+        .kubectl_with_input(&["apply", "-f", "-"], &nosecret)
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    let msg = wait_condition(
+        &server,
+        &ns,
+        "es/nosecret",
+        "False",
+        "SecretNotFound",
+        &[&a],
+    )
+    .await;
+    assert!(msg.contains(&secret), "{msg}");
+    let out = server
+        .kubectl_with_input(
+            &["apply", "-f", "-"],
+            &format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: {secret}, namespace: {ns}}}\nstringData: {{url: \"{}\"}}\n",
+                common::AMQP_URL
+            ),
+        )
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    wait_condition(&server, &ns, "es/nosecret", "True", "Ready", &[&a]).await;
+
+    // A second operator: serves ingest too; A holds the Lease.
+    // It watches only the test's namespace (`--namespaces`, the chart's `watchNamespaces`);
+    // op-a watches all namespaces.
+    let b = Operator::start(&server, "op-b", &lease, &["--namespaces", &ns]);
+    eventually(60, "op-b serving ingest", &[&a, &b], || async {
+        publish(&b.url, &ns, "orders", "e2")
+            .await
+            .is_success()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(holder(&server, &lease).await, "op-a");
+    eventually(30, "head 2 in status", &[&a, &b], || async {
+        let v = get_json(&server, &["-n", &ns, "es", "orders"]).await?;
+        (v["status"]["head"] == "2").then_some(())
+    })
+    .await;
+
+    // With both running, only the holder records Events.
+    let events = get_json(&server, &["-n", &ns, "events.events.k8s.io"])
+        .await
+        .unwrap();
+    let instances: BTreeSet<String> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reportingInstance"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(instances, BTreeSet::from(["op-a".to_string()]));
+
+    // Killing the holder hands the Lease over; status keeps updating.
+    a.kill9();
+    eventually(60, "op-b holding the Lease", &[&b], || async {
+        (holder(&server, &lease).await == "op-b").then_some(())
+    })
+    .await;
+    assert!(publish(&b.url, &ns, "orders", "e3").await.is_success());
+    eventually(30, "head 3 in status (written by op-b)", &[&b], || async {
+        let v = get_json(&server, &["-n", &ns, "es", "orders"]).await?;
+        (v["status"]["head"] == "3").then_some(())
+    })
+    .await;
+
+    // deletionPolicy Delete: the broker-only stream's exchange goes with it.
+    let notifications_exchange = format!("weir.{ns}.notifications");
+    assert!(exchange_exists(&notifications_exchange).await);
+    let out = server
+        .kubectl(&["delete", "-n", &ns, "es", "notifications", "--timeout=60s"])
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    assert!(!exchange_exists(&notifications_exchange).await);
+
+    // A stream with a live subscription is not torn down under it.
+    let out = server
+        .kubectl(&["delete", "-n", &ns, "es", "orders", "--wait=false"])
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    wait_condition(
+        &server,
+        &ns,
+        "wsub/print-orders",
+        "False",
+        "StreamDeleted",
+        &[&b],
+    )
+    .await;
+    assert!(
+        get_json(&server, &["-n", &ns, "es", "orders"])
+            .await
+            .is_some()
+    );
+    // The subscription (deletionPolicy Delete by default) takes its queue with it; then the
+    // stream goes, keeping its exchange and stored events (Retain).
+    let queue = format!("weir.{ns}.orders.print-orders");
+    assert!(queue_exists(&queue).await);
+    let out = server
+        .kubectl(&["delete", "-n", &ns, "wsub", "print-orders", "--timeout=60s"])
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    assert!(!queue_exists(&queue).await);
+    eventually(60, "EventStream orders gone", &[&b], || async {
+        get_json(&server, &["-n", &ns, "es", "orders"])
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(exchange_exists(&format!("weir.{ns}.orders")).await);
+    let pool = sqlx::PgPool::connect(&common::pg_admin_url())
+        .await
+        .unwrap();
+    let (rows,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM weir_events e JOIN weir_streams s USING (stream_id) \
+         WHERE s.namespace = $1 AND s.name = 'orders'",
+    )
+    .bind(&ns)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, 3, "Retain keeps the stored events");
+    // Clean up what Retain kept, so test runs do not pile up.
+    let _ = sqlx::query("DELETE FROM weir_streams WHERE namespace = $1")
+        .bind(&ns)
+        .execute(&pool)
+        .await;
+
+    // The chart's RBAC against every call the operators made.
+    let rules = chart_rules();
+    let used: BTreeSet<(String, String, String)> = server
+        .calls()
+        .into_iter()
+        .filter(|c| !c.user_agent.starts_with("kubectl") && !c.resource.is_empty())
+        .map(|c| {
+            let resource = match &c.subresource {
+                Some(s) => format!("{}/{s}", c.resource),
+                None => c.resource.clone(),
+            };
+            (c.group, resource, c.verb)
+        })
+        .collect();
+    let not_allowed: Vec<_> = used.difference(&rules).collect();
+    assert!(
+        not_allowed.is_empty(),
+        "calls the chart's RBAC does not allow: {not_allowed:?}"
+    );
+    let unused: Vec<_> = rules.difference(&used).collect();
+    // ConfigMaps are read only for `schemaFrom`, which the quickstart does not use, and an
+    // Event is patched only when it repeats; everything else must have been exercised.
+    let allowed_unused: BTreeSet<(String, String, String)> = [
+        ("", "configmaps", "get"),
+        ("events.k8s.io", "events", "patch"),
+    ]
+    .iter()
+    .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+    .collect();
+    let unexpected: Vec<_> = unused
+        .into_iter()
+        .filter(|u| !allowed_unused.contains(*u))
+        .collect();
+    assert!(unexpected.is_empty(), "rules never used: {unexpected:?}");
+    drop(b);
+}
+
+/// The identity holding the Lease.
+async fn holder(server: &TestApiServer, lease: &str) -> String {
+    let out = server
+        .kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            "default",
+            lease,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .await;
+    out.stdout.trim().to_string()
+}
+
+/// The (group, resource, verb) triples the chart's rules grant.
+fn chart_rules() -> BTreeSet<(String, String, String)> {
+    let helpers = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/weir/templates/_helpers.tpl"),
+    )
+    .unwrap();
+    let mut out = BTreeSet::new();
+    for define in ["weir.resourceRules", "weir.clusterRules", "weir.leaseRules"] {
+        let start = helpers.find(&format!("define \"{define}\"")).unwrap();
+        let body = &helpers[start..];
+        let body = &body[body.find("}}").unwrap() + 2..];
+        let body = &body[..body.find("{{- end }}").unwrap()];
+        let rules: Vec<serde_yaml::Value> = serde_yaml::from_str(body).unwrap();
+        for r in rules {
+            let list = |k: &str| -> Vec<String> {
+                r[k].as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            };
+            for g in list("apiGroups") {
+                for res in list("resources") {
+                    for v in list("verbs") {
+                        out.insert((g.clone(), res.clone(), v));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn http_status(url: &str) -> Option<u16> {
+    reqwest::get(url).await.ok().map(|r| r.status().as_u16())
+}
+
+/// Readiness waits for the CRDs; SIGTERM exits cleanly and releases the Lease at once. The
+/// operator watches two namespaces here (`--namespaces`, the chart's `watchNamespaces`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_waits_for_crds_and_releases_the_lease_on_sigterm() {
+    let server = TestApiServer::start().await;
+    let lease = unique("weir-");
+    let mut op = Operator::start(
+        &server,
+        "op-solo",
+        &lease,
+        &["--namespaces", "default,kube-public"],
+    );
+    let healthz = format!("{}/healthz", op.admin);
+    let readyz = format!("{}/readyz", op.admin);
+    eventually(30, "healthz", &[&op], || async {
+        (http_status(&healthz).await == Some(200)).then_some(())
+    })
+    .await;
+    // No CRDs yet: alive, not ready, and no Lease taken.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(http_status(&readyz).await, Some(503));
+    assert_eq!(holder(&server, &lease).await, "");
+
+    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
+    assert!(out.success, "{}", out.stderr);
+    eventually(
+        30,
+        "readyz once the CRDs are established",
+        &[&op],
+        || async { (http_status(&readyz).await == Some(200)).then_some(()) },
+    )
+    .await;
+    eventually(30, "op-solo holding the Lease", &[&op], || async {
+        (holder(&server, &lease).await == "op-solo").then_some(())
+    })
+    .await;
+
+    let status = op.terminate();
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        op.log_text()
+    );
+    // Released, not left to expire.
+    assert_eq!(holder(&server, &lease).await, "");
+}
