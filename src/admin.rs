@@ -139,13 +139,22 @@ async fn dlq_show(
     }
 }
 
+#[derive(serde::Deserialize)]
+struct RedriveQuery {
+    /// Redrive at most this many (the CLI works in chunks to show progress).
+    limit: Option<u64>,
+}
+
 async fn dlq_redrive(
     State(st): State<AdminState>,
     axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<RedriveQuery>,
 ) -> Response {
     let key = crate::topology::Key::new(ns, name);
-    match st.subscriptions.redrive(&key, &|_| {}).await {
-        Ok(n) => axum::Json(serde_json::json!({ "redriven": n })).into_response(),
+    match st.subscriptions.redrive(&key, q.limit, &|_| {}).await {
+        Ok((n, remaining)) => {
+            axum::Json(serde_json::json!({ "redriven": n, "remaining": remaining })).into_response()
+        }
         Err(e) => dlq_error(e),
     }
 }

@@ -129,21 +129,42 @@ pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Resu
             println!("{}", serde_json::to_string_pretty(&body)?);
         }
         DlqAction::Redrive { target } => {
-            let url = format!("{}/redrive", base(&target)?);
-            eprint!("redriving…");
-            let body = answer(
-                client
-                    .post(&url)
-                    .send()
-                    .await
-                    .with_context(|| format!("POST {url}"))?,
-            )
-            .await?;
-            eprintln!(" done");
+            // In chunks, so a person sees progress; bounded by the count at the start so
+            // letters that fail again meanwhile are not chased forever.
+            const CHUNK: u64 = 100;
+            let url = format!("{}/redrive?limit={CHUNK}", base(&target)?);
+            let (mut done, mut total) = (0u64, None::<u64>);
+            loop {
+                let body = answer(
+                    client
+                        .post(&url)
+                        .send()
+                        .await
+                        .with_context(|| format!("POST {url}"))?,
+                )
+                .await?;
+                let n = body["redriven"].as_u64().unwrap_or(0);
+                let remaining = body["remaining"].as_u64().unwrap_or(0);
+                done += n;
+                let all = *total.get_or_insert(done + remaining);
+                if output == Output::Table {
+                    let width = 30usize;
+                    let filled = (done.min(all) as usize * width) / (all.max(1) as usize);
+                    eprint!(
+                        "\rredriving [{}{}] {done}/{all}",
+                        "#".repeat(filled),
+                        " ".repeat(width - filled)
+                    );
+                }
+                if n == 0 || remaining == 0 || done >= all {
+                    break;
+                }
+            }
             if output == Output::Json {
-                println!("{body}");
+                println!("{}", serde_json::json!({ "redriven": done }));
             } else {
-                println!("redriven: {}", body["redriven"]);
+                eprintln!();
+                println!("redriven: {done}");
             }
         }
         DlqAction::Purge { target, yes } => {

@@ -486,9 +486,15 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("20"),
+        String::from_utf8_lossy(&out.stdout).contains("redriven: 20"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+    // The progress bar ends at the full count.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("] 20/20"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     sink.wait_delivered(20, Duration::from_secs(30), &s.weir)
         .await;

@@ -266,24 +266,29 @@ impl Subscriptions {
         Ok(out)
     }
 
-    /// Moves every dead letter present now back to the subscription's queue (attempts
-    /// start over); returns how many. `progress` is called after each one.
+    /// Moves the dead letters present now (at most `limit`) back to the subscription's queue
+    /// (attempts start over); returns how many moved and how many remain in the dead-letter
+    /// queue. `progress` is called after each one.
     pub async fn redrive(
         &self,
         key: &Key,
+        limit: Option<u64>,
         progress: &(dyn Fn(u64) + Send + Sync),
-    ) -> Result<u64, DeliveryError> {
+    ) -> Result<(u64, u64), DeliveryError> {
         let r = self.runner(key)?;
         let broker = r.inner_broker();
         let q = r.names.dead_letter_queue.clone();
         let Some(counts) = broker.queue_counts(&q).await? else {
-            return Ok(0);
+            return Ok((0, 0));
         };
         let ch = broker.open_channel().await?;
         let mut moved = 0u64;
         // Only the dead letters present at the start: one that fails again while we work
         // lands back in the queue and must not be redriven in a loop.
-        while moved < u64::from(counts.messages) {
+        let todo = limit.map_or(u64::from(counts.messages), |l| {
+            l.min(u64::from(counts.messages))
+        });
+        while moved < todo {
             let got = ch
                 .basic_get(q.as_str().into(), BasicGetOptions::default())
                 .await
@@ -320,7 +325,11 @@ impl Subscriptions {
             progress(moved);
         }
         let _ = ch.close(200, "OK".into()).await;
-        Ok(moved)
+        let remaining = broker
+            .queue_counts(&q)
+            .await?
+            .map_or(0, |c| u64::from(c.messages));
+        Ok((moved, remaining))
     }
 
     /// Deletes every dead letter; returns how many.
