@@ -35,55 +35,99 @@ pub struct RunConfig {
     pub batch_queue: usize,
 }
 
-/// Runs standalone mode until `shutdown` is cancelled.
-pub async fn run(
-    cfg: RunConfig,
-    defaults: Defaults,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
-    let mut engine = Engine::new(metrics);
-    engine.limits.queue_requests = cfg.batch_queue.max(1);
-    let engine = Arc::new(engine);
-    let board = Arc::new(StatusBoard::default());
-    let subscriptions = Arc::new(Subscriptions::new(engine.clone()));
-    board.attach_subscriptions(subscriptions.clone());
+/// What both modes serve: the data plane, subscriptions and the status board, with the
+/// ingest port bound and the admin server already answering (liveness works while the
+/// control plane is still starting; readiness waits for the first applied topology).
+pub struct Serving {
+    pub engine: Arc<Engine>,
+    pub subscriptions: Arc<Subscriptions>,
+    pub board: Arc<StatusBoard>,
+    pub ingest_listener: tokio::net::TcpListener,
+    /// Base URL shown as the streams' endpoint in status.
+    pub endpoint_base: String,
+    /// Cancel, then await `admin_server`, as the last step of a shutdown.
+    pub admin_stop: CancellationToken,
+    pub admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
 
-    let ingest_listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("binding the ingest port {}", cfg.listen))?;
-    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
-        .await
-        .with_context(|| format!("binding the admin port {}", cfg.admin_listen))?;
-    let local = ingest_listener.local_addr()?;
-    tracing::info!(ingest = %local, admin = %admin_listener.local_addr()?, "listening");
-    let endpoint_base = cfg
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
+impl Serving {
+    pub async fn start(
+        batch_queue: usize,
+        listen: SocketAddr,
+        admin_listen: SocketAddr,
+        public_url: Option<String>,
+    ) -> anyhow::Result<Serving> {
+        let mut engine = Engine::new(Metrics::new());
+        engine.limits.queue_requests = batch_queue.max(1);
+        let engine = Arc::new(engine);
+        let board = Arc::new(StatusBoard::default());
+        let subscriptions = Arc::new(Subscriptions::new(engine.clone()));
+        board.attach_subscriptions(subscriptions.clone());
 
-    let watch_stop = shutdown.child_token();
-    let mut rx = crate::source::watch::spawn_folder_watch(
-        cfg.dir.clone(),
-        Duration::from_millis(300),
-        watch_stop.clone(),
-    )
-    .with_context(|| format!("loading manifests from {}", cfg.dir.display()))?;
+        let ingest_listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the ingest port {listen}"))?;
+        let admin_listener = tokio::net::TcpListener::bind(admin_listen)
+            .await
+            .with_context(|| format!("binding the admin port {admin_listen}"))?;
+        let local = ingest_listener.local_addr()?;
+        tracing::info!(ingest = %local, admin = %admin_listener.local_addr()?, "listening");
+        let endpoint_base = public_url.unwrap_or_else(|| format!("http://{local}"));
 
-    let admin_stop = CancellationToken::new();
-    let admin_server = {
+        let admin_stop = CancellationToken::new();
         let app = admin::router(AdminState {
             engine: engine.clone(),
             board: board.clone(),
             subscriptions: subscriptions.clone(),
         });
         let stop = admin_stop.clone();
-        tokio::spawn(async move {
+        let admin_server = tokio::spawn(async move {
             axum::serve(admin_listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await
+        });
+        Ok(Serving {
+            engine,
+            subscriptions,
+            board,
+            ingest_listener,
+            endpoint_base,
+            admin_stop,
+            admin_server,
         })
-    };
+    }
+}
+
+/// Runs standalone mode until `shutdown` is cancelled.
+pub async fn run(
+    cfg: RunConfig,
+    defaults: Defaults,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Serving {
+        engine,
+        subscriptions,
+        board,
+        ingest_listener,
+        endpoint_base,
+        admin_stop,
+        admin_server,
+    } = Serving::start(
+        cfg.batch_queue,
+        cfg.listen,
+        cfg.admin_listen,
+        cfg.public_url.clone(),
+    )
+    .await?;
+
+    let watch_stop = shutdown.child_token();
+    let mut rx = crate::source::watch::spawn_folder_watch(
+        cfg.dir.clone(),
+        crate::source::watch::DEFAULT_DEBOUNCE,
+        watch_stop.clone(),
+    )
+    .with_context(|| format!("loading manifests from {}", cfg.dir.display()))?;
+
     let ingest_server = {
         let app = http::router(HttpState {
             engine: engine.clone(),

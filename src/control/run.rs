@@ -24,7 +24,6 @@ use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState};
 use crate::api::{ArchivePolicy, CachePolicy, EventStream, Subscription};
 use crate::control::ControlError;
 use crate::control::context::{Context, Settings, Stores, reporter};
@@ -32,11 +31,7 @@ use crate::control::leader::{self, LeaseConfig};
 use crate::control::reconcile::{WeirResource, error_policy, reconcile};
 use crate::control::refs::RefCache;
 use crate::control::status_writer::{self, StatusQueue};
-use crate::data::engine::Engine;
 use crate::data::http::{self, HttpState};
-use crate::data::subscriptions::Subscriptions;
-use crate::metrics::Metrics;
-use crate::status::StatusBoard;
 use crate::topology::Defaults;
 
 /// Settings of `weir operator`.
@@ -81,41 +76,22 @@ pub async fn run_with_client(
     defaults: Defaults,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
-    let mut engine = Engine::new(metrics);
-    engine.limits.queue_requests = cfg.batch_queue.max(1);
-    let engine = Arc::new(engine);
-    let subscriptions = Arc::new(Subscriptions::new(engine.clone()));
-    let board = Arc::new(StatusBoard::default());
-
-    let ingest_listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("binding the ingest port {}", cfg.listen))?;
-    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
-        .await
-        .with_context(|| format!("binding the admin port {}", cfg.admin_listen))?;
-    let local = ingest_listener.local_addr()?;
-    tracing::info!(ingest = %local, admin = %admin_listener.local_addr()?, "listening");
-    let endpoint_base = cfg
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
-
     // Admin first: liveness answers while the CRDs are awaited, readiness does not.
-    let admin_stop = CancellationToken::new();
-    let admin_server = {
-        let app = admin::router(AdminState {
-            engine: engine.clone(),
-            board: board.clone(),
-            subscriptions: subscriptions.clone(),
-        });
-        let stop = admin_stop.clone();
-        tokio::spawn(async move {
-            axum::serve(admin_listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
-    };
+    let crate::app::Serving {
+        engine,
+        subscriptions,
+        board,
+        ingest_listener,
+        endpoint_base,
+        admin_stop,
+        admin_server,
+    } = crate::app::Serving::start(
+        cfg.batch_queue,
+        cfg.listen,
+        cfg.admin_listen,
+        cfg.public_url.clone(),
+    )
+    .await?;
 
     let established = tokio::select! {
         r = wait_for_crds(&client) => r,
