@@ -228,7 +228,7 @@ async fn pools_fail_over_writes_stay_and_reads_fail_back() {
     let dead = format!("postgres://postgres@127.0.0.1:{}/{n1}", free_port());
     let p = plan(vec![dead, two.clone()], None);
     let store = pools.store_for(&p).unwrap();
-    until_reached(&store, &n2, Duration::from_secs(15)).await;
+    until_reached(&store, &n2, Duration::from_secs(30)).await;
 
     // Write and read pools over [proxy → one, two], both starting on one.
     let w = pools
@@ -243,16 +243,16 @@ async fn pools_fail_over_writes_stay_and_reads_fail_back() {
         ))
         .unwrap()
         .unwrap();
-    until_reached(&w, &n1, Duration::from_secs(10)).await;
-    until_reached(&r, &n1, Duration::from_secs(10)).await;
+    until_reached(&w, &n1, Duration::from_secs(30)).await;
+    until_reached(&r, &n1, Duration::from_secs(30)).await;
 
     proxy.cut();
-    until_reached(&w, &n2, Duration::from_secs(15)).await;
-    until_reached(&r, &n2, Duration::from_secs(15)).await;
+    until_reached(&w, &n2, Duration::from_secs(30)).await;
+    until_reached(&r, &n2, Duration::from_secs(30)).await;
 
     proxy.restore().await;
     // Reads fail back to the preferred first URL; writes stay on the new primary.
-    until_reached(&r, &n1, Duration::from_secs(15)).await;
+    until_reached(&r, &n1, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     for _ in 0..5 {
         assert_eq!(
