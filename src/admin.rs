@@ -1,5 +1,5 @@
 //! The admin port (default 9090): health, readiness, metrics, status, and the dead-letter
-//! operations of the CLI (`weir dlq`), described in `docs/http-api.md`.
+//! operations of the CLI (`weir dlq`, `weir archive`), described in `docs/http-api.md`.
 
 use std::sync::Arc;
 
@@ -18,6 +18,7 @@ pub struct AdminState {
     pub engine: Arc<Engine>,
     pub board: Arc<StatusBoard>,
     pub subscriptions: Arc<Subscriptions>,
+    pub archives: Arc<crate::data::archive::Archives>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -37,6 +38,19 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/{id}",
             get(dlq_show),
+        )
+        .route("/v1/archive", get(archive_list))
+        .route(
+            "/v1/namespaces/{ns}/streams/{name}/archive",
+            get(archive_status),
+        )
+        .route(
+            "/v1/namespaces/{ns}/streams/{name}/archive/run",
+            axum::routing::post(archive_run),
+        )
+        .route(
+            "/v1/namespaces/{ns}/streams/{name}/archive/verify",
+            axum::routing::post(archive_verify),
         )
         .with_state(state)
 }
@@ -167,5 +181,81 @@ async fn dlq_purge(
     match st.subscriptions.purge(&key).await {
         Ok(n) => axum::Json(serde_json::json!({ "purged": n })).into_response(),
         Err(e) => dlq_error(e),
+    }
+}
+
+/// The answer to an archive operation that failed: 404 when no ArchivePolicy selects the
+/// stream here, 409 while another run holds the stream, 503 for store trouble.
+fn archive_error(e: crate::data::archive::ArchiveError) -> Response {
+    use crate::data::archive::ArchiveError;
+    let status = match &e {
+        ArchiveError::NotArchived(_) => StatusCode::NOT_FOUND,
+        ArchiveError::Busy => StatusCode::CONFLICT,
+        ArchiveError::NotRunning(_) | ArchiveError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        axum::Json(serde_json::json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or_default(),
+            "status": status.as_u16(),
+            "detail": e.to_string(),
+        })),
+    )
+        .into_response()
+}
+
+/// Every stream archived by this process, with its totals.
+async fn archive_list(State(st): State<AdminState>) -> Response {
+    let mut out = Vec::new();
+    for key in st.archives.streams() {
+        match st.archives.stream_status(&key).await {
+            Ok(s) => out.push(serde_json::to_value(s).unwrap_or_default()),
+            Err(e) => out.push(serde_json::json!({ "stream": key.to_string(), "error": e.to_string() })),
+        }
+    }
+    axum::Json(serde_json::json!({ "streams": out })).into_response()
+}
+
+async fn archive_status(
+    State(st): State<AdminState>,
+    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
+) -> Response {
+    let key = crate::topology::Key::new(ns, name);
+    match st.archives.stream_status(&key).await {
+        Ok(s) => axum::Json(s).into_response(),
+        Err(e) => archive_error(e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RunQuery {
+    /// Archive at most this many segments (the CLI works in steps to show progress).
+    max_segments: Option<usize>,
+}
+
+async fn archive_run(
+    State(st): State<AdminState>,
+    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
+    axum::extract::Query(q): axum::extract::Query<RunQuery>,
+) -> Response {
+    let key = crate::topology::Key::new(ns, name);
+    match st.archives.run_now(&key, q.max_segments).await {
+        Ok(r) => axum::Json(r).into_response(),
+        Err(e) => archive_error(e),
+    }
+}
+
+async fn archive_verify(
+    State(st): State<AdminState>,
+    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
+) -> Response {
+    let key = crate::topology::Key::new(ns, name);
+    match st.archives.verify(&key).await {
+        Ok(r) => axum::Json(r).into_response(),
+        Err(e) => archive_error(e),
     }
 }

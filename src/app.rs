@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::data::archive::Archives;
 use crate::data::engine::Engine;
 use crate::data::http::{self, HttpState};
 use crate::data::subscriptions::Subscriptions;
@@ -41,6 +42,7 @@ pub struct RunConfig {
 pub struct Serving {
     pub engine: Arc<Engine>,
     pub subscriptions: Arc<Subscriptions>,
+    pub archives: Arc<Archives>,
     pub board: Arc<StatusBoard>,
     pub ingest_listener: tokio::net::TcpListener,
     /// Base URL shown as the streams' endpoint in status.
@@ -63,6 +65,8 @@ impl Serving {
         let board = Arc::new(StatusBoard::default());
         let subscriptions = Arc::new(Subscriptions::new(engine.clone()));
         board.attach_subscriptions(subscriptions.clone());
+        let archives = Arc::new(Archives::new(engine.clone()));
+        board.attach_archives(archives.clone());
 
         let ingest_listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -79,6 +83,7 @@ impl Serving {
             engine: engine.clone(),
             board: board.clone(),
             subscriptions: subscriptions.clone(),
+            archives: archives.clone(),
         });
         let stop = admin_stop.clone();
         let admin_server = tokio::spawn(async move {
@@ -89,6 +94,7 @@ impl Serving {
         Ok(Serving {
             engine,
             subscriptions,
+            archives,
             board,
             ingest_listener,
             endpoint_base,
@@ -107,6 +113,7 @@ pub async fn run(
     let Serving {
         engine,
         subscriptions,
+        archives,
         board,
         ingest_listener,
         endpoint_base,
@@ -148,6 +155,7 @@ pub async fn run(
             &defaults,
             &engine,
             &subscriptions,
+            &archives,
             &board,
             cfg.prune,
             &endpoint_base,
@@ -165,7 +173,11 @@ pub async fn run(
     // Subscriptions stop taking messages at the same time; their started deliveries finish
     // (and replies reach the still-running batchers) before the streams drain and the pools
     // close.
-    let (ingest, ()) = tokio::join!(ingest_server, subscriptions.shutdown());
+    let (ingest, (), ()) = tokio::join!(
+        ingest_server,
+        subscriptions.shutdown(),
+        archives.shutdown()
+    );
     match ingest {
         Ok(Err(e)) => tracing::warn!(error = %e, "ingest server"),
         Err(e) => tracing::warn!(error = %e, "ingest server task"),
@@ -185,6 +197,7 @@ async fn apply(
     defaults: &Defaults,
     engine: &Engine,
     subscriptions: &Subscriptions,
+    archives: &Archives,
     board: &StatusBoard,
     prune: bool,
     endpoint_base: &str,
@@ -232,6 +245,7 @@ async fn apply(
     {
         tracing::error!(error = %e, "applying the subscriptions");
     }
+    archives.apply(&built.topology.archive_policies);
     board.update(
         built.reports,
         kept,

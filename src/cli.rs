@@ -123,6 +123,11 @@ pub enum Command {
         #[command(subcommand)]
         action: crate::cli_delivery::DlqAction,
     },
+    /// Archive operations: run now, totals, verify (through the admin API).
+    Archive {
+        #[command(subcommand)]
+        action: crate::cli_archive::ArchiveAction,
+    },
     /// Print events as they are stored in a stream, following new ones (Ctrl-C stops).
     Tail {
         /// `<namespace>/<stream>`.
@@ -310,6 +315,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status => runtime()?.block_on(status(&cli.admin, cli.output)),
         Command::Dlq { action } => {
             runtime()?.block_on(crate::cli_delivery::dlq(&cli.admin, cli.output, action))
+        }
+        Command::Archive { action } => {
+            runtime()?.block_on(crate::cli_archive::archive(&cli.admin, cli.output, action))
         }
         Command::Tail { target, from } => runtime()?.block_on(crate::cli_delivery::tail(
             &cli.url, cli.output, &target, from,

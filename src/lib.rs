@@ -10,6 +10,7 @@ pub mod api;
 pub mod app;
 pub mod bench;
 pub mod cli;
+pub mod cli_archive;
 pub mod cli_delivery;
 pub mod cli_trace;
 pub mod control;

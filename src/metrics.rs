@@ -37,6 +37,11 @@ pub struct Metrics {
     pub db_acquire_timeouts: IntCounterVec,
     pub db_pool_up: IntGaugeVec,
     pub db_replica_lag: prometheus::GaugeVec,
+    pub archive_events: IntCounterVec,
+    pub archive_bytes: IntCounterVec,
+    pub archive_runs: IntCounterVec,
+    pub archive_run_duration: HistogramVec,
+    pub archive_deleted_events: IntCounterVec,
 }
 
 /// Latency buckets from 0.5 ms to 10 s: ingest answers in milliseconds when healthy and the
@@ -263,6 +268,37 @@ impl Metrics {
                     .unwrap_or_else(|e| panic!("register: {e}"));
                 g
             },
+            archive_events: counter(
+                &r,
+                "weir_archive_events_total",
+                "Events moved from the hot table into archive segments.",
+                ns,
+            ),
+            archive_bytes: counter(
+                &r,
+                "weir_archive_bytes_total",
+                "Bytes archived: raw (events' records) and stored (segments, compressed).",
+                &["namespace", "stream", "kind"],
+            ),
+            archive_runs: counter(
+                &r,
+                "weir_archive_runs_total",
+                "Archive runs by outcome (ok, busy: another process held the stream, error).",
+                &["namespace", "stream", "outcome"],
+            ),
+            archive_run_duration: histogram(
+                &r,
+                "weir_archive_run_duration_seconds",
+                "Duration of an archive run that did its work.",
+                ns,
+                &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0],
+            ),
+            archive_deleted_events: counter(
+                &r,
+                "weir_archive_deleted_events_total",
+                "Archived events deleted by deleteAfter.",
+                ns,
+            ),
             registry: r,
         }
     }

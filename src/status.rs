@@ -53,6 +53,8 @@ pub struct StatusBoard {
     inner: RwLock<Snapshot>,
     /// The running subscriptions, for their conditions and fields.
     subscriptions: OnceLock<Arc<Subscriptions>>,
+    /// The archivers, for ArchivePolicy totals.
+    archives: OnceLock<Arc<crate::data::archive::Archives>>,
 }
 
 #[derive(Default, Clone)]
@@ -87,6 +89,11 @@ impl StatusBoard {
     /// Makes subscription status (conditions, queues, backlog, position) part of the view.
     pub fn attach_subscriptions(&self, subscriptions: Arc<Subscriptions>) {
         let _ = self.subscriptions.set(subscriptions);
+    }
+
+    /// Makes ArchivePolicy totals (lastRun, archivedEvents, ...) part of the view.
+    pub fn attach_archives(&self, archives: Arc<crate::data::archive::Archives>) {
+        let _ = self.archives.set(archives);
     }
 
     /// True once a topology has been applied (readiness).
@@ -183,6 +190,16 @@ impl StatusBoard {
                     fields.insert("hitRatio".into(), format!("{ratio:.2}").into());
                 }
                 fields.insert("entries".into(), cache.entry_count().into());
+            }
+            if r.kind == Kind::ArchivePolicy
+                && let Some(archives) = self.archives.get()
+            {
+                let (f, error) = archives.policy_status(&r.key).await;
+                fields.extend(f);
+                if let Some(e) = error {
+                    conditions.push(Condition::new("ArchiveHealthy", false, "ArchiveFailed", e));
+                    ready = false;
+                }
             }
             if r.kind == Kind::Subscription
                 && let Some(subs) = self.subscriptions.get()

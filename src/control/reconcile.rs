@@ -156,6 +156,7 @@ pub async fn sync(ctx: &Context, cleaning: Option<(Kind, &Key)>) -> Result<Synce
     {
         tracing::warn!(error = %e, "applying subscriptions");
     }
+    ctx.archives.apply(&built.topology.archive_policies);
     tracing::debug!(resources = built.reports.len(), "sync: applied");
     ctx.board.update(
         built.reports.clone(),
@@ -488,7 +489,27 @@ pub async fn facts(kind: Kind, key: &Key, synced: &Synced, ctx: &Context) -> Fac
                 }
             }
         }
-        Kind::ArchivePolicy | Kind::CachePolicy => {}
+        Kind::ArchivePolicy => {
+            // Totals come from the segments table, the same on every replica.
+            let (fields, error) = ctx.archives.policy_status(key).await;
+            for (k, v) in fields {
+                f.fields.insert(k, v);
+            }
+            if let Some(e) = error
+                && f.not_ready.is_none()
+            {
+                f.not_ready = Some(("ArchiveFailed".into(), e));
+            }
+        }
+        Kind::CachePolicy => {
+            if let Some(cache) = ctx.engine.caches.policy(key) {
+                // Sampled on this replica: each replica has its own cache.
+                if let Some(ratio) = cache.hit_ratio() {
+                    f.fields
+                        .insert("hitRatio".into(), json!(format!("{ratio:.2}")));
+                }
+            }
+        }
     }
     f
 }

@@ -80,6 +80,7 @@ pub async fn run_with_client(
     let crate::app::Serving {
         engine,
         subscriptions,
+        archives,
         board,
         ingest_listener,
         endpoint_base,
@@ -183,6 +184,7 @@ pub async fn run_with_client(
         defaults,
         engine: engine.clone(),
         subscriptions: subscriptions.clone(),
+        archives: archives.clone(),
         board: board.clone(),
         stores,
         refs: RefCache::default(),
@@ -230,7 +232,7 @@ pub async fn run_with_client(
         Err(e) => tracing::warn!(error = %e, "ingest server task"),
         Ok(Ok(())) => {}
     }
-    subscriptions.shutdown().await;
+    tokio::join!(subscriptions.shutdown(), archives.shutdown());
     engine.shutdown().await;
     writer_stop.cancel();
     let _ = writer.await;

@@ -147,6 +147,9 @@ struct StoreWriter {
     store: Store,
     stream_id: Arc<OnceLock<i64>>,
     compression: crate::topology::CompressionPlan,
+    /// `weir_store_payload_bytes_total{kind="raw"|"stored"}` of this stream.
+    payload_raw: prometheus::IntCounter,
+    payload_stored: prometheus::IntCounter,
 }
 
 impl BatchWriter for StoreWriter {
@@ -164,7 +167,13 @@ impl BatchWriter for StoreWriter {
                 .iter()
                 .map(|r| crate::data::store::AppendInput { events: r })
                 .collect();
-            self.store.append(id, &inputs, &self.compression).await
+            let (outcomes, bytes) = self
+                .store
+                .append_counted(id, &inputs, &self.compression)
+                .await?;
+            self.payload_raw.inc_by(bytes.raw);
+            self.payload_stored.inc_by(bytes.stored);
+            Ok(outcomes)
         })
     }
 }
@@ -365,6 +374,16 @@ impl Engine {
                     store: store.clone(),
                     stream_id: stream_id.clone(),
                     compression: plan.compression.clone(),
+                    payload_raw: self.metrics.compression_bytes.with_label_values(&[
+                        key.namespace.as_str(),
+                        key.name.as_str(),
+                        "raw",
+                    ]),
+                    payload_stored: self.metrics.compression_bytes.with_label_values(&[
+                        key.namespace.as_str(),
+                        key.name.as_str(),
+                        "stored",
+                    ]),
                 });
                 let observer = Arc::new(Observer {
                     metrics: self.metrics.clone(),

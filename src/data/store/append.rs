@@ -43,6 +43,14 @@ pub struct Conflict {
 
 pub type RequestOutcome = Result<Vec<Appended>, Conflict>;
 
+/// Payload bytes of the events an append wrote: as received and as stored (after the
+/// store-time compression), for `weir_store_payload_bytes_total`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PayloadBytes {
+    pub raw: u64,
+    pub stored: u64,
+}
+
 /// `expectedversion` as a number. Ingest has already rejected malformed values.
 fn expected_version(ev: &CloudEvent) -> Option<i64> {
     match ev.extensions.get(EXT_EXPECTED_VERSION)? {
@@ -69,6 +77,7 @@ struct Rows {
     kind: Vec<i16>,
     encoding: Vec<i16>,
     data: Vec<Option<Vec<u8>>>,
+    bytes: PayloadBytes,
 }
 
 impl Rows {
@@ -87,6 +96,8 @@ impl Rows {
         match &ev.data {
             Some(d) => {
                 let (enc, bytes) = encode_data(d.bytes(), c.min_bytes, c.level);
+                self.bytes.raw += d.bytes().len() as u64;
+                self.bytes.stored += bytes.len() as u64;
                 self.kind.push(d.kind_code());
                 self.encoding.push(enc);
                 self.data.push(Some(bytes));
@@ -109,6 +120,19 @@ impl Store {
         requests: &[AppendInput<'_>],
         compression: &CompressionPlan,
     ) -> Result<Vec<RequestOutcome>, StoreError> {
+        Ok(self
+            .append_counted(stream_id, requests, compression)
+            .await?
+            .0)
+    }
+
+    /// [`Store::append`], also returning the payload bytes written (raw and as stored).
+    pub async fn append_counted(
+        &self,
+        stream_id: i64,
+        requests: &[AppendInput<'_>],
+        compression: &CompressionPlan,
+    ) -> Result<(Vec<RequestOutcome>, PayloadBytes), StoreError> {
         let mut conn = self.acquire().await?;
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
 
@@ -326,6 +350,6 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(out)
+        Ok((out, rows.bytes))
     }
 }

@@ -6,7 +6,8 @@ mod codec;
 pub mod pools;
 mod read;
 
-pub use append::{AppendInput, Appended, Conflict, RequestOutcome};
+pub use append::{AppendInput, Appended, Conflict, PayloadBytes, RequestOutcome};
+pub(crate) use codec::{decode_row, event_columns};
 
 use std::sync::Arc;
 
@@ -24,6 +25,12 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored event at position {position} cannot be decoded: {message}")]
     Corrupt { position: i64, message: String },
+    #[error("archive segment {segment} is damaged at byte {offset}: {message}")]
+    ArchiveCorrupt {
+        segment: String,
+        offset: u64,
+        message: String,
+    },
 }
 
 impl StoreError {
@@ -72,6 +79,8 @@ fn is_transient(e: &sqlx::Error) -> bool {
 pub struct Store {
     pool: PgPool,
     stats: Option<Arc<PoolStats>>,
+    /// Caches for reads of archived events (shared by the clones of this handle).
+    pub(crate) archive: Arc<crate::data::archive::reader::ArchiveReader>,
 }
 
 /// The instruments of one pool (`weir_db_*{pool}`), fed by [`Store::acquire`].
@@ -102,7 +111,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 impl Store {
     pub fn new(pool: PgPool) -> Store {
-        Store { pool, stats: None }
+        Store {
+            pool,
+            stats: None,
+            archive: Arc::default(),
+        }
     }
 
     /// A store whose connection acquisitions are measured.
@@ -110,6 +123,7 @@ impl Store {
         Store {
             pool,
             stats: Some(stats),
+            archive: Arc::default(),
         }
     }
 

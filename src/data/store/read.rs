@@ -1,4 +1,11 @@
-//! Reads: one event, a page in position order, and a subject's events (time travel).
+//! Reads: one event, a page in position order, and a subject's events (time travel), hot
+//! and archived alike.
+//!
+//! Archived events are read *after* the hot table, and the two results are merged by
+//! position. Events only ever move from the hot table into a segment, in one transaction
+//! that inserts the segment's index and deletes the rows, so an event missing from the hot
+//! read was archived before it and is found by the archive read; an event moved between the
+//! two reads is in both and is kept once. A read never misses an event and never repeats one.
 
 use chrono::{DateTime, Utc};
 
@@ -21,7 +28,10 @@ impl Store {
         .bind(position)
         .fetch_optional(&mut *self.acquire().await?)
         .await?;
-        row.as_ref().map(decode_row).transpose()
+        match row.as_ref().map(decode_row).transpose()? {
+            Some(ev) => Ok(Some(ev)),
+            None => self.archived_one(stream_id, position).await,
+        }
     }
 
     /// Events with `position >= from`, in position order, at most `limit`.
@@ -42,7 +52,14 @@ impl Store {
         .bind(limit)
         .fetch_all(&mut *self.acquire().await?)
         .await?;
-        rows.iter().map(decode_row).collect()
+        let hot: Vec<StoredEvent> = rows.iter().map(decode_row).collect::<Result<_, _>>()?;
+        // The archive can only hold positions before the first hot one.
+        if hot.first().is_some_and(|e| e.position <= from.max(1)) {
+            return Ok(hot);
+        }
+        let limit_n = usize::try_from(limit).unwrap_or(0);
+        let archived = self.archived_range(stream_id, from, limit_n).await?;
+        Ok(merge_by_position(archived, hot, limit_n))
     }
 
     /// A subject's events in version order, optionally only up to `version` and/or only those
@@ -69,8 +86,39 @@ impl Store {
         .bind(as_of)
         .fetch_all(&mut *self.acquire().await?)
         .await?;
-        rows.iter().map(decode_row).collect()
+        let hot: Vec<StoredEvent> = rows.iter().map(decode_row).collect::<Result<_, _>>()?;
+        // Versions start at 1: when the hot rows begin there, nothing was archived.
+        if hot.first().is_some_and(|e| e.version == Some(1)) {
+            return Ok(hot);
+        }
+        let archived: Vec<StoredEvent> = self
+            .archived_subject(stream_id, subject)
+            .await?
+            .into_iter()
+            .filter(|e| version.is_none_or(|v| e.version.is_some_and(|ev| ev <= v)))
+            .filter(|e| as_of.is_none_or(|t| e.recorded_time <= t))
+            .collect();
+        Ok(merge_by_position(archived, hot, usize::MAX))
     }
+}
+
+/// Archived and hot events, in position order, each once, at most `limit`.
+fn merge_by_position(
+    archived: Vec<StoredEvent>,
+    hot: Vec<StoredEvent>,
+    limit: usize,
+) -> Vec<StoredEvent> {
+    if archived.is_empty() {
+        let mut hot = hot;
+        hot.truncate(limit);
+        return hot;
+    }
+    let mut all = archived;
+    all.extend(hot);
+    all.sort_by_key(|e| e.position);
+    all.dedup_by_key(|e| e.position);
+    all.truncate(limit);
+    all
 }
 
 impl Store {
@@ -96,11 +144,26 @@ impl Store {
         .bind(limit)
         .fetch_all(&mut *self.acquire().await?)
         .await?;
-        rows.iter()
+        let hot: Vec<(String, StoredEvent)> = rows
+            .iter()
             .map(|r| {
                 let name: String = sqlx::Row::try_get(r, "stream_name")?;
-                Ok((name, decode_row(r)?))
+                Ok::<_, StoreError>((name, decode_row(r)?))
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        let archived = self
+            .archived_correlation(namespace, streams, correlation_id)
+            .await?;
+        if archived.is_empty() {
+            return Ok(hot);
+        }
+        let mut all = archived;
+        all.extend(hot);
+        all.sort_by(|a, b| {
+            (a.1.recorded_time, &a.0, a.1.position).cmp(&(b.1.recorded_time, &b.0, b.1.position))
+        });
+        all.dedup_by(|a, b| a.0 == b.0 && a.1.position == b.1.position);
+        all.truncate(usize::try_from(limit).unwrap_or(0));
+        Ok(all)
     }
 }

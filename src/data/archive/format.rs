@@ -1,0 +1,553 @@
+//! The segment format, the same bytes whether a segment lives in PostgreSQL or in a file:
+//!
+//! ```text
+//! "WEIRSEG1"                          8-byte magic
+//! block 0 .. block n-1                each a zstd frame (content checksum on), optionally
+//!                                     compressed with the stream's dictionary
+//! index                               JSON array of BlockEntry
+//! trailer: index offset  u64 LE
+//!          index length  u32 LE
+//!          CRC-32 of every byte before the trailer  u32 LE
+//!          "WEIRSEGE"                 8-byte end magic
+//! ```
+//!
+//! A block holds ~64 KiB of events, each a length-prefixed (u32 LE) JSON record. Small blocks
+//! are what make reading one archived event cheap (one block is decompressed, not the
+//! segment) and what make a trained dictionary pay: zstd learns little from the start of a
+//! frame, and a 64 KiB frame is mostly start.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::ArchiveError;
+use crate::data::event::{CloudEvent, Data, ExtValue, StoredEvent};
+
+pub const MAGIC: &[u8; 8] = b"WEIRSEG1";
+pub const END_MAGIC: &[u8; 8] = b"WEIRSEGE";
+pub const TRAILER_LEN: usize = 8 + 4 + 4 + 8;
+/// Raw bytes of events per block. ~64 KiB: big enough for zstd to find the repetition
+/// between events, small enough that one read decompresses little.
+pub const BLOCK_TARGET_BYTES: usize = 64 * 1024;
+/// Upper bound on one decompressed block: a block holds at least one event, and an event's
+/// payload is capped at 64 MiB by the store, so anything claiming more is corrupt.
+pub const MAX_BLOCK_BYTES: usize = 80 * 1024 * 1024;
+/// Size of a trained dictionary. zstd's guidance is ~100 KiB; 64 KiB holds the attribute
+/// names and common values of a stream's event types with room to spare.
+pub const DICTIONARY_BYTES: usize = 64 * 1024;
+
+/// One block of a segment, as listed in the index.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BlockEntry {
+    /// Byte offset of the block's zstd frame within the segment.
+    pub offset: u64,
+    /// Compressed length.
+    pub len: u32,
+    /// Decompressed length.
+    pub raw_len: u32,
+    pub first_position: i64,
+    pub count: u32,
+    /// CRC-32 of the compressed bytes, so a damaged block is named before zstd sees it.
+    pub crc32: u32,
+}
+
+impl BlockEntry {
+    pub fn last_position(&self) -> i64 {
+        self.first_position + i64::from(self.count) - 1
+    }
+    pub fn holds(&self, position: i64) -> bool {
+        position >= self.first_position && position <= self.last_position()
+    }
+}
+
+/// One archived event. Field names are short because they repeat in every record (zstd
+/// removes most of that, but not all of it).
+#[derive(Serialize, Deserialize)]
+struct Record<'a> {
+    p: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    v: Option<i64>,
+    r: DateTime<Utc>,
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    src: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    ty: std::borrow::Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dct: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ds: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    ext: BTreeMap<String, ExtValue>,
+    /// Data kind as in `weir_events.data_kind`: 1 JSON, 2 text, 3 binary (base64).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    k: i16,
+    /// JSON data as received, embedded when it has no surrounding whitespace (so that it
+    /// comes back byte for byte); otherwise carried as a string in `s`.
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    j: Option<&'a RawValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    s: Option<String>,
+}
+
+fn is_zero(k: &i16) -> bool {
+    *k == 0
+}
+
+/// Appends one event as a length-prefixed record.
+pub fn encode_event(ev: &StoredEvent, out: &mut Vec<u8>) -> Result<(), ArchiveError> {
+    let e = &ev.event;
+    let mut rec = Record {
+        p: ev.position,
+        v: ev.version,
+        r: ev.recorded_time,
+        id: e.id.as_str().into(),
+        src: e.source.as_str().into(),
+        ty: e.ty.as_str().into(),
+        sub: e.subject.clone(),
+        time: e.time.clone(),
+        dct: e.datacontenttype.clone(),
+        ds: e.dataschema.clone(),
+        ext: e.extensions.clone(),
+        k: 0,
+        j: None,
+        s: None,
+    };
+    let owned_raw;
+    match &e.data {
+        None => {}
+        Some(d) => {
+            rec.k = d.kind_code();
+            match d {
+                Data::Json(b) => {
+                    let trimmed = b.trim_ascii();
+                    if trimmed.len() == b.len()
+                        && let Ok(text) = std::str::from_utf8(b)
+                        && let Ok(raw) = serde_json::from_str::<&RawValue>(text)
+                    {
+                        owned_raw = raw;
+                        rec.j = Some(owned_raw);
+                    } else {
+                        rec.s = Some(String::from_utf8_lossy(b).into_owned());
+                    }
+                }
+                Data::Text(b) => rec.s = Some(String::from_utf8_lossy(b).into_owned()),
+                Data::Binary(b) => {
+                    use base64::Engine as _;
+                    rec.s = Some(base64::engine::general_purpose::STANDARD.encode(b));
+                }
+            }
+        }
+    }
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut *out, &rec).map_err(|e| ArchiveError::Encode(e.to_string()))?;
+    let len = u32::try_from(out.len() - start - 4)
+        .map_err(|_| ArchiveError::Encode(format!("event {} is over 4 GiB", ev.position)))?;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// Decodes every record of a decompressed block.
+pub fn decode_block(raw: &[u8]) -> Result<Vec<StoredEvent>, String> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < raw.len() {
+        let Some(len) = raw.get(at..at + 4) else {
+            return Err(format!("truncated record header at byte {at}"));
+        };
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let Some(body) = raw.get(at + 4..at + 4 + len) else {
+            return Err(format!("record at byte {at} runs past the block"));
+        };
+        out.push(decode_record(body).map_err(|e| format!("record at byte {at}: {e}"))?);
+        at += 4 + len;
+    }
+    Ok(out)
+}
+
+fn decode_record(body: &[u8]) -> Result<StoredEvent, String> {
+    let rec: Record<'_> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let data = match rec.k {
+        0 => None,
+        1 => Some(Data::Json(match (rec.j, rec.s) {
+            (Some(raw), _) => Bytes::copy_from_slice(raw.get().as_bytes()),
+            (None, Some(s)) => Bytes::from(s.into_bytes()),
+            (None, None) => return Err("JSON data missing".into()),
+        })),
+        2 => Some(Data::Text(Bytes::from(rec.s.unwrap_or_default().into_bytes()))),
+        3 => {
+            use base64::Engine as _;
+            let b = base64::engine::general_purpose::STANDARD
+                .decode(rec.s.unwrap_or_default())
+                .map_err(|e| format!("binary data: {e}"))?;
+            Some(Data::Binary(Bytes::from(b)))
+        }
+        other => return Err(format!("unknown data kind {other}")),
+    };
+    Ok(StoredEvent {
+        position: rec.p,
+        version: rec.v,
+        recorded_time: rec.r,
+        event: CloudEvent {
+            id: rec.id.into_owned(),
+            source: rec.src.into_owned(),
+            ty: rec.ty.into_owned(),
+            datacontenttype: rec.dct,
+            dataschema: rec.ds,
+            subject: rec.sub,
+            time: rec.time,
+            extensions: rec.ext,
+            data,
+        },
+    })
+}
+
+/// A segment ready to be stored.
+#[derive(Debug)]
+pub struct BuiltSegment {
+    pub body: Vec<u8>,
+    pub index: Vec<BlockEntry>,
+    pub first_position: i64,
+    pub last_position: i64,
+    pub first_recorded: DateTime<Utc>,
+    pub last_recorded: DateTime<Utc>,
+    pub event_count: i64,
+    /// Total length of the events' records (the "raw JSON" the ratio is measured against).
+    pub raw_bytes: u64,
+    pub checksum: u32,
+    /// (subject, block) and (correlation id, block) pairs, deduplicated.
+    pub subjects: Vec<(String, i32)>,
+    pub correlations: Vec<(String, i32)>,
+}
+
+/// Packs `events` (consecutive positions, at least one) into a segment.
+pub fn build_segment(
+    events: &[StoredEvent],
+    level: i32,
+    dictionary: Option<&[u8]>,
+) -> Result<BuiltSegment, ArchiveError> {
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return Err(ArchiveError::Encode("a segment needs at least one event".into()));
+    };
+    let mut compressor = match dictionary {
+        Some(d) => zstd::bulk::Compressor::with_dictionary(level, d),
+        None => zstd::bulk::Compressor::new(level),
+    }
+    .map_err(|e| ArchiveError::Encode(format!("zstd: {e}")))?;
+    compressor
+        .include_checksum(true)
+        .map_err(|e| ArchiveError::Encode(format!("zstd: {e}")))?;
+
+    let mut body = Vec::with_capacity(1 << 20);
+    body.extend_from_slice(MAGIC);
+    let mut index = Vec::new();
+    let mut raw = Vec::with_capacity(BLOCK_TARGET_BYTES * 2);
+    let mut raw_bytes = 0u64;
+    let mut subjects = std::collections::BTreeSet::new();
+    let mut correlations = std::collections::BTreeSet::new();
+    let mut block_first = first.position;
+    let mut count = 0u32;
+    let mut expected = first.position;
+    for (i, ev) in events.iter().enumerate() {
+        if ev.position != expected {
+            return Err(ArchiveError::Encode(format!(
+                "positions are not consecutive: {} follows {}",
+                ev.position,
+                expected - 1
+            )));
+        }
+        expected += 1;
+        let block = index.len() as i32;
+        if let Some(s) = &ev.event.subject {
+            subjects.insert((s.clone(), block));
+        }
+        if let Some(c) = ev.event.correlation_id() {
+            correlations.insert((c, block));
+        }
+        encode_event(ev, &mut raw)?;
+        count += 1;
+        if raw.len() >= BLOCK_TARGET_BYTES || i + 1 == events.len() {
+            let frame = compressor
+                .compress(&raw)
+                .map_err(|e| ArchiveError::Encode(format!("zstd: {e}")))?;
+            index.push(BlockEntry {
+                offset: body.len() as u64,
+                len: u32::try_from(frame.len())
+                    .map_err(|_| ArchiveError::Encode("block over 4 GiB".into()))?,
+                raw_len: u32::try_from(raw.len())
+                    .map_err(|_| ArchiveError::Encode("block over 4 GiB".into()))?,
+                first_position: block_first,
+                count,
+                crc32: crc32fast::hash(&frame),
+            });
+            body.extend_from_slice(&frame);
+            raw_bytes += raw.len() as u64;
+            raw.clear();
+            block_first = ev.position + 1;
+            count = 0;
+        }
+    }
+    let index_offset = body.len() as u64;
+    serde_json::to_writer(&mut body, &index).map_err(|e| ArchiveError::Encode(e.to_string()))?;
+    let index_len = (body.len() as u64 - index_offset) as u32;
+    body.extend_from_slice(&index_offset.to_le_bytes());
+    body.extend_from_slice(&index_len.to_le_bytes());
+    let checksum = crc32fast::hash(&body);
+    body.extend_from_slice(&checksum.to_le_bytes());
+    body.extend_from_slice(END_MAGIC);
+    let segment = BuiltSegment {
+        body,
+        index,
+        first_position: first.position,
+        last_position: last.position,
+        first_recorded: first.recorded_time,
+        last_recorded: last.recorded_time,
+        event_count: events.len() as i64,
+        raw_bytes,
+        checksum,
+        subjects: subjects.into_iter().collect(),
+        correlations: correlations.into_iter().collect(),
+    };
+    Ok(segment)
+}
+
+/// What a whole segment body says about itself: its index, after checking both magics and
+/// the body checksum. Errors name the byte offset where the damage was found.
+pub fn parse_body(body: &[u8]) -> Result<(Vec<BlockEntry>, u32), (u64, String)> {
+    if body.len() < MAGIC.len() + TRAILER_LEN || &body[..8] != MAGIC {
+        return Err((0, "not a segment (bad magic)".into()));
+    }
+    let t = body.len() - TRAILER_LEN;
+    if &body[t + 16..] != END_MAGIC {
+        return Err((t as u64 + 16, "truncated segment (bad end magic)".into()));
+    }
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&body[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    let u32_at = |i: usize| {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&body[i..i + 4]);
+        u32::from_le_bytes(b)
+    };
+    let index_offset = u64_at(t);
+    let index_len = u64::from(u32_at(t + 8));
+    let checksum = u32_at(t + 12);
+    let actual = crc32fast::hash(&body[..t + 12]);
+    if actual != checksum {
+        // Find the first damaged block to name a useful offset.
+        return Err((
+            first_bad_block(body, index_offset, index_len).unwrap_or(0),
+            format!("checksum mismatch (recorded {checksum:08x}, computed {actual:08x})"),
+        ));
+    }
+    let index_end = index_offset.saturating_add(index_len);
+    if index_end as usize != t {
+        return Err((index_offset, "index does not end at the trailer".into()));
+    }
+    let index: Vec<BlockEntry> = serde_json::from_slice(&body[index_offset as usize..t])
+        .map_err(|e| (index_offset, format!("index: {e}")))?;
+    Ok((index, checksum))
+}
+
+/// The offset of the first block whose CRC does not match, when the index can still be read.
+fn first_bad_block(body: &[u8], index_offset: u64, index_len: u64) -> Option<u64> {
+    let end = usize::try_from(index_offset.checked_add(index_len)?).ok()?;
+    let index: Vec<BlockEntry> =
+        serde_json::from_slice(body.get(usize::try_from(index_offset).ok()?..end)?).ok()?;
+    index.iter().find_map(|b| {
+        let start = usize::try_from(b.offset).ok()?;
+        let frame = body.get(start..start + b.len as usize)?;
+        (crc32fast::hash(frame) != b.crc32).then_some(b.offset)
+    })
+}
+
+/// A prepared decompression dictionary (parsed once, shared by every block decoded with it).
+pub type Dictionary = zstd::dict::DecoderDictionary<'static>;
+
+/// Checks and decompresses one block's frame.
+pub fn decompress_block(
+    frame: &[u8],
+    entry: &BlockEntry,
+    dictionary: Option<&Dictionary>,
+) -> Result<Vec<StoredEvent>, String> {
+    if crc32fast::hash(frame) != entry.crc32 {
+        return Err("block checksum mismatch".into());
+    }
+    if entry.raw_len as usize > MAX_BLOCK_BYTES {
+        return Err(format!("block claims {} bytes", entry.raw_len));
+    }
+    let mut d = match dictionary {
+        Some(dict) => zstd::bulk::Decompressor::with_prepared_dictionary(dict),
+        None => zstd::bulk::Decompressor::new(),
+    }
+    .map_err(|e| format!("zstd: {e}"))?;
+    let raw = d
+        .decompress(frame, entry.raw_len as usize)
+        .map_err(|e| format!("zstd: {e}"))?;
+    if raw.len() != entry.raw_len as usize {
+        return Err(format!(
+            "block decompressed to {} bytes, index says {}",
+            raw.len(),
+            entry.raw_len
+        ));
+    }
+    let events = decode_block(&raw)?;
+    if events.len() != entry.count as usize
+        || events.first().map(|e| e.position) != Some(entry.first_position)
+        || events
+            .iter()
+            .enumerate()
+            .any(|(i, e)| e.position != entry.first_position + i as i64)
+    {
+        return Err(format!(
+            "block holds {} events not numbered {}..={}",
+            events.len(),
+            entry.first_position,
+            entry.last_position()
+        ));
+    }
+    Ok(events)
+}
+
+/// Trains a dictionary on the records of `events` (at most `max_sample_bytes` of them,
+/// evenly spread). `None` when there is too little to learn from.
+pub fn train_dictionary(events: &[StoredEvent], max_sample_bytes: usize) -> Option<Vec<u8>> {
+    let mut records = Vec::new();
+    let mut sizes = Vec::new();
+    let mut total = 0usize;
+    for ev in events {
+        total += ev.event.data.as_ref().map_or(0, |d| d.bytes().len()) + 200;
+    }
+    let step = (total / max_sample_bytes.max(1)).max(1);
+    for ev in events.iter().step_by(step) {
+        let start = records.len();
+        if encode_event(ev, &mut records).is_err() {
+            continue;
+        }
+        sizes.push(records.len() - start);
+        if records.len() >= max_sample_bytes {
+            break;
+        }
+    }
+    // zstd needs a few samples per dictionary kilobyte to find anything worth keeping.
+    if sizes.len() < 64 || records.len() < 4 * DICTIONARY_BYTES {
+        return None;
+    }
+    zstd::dict::from_continuous(&records, &sizes, DICTIONARY_BYTES).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(position: i64, data: Option<Data>) -> StoredEvent {
+        let mut extensions = BTreeMap::new();
+        extensions.insert("correlationid".into(), ExtValue::String("c-1".into()));
+        extensions.insert("n".into(), ExtValue::Integer(position));
+        StoredEvent {
+            position,
+            version: Some(position),
+            recorded_time: DateTime::from_timestamp(1_700_000_000 + position, 123_456_789)
+                .unwrap(),
+            event: CloudEvent {
+                id: format!("id-{position}"),
+                source: "/orders".into(),
+                ty: "order.created".into(),
+                datacontenttype: Some("application/json".into()),
+                dataschema: None,
+                subject: Some(format!("order-{}", position % 7)),
+                time: Some("2024-05-01T00:00:00Z".into()),
+                extensions,
+                data,
+            },
+        }
+    }
+
+    #[test]
+    fn every_kind_of_data_comes_back_byte_for_byte() {
+        let events = vec![
+            event(1, None),
+            event(2, Some(Data::Json(Bytes::from_static(br#"{"a": [1, 2.50]}"#)))),
+            event(3, Some(Data::Json(Bytes::from_static(b" {\"a\":1}\n")))),
+            event(4, Some(Data::Text(Bytes::from_static(b"plain\ntext")))),
+            event(5, Some(Data::Binary(Bytes::from_static(&[0, 159, 146, 150])))),
+        ];
+        let seg = build_segment(&events, 6, None).unwrap();
+        let (index, checksum) = parse_body(&seg.body).unwrap();
+        assert_eq!((index.clone(), checksum), (seg.index.clone(), seg.checksum));
+        let b = &index[0];
+        let frame = &seg.body[b.offset as usize..b.offset as usize + b.len as usize];
+        assert_eq!(decompress_block(frame, b, None).unwrap(), events);
+        assert!(seg.correlations.contains(&("c-1".into(), 0)));
+        assert_eq!(seg.subjects.len(), 5);
+    }
+
+    #[test]
+    fn blocks_split_near_64k_and_a_dictionary_pays() {
+        let events: Vec<_> = (1..=5000)
+            .map(|p| {
+                let data = format!(
+                    r#"{{"orderId":"ord-{p:06}","customer":"cust-{}","total":{}.{:02},"currency":"EUR","items":[{{"sku":"sku-{}","qty":{}}}]}}"#,
+                    p % 311,
+                    p % 997,
+                    p % 100,
+                    p % 53,
+                    p % 5 + 1
+                );
+                event(p, Some(Data::Json(Bytes::from(data))))
+            })
+            .collect();
+        let plain = build_segment(&events, 6, None).unwrap();
+        assert!(plain.index.len() > 10, "{} blocks", plain.index.len());
+        for b in &plain.index {
+            assert!(b.raw_len as usize <= BLOCK_TARGET_BYTES + 1024);
+        }
+        let dict = train_dictionary(&events, 4 << 20).expect("enough samples");
+        let with = build_segment(&events, 6, Some(&dict)).unwrap();
+        assert!(
+            with.body.len() < plain.body.len(),
+            "dictionary {} vs plain {}",
+            with.body.len(),
+            plain.body.len()
+        );
+        let prepared = Dictionary::copy(&dict);
+        let b = &with.index[3];
+        let frame = &with.body[b.offset as usize..b.offset as usize + b.len as usize];
+        let got = decompress_block(frame, b, Some(&prepared)).unwrap();
+        assert_eq!(got[0], events[(b.first_position - 1) as usize]);
+        // Without the dictionary the block does not decode.
+        assert!(decompress_block(frame, b, None).is_err());
+    }
+
+    #[test]
+    fn damage_is_found_with_its_offset() {
+        let events: Vec<_> = (1..=3000)
+            .map(|p| event(p, Some(Data::Text(Bytes::from(format!("payload {p}"))))))
+            .collect();
+        let mut seg = build_segment(&events, 3, None).unwrap();
+        let victim = seg.index[2].clone();
+        seg.body[victim.offset as usize + 5] ^= 0xff;
+        let (offset, msg) = parse_body(&seg.body).unwrap_err();
+        assert_eq!(offset, victim.offset, "{msg}");
+        let frame =
+            &seg.body[victim.offset as usize..victim.offset as usize + victim.len as usize];
+        assert!(decompress_block(frame, &victim, None).is_err());
+        // Other blocks still decode.
+        let b = &seg.index[1];
+        let frame = &seg.body[b.offset as usize..b.offset as usize + b.len as usize];
+        assert!(decompress_block(frame, b, None).is_ok());
+        let (offset, _) = parse_body(&seg.body[..seg.body.len() - 3]).unwrap_err();
+        assert!(offset > 0);
+    }
+}
