@@ -213,7 +213,9 @@ async fn archive_list(State(st): State<AdminState>) -> Response {
     for key in st.archives.streams() {
         match st.archives.stream_status(&key).await {
             Ok(s) => out.push(serde_json::to_value(s).unwrap_or_default()),
-            Err(e) => out.push(serde_json::json!({ "stream": key.to_string(), "error": e.to_string() })),
+            Err(e) => {
+                out.push(serde_json::json!({ "stream": key.to_string(), "error": e.to_string() }))
+            }
         }
     }
     axum::Json(serde_json::json!({ "streams": out })).into_response()

@@ -173,11 +173,8 @@ pub async fn run(
     // Subscriptions stop taking messages at the same time; their started deliveries finish
     // (and replies reach the still-running batchers) before the streams drain and the pools
     // close.
-    let (ingest, (), ()) = tokio::join!(
-        ingest_server,
-        subscriptions.shutdown(),
-        archives.shutdown()
-    );
+    let (ingest, (), ()) =
+        tokio::join!(ingest_server, subscriptions.shutdown(), archives.shutdown());
     match ingest {
         Ok(Err(e)) => tracing::warn!(error = %e, "ingest server"),
         Err(e) => tracing::warn!(error = %e, "ingest server task"),

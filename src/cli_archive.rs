@@ -60,14 +60,19 @@ fn failed(status: u16, body: &serde_json::Value) -> anyhow::Error {
     anyhow::anyhow!("{status}: {}", body["detail"].as_str().unwrap_or(""))
 }
 
-pub async fn archive(admin: &str, output: Output, action: ArchiveAction) -> anyhow::Result<ExitCode> {
+pub async fn archive(
+    admin: &str,
+    output: Output,
+    action: ArchiveAction,
+) -> anyhow::Result<ExitCode> {
     let client = reqwest::Client::new();
     let admin = admin.trim_end_matches('/');
     match action {
         ArchiveAction::Run { target } => {
             let (ns, name) = split(&target)?;
             // One segment per call, so a person sees progress between calls.
-            let url = format!("{admin}/v1/namespaces/{ns}/streams/{name}/archive/run?maxSegments=1");
+            let url =
+                format!("{admin}/v1/namespaces/{ns}/streams/{name}/archive/run?maxSegments=1");
             let (mut events, mut segments, mut raw, mut stored) = (0u64, 0u64, 0u64, 0u64);
             let mut total = None::<u64>;
             let started = tokio::time::Instant::now();
@@ -101,7 +106,11 @@ pub async fn archive(admin: &str, output: Output, action: ArchiveAction) -> anyh
                     break;
                 }
             }
-            let ratio = if stored > 0 { raw as f64 / stored as f64 } else { 0.0 };
+            let ratio = if stored > 0 {
+                raw as f64 / stored as f64
+            } else {
+                0.0
+            };
             if output == Output::Json {
                 println!(
                     "{}",
@@ -127,7 +136,14 @@ pub async fn archive(admin: &str, output: Output, action: ArchiveAction) -> anyh
             }
             println!(
                 "{:<28} {:<24} {:>8} {:>10} {:>12} {:>12} {:>6} {:<20} {:>10} ERROR",
-                "STREAM", "POLICY", "SEGMENTS", "EVENTS", "RAW", "STORED", "RATIO", "LAST RUN",
+                "STREAM",
+                "POLICY",
+                "SEGMENTS",
+                "EVENTS",
+                "RAW",
+                "STORED",
+                "RATIO",
+                "LAST RUN",
                 "HOT FROM"
             );
             let empty = vec![];
@@ -152,7 +168,10 @@ pub async fn archive(admin: &str, output: Output, action: ArchiveAction) -> anyh
                     ratio,
                     last,
                     t("hotFrom"),
-                    s["lastError"].as_str().or(s["error"].as_str()).unwrap_or("")
+                    s["lastError"]
+                        .as_str()
+                        .or(s["error"].as_str())
+                        .unwrap_or("")
                 );
             }
         }

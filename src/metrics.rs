@@ -291,7 +291,9 @@ impl Metrics {
                 "weir_archive_run_duration_seconds",
                 "Duration of an archive run that did its work.",
                 ns,
-                &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0],
+                &[
+                    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                ],
             ),
             archive_deleted_events: counter(
                 &r,

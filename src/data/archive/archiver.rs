@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::types::Json;
-use sqlx::{Connection as _, ConnectOptions as _, PgConnection, Row as _};
+use sqlx::{ConnectOptions as _, Connection as _, PgConnection, Row as _};
 
 use super::ArchiveError;
 use super::format::{self, BlockEntry, BuiltSegment, Dictionary};
@@ -79,12 +79,11 @@ fn fault(point: &str) {
 /// A dedicated connection holding the stream's archive lock; dropping it releases the lock.
 async fn lock(store: &Store, stream_id: i64) -> Result<PgConnection, ArchiveError> {
     let mut conn = store.pool().connect_options().connect().await?;
-    let got: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_lock($1, ($2 % 2147483647)::int4)")
-            .bind(ARCHIVE_LOCK_CLASS)
-            .bind(stream_id)
-            .fetch_one(&mut conn)
-            .await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, ($2 % 2147483647)::int4)")
+        .bind(ARCHIVE_LOCK_CLASS)
+        .bind(stream_id)
+        .fetch_one(&mut conn)
+        .await?;
     if !got {
         let _ = conn.close().await;
         return Err(ArchiveError::Busy);
@@ -307,7 +306,12 @@ async fn dictionary_for(
     .bind(events.len() as i32)
     .execute(&mut *conn)
     .await?;
-    tracing::info!(stream_id, dict_id = id, bytes = dict.len(), "trained an archive dictionary");
+    tracing::info!(
+        stream_id,
+        dict_id = id,
+        bytes = dict.len(),
+        "trained an archive dictionary"
+    );
     Ok(Some((id, dict)))
 }
 
@@ -384,7 +388,10 @@ async fn remove_orphans(
     .await
     .unwrap_or_default();
     for path in removed {
-        tracing::info!(path, "removed a segment file left by an interrupted archive run");
+        tracing::info!(
+            path,
+            "removed a segment file left by an interrupted archive run"
+        );
     }
     Ok(())
 }
@@ -620,8 +627,9 @@ pub async fn verify(
             ));
         }
         if last - first + 1 != count {
-            r.problems
-                .push(format!("{name}: {count} events recorded for {first}..={last}"));
+            r.problems.push(format!(
+                "{name}: {count} events recorded for {first}..={last}"
+            ));
         }
         expected = last + 1;
         let body = match segment_body(store, stream_id, first, file.as_deref()).await {
@@ -643,8 +651,9 @@ pub async fn verify(
                     ));
                 }
                 if body_index != index.0 {
-                    r.problems
-                        .push(format!("{name}: the body's block index differs from the recorded one"));
+                    r.problems.push(format!(
+                        "{name}: the body's block index differs from the recorded one"
+                    ));
                 }
             }
         }
@@ -661,7 +670,8 @@ pub async fn verify(
                 match bytes {
                     Some(b) => Some(Dictionary::copy(&b)),
                     None => {
-                        r.problems.push(format!("{name}: dictionary {id} is missing"));
+                        r.problems
+                            .push(format!("{name}: dictionary {id} is missing"));
                         progress(n as u64 + 1, total);
                         continue;
                     }

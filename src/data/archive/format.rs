@@ -183,7 +183,9 @@ fn decode_record(body: &[u8]) -> Result<StoredEvent, String> {
             (None, Some(s)) => Bytes::from(s.into_bytes()),
             (None, None) => return Err("JSON data missing".into()),
         })),
-        2 => Some(Data::Text(Bytes::from(rec.s.unwrap_or_default().into_bytes()))),
+        2 => Some(Data::Text(Bytes::from(
+            rec.s.unwrap_or_default().into_bytes(),
+        ))),
         3 => {
             use base64::Engine as _;
             let b = base64::engine::general_purpose::STANDARD
@@ -236,7 +238,9 @@ pub fn build_segment(
     dictionary: Option<&[u8]>,
 ) -> Result<BuiltSegment, ArchiveError> {
     let (Some(first), Some(last)) = (events.first(), events.last()) else {
-        return Err(ArchiveError::Encode("a segment needs at least one event".into()));
+        return Err(ArchiveError::Encode(
+            "a segment needs at least one event".into(),
+        ));
     };
     let mut compressor = match dictionary {
         Some(d) => zstd::bulk::Compressor::with_dictionary(level, d),
@@ -458,8 +462,7 @@ mod tests {
         StoredEvent {
             position,
             version: Some(position),
-            recorded_time: DateTime::from_timestamp(1_700_000_000 + position, 123_456_789)
-                .unwrap(),
+            recorded_time: DateTime::from_timestamp(1_700_000_000 + position, 123_456_789).unwrap(),
             event: CloudEvent {
                 id: format!("id-{position}"),
                 source: "/orders".into(),
@@ -478,10 +481,16 @@ mod tests {
     fn every_kind_of_data_comes_back_byte_for_byte() {
         let events = vec![
             event(1, None),
-            event(2, Some(Data::Json(Bytes::from_static(br#"{"a": [1, 2.50]}"#)))),
+            event(
+                2,
+                Some(Data::Json(Bytes::from_static(br#"{"a": [1, 2.50]}"#))),
+            ),
             event(3, Some(Data::Json(Bytes::from_static(b" {\"a\":1}\n")))),
             event(4, Some(Data::Text(Bytes::from_static(b"plain\ntext")))),
-            event(5, Some(Data::Binary(Bytes::from_static(&[0, 159, 146, 150])))),
+            event(
+                5,
+                Some(Data::Binary(Bytes::from_static(&[0, 159, 146, 150]))),
+            ),
         ];
         let seg = build_segment(&events, 6, None).unwrap();
         let (index, checksum) = parse_body(&seg.body).unwrap();
@@ -540,8 +549,7 @@ mod tests {
         seg.body[victim.offset as usize + 5] ^= 0xff;
         let (offset, msg) = parse_body(&seg.body).unwrap_err();
         assert_eq!(offset, victim.offset, "{msg}");
-        let frame =
-            &seg.body[victim.offset as usize..victim.offset as usize + victim.len as usize];
+        let frame = &seg.body[victim.offset as usize..victim.offset as usize + victim.len as usize];
         assert!(decompress_block(frame, &victim, None).is_err());
         // Other blocks still decode.
         let b = &seg.index[1];

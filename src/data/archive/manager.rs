@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::archiver::{self, RunReport, Settings, VerifyReport};
 use super::ArchiveError;
+use super::archiver::{self, RunReport, Settings, VerifyReport};
 use crate::data::engine::Engine;
 use crate::data::store::Store;
 use crate::metrics::Metrics;
@@ -143,7 +143,9 @@ impl Archives {
 
     /// Stops every archiver (a run in progress is abandoned: its transaction rolls back).
     pub async fn shutdown(&self) {
-        let entries: Vec<Entry> = std::mem::take(&mut *lock(&self.running)).into_values().collect();
+        let entries: Vec<Entry> = std::mem::take(&mut *lock(&self.running))
+            .into_values()
+            .collect();
         for e in &entries {
             e.cancel.cancel();
         }
@@ -252,10 +254,7 @@ impl Archives {
     }
 
     /// Checks every segment of one archived stream.
-    pub async fn verify(
-        &self,
-        stream: &Key,
-    ) -> Result<VerifyReport, ArchiveError> {
+    pub async fn verify(&self, stream: &Key) -> Result<VerifyReport, ArchiveError> {
         if !lock(&self.running).contains_key(stream) {
             return Err(ArchiveError::NotArchived(stream.to_string()));
         }

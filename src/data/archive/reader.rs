@@ -84,7 +84,9 @@ impl ArchiveReader {
         let _ = self
             .segments
             .invalidate_entries_if(move |k, _| k.0 == stream_id);
-        let _ = self.blocks.invalidate_entries_if(move |k, _| k.0 == stream_id);
+        let _ = self
+            .blocks
+            .invalidate_entries_if(move |k, _| k.0 == stream_id);
     }
 }
 
@@ -156,7 +158,11 @@ impl Store {
         Ok(Some(m))
     }
 
-    async fn dictionary(&self, stream_id: i64, dict_id: i32) -> Result<Arc<Dictionary>, StoreError> {
+    async fn dictionary(
+        &self,
+        stream_id: i64,
+        dict_id: i32,
+    ) -> Result<Arc<Dictionary>, StoreError> {
         if let Some(d) = self.archive.dictionaries.get(&(stream_id, dict_id)) {
             return Ok(d);
         }
@@ -209,13 +215,14 @@ impl Store {
             }
             None => {
                 let bytes: Option<Vec<u8>> = sqlx::query_scalar(
-                    "SELECT substring(body FROM $3 FOR $4) FROM weir_archive_segments
+                    "SELECT substring(body FROM $3::int4 FOR $4::int4) FROM weir_archive_segments
                      WHERE stream_id = $1 AND first_position = $2",
                 )
                 .bind(meta.stream_id)
                 .bind(meta.first_position)
-                .bind(offset as i64 + 1)
-                .bind(len as i64)
+                // Segments are far below 2 GiB (64 MiB by default); the cast is checked.
+                .bind(i32::try_from(offset + 1).map_err(|_| corrupt("offset over 2 GiB".into()))?)
+                .bind(i32::try_from(len).map_err(|_| corrupt("block over 2 GiB".into()))?)
                 .fetch_optional(&mut *self.acquire().await?)
                 .await?;
                 let bytes = bytes.ok_or_else(|| corrupt("segment row is gone".into()))?;
