@@ -78,3 +78,29 @@ fn ingest_broker_and_relay_scenarios_complete_with_sane_numbers() {
     let r = bench(&["relay", "--events", "500"]);
     assert_sane(&r, "relay", 500);
 }
+
+#[test]
+fn archive_scenario_reports_rates_and_ratios_on_the_committed_corpus() {
+    let v = bench(&["archive", "--events", "3000"]);
+    let reports = v.as_array().expect("one report per variant");
+    assert_eq!(reports.len(), 4, "{v}");
+    for r in reports {
+        assert_sane(r, "archive", 3000);
+        let d = &r["details"];
+        let mb = d["raw_mb_per_s"].as_f64().unwrap();
+        assert!(mb > 0.0 && mb.is_finite(), "{r}");
+    }
+    let ratio = |i: usize| reports[i]["details"]["compression_ratio"].as_f64().unwrap();
+    // Realistic JSON compresses several times over, and the dictionary helps 64 KiB blocks.
+    assert!(ratio(0) > 3.0, "with dictionary: {}", ratio(0));
+    assert!(
+        ratio(0) > ratio(1),
+        "dictionary {} vs none {}",
+        ratio(0),
+        ratio(1)
+    );
+    assert!(
+        (ratio(2) - ratio(0)).abs() / ratio(0) < 0.2,
+        "run and in-memory build agree"
+    );
+}

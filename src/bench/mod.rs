@@ -4,6 +4,7 @@
 //! Each scenario starts its own `weir run` pipeline (a child process of this binary) against a
 //! fresh database and fresh exchanges, warms up, measures, and cleans up.
 
+mod archive;
 mod load;
 mod pipeline;
 mod report;
@@ -23,6 +24,9 @@ pub enum Scenario {
     Broker,
     /// Stored events → stream exchange, against the raw confirmed publisher.
     Relay,
+    /// Archiving the committed corpus: MB/s, compression ratio with and without the
+    /// dictionary, read-back rate, against zstd, SELECT+DELETE and hot reads.
+    Archive,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +75,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         Scenario::Ingest => scenarios::ingest(&args).await?,
         Scenario::Broker => scenarios::broker(&args).await?,
         Scenario::Relay => scenarios::relay(&args).await?,
+        Scenario::Archive => archive::archive(&args).await?,
     };
     println!("{}", report::table(&reports));
     if let Some(path) = &args.json {

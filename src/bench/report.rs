@@ -83,6 +83,9 @@ pub struct Report {
     pub baseline_parallel: Option<Measurement>,
     /// weir ÷ baseline (events/s).
     pub ratio: f64,
+    /// Scenario-specific figures (archive: MB/s of raw JSON, compression ratios).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
     pub machine: Machine,
     pub versions: Versions,
 }
@@ -102,6 +105,7 @@ impl Report {
             weir,
             baseline,
             baseline_parallel: None,
+            details: None,
             machine: machine(),
             versions,
         }

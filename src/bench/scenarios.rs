@@ -36,7 +36,7 @@ fn stream_yaml(name: &str, extra: &str) -> String {
     )
 }
 
-async fn versions(pg_url: &str) -> Versions {
+pub(super) async fn versions(pg_url: &str) -> Versions {
     let pg = async {
         let mut c = sqlx::PgConnection::connect(pg_url).await.ok()?;
         sqlx::query_scalar::<_, String>("SHOW server_version")
