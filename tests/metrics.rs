@@ -79,6 +79,11 @@ async fn metrics_pass_promtool_and_cover_the_dashboard_after_a_mixed_workload() 
         "apiVersion: weir.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: mix-cache, namespace: test}\n\
          spec: {streamNames: [mix], strategy: LFU, maxItems: 2}\n",
     );
+    m.write(
+        "archive.yaml",
+        "apiVersion: weir.dev/v1alpha1\nkind: ArchivePolicy\nmetadata: {name: mix-archive, namespace: test}\n\
+         spec: {streamNames: [mix], archiveAfter: 1s, schedule: 1s}\n",
+    );
     m.write("ok.yaml", &subscription_yaml("ok-sub", &sink(200).await));
     m.write("bad.yaml", &subscription_yaml("bad-sub", &sink(400).await));
     let mut w = Weir::start(m.path());
@@ -173,6 +178,7 @@ async fn metrics_pass_promtool_and_cover_the_dashboard_after_a_mixed_workload() 
         r#"weir_cache_requests_total{namespace="test",policy="mix-cache",result="hit"}"#
     ));
     assert!(text.contains(r#"weir_db_pool_up{pool="#), "{text}");
+    assert!(text.contains(r#"weir_archive_runs_total{namespace="test",outcome="ok",stream="mix"}"#));
     assert!(text.contains(r#"weir_db_acquire_duration_seconds_count"#));
     assert!(!text.contains("postgres://"), "no URL in labels");
 
