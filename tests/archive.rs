@@ -321,17 +321,37 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
     // A subscription created now replays all of it, in order, from the archive.
     let got = Arc::new(Mutex::new(Vec::<i64>::new()));
     let sink = start_sink(got.clone()).await;
+    // A name of its own: queues outlive the process, and an existing queue means "not new".
+    let sub = unique("replay-");
     m.write(
         "sub.yaml",
         &format!(
-            "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: replay, namespace: test}}\n\
+            "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {sub}, namespace: test}}\n\
              spec:\n  stream: orders\n  sink: {{uri: \"{sink}\"}}\n  startFrom: earliest\n  consumers: 1\n"
+        ),
+    );
+    // And one starting from a time inside the archive starts at the first event recorded
+    // then.
+    let from_time = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let sink2 = start_sink(from_time.clone()).await;
+    let first_at = before
+        .iter()
+        .position(|e| e["weirrecordedtime"].as_str().unwrap() >= as_of.as_str())
+        .unwrap() as i64
+        + 1;
+    m.write(
+        "sub2.yaml",
+        &format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {}, namespace: test}}\n\
+             spec:\n  stream: orders\n  sink: {{uri: \"{sink2}\"}}\n  startFrom: \"{as_of}\"\n",
+            unique("from-time-")
         ),
     );
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let n = got.lock().unwrap().len();
-        if n >= N + 1 {
+        let n2 = from_time.lock().unwrap().len() as i64;
+        if n >= N + 1 && n2 >= N as i64 + 2 - first_at {
             break;
         }
         assert!(
@@ -351,6 +371,9 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
         got.windows(2).all(|p| p[0] < p[1]),
         "delivered out of order"
     );
+    let from_time: BTreeSet<i64> = from_time.lock().unwrap().iter().copied().collect();
+    assert_eq!(from_time.first(), Some(&first_at));
+    assert_eq!(from_time.len() as i64, N as i64 + 2 - first_at);
 }
 
 fn urlencode(s: &str) -> String {

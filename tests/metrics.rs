@@ -178,7 +178,9 @@ async fn metrics_pass_promtool_and_cover_the_dashboard_after_a_mixed_workload() 
         r#"weir_cache_requests_total{namespace="test",policy="mix-cache",result="hit"}"#
     ));
     assert!(text.contains(r#"weir_db_pool_up{pool="#), "{text}");
-    assert!(text.contains(r#"weir_archive_runs_total{namespace="test",outcome="ok",stream="mix"}"#));
+    assert!(
+        text.contains(r#"weir_archive_runs_total{namespace="test",outcome="ok",stream="mix"}"#)
+    );
     assert!(text.contains(r#"weir_db_acquire_duration_seconds_count"#));
     assert!(!text.contains("postgres://"), "no URL in labels");
 

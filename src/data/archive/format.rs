@@ -20,6 +20,7 @@
 //! segment) and what make a trained dictionary pay: zstd learns little from the start of a
 //! frame, and a 64 KiB frame is mostly start.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -77,21 +78,21 @@ struct Record<'a> {
     /// first record of a block).
     r: i64,
     #[serde(borrow)]
-    id: std::borrow::Cow<'a, str>,
+    id: Cow<'a, str>,
     #[serde(borrow)]
-    src: std::borrow::Cow<'a, str>,
+    src: Cow<'a, str>,
     #[serde(borrow)]
-    ty: std::borrow::Cow<'a, str>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    sub: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    time: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    dct: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    ds: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    ext: BTreeMap<String, ExtValue>,
+    ty: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    sub: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    time: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    dct: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    ds: Option<Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "is_empty")]
+    ext: Cow<'a, BTreeMap<String, ExtValue>>,
     /// Data kind as in `weir_events.data_kind`: 1 JSON, 2 text, 3 binary (base64).
     #[serde(default, skip_serializing_if = "is_zero")]
     k: i16,
@@ -101,6 +102,10 @@ struct Record<'a> {
     j: Option<&'a RawValue>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     s: Option<String>,
+}
+
+fn is_empty(m: &Cow<'_, BTreeMap<String, ExtValue>>) -> bool {
+    m.is_empty()
 }
 
 fn is_zero(k: &i16) -> bool {
@@ -126,11 +131,11 @@ pub fn encode_event(
         id: e.id.as_str().into(),
         src: e.source.as_str().into(),
         ty: e.ty.as_str().into(),
-        sub: e.subject.clone(),
-        time: e.time.clone(),
-        dct: e.datacontenttype.clone(),
-        ds: e.dataschema.clone(),
-        ext: e.extensions.clone(),
+        sub: e.subject.as_deref().map(Cow::Borrowed),
+        time: e.time.as_deref().map(Cow::Borrowed),
+        dct: e.datacontenttype.as_deref().map(Cow::Borrowed),
+        ds: e.dataschema.as_deref().map(Cow::Borrowed),
+        ext: Cow::Borrowed(&e.extensions),
         k: 0,
         j: None,
         s: None,
@@ -225,11 +230,11 @@ fn decode_record(body: &[u8], position: i64, prev: &mut i64) -> Result<StoredEve
             id: rec.id.into_owned(),
             source: rec.src.into_owned(),
             ty: rec.ty.into_owned(),
-            datacontenttype: rec.dct,
-            dataschema: rec.ds,
-            subject: rec.sub,
-            time: rec.time,
-            extensions: rec.ext,
+            datacontenttype: rec.dct.map(Cow::into_owned),
+            dataschema: rec.ds.map(Cow::into_owned),
+            subject: rec.sub.map(Cow::into_owned),
+            time: rec.time.map(Cow::into_owned),
+            extensions: rec.ext.into_owned(),
             data,
         },
     })

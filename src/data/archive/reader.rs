@@ -396,4 +396,39 @@ impl Store {
         }
         Ok(out)
     }
+
+    /// The first position recorded at or after `t`, hot or archived. The hot table is asked
+    /// first, as in every read (see `store::read`).
+    pub async fn first_position_since(
+        &self,
+        stream_id: i64,
+        t: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<i64>, StoreError> {
+        let hot: Option<i64> = sqlx::query_scalar(
+            "SELECT min(position) FROM weir_events WHERE stream_id = $1 AND recorded_at >= $2",
+        )
+        .bind(stream_id)
+        .bind(t)
+        .fetch_one(&mut *self.acquire().await?)
+        .await?;
+        // Recorded times never go backwards in a stream: the first segment that ends at or
+        // after `t` holds the answer, if any segment does.
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {META_COLUMNS} FROM weir_archive_segments
+             WHERE stream_id = $1 AND last_recorded >= $2 ORDER BY first_position LIMIT 1"
+        )))
+        .bind(stream_id)
+        .bind(t)
+        .fetch_optional(&mut *self.acquire().await?)
+        .await?;
+        let Some(row) = row else { return Ok(hot) };
+        let seg = meta_from_row(&row)?;
+        for i in 0..seg.index.len() {
+            let events = self.block(&seg, i).await?;
+            if let Some(e) = events.iter().find(|e| e.recorded_time >= t) {
+                return Ok(Some(hot.map_or(e.position, |h| h.min(e.position))));
+            }
+        }
+        Ok(hot)
+    }
 }

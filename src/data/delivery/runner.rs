@@ -575,15 +575,10 @@ impl Inner {
                         StartFrom::Earliest => Some(1),
                         StartFrom::Position(p) => Some(*p),
                         StartFrom::Time(t) => Some(
-                            sqlx::query_scalar::<_, Option<i64>>(
-                                "SELECT min(position) FROM weir_events
-                                 WHERE stream_id = $1 AND recorded_at >= $2",
-                            )
-                            .bind(stream_id)
-                            .bind(t)
-                            .fetch_one(store.pool())
-                            .await?
-                            .unwrap_or(head + 1),
+                            store
+                                .first_position_since(stream_id, *t)
+                                .await?
+                                .unwrap_or(head + 1),
                         ),
                     }
                 } else {
