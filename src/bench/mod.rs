@@ -23,6 +23,9 @@ pub enum Scenario {
     Broker,
     /// Stored events → stream exchange, against the raw confirmed publisher.
     Relay,
+    /// Zipf-distributed subject reads over HTTP through each CachePolicy strategy, against
+    /// the same reads of a stream without a cache.
+    Cache,
 }
 
 #[derive(Clone, Debug)]
@@ -47,6 +50,10 @@ pub struct BenchArgs {
     /// PostgreSQL server for the fresh benchmark database and the baseline.
     pub pg_url: String,
     pub amqp_url: String,
+    /// `cache`: distinct subjects stored (read with a Zipf distribution over them).
+    pub subjects: usize,
+    /// `cache`: each policy's `maxItems`.
+    pub cache_items: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +78,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         Scenario::Ingest => scenarios::ingest(&args).await?,
         Scenario::Broker => scenarios::broker(&args).await?,
         Scenario::Relay => scenarios::relay(&args).await?,
+        Scenario::Cache => scenarios::cache(&args).await?,
     };
     println!("{}", report::table(&reports));
     if let Some(path) = &args.json {
