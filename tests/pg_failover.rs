@@ -3,7 +3,8 @@
 //! their own. While publishers keep publishing, the primary is stopped (`-m immediate`, a
 //! crash) and the standby promoted. The stream's Secret lists both URLs: ingest answers 503
 //! while there is no primary, then continues on the promoted standby, and every event that
-//! was answered 2xx is there, once, at the position it was answered with.
+//! was answered 2xx is there, once, at the position it was answered with, and reaches the
+//! stream's exchange through the relay.
 //!
 //! The clusters run as the `postgres` user when the test runs as root (`initdb` refuses to run
 //! as root). The test is skipped (it passes, saying why) only when the PostgreSQL server
@@ -375,9 +376,12 @@ async fn primary_crash_and_standby_promotion_lose_no_answered_event() {
     let pair = Pair::start(bin, as_root).await;
 
     let m = Manifests::new(&format!("{},{}", pair.primary.url(), pair.standby.url()));
+    let exchange = unique("weir.test.failover.");
+    // A queue on the stream's exchange: the relay must carry on after the failover too.
+    let (_amqp, channel, queue) = bind_test_queue(&exchange).await;
     m.write(
         "stream.yaml",
-        &stream_yaml("orders", &unique("weir.test.failover."), "").replace(
+        &stream_yaml("orders", &exchange, "").replace(
             "store: {urlSecretRef: {name: pg, key: url}}",
             // A short connect timeout: the pool notices the dead primary within a second.
             "store: {urlSecretRef: {name: pg, key: url}, pool: {connectTimeout: 1s}}",
@@ -521,6 +525,27 @@ async fn primary_crash_and_standby_promotion_lose_no_answered_event() {
         stored.len()
     );
     db.close().await;
+
+    // The relay follows the store to the new primary: every answered event reaches the
+    // stream exchange (at least once).
+    let relayed: std::collections::HashSet<i64> =
+        drain_queue(&channel, &queue, usize::MAX, Duration::from_secs(8))
+            .await
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+    let unrelayed: Vec<i64> = answered
+        .iter()
+        .filter_map(|a| a.position)
+        .filter(|p| !relayed.contains(p))
+        .collect();
+    assert!(
+        unrelayed.is_empty(),
+        "{} of {} answered events never reached the exchange (positions {unrelayed:?}); log:\n{}",
+        unrelayed.len(),
+        answered.len(),
+        w.log_text()
+    );
     drop(w);
     drop(pair);
 }
