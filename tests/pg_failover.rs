@@ -4,7 +4,8 @@
 //! crash) and the standby promoted. The stream's Secret lists both URLs: ingest answers 503
 //! while there is no primary, then continues on the promoted standby, and every event that
 //! was answered 2xx is there, once, at the position it was answered with, and reaches the
-//! stream's exchange through the relay.
+//! stream's exchange through the relay. The crashed primary then comes back, writable: writes
+//! stay on the new primary, and a second process's read cache still sees the first's appends.
 //!
 //! The clusters run as the `postgres` user when the test runs as root (`initdb` refuses to run
 //! as root). The test is skipped (it passes, saying why) only when the PostgreSQL server
@@ -282,6 +283,12 @@ impl Pair {
             .run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
     }
 
+    /// Starts the crashed primary again: it recovers as a primary of its own (writable), as
+    /// a server that was only unreachable would. Weir must not go back to it.
+    fn restart_old_primary(&self) {
+        self.primary.start(&self.pg);
+    }
+
     fn promote_standby(&self) {
         let data = self.standby.data.to_string_lossy().to_string();
         self.pg
@@ -387,8 +394,17 @@ async fn primary_crash_and_standby_promotion_lose_no_answered_event() {
             "store: {urlSecretRef: {name: pg, key: url}, pool: {connectTimeout: 1s}}",
         ),
     );
+    // A read cache on the stream, and a second process that only reads: its cached subjects
+    // must still be invalidated by appends on the first after the failover.
+    m.write(
+        "cache.yaml",
+        "apiVersion: weir.dev/v1alpha1\nkind: CachePolicy\nmetadata: {name: orders-cache, namespace: test}\n\
+         spec: {streamNames: [orders], strategy: LRU, maxItems: 100, ttl: 300s}\n",
+    );
     let mut w = Weir::start_with(m.path(), &[("WEIR_REQUEST_TIMEOUT", "2s")]);
     w.wait_ready("test", "orders").await;
+    let mut reader = Weir::start_with(m.path(), &[("WEIR_REQUEST_TIMEOUT", "2s")]);
+    reader.wait_ready("test", "orders").await;
 
     let log = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -418,6 +434,55 @@ async fn primary_crash_and_standby_promotion_lose_no_answered_event() {
     );
     // Failover: the write pool finds the promoted standby writable and moves to it.
     wait_for_ok(&log, promoted, 100, Duration::from_secs(60)).await;
+
+    // The old primary comes back, writable. Writes stay on the new primary (going back could
+    // write to two primaries); publishing goes on for longer than a pool health interval.
+    pair.restart_old_primary();
+    let restarted = Instant::now();
+    wait_for_ok(&log, restarted, 50, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(restarted.elapsed())).await;
+
+    // Cross-process invalidation still works: the reader caches a subject, the writer
+    // appends to it, and the reader shows the append within a second.
+    let c = reqwest::Client::new();
+    let subject_url = format!(
+        "{}/v1/namespaces/test/streams/orders/subjects/probe/events",
+        reader.url
+    );
+    let reader_ids = || async {
+        let r = c.get(&subject_url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "reader: {}", reader.log_text());
+        let v: Value = r.json().await.unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    for (k, id) in ["probe-1", "probe-2"].into_iter().enumerate() {
+        let r = c
+            .post(w.events_url("test", "orders"))
+            .json(&json!({"type": "t", "id": id, "subject": "probe", "data": {}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "probe publish {id}");
+        let appended = Instant::now();
+        loop {
+            let ids = reader_ids().await;
+            if ids.len() == k + 1 {
+                break;
+            }
+            assert!(
+                appended.elapsed() < Duration::from_secs(1),
+                "the reader still shows {ids:?} 1 s after {id} was answered; reader log:\n{}",
+                reader.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Read twice more: the subject is cached now (a hit).
+        reader_ids().await;
+    }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
@@ -476,6 +541,28 @@ async fn primary_crash_and_standby_promotion_lose_no_answered_event() {
     assert!(
         impossible.is_empty(),
         "answered 2xx while there was no primary: {impossible:?}"
+    );
+
+    // Nothing sent after the crash went to the old primary, before or after it came back.
+    let old = sqlx::PgPool::connect(&pair.primary.url())
+        .await
+        .expect("connect to the restarted old primary");
+    let on_old: std::collections::HashSet<String> =
+        sqlx::query_scalar("SELECT id FROM weir_events")
+            .fetch_all(&old)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    old.close().await;
+    let split: Vec<&str> = log
+        .iter()
+        .filter(|a| a.sent >= crashed && on_old.contains(&a.id))
+        .map(|a| a.id.as_str())
+        .collect();
+    assert!(
+        split.is_empty(),
+        "events sent after the crash were written to the old primary: {split:?}"
     );
 
     // Every event answered 2xx is in the promoted database, once, at its answered position.
@@ -546,6 +633,7 @@ async fn primary_crash_and_standby_promotion_lose_no_answered_event() {
         answered.len(),
         w.log_text()
     );
+    drop(reader);
     drop(w);
     drop(pair);
 }
