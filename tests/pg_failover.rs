@@ -435,8 +435,25 @@ async fn primary_crash_and_standby_promotion_lose_no_answered_event() {
     // Failover: the write pool finds the promoted standby writable and moves to it.
     wait_for_ok(&log, promoted, 100, Duration::from_secs(60)).await;
 
-    // The old primary comes back, writable. Writes stay on the new primary (going back could
-    // write to two primaries); publishing goes on for longer than a pool health interval.
+    // The old primary comes back, writable. Each process fails over on its own health checks
+    // (the reader has no traffic to notice the outage sooner), and a crashed primary must not
+    // come back writable before every process has moved (production fences it): the restart
+    // waits for both. From then on writes stay on the new primary (going back could write to
+    // two primaries); publishing goes on for longer than a pool health interval.
+    for p in [&w, &reader] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !p
+            .log_text()
+            .contains("database failover: the pool now connects to URL #2")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "a process did not fail over in 30 s; its log:\n{}",
+                p.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     pair.restart_old_primary();
     let restarted = Instant::now();
     wait_for_ok(&log, restarted, 50, Duration::from_secs(60)).await;
