@@ -155,7 +155,8 @@ pub struct BenchCmd {
     /// The scenario to measure.
     #[arg(value_enum)]
     scenario: crate::bench::Scenario,
-    /// Events to measure after warm-up (batch-1 variants measure at most 50,000).
+    /// Events to measure after warm-up (batch-1 variants measure at most 50,000); `cache`:
+    /// reads per strategy.
     #[arg(long, default_value_t = 100_000)]
     events: usize,
     /// Concurrent HTTP clients (batch-1 variants use at least 64).
@@ -173,6 +174,12 @@ pub struct BenchCmd {
     /// Stop each measurement after this long.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// `cache`: distinct subjects stored and read (Zipf-distributed, s = 1).
+    #[arg(long, default_value_t = 1000)]
+    subjects: usize,
+    /// `cache`: `maxItems` of each strategy's CachePolicy.
+    #[arg(long, default_value_t = 100)]
+    cache_items: u64,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -352,6 +359,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 plot: b.plot,
                 pg_url: b.pg,
                 amqp_url: b.amqp,
+                subjects: b.subjects,
+                cache_items: b.cache_items,
             };
             runtime()?.block_on(crate::bench::run(args))?;
             Ok(ExitCode::SUCCESS)

@@ -104,3 +104,56 @@ fn archive_scenario_reports_rates_and_ratios_on_the_committed_corpus() {
         "run and in-memory build agree"
     );
 }
+
+#[test]
+fn cache_scenario_reports_each_strategy_with_a_hit_ratio() {
+    let v = bench(&[
+        "cache",
+        "--events",
+        "3000",
+        "--subjects",
+        "200",
+        "--cache-items",
+        "40",
+        "--concurrency",
+        "4",
+        "--payload",
+        "128",
+    ]);
+    let reports = v.as_array().expect("one report per strategy");
+    let strategies: Vec<&str> = reports
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap().split(' ').next().unwrap())
+        .collect();
+    assert_eq!(strategies, ["LRU", "LFU", "FIFO", "TTL"]);
+    for r in reports {
+        assert_sane(r, "cache", 3000);
+        assert_eq!(r["weir"]["errors"], 0, "{r}");
+        assert!(
+            r["baseline"]["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("no cache"),
+            "{r}"
+        );
+        assert!(r["baseline"].get("hit_ratio").is_none(), "{r}");
+        let hit = r["weir"]["hit_ratio"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&hit), "hit ratio {hit}: {r}");
+        let (p50, p99) = (
+            r["weir"]["p50_ms"].as_f64().unwrap(),
+            r["weir"]["p99_ms"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p99 >= p50, "{r}");
+    }
+    // 40 of 200 subjects under Zipf(1) hold about 70 % of the reads: a recency or frequency
+    // cache of that size hits well above chance (40/200 = 20 %).
+    let hit = |i: usize| reports[i]["weir"]["hit_ratio"].as_f64().unwrap();
+    assert!(hit(0) > 0.4, "LRU hit ratio {}", hit(0));
+    assert!(hit(1) > 0.4, "LFU hit ratio {}", hit(1));
+    // The same baseline (one no-cache run) stands beside every strategy.
+    assert!(
+        reports
+            .iter()
+            .all(|r| r["baseline"]["events_per_s"] == reports[0]["baseline"]["events_per_s"])
+    );
+}

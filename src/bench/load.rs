@@ -141,3 +141,125 @@ pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
         errors,
     })
 }
+
+/// One read run: GET `urls[order[i]]` for every `i`, from `concurrency` clients taking the
+/// next index in turn (so every run with the same `order` makes the same reads). A read that
+/// does not answer 2xx counts as an error.
+pub async fn read(
+    urls: &[String],
+    order: &[u32],
+    concurrency: usize,
+    show_progress: bool,
+) -> Result<LoadResult, BenchError> {
+    let urls: Arc<[String]> = urls.into();
+    let order: Arc<[u32]> = order.into();
+    let total = order.len();
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+    let started = Instant::now();
+    // One task per client: `concurrency` bounds the reads in flight.
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, next, done) = (client.clone(), next.clone(), done.clone());
+        let (urls, order) = (urls.clone(), order.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .map_err(|e| BenchError::Pipeline(e.to_string()))?;
+            let mut errors = 0;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&k) = order.get(i) else { break };
+                let Some(url) = urls.get(k as usize) else {
+                    errors += 1;
+                    continue;
+                };
+                let t0 = Instant::now();
+                // The body is read to the end: the time includes the transfer.
+                let ok = match client.get(url).send().await {
+                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                    _ => false,
+                };
+                let us = t0.elapsed().as_micros().max(1) as u64;
+                let _ = hist.record(us.min(60_000_000));
+                if ok {
+                    done.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    errors += 1;
+                }
+            }
+            Ok::<_, BenchError>((hist, errors))
+        }));
+    }
+    let progress = show_progress.then(|| {
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let d = done.load(Ordering::Relaxed);
+                eprint!(
+                    "\r  {d}/{total} reads ({:.0}%)   ",
+                    100.0 * d as f64 / total.max(1) as f64
+                );
+            }
+        })
+    });
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| BenchError::Pipeline(e.to_string()))?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await.map_err(|e| BenchError::Pipeline(e.to_string()))??;
+        let _ = latency.add(h);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    if let Some(p) = progress {
+        p.abort();
+        eprintln!();
+    }
+    Ok(LoadResult {
+        events: done.load(Ordering::Relaxed),
+        elapsed,
+        latency,
+        errors,
+    })
+}
+
+/// Zipf-distributed ranks in `0..n` (rank 0 the most frequent), exponent `s`, sampled by
+/// inverting the cumulative distribution (a table of `n` floats) with a seeded RNG, so a
+/// given seed always yields the same sequence.
+pub fn zipf_sequence(n: usize, s: f64, len: usize, seed: u64) -> Vec<u32> {
+    use rand::{Rng, SeedableRng};
+    let n = n.max(1);
+    let mut cdf = Vec::with_capacity(n);
+    let mut sum = 0.0;
+    for k in 1..=n {
+        sum += 1.0 / (k as f64).powf(s);
+        cdf.push(sum);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len)
+        .map(|_| {
+            let u = rng.random::<f64>() * sum;
+            // The first rank whose cumulative weight reaches u.
+            cdf.partition_point(|&c| c < u).min(n - 1) as u32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zipf_is_seeded_skewed_and_in_range() {
+        let a = super::zipf_sequence(1000, 1.0, 20_000, 7);
+        assert_eq!(a, super::zipf_sequence(1000, 1.0, 20_000, 7));
+        assert!(a.iter().all(|&k| k < 1000));
+        let count = |r: u32| a.iter().filter(|&&k| k == r).count() as f64;
+        // P(rank 1) = 1/H(1000) ≈ 0.134; rank 2 half of it, rank 10 a tenth.
+        let p0 = count(0) / a.len() as f64;
+        assert!((0.12..0.15).contains(&p0), "p(rank 1) = {p0}");
+        assert!(count(0) > 1.6 * count(1) && count(1) > 3.0 * count(9));
+    }
+}

@@ -27,6 +27,9 @@ pub enum Scenario {
     /// Archiving the committed corpus: MB/s, compression ratio with and without the
     /// dictionary, read-back rate, against zstd, SELECT+DELETE and hot reads.
     Archive,
+    /// Zipf-distributed subject reads over HTTP through each CachePolicy strategy, against
+    /// the same reads of a stream without a cache.
+    Cache,
 }
 
 #[derive(Clone, Debug)]
@@ -51,6 +54,10 @@ pub struct BenchArgs {
     /// PostgreSQL server for the fresh benchmark database and the baseline.
     pub pg_url: String,
     pub amqp_url: String,
+    /// `cache`: distinct subjects stored (read with a Zipf distribution over them).
+    pub subjects: usize,
+    /// `cache`: each policy's `maxItems`.
+    pub cache_items: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +83,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         Scenario::Broker => scenarios::broker(&args).await?,
         Scenario::Relay => scenarios::relay(&args).await?,
         Scenario::Archive => archive::archive(&args).await?,
+        Scenario::Cache => scenarios::cache(&args).await?,
     };
     println!("{}", report::table(&reports));
     if let Some(path) = &args.json {

@@ -24,6 +24,9 @@ pub struct Measurement {
     pub events: usize,
     pub seconds: f64,
     pub errors: usize,
+    /// Read-cache hits ÷ lookups during the measurement (the `cache` scenario's cached runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hit_ratio: Option<f64>,
 }
 
 impl Measurement {
@@ -39,6 +42,7 @@ impl Measurement {
             events: r.events,
             seconds: r.elapsed.as_secs_f64(),
             errors: r.errors,
+            hit_ratio: None,
         }
     }
 
@@ -53,6 +57,7 @@ impl Measurement {
             events,
             seconds,
             errors: 0,
+            hit_ratio: None,
         }
     }
 }
@@ -140,9 +145,18 @@ fn ms(v: Option<f64>) -> String {
 /// The human-readable table: each variant's Weir row beside its baseline row and the ratio.
 pub fn table(reports: &[Report]) -> String {
     let mut out = String::new();
+    // A hit-ratio column only where some measurement has one (the cache scenario).
+    let hits = reports.iter().any(|r| r.weir.hit_ratio.is_some());
     out.push_str(&format!(
-        "{:<44} {:<36} {:>12} {:>8} {:>8} {:>8} {:>7}\n",
-        "scenario / variant", "system", "events/s", "p50 ms", "p99 ms", "p999 ms", "ratio"
+        "{:<44} {:<36} {:>12} {:>8} {:>8} {:>8} {:>7}{}\n",
+        "scenario / variant",
+        "system",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "p999 ms",
+        "ratio",
+        if hits { "  hit ratio" } else { "" }
     ));
     for r in reports {
         let head = format!("{} {}", r.scenario, r.variant);
@@ -153,7 +167,7 @@ pub fn table(reports: &[Report]) -> String {
         ];
         for (i, m) in rows.into_iter().flatten().enumerate() {
             out.push_str(&format!(
-                "{:<44} {:<36} {:>12.0} {:>8} {:>8} {:>8} {:>7}\n",
+                "{:<44} {:<36} {:>12.0} {:>8} {:>8} {:>8} {:>7}{}\n",
                 if i == 0 { head.as_str() } else { "" },
                 m.name,
                 m.events_per_s,
@@ -164,6 +178,11 @@ pub fn table(reports: &[Report]) -> String {
                     format!("{:.2}", r.ratio)
                 } else {
                     String::new()
+                },
+                match (hits, m.hit_ratio) {
+                    (false, _) => String::new(),
+                    (true, Some(h)) => format!(" {h:>10.3}"),
+                    (true, None) => format!(" {:>10}", "-"),
                 },
             ));
         }

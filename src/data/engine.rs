@@ -4,12 +4,10 @@
 //! whose plan did not change keeps running untouched.
 
 use std::collections::{BTreeSet, HashMap};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
-use sqlx::postgres::PgConnectOptions;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -364,11 +362,6 @@ impl Engine {
                         key: key.clone(),
                         source,
                     })?;
-                let connect = PgConnectOptions::from_str(sp.urls.first().map_or("", |s| s))
-                    .map_err(|e| EngineError::Invalid {
-                        key: key.clone(),
-                        message: format!("store URL: {e}"),
-                    })?;
                 let stream_id = Arc::new(OnceLock::new());
                 let writer = Arc::new(StoreWriter {
                     store: store.clone(),
@@ -401,7 +394,6 @@ impl Engine {
                     Relay {
                         key: key.clone(),
                         store: store.clone(),
-                        connect,
                         stream_id: 0,
                         exchange: plan.broker.exchange.clone(),
                         broker: broker.clone(),

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgListener};
+use sqlx::postgres::PgListener;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +35,6 @@ const PUBLISH_DEADLINE: Duration = Duration::from_secs(30);
 pub struct Relay {
     pub key: Key,
     pub store: Store,
-    pub connect: PgConnectOptions,
     pub stream_id: i64,
     pub exchange: String,
     pub broker: Broker,
@@ -72,7 +71,10 @@ impl Relay {
 
     /// Waits for the lock, then relays until cancelled or until ownership is lost.
     async fn own_and_relay(&self, cancel: &CancellationToken) -> Result<(), RelayError> {
-        let mut conn = self.connect.clone().connect().await?;
+        // The lock's connection is made like the pool's: to the server the pool targets now,
+        // which after a database failover is no longer the first URL of the Secret.
+        let opts = self.store.pool().connect_options();
+        let mut conn = opts.connect().await?;
         loop {
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
                 .bind(RELAY_LOCK_CLASS)

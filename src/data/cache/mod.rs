@@ -19,6 +19,9 @@
 //!   (typically milliseconds after the commit, well within a second). While a replica's
 //!   listener is not connected, its caches for that database are bypassed and cleared on
 //!   reconnect, because notifications sent meanwhile are lost.
+//! - The listener connects where the store's pool connects; when the pool fails over to
+//!   another URL of its Secret, the listener reconnects there within a quarter of a second
+//!   (clearing the caches), so it never listens on a server that no longer takes the appends.
 //! - A read that misses takes a [`Ticket`] (a generation of the key's stripe) before querying
 //!   the database and stores its result only if no invalidation of that stripe happened
 //!   since, so a slow read can never put back a list that an append made stale.
@@ -494,11 +497,13 @@ impl Caches {
                 Arc::new(PolicyCache::new(plan.clone(), &self.metrics)),
             );
         }
-        let urls: HashMap<&Key, &str> = streams
+        // A database is named by its first URL (as its pool is); the listener connects where
+        // that pool connects now, which after a failover is another of the URLs.
+        let urls: HashMap<&Key, (&str, &sqlx::PgPool)> = streams
             .iter()
             .filter_map(|rt| {
                 let url = rt.plan.store.as_ref()?.urls.first()?;
-                Some((&rt.plan.key, url.as_str()))
+                Some((&rt.plan.key, (url.as_str(), rt.store()?.pool())))
             })
             .collect();
         let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
@@ -506,11 +511,13 @@ impl Caches {
         let mut needed = HashSet::new();
         for cache in policies.values() {
             for s in &cache.plan.streams {
-                let Some(url) = urls.get(s) else { continue };
+                let Some(&(url, pool)) = urls.get(s) else {
+                    continue;
+                };
                 needed.insert(url.to_string());
                 let live = listeners
                     .entry(url.to_string())
-                    .or_insert_with(|| self.spawn_listener(url))
+                    .or_insert_with(|| self.spawn_listener(url, pool))
                     .live
                     .clone();
                 routes.insert(
@@ -537,11 +544,12 @@ impl Caches {
             .unwrap_or_else(|p| p.into_inner()) = routes;
     }
 
-    fn spawn_listener(&self, url: &str) -> Listener {
+    fn spawn_listener(&self, url: &str, pool: &sqlx::PgPool) -> Listener {
         let cancel = CancellationToken::new();
         let live = Arc::new(AtomicBool::new(false));
         tokio::spawn(listen(
             url.to_string(),
+            pool.clone(),
             self.shared.clone(),
             live.clone(),
             cancel.clone(),
@@ -617,18 +625,38 @@ impl Caches {
     }
 }
 
+/// Limit of one connection attempt of the invalidation listener.
+const LISTEN_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a connected listener checks that its pool still targets the same server: within
+/// a second of a failover it moves, keeping the one-second bound on stale reads.
+const FAILOVER_CHECK: Duration = Duration::from_millis(250);
+
 /// Listens for `weir_subjects` on one database, reconnecting with backoff. The caches of that
 /// database are used only while this listens (`live`), and cleared whenever it (re)connects.
 async fn listen(
     url: String,
+    pool: sqlx::PgPool,
     shared: Arc<Shared>,
     live: Arc<AtomicBool>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
+        // The server the store's pool targets now. A database failover replaces the pool's
+        // options (a new Arc): the listener then reconnects, to the new primary, where the
+        // appends' notifications are sent from then on.
+        let target = pool.connect_options();
         let connect = async {
-            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+            // A connection of its own (not one of the store pool's). Each attempt is bounded
+            // so that a failover during an outage is picked up by the next attempt instead of
+            // waiting for the old server to come back.
+            let own = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .max_lifetime(None)
+                .idle_timeout(None)
+                .acquire_timeout(LISTEN_CONNECT_TIMEOUT)
+                .connect_lazy_with((*target).clone());
+            let mut l = sqlx::postgres::PgListener::connect_with(&own).await?;
             // A lost connection ends our loop instead of reconnecting silently: notifications
             // sent meanwhile are lost and the caches must be cleared first.
             l.eager_reconnect(false);
@@ -644,11 +672,19 @@ async fn listen(
                 backoff = Duration::from_millis(200);
                 shared.clear_url(&url);
                 live.store(true, Ordering::Release);
+                let mut check = tokio::time::interval(FAILOVER_CHECK);
                 loop {
                     let next = tokio::select! {
                         _ = cancel.cancelled() => {
                             live.store(false, Ordering::Release);
                             return;
+                        }
+                        _ = check.tick() => {
+                            if Arc::ptr_eq(&target, &pool.connect_options()) {
+                                continue;
+                            }
+                            tracing::warn!("database failover: the cache invalidation listener follows its pool");
+                            break;
                         }
                         n = l.try_recv() => n,
                     };
