@@ -4,10 +4,12 @@
 //! Each scenario starts its own `weir run` pipeline (a child process of this binary) against a
 //! fresh database and fresh exchanges, warms up, measures, and cleans up.
 
+mod delivery;
 mod load;
 mod pipeline;
 mod report;
 mod scenarios;
+mod sink;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +25,13 @@ pub enum Scenario {
     Broker,
     /// Stored events → stream exchange, against the raw confirmed publisher.
     Relay,
+    /// HTTP publish → store → subscription → local sink at offered rates (1k, 5k, 20k ev/s,
+    /// as fast as possible; or `--rate`), latency taken by the sink, against a raw lapin
+    /// publish → consume → HTTP POST loop.
+    E2e,
+    /// Stored events → a new `startFrom: earliest` subscription → local sink, against a raw
+    /// `SELECT` feeding the same HTTP POST loop.
+    Replay,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +80,8 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         Scenario::Ingest => scenarios::ingest(&args).await?,
         Scenario::Broker => scenarios::broker(&args).await?,
         Scenario::Relay => scenarios::relay(&args).await?,
+        Scenario::E2e => delivery::e2e(&args).await?,
+        Scenario::Replay => delivery::replay(&args).await?,
     };
     println!("{}", report::table(&reports));
     if let Some(path) = &args.json {
