@@ -104,6 +104,9 @@ fn from_arrivals(
         published: Some(published),
         backlog,
         duplicates: Some(a.duplicates),
+        first_delivery_ms: a
+            .first
+            .map(|f| f.saturating_duration_since(started).as_secs_f64() * 1e3),
     }
 }
 

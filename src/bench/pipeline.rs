@@ -93,6 +93,8 @@ impl Pipeline {
             .arg("run")
             .arg("-f")
             .arg(dir.path())
+            // A manifest the benchmark removes (a subscription) takes its queues with it.
+            .arg("--prune")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--admin-listen")

@@ -34,6 +34,10 @@ pub struct Measurement {
     /// Delivery scenarios: repeated deliveries of an event the sink already had.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duplicates: Option<usize>,
+    /// Delivery scenarios: from the start of publishing (or of the replay) to the sink's
+    /// first arrival, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_delivery_ms: Option<f64>,
 }
 
 impl Measurement {
@@ -52,6 +56,7 @@ impl Measurement {
             published: None,
             backlog: None,
             duplicates: None,
+            first_delivery_ms: None,
         }
     }
 
@@ -69,6 +74,7 @@ impl Measurement {
             published: None,
             backlog: None,
             duplicates: None,
+            first_delivery_ms: None,
         }
     }
 }

@@ -38,12 +38,15 @@ fn new_histogram() -> Result<Histogram<u64>, BenchError> {
         .map_err(|e| BenchError::Pipeline(e.to_string()))
 }
 
-/// What the sink saw of the events whose id starts with the current run's prefix.
+/// What the sink saw of the events whose id starts with the current run's prefix. `seen`
+/// holds one id per event of the run, so it is bounded by the run's size (`--events`;
+/// 100,000 ids are a few MB).
 struct Tally {
     prefix: String,
     seen: HashSet<String>,
     latency: Histogram<u64>,
     duplicates: usize,
+    first: Option<Instant>,
     last: Option<Instant>,
 }
 
@@ -65,6 +68,7 @@ pub struct Arrivals {
     pub duplicates: usize,
     /// End-to-end latency of each first arrival, in microseconds.
     pub latency: Histogram<u64>,
+    pub first: Option<Instant>,
     pub last: Option<Instant>,
 }
 
@@ -84,6 +88,7 @@ impl Sink {
                 seen: HashSet::new(),
                 latency: new_histogram()?,
                 duplicates: 0,
+                first: None,
                 last: None,
             }),
             delivered: AtomicUsize::new(0),
@@ -122,6 +127,7 @@ impl Sink {
         t.seen.clear();
         t.latency = new_histogram()?;
         t.duplicates = 0;
+        t.first = None;
         t.last = None;
         self.state.delivered.store(0, Ordering::Release);
         Ok(())
@@ -167,6 +173,7 @@ impl Sink {
             delivered: t.seen.len(),
             duplicates: t.duplicates,
             latency: std::mem::replace(&mut t.latency, new_histogram()?),
+            first: t.first,
             last: t.last,
         })
     }
@@ -202,6 +209,7 @@ fn receive(st: &State, headers: &HeaderMap) {
         let us = now_us.saturating_sub(sent).clamp(1, MAX_LATENCY_US);
         let _ = t.latency.record(us);
     }
+    t.first.get_or_insert(now);
     t.last = Some(now);
     st.delivered.fetch_add(1, Ordering::Release);
 }
