@@ -107,6 +107,8 @@ fn from_arrivals(
         first_delivery_ms: a
             .first
             .map(|f| f.saturating_duration_since(started).as_secs_f64() * 1e3),
+        publish_p50_ms: None,
+        publish_p99_ms: None,
     }
 }
 
@@ -251,7 +253,7 @@ async fn e2e_runs(
             let backlog = r.events.saturating_sub(sink.delivered());
             sink.wait_for(r.events, STALL).await;
             let a = sink.take()?;
-            let weir = from_arrivals(
+            let mut weir = from_arrivals(
                 &format!("weir (HTTP→store→sink, {concurrency} clients)"),
                 &a,
                 started,
@@ -260,6 +262,9 @@ async fn e2e_runs(
                 rate,
                 r.errors,
             );
+            let request_ms = |q: f64| Some(r.latency.value_at_quantile(q) as f64 / 1e3);
+            weir.publish_p50_ms = request_ms(0.5);
+            weir.publish_p99_ms = request_ms(0.99);
             eprintln!("e2e rate={tag}: raw lapin → consume → POST loop");
             // The same number of events as Weir accepted, at the same offered rate.
             let baseline = raw

@@ -38,6 +38,12 @@ pub struct Measurement {
     /// first arrival, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_delivery_ms: Option<f64>,
+    /// e2e: the publishers' request latency (publish → 201, i.e. stored), the share of the
+    /// end-to-end latency spent before the relay, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish_p99_ms: Option<f64>,
 }
 
 impl Measurement {
@@ -57,6 +63,8 @@ impl Measurement {
             backlog: None,
             duplicates: None,
             first_delivery_ms: None,
+            publish_p50_ms: None,
+            publish_p99_ms: None,
         }
     }
 
@@ -75,6 +83,8 @@ impl Measurement {
             backlog: None,
             duplicates: None,
             first_delivery_ms: None,
+            publish_p50_ms: None,
+            publish_p99_ms: None,
         }
     }
 }
@@ -202,6 +212,13 @@ pub fn table(reports: &[Report]) -> String {
                     (false, _) => String::new(),
                 },
             ));
+            // e2e: the part of Weir's latency spent before the relay (publish → stored).
+            if let (Some(p50), Some(p99)) = (m.publish_p50_ms, m.publish_p99_ms) {
+                out.push_str(&format!(
+                    "{:<44} {:<36} {:>12} {:>8.2} {:>8.2}\n",
+                    "", "  of which publish → 201 (stored)", "", p50, p99
+                ));
+            }
         }
     }
     if let Some(r) = reports.first() {
