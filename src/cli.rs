@@ -155,8 +155,9 @@ pub struct BenchCmd {
     /// The scenario to measure.
     #[arg(value_enum)]
     scenario: crate::bench::Scenario,
-    /// Events to measure after warm-up (batch-1 variants measure at most 50,000); `cache`:
-    /// reads per strategy.
+    /// Events to measure after warm-up (batch-1 variants measure at most 50,000; e2e: per
+    /// offered rate; replay: events stored and replayed; cache: reads per strategy; archive:
+    /// corpus events archived).
     #[arg(long, default_value_t = 100_000)]
     events: usize,
     /// Concurrent HTTP clients (batch-1 variants use at least 64).
@@ -168,7 +169,8 @@ pub struct BenchCmd {
     /// Bytes of each event's JSON payload.
     #[arg(long, default_value_t = 512)]
     payload: usize,
-    /// Offered rate in events/s (default: as fast as possible).
+    /// Offered rate in events/s (default: as fast as possible; e2e: 1k, 5k, 20k and as fast
+    /// as possible).
     #[arg(long)]
     rate: Option<u64>,
     /// Stop each measurement after this long.

@@ -157,3 +157,50 @@ fn cache_scenario_reports_each_strategy_with_a_hit_ratio() {
             .all(|r| r["baseline"]["events_per_s"] == reports[0]["baseline"]["events_per_s"])
     );
 }
+
+/// Delivery scenarios: the sink got every published event, and latencies are ordered.
+fn assert_delivered(r: &serde_json::Value, scenario: &str, events: u64) {
+    assert_sane(r, scenario, events);
+    for side in ["weir", "baseline"] {
+        assert_eq!(
+            r[side]["published"].as_u64(),
+            Some(events),
+            "{side} published every event: {r}"
+        );
+        assert_eq!(
+            r[side]["events"], r[side]["published"],
+            "{side}: every published event was delivered: {r}"
+        );
+    }
+}
+
+fn assert_percentiles_ordered(m: &serde_json::Value) {
+    let p = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("{k} in {m}"));
+    let (p50, p99, p999) = (p("p50_ms"), p("p99_ms"), p("p999_ms"));
+    assert!(
+        p50 > 0.0 && p50 <= p99 && p99 <= p999,
+        "percentiles are ordered: {m}"
+    );
+}
+
+#[test]
+fn e2e_and_replay_scenarios_deliver_every_event() {
+    // The full sweep of offered rates, small: one report per rate.
+    let runs = bench(&["e2e", "--events", "300"]);
+    let runs = runs.as_array().expect("one report per offered rate");
+    let offered: Vec<_> = runs
+        .iter()
+        .map(|r| r["weir"]["offered_rate"].as_u64())
+        .collect();
+    assert_eq!(offered, [Some(1000), Some(5000), Some(20000), None]);
+    for r in runs {
+        assert_delivered(r, "e2e", 300);
+        for side in ["weir", "baseline"] {
+            assert_percentiles_ordered(&r[side]);
+            assert!(r[side]["backlog"].as_u64().is_some(), "backlog: {r}");
+        }
+    }
+
+    let r = bench(&["replay", "--events", "2000"]);
+    assert_delivered(&r, "replay", 2000);
+}

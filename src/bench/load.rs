@@ -42,6 +42,10 @@ pub struct LoadSpec<'a> {
     pub rate: Option<u64>,
     pub max_duration: Option<Duration>,
     pub show_progress: bool,
+    /// Send real CloudEvents (`application/cloudevents-batch+json`) carrying their publish
+    /// time in the [`super::sink::SENT_EXTENSION`] extension, for latency taken at a sink:
+    /// the due time of a paced request, else the moment it is built.
+    pub stamp: bool,
 }
 
 pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
@@ -55,6 +59,7 @@ pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
         rate,
         max_duration,
         show_progress,
+        stamp,
     } = spec;
     let batch = batch.max(1);
     let requests = events.div_ceil(batch);
@@ -87,15 +92,33 @@ pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let n = batch.min(events - r * batch);
+                let t0 = due.unwrap_or_else(Instant::now).max(started);
+                let sent = stamp.then(|| super::sink::stamp_of(t0).to_string());
                 let body: Vec<_> = (0..n)
                     .map(|i| {
-                        json!({"type": "order.created", "id": format!("{label}-{r}-{i}"),
-                               "subject": format!("order-{}", (r * batch + i) % 1000),
-                               "data": template})
+                        let id = format!("{label}-{r}-{i}");
+                        let subject = format!("order-{}", (r * batch + i) % 1000);
+                        match &sent {
+                            Some(sent) => json!({"specversion": "1.0", "id": id,
+                                "source": "/bench", "type": "order.created",
+                                "subject": subject, "datacontenttype": "application/json",
+                                super::sink::SENT_EXTENSION: sent, "data": template}),
+                            None => json!({"type": "order.created", "id": id,
+                                "subject": subject, "data": template}),
+                        }
                     })
                     .collect();
-                let t0 = due.unwrap_or_else(Instant::now).max(started);
-                let resp = client.post(&url).json(&body).send().await;
+                let content_type = if stamp {
+                    "application/cloudevents-batch+json"
+                } else {
+                    "application/json"
+                };
+                let resp = client
+                    .post(&url)
+                    .header(http::header::CONTENT_TYPE, content_type)
+                    .body(serde_json::to_vec(&body).unwrap_or_default())
+                    .send()
+                    .await;
                 let ok = matches!(&resp, Ok(r) if r.status().is_success());
                 let us = t0.elapsed().as_micros().max(1) as u64;
                 let _ = hist.record(us.min(60_000_000));

@@ -5,10 +5,12 @@
 //! fresh database and fresh exchanges, warms up, measures, and cleans up.
 
 mod archive;
+mod delivery;
 mod load;
 mod pipeline;
 mod report;
 mod scenarios;
+mod sink;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +32,13 @@ pub enum Scenario {
     /// Zipf-distributed subject reads over HTTP through each CachePolicy strategy, against
     /// the same reads of a stream without a cache.
     Cache,
+    /// HTTP publish → store → subscription → local sink at offered rates (1k, 5k, 20k ev/s,
+    /// as fast as possible; or `--rate`), latency taken by the sink, against a raw lapin
+    /// publish → consume → HTTP POST loop.
+    E2e,
+    /// Stored events → a new `startFrom: earliest` subscription → local sink, against a raw
+    /// `SELECT` feeding the same HTTP POST loop.
+    Replay,
 }
 
 #[derive(Clone, Debug)]
@@ -84,6 +93,8 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         Scenario::Relay => scenarios::relay(&args).await?,
         Scenario::Archive => archive::archive(&args).await?,
         Scenario::Cache => scenarios::cache(&args).await?,
+        Scenario::E2e => delivery::e2e(&args).await?,
+        Scenario::Replay => delivery::replay(&args).await?,
     };
     println!("{}", report::table(&reports));
     if let Some(path) = &args.json {

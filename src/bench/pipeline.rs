@@ -15,7 +15,7 @@ pub struct Pipeline {
     pub admin: String,
     db_name: String,
     admin_db_url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub suffix: String,
 }
 
@@ -93,11 +93,16 @@ impl Pipeline {
             .arg("run")
             .arg("-f")
             .arg(dir.path())
+            // A manifest the benchmark removes (a subscription) takes its queues with it.
+            .arg("--prune")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{admin_port}"))
-            .env("RUST_LOG", "error")
+            // lapin logs every channel the broker closes at ERROR, including the expected
+            // NOT_FOUND answers to the passive declares Weir makes when it removes a
+            // subscription; Weir reports real broker failures itself.
+            .env("RUST_LOG", "error,lapin::channel=off")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -107,13 +112,43 @@ impl Pipeline {
             admin: format!("http://127.0.0.1:{admin_port}"),
             db_name,
             admin_db_url: pg_url.to_string(),
-            _dir: dir,
+            dir,
             suffix,
         })
     }
 
     pub fn events_url(&self, stream: &str) -> String {
         format!("{}/v1/namespaces/bench/streams/{stream}/events", self.url)
+    }
+
+    /// Adds (or replaces) a manifest file in the watched folder; the pipeline applies it live.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<(), BenchError> {
+        Ok(std::fs::write(self.dir.path().join(file), yaml)?)
+    }
+
+    /// Removes a manifest file: the pipeline deletes its resources (and, with
+    /// `deletionPolicy: Delete`, their queues).
+    pub fn remove_manifest(&self, file: &str) -> Result<(), BenchError> {
+        Ok(std::fs::remove_file(self.dir.path().join(file))?)
+    }
+
+    /// Waits up to `limit` until no resource named `name` is listed any more; false if it
+    /// still is.
+    pub async fn wait_gone(&self, name: &str, limit: Duration) -> bool {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(format!("{}/v1/status", self.admin)).send().await
+                && let Ok(v) = r.json::<serde_json::Value>().await
+                && v["resources"]
+                    .as_array()
+                    .is_some_and(|rs| !rs.iter().any(|r| r["name"] == name))
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
     }
 
     /// Waits until every listed stream reports Ready.

@@ -27,6 +27,26 @@ pub struct Measurement {
     /// Read-cache hits ÷ lookups during the measurement (the `cache` scenario's cached runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hit_ratio: Option<f64>,
+    /// Delivery scenarios: events accepted from the publisher (`events` counts the distinct
+    /// events the sink received).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published: Option<usize>,
+    /// Delivery scenarios: events published but not yet delivered when publishing ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<usize>,
+    /// Delivery scenarios: repeated deliveries of an event the sink already had.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<usize>,
+    /// Delivery scenarios: from the start of publishing (or of the replay) to the sink's
+    /// first arrival, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_delivery_ms: Option<f64>,
+    /// e2e: the publishers' request latency (publish → 201, i.e. stored), the share of the
+    /// end-to-end latency spent before the relay, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish_p99_ms: Option<f64>,
 }
 
 impl Measurement {
@@ -43,6 +63,12 @@ impl Measurement {
             seconds: r.elapsed.as_secs_f64(),
             errors: r.errors,
             hit_ratio: None,
+            published: None,
+            backlog: None,
+            duplicates: None,
+            first_delivery_ms: None,
+            publish_p50_ms: None,
+            publish_p99_ms: None,
         }
     }
 
@@ -58,6 +84,12 @@ impl Measurement {
             seconds,
             errors: 0,
             hit_ratio: None,
+            published: None,
+            backlog: None,
+            duplicates: None,
+            first_delivery_ms: None,
+            publish_p50_ms: None,
+            publish_p99_ms: None,
         }
     }
 }
@@ -145,10 +177,12 @@ fn ms(v: Option<f64>) -> String {
 /// The human-readable table: each variant's Weir row beside its baseline row and the ratio.
 pub fn table(reports: &[Report]) -> String {
     let mut out = String::new();
+    // Delivery scenarios add the backlog left when publishing ended.
+    let backlog = reports.iter().any(|r| r.weir.backlog.is_some());
     // A hit-ratio column only where some measurement has one (the cache scenario).
     let hits = reports.iter().any(|r| r.weir.hit_ratio.is_some());
     out.push_str(&format!(
-        "{:<44} {:<36} {:>12} {:>8} {:>8} {:>8} {:>7}{}\n",
+        "{:<44} {:<36} {:>12} {:>8} {:>8} {:>8} {:>7}{}{}\n",
         "scenario / variant",
         "system",
         "events/s",
@@ -156,6 +190,11 @@ pub fn table(reports: &[Report]) -> String {
         "p99 ms",
         "p999 ms",
         "ratio",
+        if backlog {
+            format!(" {:>8}", "backlog")
+        } else {
+            String::new()
+        },
         if hits { "  hit ratio" } else { "" }
     ));
     for r in reports {
@@ -167,7 +206,7 @@ pub fn table(reports: &[Report]) -> String {
         ];
         for (i, m) in rows.into_iter().flatten().enumerate() {
             out.push_str(&format!(
-                "{:<44} {:<36} {:>12.0} {:>8} {:>8} {:>8} {:>7}{}\n",
+                "{:<44} {:<36} {:>12.0} {:>8} {:>8} {:>8} {:>7}{}{}\n",
                 if i == 0 { head.as_str() } else { "" },
                 m.name,
                 m.events_per_s,
@@ -179,12 +218,24 @@ pub fn table(reports: &[Report]) -> String {
                 } else {
                     String::new()
                 },
+                match (backlog, m.backlog) {
+                    (true, Some(b)) => format!(" {b:>8}"),
+                    (true, None) => format!(" {:>8}", "-"),
+                    (false, _) => String::new(),
+                },
                 match (hits, m.hit_ratio) {
                     (false, _) => String::new(),
                     (true, Some(h)) => format!(" {h:>10.3}"),
                     (true, None) => format!(" {:>10}", "-"),
                 },
             ));
+            // e2e: the part of Weir's latency spent before the relay (publish → stored).
+            if let (Some(p50), Some(p99)) = (m.publish_p50_ms, m.publish_p99_ms) {
+                out.push_str(&format!(
+                    "{:<44} {:<36} {:>12} {:>8.2} {:>8.2}\n",
+                    "", "  of which publish → 201 (stored)", "", p50, p99
+                ));
+            }
         }
     }
     if let Some(r) = reports.first() {
@@ -206,22 +257,28 @@ pub fn table(reports: &[Report]) -> String {
 pub fn plot(reports: &[Report], path: &Path) -> Result<(), BenchError> {
     use plotters::prelude::*;
     let err = |e: &dyn std::fmt::Display| BenchError::Plot(e.to_string());
-    let mut points: Vec<(f64, f64, f64, f64)> = reports
-        .iter()
-        .filter_map(|r| {
-            let x = r
-                .weir
-                .offered_rate
-                .map_or(r.weir.events_per_s, |v| v as f64);
-            Some((x, r.weir.p50_ms?, r.weir.p99_ms?, r.weir.p999_ms?))
-        })
-        .collect();
-    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // (x, p50, p99, p999) of one side of every report that has percentiles.
+    let side = |pick: fn(&Report) -> &Measurement| {
+        let mut pts: Vec<(f64, f64, f64, f64)> = reports
+            .iter()
+            .filter_map(|r| {
+                let m = pick(r);
+                let x = m.offered_rate.map_or(m.events_per_s, |v| v as f64);
+                Some((x, m.p50_ms?, m.p99_ms?, m.p999_ms?))
+            })
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        pts
+    };
+    let points = side(|r| &r.weir);
+    // Baselines with latencies of their own (e2e) are drawn beside Weir's.
+    let base = side(|r| &r.baseline);
     if points.is_empty() {
         return Err(BenchError::Plot("no latency measurements to plot".into()));
     }
-    let max_x = points.iter().map(|p| p.0).fold(1.0, f64::max) * 1.1;
-    let max_y = points.iter().map(|p| p.3).fold(1.0, f64::max) * 1.1;
+    let all = || points.iter().chain(base.iter());
+    let max_x = all().map(|p| p.0).fold(1.0, f64::max) * 1.1;
+    let max_y = all().map(|p| p.3).fold(1.0, f64::max) * 1.1;
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let title = format!(
@@ -238,16 +295,30 @@ pub fn plot(reports: &[Report], path: &Path) -> Result<(), BenchError> {
     chart
         .configure_mesh()
         .x_desc("offered rate (events/s)")
-        .y_desc("request latency (ms)")
+        .y_desc(if reports[0].scenario == "e2e" {
+            "end-to-end latency, publish to sink (ms)"
+        } else {
+            "request latency (ms)"
+        })
         .draw()
         .map_err(|e| err(&e))?;
-    type Pick = fn(&(f64, f64, f64, f64)) -> f64;
-    let series: [(&str, RGBColor, Pick); 3] = [
-        ("p50", BLUE, |p| p.1),
-        ("p99", RED, |p| p.2),
-        ("p99.9", BLACK, |p| p.3),
+    type Point = (f64, f64, f64, f64);
+    type Pick = fn(&Point) -> f64;
+    let grey = RGBColor(150, 150, 150);
+    let light_blue = RGBColor(120, 170, 230);
+    let light_red = RGBColor(235, 140, 140);
+    let series: [(&str, RGBColor, Pick, &[Point]); 6] = [
+        ("weir p50", BLUE, |p| p.1, &points),
+        ("weir p99", RED, |p| p.2, &points),
+        ("weir p99.9", BLACK, |p| p.3, &points),
+        ("baseline p50", light_blue, |p| p.1, &base),
+        ("baseline p99", light_red, |p| p.2, &base),
+        ("baseline p99.9", grey, |p| p.3, &base),
     ];
-    for (label, color, f) in series {
+    for (label, color, f, points) in series {
+        if points.is_empty() {
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(points.iter().map(|p| (p.0, f(p))), &color))
             .map_err(|e| err(&e))?

@@ -27,9 +27,9 @@ const SINGLE_EVENT_CAP: usize = 50_000;
 const BASELINE_CONNECTIONS: usize = 1;
 const PARALLEL_BASELINE_CONNECTIONS: usize = 2;
 /// Unconfirmed messages the raw publisher keeps in flight.
-const PUBLISH_WINDOW: usize = 200;
+pub(super) const PUBLISH_WINDOW: usize = 200;
 
-fn stream_yaml(name: &str, extra: &str) -> String {
+pub(super) fn stream_yaml(name: &str, extra: &str) -> String {
     format!(
         "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  \
          broker: {{urlSecretRef: {{name: rabbitmq, key: url}}, queueType: quorum}}\n{extra}"
@@ -198,6 +198,7 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             rate: None,
             max_duration: None,
             show_progress: false,
+            stamp: false,
         })
         .await?;
         for rate in &rates {
@@ -216,6 +217,7 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
                 rate: *rate,
                 max_duration: args.duration,
                 show_progress: true,
+                stamp: false,
             })
             .await?;
             let after = batch_stats(pipe.as_ref()).await;
@@ -290,7 +292,11 @@ fn rates(args: &BenchArgs) -> Vec<Option<u64>> {
 
 /// Declares a quorum queue bound to `exchange` so published messages are routed and kept,
 /// as in production.
-async fn bind_queue(ch: &lapin::Channel, exchange: &str, queue: &str) -> Result<(), BenchError> {
+pub(super) async fn bind_queue(
+    ch: &lapin::Channel,
+    exchange: &str,
+    queue: &str,
+) -> Result<(), BenchError> {
     let b = |e: lapin::Error| BenchError::Broker(e.to_string());
     ch.exchange_declare(
         exchange.into(),
@@ -397,7 +403,7 @@ async fn raw_publish(
     ))
 }
 
-async fn c_await(c: lapin::PublisherConfirm) -> Result<lapin::Confirmation, BenchError> {
+pub(super) async fn c_await(c: lapin::PublisherConfirm) -> Result<lapin::Confirmation, BenchError> {
     c.await.map_err(|e| BenchError::Broker(e.to_string()))
 }
 
@@ -449,6 +455,7 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             rate: None,
             max_duration: None,
             show_progress: false,
+            stamp: false,
         })
         .await?;
         eprintln!("broker batch={batch}: weir");
@@ -462,6 +469,7 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             rate: args.rate,
             max_duration: args.duration,
             show_progress: true,
+            stamp: false,
         })
         .await?;
         let weir = Measurement::from_load(
@@ -490,26 +498,25 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     Ok(reports)
 }
 
-pub async fn relay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
-    let versions = versions(&args.pg_url).await;
-    // Store the events first, straight through the store, before any weir runs; then start
-    // weir and time how long its relay takes to publish them all.
-    let db = Database::create(&args.pg_url).await?;
-    let exchange = format!("weir.bench.relay-{}", db.suffix);
-    let pool = sqlx::PgPool::connect(&db.url).await?;
-    let store = crate::data::store::Store::new(pool.clone());
+/// Appends `events` events straight through the store, 1000 per transaction, with ids
+/// `{id_prefix}-{i}`, showing progress.
+pub(super) async fn store_events(
+    store: &crate::data::store::Store,
+    stream_id: i64,
+    events: usize,
+    payload_bytes: usize,
+    id_prefix: &str,
+) -> Result<(), BenchError> {
     let pe = |e: crate::data::store::StoreError| BenchError::Pipeline(e.to_string());
-    store.migrate().await.map_err(pe)?;
-    let stream_id = store.ensure_stream("bench", "orders").await.map_err(pe)?;
-    eprintln!("storing {} events…", args.events);
+    eprintln!("storing {events} events…");
     let data =
-        bytes::Bytes::from(serde_json::to_vec(&payload(args.payload, 0)).unwrap_or_default());
+        bytes::Bytes::from(serde_json::to_vec(&payload(payload_bytes, 0)).unwrap_or_default());
     let compression = crate::topology::CompressionPlan::default();
-    for chunk in (0..args.events).collect::<Vec<_>>().chunks(1000) {
-        let events: Vec<_> = chunk
-            .iter()
+    let mut last_print = Instant::now();
+    for start in (0..events).step_by(1000) {
+        let batch: Vec<_> = (start..events.min(start + 1000))
             .map(|i| crate::data::event::CloudEvent {
-                id: format!("relay-{i}"),
+                id: format!("{id_prefix}-{i}"),
                 source: "/bench".into(),
                 ty: "order.created".into(),
                 datacontenttype: Some("application/json".into()),
@@ -523,12 +530,32 @@ pub async fn relay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
         store
             .append(
                 stream_id,
-                &[crate::data::store::AppendInput { events: &events }],
+                &[crate::data::store::AppendInput { events: &batch }],
                 &compression,
             )
             .await
             .map_err(pe)?;
+        if last_print.elapsed() > Duration::from_millis(500) {
+            eprint!("\r  stored {}/{events}   ", start + batch.len());
+            last_print = Instant::now();
+        }
     }
+    eprintln!("\r  stored {events}/{events}   ");
+    Ok(())
+}
+
+pub async fn relay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
+    let versions = versions(&args.pg_url).await;
+    // Store the events first, straight through the store, before any weir runs; then start
+    // weir and time how long its relay takes to publish them all.
+    let db = Database::create(&args.pg_url).await?;
+    let exchange = format!("weir.bench.relay-{}", db.suffix);
+    let pool = sqlx::PgPool::connect(&db.url).await?;
+    let store = crate::data::store::Store::new(pool.clone());
+    let pe = |e: crate::data::store::StoreError| BenchError::Pipeline(e.to_string());
+    store.migrate().await.map_err(pe)?;
+    let stream_id = store.ensure_stream("bench", "orders").await.map_err(pe)?;
+    store_events(&store, stream_id, args.events, args.payload, "relay").await?;
     let conn = lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
         .await
         .map_err(|e| BenchError::Broker(e.to_string()))?;
