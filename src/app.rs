@@ -189,6 +189,8 @@ pub async fn run(
 
 /// Applies one snapshot of the folder: valid resources run, invalid ones keep their previous
 /// version (and say why in status), absent ones stop.
+// Each argument is a separate part of the process the apply moves to the new topology.
+#[allow(clippy::too_many_arguments)]
 async fn apply(
     loaded: &Loaded,
     defaults: &Defaults,

@@ -101,6 +101,7 @@ fn from_arrivals(
         events: a.delivered,
         seconds,
         errors,
+        hit_ratio: None,
         published: Some(published),
         backlog,
         duplicates: Some(a.duplicates),

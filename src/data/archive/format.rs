@@ -104,6 +104,8 @@ struct Record<'a> {
     s: Option<String>,
 }
 
+// serde's `skip_serializing_if` hands over a reference to the field as declared.
+#[allow(clippy::ptr_arg)]
 fn is_empty(m: &Cow<'_, BTreeMap<String, ExtValue>>) -> bool {
     m.is_empty()
 }
@@ -287,8 +289,8 @@ pub fn build_segment(
     let mut correlations = std::collections::BTreeSet::new();
     let mut block_first = first.position;
     let mut count = 0u32;
-    let mut expected = first.position;
     for (i, ev) in events.iter().enumerate() {
+        let expected = first.position + i as i64;
         if ev.position != expected {
             return Err(ArchiveError::Encode(format!(
                 "positions are not consecutive: {} follows {}",
@@ -296,7 +298,6 @@ pub fn build_segment(
                 expected - 1
             )));
         }
-        expected += 1;
         let block = index.len() as i32;
         if let Some(s) = &ev.event.subject {
             subjects.insert((s.clone(), block));
