@@ -189,6 +189,9 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
 
     // Everything as the hot table serves it.
     let before = read_all(&w).await;
+    // Every event older than archiveAfter (1 s) before the policy appears, so that segments
+    // are cut by maxEvents alone.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(before.len(), N);
     let subjects: Vec<String> = (0..97).step_by(7).map(|i| format!("order-{i}")).collect();
     let subject_url = |s: &str, q: &str| {
@@ -444,6 +447,9 @@ async fn a_crash_at_any_step_of_the_move_loses_and_doubles_nothing() {
     wait_readable(&mut w).await;
     publish_range(&w, 0..N).await;
     let before = read_all(&w).await;
+    // Every event older than archiveAfter (1 s) before the policy appears, so that segments
+    // are cut by maxEvents alone.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(w.terminate().success());
 
     m.write(
@@ -505,6 +511,7 @@ async fn two_processes_with_the_same_policy_write_each_segment_once() {
     wait_readable(&mut a).await;
     publish_range(&a, 0..N).await;
     let before = read_all(&a).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     m.write(
         "archive.yaml",
         &policy_yaml(
@@ -556,6 +563,9 @@ async fn a_damaged_segment_fails_verify_and_the_others_stay_readable() {
     wait_readable(&mut w).await;
     publish_range(&w, 0..N).await;
     let before = read_all(&w).await;
+    // Every event older than archiveAfter (1 s) before the policy appears, so that segments
+    // are cut by maxEvents alone.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     m.write(
         "archive.yaml",
         &policy_yaml(
