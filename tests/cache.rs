@@ -299,3 +299,109 @@ async fn full_pages_and_events_are_cached_a_policy_edit_resizes_live() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+async fn trace_ids(c: &reqwest::Client, w: &Weir, id: &str) -> Vec<String> {
+    let r = c
+        .get(format!(
+            "{}/v1/namespaces/test/correlations/{id}/events",
+            w.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Traces span a namespace's streams: cached while a policy covers each of them, and dropped
+/// by an append carrying their correlation id to any of them — at once on the replica that
+/// answered it, within a second on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trace_is_cached_and_an_append_to_any_stream_invalidates_it() {
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    m.write(
+        "orders.yaml",
+        &stream_yaml("orders", &unique("weir.test.cache."), ""),
+    );
+    m.write(
+        "payments.yaml",
+        &stream_yaml("payments", &unique("weir.test.cache."), ""),
+    );
+    m.write("cache.yaml", &policy_yaml("reads", "orders", "LRU", 1000));
+    m.write(
+        "cache2.yaml",
+        &policy_yaml("pay-reads", "payments", "LFU", 1000),
+    );
+    let mut a = Weir::start(m.path());
+    let mut b = Weir::start(m.path());
+    for w in [&mut a, &mut b] {
+        wait_readable(w, "orders").await;
+        wait_readable(w, "payments").await;
+    }
+    let c = reqwest::Client::new();
+    let send = |w: &Weir, stream: &str, id: &str| {
+        let (c, url) = (c.clone(), w.events_url("test", stream));
+        let id = id.to_string();
+        async move {
+            let r = c
+                .post(&url)
+                .header("content-type", "application/cloudevents+json")
+                .body(
+                    json!({"specversion": "1.0", "type": "t", "source": "/trace", "id": id,
+                           "correlationid": "saga-1", "data": {}})
+                    .to_string(),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+    };
+    send(&a, "orders", "o1").await;
+    // The trace is cached on both replicas (traces live in the first stream's cache, "orders").
+    for w in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let before = hits(&w.metrics().await, "reads");
+            assert_eq!(trace_ids(&c, w, "saga-1").await, ["o1"]);
+            assert_eq!(trace_ids(&c, w, "saga-1").await, ["o1"]);
+            if hits(&w.metrics().await, "reads") > before {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the trace was never cached");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // An append to the other stream, on A: A sees it at once, B within a second.
+    send(&a, "payments", "p1").await;
+    assert_eq!(trace_ids(&c, &a, "saga-1").await, ["o1", "p1"]);
+    let started = Instant::now();
+    loop {
+        if trace_ids(&c, &b, "saga-1").await == ["o1", "p1"] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "replica B served a stale trace for over a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the other way round.
+    send(&b, "orders", "o2").await;
+    assert_eq!(trace_ids(&c, &b, "saga-1").await, ["o1", "p1", "o2"]);
+    let started = Instant::now();
+    while trace_ids(&c, &a, "saga-1").await != ["o1", "p1", "o2"] {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "replica A served a stale trace for over a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -178,11 +178,15 @@ async fn publish_inner(
                 .map(|e| (e.id.clone(), e.source.clone()))
                 .collect();
             // Subjects whose cached reads this append makes stale (only if a cache serves them).
-            let subjects: Vec<String> = if st.engine.caches.covers(&rt.plan.key) {
-                events.iter().filter_map(|e| e.subject.clone()).collect()
-            } else {
-                Vec::new()
-            };
+            let (subjects, correlations): (Vec<String>, Vec<String>) =
+                if st.engine.caches.covers(&rt.plan.key) {
+                    (
+                        events.iter().filter_map(|e| e.subject.clone()).collect(),
+                        events.iter().filter_map(|e| e.correlation_id()).collect(),
+                    )
+                } else {
+                    (Vec::new(), Vec::new())
+                };
             let rx = match batcher.submit(events, deadline) {
                 Ok(rx) => rx,
                 Err(SubmitError::Overloaded) => {
@@ -209,6 +213,7 @@ async fn publish_inner(
                             &rt.plan.key,
                             id,
                             subjects.iter().map(String::as_str),
+                            correlations.iter().map(String::as_str),
                         );
                     }
                     Ok(stored_response(&names, &results))

@@ -136,16 +136,48 @@ pub async fn handler(
             }
         },
     };
-    let trace = correlation(&st.engine, &ns, &id, limit)
-        .await
-        .map_err(|e| {
-            if e.is_transient() {
-                Problem::unavailable(e.to_string(), 1)
-            } else {
-                Problem::internal(e.to_string())
-            }
-        })?;
-    Ok(axum::Json(trace).into_response())
+    // Only the default (whole) trace is cached: one entry per id, one key to invalidate.
+    let cache = if q.limit.is_none() {
+        let streams: Vec<crate::topology::Key> = st
+            .engine
+            .streams()
+            .iter()
+            .filter(|rt| rt.plan.key.namespace == ns && rt.store().is_some())
+            .map(|rt| rt.plan.key.clone())
+            .collect();
+        st.engine.caches.trace_cache(&streams)
+    } else {
+        None
+    };
+    let key = crate::data::cache::CacheKey::Trace {
+        namespace: ns.clone(),
+        correlation_id: id.clone(),
+    };
+    let answer = crate::data::cache::read_through(cache.as_deref(), key, || async {
+        let trace = correlation(&st.engine, &ns, &id, limit)
+            .await
+            .map_err(|e| {
+                if e.is_transient() {
+                    Problem::unavailable(e.to_string(), 1)
+                } else {
+                    Problem::internal(e.to_string())
+                }
+            })?;
+        let body = serde_json::to_vec(&trace).map_err(|e| Problem::internal(e.to_string()))?;
+        Ok::<_, Problem>((
+            crate::data::cache::Cached {
+                body: body.into(),
+                events: None,
+            },
+            true,
+        ))
+    })
+    .await?;
+    Ok((
+        [(http::header::CONTENT_TYPE, "application/json")],
+        answer.body.clone(),
+    )
+        .into_response())
 }
 
 /// A trace arranged as a causation forest: roots are events whose `causationid` names no

@@ -1,8 +1,11 @@
 //! The read side's caches, one per CachePolicy, shared by the streams the policy selects.
 //!
-//! What is cached: one event by position, full range pages, and a subject's events (the whole
-//! list; `version` and `asOf` filter it in memory). Values are the encoded response bodies,
-//! weighed by their size for `maxBytes`.
+//! What is cached: one event by position, full range pages, a subject's events (the whole
+//! list; `version` and `asOf` filter it in memory), and correlation traces. Values are the
+//! encoded response bodies, weighed by their size for `maxBytes`. A trace spans a namespace's
+//! streams: it is cached only while every stored stream of the namespace running here is
+//! selected by a policy (so every append that can change it invalidates it), in the cache of
+//! the first of them by name.
 //!
 //! Strategies: `LRU` and `TTL` run on moka (LRU eviction; TTL = moka's expiry with LRU only
 //! when full). `LFU` and `FIFO` run on [`bounded::Bounded`], a small structure of ours,
@@ -14,8 +17,9 @@
 //! of the key). A subject changes on every append to it:
 //! - on this replica, the publish handler invalidates the subjects it appended before it
 //!   answers 2xx, so a read after the answer sees the append;
-//! - every append also sends `NOTIFY weir_subjects` with the stream and its subjects in the
-//!   append's transaction; each replica listens per database and invalidates on receipt
+//! - every append also sends `NOTIFY weir_subjects` with the stream, its subjects and its
+//!   correlation ids in the append's transaction (traces of those ids are dropped from every
+//!   policy's cache); each replica listens per database and invalidates on receipt
 //!   (typically milliseconds after the commit, well within a second). While a replica's
 //!   listener is not connected, its caches for that database are bypassed and cleared on
 //!   reconnect, because notifications sent meanwhile are lost.
@@ -74,6 +78,11 @@ pub enum CacheKey {
         stream: Key,
         stream_id: i64,
         subject: String,
+    },
+    /// A correlation trace of a namespace (default limit only).
+    Trace {
+        namespace: String,
+        correlation_id: String,
     },
 }
 
@@ -288,6 +297,23 @@ impl PolicyCache {
         }
     }
 
+    /// Drops one entry (a trace), with the same protection against in-flight misses as a
+    /// subject's invalidation.
+    pub fn invalidate_key(&self, key: &CacheKey) {
+        let mut stripe = self.stripes[stripe_of(key)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *stripe += 1;
+        match &self.backing {
+            Backing::Moka(c) => c.invalidate(key),
+            Backing::Own(_) => {
+                if let Some(mut b) = self.own() {
+                    b.remove(key);
+                }
+            }
+        }
+    }
+
     /// Drops everything (lost notifications, unreadable notification).
     pub fn invalidate_all(&self) {
         // Every stripe is held while clearing, so no miss that started earlier can insert.
@@ -395,6 +421,40 @@ struct Shared {
 }
 
 impl Shared {
+    /// Drops the traces of `ids` in `namespace` from every policy's cache.
+    fn invalidate_traces<'a>(&self, namespace: &str, ids: impl IntoIterator<Item = &'a str>) {
+        let policies: Vec<_> = self
+            .policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for id in ids {
+            let key = CacheKey::Trace {
+                namespace: namespace.to_string(),
+                correlation_id: id.to_string(),
+            };
+            for p in &policies {
+                p.invalidate_key(&key);
+            }
+        }
+    }
+
+    /// Clears every policy's cache.
+    fn clear_all(&self) {
+        let policies: Vec<_> = self
+            .policies
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for p in policies {
+            p.invalidate_all();
+        }
+    }
+
     /// Clears the caches of every stream stored in the database at `url`.
     fn clear_url(&self, url: &str) {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
@@ -413,6 +473,15 @@ impl Shared {
             return;
         };
         let stream = Key::new(n.namespace, n.name);
+        match &n.correlations {
+            Some(ids) => self.invalidate_traces(&stream.namespace, ids.iter().map(String::as_str)),
+            // Too many ids (or subjects) for one notification: a trace of any namespace may
+            // be stale, wherever it is cached, so every cache goes.
+            None => {
+                self.clear_all();
+                return;
+            }
+        }
         let route = self
             .routes
             .read()
@@ -440,6 +509,8 @@ struct SubjectsNotice {
     name: String,
     /// `null` when the list would not fit a notification.
     subjects: Option<Vec<String>>,
+    /// The correlation ids appended; `null` when they (with the subjects) would not fit.
+    correlations: Option<Vec<String>>,
 }
 
 struct Listener {
@@ -583,13 +654,31 @@ impl Caches {
             .cloned()
     }
 
-    /// Invalidates subjects just appended to `stream` on this replica (before the 2xx).
+    /// The cache for a trace of `namespace` whose stored streams here are `streams`: only
+    /// when every one of them has a live route (so every append that can change the trace
+    /// invalidates it here and on the other replicas); the first stream's cache holds it.
+    pub fn trace_cache(&self, streams: &[Key]) -> Option<Arc<PolicyCache>> {
+        let mut sorted: Vec<&Key> = streams.iter().collect();
+        sorted.sort();
+        let first = sorted.first()?;
+        if sorted.iter().all(|k| self.route(k).is_some()) {
+            self.route(first)
+        } else {
+            None
+        }
+    }
+
+    /// Invalidates subjects and traces just appended to `stream` on this replica (before the
+    /// 2xx).
     pub fn appended<'a>(
         &self,
         stream: &Key,
         stream_id: i64,
         subjects: impl IntoIterator<Item = &'a str>,
+        correlations: impl IntoIterator<Item = &'a str>,
     ) {
+        self.shared
+            .invalidate_traces(&stream.namespace, correlations);
         let cache = {
             let routes = self.shared.routes.read().unwrap_or_else(|p| p.into_inner());
             routes.get(stream).map(|r| r.cache.clone())

@@ -285,12 +285,26 @@ impl Store {
                 }
             }
             let (subj, subj_v): (Vec<&str>, Vec<i64>) = final_versions.into_iter().unzip();
+            // Correlation ids appended: cached traces of those ids are stale too.
+            let mut correlations: Vec<&str> = rows
+                .correlation
+                .iter()
+                .flatten()
+                .map(String::as_str)
+                .collect();
+            correlations.sort_unstable();
+            correlations.dedup();
             // The read caches of every replica drop these subjects on `weir_subjects` (sent at
             // commit). A notification holds under 8000 bytes: a list that might not fit (JSON
             // escaping can grow a character to 6 bytes) is sent as null, "every subject".
-            let notify_subjects = (subj.iter().map(|s| s.len() * 6 + 4).sum::<usize>()
-                <= NOTIFY_SUBJECTS_BYTES)
-                .then_some(&subj);
+            let fits = subj
+                .iter()
+                .chain(&correlations)
+                .map(|s| s.len() * 6 + 4)
+                .sum::<usize>()
+                <= NOTIFY_SUBJECTS_BYTES;
+            let notify_subjects = fits.then_some(&subj);
+            let notify_correlations = fits.then_some(&correlations);
             sqlx::query(
                 "WITH t AS (SELECT GREATEST(clock_timestamp(), $2::timestamptz) AS ts),
                  ev AS (
@@ -319,9 +333,11 @@ impl Store {
                  ),
                  n AS (
                    SELECT pg_notify('weir_subjects', json_build_object('stream_id', s.stream_id,
-                       'namespace', s.namespace, 'name', s.name, 'subjects', $20::text[])::text)
+                       'namespace', s.namespace, 'name', s.name, 'subjects', $20::text[],
+                       'correlations', $21::text[])::text)
                    FROM weir_streams s
-                   WHERE s.stream_id = $1 AND cardinality($17::text[]) > 0
+                   WHERE s.stream_id = $1
+                     AND (cardinality($17::text[]) > 0 OR $22::int > 0)
                  )
                  SELECT pg_notify('weir_appended', $1::text || ':' || $19::text),
                         (SELECT count(*) FROM n)",
@@ -346,6 +362,8 @@ impl Store {
             .bind(&subj_v)
             .bind(next)
             .bind(notify_subjects)
+            .bind(notify_correlations)
+            .bind(correlations.len() as i32)
             .execute(&mut *tx)
             .await?;
         }
