@@ -271,8 +271,11 @@ pub fn build_segment(
             "a segment needs at least one event".into(),
         ));
     };
-    let mut compressor = match dictionary {
-        Some(d) => zstd::bulk::Compressor::with_dictionary(level, d),
+    // Digested once: a raw dictionary would be loaded again for every block, which halves
+    // the compression rate.
+    let prepared = dictionary.map(|d| zstd::dict::EncoderDictionary::copy(d, level));
+    let mut compressor = match &prepared {
+        Some(d) => zstd::bulk::Compressor::with_prepared_dictionary(d),
         None => zstd::bulk::Compressor::new(level),
     }
     .map_err(|e| ArchiveError::Encode(format!("zstd: {e}")))?;
