@@ -473,14 +473,16 @@ impl Shared {
             return;
         };
         let stream = Key::new(n.namespace, n.name);
-        match &n.correlations {
-            Some(ids) => self.invalidate_traces(&stream.namespace, ids.iter().map(String::as_str)),
-            // Too many ids (or subjects) for one notification: a trace of any namespace may
-            // be stale, wherever it is cached, so every cache goes.
-            None => {
-                self.clear_all();
-                return;
-            }
+        // Too many subjects and ids for one notification (both are sent as null then): a
+        // trace of any namespace may be stale, wherever it is cached, so every cache goes.
+        if n.subjects.is_none() {
+            self.clear_all();
+        } else {
+            // A notification without the field (sent by an older version) names no ids.
+            self.invalidate_traces(
+                &stream.namespace,
+                n.correlations.iter().flatten().map(String::as_str),
+            );
         }
         let route = self
             .routes
@@ -509,7 +511,8 @@ struct SubjectsNotice {
     name: String,
     /// `null` when the list would not fit a notification.
     subjects: Option<Vec<String>>,
-    /// The correlation ids appended; `null` when they (with the subjects) would not fit.
+    /// The correlation ids appended; `null` (with `subjects`) when they would not fit.
+    #[serde(default)]
     correlations: Option<Vec<String>>,
 }
 
