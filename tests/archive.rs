@@ -111,24 +111,6 @@ async fn read_all(w: &Weir) -> Vec<Value> {
     }
 }
 
-async fn wait_readable(w: &mut Weir) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let url = format!("{}?from=1&limit=1", w.events_url(NS, STREAM));
-    loop {
-        if let Ok(r) = reqwest::get(&url).await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "stream not readable in 30 s; log:\n{}",
-            w.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn pg(db: &str) -> sqlx::PgPool {
     sqlx::PgPool::connect(db).await.unwrap()
 }
@@ -174,25 +156,50 @@ fn cli(w: &Weir, args: &[&str]) -> (i32, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
-    const N: usize = 50_000;
+/// A fresh database, a manifest folder with the `orders` stream, and a running weir that has
+/// stored events `0..n`, read back (as the hot table serves them) into `before`. Every event
+/// is older than archiveAfter (1 s) when this returns, so that a policy written next cuts
+/// segments by `maxEvents` alone.
+struct Stored {
+    pool: sqlx::PgPool,
+    m: Manifests,
+    w: Weir,
+    before: Vec<Value>,
+}
+
+async fn stored(n: usize) -> Stored {
     let db = fresh_database().await;
+    let pool = pg(&db).await;
     let m = Manifests::new(&db);
     m.write(
         "orders.yaml",
         &stream_yaml(STREAM, &unique("weir.test.ar."), ""),
     );
     let mut w = Weir::start(m.path());
-    wait_readable(&mut w).await;
-    publish_range(&w, 0..N).await;
-
-    // Everything as the hot table serves it.
+    w.wait_readable(NS, STREAM).await;
+    publish_range(&w, 0..n).await;
     let before = read_all(&w).await;
-    // Every event older than archiveAfter (1 s) before the policy appears, so that segments
-    // are cut by maxEvents alone.
+    assert_eq!(before.len(), n);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(before.len(), N);
+    Stored { pool, m, w, before }
+}
+
+/// The test policy archiving into files under `vol`, with `extra` spec lines.
+fn volume_policy(vol: &Path, extra: &str) -> String {
+    policy_yaml(
+        "old-orders",
+        &format!(
+            "{extra}  destination: {{volume: {{path: {}}}}}\n",
+            vol.display()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
+    const N: usize = 50_000;
+    // Everything as the hot table serves it.
+    let Stored { pool, m, w, before } = stored(N).await;
     let subjects: Vec<String> = (0..97).step_by(7).map(|i| format!("order-{i}")).collect();
     let subject_url = |s: &str, q: &str| {
         format!(
@@ -224,7 +231,6 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
         "archive.yaml",
         &policy_yaml("old-orders", "  segment: {maxEvents: 10000}\n"),
     );
-    let pool = pg(&db).await;
     wait_archived(&w, &pool, N as i64, Duration::from_secs(120)).await;
     assert_eq!(
         count(&pool, "SELECT count(*) FROM weir_archive_segments").await,
@@ -435,32 +441,18 @@ fn wait_aborted(w: &mut Weir, within: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_at_any_step_of_the_move_loses_and_doubles_nothing() {
     const N: usize = 6000;
-    let db = fresh_database().await;
-    let pool = pg(&db).await;
-    let m = Manifests::new(&db);
+    let Stored {
+        pool,
+        m,
+        mut w,
+        before,
+    } = stored(N).await;
     let vol = tempfile::tempdir().unwrap();
-    m.write(
-        "orders.yaml",
-        &stream_yaml(STREAM, &unique("weir.test.ar."), ""),
-    );
-    let mut w = Weir::start(m.path());
-    wait_readable(&mut w).await;
-    publish_range(&w, 0..N).await;
-    let before = read_all(&w).await;
-    // Every event older than archiveAfter (1 s) before the policy appears, so that segments
-    // are cut by maxEvents alone.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(w.terminate().success());
 
     m.write(
         "archive.yaml",
-        &policy_yaml(
-            "old-orders",
-            &format!(
-                "  segment: {{maxEvents: 2000}}\n  destination: {{volume: {{path: {}}}}}\n",
-                vol.path().display()
-            ),
-        ),
+        &volume_policy(vol.path(), "  segment: {maxEvents: 2000}\n"),
     );
     for point in ["after-segment-write", "before-hot-delete", "mid-delete"] {
         let mut w = Weir::start_with(m.path(), &[("WEIR_ARCHIVE_FAULT", point)]);
@@ -483,7 +475,7 @@ async fn a_crash_at_any_step_of_the_move_loses_and_doubles_nothing() {
     }
 
     let mut w = Weir::start(m.path());
-    wait_readable(&mut w).await;
+    w.wait_readable(NS, STREAM).await;
     wait_archived(&w, &pool, N as i64, Duration::from_secs(60)).await;
     let files = segment_files(vol.path());
     assert_eq!(
@@ -499,31 +491,19 @@ async fn a_crash_at_any_step_of_the_move_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_processes_with_the_same_policy_write_each_segment_once() {
     const N: usize = 20_000;
-    let db = fresh_database().await;
-    let pool = pg(&db).await;
-    let m = Manifests::new(&db);
+    let Stored {
+        pool,
+        m,
+        w: a,
+        before,
+    } = stored(N).await;
     let vol = tempfile::tempdir().unwrap();
     m.write(
-        "orders.yaml",
-        &stream_yaml(STREAM, &unique("weir.test.ar."), ""),
-    );
-    let mut a = Weir::start(m.path());
-    wait_readable(&mut a).await;
-    publish_range(&a, 0..N).await;
-    let before = read_all(&a).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    m.write(
         "archive.yaml",
-        &policy_yaml(
-            "old-orders",
-            &format!(
-                "  segment: {{maxEvents: 1000}}\n  destination: {{volume: {{path: {}}}}}\n",
-                vol.path().display()
-            ),
-        ),
+        &volume_policy(vol.path(), "  segment: {maxEvents: 1000}\n"),
     );
     let mut b = Weir::start(m.path());
-    wait_readable(&mut b).await;
+    b.wait_readable(NS, STREAM).await;
     wait_archived(&a, &pool, N as i64, Duration::from_secs(120)).await;
 
     // Each segment once: 20 rows, 20 files, and the two processes' archived counts add up to
@@ -551,29 +531,13 @@ async fn two_processes_with_the_same_policy_write_each_segment_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_damaged_segment_fails_verify_and_the_others_stay_readable() {
     const N: usize = 5000;
-    let db = fresh_database().await;
-    let pool = pg(&db).await;
-    let m = Manifests::new(&db);
+    let Stored { pool, m, w, before } = stored(N).await;
     let vol = tempfile::tempdir().unwrap();
     m.write(
-        "orders.yaml",
-        &stream_yaml(STREAM, &unique("weir.test.ar."), ""),
-    );
-    let mut w = Weir::start(m.path());
-    wait_readable(&mut w).await;
-    publish_range(&w, 0..N).await;
-    let before = read_all(&w).await;
-    // Every event older than archiveAfter (1 s) before the policy appears, so that segments
-    // are cut by maxEvents alone.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    m.write(
         "archive.yaml",
-        &policy_yaml(
-            "old-orders",
-            &format!(
-                "  segment: {{maxEvents: 1000}}\n  compression: {{dictionary: false}}\n  destination: {{volume: {{path: {}}}}}\n",
-                vol.path().display()
-            ),
+        &volume_policy(
+            vol.path(),
+            "  segment: {maxEvents: 1000}\n  compression: {dictionary: false}\n",
         ),
     );
     wait_archived(&w, &pool, N as i64, Duration::from_secs(60)).await;
@@ -619,16 +583,7 @@ async fn a_damaged_segment_fails_verify_and_the_others_stay_readable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delete_after_removes_old_segments_with_an_audit_record() {
     const N: usize = 3000;
-    let db = fresh_database().await;
-    let pool = pg(&db).await;
-    let m = Manifests::new(&db);
-    m.write(
-        "orders.yaml",
-        &stream_yaml(STREAM, &unique("weir.test.ar."), ""),
-    );
-    let mut w = Weir::start(m.path());
-    wait_readable(&mut w).await;
-    publish_range(&w, 0..N).await;
+    let Stored { pool, m, w, .. } = stored(N).await;
     m.write(
         "archive.yaml",
         &policy_yaml(

@@ -9,27 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 
-/// Waits until the stream answers reads (its store is provisioned). Reads, publishes to a
-/// stored stream and cache invalidation need only PostgreSQL, so this does not wait for the
-/// broker.
-async fn wait_readable(w: &mut Weir, stream: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let url = format!("{}?from=1&limit=1", w.events_url("test", stream));
-    loop {
-        if let Ok(r) = reqwest::get(&url).await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "stream {stream} not readable in 30 s; log:\n{}",
-            w.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn policy_yaml(name: &str, stream: &str, strategy: &str, max_items: u32) -> String {
     format!(
         "apiVersion: weir.dev/v1alpha1\nkind: CachePolicy\nmetadata: {{name: {name}, namespace: test}}\n\
@@ -111,8 +90,8 @@ async fn an_append_invalidates_the_subject_on_both_replicas() {
     m.write("cache.yaml", &policy_yaml("reads", "orders", "LRU", 1000));
     let mut a = Weir::start(m.path());
     let mut b = Weir::start(m.path());
-    wait_readable(&mut a, "orders").await;
-    wait_readable(&mut b, "orders").await;
+    a.wait_readable("test", "orders").await;
+    b.wait_readable("test", "orders").await;
     let c = reqwest::Client::new();
     let (url_a, url_b) = (
         a.events_url("test", "orders"),
@@ -217,7 +196,7 @@ async fn full_pages_and_events_are_cached_a_policy_edit_resizes_live() {
         &policy_yaml("pages-cache", "pages", "FIFO", 100),
     );
     let mut w = Weir::start(m.path());
-    wait_readable(&mut w, "pages").await;
+    w.wait_readable("test", "pages").await;
     let c = reqwest::Client::new();
     let url = w.events_url("test", "pages");
     for i in 0..5 {
@@ -342,8 +321,8 @@ async fn a_trace_is_cached_and_an_append_to_any_stream_invalidates_it() {
     let mut a = Weir::start(m.path());
     let mut b = Weir::start(m.path());
     for w in [&mut a, &mut b] {
-        wait_readable(w, "orders").await;
-        wait_readable(w, "payments").await;
+        w.wait_readable("test", "orders").await;
+        w.wait_readable("test", "payments").await;
     }
     let c = reqwest::Client::new();
     let send = |w: &Weir, stream: &str, id: &str| {

@@ -3,31 +3,8 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::*;
 use serde_json::{Value, json};
-
-/// Waits until the stream answers reads (its store is provisioned). Reads, publishes to a
-/// stored stream and cache invalidation need only PostgreSQL, so this does not wait for the
-/// broker.
-async fn wait_readable(w: &mut Weir, stream: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let url = format!("{}?from=1&limit=1", w.events_url("test", stream));
-    loop {
-        if let Ok(r) = reqwest::get(&url).await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "stream {stream} not readable in 30 s; log:\n{}",
-            w.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_saga_is_traced_across_streams_in_commit_order() {
@@ -42,8 +19,8 @@ async fn a_saga_is_traced_across_streams_in_commit_order() {
         &stream_yaml("shipping", &unique("weir.test.tr."), ""),
     );
     let mut w = Weir::start(m.path());
-    wait_readable(&mut w, "orders").await;
-    wait_readable(&mut w, "shipping").await;
+    w.wait_readable("test", "orders").await;
+    w.wait_readable("test", "shipping").await;
     let c = reqwest::Client::new();
     // Structured CloudEvents: the seed's JSON shape has no causationid.
     let publish = |stream: &str, mut body: Value| {

@@ -260,7 +260,6 @@ async fn measure(
     // Ratios and MB/s against the events' published JSON; the segments' own record bytes
     // (`raw_bytes`, what status.compressionRatio uses) are a little smaller.
     let ratio = |len: usize| json as f64 / len.max(1) as f64;
-    let detail = |v: serde_json::Value| Some(v);
     let mut reports = Vec::new();
     let mut r = Report::new(
         "archive",
@@ -269,7 +268,7 @@ async fn measure(
         Measurement::rate_only(&format!("zstd -{LEVEL}, one frame"), n, frame_s),
         versions.clone(),
     );
-    r.details = detail(serde_json::json!({
+    r.details = Some(serde_json::json!({
         "raw_json_bytes": json, "record_bytes": raw, "stored_bytes": with_len, "blocks": blocks,
         "raw_mb_per_s": mb_per_s(json, with_s), "compression_ratio": ratio(with_len),
         "dictionary_bytes": dict_len, "dictionary_training_s": train_s,
@@ -285,7 +284,7 @@ async fn measure(
         Measurement::rate_only(&format!("zstd -{LEVEL}, one frame"), n, frame_s),
         versions.clone(),
     );
-    r.details = detail(serde_json::json!({
+    r.details = Some(serde_json::json!({
         "raw_json_bytes": json, "stored_bytes": plain_len,
         "raw_mb_per_s": mb_per_s(json, plain_s), "compression_ratio": ratio(plain_len),
     }));
@@ -297,7 +296,7 @@ async fn measure(
         Measurement::rate_only("SELECT + DELETE, one tx", n, select_delete),
         versions.clone(),
     );
-    r.details = detail(serde_json::json!({
+    r.details = Some(serde_json::json!({
         "raw_json_bytes": json, "record_bytes": run.raw_bytes, "stored_bytes": run.stored_bytes,
         "raw_mb_per_s": mb_per_s(json, run.seconds),
         "compression_ratio": ratio(run.stored_bytes as usize),
@@ -311,7 +310,7 @@ async fn measure(
         Measurement::rate_only("read from the hot table", n, hot_read),
         versions,
     );
-    r.details = detail(serde_json::json!({
+    r.details = Some(serde_json::json!({
         "raw_mb_per_s": mb_per_s(json, archived_read),
         "baseline_raw_mb_per_s": mb_per_s(json, hot_read),
     }));

@@ -223,6 +223,27 @@ impl Weir {
         }
     }
 
+    /// Waits until the stream answers reads (its store is provisioned). Reads, publishes to
+    /// a stored stream and cache invalidation need only PostgreSQL, so this does not wait for
+    /// the broker as [`Weir::wait_ready`] does.
+    pub async fn wait_readable(&mut self, ns: &str, stream: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = format!("{}?from=1&limit=1", self.events_url(ns, stream));
+        loop {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stream {ns}/{stream} not readable in 30 s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn events_url(&self, ns: &str, stream: &str) -> String {
         format!("{}/v1/namespaces/{ns}/streams/{stream}/events", self.url)
     }

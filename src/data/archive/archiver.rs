@@ -17,7 +17,7 @@ use sqlx::types::Json;
 use sqlx::{ConnectOptions as _, Connection as _, PgConnection, Row as _};
 
 use super::ArchiveError;
-use super::format::{self, BlockEntry, BuiltSegment, Dictionary};
+use super::format::{self, BlockEntry, BuiltSegment};
 use crate::data::event::StoredEvent;
 use crate::data::store::Store;
 use crate::topology::Key;
@@ -658,25 +658,15 @@ pub async fn verify(
             }
         }
         let dict = match dict_id {
-            Some(id) => {
-                let bytes: Option<Vec<u8>> = sqlx::query_scalar(
-                    "SELECT dict FROM weir_archive_dictionaries
-                     WHERE stream_id = $1 AND dict_id = $2",
-                )
-                .bind(stream_id)
-                .bind(id)
-                .fetch_optional(&mut *store.acquire().await.map_err(ArchiveError::Store)?)
-                .await?;
-                match bytes {
-                    Some(b) => Some(Dictionary::copy(&b)),
-                    None => {
-                        r.problems
-                            .push(format!("{name}: dictionary {id} is missing"));
-                        progress(n as u64 + 1, total);
-                        continue;
-                    }
+            Some(id) => match store.dictionary(stream_id, id).await {
+                Ok(d) => Some(d),
+                Err(e) if e.is_transient() => return Err(e.into()),
+                Err(e) => {
+                    r.problems.push(format!("{name}: {e}"));
+                    progress(n as u64 + 1, total);
+                    continue;
                 }
-            }
+            },
             None => None,
         };
         let mut next = first;
@@ -698,7 +688,7 @@ pub async fn verify(
                 ));
                 continue;
             };
-            match format::decompress_block(frame, b, dict.as_ref()) {
+            match format::decompress_block(frame, b, dict.as_deref()) {
                 Ok(evs) => events += evs.len() as i64,
                 Err(msg) => r.problems.push(format!("{name}: byte {}: {msg}", b.offset)),
             }

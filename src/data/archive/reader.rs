@@ -158,7 +158,7 @@ impl Store {
         Ok(Some(m))
     }
 
-    async fn dictionary(
+    pub(crate) async fn dictionary(
         &self,
         stream_id: i64,
         dict_id: i32,

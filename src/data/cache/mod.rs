@@ -21,8 +21,9 @@
 //!   correlation ids in the append's transaction (traces of those ids are dropped from every
 //!   policy's cache); each replica listens per database and invalidates on receipt
 //!   (typically milliseconds after the commit, well within a second). While a replica's
-//!   listener is not connected, its caches for that database are bypassed and cleared on
-//!   reconnect, because notifications sent meanwhile are lost.
+//!   listener is not connected, its caches for that database are bypassed, and every cache
+//!   of the replica is cleared when it connects or disconnects, because notifications sent
+//!   meanwhile are lost (and a trace of that database's streams may sit in any cache).
 //! - The listener connects where the store's pool connects; when the pool fails over to
 //!   another URL of its Secret, the listener reconnects there within a quarter of a second
 //!   (clearing the caches), so it never listens on a server that no longer takes the appends.
@@ -410,7 +411,6 @@ where
 #[derive(Clone)]
 struct Route {
     cache: Arc<PolicyCache>,
-    url: String,
     live: Arc<AtomicBool>,
 }
 
@@ -455,50 +455,35 @@ impl Shared {
         }
     }
 
-    /// Clears the caches of every stream stored in the database at `url`.
-    fn clear_url(&self, url: &str) {
-        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        let mut done = HashSet::new();
-        for r in routes.values().filter(|r| r.url == url) {
-            if done.insert(r.cache.plan.key.clone()) {
-                r.cache.invalidate_all();
-            }
-        }
-    }
-
-    fn on_notification(&self, url: &str, payload: &str) {
+    fn on_notification(&self, payload: &str) {
+        // An unreadable payload, or one with too many subjects and ids to list (both are sent
+        // as null then), may stand for any subject or trace, and a trace may be cached in any
+        // policy's cache: every cache goes.
         let Ok(n) = serde_json::from_str::<SubjectsNotice>(payload) else {
             tracing::warn!("unreadable {SUBJECTS_CHANNEL} notification: clearing caches");
-            self.clear_url(url);
+            self.clear_all();
+            return;
+        };
+        let Some(subjects) = n.subjects else {
+            self.clear_all();
             return;
         };
         let stream = Key::new(n.namespace, n.name);
-        // Too many subjects and ids for one notification (both are sent as null then): a
-        // trace of any namespace may be stale, wherever it is cached, so every cache goes.
-        if n.subjects.is_none() {
-            self.clear_all();
-        } else {
-            // A notification without the field (sent by an older version) names no ids.
-            self.invalidate_traces(
-                &stream.namespace,
-                n.correlations.iter().flatten().map(String::as_str),
-            );
-        }
+        // A notification without the field (sent by an older version) names no ids.
+        self.invalidate_traces(
+            &stream.namespace,
+            n.correlations.iter().flatten().map(String::as_str),
+        );
         let route = self
             .routes
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&stream)
             .cloned();
-        let Some(route) = route else { return };
-        match n.subjects {
-            Some(subjects) => {
-                for s in &subjects {
-                    route.cache.invalidate_subject(&stream, n.stream_id, s);
-                }
+        if let Some(route) = route {
+            for s in &subjects {
+                route.cache.invalidate_subject(&stream, n.stream_id, s);
             }
-            // Too many subjects for one notification: the whole cache goes.
-            None => route.cache.invalidate_all(),
         }
     }
 }
@@ -591,14 +576,13 @@ impl Caches {
                 needed.insert(url.to_string());
                 let live = listeners
                     .entry(url.to_string())
-                    .or_insert_with(|| self.spawn_listener(url, pool))
+                    .or_insert_with(|| self.spawn_listener(pool))
                     .live
                     .clone();
                 routes.insert(
                     s.clone(),
                     Route {
                         cache: cache.clone(),
-                        url: url.to_string(),
                         live,
                     },
                 );
@@ -618,11 +602,10 @@ impl Caches {
             .unwrap_or_else(|p| p.into_inner()) = routes;
     }
 
-    fn spawn_listener(&self, url: &str, pool: &sqlx::PgPool) -> Listener {
+    fn spawn_listener(&self, pool: &sqlx::PgPool) -> Listener {
         let cancel = CancellationToken::new();
         let live = Arc::new(AtomicBool::new(false));
         tokio::spawn(listen(
-            url.to_string(),
             pool.clone(),
             self.shared.clone(),
             live.clone(),
@@ -724,9 +707,9 @@ const LISTEN_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const FAILOVER_CHECK: Duration = Duration::from_millis(250);
 
 /// Listens for `weir_subjects` on one database, reconnecting with backoff. The caches of that
-/// database are used only while this listens (`live`), and cleared whenever it (re)connects.
+/// database are used only while this listens (`live`); every cache is cleared whenever it
+/// connects or disconnects.
 async fn listen(
-    url: String,
     pool: sqlx::PgPool,
     shared: Arc<Shared>,
     live: Arc<AtomicBool>,
@@ -762,7 +745,9 @@ async fn listen(
         match connected {
             Ok(mut l) => {
                 backoff = Duration::from_millis(200);
-                shared.clear_url(&url);
+                // Notifications sent while not listening are lost. Traces of this database's
+                // streams may sit in any policy's cache, so every cache goes.
+                shared.clear_all();
                 live.store(true, Ordering::Release);
                 let mut check = tokio::time::interval(FAILOVER_CHECK);
                 loop {
@@ -781,12 +766,12 @@ async fn listen(
                         n = l.try_recv() => n,
                     };
                     match next {
-                        Ok(Some(n)) => shared.on_notification(&url, n.payload()),
+                        Ok(Some(n)) => shared.on_notification(n.payload()),
                         Ok(None) | Err(_) => break,
                     }
                 }
                 live.store(false, Ordering::Release);
-                shared.clear_url(&url);
+                shared.clear_all();
                 tracing::warn!(
                     "cache invalidation listener lost its connection; caches bypassed until it is back"
                 );

@@ -254,11 +254,15 @@ async fn a_notification_invalidates_the_subjects_it_names() {
         plan(CacheStrategy::Lfu, 10, None, LONG),
         &m,
     ));
+    shared
+        .policies
+        .write()
+        .unwrap()
+        .insert(cache.plan.key.clone(), cache.clone());
     shared.routes.write().unwrap().insert(
         Key::new("test", "orders"),
         Route {
             cache: cache.clone(),
-            url: "u".into(),
             live: Arc::new(AtomicBool::new(true)),
         },
     );
@@ -266,24 +270,17 @@ async fn a_notification_invalidates_the_subjects_it_names() {
         put(&cache, subject(s));
     }
     shared.on_notification(
-        "u",
         r#"{"stream_id":1,"namespace":"test","name":"orders","subjects":["a","b"]}"#,
     );
     assert!(!cache.contains(&subject("a")) && !cache.contains(&subject("b")));
     assert!(cache.contains(&subject("c")));
     // Another stream's notification leaves this cache alone.
-    shared.on_notification(
-        "u",
-        r#"{"stream_id":9,"namespace":"test","name":"other","subjects":["c"]}"#,
-    );
+    shared.on_notification(r#"{"stream_id":9,"namespace":"test","name":"other","subjects":["c"]}"#);
     assert!(cache.contains(&subject("c")));
     // "Every subject" and an unreadable payload both clear.
-    shared.on_notification(
-        "u",
-        r#"{"stream_id":1,"namespace":"test","name":"orders","subjects":null}"#,
-    );
+    shared.on_notification(r#"{"stream_id":1,"namespace":"test","name":"orders","subjects":null}"#);
     assert!(!cache.contains(&subject("c")));
     put(&cache, subject("c"));
-    shared.on_notification("u", "garbage");
+    shared.on_notification("garbage");
     assert!(!cache.contains(&subject("c")));
 }
