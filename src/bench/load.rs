@@ -131,38 +131,8 @@ pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
             Ok::<_, BenchError>((hist, errors))
         }));
     }
-    let progress = show_progress.then(|| {
-        let done_events = done_events.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let d = done_events.load(Ordering::Relaxed);
-                eprint!(
-                    "\r  {d}/{events} events ({:.0}%)   ",
-                    100.0 * d as f64 / events.max(1) as f64
-                );
-            }
-        })
-    });
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| BenchError::Pipeline(e.to_string()))?;
-    let mut errors = 0;
-    for t in tasks {
-        let (h, e) = t.await.map_err(|e| BenchError::Pipeline(e.to_string()))??;
-        let _ = latency.add(h);
-        errors += e;
-    }
-    let elapsed = started.elapsed();
-    if let Some(p) = progress {
-        p.abort();
-        eprintln!();
-    }
-    Ok(LoadResult {
-        events: done_events.load(Ordering::Relaxed),
-        elapsed,
-        latency,
-        errors,
-    })
+    let progress = show_progress.then(|| spawn_progress(done_events.clone(), events, "events"));
+    finish(tasks, progress, started, &done_events).await
 }
 
 /// One read run: GET `urls[order[i]]` for every `i`, from `concurrency` clients taking the
@@ -216,38 +186,8 @@ pub async fn read(
             Ok::<_, BenchError>((hist, errors))
         }));
     }
-    let progress = show_progress.then(|| {
-        let done = done.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let d = done.load(Ordering::Relaxed);
-                eprint!(
-                    "\r  {d}/{total} reads ({:.0}%)   ",
-                    100.0 * d as f64 / total.max(1) as f64
-                );
-            }
-        })
-    });
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| BenchError::Pipeline(e.to_string()))?;
-    let mut errors = 0;
-    for t in tasks {
-        let (h, e) = t.await.map_err(|e| BenchError::Pipeline(e.to_string()))??;
-        let _ = latency.add(h);
-        errors += e;
-    }
-    let elapsed = started.elapsed();
-    if let Some(p) = progress {
-        p.abort();
-        eprintln!();
-    }
-    Ok(LoadResult {
-        events: done.load(Ordering::Relaxed),
-        elapsed,
-        latency,
-        errors,
-    })
+    let progress = show_progress.then(|| spawn_progress(done.clone(), total, "reads"));
+    finish(tasks, progress, started, &done).await
 }
 
 /// Zipf-distributed ranks in `0..n` (rank 0 the most frequent), exponent `s`, sampled by
@@ -270,6 +210,55 @@ pub fn zipf_sequence(n: usize, s: f64, len: usize, seed: u64) -> Vec<u32> {
             cdf.partition_point(|&c| c < u).min(n - 1) as u32
         })
         .collect()
+}
+
+/// Prints `done/total unit` on stderr every half second until aborted.
+fn spawn_progress(
+    done: Arc<AtomicUsize>,
+    total: usize,
+    unit: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let d = done.load(Ordering::Relaxed);
+            eprint!(
+                "\r  {d}/{total} {unit} ({:.0}%)   ",
+                100.0 * d as f64 / total.max(1) as f64
+            );
+        }
+    })
+}
+
+type Worker = tokio::task::JoinHandle<Result<(Histogram<u64>, usize), BenchError>>;
+
+/// Waits for the workers and merges their latencies and error counts; `done` counts what
+/// succeeded.
+async fn finish(
+    tasks: Vec<Worker>,
+    progress: Option<tokio::task::JoinHandle<()>>,
+    started: Instant,
+    done: &AtomicUsize,
+) -> Result<LoadResult, BenchError> {
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| BenchError::Pipeline(e.to_string()))?;
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await.map_err(|e| BenchError::Pipeline(e.to_string()))??;
+        let _ = latency.add(h);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    if let Some(p) = progress {
+        p.abort();
+        eprintln!();
+    }
+    Ok(LoadResult {
+        events: done.load(Ordering::Relaxed),
+        elapsed,
+        latency,
+        errors,
+    })
 }
 
 #[cfg(test)]
