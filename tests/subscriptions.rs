@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 
+/// The tests in this file run concurrently, except the one that measures retry delays: on a
+/// small machine the other tests' deliveries queue in front of its retries and the sink would
+/// observe queueing time instead of backoff. It takes this lock exclusively; the rest share it.
+static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// How the test sink answers.
 #[derive(Clone, Debug)]
 enum Mode {
@@ -140,6 +145,17 @@ impl Sink {
             .filter(|g| g.ok)
             .map(|g| g.id)
             .collect()
+    }
+
+    /// How many distinct ids were answered 200, without copying what the sink received.
+    fn delivered_count(&self) -> usize {
+        let s = self.st.lock().unwrap();
+        s.got
+            .iter()
+            .filter(|g| g.ok)
+            .map(|g| g.id.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 
     async fn wait_delivered(&self, n: usize, within: Duration, weir: &Weir) {
@@ -282,6 +298,7 @@ fn median(v: &mut [Duration]) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_are_exponential_capped_and_deliver_everything() {
+    let _exclusive = MACHINE.write().await;
     let sink = Sink::start(Mode::FailFirst(3)).await;
     let s = setup(
         &sink,
@@ -300,11 +317,17 @@ async fn retries_are_exponential_capped_and_deliver_everything() {
     assert_eq!(status["fields"]["consumers"], 64);
 
     // Published at a pace the subscription keeps up with, so that the gaps the sink
-    // observes are the retry delays rather than time spent queueing behind a backlog.
+    // observes are the retry delays rather than time spent queueing behind a backlog: at
+    // most 150 events are between their first attempt and their delivery at any time, which
+    // keeps the subscription's queue short however slow the machine is.
     let url = s.weir.events_url("test", "orders");
-    for chunk in events("r", 5000, 50).chunks(50) {
+    let mut published = 0;
+    for chunk in events("r", 5000, 50).chunks(25) {
+        while published - sink.delivered_count() > 150 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         publish(&url, chunk).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        published += chunk.len();
     }
     sink.wait_delivered(5000, Duration::from_secs(180), &s.weir)
         .await;
@@ -363,6 +386,7 @@ async fn retries_are_exponential_capped_and_deliver_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_400_dead_letters_with_context_and_redrive_delivers() {
+    let _shared = MACHINE.read().await;
     let sink = Sink::start(Mode::Status(400, "bad order")).await;
     let dl_sink = Sink::start(Mode::Ok).await;
     let s = setup(
@@ -511,6 +535,7 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_waiting_survive_kill_9() {
+    let _shared = MACHINE.read().await;
     let sink = Sink::start(Mode::FailFirst(1)).await;
     let mut s = setup(
         &sink,
@@ -546,6 +571,7 @@ async fn retries_waiting_survive_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_during_delivery_loses_and_dead_letters_nothing() {
+    let _shared = MACHINE.read().await;
     let sink = Sink::start(Mode::Slow(Duration::from_millis(300))).await;
     let mut s = setup(
         &sink,
@@ -579,6 +605,7 @@ async fn sigterm_during_delivery_loses_and_dead_letters_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
+    let _shared = MACHINE.read().await;
     let db = fresh_database().await;
     let m = Manifests::new(&db);
     let ex = unique("weir.test.orders.");
@@ -643,6 +670,7 @@ async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_key_ordering_holds_across_two_processes_with_a_flaky_sink() {
+    let _shared = MACHINE.read().await;
     let sink = Sink::start(Mode::Random(0.2)).await;
     let db = fresh_database().await;
     let m = Manifests::new(&db);
@@ -772,6 +800,7 @@ async fn saga_services() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_saga_example_compensates_a_failed_payment() {
+    let _shared = MACHINE.read().await;
     let services = saga_services().await;
     let db = fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
@@ -873,6 +902,7 @@ async fn the_saga_example_compensates_a_failed_payment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_queue() {
+    let _shared = MACHINE.read().await;
     let sink = Sink::start(Mode::Ok).await;
     let delivery = "  delivery: {backoffDelay: 100ms, backoffMax: 1s, retryAfterMax: 1s}\n";
     let s = setup(
@@ -934,6 +964,7 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_key_delivers_events_without_the_key_too() {
+    let _shared = MACHINE.read().await;
     let sink = Sink::start(Mode::Ok).await;
     let s = setup(&sink, "  ordering: perKey\n  partitions: 3\n").await;
     let url = s.weir.events_url("test", "orders");
@@ -969,6 +1000,7 @@ async fn wait_lines(path: &std::path::Path, n: usize, what: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cli_sink_tail_and_dlq_list_show_purge() {
+    let _shared = MACHINE.read().await;
     let tmp = tempfile::tempdir().unwrap();
     // `weir sink` as the subscription's sink.
     let port = free_port();
