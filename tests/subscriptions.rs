@@ -1101,3 +1101,148 @@ async fn cli_sink_tail_and_dlq_list_show_purge() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not running"));
 }
+
+/// An HTTPS sink: a Python server with a certificate of its own, trusted by `weir` through
+/// `SSL_CERT_FILE` (as a private CA would be in a cluster). It prints each event's id.
+struct TlsSink {
+    child: std::process::Child,
+    url: String,
+    ids: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+    cert: std::path::PathBuf,
+}
+
+impl TlsSink {
+    fn start() -> TlsSink {
+        use std::io::BufRead as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "openssl req failed");
+        let server = r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get('content-length', 0)))
+        print(self.headers.get('ce-id'), flush=True)
+        self.send_response(200)
+        self.send_header('content-length', '0')
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(server)
+            .arg(&cert)
+            .arg(&key)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = lines.next().unwrap().unwrap();
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        let ids2 = ids.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                ids2.lock().unwrap().push(l);
+            }
+        });
+        TlsSink {
+            child,
+            url: format!("https://localhost:{}/", port.trim()),
+            ids,
+            _dir: dir,
+            cert,
+        }
+    }
+}
+
+impl Drop for TlsSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_https_sink_is_verified_and_delivered_to() {
+    let _shared = MACHINE.read().await;
+    let tls = TlsSink::start();
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    let ex = unique("weir.test.orders.");
+    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let trusted = unique("tls");
+    let untrusted = unique("tlsbad");
+    // The second subscription's sink is the same server under a name its certificate does
+    // not carry: verification must refuse it, and the dead letter must say why.
+    let wrong_name = tls.url.replace("localhost", "127.0.0.1");
+    m.write("sub.yaml", &subscription_yaml(&trusted, &tls.url, ""));
+    m.write(
+        "bad.yaml",
+        &subscription_yaml(&untrusted, &wrong_name, "  delivery: {retry: 0}\n"),
+    );
+    let cert = tls.cert.to_string_lossy().to_string();
+    let mut weir = Weir::start_with(m.path(), &[("SSL_CERT_FILE", cert.as_str())]);
+    weir.wait_ready("test", "orders").await;
+    wait_subscription(&weir, &trusted).await;
+    wait_subscription(&weir, &untrusted).await;
+    publish(&weir.events_url("test", "orders"), &events("t", 20, 4)).await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got: BTreeSet<String> = tls.ids.lock().unwrap().iter().cloned().collect();
+        if got.len() == 20 {
+            assert!(got.iter().all(|id| id.starts_with("t-")), "{got:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of 20 delivered over https; log:\n{}",
+            got.len(),
+            tail(&weir.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each event reached the server once: the untrusted subscription never got through.
+    assert_eq!(tls.ids.lock().unwrap().len(), 20);
+    let dlq = format!("weir-dlq.test.{untrusted}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queue_len(&dlq).await != Some(20) {
+        assert!(
+            Instant::now() < deadline,
+            "dead letters: {:?}; log:\n{}",
+            queue_len(&dlq).await,
+            tail(&weir.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = std::process::Command::new(weir_binary())
+        .args(["--admin", &weir.admin, "dlq", "show"])
+        .args([&format!("test/{untrusted}"), "t-0"])
+        .output()
+        .unwrap();
+    let show: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert_eq!(show["errorCode"], "connect", "{show}");
+    let reason = show["errorData"].as_str().unwrap_or_default().to_lowercase();
+    assert!(reason.contains("certificate"), "no TLS reason: {show}");
+}

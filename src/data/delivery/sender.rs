@@ -78,8 +78,8 @@ pub struct Sender {
 
 impl Sender {
     /// A sender for `sink`; `max_idle` keeps that many connections open (the subscription's
-    /// `consumers`: one per delivery in flight). An `https` URL is refused: this build has
-    /// no TLS stack for sinks, and failing clearly beats failing on every event.
+    /// `consumers`: one per delivery in flight). `https` sinks are verified against the
+    /// system's trusted roots (OpenSSL's: `SSL_CERT_FILE` / `SSL_CERT_DIR` add a private CA).
     pub fn new(
         sink: &SinkPlan,
         timeout: Duration,
@@ -102,10 +102,9 @@ impl Sender {
         timeout: Duration,
         max_idle: usize,
     ) -> Result<Sender, DeliveryError> {
-        if !url.starts_with("http://") {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(DeliveryError::Sink(format!(
-                "{url}: only http:// sinks are supported by this build (no TLS for sinks); \
-                 put a TLS-terminating proxy or a cluster-internal http:// Service in front"
+                "{url}: a sink is an http:// or https:// URL"
             )));
         }
         let client = reqwest::Client::builder()
@@ -150,13 +149,26 @@ impl Sender {
             Err(e) => Outcome::Failed(Failure {
                 retryable: true,
                 code: if e.is_timeout() { "timeout" } else { "connect" }.into(),
-                data: cut(&e.to_string()),
+                data: cut(&error_chain(&e)),
                 retry_after: None,
             }),
             Ok(resp) => answer(resp).await,
         };
         (outcome, started.elapsed())
     }
+}
+
+/// An error with its causes: reqwest's own message names only the URL, the reason (refused,
+/// certificate not trusted, ...) is further down.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 async fn answer(resp: reqwest::Response) -> Outcome {
@@ -479,9 +491,9 @@ mod tests {
     }
 
     #[test]
-    fn https_sinks_fail_clearly() {
+    fn other_schemes_fail_clearly() {
         let err = Sender::to_url(
-            "https://x/",
+            "ftp://x/",
             SinkFormat::Binary,
             None,
             Duration::from_secs(1),
@@ -489,7 +501,33 @@ mod tests {
         )
         .err()
         .unwrap();
-        assert!(err.to_string().contains("only http://"), "{err}");
+        assert!(err.to_string().contains("http:// or https://"), "{err}");
+        assert!(
+            Sender::to_url("https://x/", SinkFormat::Binary, None, Duration::from_secs(1), 1)
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_its_cause() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let s = Sender::to_url(
+            &format!("http://127.0.0.1:{port}/"),
+            SinkFormat::Binary,
+            None,
+            Duration::from_secs(2),
+            1,
+        )
+        .unwrap();
+        let (out, _) = s.send(&event()).await;
+        let Outcome::Failed(f) = out else {
+            panic!("delivered")
+        };
+        assert_eq!(f.code, "connect");
+        assert!(f.data.to_lowercase().contains("refused"), "{}", f.data);
     }
 
     #[test]
