@@ -1118,7 +1118,9 @@ impl TlsSink {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         let ok = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
             .args(["-subj", "/CN=localhost"])
             .args(["-addext", "subjectAltName=DNS:localhost"])
             .arg("-keyout")
@@ -1243,6 +1245,9 @@ async fn an_https_sink_is_verified_and_delivered_to() {
         panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
     });
     assert_eq!(show["errorCode"], "connect", "{show}");
-    let reason = show["errorData"].as_str().unwrap_or_default().to_lowercase();
+    let reason = show["errorData"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
     assert!(reason.contains("certificate"), "no TLS reason: {show}");
 }

@@ -382,11 +382,15 @@ mod tests {
             ev(None),
             full.clone(),
             CloudEvent {
-                data: Some(Data::Json(Bytes::from_static(br#"{ "a" : [1, "\u00e9"] }"#))),
+                data: Some(Data::Json(Bytes::from_static(
+                    br#"{ "a" : [1, "\u00e9"] }"#,
+                ))),
                 ..full.clone()
             },
             CloudEvent {
-                data: Some(Data::Text(Bytes::from_static(b"line\nbreak \x0c \x7f \"q\""))),
+                data: Some(Data::Text(Bytes::from_static(
+                    b"line\nbreak \x0c \x7f \"q\"",
+                ))),
                 ..full.clone()
             },
             CloudEvent {

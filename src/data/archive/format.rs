@@ -445,7 +445,10 @@ fn decode_record(
         ),
     };
     if c.at != body.len() {
-        return Err(format!("{} stray bytes after the record", body.len() - c.at));
+        return Err(format!(
+            "{} stray bytes after the record",
+            body.len() - c.at
+        ));
     }
     Ok(StoredEvent {
         position,
@@ -541,7 +544,11 @@ pub fn build_segment(
         if let Some(s) = &ev.event.subject {
             subjects.push((s.as_str(), block));
         }
-        match ev.event.extensions.get(crate::data::event::EXT_CORRELATION_ID) {
+        match ev
+            .event
+            .extensions
+            .get(crate::data::event::EXT_CORRELATION_ID)
+        {
             Some(ExtValue::String(c)) => {
                 correlations.push((std::borrow::Cow::Borrowed(c.as_str()), block));
             }

@@ -881,24 +881,22 @@ impl Inner {
     async fn retire_stale(&self) -> Result<Vec<String>, DeliveryError> {
         let broker = &self.stream.broker;
         let exchange = &self.stream.plan.broker.exchange;
-        let lanes = |from: u32| {
-            (from..MAX_PARTITIONS_SCAN)
-                .map(|i| format!("{}.p{i}", self.names.queue))
-                .collect::<Vec<_>>()
-        };
-        let candidates = match &self.plan.ordering {
-            OrderingPlan::None => lanes(0),
+        let (mut stale, first_lane) = match &self.plan.ordering {
+            OrderingPlan::None => (vec![], 0),
             OrderingPlan::PerKey { partitions, .. } => {
-                let mut c = vec![self.names.queue.clone()];
-                c.extend(lanes(*partitions));
-                c
+                let main = &self.names.queue;
+                let found = broker.queue_counts(main).await?.is_some();
+                (if found { vec![main.clone()] } else { vec![] }, *partitions)
             }
         };
-        let mut stale = vec![];
-        for q in candidates {
-            if broker.queue_counts(&q).await?.is_some() {
-                stale.push(q);
+        // Lanes are always declared p0, p1, … in order, so the first one missing ends the
+        // stale ones: looking further would only log the broker's NOT_FOUND for each.
+        for i in first_lane..MAX_PARTITIONS_SCAN {
+            let q = format!("{}.p{i}", self.names.queue);
+            if broker.queue_counts(&q).await?.is_none() {
+                break;
             }
+            stale.push(q);
         }
         if stale.is_empty() {
             return Ok(stale);

@@ -503,8 +503,14 @@ mod tests {
         .unwrap();
         assert!(err.to_string().contains("http:// or https://"), "{err}");
         assert!(
-            Sender::to_url("https://x/", SinkFormat::Binary, None, Duration::from_secs(1), 1)
-                .is_ok()
+            Sender::to_url(
+                "https://x/",
+                SinkFormat::Binary,
+                None,
+                Duration::from_secs(1),
+                1
+            )
+            .is_ok()
         );
     }
 

@@ -146,13 +146,22 @@ async fn look_up(
             }
         }
     }
+    subjects.sort_unstable();
+    subjects.dedup();
+    // One index probe per key, whatever the planner believes about the tables: with plain
+    // joins, statistics from when a stream was small made PostgreSQL hash-join against every
+    // dedup key of the stream, 24 ms per batch at 150,000 events and growing. `LIMIT 1`
+    // (the keys are primary keys) keeps each lateral subquery from being flattened.
     let rows = sqlx::query(
-        "SELECT 0::int2 AS k, e.source, e.id, e.position, e.version
+        "SELECT 0::int2 AS k, u.source, u.id, e.position, e.version
            FROM UNNEST($2::text[], $3::text[]) AS u(source, id)
-           JOIN weir_event_ids e ON e.stream_id = $1 AND e.source = u.source AND e.id = u.id
+           CROSS JOIN LATERAL (SELECT e.position, e.version FROM weir_event_ids e
+               WHERE e.stream_id = $1 AND e.source = u.source AND e.id = u.id LIMIT 1) e
          UNION ALL
-         SELECT 1::int2, NULL, s.subject, NULL, s.version
-           FROM weir_subjects s WHERE s.stream_id = $1 AND s.subject = ANY($4::text[])
+         SELECT 1::int2, NULL, u.subject, NULL, s.version
+           FROM UNNEST($4::text[]) AS u(subject)
+           CROSS JOIN LATERAL (SELECT s.version FROM weir_subjects s
+               WHERE s.stream_id = $1 AND s.subject = u.subject LIMIT 1) s
          UNION ALL
          SELECT 2::int2, NULL, NULL, head, NULL FROM weir_streams WHERE stream_id = $1",
     )
