@@ -6,7 +6,7 @@ mod codec;
 pub mod pools;
 mod read;
 
-pub use append::{AppendInput, Appended, Conflict, PayloadBytes, RequestOutcome};
+pub use append::{AppendInput, Appended, Conflict, LOOKUP_SQL, PayloadBytes, RequestOutcome};
 pub(crate) use codec::{decode_row, event_columns};
 
 use std::sync::Arc;
