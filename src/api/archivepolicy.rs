@@ -149,7 +149,8 @@ pub struct ArchivePolicyStatus {
     /// Bytes written to archive segments so far (compressed), as a string of digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archived_bytes: Option<String>,
-    /// Raw bytes divided by archived bytes, as a decimal string (e.g. `"7.3"`).
+    /// The archived events' size as CloudEvents JSON divided by archived bytes, as a decimal
+    /// string (e.g. `"8.3"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression_ratio: Option<String>,
 }
