@@ -126,6 +126,17 @@ impl CloudEvent {
         attrs + self.data.as_ref().map_or(0, |d| d.bytes().len())
     }
 
+    /// The optional context attributes by their JSON names, in the order the structured
+    /// format writes them.
+    pub fn optional_attributes(&self) -> [(&'static str, Option<&str>); 4] {
+        [
+            ("datacontenttype", self.datacontenttype.as_deref()),
+            ("dataschema", self.dataschema.as_deref()),
+            ("subject", self.subject.as_deref()),
+            ("time", self.time.as_deref()),
+        ]
+    }
+
     pub fn extension_str(&self, name: &str) -> Option<String> {
         self.extensions.get(name).map(ExtValue::as_string)
     }
@@ -197,14 +208,9 @@ pub fn to_structured_json(ev: &CloudEvent) -> Vec<u8> {
     map.insert("id".into(), Value::from(ev.id.as_str()));
     map.insert("source".into(), Value::from(ev.source.as_str()));
     map.insert("type".into(), Value::from(ev.ty.as_str()));
-    for (k, v) in [
-        ("datacontenttype", &ev.datacontenttype),
-        ("dataschema", &ev.dataschema),
-        ("subject", &ev.subject),
-        ("time", &ev.time),
-    ] {
+    for (k, v) in ev.optional_attributes() {
         if let Some(v) = v {
-            map.insert(k.into(), Value::from(v.as_str()));
+            map.insert(k.into(), Value::from(v));
         }
     }
     for (k, v) in &ev.extensions {
@@ -283,12 +289,7 @@ pub fn structured_json_len(ev: &CloudEvent) -> usize {
     member("id", string(ev.id.as_bytes()));
     member("source", string(ev.source.as_bytes()));
     member("type", string(ev.ty.as_bytes()));
-    for (k, v) in [
-        ("datacontenttype", &ev.datacontenttype),
-        ("dataschema", &ev.dataschema),
-        ("subject", &ev.subject),
-        ("time", &ev.time),
-    ] {
+    for (k, v) in ev.optional_attributes() {
         if let Some(v) = v {
             member(k, string(v.as_bytes()));
         }

@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use integer_encoding::VarInt;
 use serde::{Deserialize, Serialize};
 
 use super::ArchiveError;
@@ -105,24 +106,11 @@ const X_TRUE: u8 = 1;
 const X_INTEGER: u8 = 2;
 const X_STRING: u8 = 3;
 
-fn put_varint(out: &mut Vec<u8>, mut n: u64) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-fn varint_len(n: u64) -> usize {
-    (64 - (n | 1).leading_zeros() as usize).div_ceil(7)
-}
-
-fn zigzag(n: i64) -> u64 {
-    ((n << 1) ^ (n >> 63)) as u64
-}
-
-fn unzigzag(n: u64) -> i64 {
-    ((n >> 1) as i64) ^ -((n & 1) as i64)
+/// Appends `n` as a varint (`i64` zigzag-encoded, as `integer-encoding` does).
+fn put_varint(out: &mut Vec<u8>, n: impl VarInt) {
+    let mut buf = [0u8; 10];
+    let len = n.encode_var(&mut buf);
+    out.extend_from_slice(&buf[..len]);
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -131,7 +119,7 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 }
 
 fn bytes_len(b: &[u8]) -> usize {
-    varint_len(b.len() as u64) + b.len()
+    (b.len() as u64).required_space() + b.len()
 }
 
 /// Nanoseconds since the epoch; recorded times are far inside the i64 range (1677–2262).
@@ -160,7 +148,7 @@ enum Interned<'a> {
 impl Interned<'_> {
     fn len(&self) -> usize {
         match self {
-            Interned::Ref(k) => varint_len(*k),
+            Interned::Ref(k) => k.required_space(),
             Interned::New(s) => 1 + bytes_len(s.as_bytes()),
         }
     }
@@ -193,7 +181,7 @@ impl<'a> BlockEncoder<'a> {
     pub fn encode(&mut self, ev: &'a StoredEvent, out: &mut Vec<u8>) -> Result<(), ArchiveError> {
         let e = &ev.event;
         let now = nanos(&ev.recorded_time);
-        let recorded = zigzag(now - self.prev.unwrap_or(0));
+        let recorded = now - self.prev.unwrap_or(0);
         self.prev = Some(now);
         let source = self.intern(&e.source);
         let ty = self.intern(&e.ty);
@@ -211,12 +199,12 @@ impl<'a> BlockEncoder<'a> {
 /// Writes one record; `interned` holds source, type, datacontenttype and dataschema.
 fn encode_record(
     ev: &StoredEvent,
-    recorded: u64,
+    recorded: i64,
     interned: [Option<Interned<'_>>; 4],
     out: &mut Vec<u8>,
 ) -> Result<(), ArchiveError> {
     let e = &ev.event;
-    let version = ev.version.map(zigzag);
+    let version = ev.version;
     let optional = [&e.subject, &e.time];
     let mut flags = 0u8;
     for (bit, present) in [
@@ -232,7 +220,7 @@ fn encode_record(
         }
     }
     // The length goes first, so it is counted before anything is written.
-    let mut len = 2 + varint_len(recorded) + version.map_or(0, varint_len);
+    let mut len = 2 + recorded.required_space() + version.map_or(0, VarInt::required_space);
     len += [&e.id]
         .into_iter()
         .chain(optional.into_iter().flatten())
@@ -240,13 +228,13 @@ fn encode_record(
         .sum::<usize>();
     len += interned.iter().flatten().map(Interned::len).sum::<usize>();
     if !e.extensions.is_empty() {
-        len += varint_len(e.extensions.len() as u64);
+        len += (e.extensions.len() as u64).required_space();
         for (k, v) in &e.extensions {
             len += bytes_len(k.as_bytes())
                 + 1
                 + match v {
                     ExtValue::Bool(_) => 0,
-                    ExtValue::Integer(i) => varint_len(zigzag(*i)),
+                    ExtValue::Integer(i) => i.required_space(),
                     ExtValue::String(s) => bytes_len(s.as_bytes()),
                 };
         }
@@ -260,7 +248,7 @@ fn encode_record(
             ev.position
         )));
     }
-    out.reserve(varint_len(len as u64) + len);
+    out.reserve((len as u64).required_space() + len);
     put_varint(out, len as u64);
     let start = out.len();
     out.push(flags);
@@ -289,7 +277,7 @@ fn encode_record(
                 ExtValue::Bool(true) => out.push(X_TRUE),
                 ExtValue::Integer(i) => {
                     out.push(X_INTEGER);
-                    put_varint(out, zigzag(*i));
+                    put_varint(out, *i);
                 }
                 ExtValue::String(s) => {
                     out.push(X_STRING);
@@ -321,20 +309,18 @@ impl<'a> Cursor<'a> {
         Ok(b)
     }
 
-    fn varint(&mut self) -> Result<u64, String> {
-        let mut n = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            n |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(n);
-            }
-        }
-        Err(format!("overlong varint before byte {}", self.at))
+    fn varint<V: VarInt>(&mut self) -> Result<V, String> {
+        let (n, len) = self
+            .buf
+            .get(self.at..)
+            .and_then(V::decode_var)
+            .ok_or_else(|| format!("bad varint at byte {}", self.at))?;
+        self.at += len;
+        Ok(n)
     }
 
     fn bytes(&mut self) -> Result<&'a [u8], String> {
-        let len = usize::try_from(self.varint()?).map_err(|_| "length out of range")?;
+        let len = usize::try_from(self.varint::<u64>()?).map_err(|_| "length out of range")?;
         let end = self
             .at
             .checked_add(len)
@@ -377,7 +363,7 @@ struct BlockDecoder {
 
 impl BlockDecoder {
     fn string(&mut self, c: &mut Cursor<'_>) -> Result<String, String> {
-        match c.varint()? {
+        match c.varint::<u64>()? {
             0 => {
                 let s = c.string()?;
                 if self.strings.len() < BLOCK_STRINGS {
@@ -404,11 +390,11 @@ fn decode_record(
     let kind = c.byte()?;
     block.prev = block
         .prev
-        .checked_add(unzigzag(c.varint()?))
+        .checked_add(c.varint::<i64>()?)
         .ok_or_else(|| "recorded time out of range".to_string())?;
     let recorded_time = DateTime::from_timestamp_nanos(block.prev);
     let version = if flags & F_VERSION != 0 {
-        Some(unzigzag(c.varint()?))
+        Some(c.varint::<i64>()?)
     } else {
         None
     };
@@ -425,12 +411,12 @@ fn decode_record(
         .transpose()?;
     let mut extensions = BTreeMap::new();
     if flags & F_EXTENSIONS != 0 {
-        for _ in 0..c.varint()? {
+        for _ in 0..c.varint::<u64>()? {
             let name = c.string()?;
             let value = match c.byte()? {
                 X_FALSE => ExtValue::Bool(false),
                 X_TRUE => ExtValue::Bool(true),
-                X_INTEGER => ExtValue::Integer(unzigzag(c.varint()?)),
+                X_INTEGER => ExtValue::Integer(c.varint::<i64>()?),
                 X_STRING => ExtValue::String(c.string()?),
                 tag => return Err(format!("extension {name}: unknown tag {tag}")),
             };

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::codec::{encode_data, encode_extensions};
@@ -350,8 +349,8 @@ async fn write(
     let (applied, _, _): (i64, i64, i64) = sqlx::query_as(
         "WITH h AS (
            UPDATE weir_streams SET head = $19,
-               head_time = GREATEST(clock_timestamp(), head_time, $2::timestamptz)
-           WHERE stream_id = $1 AND ($23::bigint IS NULL OR head = $23)
+               head_time = GREATEST(clock_timestamp(), head_time)
+           WHERE stream_id = $1 AND ($2::bigint IS NULL OR head = $2)
            RETURNING head_time AS ts, namespace, name
          ),
          ev AS (
@@ -387,8 +386,7 @@ async fn write(
          SELECT (SELECT count(*) FROM h), (SELECT count(*) FROM n), (SELECT count(*) FROM a)",
     )
     .bind(stream_id)
-    // No floor for the commit time beyond the stored one.
-    .bind(None::<DateTime<Utc>>)
+    .bind(expected_head)
     .bind(&rows.position)
     .bind(&rows.id)
     .bind(&rows.source)
@@ -409,7 +407,6 @@ async fn write(
     .bind(notify_subjects)
     .bind(notify_correlations)
     .bind(correlations.len() as i32)
-    .bind(expected_head)
     .fetch_one(&mut *conn)
     .await?;
     Ok(applied == 1)
