@@ -1251,3 +1251,178 @@ async fn an_https_sink_is_verified_and_delivered_to() {
         .to_lowercase();
     assert!(reason.contains("certificate"), "no TLS reason: {show}");
 }
+
+/// Dead letters of a subscription, through the admin API.
+async fn dead_letters(weir: &Weir, sub: &str) -> Vec<Value> {
+    let list: Value = reqwest::get(format!(
+        "{}/v1/namespaces/test/subscriptions/{sub}/deadletters?limit=100",
+        weir.admin
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    list["deadLetters"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until the dead-letter queue holds `n` events.
+async fn wait_dead_letters(weir: &Weir, sub: &str, n: u32, within: Duration) {
+    let dlq = format!("weir-dlq.test.{sub}");
+    let deadline = Instant::now() + within;
+    while queue_len(&dlq).await != Some(n) {
+        assert!(
+            Instant::now() < deadline,
+            "DLQ has {:?} of {n}; log:\n{}",
+            queue_len(&dlq).await,
+            tail(&weir.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_key_retries_keep_their_attempt_count_through_kill_9() {
+    let _shared = MACHINE.read().await;
+    let sink = Sink::start(Mode::Status(503, "down")).await;
+    let mut s = setup(
+        &sink,
+        "  ordering: perKey\n  partitions: 1\n  delivery: {retry: 3, backoffDelay: 2s, backoffMax: 2s}\n",
+    )
+    .await;
+    publish(&s.weir.events_url("test", "orders"), &events("h", 1, 1)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.got().len() < 2 {
+        assert!(Instant::now() < deadline, "attempts: {:?}", sink.got());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Two attempts made, the third due in ~2 s: the attempt count lives in the hold queue,
+    // not in this process.
+    s.weir.kill9();
+    let weir = Weir::start(s.m.path());
+    wait_dead_letters(&weir, &s.sub, 1, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = sink.got();
+    assert_eq!(
+        got.len(),
+        4,
+        "retry 3 = 4 attempts in all, across the crash: {got:?}"
+    );
+    let dl = dead_letters(&weir, &s.sub).await;
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0]["attempts"], "4", "{}", dl[0]);
+    let hold = format!("weir-hold.test.{}.p0", s.sub);
+    assert_eq!(
+        queue_len(&hold).await,
+        Some(0),
+        "the hold record goes once the event is settled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_key_lanes_return_their_messages_during_long_waits_without_losing_order_or_attempts() {
+    let _shared = MACHINE.read().await;
+    let sink = Sink::start(Mode::Status(503, "down")).await;
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    let ex = unique("weir.test.orders.");
+    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let sub = unique("s");
+    m.write(
+        "sub.yaml",
+        &subscription_yaml(
+            &sub,
+            &sink.url,
+            "  ordering: perKey\n  partitions: 1\n  delivery: {retry: 2, backoffDelay: 2500ms, backoffMax: 2500ms}\n",
+        ),
+    );
+    // A lane may hold its messages for 1 s (twice that to finish a wait), so every 2.5 s
+    // wait returns them to the queue and resumes from the hold record.
+    let weir = Weir::start_with(
+        m.path(),
+        &[("WEIR_LANE_REFRESH", "1s"), ("RUST_LOG", "warn,weir=info")],
+    );
+    let mut weir = weir;
+    weir.wait_ready("test", "orders").await;
+    wait_subscription(&weir, &sub).await;
+    publish(&weir.events_url("test", "orders"), &events("r", 4, 2)).await;
+    wait_dead_letters(&weir, &sub, 4, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = sink.got();
+    let mut per_id: BTreeMap<&str, Vec<&Got>> = BTreeMap::new();
+    for g in &got {
+        per_id.entry(&g.id).or_default().push(g);
+    }
+    assert_eq!(per_id.len(), 4, "{got:?}");
+    assert!(
+        per_id.values().all(|v| v.len() == 3),
+        "retry 2 = 3 attempts each, however often the lane returned its messages: {per_id:?}"
+    );
+    // One lane, so strictly serial: every attempt of an event before the next event's first.
+    let order: Vec<i64> = got.iter().map(|g| g.position).collect();
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+    for d in dead_letters(&weir, &sub).await {
+        assert_eq!(d["attempts"], "3", "{d}");
+    }
+    assert!(
+        weir.log_text().contains("returns its messages"),
+        "the lane refreshed: {}",
+        tail(&weir.log_text())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backlog_counts_unacknowledged_deliveries_of_every_replica_and_waiting_retries() {
+    let _shared = MACHINE.read().await;
+    let slow = Sink::start(Mode::Slow(Duration::from_secs(50))).await;
+    let failing = Sink::start(Mode::Status(503, "down")).await;
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    let ex = unique("weir.test.orders.");
+    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let held = unique("s");
+    let retrying = unique("s");
+    m.write(
+        "held.yaml",
+        &subscription_yaml(
+            &held,
+            &slow.url,
+            "  consumers: 3\n  delivery: {timeout: 60s}\n",
+        ),
+    );
+    m.write(
+        "retrying.yaml",
+        &subscription_yaml(
+            &retrying,
+            &failing.url,
+            "  delivery: {retry: 5, backoffDelay: 120s, backoffMax: 120s}\n",
+        ),
+    );
+    let mut a = Weir::start(m.path());
+    let mut b = Weir::start(m.path());
+    a.wait_ready("test", "orders").await;
+    b.wait_ready("test", "orders").await;
+    for w in [&a, &b] {
+        wait_subscription(w, &held).await;
+        wait_subscription(w, &retrying).await;
+    }
+    publish(&a.events_url("test", "orders"), &events("b", 20, 5)).await;
+    // `held`: 3 deliveries in flight in each process (6 unacknowledged), 14 ready; this
+    // process alone sees only its own 3. `retrying`: all 20 wait in a delay queue.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (h, r) = (
+            status_of(&a, &held).await["fields"]["backlog"].as_i64(),
+            status_of(&a, &retrying).await["fields"]["backlog"].as_i64(),
+        );
+        if h == Some(20) && r == Some(20) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog held {h:?} retrying {r:?}; log:\n{}",
+            tail(&a.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -243,7 +243,10 @@ pub struct SubscriptionStatus {
     /// Label selector of the subscription's workers (the `/scale` label selector).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// Messages ready or unacknowledged in the subscription's queue (sampled).
+    /// Events accepted for the subscription and not yet settled, sampled every few seconds:
+    /// messages ready or unacknowledged in its queues (every worker's deliveries in flight,
+    /// as RabbitMQ's management API reports them; without that API, this worker's only),
+    /// plus retries waiting in its delay queues.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backlog: Option<u64>,
     /// Last delivered stream position, as a string of digits (replay progress).

@@ -15,6 +15,7 @@
 mod codec;
 mod error;
 mod link;
+mod management;
 mod publisher;
 
 use std::fmt;
@@ -36,6 +37,7 @@ pub use codec::{
 pub use error::{BrokerError, validate_url};
 /// AMQP header tables and values, as used in [`OutMessage::headers`] and queue arguments.
 pub use lapin::types::{AMQPValue, FieldTable};
+pub use management::{ManagedCounts, Management};
 
 use crate::topology::QueueType;
 use error::classify;
@@ -93,6 +95,8 @@ pub struct Broker {
 struct Inner {
     link: Arc<Link>,
     publisher: OnceLock<Publisher>,
+    /// The broker's management API, when it can be addressed (see [`Management`]).
+    management: Option<Management>,
 }
 
 impl fmt::Debug for Broker {
@@ -116,6 +120,7 @@ impl Broker {
     pub fn with_name(url: String, connection_name: &str) -> Broker {
         Broker {
             inner: Arc::new(Inner {
+                management: Management::for_amqp_url(&url),
                 link: Arc::new(Link::new(url, connection_name.to_string())),
                 publisher: OnceLock::new(),
             }),
@@ -271,6 +276,15 @@ impl Broker {
             })
             .await;
         not_found_is_ok(r, None)
+    }
+
+    /// Ready and unacknowledged messages of a queue from the management API: `Ok(None)` if
+    /// the queue does not exist, an error if the API is off or did not answer.
+    pub async fn managed_counts(&self, name: &str) -> Result<Option<ManagedCounts>, BrokerError> {
+        match &self.inner.management {
+            Some(m) => m.queue(name).await,
+            None => Err(BrokerError::Unavailable("management API turned off".into())),
+        }
     }
 
     /// A new channel on this broker's connection, for consumers. The caller owns it: when

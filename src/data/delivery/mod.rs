@@ -12,16 +12,21 @@
 //!   [`backoff`]), whose `x-message-ttl` dead-letters back to the subscription's queue through
 //!   the default exchange. A retry is published there (confirmed) before the original is
 //!   acked, so it survives a restart of every process and blocks nothing else.
-//! - `weir-dlq.<ns>.<subscription>`: dead letters. The `weir-` prefixes of retry and dead
-//!   letter queues never begin a subscription queue's name (`weir.`), so they cannot collide.
+//! - `weir-hold.<ns>.<subscription>.p<i>` (`ordering: perKey`): the hold queue of lane `i`,
+//!   the durable record of the retry that lane waits on (see [`runner`]).
+//! - `weir-dlq.<ns>.<subscription>`: dead letters. The `weir-` prefixes of retry, hold and
+//!   dead letter queues never begin a subscription queue's name (`weir.`), so they cannot
+//!   collide.
 //!
 //! # Contract
 //! Attempts = `retry + 1`. The attempt count travels in the message header
 //! [`ATTEMPTS_HEADER`]. After the last failed attempt (or at once for a non-retryable answer)
 //! the event is published — confirmed — to the dead-letter queue with `weirerrordest`,
 //! `weirerrorcode`, `weirerrordata` and `weirattempts`, and only then acked. Under
-//! `ordering: perKey` a retry waits in place (the message stays unacked, so a crash redelivers
-//! it), which blocks only its own lane.
+//! `ordering: perKey` a retry waits at the head of its lane, which blocks only that lane:
+//! the message stays unacked (a crash returns it to the head of the queue), and the attempts
+//! made and the time of the next one are recorded, confirmed, in the lane's hold queue, so
+//! neither a crash nor RabbitMQ's consumer timeout resets them (see [`runner`]).
 
 pub mod backoff;
 pub mod runner;
@@ -38,6 +43,11 @@ pub use sender::{Failure, Outcome, Sender};
 
 /// Header holding the number of attempts already made (an AMQP long).
 pub const ATTEMPTS_HEADER: &str = "weir-attempts";
+/// Hold records (perKey): when the next attempt is due, in Unix milliseconds (an AMQP long).
+pub const DUE_HEADER: &str = "weir-due";
+/// Hold records (perKey): the `id` and `source` of the event the record is about.
+pub const HOLD_ID_HEADER: &str = "weir-event-id";
+pub const HOLD_SOURCE_HEADER: &str = "weir-event-source";
 /// Extensions a dead-lettered event gains.
 pub const EXT_ERROR_DEST: &str = "weirerrordest";
 pub const EXT_ERROR_CODE: &str = "weirerrorcode";
@@ -67,6 +77,10 @@ pub enum DeliveryError {
     NotRunning(Key),
     #[error("shutting down")]
     Shutdown,
+    /// A perKey lane waited as long as it may hold its messages: it returns them and
+    /// re-reads its hold queue (see the runner's documentation).
+    #[error("lane returns its messages to stay under the broker's consumer timeout")]
+    Refresh,
     #[error("{0}")]
     Other(String),
 }
@@ -92,6 +106,9 @@ pub struct Names {
     pub hash_exchange: Option<String>,
     /// Partition queues (`ordering: perKey`); empty otherwise.
     pub partitions: Vec<String>,
+    /// One hold queue per partition (`ordering: perKey`), same order: the durable record of
+    /// the retry its lane is waiting on.
+    pub holds: Vec<String>,
     retry_prefix: String,
 }
 
@@ -99,11 +116,14 @@ impl Names {
     pub fn new(plan: &SubscriptionPlan) -> Names {
         let (ns, sub, stream) = (&plan.key.namespace, &plan.key.name, &plan.stream.name);
         let queue = format!("weir.{ns}.{stream}.{sub}");
-        let (hash_exchange, partitions) = match &plan.ordering {
-            OrderingPlan::None => (None, vec![]),
+        let (hash_exchange, partitions, holds) = match &plan.ordering {
+            OrderingPlan::None => (None, vec![], vec![]),
             OrderingPlan::PerKey { partitions, .. } => (
                 Some(format!("weir-hash.{ns}.{sub}")),
                 (0..*partitions).map(|i| format!("{queue}.p{i}")).collect(),
+                (0..*partitions)
+                    .map(|i| Names::hold_name(ns, sub, i))
+                    .collect(),
             ),
         };
         Names {
@@ -111,8 +131,15 @@ impl Names {
             dead_letter_queue: format!("weir-dlq.{ns}.{sub}"),
             hash_exchange,
             partitions,
+            holds,
             retry_prefix: format!("weir-retry.{ns}.{sub}."),
         }
+    }
+
+    /// The hold queue of partition `i`. Namespaces have no dots and the lane number is the
+    /// last `.p<i>`, so two subscriptions' hold queues cannot share a name.
+    pub fn hold_name(ns: &str, sub: &str, i: u32) -> String {
+        format!("weir-hold.{ns}.{sub}.p{i}")
     }
 
     /// The delay queue of one bucket.

@@ -10,21 +10,35 @@
 //! (`next_position`, `caught_up_to`, `position`) lives in `weir_subscription_progress`, so a
 //! worker that dies mid-way is replaced by another that resumes from the last page.
 //!
+//! # Retries under `ordering: perKey`
+//! A lane's retry cannot go to a delay queue: the events behind it would overtake it. It waits
+//! at the head of its lane instead, with its message unacked, and its state (attempts made, when
+//! the next is due) is published, confirmed, to the lane's hold queue before the wait. Two
+//! things return the message to the head of the lane queue (quorum queues deliver returned
+//! messages first): a crash, and the lane itself, which closes its channel after holding
+//! messages for [`lane_refresh`] (10 minutes; below RabbitMQ's 30-minute `consumer_timeout`,
+//! which would close it anyway, mid-wait). Whoever receives the returned message next — this
+//! worker or, with `x-single-active-consumer`, another — sees it redelivered, reads the hold
+//! queue, and carries on from the recorded attempt count and due time. When the event is
+//! settled (delivered or dead-lettered) the hold queue is purged, then the message is acked.
+//! Only the lane's active consumer touches its hold queue, so nobody else races for it.
+//!
 //! # Graceful stop
 //! The consumers are cancelled (`basic.cancel`), deliveries already started finish (each
-//! bounded by `delivery.timeout`; a perKey retry waiting in place is abandoned and its
-//! message returned), then the channels close, which returns every prefetched message that
-//! was not started. Nothing is dead-lettered and no attempt is counted because of a stop.
+//! bounded by `delivery.timeout`; a perKey retry waiting for its next attempt stops waiting and
+//! its message is returned, its hold record kept), then the channels close, which returns every
+//! prefetched message that was not started. Nothing is dead-lettered and no attempt is counted
+//! because of a stop.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicQosOptions, ExchangeBindOptions, ExchangeDeclareOptions,
+    BasicQosOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
@@ -36,8 +50,9 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::{all_buckets, retry_after_delay, retry_delay};
 use super::sender::{Failure, Outcome, Sender};
 use super::{
-    ATTEMPTS_HEADER, Appender, DELIVERY_FAILED_TYPE, DeliveryError, EXT_ATTEMPTS, EXT_ERROR_CODE,
-    EXT_ERROR_DATA, EXT_ERROR_DEST, Names, binding_keys,
+    ATTEMPTS_HEADER, Appender, DELIVERY_FAILED_TYPE, DUE_HEADER, DeliveryError, EXT_ATTEMPTS,
+    EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, HOLD_ID_HEADER, HOLD_SOURCE_HEADER, Names,
+    binding_keys,
 };
 use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
 use crate::data::event::{
@@ -57,7 +72,8 @@ const CATCHUP_PAGE: i64 = 500;
 /// Messages prefetched per perKey lane: the lane delivers one at a time, a few more keep it
 /// from waiting on the network between messages.
 const LANE_PREFETCH: u16 = 8;
-/// How often the backlog is sampled from the broker (a passive declare per queue).
+/// How often the backlog is sampled from the broker (a passive declare per queue, and the
+/// management API for unacknowledged messages).
 const BACKLOG_EVERY: Duration = Duration::from_secs(3);
 /// How often the delivered position is written to the progress table.
 const POSITION_EVERY: Duration = Duration::from_secs(2);
@@ -68,6 +84,26 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Partition queues looked for when the shape of a subscription changed (`partitions` is
 /// rarely above a few dozen; a lane beyond this is left alone).
 const MAX_PARTITIONS_SCAN: u32 = 64;
+/// Default of [`lane_refresh`]: a third of RabbitMQ's default `consumer_timeout` (30 min),
+/// so a lane returns its messages well before the broker would close its channel.
+const LANE_REFRESH: Duration = Duration::from_secs(600);
+
+/// How long a perKey lane may hold its messages while it waits for a retry, before it returns
+/// them (closing its channel) and re-reads its hold queue. `WEIR_LANE_REFRESH` (a duration
+/// such as `5m`) overrides it, for a broker whose `consumer_timeout` is lower.
+fn lane_refresh() -> Duration {
+    match std::env::var("WEIR_LANE_REFRESH") {
+        Err(_) => LANE_REFRESH,
+        Ok(v) => match crate::topology::units::parse_duration(&v) {
+            Ok(d) if d >= Duration::from_secs(1) => d,
+            _ => {
+                tracing::warn!(value = %v, "WEIR_LANE_REFRESH is not a duration of at least 1s; using 10m");
+                LANE_REFRESH
+            }
+        },
+    }
+}
+
 /// How long a drained queue must stay empty before it is deleted: retries still waiting in
 /// delay queues may come back to it meanwhile (bounded by `backoffMax` / `retryAfterMax`).
 const DRAIN_SETTLE_MAX: Duration = Duration::from_secs(300);
@@ -88,8 +124,8 @@ pub struct SubState {
     pub caught_up: AtomicBool,
     pub provisioned: AtomicBool,
     pub inflight: AtomicI64,
-    /// Ready messages in the broker plus deliveries in flight here; -1 before the first
-    /// sample.
+    /// Ready and unacknowledged messages of the subscription's queues plus retries waiting
+    /// in delay queues (see [`BacklogSampler`]); -1 before the first sample.
     pub backlog: AtomicI64,
     /// Last attempt's outcome: reachable, and what happened.
     pub sink: Mutex<Option<(bool, String)>>,
@@ -174,6 +210,171 @@ struct Inner {
     /// First-attempt messages at or below this position were delivered by the catch-up.
     hwm: AtomicI64,
     declared_delays: Mutex<HashSet<Duration>>,
+    lane_refresh: Duration,
+}
+
+/// Where a retry waits.
+enum Wait<'a> {
+    /// In a delay queue (ordering none): the original is acked once the retry is confirmed.
+    Delayed,
+    /// Here, in memory (draining a queue of an earlier shape, one message at a time).
+    InPlace,
+    /// At the head of a perKey lane, recorded in its hold queue.
+    Lane(&'a Lane<'a>),
+}
+
+/// A perKey lane's consumer channel and hold queue, for the message being handled.
+struct Lane<'a> {
+    ch: &'a Channel,
+    hold: &'a str,
+    /// When the channel was opened: no message it holds was delivered earlier.
+    opened: Instant,
+    /// [`lane_refresh`].
+    refresh: Duration,
+    /// The message was delivered before (a crash, a refresh, a stop): its hold record, if
+    /// any, says where its retries stand.
+    redelivered: bool,
+    /// The hold queue may hold records: purge it once the event is settled.
+    dirty: AtomicBool,
+}
+
+/// What a hold record says about an event: attempts made, when the next is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct HoldState {
+    attempts: u32,
+    due_ms: i64,
+}
+
+/// Hold records read at most per lookup: a lane writes one per retry of its head event, so
+/// this is reached only with `delivery.retry` in the thousands (then the attempt count
+/// resumes from the 1000th record, and a few more attempts than asked for are made).
+const HOLD_READ_MAX: usize = 1000;
+
+impl Lane<'_> {
+    fn amqp(&self, e: lapin::Error) -> DeliveryError {
+        DeliveryError::Broker(BrokerError::Unavailable(format!(
+            "hold queue {}: {e}",
+            self.hold
+        )))
+    }
+
+    /// Reads the hold records (each is returned to the hold queue at once: they stay the
+    /// durable record until the event is settled) and says where `ev`'s retries stand.
+    async fn read(&self, ev: &CloudEvent) -> Result<Option<HoldState>, DeliveryError> {
+        let mut got = Vec::new();
+        while got.len() < HOLD_READ_MAX {
+            match self
+                .ch
+                .basic_get(self.hold.into(), BasicGetOptions::default())
+                .await
+                .map_err(|e| self.amqp(e))?
+            {
+                Some(m) => got.push(m.delivery),
+                None => break,
+            }
+        }
+        if got.is_empty() {
+            return Ok(None);
+        }
+        self.dirty.store(true, Ordering::Release);
+        let state = hold_state(
+            got.iter().filter_map(|d| d.properties.headers().as_ref()),
+            &ev.id,
+            &ev.source,
+        );
+        for d in got {
+            d.acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| self.amqp(e))?;
+        }
+        Ok(state)
+    }
+
+    /// Waits until `due_ms`, unless that would hold the lane's messages too long: then it
+    /// waits until the refresh time and asks for the messages to be returned
+    /// ([`DeliveryError::Refresh`]); whoever gets them next resumes from the hold record.
+    async fn wait_until(
+        &self,
+        due_ms: i64,
+        cancel: &CancellationToken,
+    ) -> Result<(), DeliveryError> {
+        let remaining = Duration::from_millis(due_ms.saturating_sub(now_ms()).max(0) as u64);
+        // Holding until twice the refresh time after the channel opened still leaves a third
+        // of the default consumer timeout to spare.
+        let limit = self.opened + self.refresh * 2;
+        if Instant::now() + remaining <= limit {
+            return match sleep_or_cancel(cancel, remaining).await {
+                true => Ok(()),
+                false => Err(DeliveryError::Shutdown),
+            };
+        }
+        let until_refresh = (self.opened + self.refresh).saturating_duration_since(Instant::now());
+        if !sleep_or_cancel(cancel, until_refresh).await {
+            return Err(DeliveryError::Shutdown);
+        }
+        Err(DeliveryError::Refresh)
+    }
+
+    /// Drops the hold records once the event is settled (before its message is acked: a
+    /// crash in between redelivers it, at least once, rather than losing the record first).
+    async fn settle(&self) -> Result<(), DeliveryError> {
+        if self.dirty.load(Ordering::Acquire) {
+            self.ch
+                .queue_purge(self.hold.into(), QueuePurgeOptions::default())
+                .await
+                .map_err(|e| self.amqp(e))?;
+            self.dirty.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn header_i64(h: &FieldTable, k: &str) -> Option<i64> {
+    match h.inner().get(k) {
+        Some(AMQPValue::LongLongInt(n)) => Some(*n),
+        Some(AMQPValue::LongInt(n)) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+fn header_str(h: &FieldTable, k: &str) -> Option<String> {
+    match h.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// The newest of the hold records (their headers) about the event `id` from `source`.
+fn hold_state<'h>(
+    records: impl IntoIterator<Item = &'h FieldTable>,
+    id: &str,
+    source: &str,
+) -> Option<HoldState> {
+    records
+        .into_iter()
+        .filter(|h| {
+            header_str(h, HOLD_ID_HEADER).as_deref() == Some(id)
+                && header_str(h, HOLD_SOURCE_HEADER).as_deref() == Some(source)
+        })
+        .filter_map(|h| {
+            Some(HoldState {
+                attempts: header_i64(h, ATTEMPTS_HEADER)?.clamp(0, i64::from(u32::MAX)) as u32,
+                due_ms: header_i64(h, DUE_HEADER)?,
+            })
+        })
+        .max_by_key(|s| s.attempts)
 }
 
 impl Runner {
@@ -218,6 +419,7 @@ impl Runner {
             pacer: Pacer::default(),
             hwm: AtomicI64::new(0),
             declared_delays: Mutex::new(HashSet::new()),
+            lane_refresh: lane_refresh(),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run(inner.clone(), cancel.clone()));
@@ -270,8 +472,8 @@ impl Runner {
     /// Deletes the subscription's queues, exchange and progress (deletionPolicy Delete).
     pub async fn prune(&self) -> Result<(), DeliveryError> {
         let broker = &self.inner.stream.broker;
-        for q in self.names.consumed() {
-            broker.delete_queue(&q).await?;
+        for q in self.names.consumed().iter().chain(&self.names.holds) {
+            broker.delete_queue(q).await?;
         }
         broker.delete_queue(&self.names.queue).await?;
         if let Some(x) = &self.names.hash_exchange {
@@ -336,7 +538,15 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
                 .names
                 .partitions
                 .iter()
-                .map(|q| tokio::spawn(consume_lane(inner.clone(), q.clone(), cancel.clone())))
+                .zip(&inner.names.holds)
+                .map(|(q, h)| {
+                    tokio::spawn(consume_lane(
+                        inner.clone(),
+                        q.clone(),
+                        h.clone(),
+                        cancel.clone(),
+                    ))
+                })
                 .collect();
             for l in lanes {
                 let _ = l.await;
@@ -357,20 +567,12 @@ async fn background(inner: Arc<Inner>, cancel: CancellationToken) {
         .metrics
         .subscription_backlog
         .with_label_values(&labels);
+    let mut sampler = BacklogSampler::default();
     let mut last_sample = Instant::now() - BACKLOG_EVERY;
     loop {
         if last_sample.elapsed() >= BACKLOG_EVERY {
             last_sample = Instant::now();
-            let mut ready = 0i64;
-            let mut ok = true;
-            for q in inner.names.consumed() {
-                match inner.stream.broker.queue_counts(&q).await {
-                    Ok(Some(c)) => ready += i64::from(c.messages),
-                    _ => ok = false,
-                }
-            }
-            if ok {
-                let total = ready + inner.state.inflight.load(Ordering::Acquire);
+            if let Some(total) = sampler.sample(&inner).await {
                 inner.state.backlog.store(total, Ordering::Release);
                 backlog.set(total);
             }
@@ -379,6 +581,80 @@ async fn background(inner: Arc<Inner>, cancel: CancellationToken) {
         if !sleep_or_cancel(&cancel, POSITION_EVERY.min(BACKLOG_EVERY)).await {
             return;
         }
+    }
+}
+
+/// How often every delay bucket is looked for; buckets found are counted on every sample.
+/// (A passive declare takes a channel each, and most buckets of a subscription never exist.)
+const BUCKETS_EVERY: Duration = Duration::from_secs(30);
+
+/// The backlog: events accepted for the subscription and not yet settled.
+#[derive(Default)]
+struct BacklogSampler {
+    /// Delay buckets seen to exist.
+    buckets: HashSet<Duration>,
+    buckets_checked: Option<Instant>,
+    /// Whether the last sample had the broker's unacknowledged counts.
+    managed: Option<bool>,
+}
+
+impl BacklogSampler {
+    /// Ready + unacknowledged messages of the consumed queues (unacknowledged from the
+    /// management API, i.e. every replica's deliveries in flight and prefetched; without it,
+    /// this worker's deliveries in flight), plus the retries waiting in delay queues. `None`
+    /// if the broker could not be asked.
+    async fn sample(&mut self, inner: &Inner) -> Option<i64> {
+        let broker = &inner.stream.broker;
+        let mut total = 0i64;
+        let mut managed = true;
+        for q in inner.names.consumed() {
+            let ready = broker.queue_counts(&q).await.ok()??.messages;
+            total += i64::from(ready);
+            match broker.managed_counts(&q).await {
+                Ok(Some(c)) => total += c.unacknowledged as i64,
+                _ => managed = false,
+            }
+        }
+        if !managed {
+            total += inner.state.inflight.load(Ordering::Acquire);
+        }
+        if self.managed != Some(managed) {
+            tracing::info!(subscription = %inner.plan.key, from_broker = managed,
+                "backlog counts unacknowledged messages {}",
+                if managed { "from the management API" } else { "of this worker only (no management API)" });
+            self.managed = Some(managed);
+        }
+        if matches!(inner.plan.ordering, OrderingPlan::None) {
+            let look_all = self
+                .buckets_checked
+                .is_none_or(|t| t.elapsed() >= BUCKETS_EVERY);
+            if look_all {
+                self.buckets_checked = Some(Instant::now());
+            }
+            // Buckets this worker published into are counted at once; those only other
+            // replicas used are found by the periodic look.
+            self.buckets
+                .extend(lock(&inner.declared_delays).iter().copied());
+            for d in all_buckets(&inner.plan.delivery) {
+                if !look_all && !self.buckets.contains(&d) {
+                    continue;
+                }
+                match broker
+                    .queue_counts(&inner.names.retry_queue(d))
+                    .await
+                    .ok()?
+                {
+                    Some(c) => {
+                        self.buckets.insert(d);
+                        total += i64::from(c.messages);
+                    }
+                    None => {
+                        self.buckets.remove(&d);
+                    }
+                }
+            }
+        }
+        Some(total)
     }
 }
 
@@ -507,6 +783,9 @@ impl Inner {
                     self.declare_or_keep(q, a).await?;
                     // With the consistent-hash exchange the binding key is the weight.
                     broker.bind_queue(q, hx, "1").await?;
+                }
+                for h in &self.names.holds {
+                    self.declare_or_keep(h, FieldTable::default()).await?;
                 }
             }
         }
@@ -667,7 +946,14 @@ impl Inner {
                     return Ok(());
                 }
                 let _permit = self.limit.acquire().await;
-                self.process(ev, 0, in_place, cancel).await
+                // perKey catch-up retries wait here: the catch-up holds no message, and a
+                // crash resumes from its last recorded page.
+                let wait = if in_place {
+                    Wait::InPlace
+                } else {
+                    Wait::Delayed
+                };
+                self.process(ev, 0, &wait, cancel).await
             })
             .buffered(width)
             .collect()
@@ -688,18 +974,25 @@ impl Inner {
     }
 
     /// Delivers an event until it is settled: delivered, handed to a durable retry, or
-    /// dead-lettered (each confirmed). `attempts` were made before. `in_place`: retries wait
-    /// here (perKey) instead of in a delay queue. An error means nothing was settled: the
-    /// caller returns the message to its queue.
+    /// dead-lettered (each confirmed). `attempts` were made before. `wait`: where retries
+    /// wait. An error means nothing was settled: the caller returns the message to its queue.
     async fn process(
         &self,
         ev: CloudEvent,
         attempts: u32,
-        in_place: bool,
+        wait: &Wait<'_>,
         cancel: &CancellationToken,
     ) -> Result<(), DeliveryError> {
         let labels = self.labels();
         let mut attempt = attempts;
+        if let Wait::Lane(lane) = wait
+            && (lane.redelivered || lane.dirty.load(Ordering::Acquire))
+            && let Some(h) = lane.read(&ev).await?
+        {
+            // A retry was under way when the message was returned: resume it.
+            attempt = attempt.max(h.attempts);
+            lane.wait_until(h.due_ms, cancel).await?;
+        }
         let inflight = self
             .metrics
             .subscription_inflight
@@ -734,6 +1027,9 @@ impl Inner {
                             Err(e) => return Err(e),
                         }
                     }
+                    if let Wait::Lane(lane) = wait {
+                        lane.settle().await?;
+                    }
                     self.count("delivered");
                     self.note_position(&ev);
                     return Ok(());
@@ -757,15 +1053,25 @@ impl Inner {
                             .delivery_retries
                             .with_label_values(&labels)
                             .inc();
-                        if in_place {
-                            if !sleep_or_cancel(cancel, delay).await {
-                                return Err(DeliveryError::Shutdown);
+                        match wait {
+                            Wait::Delayed => return self.publish_retry(&ev, attempt, delay).await,
+                            Wait::InPlace => {
+                                if !sleep_or_cancel(cancel, delay).await {
+                                    return Err(DeliveryError::Shutdown);
+                                }
                             }
-                            continue;
+                            Wait::Lane(lane) => {
+                                let due = now_ms().saturating_add(delay.as_millis() as i64);
+                                self.record_hold(lane, &ev, attempt, due).await?;
+                                lane.wait_until(due, cancel).await?;
+                            }
                         }
-                        return self.publish_retry(&ev, attempt, delay).await;
+                        continue;
                     }
                     self.dead_letter(&ev, &f, attempt).await?;
+                    if let Wait::Lane(lane) = wait {
+                        lane.settle().await?;
+                    }
                     self.note_position(&ev);
                     return Ok(());
                 }
@@ -795,6 +1101,41 @@ impl Inner {
                 "queue {queue} does not exist"
             )))),
         }
+    }
+
+    /// Records, confirmed, that `ev` had `attempts` attempts and the next is due at `due_ms`.
+    async fn record_hold(
+        &self,
+        lane: &Lane<'_>,
+        ev: &CloudEvent,
+        attempts: u32,
+        due_ms: i64,
+    ) -> Result<(), DeliveryError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ATTEMPTS_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
+        headers.insert(DUE_HEADER.into(), AMQPValue::LongLongInt(due_ms));
+        headers.insert(
+            HOLD_ID_HEADER.into(),
+            AMQPValue::LongString(ev.id.as_str().into()),
+        );
+        headers.insert(
+            HOLD_SOURCE_HEADER.into(),
+            AMQPValue::LongString(ev.source.as_str().into()),
+        );
+        let msg = OutMessage {
+            routing_key: String::new(),
+            headers,
+            body: bytes::Bytes::new(),
+            message_id: String::new(),
+            content_type: None,
+            timestamp: None,
+        };
+        // Marked before the publish: a record confirmed but not seen as such is still purged.
+        lane.dirty.store(true, Ordering::Release);
+        self.publish_to_queue(lane.hold, msg).await
     }
 
     async fn publish_retry(
@@ -979,14 +1320,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Handles one live message; returns whether to ack (true) or return it (false).
+    /// Handles one live message; says what to do with it.
     async fn handle(
         &self,
         props: &lapin::BasicProperties,
         body: &[u8],
-        in_place: bool,
+        wait: &Wait<'_>,
         cancel: &CancellationToken,
-    ) -> bool {
+    ) -> Settle {
         let attempts = props
             .headers()
             .as_ref()
@@ -1014,10 +1355,13 @@ impl Inner {
                     content_type: props.content_type().as_ref().map(|c| c.to_string()),
                     timestamp: None,
                 };
-                return self
+                return match self
                     .publish_to_queue(&self.names.dead_letter_queue, msg)
                     .await
-                    .is_ok();
+                {
+                    Ok(()) => Settle::Ack,
+                    Err(_) => Settle::Return,
+                };
             }
         };
         if attempts.is_none()
@@ -1028,26 +1372,35 @@ impl Inner {
         {
             // Delivered by the catch-up already.
             self.count("duplicate");
-            return true;
+            return Settle::Ack;
         }
         if !self.accepts(&ev) {
             self.count("filtered");
-            return true;
+            return Settle::Ack;
         }
-        match self
-            .process(ev, attempts.unwrap_or(0), in_place, cancel)
-            .await
-        {
-            Ok(()) => true,
-            Err(DeliveryError::Shutdown) => false,
+        match self.process(ev, attempts.unwrap_or(0), wait, cancel).await {
+            Ok(()) => Settle::Ack,
+            Err(DeliveryError::Shutdown) => Settle::Return,
+            Err(DeliveryError::Refresh) => Settle::Refresh,
             Err(e) => {
                 tracing::warn!(subscription = %self.plan.key, error = %e,
                     "could not settle a delivery; it returns to the queue");
                 sleep_or_cancel(cancel, RECONNECT_DELAY).await;
-                false
+                Settle::Return
             }
         }
     }
+}
+
+/// What becomes of a message after [`Inner::handle`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settle {
+    /// Settled (delivered, filtered, retried elsewhere or dead-lettered): ack it.
+    Ack,
+    /// Not settled: return it to its queue (or, in a lane, try it again here).
+    Return,
+    /// A perKey lane must return its messages now (see [`Lane::wait_until`]).
+    Refresh,
 }
 
 /// Spaces starts evenly at `rate` per second (no burst): the limit is per worker, and an
@@ -1177,8 +1530,8 @@ async fn consume_shared(inner: Arc<Inner>, cancel: CancellationToken) {
                         let inner = inner.clone();
                         let cancel = cancel.clone();
                         tasks.spawn(async move {
-                            let ok = inner.handle(&d.properties, &d.data, false, &cancel).await;
-                            let _ = if ok {
+                            let settle = inner.handle(&d.properties, &d.data, &Wait::Delayed, &cancel).await;
+                            let _ = if settle == Settle::Ack {
                                 d.acker.ack(BasicAckOptions::default()).await
                             } else {
                                 d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
@@ -1271,6 +1624,18 @@ async fn drain(inner: Arc<Inner>, queue: String, cancel: CancellationToken) {
                     match inner.stream.broker.delete_queue(&queue).await {
                         Ok(()) => {
                             tracing::info!(subscription = %inner.plan.key, queue, "drained and deleted");
+                            // A retired lane's hold queue goes with it (its records were
+                            // about events this drain has since delivered).
+                            let lane = queue
+                                .strip_prefix(&format!("{}.p", inner.names.queue))
+                                .and_then(|i| i.parse::<u32>().ok());
+                            if let Some(i) = lane
+                                && !inner.names.partitions.contains(&queue)
+                            {
+                                let key = &inner.plan.key;
+                                let hold = Names::hold_name(&key.namespace, &key.name, i);
+                                let _ = inner.stream.broker.delete_queue(&hold).await;
+                            }
                             return;
                         }
                         Err(e) => {
@@ -1289,8 +1654,10 @@ async fn drain(inner: Arc<Inner>, queue: String, cancel: CancellationToken) {
             };
             empty_since = None;
             let d = m.delivery;
-            let ok = inner.handle(&d.properties, &d.data, true, &cancel).await;
-            let _ = if ok {
+            let settle = inner
+                .handle(&d.properties, &d.data, &Wait::InPlace, &cancel)
+                .await;
+            let _ = if settle == Settle::Ack {
                 d.acker.ack(BasicAckOptions::default()).await
             } else {
                 d.acker
@@ -1307,8 +1674,9 @@ async fn drain(inner: Arc<Inner>, queue: String, cancel: CancellationToken) {
 }
 
 /// Consumes one partition queue (perKey): one delivery at a time, in queue order; a retry
-/// waits in place so that later events of the same keys wait behind it.
-async fn consume_lane(inner: Arc<Inner>, queue: String, cancel: CancellationToken) {
+/// waits at the head of the lane (see the module documentation), so later events of the same
+/// keys wait behind it.
+async fn consume_lane(inner: Arc<Inner>, queue: String, hold: String, cancel: CancellationToken) {
     while !cancel.is_cancelled() {
         let (ch, mut consumer, tag) =
             match open_consumer(&inner, &queue, LANE_PREFETCH.into()).await {
@@ -1321,6 +1689,7 @@ async fn consume_lane(inner: Arc<Inner>, queue: String, cancel: CancellationToke
                     continue;
                 }
             };
+        let opened = Instant::now();
         loop {
             let d = tokio::select! {
                 _ = cancel.cancelled() => None,
@@ -1339,30 +1708,59 @@ async fn consume_lane(inner: Arc<Inner>, queue: String, cancel: CancellationToke
                 _ = cancel.cancelled() => None,
                 p = inner.limit.clone().acquire_owned() => p.ok(),
             };
-            let ok = match permit {
-                // A message that could not be settled (the broker or the reply stream is
-                // away) is tried again here rather than returned: the messages prefetched
-                // behind it must not overtake it.
-                Some(_p) => loop {
-                    if inner.handle(&d.properties, &d.data, true, &cancel).await {
-                        break true;
+            let settle = match permit {
+                Some(_p) => {
+                    let lane = Lane {
+                        ch: &ch,
+                        hold: &hold,
+                        opened,
+                        refresh: inner.lane_refresh,
+                        redelivered: d.redelivered,
+                        dirty: AtomicBool::new(false),
+                    };
+                    // A message that could not be settled (the broker or the reply stream is
+                    // away) is tried again here rather than returned: the messages prefetched
+                    // behind it must not overtake it. A broken channel returns them all, in
+                    // order, so then it is left to the reconnect.
+                    loop {
+                        let s = inner
+                            .handle(&d.properties, &d.data, &Wait::Lane(&lane), &cancel)
+                            .await;
+                        if s != Settle::Return || cancel.is_cancelled() || !ch.status().connected()
+                        {
+                            break s;
+                        }
                     }
-                    if cancel.is_cancelled() {
-                        break false;
-                    }
-                },
-                None => false,
+                }
+                None => Settle::Return,
             };
-            let _ = if ok {
-                d.acker.ack(BasicAckOptions::default()).await
-            } else {
-                d.acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await
-            };
+            match settle {
+                Settle::Ack => {
+                    let _ = d.acker.ack(BasicAckOptions::default()).await;
+                }
+                Settle::Return => {
+                    let _ = d
+                        .acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await;
+                }
+                Settle::Refresh => {
+                    tracing::info!(subscription = %inner.plan.key, queue,
+                        "lane returns its messages to the queue during a long retry wait \
+                         (they must not outlive the broker's consumer timeout)");
+                    // Closing the channel returns this message and those prefetched behind it
+                    // to the head of the queue, in order; the next consumer (this one again,
+                    // or another worker's) resumes from the hold record.
+                    let _ = ch.close(200, "OK".into()).await;
+                    break;
+                }
+            }
+            if !ch.status().connected() {
+                break;
+            }
         }
     }
 }

@@ -1,0 +1,144 @@
+//! Queue depths from RabbitMQ's management HTTP API.
+//!
+//! AMQP reports only the *ready* messages of a queue (in `queue.declare-ok`); how many are
+//! delivered but not yet acknowledged — by every consumer, on every replica — is known only
+//! to the management plugin (`rabbitmq_management`). Weir asks it for that number when it
+//! can. The API's address is `WEIR_RABBITMQ_MANAGEMENT_URL` if set (`off` turns the lookups
+//! off), else `http://<AMQP host>:15672`; the AMQP URL's user, password and vhost are used.
+//! When the plugin does not answer, callers fall back to what AMQP can tell.
+//!
+//! The plugin refreshes its queue statistics every `collect_statistics_interval` (5 s by
+//! default), so the numbers are samples a few seconds old, which is what a backlog needs.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use tokio::time::Instant;
+
+use super::error::{BrokerError, parse_url};
+
+/// One lookup may take this long: the API is local to the broker and answers in
+/// milliseconds; a firewall that drops the port must not stall a sampling loop.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed lookup the API is left alone this long (a disabled plugin answers every
+/// few seconds with the same refusal; a down broker is reported by AMQP anyway).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
+
+/// Counts of one queue as the management API reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ManagedCounts {
+    pub ready: u64,
+    pub unacknowledged: u64,
+}
+
+/// A client of one broker's management API.
+pub struct Management {
+    client: reqwest::Client,
+    /// `http://host:port/api/queues/<vhost>/`.
+    queues: String,
+    user: String,
+    password: String,
+    resting_until: Mutex<Option<Instant>>,
+}
+
+impl Management {
+    /// The management API of the broker at `amqp_url`, or `None` when turned off (or the
+    /// URLs cannot be used).
+    pub fn for_amqp_url(amqp_url: &str) -> Option<Management> {
+        let base = match std::env::var("WEIR_RABBITMQ_MANAGEMENT_URL") {
+            Ok(v) if v == "off" => return None,
+            Ok(v) => Some(v.trim_end_matches('/').to_string()),
+            Err(_) => None,
+        };
+        let uri = parse_url(amqp_url).ok()?;
+        let auth = &uri.authority;
+        let base = base.unwrap_or_else(|| format!("http://{}:15672", auth.host));
+        let client = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .ok()?;
+        Some(Management {
+            client,
+            queues: format!(
+                "{base}/api/queues/{}/",
+                utf8_percent_encode(&uri.vhost, NON_ALPHANUMERIC)
+            ),
+            user: auth.userinfo.username.clone(),
+            password: auth.userinfo.password.clone(),
+            resting_until: Mutex::new(None),
+        })
+    }
+
+    fn resting(&self) -> bool {
+        let r = self.resting_until.lock().unwrap_or_else(|p| p.into_inner());
+        r.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn rest(&self) {
+        let mut r = self.resting_until.lock().unwrap_or_else(|p| p.into_inner());
+        *r = Some(Instant::now() + RETRY_AFTER_FAILURE);
+    }
+
+    /// Ready and unacknowledged messages of `queue`; `Ok(None)` if the queue does not exist.
+    /// An error means the API did not answer usefully (it then rests a while).
+    pub async fn queue(&self, queue: &str) -> Result<Option<ManagedCounts>, BrokerError> {
+        if self.resting() {
+            return Err(BrokerError::Unavailable(
+                "management API resting after a failure".into(),
+            ));
+        }
+        match self.lookup(queue).await {
+            Ok(Lookup::Found(c)) => Ok(Some(c)),
+            Ok(Lookup::NoQueue) => Ok(None),
+            // A queue declared moments ago has no statistics until the next collection.
+            Ok(Lookup::NotSampled) => Err(BrokerError::Unavailable(format!(
+                "management API: no counts for queue {queue} yet"
+            ))),
+            Err(e) => {
+                self.rest();
+                Err(e)
+            }
+        }
+    }
+
+    async fn lookup(&self, queue: &str) -> Result<Lookup, BrokerError> {
+        let url = format!(
+            "{}{}?columns=messages_ready,messages_unacknowledged",
+            self.queues,
+            utf8_percent_encode(queue, NON_ALPHANUMERIC)
+        );
+        let unavailable = |e: String| BrokerError::Unavailable(format!("management API: {e}"));
+        let resp = self
+            .client
+            .get(url)
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            // reqwest's error names the URL, which holds no credentials here.
+            .map_err(|e| unavailable(e.to_string()))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Lookup::NoQueue);
+        }
+        if !resp.status().is_success() {
+            return Err(unavailable(format!("answered {}", resp.status())));
+        }
+        let v: serde_json::Value = resp.json().await.map_err(|e| unavailable(e.to_string()))?;
+        let count = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+        Ok(
+            match (count("messages_ready"), count("messages_unacknowledged")) {
+                (Some(ready), Some(unacknowledged)) => Lookup::Found(ManagedCounts {
+                    ready,
+                    unacknowledged,
+                }),
+                _ => Lookup::NotSampled,
+            },
+        )
+    }
+}
+
+enum Lookup {
+    Found(ManagedCounts),
+    NoQueue,
+    NotSampled,
+}
