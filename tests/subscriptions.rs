@@ -1297,7 +1297,11 @@ async fn per_key_retries_keep_their_attempt_count_through_kill_9() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Two attempts made, the third due in ~2 s: the attempt count lives in the hold queue,
-    // not in this process.
+    // not in this process. The lane records an attempt after the sink answers it; a kill in
+    // that window repeats the attempt (at-least-once), so let the record of the second land
+    // first (it takes milliseconds; the third attempt is 2 s away).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sink.got().len(), 2, "the third attempt came early");
     s.weir.kill9();
     let weir = Weir::start(s.m.path());
     wait_dead_letters(&weir, &s.sub, 1, Duration::from_secs(60)).await;
