@@ -278,11 +278,19 @@ struct Setup {
     sub: String,
 }
 
-async fn setup(sink: &Sink, sub_extra: &str) -> Setup {
+/// A fresh database and manifest folder holding the `orders` stream on its own exchange.
+async fn orders_stream() -> Manifests {
     let db = fresh_database().await;
     let m = Manifests::new(&db);
-    let ex = unique("weir.test.orders.");
-    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    m.write(
+        "stream.yaml",
+        &stream_yaml("orders", &unique("weir.test.orders."), ""),
+    );
+    m
+}
+
+async fn setup(sink: &Sink, sub_extra: &str) -> Setup {
+    let m = orders_stream().await;
     let sub = unique("s");
     m.write("sub.yaml", &subscription_yaml(&sub, &sink.url, sub_extra));
     let mut weir = Weir::start(m.path());
@@ -606,10 +614,7 @@ async fn sigterm_during_delivery_loses_and_dead_letters_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
     let _shared = MACHINE.read().await;
-    let db = fresh_database().await;
-    let m = Manifests::new(&db);
-    let ex = unique("weir.test.orders.");
-    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let m = orders_stream().await;
     let mut weir = Weir::start(m.path());
     weir.wait_ready("test", "orders").await;
     let url = weir.events_url("test", "orders");
@@ -672,10 +677,7 @@ async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
 async fn per_key_ordering_holds_across_two_processes_with_a_flaky_sink() {
     let _shared = MACHINE.read().await;
     let sink = Sink::start(Mode::Random(0.2)).await;
-    let db = fresh_database().await;
-    let m = Manifests::new(&db);
-    let ex = unique("weir.test.orders.");
-    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let m = orders_stream().await;
     let sub = unique("s");
     m.write(
         "sub.yaml",
@@ -1187,10 +1189,7 @@ impl Drop for TlsSink {
 async fn an_https_sink_is_verified_and_delivered_to() {
     let _shared = MACHINE.read().await;
     let tls = TlsSink::start();
-    let db = fresh_database().await;
-    let m = Manifests::new(&db);
-    let ex = unique("weir.test.orders.");
-    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let m = orders_stream().await;
     let trusted = unique("tls");
     let untrusted = unique("tlsbad");
     // The second subscription's sink is the same server under a name its certificate does
@@ -1327,10 +1326,7 @@ async fn per_key_retries_keep_their_attempt_count_through_kill_9() {
 async fn per_key_lanes_return_their_messages_during_long_waits_without_losing_order_or_attempts() {
     let _shared = MACHINE.read().await;
     let sink = Sink::start(Mode::Status(503, "down")).await;
-    let db = fresh_database().await;
-    let m = Manifests::new(&db);
-    let ex = unique("weir.test.orders.");
-    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let m = orders_stream().await;
     let sub = unique("s");
     m.write(
         "sub.yaml",
@@ -1380,10 +1376,7 @@ async fn backlog_counts_unacknowledged_deliveries_of_every_replica_and_waiting_r
     let _shared = MACHINE.read().await;
     let slow = Sink::start(Mode::Slow(Duration::from_secs(50))).await;
     let failing = Sink::start(Mode::Status(503, "down")).await;
-    let db = fresh_database().await;
-    let m = Manifests::new(&db);
-    let ex = unique("weir.test.orders.");
-    m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
+    let m = orders_stream().await;
     let held = unique("s");
     let retrying = unique("s");
     m.write(
