@@ -1134,11 +1134,16 @@ impl TlsSink {
             .unwrap();
         assert!(ok.success(), "openssl req failed");
         let server = r#"
-import http.server, ssl, sys
+import http.server, ssl, sys, threading
+# print() writes the text and the newline as two writes: from concurrent handler threads
+# the lines interleave ("t-16t-17", ""), so each line is one write under a lock.
+out = threading.Lock()
 class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers.get('content-length', 0)))
-        print(self.headers.get('ce-id'), flush=True)
+        with out:
+            sys.stdout.write(str(self.headers.get('ce-id')) + '\n')
+            sys.stdout.flush()
         self.send_response(200)
         self.send_header('content-length', '0')
         self.end_headers()
