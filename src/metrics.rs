@@ -16,6 +16,7 @@ pub struct Metrics {
     pub batch_events: HistogramVec,
     pub store_append_duration: HistogramVec,
     pub store_append_retries: IntCounterVec,
+    pub store_appends: IntCounterVec,
     pub relay_lag: IntGaugeVec,
     pub relay_events: IntCounterVec,
     pub broker_publish: IntCounterVec,
@@ -126,6 +127,14 @@ impl Metrics {
                 "weir_store_append_retries_total",
                 "Append transactions retried after a transient database error.",
                 ns,
+            ),
+            store_appends: counter(
+                &r,
+                "weir_store_appends_total",
+                "Append statements by how the batch was decided: direct (on a fresh read), \
+                 chained (on top of batches still committing), locked (decided again under the \
+                 stream's lock after its guard failed), read (nothing to write).",
+                &["namespace", "stream", "path"],
             ),
             relay_lag: gauge(
                 &r,
@@ -310,6 +319,10 @@ impl Metrics {
     pub fn init_stream(&self, namespace: &str, stream: &str) {
         let l = [namespace, stream];
         self.store_append_retries.with_label_values(&l);
+        for path in ["read", "direct", "chained", "locked"] {
+            self.store_appends
+                .with_label_values(&[namespace, stream, path]);
+        }
         for outcome in ["accepted", "duplicate", "rejected"] {
             self.ingest_events
                 .with_label_values(&[namespace, stream, outcome]);

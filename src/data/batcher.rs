@@ -77,8 +77,10 @@ pub struct Limits {
     /// Bytes of event payload waiting. With `maxRequestBytes` 4 MiB a handful of large
     /// requests would otherwise pin gigabytes; 64 MiB per stream bounds it.
     pub queue_bytes: usize,
-    /// Batches being written at once. Two lets the next batch form and wait on the stream
-    /// lock while the previous one commits; more only adds lock waiters.
+    /// Batches being written at once. The store sends a batch decided on top of the ones
+    /// still committing, so its statement is already waiting when the previous commit ends:
+    /// three keep one committing, one waiting and one being looked up and decided; more
+    /// only split the queue into smaller batches.
     pub inflight_batches: usize,
 }
 
@@ -87,7 +89,7 @@ impl Default for Limits {
         Limits {
             queue_requests: 1024,
             queue_bytes: 64 * 1024 * 1024,
-            inflight_batches: 2,
+            inflight_batches: 3,
         }
     }
 }
@@ -208,6 +210,12 @@ impl Task {
                     None => break, // every handle dropped: drain done
                 },
             };
+            // Bounded concurrency: wait for a write slot before forming the batch, so what
+            // arrives while every slot is busy joins it (group commit grows with the load).
+            let permit = match self.inflight.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => break,
+            };
             let started = Instant::now();
             let mut batch_events = first.events.len();
             let mut batch_bytes = first.bytes;
@@ -236,11 +244,6 @@ impl Task {
                 batch_bytes += p.bytes;
                 batch.push(p);
             }
-            // Bounded concurrency: wait for a write slot before forming more batches.
-            let permit = match self.inflight.clone().acquire_owned().await {
-                Ok(p) => p,
-                Err(_) => break,
-            };
             let writer = self.writer.clone();
             let observer = self.observer.clone();
             let bytes = self.bytes.clone();

@@ -145,6 +145,11 @@ struct StoreWriter {
     store: Store,
     stream_id: Arc<OnceLock<i64>>,
     compression: crate::topology::CompressionPlan,
+    /// This stream's batches in flight, so the next one is sent before the previous commits.
+    chain: crate::data::store::AppendChain,
+    /// `weir_store_appends_total{path}` of this stream, and its namespace and name.
+    paths: prometheus::IntCounterVec,
+    labels: [String; 2],
     /// `weir_store_payload_bytes_total{kind="raw"|"stored"}` of this stream.
     payload_raw: prometheus::IntCounter,
     payload_stored: prometheus::IntCounter,
@@ -165,10 +170,13 @@ impl BatchWriter for StoreWriter {
                 .iter()
                 .map(|r| crate::data::store::AppendInput { events: r })
                 .collect();
-            let (outcomes, bytes) = self
+            let (outcomes, bytes, path) = self
                 .store
-                .append_counted(id, &inputs, &self.compression)
+                .append_chained(id, &inputs, &self.compression, &self.chain)
                 .await?;
+            self.paths
+                .with_label_values(&[&self.labels[0], &self.labels[1], path.label()])
+                .inc();
             self.payload_raw.inc_by(bytes.raw);
             self.payload_stored.inc_by(bytes.stored);
             Ok(outcomes)
@@ -367,6 +375,9 @@ impl Engine {
                     store: store.clone(),
                     stream_id: stream_id.clone(),
                     compression: plan.compression.clone(),
+                    chain: Default::default(),
+                    paths: self.metrics.store_appends.clone(),
+                    labels: [key.namespace.clone(), key.name.clone()],
                     payload_raw: self.metrics.compression_bytes.with_label_values(&[
                         key.namespace.as_str(),
                         key.name.as_str(),

@@ -2,8 +2,20 @@
 //!
 //! Each request is atomic (all its events or none) but requests of a batch are independent:
 //! a request whose `expectedversion` does not match fails alone, the others commit.
+//!
+//! Appends to one stream commit one after another (positions are gap-free and increase in
+//! commit order), so the time between two commits is what bounds a stream's rate. To keep
+//! round trips out of that time, a batch is decided *on top of* the batches this process has
+//! sent but not yet seen commit (an [`AppendChain`]) and sent at once: its statement waits in
+//! PostgreSQL for the previous one's row lock and runs the moment that commits, guarded by
+//! "the head is still what the previous batch leaves". If anything else happened in between
+//! (a failed batch, another process), the guard writes nothing and the batch is decided again
+//! under the stream's lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use tokio::sync::watch;
 
 use sqlx::Row;
 
@@ -15,6 +27,12 @@ use crate::topology::CompressionPlan;
 /// Budget for the subject list of a `weir_subjects` notification: PostgreSQL caps a payload
 /// at 8000 bytes and the rest of it (stream id, namespace, name) takes under 300.
 const NOTIFY_SUBJECTS_BYTES: usize = 7000;
+
+/// Committed links an [`AppendChain`] keeps after they commit. A lookup whose snapshot was
+/// taken before some of them committed still finds its place in the chain; the batcher has at
+/// most a few batches in flight, so eight covers any lookup that is not badly delayed (one
+/// that is simply takes the locked path).
+const CHAIN_HISTORY: usize = 8;
 
 /// One publish request's events.
 pub struct AppendInput<'a> {
@@ -48,6 +66,31 @@ pub type RequestOutcome = Result<Vec<Appended>, Conflict>;
 pub struct PayloadBytes {
     pub raw: u64,
     pub stored: u64,
+}
+
+/// How an append was decided and written, for `weir_store_appends_total{path}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppendPath {
+    /// Nothing to write (duplicates, conflicts): the read was the answer.
+    Read,
+    /// Decided on a lock-free read and written under the head guard.
+    Direct,
+    /// Decided on top of this process's batches that were still committing.
+    Chained,
+    /// The guard failed (another writer, or a batch it rested on failed): decided again
+    /// under the stream's lock.
+    Locked,
+}
+
+impl AppendPath {
+    pub fn label(self) -> &'static str {
+        match self {
+            AppendPath::Read => "read",
+            AppendPath::Direct => "direct",
+            AppendPath::Chained => "chained",
+            AppendPath::Locked => "locked",
+        }
+    }
 }
 
 /// `expectedversion` as a number. Ingest has already rejected malformed values.
@@ -110,19 +153,33 @@ impl Rows {
     }
 }
 
+/// The stream's head as appends guard it: the last position and the nonce written by the
+/// append that made it the head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Head {
+    position: i64,
+    nonce: i64,
+}
+
 /// What the store held for a batch when it was looked at: the stream's head, and for the
 /// batch's events their dedup keys and subjects' versions.
 struct Known {
-    head: i64,
+    head: Head,
     ids: HashMap<(String, String), Appended>,
     versions: HashMap<String, i64>,
 }
 
-/// One batch decided in memory against [`Known`]: an outcome per request, the rows to write
-/// and the head after them.
+/// One batch decided in memory against [`Known`].
 struct Decided {
+    /// One outcome per request.
     out: Vec<RequestOutcome>,
-    rows: Rows,
+    /// `(request, event, position, version)` of every event to write, in position order.
+    accepted: Vec<(usize, usize, i64, Option<i64>)>,
+    /// Dedup keys this batch writes (as later batches will see them: duplicates).
+    ids: HashMap<(String, String), Appended>,
+    /// Each subject's version after this batch.
+    versions: HashMap<String, i64>,
+    /// The head position after this batch.
     next: i64,
 }
 
@@ -144,7 +201,7 @@ pub const LOOKUP_SQL: &str = "SELECT 0::int2 AS k, u.source, u.id, e.position, e
    CROSS JOIN LATERAL (SELECT s.version FROM weir_subjects s
        WHERE s.stream_id = $1 AND s.subject = u.subject LIMIT 1) s
  UNION ALL
- SELECT 2::int2, NULL, NULL, head, NULL FROM weir_streams WHERE stream_id = $1";
+ SELECT 2::int2, NULL, NULL, head, head_nonce FROM weir_streams WHERE stream_id = $1";
 
 /// Reads the head, the dedup keys and the subjects' versions a batch needs, in one statement
 /// (one snapshot).
@@ -175,7 +232,10 @@ async fn look_up(
         .fetch_all(&mut *conn)
         .await?;
     let mut known = Known {
-        head: 0,
+        head: Head {
+            position: 0,
+            nonce: 0,
+        },
         ids: HashMap::new(),
         versions: HashMap::new(),
     };
@@ -199,35 +259,41 @@ async fn look_up(
                 let version: Option<i64> = row.try_get(4)?;
                 known.versions.insert(subject, version.unwrap_or(0));
             }
-            _ => known.head = row.try_get(3)?,
+            _ => {
+                known.head = Head {
+                    position: row.try_get(3)?,
+                    nonce: row.try_get(4)?,
+                }
+            }
         }
     }
     Ok(known)
 }
 
 /// Decides every request of a batch in memory; a failing request leaves no trace.
-fn decide(
-    mut known: Known,
-    requests: &[AppendInput<'_>],
-    compression: &CompressionPlan,
-) -> Decided {
-    let mut next = known.head;
-    let mut out = Vec::with_capacity(requests.len());
-    let mut rows = Rows::default();
-    for r in requests {
-        let mut new_known: HashMap<(&str, &str), Appended> = HashMap::new();
-        let mut new_versions: HashMap<&str, i64> = HashMap::new();
+fn decide(known: &Known, requests: &[AppendInput<'_>]) -> Decided {
+    let mut d = Decided {
+        out: Vec::with_capacity(requests.len()),
+        accepted: Vec::new(),
+        ids: HashMap::new(),
+        versions: HashMap::new(),
+        next: known.head.position,
+    };
+    for (ri, r) in requests.iter().enumerate() {
+        // This request's own effects, applied to the batch's only if it succeeds.
+        let mut req_ids: HashMap<(&str, &str), Appended> = HashMap::new();
+        let mut req_versions: HashMap<&str, i64> = HashMap::new();
         let mut results = Vec::with_capacity(r.events.len());
         let mut accepted = Vec::new();
         let mut conflict = None;
-        let mut pos = next;
+        let mut pos = d.next;
         for (index, ev) in r.events.iter().enumerate() {
             let key = (ev.source.as_str(), ev.id.as_str());
-            if let Some(orig) = new_known
-                .get(&key)
-                .copied()
-                .or_else(|| known.ids.get(&(ev.source.clone(), ev.id.clone())).copied())
-            {
+            let prior = req_ids.get(&key).copied().or_else(|| {
+                let owned = (ev.source.clone(), ev.id.clone());
+                d.ids.get(&owned).or_else(|| known.ids.get(&owned)).copied()
+            });
+            if let Some(orig) = prior {
                 results.push(Appended {
                     duplicate: true,
                     ..orig
@@ -236,10 +302,11 @@ fn decide(
             }
             let version = match &ev.subject {
                 Some(subject) => {
-                    let current = new_versions
+                    let current = req_versions
                         .get(subject.as_str())
+                        .or_else(|| d.versions.get(subject))
+                        .or_else(|| known.versions.get(subject))
                         .copied()
-                        .or_else(|| known.versions.get(subject).copied())
                         .unwrap_or(0);
                     if let Some(expected) = expected_version(ev)
                         && expected != current
@@ -252,7 +319,7 @@ fn decide(
                         });
                         break;
                     }
-                    new_versions.insert(subject.as_str(), current + 1);
+                    req_versions.insert(subject.as_str(), current + 1);
                     Some(current + 1)
                 }
                 None => None,
@@ -263,33 +330,163 @@ fn decide(
                 version,
                 duplicate: false,
             };
-            new_known.insert(key, appended);
+            req_ids.insert(key, appended);
             results.push(appended);
-            accepted.push((ev, pos, version));
+            accepted.push((ri, index, pos, version));
         }
         match conflict {
-            Some(c) => out.push(Err(c)),
+            Some(c) => d.out.push(Err(c)),
             None => {
-                next = pos;
-                for (ev, position, version) in accepted {
-                    rows.push(ev, position, version, compression);
-                    known.ids.insert(
-                        (ev.source.clone(), ev.id.clone()),
+                d.next = pos;
+                for ((source, id), a) in req_ids {
+                    d.ids.insert(
+                        (source.to_string(), id.to_string()),
                         Appended {
-                            position,
-                            version,
                             duplicate: true,
+                            ..a
                         },
                     );
                 }
-                for (subject, v) in new_versions {
-                    known.versions.insert(subject.to_string(), v);
+                for (subject, v) in req_versions {
+                    d.versions.insert(subject.to_string(), v);
                 }
-                out.push(Ok(results));
+                d.accepted.extend(accepted);
+                d.out.push(Ok(results));
             }
         }
     }
-    Decided { out, rows, next }
+    d
+}
+
+/// A batch this process decided and sent: the head it was decided on, the head it leaves,
+/// and what it writes, so the next batch can be decided on top of it before it commits.
+struct Link {
+    seq: u64,
+    base: Head,
+    next: Head,
+    ids: HashMap<(String, String), Appended>,
+    versions: HashMap<String, i64>,
+    committed: bool,
+    /// `Some(applied)` once its write has ended; dropped (closed) when the link leaves the
+    /// chain unsettled, which its followers take as "did not apply".
+    settled: watch::Sender<Option<bool>>,
+}
+
+#[derive(Default)]
+struct ChainState {
+    stream_id: i64,
+    links: VecDeque<Link>,
+    seq: u64,
+}
+
+/// The batches of one stream this process has sent, in head order: pending ones (sent, not
+/// yet known to have committed) and a few committed ones. One per stream and process (the
+/// batcher's writer owns it); [`Store::append`] uses a fresh one per call.
+#[derive(Default)]
+pub struct AppendChain {
+    state: Mutex<ChainState>,
+}
+
+/// A batch decided on the chain.
+struct Placed {
+    decided: Decided,
+    /// The head the write is guarded by.
+    base: Head,
+    /// The nonce the write leaves on the head.
+    nonce: i64,
+    /// The link, when the batch writes something.
+    seq: Option<u64>,
+    /// The decision relied on links that had not committed when it was made.
+    on_pending: bool,
+    /// How the link this batch was decided on top of ends, when it was still pending.
+    prev: Option<watch::Receiver<Option<bool>>>,
+}
+
+impl AppendChain {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChainState> {
+        // The state is a cache of this process's own writes: a panic elsewhere while it was
+        // held leaves it consistent enough (a wrong guess only fails a guard).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lays the links the lookup did not see over it, decides the batch on top, and (when it
+    /// writes something) appends its link. Atomic, so two batches never claim the same head.
+    fn place(&self, stream_id: i64, mut known: Known, requests: &[AppendInput<'_>]) -> Placed {
+        let mut st = self.lock();
+        if st.stream_id != stream_id {
+            st.links.clear();
+            st.stream_id = stream_id;
+        }
+        let mut on_pending = false;
+        let mut prev = None;
+        match st.links.iter().position(|l| l.base == known.head) {
+            Some(i) => {
+                for l in st.links.range(i..) {
+                    on_pending |= !l.committed;
+                    known.ids.extend(l.ids.iter().map(|(k, v)| (k.clone(), *v)));
+                    known
+                        .versions
+                        .extend(l.versions.iter().map(|(k, v)| (k.clone(), *v)));
+                    known.head = l.next;
+                }
+                prev = st
+                    .links
+                    .back()
+                    .filter(|l| !l.committed)
+                    .map(|l| l.settled.subscribe());
+            }
+            // The lookup saw every link, or something this chain does not know about
+            // happened: start the chain again from what the lookup saw.
+            None if st.links.back().is_some_and(|l| l.next == known.head) => {}
+            None => st.links.clear(),
+        }
+        let decided = decide(&known, requests);
+        let nonce = rand::random::<i64>();
+        let mut seq = None;
+        if !decided.accepted.is_empty() {
+            st.seq += 1;
+            seq = Some(st.seq);
+            let link = Link {
+                seq: st.seq,
+                base: known.head,
+                next: Head {
+                    position: decided.next,
+                    nonce,
+                },
+                ids: decided.ids.clone(),
+                versions: decided.versions.clone(),
+                committed: false,
+                settled: watch::channel(None).0,
+            };
+            st.links.push_back(link);
+        }
+        Placed {
+            decided,
+            base: known.head,
+            nonce,
+            seq,
+            on_pending,
+            prev,
+        }
+    }
+
+    /// Records how a link's write ended. A link that did not apply takes every later link
+    /// with it: they were decided on top of it, and their guards will fail too.
+    fn settle(&self, seq: u64, applied: bool) {
+        let mut st = self.lock();
+        let Some(i) = st.links.iter().position(|l| l.seq == seq) else {
+            return;
+        };
+        st.links[i].settled.send_replace(Some(applied));
+        if applied {
+            st.links[i].committed = true;
+            while st.links.len() > CHAIN_HISTORY && st.links.front().is_some_and(|l| l.committed) {
+                st.links.pop_front();
+            }
+        } else {
+            st.links.truncate(i);
+        }
+    }
 }
 
 /// How [`write`] makes sure nobody appended since the batch was decided.
@@ -297,8 +494,9 @@ enum Guard {
     /// The caller holds the counter row's lock (`FOR UPDATE` in its transaction).
     Locked,
     /// The statement runs on its own (autocommit) and applies only if the head is still
-    /// this one; otherwise it writes nothing.
-    HeadIs(i64),
+    /// this one; otherwise it writes nothing. If another append holds the row, the statement
+    /// waits for it to end and then checks the head it left.
+    HeadIs(Head),
 }
 
 /// Writes a decided batch — events, dedup keys, subjects' versions, the new head and the
@@ -306,10 +504,10 @@ enum Guard {
 async fn write(
     conn: &mut sqlx::PgConnection,
     stream_id: i64,
-    d: &Decided,
+    rows: &Rows,
+    next: Head,
     guard: Guard,
 ) -> Result<bool, StoreError> {
-    let rows = &d.rows;
     // One subject row per subject: its final version in this batch.
     let mut final_versions: HashMap<&str, i64> = HashMap::new();
     for (s, v) in rows.subject.iter().zip(&rows.version) {
@@ -342,15 +540,15 @@ async fn write(
     // `h` moves the head (and the commit time, which never goes backwards); every other
     // part reads `h`, so when the guard's head no longer matches nothing is written. Under
     // the lock the head always matches.
-    let expected_head = match guard {
+    let expected = match guard {
         Guard::Locked => None,
         Guard::HeadIs(h) => Some(h),
     };
     let (applied, _, _): (i64, i64, i64) = sqlx::query_as(
         "WITH h AS (
-           UPDATE weir_streams SET head = $19,
+           UPDATE weir_streams SET head = $19, head_nonce = $23,
                head_time = GREATEST(clock_timestamp(), head_time)
-           WHERE stream_id = $1 AND ($2::bigint IS NULL OR head = $2)
+           WHERE stream_id = $1 AND ($2::bigint IS NULL OR (head = $2 AND head_nonce = $24))
            RETURNING head_time AS ts, namespace, name
          ),
          ev AS (
@@ -386,7 +584,7 @@ async fn write(
          SELECT (SELECT count(*) FROM h), (SELECT count(*) FROM n), (SELECT count(*) FROM a)",
     )
     .bind(stream_id)
-    .bind(expected_head)
+    .bind(expected.map(|h| h.position))
     .bind(&rows.position)
     .bind(&rows.id)
     .bind(&rows.source)
@@ -403,13 +601,24 @@ async fn write(
     .bind(&rows.data)
     .bind(&subj)
     .bind(&subj_v)
-    .bind(d.next)
+    .bind(next.position)
     .bind(notify_subjects)
     .bind(notify_correlations)
     .bind(correlations.len() as i32)
+    .bind(next.nonce)
+    .bind(expected.map_or(0, |h| h.nonce))
     .fetch_one(&mut *conn)
     .await?;
     Ok(applied == 1)
+}
+
+/// The rows of a decided batch, payloads compressed as the stream says.
+fn rows_of(d: &Decided, requests: &[AppendInput<'_>], compression: &CompressionPlan) -> Rows {
+    let mut rows = Rows::default();
+    for &(ri, ei, position, version) in &d.accepted {
+        rows.push(&requests[ri].events[ei], position, version, compression);
+    }
+    rows
 }
 
 impl Store {
@@ -422,35 +631,77 @@ impl Store {
         compression: &CompressionPlan,
     ) -> Result<Vec<RequestOutcome>, StoreError> {
         Ok(self
-            .append_counted(stream_id, requests, compression)
+            .append_chained(stream_id, requests, compression, &AppendChain::default())
             .await?
             .0)
     }
 
-    /// [`Store::append`], also returning the payload bytes written (raw and as stored).
+    /// [`Store::append`] on a stream's [`AppendChain`], also returning the payload bytes
+    /// written (raw and as stored).
     ///
-    /// Optimistic first: the batch is decided against a lock-free read, then written by one
-    /// autocommitted statement that applies only if the stream's head has not moved (every
-    /// append moves it, so an unchanged head means the read is still true). The counter
-    /// row is then locked only while PostgreSQL runs that statement and commits, not across
-    /// round trips to this process. If another append got in between, the batch is decided
-    /// again under the lock, as before.
-    pub async fn append_counted(
+    /// Optimistic first: the batch is decided against a lock-free read plus the chain's
+    /// batches the read did not see, then written by one autocommitted statement that
+    /// applies only if the stream's head is still the one it was decided on (every append
+    /// moves the head and its nonce, so an unchanged head means the decision is still true).
+    /// The counter row is then locked only while PostgreSQL runs that statement and commits,
+    /// never across round trips to this process, and the next batch's statement is already
+    /// waiting for it. If the guard fails, the batch is decided again under the lock.
+    pub async fn append_chained(
         &self,
         stream_id: i64,
         requests: &[AppendInput<'_>],
         compression: &CompressionPlan,
-    ) -> Result<(Vec<RequestOutcome>, PayloadBytes), StoreError> {
+        chain: &AppendChain,
+    ) -> Result<(Vec<RequestOutcome>, PayloadBytes, AppendPath), StoreError> {
         let mut conn = self.acquire().await?;
         let known = look_up(&mut conn, stream_id, requests).await?;
-        let head = known.head;
-        let decided = decide(known, requests, compression);
-        if decided.rows.position.is_empty() {
-            // Nothing to write (duplicates, conflicts): the read is the answer.
-            return Ok((decided.out, decided.rows.bytes));
-        }
-        if write(&mut conn, stream_id, &decided, Guard::HeadIs(head)).await? {
-            return Ok((decided.out, decided.rows.bytes));
+        let placed = chain.place(stream_id, known, requests);
+        match placed.seq {
+            // Nothing to write (duplicates, conflicts) and decided on committed state only:
+            // the read is the answer.
+            None if !placed.on_pending => {
+                return Ok((
+                    placed.decided.out,
+                    PayloadBytes::default(),
+                    AppendPath::Read,
+                ));
+            }
+            // An answer resting on batches that may still fail cannot be given yet: the
+            // locked path waits for them and decides again.
+            None => {}
+            Some(seq) => {
+                let rows = rows_of(&placed.decided, requests, compression);
+                let next = Head {
+                    position: placed.decided.next,
+                    nonce: placed.nonce,
+                };
+                let guard = || Guard::HeadIs(placed.base);
+                let mut applied = write(&mut conn, stream_id, &rows, next, guard())
+                    .await
+                    .inspect_err(|_| chain.settle(seq, false))?;
+                // Batches go over different connections, so this statement may have reached
+                // PostgreSQL before the one it was decided on top of: wait for that one to
+                // end and, if it applied, try once more.
+                if !applied
+                    && let Some(mut prev) = placed.prev
+                    && matches!(
+                        prev.wait_for(Option::is_some).await.as_deref(),
+                        Ok(Some(true))
+                    )
+                {
+                    applied = write(&mut conn, stream_id, &rows, next, guard())
+                        .await
+                        .inspect_err(|_| chain.settle(seq, false))?;
+                }
+                chain.settle(seq, applied);
+                if applied {
+                    let path = match placed.on_pending {
+                        true => AppendPath::Chained,
+                        false => AppendPath::Direct,
+                    };
+                    return Ok((placed.decided.out, rows.bytes, path));
+                }
+            }
         }
 
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
@@ -462,11 +713,16 @@ impl Store {
             .await?;
         // Read again after the lock, so (READ COMMITTED) it sees every commit made before.
         let known = look_up(&mut tx, stream_id, requests).await?;
-        let decided = decide(known, requests, compression);
-        if !decided.rows.position.is_empty() {
-            write(&mut tx, stream_id, &decided, Guard::Locked).await?;
+        let decided = decide(&known, requests);
+        let rows = rows_of(&decided, requests, compression);
+        if !decided.accepted.is_empty() {
+            let next = Head {
+                position: decided.next,
+                nonce: rand::random(),
+            };
+            write(&mut tx, stream_id, &rows, next, Guard::Locked).await?;
         }
         tx.commit().await?;
-        Ok((decided.out, decided.rows.bytes))
+        Ok((decided.out, rows.bytes, AppendPath::Locked))
     }
 }

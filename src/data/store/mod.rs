@@ -6,7 +6,10 @@ mod codec;
 pub mod pools;
 mod read;
 
-pub use append::{AppendInput, Appended, Conflict, LOOKUP_SQL, PayloadBytes, RequestOutcome};
+pub use append::{
+    AppendChain, AppendInput, AppendPath, Appended, Conflict, LOOKUP_SQL, PayloadBytes,
+    RequestOutcome,
+};
 pub(crate) use codec::{decode_row, event_columns};
 
 use std::sync::Arc;
