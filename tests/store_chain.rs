@@ -124,11 +124,11 @@ async fn run_writers(writers: usize) -> Vec<AppendPath> {
                         account_version,
                     )];
                     let requests = [AppendInput { events: &a }, AppendInput { events: &b }];
-                    let (out, _, path) = store
+                    let (out, report) = store
                         .append_chained(stream, &requests, &compression(), &chain)
                         .await
                         .unwrap();
-                    paths.push(path);
+                    paths.push(report.path);
                     for (request, outcome) in [&a, &b].into_iter().zip(out) {
                         match outcome {
                             Ok(appended) => {
@@ -248,7 +248,7 @@ async fn a_failing_batch_does_not_take_the_batches_chained_on_it_down() {
                         &chain,
                     )
                     .await;
-                (slot, r.map(|(out, _, path)| (out, path)))
+                (slot, r.map(|(out, report)| (out, report.path)))
             });
         }
         while let Some(r) = tasks.join_next().await {

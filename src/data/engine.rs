@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::data::batcher::{self, BatchObserver, BatchWriter, Batcher};
 use crate::data::broker::Broker;
-use crate::data::event::CloudEvent;
+use crate::data::event::{CloudEvent, StoredEvent};
 use crate::data::ingest::Validator;
-use crate::data::relay::Relay;
+use crate::data::relay::{self, Handoff, Relay};
 use crate::data::store::pools::Pools;
 use crate::data::store::{RequestOutcome, Store, StoreError};
 use crate::metrics::Metrics;
@@ -150,6 +150,8 @@ struct StoreWriter {
     /// `weir_store_appends_total{path}` of this stream, and its namespace and name.
     paths: prometheus::IntCounterVec,
     labels: [String; 2],
+    /// Committed batches for this process's relay.
+    handoff: Handoff,
     /// `weir_store_payload_bytes_total{kind="raw"|"stored"}` of this stream.
     payload_raw: prometheus::IntCounter,
     payload_stored: prometheus::IntCounter,
@@ -170,15 +172,31 @@ impl BatchWriter for StoreWriter {
                 .iter()
                 .map(|r| crate::data::store::AppendInput { events: r })
                 .collect();
-            let (outcomes, bytes, path) = self
+            let (outcomes, report) = self
                 .store
                 .append_chained(id, &inputs, &self.compression, &self.chain)
                 .await?;
             self.paths
-                .with_label_values(&[&self.labels[0], &self.labels[1], path.label()])
+                .with_label_values(&[&self.labels[0], &self.labels[1], report.path.label()])
                 .inc();
-            self.payload_raw.inc_by(bytes.raw);
-            self.payload_stored.inc_by(bytes.stored);
+            self.payload_raw.inc_by(report.bytes.raw);
+            self.payload_stored.inc_by(report.bytes.stored);
+            if let Some(recorded_time) = report.recorded_at
+                && self.handoff.wanted()
+            {
+                // Exactly what reading these rows back would give.
+                let events = report
+                    .written
+                    .iter()
+                    .map(|&(r, e, position, version)| StoredEvent {
+                        position,
+                        version,
+                        recorded_time,
+                        event: requests[r][e].clone(),
+                    })
+                    .collect();
+                self.handoff.offer(events);
+            }
             Ok(outcomes)
         })
     }
@@ -371,7 +389,9 @@ impl Engine {
                         source,
                     })?;
                 let stream_id = Arc::new(OnceLock::new());
+                let (handoff, handoff_rx) = relay::handoff();
                 let writer = Arc::new(StoreWriter {
+                    handoff,
                     store: store.clone(),
                     stream_id: stream_id.clone(),
                     compression: plan.compression.clone(),
@@ -409,6 +429,7 @@ impl Engine {
                         exchange: plan.broker.exchange.clone(),
                         broker: broker.clone(),
                         metrics: self.metrics.clone(),
+                        handoff: tokio::sync::Mutex::new(handoff_rx),
                     },
                 )));
                 Backend::Stored {

@@ -7,14 +7,19 @@
 //! cannot move the checkpoint. When the owner dies, PostgreSQL drops its session and lock,
 //! and another process takes over within one lock-poll interval.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
 use sqlx::{ConnectOptions, Connection, PgConnection};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::data::broker::{Broker, Routing, to_message};
+use crate::data::event::StoredEvent;
 use crate::data::store::Store;
 use crate::metrics::Metrics;
 use crate::topology::Key;
@@ -31,6 +36,117 @@ const LOCK_POLL: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Time allowed for one round of publishes to be confirmed before it is retried.
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(30);
+/// Committed batches waiting for the relay. It takes what is waiting every round; a relay
+/// this many batches behind catches up faster from the store (up to `PAGE` per read), so
+/// more would only hold memory.
+const HANDOFF_BATCHES: usize = 16;
+/// How long the relay waits for this process's own batches to be handed over after the
+/// store announced them, before reading them back. The hand-over follows its commit by
+/// microseconds; a batch another process committed costs this much extra latency.
+const HANDOFF_GRACE: Duration = Duration::from_millis(2);
+/// An idle relay checks its lock session this often.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// The appending side of the hand-over: batches this process committed go straight to its
+/// relay, which then need not read them back from the store (one query and a notification
+/// hop less between a commit and its publish, and less work for the database).
+#[derive(Clone)]
+pub struct Handoff {
+    /// Set while this process's relay owns the stream: only then is a batch worth building.
+    owner: Arc<AtomicBool>,
+    tx: mpsc::Sender<Vec<StoredEvent>>,
+}
+
+/// The relay's side of the hand-over.
+pub struct HandoffRx {
+    owner: Arc<AtomicBool>,
+    rx: mpsc::Receiver<Vec<StoredEvent>>,
+}
+
+pub fn handoff() -> (Handoff, HandoffRx) {
+    let owner = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel(HANDOFF_BATCHES);
+    (
+        Handoff {
+            owner: owner.clone(),
+            tx,
+        },
+        HandoffRx { owner, rx },
+    )
+}
+
+impl Handoff {
+    /// Whether this process's relay publishes the stream now.
+    pub fn wanted(&self) -> bool {
+        self.owner.load(Ordering::Acquire)
+    }
+
+    /// Hands a committed batch (positions consecutive) to the relay. Never waits: when the
+    /// relay is behind, the batch is dropped and the relay reads it from the store.
+    pub fn offer(&self, events: Vec<StoredEvent>) {
+        let _ = self.tx.try_send(events);
+    }
+}
+
+/// Clears the owner flag when the relay stops owning the stream, however it stops.
+struct Owning<'a>(&'a AtomicBool);
+
+impl Drop for Owning<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Handed-over batches by first position. They can arrive out of commit order (each comes
+/// from its own append task), and some never arrive (another process committed them, or
+/// the channel was full), so they are only used where they continue the checkpoint.
+#[derive(Default)]
+struct Handed(BTreeMap<i64, Vec<StoredEvent>>);
+
+impl Handed {
+    fn file(&mut self, events: Vec<StoredEvent>) {
+        if let Some(first) = events.first() {
+            self.0.insert(first.position, events);
+        }
+    }
+
+    /// The events right after `checkpoint`, up to `PAGE`, if they were handed over; drops
+    /// what is already published.
+    fn take_after(&mut self, checkpoint: i64) -> Option<Vec<StoredEvent>> {
+        while let Some(e) = self.0.first_entry() {
+            if e.get().last().is_some_and(|l| l.position > checkpoint) {
+                break;
+            }
+            e.remove();
+        }
+        let first = self.0.first_entry()?;
+        if *first.key() > checkpoint + 1 {
+            return None;
+        }
+        let mut events = first.remove();
+        events.retain(|e| e.position > checkpoint);
+        while (events.len() as i64) < PAGE {
+            let next = events.last().map_or(checkpoint, |e| e.position) + 1;
+            match self.0.remove(&next) {
+                Some(more) => events.extend(more),
+                None => break,
+            }
+        }
+        Some(events)
+    }
+
+    fn last_position(&self) -> Option<i64> {
+        self.0.last_key_value()?.1.last().map(|e| e.position)
+    }
+}
+
+/// The head announced by a `weir_appended` notification (`<stream id>:<head>`) for this stream.
+fn announced_head(payload: &str, stream_id: i64) -> Option<i64> {
+    let (id, head) = payload.split_once(':')?;
+    (id.parse::<i64>().ok()? == stream_id)
+        .then(|| head.parse().ok())
+        .flatten()
+}
 
 pub struct Relay {
     pub key: Key,
@@ -39,6 +155,8 @@ pub struct Relay {
     pub exchange: String,
     pub broker: Broker,
     pub metrics: Metrics,
+    /// This process's committed batches, handed over by its appends.
+    pub handoff: tokio::sync::Mutex<HandoffRx>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +242,21 @@ impl Relay {
         let labels = [self.key.namespace.as_str(), self.key.name.as_str()];
         let lag = self.metrics.relay_lag.with_label_values(&labels);
         let mut declared = false;
+        let mut handoff = self.handoff.lock().await;
+        let handoff = &mut *handoff;
+        // Batches offered before this process owned the stream were not built; from here on
+        // they are.
+        while handoff.rx.try_recv().is_ok() {}
+        handoff.owner.store(true, Ordering::Release);
+        let _owning = Owning(&handoff.owner);
+        let mut handed = Handed::default();
+        // The highest position known to be committed: announced by the store's
+        // notifications or seen in a hand-over. A new owner knows nothing, so it reads.
+        let mut announced = i64::MAX;
+        // Since when the relay has known of events past the checkpoint that were not handed
+        // over.
+        let mut waiting_since: Option<Instant> = None;
+        let mut last_query = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 return Ok(());
@@ -138,18 +271,49 @@ impl Relay {
                 }
                 declared = true;
             }
-            let events = self
-                .store
-                .read_range(self.stream_id, *checkpoint + 1, PAGE)
-                .await?;
+            while let Ok(batch) = handoff.rx.try_recv() {
+                handed.file(batch);
+            }
+            let mut events = handed.take_after(*checkpoint).unwrap_or_default();
+            // Handed-over batches past a gap: the gap was another process's or dropped.
+            announced = announced.max(handed.last_position().unwrap_or(0));
+            if events.is_empty() && *checkpoint < announced {
+                // Give a late hand-over its grace, then read the store.
+                let since = *waiting_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= HANDOFF_GRACE {
+                    events = self
+                        .store
+                        .read_range(self.stream_id, *checkpoint + 1, PAGE)
+                        .await?;
+                    last_query = Instant::now();
+                    if events.is_empty() {
+                        announced = *checkpoint;
+                    }
+                }
+            }
             if events.is_empty() {
+                if *checkpoint >= announced {
+                    waiting_since = None;
+                }
                 lag.set(0);
-                // Keep the lock session alive and detect a dead one while idle.
-                sqlx::query("SELECT 1").execute(&mut *conn).await?;
+                if last_query.elapsed() >= KEEPALIVE {
+                    // Keep the lock session alive and detect a dead one while idle.
+                    sqlx::query("SELECT 1").execute(&mut *conn).await?;
+                    last_query = Instant::now();
+                }
+                let read_at = waiting_since.map(|t| t + HANDOFF_GRACE);
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(IDLE_POLL) => {}
-                    n = listener.recv() => { n?; }
+                    // A notification can be missed while the listener reconnects.
+                    _ = tokio::time::sleep(IDLE_POLL) => announced = i64::MAX,
+                    _ = tokio::time::sleep_until(read_at.unwrap_or_else(Instant::now)),
+                        if read_at.is_some() => {}
+                    n = listener.recv() => {
+                        if let Some(head) = announced_head(n?.payload(), self.stream_id) {
+                            announced = announced.max(head);
+                        }
+                    }
+                    Some(batch) = handoff.rx.recv() => handed.file(batch),
                 }
                 continue;
             }
@@ -190,6 +354,10 @@ impl Relay {
             .await?;
             if moved.rows_affected() != 1 {
                 return Err(RelayError::Fenced);
+            }
+            last_query = Instant::now();
+            if last >= announced {
+                waiting_since = None;
             }
             *checkpoint = last;
             let m = &self.metrics.relay_events;

@@ -17,6 +17,7 @@ use std::sync::Mutex;
 
 use tokio::sync::watch;
 
+use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::codec::{encode_data, encode_extensions};
@@ -91,6 +92,17 @@ impl AppendPath {
             AppendPath::Locked => "locked",
         }
     }
+}
+
+/// What an append did, beside its answers.
+#[derive(Debug)]
+pub struct AppendReport {
+    pub bytes: PayloadBytes,
+    pub path: AppendPath,
+    /// `(request, event, position, version)` of every event written, in position order.
+    pub written: Vec<(usize, usize, i64, Option<i64>)>,
+    /// Their commit time (`weirrecordedtime`), when something was written.
+    pub recorded_at: Option<DateTime<Utc>>,
 }
 
 /// `expectedversion` as a number. Ingest has already rejected malformed values.
@@ -500,14 +512,15 @@ enum Guard {
 }
 
 /// Writes a decided batch — events, dedup keys, subjects' versions, the new head and the
-/// notifications — in one statement. Returns whether it applied (always, when locked).
+/// notifications — in one statement. Returns the events' commit time if it applied (always,
+/// when locked).
 async fn write(
     conn: &mut sqlx::PgConnection,
     stream_id: i64,
     rows: &Rows,
     next: Head,
     guard: Guard,
-) -> Result<bool, StoreError> {
+) -> Result<Option<DateTime<Utc>>, StoreError> {
     // One subject row per subject: its final version in this batch.
     let mut final_versions: HashMap<&str, i64> = HashMap::new();
     for (s, v) in rows.subject.iter().zip(&rows.version) {
@@ -544,7 +557,7 @@ async fn write(
         Guard::Locked => None,
         Guard::HeadIs(h) => Some(h),
     };
-    let (applied, _, _): (i64, i64, i64) = sqlx::query_as(
+    let (recorded_at, _, _): (Option<DateTime<Utc>>, i64, i64) = sqlx::query_as(
         "WITH h AS (
            UPDATE weir_streams SET head = $19, head_nonce = $23,
                head_time = GREATEST(clock_timestamp(), head_time)
@@ -581,7 +594,7 @@ async fn write(
          a AS (
            SELECT pg_notify('weir_appended', $1::text || ':' || $19::text) FROM h
          )
-         SELECT (SELECT count(*) FROM h), (SELECT count(*) FROM n), (SELECT count(*) FROM a)",
+         SELECT (SELECT ts FROM h), (SELECT count(*) FROM n), (SELECT count(*) FROM a)",
     )
     .bind(stream_id)
     .bind(expected.map(|h| h.position))
@@ -609,7 +622,7 @@ async fn write(
     .bind(expected.map_or(0, |h| h.nonce))
     .fetch_one(&mut *conn)
     .await?;
-    Ok(applied == 1)
+    Ok(recorded_at)
 }
 
 /// The rows of a decided batch, payloads compressed as the stream says.
@@ -652,7 +665,7 @@ impl Store {
         requests: &[AppendInput<'_>],
         compression: &CompressionPlan,
         chain: &AppendChain,
-    ) -> Result<(Vec<RequestOutcome>, PayloadBytes, AppendPath), StoreError> {
+    ) -> Result<(Vec<RequestOutcome>, AppendReport), StoreError> {
         let mut conn = self.acquire().await?;
         let known = look_up(&mut conn, stream_id, requests).await?;
         let placed = chain.place(stream_id, known, requests);
@@ -660,11 +673,13 @@ impl Store {
             // Nothing to write (duplicates, conflicts) and decided on committed state only:
             // the read is the answer.
             None if !placed.on_pending => {
-                return Ok((
-                    placed.decided.out,
-                    PayloadBytes::default(),
-                    AppendPath::Read,
-                ));
+                let report = AppendReport {
+                    bytes: PayloadBytes::default(),
+                    path: AppendPath::Read,
+                    written: vec![],
+                    recorded_at: None,
+                };
+                return Ok((placed.decided.out, report));
             }
             // An answer resting on batches that may still fail cannot be given yet: the
             // locked path waits for them and decides again.
@@ -682,7 +697,7 @@ impl Store {
                 // Batches go over different connections, so this statement may have reached
                 // PostgreSQL before the one it was decided on top of: wait for that one to
                 // end and, if it applied, try once more.
-                if !applied
+                if applied.is_none()
                     && let Some(mut prev) = placed.prev
                     && matches!(
                         prev.wait_for(Option::is_some).await.as_deref(),
@@ -693,13 +708,18 @@ impl Store {
                         .await
                         .inspect_err(|_| chain.settle(seq, false))?;
                 }
-                chain.settle(seq, applied);
-                if applied {
-                    let path = match placed.on_pending {
-                        true => AppendPath::Chained,
-                        false => AppendPath::Direct,
+                chain.settle(seq, applied.is_some());
+                if applied.is_some() {
+                    let report = AppendReport {
+                        bytes: rows.bytes,
+                        path: match placed.on_pending {
+                            true => AppendPath::Chained,
+                            false => AppendPath::Direct,
+                        },
+                        written: placed.decided.accepted,
+                        recorded_at: applied,
                     };
-                    return Ok((placed.decided.out, rows.bytes, path));
+                    return Ok((placed.decided.out, report));
                 }
             }
         }
@@ -715,14 +735,21 @@ impl Store {
         let known = look_up(&mut tx, stream_id, requests).await?;
         let decided = decide(&known, requests);
         let rows = rows_of(&decided, requests, compression);
+        let mut recorded_at = None;
         if !decided.accepted.is_empty() {
             let next = Head {
                 position: decided.next,
                 nonce: rand::random(),
             };
-            write(&mut tx, stream_id, &rows, next, Guard::Locked).await?;
+            recorded_at = write(&mut tx, stream_id, &rows, next, Guard::Locked).await?;
         }
         tx.commit().await?;
-        Ok((decided.out, rows.bytes, AppendPath::Locked))
+        let report = AppendReport {
+            bytes: rows.bytes,
+            path: AppendPath::Locked,
+            written: decided.accepted,
+            recorded_at,
+        };
+        Ok((decided.out, report))
     }
 }

@@ -7,8 +7,8 @@ pub mod pools;
 mod read;
 
 pub use append::{
-    AppendChain, AppendInput, AppendPath, Appended, Conflict, LOOKUP_SQL, PayloadBytes,
-    RequestOutcome,
+    AppendChain, AppendInput, AppendPath, AppendReport, Appended, Conflict, LOOKUP_SQL,
+    PayloadBytes, RequestOutcome,
 };
 pub(crate) use codec::{decode_row, event_columns};
 
