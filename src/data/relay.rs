@@ -110,8 +110,8 @@ impl Handed {
         }
     }
 
-    /// The events right after `checkpoint`, up to `PAGE`, if they were handed over; drops
-    /// what is already published.
+    /// The events right after `checkpoint`, if they were handed over: whole consecutive
+    /// batches until a gap or a page (`PAGE`) is reached. Drops what is already published.
     fn take_after(&mut self, checkpoint: i64) -> Option<Vec<StoredEvent>> {
         while let Some(e) = self.0.first_entry() {
             if e.get().last().is_some_and(|l| l.position > checkpoint) {
@@ -378,5 +378,85 @@ impl Relay {
                 .with_label_values(&labels)
                 .set(head);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::event::CloudEvent;
+
+    fn batch(positions: std::ops::RangeInclusive<i64>) -> Vec<StoredEvent> {
+        positions
+            .map(|position| StoredEvent {
+                position,
+                version: None,
+                recorded_time: chrono::DateTime::UNIX_EPOCH,
+                event: CloudEvent {
+                    id: position.to_string(),
+                    source: "/t".into(),
+                    ty: "t".into(),
+                    datacontenttype: None,
+                    dataschema: None,
+                    subject: None,
+                    time: None,
+                    extensions: Default::default(),
+                    data: None,
+                },
+            })
+            .collect()
+    }
+
+    fn positions(events: &[StoredEvent]) -> Vec<i64> {
+        events.iter().map(|e| e.position).collect()
+    }
+
+    #[test]
+    fn handed_batches_are_taken_in_position_order_whatever_order_they_came_in() {
+        let mut h = Handed::default();
+        h.file(batch(4..=6));
+        h.file(batch(1..=3));
+        h.file(batch(7..=7));
+        assert_eq!(h.last_position(), Some(7));
+        let got = h.take_after(0).unwrap();
+        assert_eq!(positions(&got), (1..=7).collect::<Vec<_>>());
+        assert_eq!(h.last_position(), None);
+    }
+
+    #[test]
+    fn a_gap_is_left_to_the_store_and_published_events_are_dropped() {
+        let mut h = Handed::default();
+        h.file(batch(1..=3));
+        h.file(batch(8..=9));
+        // Positions 4..=7 were committed by another process: nothing to take after 3.
+        assert_eq!(positions(&h.take_after(0).unwrap()), vec![1, 2, 3]);
+        assert!(h.take_after(3).is_none());
+        // The store read covered up to 8: only 9 is left of the handed batch.
+        assert_eq!(positions(&h.take_after(8).unwrap()), vec![9]);
+        // Everything at or below the checkpoint is dropped.
+        h.file(batch(10..=12));
+        assert!(h.take_after(12).is_none());
+        assert_eq!(h.last_position(), None);
+    }
+
+    #[test]
+    fn a_take_stops_at_one_page() {
+        let mut h = Handed::default();
+        h.file(batch(1..=PAGE - 1));
+        h.file(batch(PAGE..=PAGE + 10));
+        h.file(batch(PAGE + 11..=PAGE + 20));
+        assert_eq!(h.take_after(0).unwrap().len() as i64, PAGE + 10);
+        assert_eq!(
+            positions(&h.take_after(PAGE + 10).unwrap()),
+            (PAGE + 11..=PAGE + 20).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn notifications_name_their_stream_and_head() {
+        assert_eq!(announced_head("7:120", 7), Some(120));
+        assert_eq!(announced_head("8:120", 7), None);
+        assert_eq!(announced_head("7", 7), None);
+        assert_eq!(announced_head("7:x", 7), None);
     }
 }
