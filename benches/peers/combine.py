@@ -18,7 +18,8 @@ for f in ("eventsourcing.jsonl", "messagedb.jsonl"):
     for line in (d / f).read_text().splitlines():
         if line.strip():
             peers.append(json.loads(line))
-rows = [("weir", "bulk (100/request)", 2, rate.get("bulk", 0)), ("weir", "single (1/request, 64 clients)", 64, rate.get("single", 0))]
+# conns: concurrent writers (HTTP clients for Weir, connections or threads for the peers).
+rows = [("weir", "bulk (100/request, 8 clients)", 8, rate.get("bulk", 0)), ("weir", "single (1/request, 64 clients)", 64, rate.get("single", 0))]
 for p in peers:
     rows.append((p["system"], p["mode"], p["connections"], p["events_per_s"]))
 print(f"{'system':<22} {'shape':<32} {'conns':>5} {'events/s':>10} {'weir ÷ this':>12}")

@@ -77,10 +77,10 @@ pub struct Limits {
     /// Bytes of event payload waiting. With `maxRequestBytes` 4 MiB a handful of large
     /// requests would otherwise pin gigabytes; 64 MiB per stream bounds it.
     pub queue_bytes: usize,
-    /// Batches being written at once. The store sends a batch decided on top of the ones
-    /// still committing, so its statement is already waiting when the previous commit ends:
-    /// three keep one committing, one waiting and one being looked up and decided; more
-    /// only split the queue into smaller batches.
+    /// Batches being written at once. The store decides a batch on top of the ones still
+    /// committing, so it is ready to go when the previous commit ends: three keep one
+    /// committing, one ready and one being looked up and decided. Measured with `weir bench
+    /// ingest`: two and four were both slower (four splits the queue into smaller batches).
     pub inflight_batches: usize,
 }
 

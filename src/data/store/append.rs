@@ -5,12 +5,12 @@
 //!
 //! Appends to one stream commit one after another (positions are gap-free and increase in
 //! commit order), so the time between two commits is what bounds a stream's rate. To keep
-//! round trips out of that time, a batch is decided *on top of* the batches this process has
-//! sent but not yet seen commit (an [`AppendChain`]) and sent at once: its statement waits in
-//! PostgreSQL for the previous one's row lock and runs the moment that commits, guarded by
-//! "the head is still what the previous batch leaves". If anything else happened in between
-//! (a failed batch, another process), the guard writes nothing and the batch is decided again
-//! under the stream's lock.
+//! the lookup out of that time, a batch is decided *on top of* the batches this process has
+//! decided but not yet seen commit (an [`AppendChain`]) while they commit, and its statement goes
+//! out as soon as the batch underneath has committed, guarded by "the head is still what that
+//! batch left". If anything else happened in between (the batch underneath failed, another
+//! process appended), the guard writes nothing and the batch is decided again under the
+//! stream's lock.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -165,18 +165,10 @@ impl Rows {
     }
 }
 
-/// The stream's head as appends guard it: the last position and the nonce written by the
-/// append that made it the head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Head {
-    position: i64,
-    nonce: i64,
-}
-
 /// What the store held for a batch when it was looked at: the stream's head, and for the
 /// batch's events their dedup keys and subjects' versions.
 struct Known {
-    head: Head,
+    head: i64,
     ids: HashMap<(String, String), Appended>,
     versions: HashMap<String, i64>,
 }
@@ -213,7 +205,7 @@ pub const LOOKUP_SQL: &str = "SELECT 0::int2 AS k, u.source, u.id, e.position, e
    CROSS JOIN LATERAL (SELECT s.version FROM weir_subjects s
        WHERE s.stream_id = $1 AND s.subject = u.subject LIMIT 1) s
  UNION ALL
- SELECT 2::int2, NULL, NULL, head, head_nonce FROM weir_streams WHERE stream_id = $1";
+ SELECT 2::int2, NULL, NULL, head, NULL FROM weir_streams WHERE stream_id = $1";
 
 /// Reads the head, the dedup keys and the subjects' versions a batch needs, in one statement
 /// (one snapshot).
@@ -244,10 +236,7 @@ async fn look_up(
         .fetch_all(&mut *conn)
         .await?;
     let mut known = Known {
-        head: Head {
-            position: 0,
-            nonce: 0,
-        },
+        head: 0,
         ids: HashMap::new(),
         versions: HashMap::new(),
     };
@@ -271,12 +260,7 @@ async fn look_up(
                 let version: Option<i64> = row.try_get(4)?;
                 known.versions.insert(subject, version.unwrap_or(0));
             }
-            _ => {
-                known.head = Head {
-                    position: row.try_get(3)?,
-                    nonce: row.try_get(4)?,
-                }
-            }
+            _ => known.head = row.try_get(3)?,
         }
     }
     Ok(known)
@@ -289,7 +273,7 @@ fn decide(known: &Known, requests: &[AppendInput<'_>]) -> Decided {
         accepted: Vec::new(),
         ids: HashMap::new(),
         versions: HashMap::new(),
-        next: known.head.position,
+        next: known.head,
     };
     for (ri, r) in requests.iter().enumerate() {
         // This request's own effects, applied to the batch's only if it succeeds.
@@ -374,8 +358,8 @@ fn decide(known: &Known, requests: &[AppendInput<'_>]) -> Decided {
 /// and what it writes, so the next batch can be decided on top of it before it commits.
 struct Link {
     seq: u64,
-    base: Head,
-    next: Head,
+    base: i64,
+    next: i64,
     ids: HashMap<(String, String), Appended>,
     versions: HashMap<String, i64>,
     committed: bool,
@@ -391,8 +375,8 @@ struct ChainState {
     seq: u64,
 }
 
-/// The batches of one stream this process has sent, in head order: pending ones (sent, not
-/// yet known to have committed) and a few committed ones. One per stream and process (the
+/// The batches of one stream this process has decided, in head order: pending ones (being
+/// written, not yet known to have committed) and a few committed ones. One per stream and process (the
 /// batcher's writer owns it); [`Store::append`] uses a fresh one per call.
 #[derive(Default)]
 pub struct AppendChain {
@@ -403,9 +387,7 @@ pub struct AppendChain {
 struct Placed {
     decided: Decided,
     /// The head the write is guarded by.
-    base: Head,
-    /// The nonce the write leaves on the head.
-    nonce: i64,
+    base: i64,
     /// The link, when the batch writes something.
     seq: Option<u64>,
     /// The decision relied on links that had not committed when it was made.
@@ -453,7 +435,6 @@ impl AppendChain {
             None => st.links.clear(),
         }
         let decided = decide(&known, requests);
-        let nonce = rand::random::<i64>();
         let mut seq = None;
         if !decided.accepted.is_empty() {
             st.seq += 1;
@@ -461,10 +442,7 @@ impl AppendChain {
             let link = Link {
                 seq: st.seq,
                 base: known.head,
-                next: Head {
-                    position: decided.next,
-                    nonce,
-                },
+                next: decided.next,
                 ids: decided.ids.clone(),
                 versions: decided.versions.clone(),
                 committed: false,
@@ -475,7 +453,6 @@ impl AppendChain {
         Placed {
             decided,
             base: known.head,
-            nonce,
             seq,
             on_pending,
             prev,
@@ -508,7 +485,7 @@ enum Guard {
     /// The statement runs on its own (autocommit) and applies only if the head is still
     /// this one; otherwise it writes nothing. If another append holds the row, the statement
     /// waits for it to end and then checks the head it left.
-    HeadIs(Head),
+    HeadIs(i64),
 }
 
 /// Writes a decided batch — events, dedup keys, subjects' versions, the new head and the
@@ -518,7 +495,7 @@ async fn write(
     conn: &mut sqlx::PgConnection,
     stream_id: i64,
     rows: &Rows,
-    next: Head,
+    next: i64,
     guard: Guard,
 ) -> Result<Option<DateTime<Utc>>, StoreError> {
     // One subject row per subject: its final version in this batch.
@@ -559,9 +536,9 @@ async fn write(
     };
     let (recorded_at, _, _): (Option<DateTime<Utc>>, i64, i64) = sqlx::query_as(
         "WITH h AS (
-           UPDATE weir_streams SET head = $19, head_nonce = $23,
+           UPDATE weir_streams SET head = $19,
                head_time = GREATEST(clock_timestamp(), head_time)
-           WHERE stream_id = $1 AND ($2::bigint IS NULL OR (head = $2 AND head_nonce = $24))
+           WHERE stream_id = $1 AND ($2::bigint IS NULL OR head = $2)
            RETURNING head_time AS ts, namespace, name
          ),
          ev AS (
@@ -597,7 +574,7 @@ async fn write(
          SELECT (SELECT ts FROM h), (SELECT count(*) FROM n), (SELECT count(*) FROM a)",
     )
     .bind(stream_id)
-    .bind(expected.map(|h| h.position))
+    .bind(expected)
     .bind(&rows.position)
     .bind(&rows.id)
     .bind(&rows.source)
@@ -614,12 +591,10 @@ async fn write(
     .bind(&rows.data)
     .bind(&subj)
     .bind(&subj_v)
-    .bind(next.position)
+    .bind(next)
     .bind(notify_subjects)
     .bind(notify_correlations)
     .bind(correlations.len() as i32)
-    .bind(next.nonce)
-    .bind(expected.map_or(0, |h| h.nonce))
     .fetch_one(&mut *conn)
     .await?;
     Ok(recorded_at)
@@ -655,10 +630,12 @@ impl Store {
     /// Optimistic first: the batch is decided against a lock-free read plus the chain's
     /// batches the read did not see, then written by one autocommitted statement that
     /// applies only if the stream's head is still the one it was decided on (every append
-    /// moves the head and its nonce, so an unchanged head means the decision is still true).
+    /// moves the head forward, so an unchanged head means the decision is still true; a
+    /// batch decided on top of another is sent only once that one has committed, so the
+    /// head it expects is one that really was written).
     /// The counter row is then locked only while PostgreSQL runs that statement and commits,
-    /// never across round trips to this process, and the next batch's statement is already
-    /// waiting for it. If the guard fails, the batch is decided again under the lock.
+    /// never across round trips to this process, and the next batch is ready to go when it
+    /// commits. If the guard fails, the batch is decided again under the lock.
     pub async fn append_chained(
         &self,
         stream_id: i64,
@@ -686,28 +663,31 @@ impl Store {
             None => {}
             Some(seq) => {
                 let rows = rows_of(&placed.decided, requests, compression);
-                let next = Head {
-                    position: placed.decided.next,
-                    nonce: placed.nonce,
-                };
-                let guard = || Guard::HeadIs(placed.base);
-                let mut applied = write(&mut conn, stream_id, &rows, next, guard())
-                    .await
-                    .inspect_err(|_| chain.settle(seq, false))?;
-                // Batches go over different connections, so this statement may have reached
-                // PostgreSQL before the one it was decided on top of: wait for that one to
-                // end and, if it applied, try once more.
-                if applied.is_none()
-                    && let Some(mut prev) = placed.prev
-                    && matches!(
+                let next = placed.decided.next;
+                // The statement checks the head against its snapshot and skips the row
+                // (writes nothing) when the head differs, without waiting for an append in
+                // progress: it is sent once the batch underneath has committed. Everything
+                // else (lookup, decision, rows) was done while that one committed.
+                let underneath = match placed.prev {
+                    Some(mut prev) => matches!(
                         prev.wait_for(Option::is_some).await.as_deref(),
                         Ok(Some(true))
+                    ),
+                    None => true,
+                };
+                let applied = match underneath {
+                    true => write(
+                        &mut conn,
+                        stream_id,
+                        &rows,
+                        next,
+                        Guard::HeadIs(placed.base),
                     )
-                {
-                    applied = write(&mut conn, stream_id, &rows, next, guard())
-                        .await
-                        .inspect_err(|_| chain.settle(seq, false))?;
-                }
+                    .await
+                    .inspect_err(|_| chain.settle(seq, false))?,
+                    // It failed: this batch's guard would too.
+                    false => None,
+                };
                 chain.settle(seq, applied.is_some());
                 if applied.is_some() {
                     let report = AppendReport {
@@ -737,10 +717,7 @@ impl Store {
         let rows = rows_of(&decided, requests, compression);
         let mut recorded_at = None;
         if !decided.accepted.is_empty() {
-            let next = Head {
-                position: decided.next,
-                nonce: rand::random(),
-            };
+            let next = decided.next;
             recorded_at = write(&mut tx, stream_id, &rows, next, Guard::Locked).await?;
         }
         tx.commit().await?;
