@@ -22,8 +22,9 @@ use super::{BenchArgs, BenchError};
 const SINGLE_EVENT_CAP: usize = 50_000;
 /// Connections of the raw append baseline. Weir's appends to one stream commit one at a time
 /// (the counter-row lock that makes positions gap-free and commit-ordered), so the matching
-/// baseline writes on one connection; a second baseline on two connections (Weir's
-/// `inflight_batches`) is reported beside it as `baseline_parallel`.
+/// baseline writes on one connection; a second baseline on two connections, committing
+/// independently (what gap-free positions rule out), is reported beside it as
+/// `baseline_parallel`.
 const BASELINE_CONNECTIONS: usize = 1;
 const PARALLEL_BASELINE_CONNECTIONS: usize = 2;
 /// Unconfirmed messages the raw publisher keeps in flight.
