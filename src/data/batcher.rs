@@ -322,21 +322,10 @@ async fn write_with_retry(
 mod tests {
     use super::*;
     use crate::data::store::Appended;
-    use std::collections::BTreeMap;
     use std::sync::Mutex;
 
     fn ev(i: usize) -> CloudEvent {
-        CloudEvent {
-            id: i.to_string(),
-            source: "/t".into(),
-            ty: "t".into(),
-            datacontenttype: None,
-            dataschema: None,
-            subject: None,
-            time: None,
-            extensions: BTreeMap::new(),
-            data: None,
-        }
+        CloudEvent::bare(i.to_string())
     }
 
     /// Records batch shapes; each write takes `delay` (virtual time) and may fail first.

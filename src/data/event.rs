@@ -109,6 +109,22 @@ pub struct CloudEvent {
 }
 
 impl CloudEvent {
+    /// An event with only the required attributes (source `/t`, type `t`), for tests.
+    #[cfg(test)]
+    pub(crate) fn bare(id: impl Into<String>) -> CloudEvent {
+        CloudEvent {
+            id: id.into(),
+            source: "/t".into(),
+            ty: "t".into(),
+            datacontenttype: None,
+            dataschema: None,
+            subject: None,
+            time: None,
+            extensions: BTreeMap::new(),
+            data: None,
+        }
+    }
+
     /// Size used for `maxEventBytes` and `maxBytes` accounting: payload plus attribute text.
     pub fn encoded_size(&self) -> usize {
         let attrs = self.id.len()

@@ -392,17 +392,7 @@ mod tests {
                 position,
                 version: None,
                 recorded_time: chrono::DateTime::UNIX_EPOCH,
-                event: CloudEvent {
-                    id: position.to_string(),
-                    source: "/t".into(),
-                    ty: "t".into(),
-                    datacontenttype: None,
-                    dataschema: None,
-                    subject: None,
-                    time: None,
-                    extensions: Default::default(),
-                    data: None,
-                },
+                event: CloudEvent::bare(position.to_string()),
             })
             .collect()
     }
