@@ -145,7 +145,7 @@ struct StoreWriter {
     store: Store,
     stream_id: Arc<OnceLock<i64>>,
     compression: crate::topology::CompressionPlan,
-    /// This stream's batches in flight, so the next one is sent before the previous commits.
+    /// This stream's batches in flight, so the next one is decided while the previous commits.
     chain: crate::data::store::AppendChain,
     /// `weir_store_appends_total{path}` of this stream, and its namespace and name.
     paths: prometheus::IntCounterVec,
