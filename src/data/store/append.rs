@@ -362,10 +362,15 @@ struct Link {
     next: i64,
     ids: HashMap<(String, String), Appended>,
     versions: HashMap<String, i64>,
-    committed: bool,
     /// `Some(applied)` once its write has ended; dropped (closed) when the link leaves the
     /// chain unsettled, which its followers take as "did not apply".
     settled: watch::Sender<Option<bool>>,
+}
+
+impl Link {
+    fn committed(&self) -> bool {
+        *self.settled.borrow() == Some(true)
+    }
 }
 
 #[derive(Default)]
@@ -376,8 +381,8 @@ struct ChainState {
 }
 
 /// The batches of one stream this process has decided, in head order: pending ones (being
-/// written, not yet known to have committed) and a few committed ones. One per stream and process (the
-/// batcher's writer owns it); [`Store::append`] uses a fresh one per call.
+/// written, not yet known to have committed) and a few committed ones. One per stream and
+/// process (the batcher's writer owns it); [`Store::append`] uses a fresh one per call.
 #[derive(Default)]
 pub struct AppendChain {
     state: Mutex<ChainState>,
@@ -416,7 +421,7 @@ impl AppendChain {
         match st.links.iter().position(|l| l.base == known.head) {
             Some(i) => {
                 for l in st.links.range(i..) {
-                    on_pending |= !l.committed;
+                    on_pending |= !l.committed();
                     known.ids.extend(l.ids.iter().map(|(k, v)| (k.clone(), *v)));
                     known
                         .versions
@@ -426,7 +431,7 @@ impl AppendChain {
                 prev = st
                     .links
                     .back()
-                    .filter(|l| !l.committed)
+                    .filter(|l| !l.committed())
                     .map(|l| l.settled.subscribe());
             }
             // The lookup saw every link, or something this chain does not know about
@@ -445,7 +450,6 @@ impl AppendChain {
                 next: decided.next,
                 ids: decided.ids.clone(),
                 versions: decided.versions.clone(),
-                committed: false,
                 settled: watch::channel(None).0,
             };
             st.links.push_back(link);
@@ -460,7 +464,8 @@ impl AppendChain {
     }
 
     /// Records how a link's write ended. A link that did not apply takes every later link
-    /// with it: they were decided on top of it, and their guards will fail too.
+    /// with it: they were decided on top of it, are never sent, and are decided again under
+    /// the lock.
     fn settle(&self, seq: u64, applied: bool) {
         let mut st = self.lock();
         let Some(i) = st.links.iter().position(|l| l.seq == seq) else {
@@ -468,8 +473,7 @@ impl AppendChain {
         };
         st.links[i].settled.send_replace(Some(applied));
         if applied {
-            st.links[i].committed = true;
-            while st.links.len() > CHAIN_HISTORY && st.links.front().is_some_and(|l| l.committed) {
+            while st.links.len() > CHAIN_HISTORY && st.links.front().is_some_and(Link::committed) {
                 st.links.pop_front();
             }
         } else {
