@@ -6,9 +6,9 @@
 //! Appends to one stream commit one after another (positions are gap-free and increase in
 //! commit order), so the time between two commits is what bounds a stream's rate. To keep
 //! the lookup out of that time, a batch is decided *on top of* the batches this process has
-//! decided but not yet seen commit (an [`AppendChain`]) while they commit, and its statement goes
-//! out as soon as the batch underneath has committed, guarded by "the head is still what that
-//! batch left". If anything else happened in between (the batch underneath failed, another
+//! decided but not yet seen commit (an [`AppendChain`]) while they commit, and its statement
+//! goes out as soon as the batch underneath has committed, guarded by "the head is still what
+//! that batch left". If anything else happened in between (the batch underneath failed, another
 //! process appended), the guard writes nothing and the batch is decided again under the
 //! stream's lock.
 
@@ -354,8 +354,9 @@ fn decide(known: &Known, requests: &[AppendInput<'_>]) -> Decided {
     d
 }
 
-/// A batch this process decided and sent: the head it was decided on, the head it leaves,
-/// and what it writes, so the next batch can be decided on top of it before it commits.
+/// A batch this process decided and is writing (or wrote): the head it was decided on, the
+/// head it leaves, and what it writes, so the next batch can be decided on top of it before
+/// it commits.
 struct Link {
     seq: u64,
     base: i64,
@@ -439,7 +440,7 @@ impl AppendChain {
             None if st.links.back().is_some_and(|l| l.next == known.head) => {}
             None => st.links.clear(),
         }
-        let decided = decide(&known, requests);
+        let mut decided = decide(&known, requests);
         let mut seq = None;
         if !decided.accepted.is_empty() {
             st.seq += 1;
@@ -448,8 +449,9 @@ impl AppendChain {
                 seq: st.seq,
                 base: known.head,
                 next: decided.next,
-                ids: decided.ids.clone(),
-                versions: decided.versions.clone(),
+                // Only the link needs them from here on.
+                ids: std::mem::take(&mut decided.ids),
+                versions: std::mem::take(&mut decided.versions),
                 settled: watch::channel(None).0,
             };
             st.links.push_back(link);
@@ -487,8 +489,9 @@ enum Guard {
     /// The caller holds the counter row's lock (`FOR UPDATE` in its transaction).
     Locked,
     /// The statement runs on its own (autocommit) and applies only if the head is still
-    /// this one; otherwise it writes nothing. If another append holds the row, the statement
-    /// waits for it to end and then checks the head it left.
+    /// this one; otherwise it writes nothing. The head is checked against the statement's
+    /// snapshot: an append still in progress is not waited for (its row is skipped), which is
+    /// why a chained batch is sent only after the one underneath has committed.
     HeadIs(i64),
 }
 
