@@ -55,13 +55,28 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// Ready once the topology is loaded and applied. A stream whose broker or store is down
-/// answers 503 on its own paths instead of taking the whole process out of the Service.
+/// Lines of reasons a not-ready answer lists (then a count): enough to name the trouble,
+/// short enough for a probe's log.
+const READYZ_REASONS: usize = 20;
+
+/// Ready once the topology is loaded and applied and every stream can take a publish: its
+/// store is set up and its database answers (broker-only streams: their broker is
+/// connected). Not ready says why in the body, one line per stream. A store-backed stream
+/// whose broker is down still takes publishes (they are stored and relayed later), so it
+/// keeps the worker ready. Answered from memory, never waiting for a backend.
 async fn readyz(State(st): State<AdminState>) -> Response {
-    if st.board.loaded() {
+    if !st.board.loaded() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "topology not loaded yet").into_response();
+    }
+    let unserved = st.engine.unserved(READYZ_REASONS);
+    if unserved.is_empty() {
         (StatusCode::OK, "ready").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "topology not loaded yet").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready:\n{}\n", unserved.join("\n")),
+        )
+            .into_response()
     }
 }
 
@@ -91,7 +106,7 @@ fn sample_pools(engine: &Engine) {
 }
 
 async fn status(State(st): State<AdminState>) -> Response {
-    let resources = st.board.resources(&st.engine).await;
+    let resources = st.board.resources(&st.engine);
     axum::Json(serde_json::json!({
         "resources": resources,
         "problems": st.board.manifest_problems(),

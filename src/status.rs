@@ -109,7 +109,10 @@ impl StatusBoard {
             .clone()
     }
 
-    pub async fn resources(&self, engine: &Engine) -> Vec<ResourceStatus> {
+    /// Every resource with its conditions. Computed from memory only (the topology's reports,
+    /// the engine's and subscriptions' state): it answers at once whatever the database or
+    /// broker do, and takes no lock that reconciliation holds across an await.
+    pub fn resources(&self, engine: &Engine) -> Vec<ResourceStatus> {
         let snap = self.inner.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut out = Vec::new();
         for r in &snap.reports {
@@ -128,46 +131,26 @@ impl StatusBoard {
                 .first()
                 .map_or("Valid".to_string(), |p| format!("{:?}", p.reason));
             let mut ready = valid;
+            // The first dependency that is not ready names the Ready condition's reason.
+            let mut why: Option<(String, String)> = None;
             if r.kind == Kind::EventStream {
                 if let Some(rt) = engine.stream(&r.key.namespace, &r.key.name) {
-                    let broker = rt.health.broker_ready.load(Ordering::Acquire);
-                    conditions.push(Condition::new(
-                        "BrokerReady",
-                        broker,
-                        if broker {
-                            "Connected"
-                        } else {
-                            "BrokerUnavailable"
-                        },
-                        if broker {
-                            String::new()
-                        } else {
-                            rt.health.error().unwrap_or_default()
-                        },
-                    ));
-                    ready &= broker;
-                    if rt.plan.store.is_some() {
-                        let store = rt.health.store_ready.load(Ordering::Acquire);
-                        conditions.push(Condition::new(
-                            "StoreReady",
-                            store,
-                            if store {
-                                "Connected"
-                            } else {
-                                "StoreUnavailable"
-                            },
-                            if store {
-                                String::new()
-                            } else {
-                                rt.health.error().unwrap_or_default()
-                            },
-                        ));
-                        ready &= store;
-                        if let (Some(store), Some(id)) = (rt.store(), rt.stream_id())
-                            && let Ok(head) = store.head(id).await
-                        {
-                            fields.insert("head".into(), head.to_string().into());
+                    let mut deps = vec![("BrokerReady", rt.broker_condition())];
+                    if let Some(c) = rt.store_condition() {
+                        deps.push(("StoreReady", c));
+                        // What this process knows to be committed (its appends, its relay,
+                        // the set-up's read): status never waits for the database.
+                        fields.insert(
+                            "head".into(),
+                            rt.health.head.load(Ordering::Acquire).to_string().into(),
+                        );
+                    }
+                    for (ty, c) in deps {
+                        if !c.ok && why.is_none() {
+                            why = Some((c.reason.to_string(), c.message.clone()));
                         }
+                        ready &= c.ok;
+                        conditions.push(Condition::new(ty, c.ok, c.reason, c.message));
                     }
                     fields.insert("exchange".into(), rt.plan.broker.exchange.clone().into());
                     fields.insert(
@@ -194,7 +177,7 @@ impl StatusBoard {
             if r.kind == Kind::ArchivePolicy
                 && let Some(archives) = self.archives.get()
             {
-                let (f, error) = archives.policy_status(&r.key).await;
+                let (f, error) = archives.policy_status(&r.key);
                 fields.extend(f);
                 if let Some(e) = error {
                     conditions.push(Condition::new("ArchiveHealthy", false, "ArchiveFailed", e));
@@ -204,7 +187,12 @@ impl StatusBoard {
             if r.kind == Kind::Subscription
                 && let Some(subs) = self.subscriptions.get()
             {
-                ready &= subscription_status(subs, &r.key, &mut conditions, &mut fields);
+                let (running, failure) =
+                    subscription_status(subs, &r.key, &mut conditions, &mut fields);
+                ready &= running;
+                if why.is_none() {
+                    why = failure;
+                }
             }
             let ready_cond = if !valid && kept {
                 Condition::new(
@@ -218,12 +206,15 @@ impl StatusBoard {
             } else if !valid {
                 Condition::new("Ready", false, &reason, spec_msg)
             } else if !ready {
-                Condition::new(
-                    "Ready",
-                    false,
-                    "NotReady",
-                    "waiting for the broker or store",
-                )
+                let (reason, message) = why
+                    .or_else(|| {
+                        conditions
+                            .iter()
+                            .find(|c| c.status == "False")
+                            .map(|c| (c.reason.clone(), c.message.clone()))
+                    })
+                    .unwrap_or_else(|| ("NotReady".into(), "starting".into()));
+                Condition::new("Ready", false, &reason, message)
             } else {
                 Condition::new("Ready", true, "Ready", "")
             };
@@ -244,20 +235,21 @@ impl StatusBoard {
 
 /// Conditions (`SinkReachable`, `CaughtUp`, `Ordering`) and fields (`queue`,
 /// `deadLetterQueue`, `consumers`, `selector`, `backlog`, `position`) of a subscription;
-/// returns whether it runs.
+/// returns whether it runs, and why set-up fails if it does (reason, message).
 fn subscription_status(
     subs: &Subscriptions,
     key: &Key,
     conditions: &mut Vec<Condition>,
     fields: &mut serde_json::Map<String, serde_json::Value>,
-) -> bool {
+) -> (bool, Option<(String, String)>) {
     let Some((runner, plan)) = subs.get(key) else {
         let why = subs
             .problem(key)
             .unwrap_or_else(|| "not running".to_string());
         conditions.push(Condition::new("Running", false, "NotRunning", why));
-        return false;
+        return (false, None);
     };
+    let failure = runner.state.failure().map(|(r, m)| (r.to_string(), m));
     let st = &runner.state;
     let (sink_ok, sink_msg) = st
         .sink()
@@ -333,5 +325,5 @@ fn subscription_status(
     if let Some(n) = st.notice() {
         fields.insert("notice".into(), n.into());
     }
-    caught_up && st.error().is_none()
+    (caught_up && st.error().is_none(), failure)
 }

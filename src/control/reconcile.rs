@@ -379,36 +379,23 @@ pub async fn facts(kind: Kind, key: &Key, synced: &Synced, ctx: &Context) -> Fac
                 }
                 return f;
             };
-            let err = rt.health.error().unwrap_or_default();
-            let broker = rt.health.broker_ready.load(Ordering::Acquire);
-            f.conditions.push(Observed::new(
-                "BrokerReady",
-                broker,
-                if broker {
-                    "Connected"
-                } else {
-                    "BrokerUnavailable"
-                },
-                if broker { String::new() } else { err.clone() },
-            ));
-            if rt.plan.store.is_some() {
-                let store = rt.health.store_ready.load(Ordering::Acquire);
-                f.conditions.push(Observed::new(
-                    "StoreReady",
-                    store,
-                    if store {
-                        "Connected"
-                    } else {
-                        "StoreUnavailable"
-                    },
-                    if store { String::new() } else { err },
-                ));
-                // The head comes from the store (shared by every replica), not from memory.
+            let mut deps = vec![("BrokerReady", rt.broker_condition())];
+            if let Some(c) = rt.store_condition() {
+                deps.push(("StoreReady", c));
+                // The head comes from the store (shared by every replica), asked with a short
+                // limit; what this process knows when the database does not answer in time.
+                let mut head = rt.health.head.load(Ordering::Acquire);
                 if let (Some(store), Some(id)) = (rt.store(), rt.stream_id())
-                    && let Ok(head) = store.head(id).await
+                    && let Ok(Ok(h)) =
+                        tokio::time::timeout(Duration::from_secs(1), store.head(id)).await
                 {
-                    f.fields.insert("head".into(), json!(head.to_string()));
+                    head = head.max(h);
                 }
+                f.fields.insert("head".into(), json!(head.to_string()));
+            }
+            for (ty, c) in deps {
+                f.conditions
+                    .push(Observed::new(ty, c.ok, c.reason, c.message));
             }
             f.fields
                 .insert("exchange".into(), json!(rt.plan.broker.exchange.clone()));
@@ -469,10 +456,12 @@ pub async fn facts(kind: Kind, key: &Key, synced: &Synced, ctx: &Context) -> Fac
                             message,
                         ));
                     }
-                    if let Some(e) = runner.state.error()
-                        && f.not_ready.is_none()
-                    {
-                        f.not_ready = Some(("NotRunning".into(), e));
+                    if f.not_ready.is_none() {
+                        if let Some((reason, e)) = runner.state.failure() {
+                            f.not_ready = Some((reason.into(), e));
+                        } else if let Some(e) = runner.state.error() {
+                            f.not_ready = Some(("NotRunning".into(), e));
+                        }
                     }
                 }
                 None => {
@@ -491,7 +480,7 @@ pub async fn facts(kind: Kind, key: &Key, synced: &Synced, ctx: &Context) -> Fac
         }
         Kind::ArchivePolicy => {
             // Totals come from the segments table, the same on every replica.
-            let (fields, error) = ctx.archives.policy_status(key).await;
+            let (fields, error) = ctx.archives.policy_status(key);
             for (k, v) in fields {
                 f.fields.insert(k, v);
             }

@@ -19,6 +19,7 @@ use crate::data::ingest::Validator;
 use crate::data::relay::{self, Handoff, Relay};
 use crate::data::store::pools::Pools;
 use crate::data::store::{RequestOutcome, Store, StoreError};
+use crate::data::{Trouble, sleep_or_cancel};
 use crate::metrics::Metrics;
 use crate::topology::{DeletionPolicy, Key, StreamPlan};
 
@@ -41,17 +42,69 @@ pub enum EngineError {
     },
 }
 
+/// Reasons of the dependency conditions, the same in both modes.
+pub mod reason {
+    pub const CONNECTED: &str = "Connected";
+    pub const PROVISIONING: &str = "Provisioning";
+    pub const STORE_UNAVAILABLE: &str = "StoreUnavailable";
+    pub const BROKER_UNAVAILABLE: &str = "BrokerUnavailable";
+}
+
+/// A dependency condition: whether it holds, why, and what a person should read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    pub ok: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Condition {
+    fn yes(reason: &'static str) -> Condition {
+        Condition {
+            ok: true,
+            reason,
+            message: String::new(),
+        }
+    }
+    fn no(reason: &'static str, message: impl Into<String>) -> Condition {
+        Condition {
+            ok: false,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
 /// Health of a stream's dependencies, as last observed by this process.
 #[derive(Default)]
 pub struct Health {
+    /// The stream's rows exist in its store (set-up done). Whether the database answers now
+    /// is the pool's health ([`Store::unavailable`]), shared by every stream of it.
     pub store_ready: AtomicBool,
     pub broker_ready: AtomicBool,
+    /// Why the store side is not ready (set-up), if it is not.
     pub last_error: Mutex<Option<String>>,
+    /// Why the exchange could not be declared, if it could not.
+    broker_error: Mutex<Option<String>>,
+    /// The last append failed with a transient error (said once per change).
+    pub append_failing: AtomicBool,
+    /// The highest position this process knows to be committed (its appends, its relay,
+    /// the set-up's read): status shows it without asking the database.
+    pub head: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Health {
     fn set_error(&self, e: Option<String>) {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+    fn set_broker_error(&self, e: Option<String>) {
+        *self.broker_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+    fn broker_error(&self) -> Option<String> {
+        self.broker_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
     pub fn error(&self) -> Option<String> {
         self.last_error
@@ -106,6 +159,35 @@ impl StreamRuntime {
         }
     }
 
+    /// The StoreReady condition as this process sees it: `(ready, reason, message)`;
+    /// `None` for a broker-only stream.
+    pub fn store_condition(&self) -> Option<Condition> {
+        let store = self.store()?;
+        Some(if let Some(e) = store.unavailable() {
+            Condition::no(reason::STORE_UNAVAILABLE, format!("store: {e}"))
+        } else if !self.health.store_ready.load(Ordering::Acquire) {
+            match self.health.error() {
+                Some(e) => Condition::no(reason::STORE_UNAVAILABLE, e),
+                None => Condition::no(reason::PROVISIONING, "creating the stream's rows"),
+            }
+        } else {
+            Condition::yes(reason::CONNECTED)
+        })
+    }
+
+    /// The BrokerReady condition as this process sees it.
+    pub fn broker_condition(&self) -> Condition {
+        let connected = self.health.broker_ready.load(Ordering::Acquire);
+        match self.health.broker_error() {
+            Some(e) => Condition::no(reason::BROKER_UNAVAILABLE, e),
+            None if !connected => Condition::no(
+                reason::BROKER_UNAVAILABLE,
+                "broker: not connected (reconnecting with backoff)",
+            ),
+            None => Condition::yes(reason::CONNECTED),
+        }
+    }
+
     pub fn store(&self) -> Option<&Store> {
         match &self.backend {
             Backend::Stored { store, .. } => Some(store),
@@ -143,6 +225,7 @@ impl StreamRuntime {
 
 struct StoreWriter {
     store: Store,
+    health: Arc<Health>,
     stream_id: Arc<OnceLock<i64>>,
     compression: crate::topology::CompressionPlan,
     /// This stream's batches in flight, so the next one is decided while the previous commits.
@@ -179,6 +262,9 @@ impl BatchWriter for StoreWriter {
             self.paths
                 .with_label_values(&[&self.labels[0], &self.labels[1], report.path.label()])
                 .inc();
+            if let Some(last) = report.written.iter().map(|w| w.2).max() {
+                self.health.head.fetch_max(last, Ordering::AcqRel);
+            }
             self.payload_raw.inc_by(report.bytes.raw);
             self.payload_stored.inc_by(report.bytes.stored);
             if let Some(recorded_time) = report.recorded_at
@@ -205,15 +291,14 @@ impl BatchWriter for StoreWriter {
 struct Observer {
     metrics: Metrics,
     key: Key,
-    /// Appends are the most direct evidence of the store's health: a committed batch means
-    /// reachable, a transient failure means not (the probe in `watch_store` covers idle times).
+    /// An append that failed is said once per change (the store's health is the pool's).
     health: Arc<Health>,
 }
 
 impl BatchObserver for Observer {
     fn batch_written(&self, events: usize, elapsed: Duration) {
-        if !self.health.store_ready.swap(true, Ordering::AcqRel) {
-            self.health.set_error(None);
+        if self.health.append_failing.swap(false, Ordering::AcqRel) {
+            tracing::info!(stream = %self.key, "appends succeed again");
         }
         let l = [self.key.namespace.as_str(), self.key.name.as_str()];
         self.metrics
@@ -226,12 +311,9 @@ impl BatchObserver for Observer {
             .observe(elapsed.as_secs_f64());
     }
     fn retried(&self) {
-        if self.health.store_ready.swap(false, Ordering::AcqRel) {
-            tracing::warn!(stream = %self.key, "store unavailable: append failed");
+        if !self.health.append_failing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(stream = %self.key, "store unavailable: an append failed and is retried");
         }
-        self.health.set_error(Some(
-            "store: an append failed with a transient error".into(),
-        ));
         self.metrics
             .store_append_retries
             .with_label_values(&[self.key.namespace.as_str(), self.key.name.as_str()])
@@ -275,6 +357,35 @@ impl Engine {
 
     pub fn pools(&self) -> &Pools {
         &self.pools
+    }
+
+    /// What this worker cannot serve now, for readiness: streams still being set up, and
+    /// streams whose store (database down) or, for broker-only streams, broker cannot take a
+    /// publish. Empty when every stream can. At most `limit` lines, then a count.
+    pub fn unserved(&self, limit: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut more = 0usize;
+        for rt in self.streams() {
+            let why = match rt.store_condition() {
+                Some(c) if !c.ok => Some(format!("{}: {}", c.reason, c.message)),
+                Some(_) => None,
+                None => {
+                    let c = rt.broker_condition();
+                    (!c.ok).then(|| format!("{}: {}", c.reason, c.message))
+                }
+            };
+            if let Some(why) = why {
+                if out.len() < limit {
+                    out.push(format!("stream {}: {why}", rt.plan.key));
+                } else {
+                    more += 1;
+                }
+            }
+        }
+        if more > 0 {
+            out.push(format!("... and {more} more streams"));
+        }
+        out
     }
 
     fn broker_for(&self, url: &str) -> Broker {
@@ -393,6 +504,7 @@ impl Engine {
                 let writer = Arc::new(StoreWriter {
                     handoff,
                     store: store.clone(),
+                    health: health.clone(),
                     stream_id: stream_id.clone(),
                     compression: plan.compression.clone(),
                     chain: Default::default(),
@@ -429,6 +541,7 @@ impl Engine {
                         exchange: plan.broker.exchange.clone(),
                         broker: broker.clone(),
                         metrics: self.metrics.clone(),
+                        head: health.head.clone(),
                         handoff: tokio::sync::Mutex::new(handoff_rx),
                     },
                 )));
@@ -483,15 +596,15 @@ impl Engine {
     }
 }
 
-async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
-    tokio::select! {
-        _ = cancel.cancelled() => false,
-        _ = tokio::time::sleep(d) => true,
-    }
-}
+/// Backoff of a stream's set-up after a failure: from 200 ms, doubling, capped at 30 s, with
+/// jitter (a thousand streams of a database that refuses retry a few times a minute each).
+const SETUP_RETRY_BASE: Duration = Duration::from_millis(200);
+const SETUP_RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Migrates the database, creates the stream's rows, then runs the relay. Retries with
-/// backoff while the database is unreachable; the stream answers 503 meanwhile.
+/// Migrates the database (once per database), creates the stream's rows, then runs the relay.
+/// Set-ups of one database run a few at a time ([`Store::provision_slot`]); while the pool's
+/// health check says the database is down, a set-up waits for it to come back instead of
+/// trying. The stream answers 503 meanwhile and its StoreReady condition says why.
 async fn provision_store(
     key: Key,
     store: Store,
@@ -500,30 +613,52 @@ async fn provision_store(
     cancel: CancellationToken,
     mut relay: Relay,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut trouble = Trouble::new(SETUP_RETRY_BASE, SETUP_RETRY_MAX);
+    let mut db = store.health();
     let id = loop {
-        let r = async {
-            store.migrate().await?;
-            store.ensure_stream(&key.namespace, &key.name).await
+        if let Some(e) = store.unavailable() {
+            health.set_error(Some(format!("store: {e}")));
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = db.changed() => if r.is_err() { return },
+            }
+            continue;
         }
-        .await;
+        let r = async {
+            let _slot = store.provision_slot().await;
+            store.migrate().await?;
+            let id = store.ensure_stream(&key.namespace, &key.name).await?;
+            let head = store.head(id).await?;
+            Ok::<_, StoreError>((id, head))
+        };
+        let r = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = r => r,
+        };
         match r {
-            Ok(id) => break id,
+            Ok((id, head)) => {
+                health.head.fetch_max(head, Ordering::AcqRel);
+                break id;
+            }
             Err(e) => {
-                tracing::warn!(stream = %key, error = %e, "store not ready");
-                health.store_ready.store(false, Ordering::Release);
-                health.set_error(Some(format!("store: {e}")));
-                if !sleep_or_cancel(&cancel, backoff).await {
+                let msg = format!("store: {e}");
+                let (delay, say) = trouble.failed(&msg);
+                if say {
+                    tracing::warn!(stream = %key, error = %e, "store not ready");
+                }
+                health.set_error(Some(msg));
+                if !sleep_or_cancel(&cancel, delay).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     };
+    if trouble.ok() {
+        tracing::info!(stream = %key, "store ready");
+    }
     let _ = stream_id.set(id);
     health.store_ready.store(true, Ordering::Release);
     health.set_error(None);
-    tokio::spawn(watch_store(store.clone(), health.clone(), cancel.clone()));
     relay.stream_id = id;
     relay.run(cancel).await;
 }
@@ -535,55 +670,26 @@ async fn provision_exchange(
     health: Arc<Health>,
     cancel: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut trouble = Trouble::new(SETUP_RETRY_BASE, SETUP_RETRY_MAX);
     loop {
         match broker.declare_exchange(&exchange).await {
             Ok(()) => {
-                health.set_error(None);
+                if trouble.ok() {
+                    tracing::info!(stream = %key, "exchange declared");
+                }
+                health.set_broker_error(None);
                 return;
             }
             Err(e) => {
-                tracing::warn!(stream = %key, error = %e, "exchange not declared yet");
-                health.set_error(Some(format!("broker: {e}")));
-                if !sleep_or_cancel(&cancel, backoff).await {
+                let msg = format!("broker: {e}");
+                let (delay, say) = trouble.failed(&msg);
+                if say {
+                    tracing::warn!(stream = %key, error = %e, "exchange not declared yet");
+                }
+                health.set_broker_error(Some(msg));
+                if !sleep_or_cancel(&cancel, delay).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-/// Samples the store's health for status: a trivial query with a short timeout, so an
-/// outage shows up in conditions even while nobody publishes.
-async fn watch_store(store: Store, health: Arc<Health>, cancel: CancellationToken) {
-    loop {
-        if !sleep_or_cancel(&cancel, Duration::from_secs(2)).await {
-            return;
-        }
-        let probe = tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query("SELECT 1").execute(store.pool()),
-        )
-        .await;
-        match probe {
-            Ok(Ok(_)) => {
-                if !health.store_ready.swap(true, Ordering::AcqRel) {
-                    tracing::info!("store reachable again");
-                    health.set_error(None);
-                }
-            }
-            Ok(Err(e)) => {
-                if health.store_ready.swap(false, Ordering::AcqRel) {
-                    tracing::warn!(error = %e, "store health check failed");
-                }
-                health.set_error(Some(format!("store: {e}")));
-            }
-            Err(_) => {
-                if health.store_ready.swap(false, Ordering::AcqRel) {
-                    tracing::warn!("store health check timed out");
-                }
-                health.set_error(Some("store: health check timed out".into()));
             }
         }
     }

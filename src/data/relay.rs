@@ -1,19 +1,24 @@
 //! The relay: publishes a stream's stored events to its exchange in position order, from a
 //! checkpoint kept in PostgreSQL, with one owner per stream across every process.
 //!
-//! Ownership is a session-level advisory lock held on a dedicated connection. Checkpoint
-//! writes go through that same connection and carry the epoch granted when the lock was
-//! taken, so a process that lost its lock (connection dropped, another owner took over)
-//! cannot move the checkpoint. When the owner dies, PostgreSQL drops its session and lock,
-//! and another process takes over within one lock-poll interval.
+//! Ownership is a session-level advisory lock, held by the database's lock session (one per
+//! database and process, see `store::locks`), not by a connection per relay: a worker with a
+//! thousand streams holds a thousand relay locks on one connection. Checkpoint writes go
+//! through that same session and carry the epoch granted when the lock was taken, so a
+//! process that lost its lock (session dropped, another owner took over) cannot move the
+//! checkpoint. When the owner dies, PostgreSQL drops its session and locks, and another
+//! process takes over within one lock-poll interval.
+//!
+//! A relay holds no connection while it waits: it is woken by the database's notification
+//! session (one `LISTEN` per database and process, see `store::notify`) or by this process's
+//! own appends (the hand-over), and reads the store through the pool only when there is
+//! something to read.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
-use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 use crate::data::broker::{Broker, Routing, to_message};
 use crate::data::event::StoredEvent;
 use crate::data::store::Store;
+use crate::data::store::locks::{Lease, LockKey};
+use crate::data::store::notify::Announced;
+use crate::data::{Trouble, sleep_or_cancel};
 use crate::metrics::Metrics;
 use crate::topology::Key;
 
@@ -29,11 +37,11 @@ const RELAY_LOCK_CLASS: i32 = 0x5745_4951;
 /// Events read and published per round. 500 keeps a round's confirms well inside one
 /// publish deadline and a round's memory at a few MiB for typical events.
 const PAGE: i64 = 500;
-/// How often a process that does not own the relay tries to take it over.
-const LOCK_POLL: Duration = Duration::from_secs(1);
-/// Upper bound on waiting for an append notification before polling the table anyway
-/// (a notification can be missed while the listener reconnects).
-const IDLE_POLL: Duration = Duration::from_millis(500);
+/// Upper bound on waiting for an append notification before reading the table anyway. The
+/// notification session tells its relays when it reconnected (notifications may have been
+/// missed then), so this is a safety net only: long enough that a thousand idle relays cost
+/// a few queries a second.
+const IDLE_POLL: Duration = Duration::from_secs(30);
 /// Time allowed for one round of publishes to be confirmed before it is retried.
 const PUBLISH_DEADLINE: Duration = Duration::from_secs(30);
 /// Committed batches waiting for the relay. It takes what is waiting every round; a relay
@@ -44,8 +52,10 @@ const HANDOFF_BATCHES: usize = 16;
 /// store announced them, before reading them back. The hand-over follows its commit by
 /// microseconds; a batch another process committed costs this much extra latency.
 const HANDOFF_GRACE: Duration = Duration::from_millis(2);
-/// An idle relay checks its lock session this often.
-const KEEPALIVE: Duration = Duration::from_secs(1);
+/// Backoff after an interrupted relay: from 200 ms, doubling, capped at 30 s (a database
+/// or broker that is down is not hammered by a thousand relays), with jitter.
+const RETRY_BASE: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The appending side of the hand-over: batches this process committed go straight to its
 /// relay, which then need not read them back from the store (one query and a notification
@@ -140,14 +150,6 @@ impl Handed {
     }
 }
 
-/// The head announced by a `weir_appended` notification (`<stream id>:<head>`) for this stream.
-fn announced_head(payload: &str, stream_id: i64) -> Option<i64> {
-    let (id, head) = payload.split_once(':')?;
-    (id.parse::<i64>().ok()? == stream_id)
-        .then(|| head.parse().ok())
-        .flatten()
-}
-
 pub struct Relay {
     pub key: Key,
     pub store: Store,
@@ -155,33 +157,39 @@ pub struct Relay {
     pub exchange: String,
     pub broker: Broker,
     pub metrics: Metrics,
+    /// The stream's head as this process knows it (status reads it).
+    pub head: Arc<std::sync::atomic::AtomicI64>,
     /// This process's committed batches, handed over by its appends.
     pub handoff: tokio::sync::Mutex<HandoffRx>,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum RelayError {
-    #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
     #[error("store: {0}")]
     Store(#[from] crate::data::store::StoreError),
     #[error("lost relay ownership (checkpoint fenced)")]
     Fenced,
+    #[error("lost relay ownership (the database's lock session broke)")]
+    Lost,
 }
 
 impl Relay {
     pub async fn run(self, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut trouble = Trouble::new(RETRY_BASE, RETRY_MAX);
         while !cancel.is_cancelled() {
             match self.own_and_relay(&cancel).await {
-                Ok(()) => backoff = Duration::from_millis(200),
-                Err(e) => {
-                    tracing::warn!(stream = %self.key, error = %e, "relay interrupted");
-                    tokio::select! {
-                        _ = cancel.cancelled() => {}
-                        _ = tokio::time::sleep(backoff) => {}
+                Ok(()) => {
+                    if trouble.ok() {
+                        tracing::info!(stream = %self.key, "relay running again");
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let (delay, say) = trouble.failed(&msg);
+                    if say {
+                        tracing::warn!(stream = %self.key, error = %msg, "relay interrupted");
+                    }
+                    sleep_or_cancel(&cancel, delay).await;
                 }
             }
         }
@@ -189,56 +197,31 @@ impl Relay {
 
     /// Waits for the lock, then relays until cancelled or until ownership is lost.
     async fn own_and_relay(&self, cancel: &CancellationToken) -> Result<(), RelayError> {
-        // The lock's connection is made like the pool's: to the server the pool targets now,
-        // which after a database failover is no longer the first URL of the Secret.
-        let opts = self.store.pool().connect_options();
-        let mut conn = opts.connect().await?;
-        loop {
-            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-                .bind(RELAY_LOCK_CLASS)
-                .bind(self.stream_id as i32)
-                .fetch_one(&mut conn)
-                .await?;
-            if got {
-                break;
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(LOCK_POLL) => {}
-            }
-        }
-        let (epoch, mut checkpoint): (i64, i64) = sqlx::query_as(
-            "UPDATE weir_relay_checkpoints SET epoch = epoch + 1, updated_at = now()
-             WHERE stream_id = $1 RETURNING epoch, position",
-        )
-        .bind(self.stream_id)
-        .fetch_one(&mut conn)
-        .await?;
+        // Relays of streams whose id does not fit an int4 share lock keys (a longer wait for
+        // the other, never two owners of one).
+        let key = LockKey::Pair(RELAY_LOCK_CLASS, self.stream_id as i32);
+        let Some(lease) = self.store.locks().acquire(key, cancel).await else {
+            return Ok(());
+        };
+        let (epoch, mut checkpoint) = lease.claim_relay(self.stream_id).await?;
         tracing::info!(stream = %self.key, epoch, checkpoint, "relay owner");
-        // Checkpoint writes need not wait for their WAL flush: one lost in a database crash
-        // only makes the next owner publish those events again (delivery is at least once,
-        // and consumers drop repeats by position), while waiting for the flush on every
-        // round added a disk sync between an append's commit and the next round. The epoch
-        // bump above was durable.
-        sqlx::query("SET synchronous_commit = off")
-            .execute(&mut conn)
-            .await?;
-        let result = self.relay(&mut conn, epoch, &mut checkpoint, cancel).await;
-        // Closing the session releases the lock at once; on error the connection may be
-        // gone already, which releases it too.
-        let _ = conn.close().await;
-        result
+        let lost = lease.lost().clone();
+        tokio::select! {
+            r = self.relay(&lease, epoch, &mut checkpoint, cancel) => r,
+            // The session that held the lock broke: another process may own the stream now.
+            _ = lost.cancelled() => Err(RelayError::Lost),
+        }
     }
 
     async fn relay(
         &self,
-        conn: &mut PgConnection,
+        lease: &Lease,
         epoch: i64,
         checkpoint: &mut i64,
         cancel: &CancellationToken,
     ) -> Result<(), RelayError> {
-        let mut listener = PgListener::connect_with(self.store.pool()).await?;
-        listener.listen("weir_appended").await?;
+        let mut notes = self.store.notifier().appended(self.stream_id);
+        let mut resyncs = notes.borrow_and_update().resyncs;
         let labels = [self.key.namespace.as_str(), self.key.name.as_str()];
         let lag = self.metrics.relay_lag.with_label_values(&labels);
         let mut declared = false;
@@ -256,17 +239,28 @@ impl Relay {
         // Since when the relay has known of events past the checkpoint that were not handed
         // over.
         let mut waiting_since: Option<Instant> = None;
-        let mut last_query = Instant::now();
+        // Broker trouble is retried here (the lock stays held: nobody else could do better),
+        // with backoff, and said once per state change.
+        let mut trouble = Trouble::new(Duration::from_millis(500), RETRY_MAX);
+        let key = &self.key;
+        let broker_trouble = |trouble: &mut Trouble, e: &dyn std::fmt::Display, what: &str| {
+            let msg = format!("{what}: {e}");
+            let (delay, say) = trouble.failed(&msg);
+            if say {
+                tracing::warn!(stream = %key, error = %msg, "relay cannot publish");
+            }
+            delay
+        };
         loop {
             if cancel.is_cancelled() {
                 return Ok(());
             }
             if !declared {
                 if let Err(e) = self.broker.declare_exchange(&self.exchange).await {
-                    tracing::warn!(stream = %self.key, error = %e, "declaring exchange failed");
+                    let delay = broker_trouble(&mut trouble, &e, "declaring the exchange");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = tokio::time::sleep(delay) => continue,
                     }
                 }
                 declared = true;
@@ -285,7 +279,6 @@ impl Relay {
                         .store
                         .read_range(self.stream_id, *checkpoint + 1, PAGE)
                         .await?;
-                    last_query = Instant::now();
                     if events.is_empty() {
                         announced = *checkpoint;
                     }
@@ -296,20 +289,24 @@ impl Relay {
                     waiting_since = None;
                 }
                 lag.set(0);
-                if last_query.elapsed() >= KEEPALIVE {
-                    // Keep the lock session alive and detect a dead one while idle.
-                    sqlx::query("SELECT 1").execute(&mut *conn).await?;
-                    last_query = Instant::now();
-                }
                 let read_at = waiting_since.map(|t| t + HANDOFF_GRACE);
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
-                    // A notification can be missed while the listener reconnects.
+                    // A safety net: reconnects of the notification session are announced.
                     _ = tokio::time::sleep(IDLE_POLL) => announced = i64::MAX,
                     _ = tokio::time::sleep_until(read_at.unwrap_or_else(Instant::now)),
                         if read_at.is_some() => {}
-                    n = listener.recv() => {
-                        if let Some(head) = announced_head(n?.payload(), self.stream_id) {
+                    changed = notes.changed() => {
+                        if changed.is_err() {
+                            // The store is closing (shutdown).
+                            return Ok(());
+                        }
+                        let Announced { resyncs: r, head } = *notes.borrow_and_update();
+                        if r != resyncs {
+                            // Notifications may have been missed: read what is there.
+                            resyncs = r;
+                            announced = i64::MAX;
+                        } else {
                             announced = announced.max(head);
                         }
                     }
@@ -330,32 +327,25 @@ impl Relay {
                 Ok(r) => r,
                 Err(e) => {
                     // Not confirmed: the checkpoint stays, the same events go out again.
-                    tracing::warn!(stream = %self.key, error = %e, "relay publish failed");
+                    let delay = broker_trouble(&mut trouble, &e, "publishing");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
                     continue;
                 }
             };
+            if trouble.ok() {
+                tracing::info!(stream = %self.key, "relay publishing again");
+            }
             let routed = routing
                 .iter()
                 .filter(|r| matches!(r, Routing::Routed))
                 .count();
             let last = events.last().map_or(*checkpoint, |e| e.position);
-            let moved = sqlx::query(
-                "UPDATE weir_relay_checkpoints SET position = $2, updated_at = now()
-                 WHERE stream_id = $1 AND epoch = $3",
-            )
-            .bind(self.stream_id)
-            .bind(last)
-            .bind(epoch)
-            .execute(&mut *conn)
-            .await?;
-            if moved.rows_affected() != 1 {
+            if !lease.write_checkpoint(self.stream_id, epoch, last).await? {
                 return Err(RelayError::Fenced);
             }
-            last_query = Instant::now();
             if last >= announced {
                 waiting_since = None;
             }
@@ -373,6 +363,7 @@ impl Relay {
                 self.store.head(self.stream_id).await?
             };
             lag.set(head - *checkpoint);
+            self.head.fetch_max(head, Ordering::AcqRel);
             self.metrics
                 .stream_head
                 .with_label_values(&labels)
@@ -440,13 +431,5 @@ mod tests {
             positions(&h.take_after(PAGE + 10).unwrap()),
             (PAGE + 11..=PAGE + 20).collect::<Vec<_>>()
         );
-    }
-
-    #[test]
-    fn notifications_name_their_stream_and_head() {
-        assert_eq!(announced_head("7:120", 7), Some(120));
-        assert_eq!(announced_head("8:120", 7), None);
-        assert_eq!(announced_head("7", 7), None);
-        assert_eq!(announced_head("7:x", 7), None);
     }
 }

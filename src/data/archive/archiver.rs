@@ -102,6 +102,9 @@ pub async fn run_once(
     progress: Progress<'_>,
 ) -> Result<RunReport, ArchiveError> {
     let started = Instant::now();
+    // Runs of one database take turns (see `ARCHIVE_SLOTS`): N policies due in the same
+    // minute open at most that many connections, not N.
+    let _slot = store.archive_slot().await;
     let mut conn = lock(store, stream_id).await?;
     let result = run_locked(
         &mut conn,

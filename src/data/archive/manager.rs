@@ -27,10 +27,46 @@ struct Entry {
     last: Arc<Mutex<LastRun>>,
 }
 
-/// What the last run on this replica did.
+/// What the last run on this replica did, and the stream's archive totals read after it
+/// (status shows these without asking the database).
 #[derive(Clone, Debug, Default)]
 struct LastRun {
     error: Option<String>,
+    totals: Option<Totals>,
+}
+
+/// Archive totals of one stream, as the database last said.
+#[derive(Clone, Copy, Debug, Default)]
+struct Totals {
+    events: i64,
+    raw: i64,
+    stored: i64,
+    last_run: Option<DateTime<Utc>>,
+}
+
+/// Reads a stream's archive totals (after each run, for status).
+async fn read_totals(store: &Store, id: i64) -> Result<Totals, ArchiveError> {
+    let (events, raw, stored, last_run): (i64, i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT coalesce(sum(event_count), 0)::bigint,
+                    coalesce(sum(raw_bytes), 0)::bigint, coalesce(sum(stored_bytes), 0)::bigint,
+                    (SELECT last_run FROM weir_archive_state WHERE stream_id = $1)
+             FROM weir_archive_segments WHERE stream_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&mut *store.acquire().await?)
+    .await?;
+    Ok(Totals {
+        events,
+        raw,
+        stored,
+        last_run,
+    })
+}
+
+async fn refresh_totals(store: &Store, id: i64, last: &Mutex<LastRun>) {
+    if let Ok(t) = read_totals(store, id).await {
+        lock(last).totals = Some(t);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -182,6 +218,7 @@ impl Archives {
         let (store, id) = self.store_of(stream)?;
         let r = archiver::run_once(&store, id, stream, &settings, max_segments, &|_, _| {}).await;
         record(&self.metrics, stream, &r, &last);
+        refresh_totals(&store, id, &last).await;
         r
     }
 
@@ -263,8 +300,9 @@ impl Archives {
     }
 
     /// Status fields of a policy (summed over its streams) and the error of its last failed
-    /// run on this replica, if the last run failed.
-    pub async fn policy_status(
+    /// run on this replica, if the last run failed. From memory: the totals each stream's
+    /// archiver read after its last run (status never waits for the database).
+    pub fn policy_status(
         &self,
         policy: &Key,
     ) -> (BTreeMap<String, serde_json::Value>, Option<String>) {
@@ -272,18 +310,19 @@ impl Archives {
         let (mut events, mut raw, mut stored) = (0i64, 0i64, 0i64);
         let mut last_run: Option<DateTime<Utc>> = None;
         let mut error = None;
-        for stream in self.streams_of(policy) {
-            match self.stream_status(&stream).await {
-                Ok(s) => {
-                    events += s.archived_events;
-                    raw += s.raw_bytes;
-                    stored += s.stored_bytes;
-                    last_run = last_run.max(s.last_run);
-                    if let Some(e) = s.last_error {
-                        error = Some(format!("{stream}: {e}"));
-                    }
-                }
-                Err(e) => error = Some(format!("{stream}: {e}")),
+        for (stream, e) in lock(&self.running).iter() {
+            if e.policy != *policy {
+                continue;
+            }
+            let last = lock(&e.last).clone();
+            if let Some(t) = last.totals {
+                events += t.events;
+                raw += t.raw;
+                stored += t.stored;
+                last_run = last_run.max(t.last_run);
+            }
+            if let Some(err) = last.error {
+                error = Some(format!("{stream}: {err}"));
             }
         }
         if let Some(t) = last_run {
@@ -333,16 +372,14 @@ fn record(
                 .archive_run_duration
                 .with_label_values(&l)
                 .observe(report.seconds);
-            *lock(last) = LastRun { error: None };
+            lock(last).error = None;
             "ok"
         }
         // Another replica (or the admin API) is running it: nothing to record.
         Err(ArchiveError::Busy) => "busy",
         Err(e) => {
             tracing::warn!(stream = %stream, error = %e, "archive run failed");
-            *lock(last) = LastRun {
-                error: Some(e.to_string()),
-            };
+            lock(last).error = Some(e.to_string());
             "error"
         }
     };
@@ -373,6 +410,7 @@ async fn schedule_loop(
                 r = run => r,
             };
             record(&metrics, &stream, &r, &last);
+            refresh_totals(&store, id, &last).await;
         }
         // A stream still provisioning is tried again soon rather than after a full period.
         let wait = if !ready {

@@ -38,7 +38,6 @@ use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge};
@@ -52,7 +51,7 @@ use crate::topology::{CachePlan, CacheStrategy, Key};
 use bounded::{Bounded, Order};
 
 /// The PostgreSQL notification channel that carries the subjects an append changed.
-pub const SUBJECTS_CHANNEL: &str = "weir_subjects";
+pub use crate::data::store::notify::SUBJECTS_CHANNEL;
 
 /// Invalidation stripes per cache. A miss's ticket conflicts with any invalidation in its
 /// stripe; 64 stripes keep false conflicts rare under write load at a fixed, tiny cost.
@@ -558,11 +557,11 @@ impl Caches {
         }
         // A database is named by its first URL (as its pool is); the listener connects where
         // that pool connects now, which after a failover is another of the URLs.
-        let urls: HashMap<&Key, (&str, &sqlx::PgPool)> = streams
+        let urls: HashMap<&Key, (&str, &crate::data::store::Store)> = streams
             .iter()
             .filter_map(|rt| {
                 let url = rt.plan.store.as_ref()?.urls.first()?;
-                Some((&rt.plan.key, (url.as_str(), rt.store()?.pool())))
+                Some((&rt.plan.key, (url.as_str(), rt.store()?)))
             })
             .collect();
         let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
@@ -570,13 +569,13 @@ impl Caches {
         let mut needed = HashSet::new();
         for cache in policies.values() {
             for s in &cache.plan.streams {
-                let Some(&(url, pool)) = urls.get(s) else {
+                let Some(&(url, store)) = urls.get(s) else {
                     continue;
                 };
                 needed.insert(url.to_string());
                 let live = listeners
                     .entry(url.to_string())
-                    .or_insert_with(|| self.spawn_listener(pool))
+                    .or_insert_with(|| self.spawn_listener(store))
                     .live
                     .clone();
                 routes.insert(
@@ -602,11 +601,11 @@ impl Caches {
             .unwrap_or_else(|p| p.into_inner()) = routes;
     }
 
-    fn spawn_listener(&self, pool: &sqlx::PgPool) -> Listener {
+    fn spawn_listener(&self, store: &crate::data::store::Store) -> Listener {
         let cancel = CancellationToken::new();
         let live = Arc::new(AtomicBool::new(false));
         tokio::spawn(listen(
-            pool.clone(),
+            store.notifier().clone(),
             self.shared.clone(),
             live.clone(),
             cancel.clone(),
@@ -700,92 +699,55 @@ impl Caches {
     }
 }
 
-/// Limit of one connection attempt of the invalidation listener.
-const LISTEN_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often a connected listener checks that its pool still targets the same server: within
-/// a second of a failover it moves, keeping the one-second bound on stale reads.
-const FAILOVER_CHECK: Duration = Duration::from_millis(250);
-
-/// Listens for `weir_subjects` on one database, reconnecting with backoff. The caches of that
-/// database are used only while this listens (`live`); every cache is cleared whenever it
-/// connects or disconnects.
+/// Follows `weir_subjects` of one database through its notification session (one `LISTEN`
+/// per database and process, shared with the relays). The caches of that database are used
+/// only while the session listens (`live`); every cache is cleared whenever it connects or
+/// disconnects, and when this listener fell behind the session's notes: notifications missed
+/// then may concern any cached subject or trace.
 async fn listen(
-    pool: sqlx::PgPool,
+    notifier: crate::data::store::notify::Notifier,
     shared: Arc<Shared>,
     live: Arc<AtomicBool>,
     cancel: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    use crate::data::store::notify::Note;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut notes = notifier.notes();
+    // Subscribed before looking: a change after this look arrives as a note.
+    if notifier.live() {
+        shared.clear_all();
+        live.store(true, Ordering::Release);
+    }
     loop {
-        // The server the store's pool targets now. A database failover replaces the pool's
-        // options (a new Arc): the listener then reconnects, to the new primary, where the
-        // appends' notifications are sent from then on.
-        let target = pool.connect_options();
-        let connect = async {
-            // A connection of its own (not one of the store pool's). Each attempt is bounded
-            // so that a failover during an outage is picked up by the next attempt instead of
-            // waiting for the old server to come back.
-            let own = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(1)
-                .max_lifetime(None)
-                .idle_timeout(None)
-                .acquire_timeout(LISTEN_CONNECT_TIMEOUT)
-                .connect_lazy_with((*target).clone());
-            let mut l = sqlx::postgres::PgListener::connect_with(&own).await?;
-            // A lost connection ends our loop instead of reconnecting silently: notifications
-            // sent meanwhile are lost and the caches must be cleared first.
-            l.eager_reconnect(false);
-            l.listen(SUBJECTS_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
+        let note = tokio::select! {
+            _ = cancel.cancelled() => {
+                live.store(false, Ordering::Release);
+                return;
+            }
+            n = notes.recv() => n,
         };
-        let connected = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = connect => r,
-        };
-        match connected {
-            Ok(mut l) => {
-                backoff = Duration::from_millis(200);
-                // Notifications sent while not listening are lost. Traces of this database's
-                // streams may sit in any policy's cache, so every cache goes.
+        match note {
+            Ok(Note::Subjects(payload)) => shared.on_notification(&payload),
+            Ok(Note::Connected) => {
                 shared.clear_all();
                 live.store(true, Ordering::Release);
-                let mut check = tokio::time::interval(FAILOVER_CHECK);
-                loop {
-                    let next = tokio::select! {
-                        _ = cancel.cancelled() => {
-                            live.store(false, Ordering::Release);
-                            return;
-                        }
-                        _ = check.tick() => {
-                            if Arc::ptr_eq(&target, &pool.connect_options()) {
-                                continue;
-                            }
-                            tracing::warn!("database failover: the cache invalidation listener follows its pool");
-                            break;
-                        }
-                        n = l.try_recv() => n,
-                    };
-                    match next {
-                        Ok(Some(n)) => shared.on_notification(n.payload()),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+            }
+            Ok(Note::Disconnected) => {
                 live.store(false, Ordering::Release);
                 shared.clear_all();
                 tracing::warn!(
                     "cache invalidation listener lost its connection; caches bypassed until it is back"
                 );
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cache invalidation listener cannot connect; caches bypassed");
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "cache invalidation fell behind; caches cleared");
+                shared.clear_all();
+            }
+            Err(RecvError::Closed) => {
+                live.store(false, Ordering::Release);
+                return;
             }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        // Up to 5 s between attempts: a database that is down is not hammered.
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

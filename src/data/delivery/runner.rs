@@ -54,12 +54,14 @@ use super::{
     EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, HOLD_ID_HEADER, HOLD_SOURCE_HEADER, Names,
     binding_keys,
 };
+use crate::data::Trouble;
 use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
 use crate::data::event::{
     CloudEvent, EXT_CAUSATION_ID, EXT_CORRELATION_ID, EXT_POSITION, EXT_RECORDED_TIME, EXT_VERSION,
     ExtValue,
 };
 use crate::data::store::Store;
+use crate::data::store::locks::LockKey;
 use crate::metrics::Metrics;
 use crate::topology::filter::matches_all;
 use crate::topology::{
@@ -79,6 +81,8 @@ const BACKLOG_EVERY: Duration = Duration::from_secs(3);
 const POSITION_EVERY: Duration = Duration::from_secs(2);
 /// Pause before reconnecting a consumer or retrying provisioning after a failure.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// Longest pause between two provisioning attempts of a subscription that keeps failing.
+const SETUP_RETRY_MAX: Duration = Duration::from_secs(30);
 /// How long a retry or dead-letter publish may wait for its confirm.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Partition queues looked for when the shape of a subscription changed (`partitions` is
@@ -131,6 +135,8 @@ pub struct SubState {
     pub sink: Mutex<Option<(bool, String)>>,
     /// Why the subscription is not running, if it is not.
     pub error: Mutex<Option<String>>,
+    /// The reason of `error` when set-up failed.
+    failure: Mutex<Option<&'static str>>,
     /// Something the operator should know although it runs (a queue kept with old
     /// arguments).
     pub notice: Mutex<Option<String>>,
@@ -146,6 +152,7 @@ impl Default for SubState {
             backlog: AtomicI64::new(-1),
             sink: Mutex::new(None),
             error: Mutex::new(None),
+            failure: Mutex::new(None),
             notice: Mutex::new(None),
         }
     }
@@ -158,7 +165,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl SubState {
     fn set_error(&self, e: Option<String>) {
+        if e.is_none() {
+            *lock(&self.failure) = None;
+        }
         *lock(&self.error) = e;
+    }
+    /// Why set-up fails, as a condition reason (StoreUnavailable, BrokerUnavailable,
+    /// ProvisioningFailed) with the error, while it does.
+    pub fn failure(&self) -> Option<(&'static str, String)> {
+        let reason = (*lock(&self.failure))?;
+        Some((reason, self.error().unwrap_or_default()))
     }
     pub fn error(&self) -> Option<String> {
         lock(&self.error).clone()
@@ -211,6 +227,9 @@ struct Inner {
     hwm: AtomicI64,
     declared_delays: Mutex<HashSet<Duration>>,
     lane_refresh: Duration,
+    /// The position last written to the progress table: an idle subscription writes nothing
+    /// (a thousand of them would otherwise write every few seconds for nothing).
+    flushed: AtomicI64,
 }
 
 /// Where a retry waits.
@@ -420,6 +439,7 @@ impl Runner {
             hwm: AtomicI64::new(0),
             declared_delays: Mutex::new(HashSet::new()),
             lane_refresh: lane_refresh(),
+            flushed: AtomicI64::new(0),
         });
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run(inner.clone(), cancel.clone()));
@@ -504,19 +524,36 @@ async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
 }
 
 async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
-    // Provisioning and catch-up, retried until they succeed or the subscription stops.
+    // Provisioning and catch-up, retried until they succeed or the subscription stops, with
+    // backoff (a thousand subscriptions of a database that refuses must not hammer it) and
+    // said once per state change.
+    let mut trouble = Trouble::new(RECONNECT_DELAY, SETUP_RETRY_MAX);
     loop {
         match inner.prepare(&cancel).await {
             Ok(()) => break,
             Err(DeliveryError::Shutdown) => return,
             Err(e) => {
-                tracing::warn!(subscription = %inner.plan.key, error = %e, "subscription not ready");
-                inner.state.set_error(Some(e.to_string()));
-                if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
+                let msg = e.to_string();
+                let (delay, say) = trouble.failed(&msg);
+                if say {
+                    tracing::warn!(subscription = %inner.plan.key, error = %msg, "subscription not ready");
+                }
+                inner.state.set_error(Some(msg));
+                *lock(&inner.state.failure) = Some(match &e {
+                    DeliveryError::Store(_) | DeliveryError::Database(_) => {
+                        crate::data::engine::reason::STORE_UNAVAILABLE
+                    }
+                    DeliveryError::Broker(_) => crate::data::engine::reason::BROKER_UNAVAILABLE,
+                    _ => "ProvisioningFailed",
+                });
+                if !sleep_or_cancel(&cancel, delay).await {
                     return;
                 }
             }
         }
+    }
+    if trouble.ok() {
+        tracing::info!(subscription = %inner.plan.key, "subscription ready");
     }
     inner.state.set_error(None);
     inner.state.caught_up.store(true, Ordering::Release);
@@ -703,10 +740,10 @@ impl Inner {
             return;
         };
         let p = self.state.position.load(Ordering::Acquire);
-        if p == 0 {
+        if p == 0 || p <= self.flushed.load(Ordering::Acquire) {
             return;
         }
-        let _ = sqlx::query(
+        let r = sqlx::query(
             "UPDATE weir_subscription_progress SET position = $3, updated_at = now()
              WHERE namespace = $1 AND name = $2 AND position < $3",
         )
@@ -715,6 +752,9 @@ impl Inner {
         .bind(p)
         .execute(store.pool())
         .await;
+        if r.is_ok() {
+            self.flushed.fetch_max(p, Ordering::AcqRel);
+        }
     }
 
     /// Declares the queues and bindings; true if the subscription's queue did not exist.
@@ -809,20 +849,20 @@ impl Inner {
             }
         };
         let (ns, name) = (&self.plan.key.namespace, &self.plan.key.name);
-        let mut conn = store.pool().acquire().await?;
-        let lock_key = format!("weir-subscription/{ns}/{name}");
+        // The lock is held by the database's lock session, not by a pool connection: a
+        // thousand subscriptions waiting for their locks hold no connection.
+        let key = LockKey::Named(format!("weir-subscription/{ns}/{name}"));
+        let Some(lease) = store.locks().acquire(key, cancel).await else {
+            return Err(DeliveryError::Shutdown);
+        };
+        let lost = lease.lost().clone();
         tokio::select! {
-            _ = cancel.cancelled() => return Err(DeliveryError::Shutdown),
-            r = sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-                .bind(&lock_key)
-                .execute(&mut *conn) => { r?; }
+            r = self.prepare_locked(&store, stream_id, cancel) => r,
+            // Another worker may take over: stop here, it resumes from the last page.
+            _ = lost.cancelled() => Err(DeliveryError::Other(
+                "lost the subscription's lock (the database's lock session broke)".into(),
+            )),
         }
-        let result = self.prepare_locked(&store, stream_id, cancel).await;
-        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
-            .bind(&lock_key)
-            .execute(&mut *conn)
-            .await;
-        result
     }
 
     async fn prepare_locked(
@@ -832,6 +872,9 @@ impl Inner {
         cancel: &CancellationToken,
     ) -> Result<(), DeliveryError> {
         let (ns, name) = (&self.plan.key.namespace, &self.plan.key.name);
+        // Set-ups of one database run a few at a time (the catch-up below does not hold the
+        // slot: it may take hours, and its reads are one short query per page).
+        let slot = store.provision_slot().await;
         let fresh = self.provision().await?;
         let row: Option<(i64, Option<i64>, i64, i64)> = sqlx::query_as(
             "SELECT next_position, caught_up_to, position, stream_id
@@ -884,6 +927,7 @@ impl Inner {
                 (next, caught, 0, stream_id)
             }
         };
+        drop(slot);
         self.state.position.fetch_max(row.2, Ordering::AcqRel);
         if let Some(hwm) = row.1 {
             self.hwm.store(hwm, Ordering::Release);

@@ -3,6 +3,8 @@
 
 mod append;
 mod codec;
+pub mod locks;
+pub mod notify;
 pub mod pools;
 mod read;
 
@@ -84,6 +86,43 @@ pub struct Store {
     stats: Option<Arc<PoolStats>>,
     /// Caches for reads of archived events (shared by the clones of this handle).
     pub(crate) archive: Arc<crate::data::archive::reader::ArchiveReader>,
+    shared: Arc<Shared>,
+}
+
+/// Stream and subscription set-ups of one database running at once in this process. Each
+/// holds a pool connection for a few statements; 4 of the default 10 leave the rest to
+/// appends and reads while a thousand resources come up.
+pub const PROVISION_SLOTS: usize = 4;
+/// Archive runs of one database at once in this process. A run holds a connection of its
+/// own (its lock and its work) for as long as it moves segments; two keep the disk busy
+/// without N policies due in the same minute opening N connections.
+pub const ARCHIVE_SLOTS: usize = 2;
+
+/// What every stream of one database shares in this process: the sessions that are one per
+/// database (notifications, locks), the bounds on set-up and archive work, the migration, and
+/// the database's health as the pool's health check last saw it.
+#[derive(Debug)]
+struct Shared {
+    notifier: notify::Notifier,
+    locks: locks::Locks,
+    provision: Arc<tokio::sync::Semaphore>,
+    archive_slots: Arc<tokio::sync::Semaphore>,
+    migrated: tokio::sync::OnceCell<()>,
+    /// `None` while the database answers, else why not.
+    health: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl Shared {
+    fn new(pool: &PgPool) -> Shared {
+        Shared {
+            notifier: notify::Notifier::new(pool.clone()),
+            locks: locks::Locks::new(pool.clone()),
+            provision: Arc::new(tokio::sync::Semaphore::new(PROVISION_SLOTS)),
+            archive_slots: Arc::new(tokio::sync::Semaphore::new(ARCHIVE_SLOTS)),
+            migrated: tokio::sync::OnceCell::new(),
+            health: tokio::sync::watch::channel(None).0,
+        }
+    }
 }
 
 /// The instruments of one pool (`weir_db_*{pool}`), fed by [`Store::acquire`].
@@ -115,6 +154,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 impl Store {
     pub fn new(pool: PgPool) -> Store {
         Store {
+            shared: Arc::new(Shared::new(&pool)),
             pool,
             stats: None,
             archive: Arc::default(),
@@ -124,10 +164,68 @@ impl Store {
     /// A store whose connection acquisitions are measured.
     pub fn with_stats(pool: PgPool, stats: Arc<PoolStats>) -> Store {
         Store {
+            shared: Arc::new(Shared::new(&pool)),
             pool,
             stats: Some(stats),
             archive: Arc::default(),
         }
+    }
+
+    /// The database's notification session (one per database and process).
+    pub fn notifier(&self) -> &notify::Notifier {
+        &self.shared.notifier
+    }
+
+    /// The database's lock session (one per database and process).
+    pub fn locks(&self) -> &locks::Locks {
+        &self.shared.locks
+    }
+
+    /// A set-up slot of this database (see [`PROVISION_SLOTS`]).
+    pub async fn provision_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        // The semaphore is never closed.
+        loop {
+            if let Ok(p) = self.shared.provision.clone().acquire_owned().await {
+                return p;
+            }
+        }
+    }
+
+    /// An archive slot of this database (see [`ARCHIVE_SLOTS`]).
+    pub async fn archive_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        loop {
+            if let Ok(p) = self.shared.archive_slots.clone().acquire_owned().await {
+                return p;
+            }
+        }
+    }
+
+    /// Why the database does not answer, if the pool's health check says so.
+    pub fn unavailable(&self) -> Option<String> {
+        self.shared.health.borrow().clone()
+    }
+
+    /// The database's health, to wait for a change.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.shared.health.subscribe()
+    }
+
+    /// Records what the pool's health check saw; answers whether it changed.
+    pub(crate) fn set_health(&self, error: Option<String>) -> bool {
+        self.shared.health.send_if_modified(|h| {
+            if *h == error {
+                return false;
+            }
+            *h = error;
+            true
+        })
+    }
+
+    /// Stops the per-database sessions (shutdown, with the pool).
+    pub async fn close(&self) {
+        self.shared.notifier.close();
+        self.shared.locks.close();
+        self.pool.close().await;
     }
 
     /// A connection from the pool: time to acquire, waiters and timeouts are measured.
@@ -151,8 +249,17 @@ impl Store {
         &self.pool
     }
 
+    /// Applies the migrations once per database and process (every stream of the database
+    /// calls this; the first to get here migrates, the others wait for it; a failure is
+    /// tried again by the next caller).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
+        self.shared
+            .migrated
+            .get_or_try_init(|| async {
+                MIGRATOR.run(&self.pool).await?;
+                Ok::<_, StoreError>(())
+            })
+            .await?;
         Ok(())
     }
 

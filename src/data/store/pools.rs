@@ -134,7 +134,7 @@ impl Pools {
             stores.values().cloned().collect()
         };
         for s in stores {
-            s.pool().close().await;
+            s.close().await;
         }
     }
 
@@ -195,7 +195,7 @@ async fn health(store: Store, c: Check) {
     let mut budget_checked = false;
     let mut current = 0usize;
     while !store.pool().is_closed() {
-        let ok = match tokio::time::timeout(c.connect_timeout, store.acquire()).await {
+        let checked = match tokio::time::timeout(c.connect_timeout, store.acquire()).await {
             Ok(Ok(mut conn)) => {
                 // One round trip: the server's connection limit, whether it is a standby and
                 // how far behind the primary its replay is.
@@ -213,17 +213,46 @@ async fn health(store: Store, c: Check) {
                             check_budget(&c.server, &c.budget, max.trim().parse().unwrap_or(0));
                         }
                         // A write pool on a standby is as good as down.
-                        !(standby && c.role == Role::Write)
+                        if standby && c.role == Role::Write {
+                            Err("the server is a standby (read-only)".to_string())
+                        } else {
+                            Ok(())
+                        }
                     }
-                    _ => {
+                    Ok(Err(e)) => {
                         // A connection that cannot answer is not returned to the pool.
                         conn.close_on_drop();
-                        false
+                        Err(e.to_string())
+                    }
+                    Err(_) => {
+                        conn.close_on_drop();
+                        Err("the health query did not answer".to_string())
                     }
                 }
             }
-            _ => false,
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no connection within the connect timeout".to_string()),
         };
+        // A pool whose every connection is busy could not lend one to the check: that says
+        // the pool is loaded, not that the database is down. The state stays as it was.
+        let busy = checked.is_err()
+            && store.pool().num_idle() == 0
+            && store.pool().size() >= store.pool().options().get_max_connections();
+        let ok = checked.is_ok() || (busy && store.unavailable().is_none());
+        // Said once per change of state (or of the error), not once per check.
+        let error = if busy {
+            store.unavailable()
+        } else {
+            checked.err()
+        };
+        let was_down = store.unavailable().is_some();
+        if store.set_health(error.clone()) {
+            match &error {
+                Some(e) => tracing::warn!(pool = %c.label, error = %e, "database unavailable"),
+                None if was_down => tracing::info!(pool = %c.label, "database available again"),
+                None => {}
+            }
+        }
         up.set(i64::from(ok));
         if c.targets.len() > 1 {
             let order: Vec<usize> = match (ok, c.role) {
