@@ -10,7 +10,8 @@
 //! The plugin refreshes its queue statistics every `collect_statistics_interval` (5 s by
 //! default), so the numbers are samples a few seconds old, which is what a backlog needs.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
@@ -40,7 +41,19 @@ pub struct Management {
     user: String,
     password: String,
     resting_until: Mutex<Option<Instant>>,
+    /// The last list of every queue of the vhost, and when it was taken: one request serves
+    /// every subscription's backlog sample of this worker (a request per queue would be
+    /// thousands a minute with a thousand subscriptions).
+    snapshot: tokio::sync::Mutex<Option<(Instant, Arc<QueueTable>)>>,
 }
+
+/// Counts of every queue of the vhost by name (a queue whose statistics were not collected
+/// yet is absent).
+pub type QueueTable = HashMap<String, ManagedCounts>;
+
+/// How old a queue list may be before it is asked again. The plugin collects statistics
+/// every 5 s by default, so a fresher list would only repeat the same numbers.
+const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(2);
 
 impl Management {
     /// The management API of the broker at `amqp_url`, or `None` when turned off (or the
@@ -67,6 +80,7 @@ impl Management {
             user: auth.userinfo.username.clone(),
             password: auth.userinfo.password.clone(),
             resting_until: Mutex::new(None),
+            snapshot: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -100,6 +114,66 @@ impl Management {
                 Err(e)
             }
         }
+    }
+
+    /// Counts of every queue of the vhost, at most [`SNAPSHOT_MAX_AGE`] old. Callers at the
+    /// same moment share one request (the lock is held across it on purpose).
+    pub async fn queues(&self) -> Result<Arc<QueueTable>, BrokerError> {
+        let mut snap = self.snapshot.lock().await;
+        if let Some((at, t)) = snap.as_ref()
+            && at.elapsed() < SNAPSHOT_MAX_AGE
+        {
+            return Ok(t.clone());
+        }
+        if self.resting() {
+            return Err(BrokerError::Unavailable(
+                "management API resting after a failure".into(),
+            ));
+        }
+        match self.list().await {
+            Ok(t) => {
+                let t = Arc::new(t);
+                *snap = Some((Instant::now(), t.clone()));
+                Ok(t)
+            }
+            Err(e) => {
+                self.rest();
+                Err(e)
+            }
+        }
+    }
+
+    async fn list(&self) -> Result<QueueTable, BrokerError> {
+        let url = format!(
+            "{}?columns=name,messages_ready,messages_unacknowledged",
+            self.queues.trim_end_matches('/')
+        );
+        let unavailable = |e: String| BrokerError::Unavailable(format!("management API: {e}"));
+        let resp = self
+            .client
+            .get(url)
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(unavailable(format!("answered {}", resp.status())));
+        }
+        let v: Vec<serde_json::Value> =
+            resp.json().await.map_err(|e| unavailable(e.to_string()))?;
+        Ok(v.iter()
+            .filter_map(|q| {
+                let name = q.get("name")?.as_str()?.to_string();
+                let count = |k: &str| q.get(k).and_then(serde_json::Value::as_u64);
+                Some((
+                    name,
+                    ManagedCounts {
+                        ready: count("messages_ready")?,
+                        unacknowledged: count("messages_unacknowledged")?,
+                    },
+                ))
+            })
+            .collect())
     }
 
     async fn lookup(&self, queue: &str) -> Result<Lookup, BrokerError> {

@@ -37,7 +37,7 @@ pub use codec::{
 pub use error::{BrokerError, validate_url};
 /// AMQP header tables and values, as used in [`OutMessage::headers`] and queue arguments.
 pub use lapin::types::{AMQPValue, FieldTable};
-pub use management::{ManagedCounts, Management};
+pub use management::{ManagedCounts, Management, QueueTable};
 
 use crate::topology::QueueType;
 use error::classify;
@@ -283,6 +283,17 @@ impl Broker {
     pub async fn managed_counts(&self, name: &str) -> Result<Option<ManagedCounts>, BrokerError> {
         match &self.inner.management {
             Some(m) => m.queue(name).await,
+            None => Err(BrokerError::Unavailable("management API turned off".into())),
+        }
+    }
+
+    /// Counts of every queue of the vhost from the management API (a list shared by every
+    /// caller for a couple of seconds); an error if the API is off or did not answer.
+    pub async fn managed_queues(
+        &self,
+    ) -> Result<std::sync::Arc<management::QueueTable>, BrokerError> {
+        match &self.inner.management {
+            Some(m) => m.queues().await,
             None => Err(BrokerError::Unavailable("management API turned off".into())),
         }
     }

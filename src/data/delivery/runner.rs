@@ -642,14 +642,23 @@ impl BacklogSampler {
     /// if the broker could not be asked.
     async fn sample(&mut self, inner: &Inner) -> Option<i64> {
         let broker = &inner.stream.broker;
+        // With the management API, one list of every queue (shared by every subscription of
+        // this worker) answers everything below: no AMQP operation at all. A thousand
+        // subscriptions asking per queue, and looking for delay buckets with passive declares
+        // (a channel opened and closed by the broker each), churned thousands of channels a
+        // minute.
+        let table = broker.managed_queues().await.ok();
         let mut total = 0i64;
-        let mut managed = true;
+        let mut managed = table.is_some();
         for q in inner.names.consumed() {
-            let ready = broker.queue_counts(&q).await.ok()??.messages;
-            total += i64::from(ready);
-            match broker.managed_counts(&q).await {
-                Ok(Some(c)) => total += c.unacknowledged as i64,
-                _ => managed = false,
+            match table.as_ref().and_then(|t| t.get(&q)) {
+                Some(c) => total += (c.ready + c.unacknowledged) as i64,
+                None => {
+                    // Not listed (statistics not collected yet, or no API): ask AMQP.
+                    let ready = broker.queue_counts(&q).await.ok()??.messages;
+                    total += i64::from(ready);
+                    managed = false;
+                }
             }
         }
         if !managed {
@@ -662,6 +671,14 @@ impl BacklogSampler {
             self.managed = Some(managed);
         }
         if matches!(inner.plan.ordering, OrderingPlan::None) {
+            if let Some(t) = &table {
+                for d in all_buckets(&inner.plan.delivery) {
+                    if let Some(c) = t.get(&inner.names.retry_queue(d)) {
+                        total += c.ready as i64;
+                    }
+                }
+                return Some(total);
+            }
             let look_all = self
                 .buckets_checked
                 .is_none_or(|t| t.elapsed() >= BUCKETS_EVERY);

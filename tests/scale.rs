@@ -1,0 +1,471 @@
+//! Many resources on one worker and one database: every resource comes up Ready on the
+//! default pool, PostgreSQL connections stay within the configured pools (not one per
+//! resource), the admin API answers throughout, and a database that refuses is a condition,
+//! not a log flood — with nothing acknowledged lost once it is back.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+/// A sink that counts deliveries by CloudEvent id.
+struct Sink {
+    url: String,
+    got: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl Sink {
+    async fn start() -> Sink {
+        let got = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+        let g = got.clone();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move |h: http::HeaderMap| {
+                let g = g.clone();
+                async move {
+                    let id = h
+                        .get("ce-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    *g.lock().unwrap().entry(id).or_insert(0) += 1;
+                    http::StatusCode::OK
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Sink { url, got }
+    }
+
+    fn delivered(&self, ids: &[String]) -> usize {
+        let got = self.got.lock().unwrap();
+        ids.iter().filter(|i| got.contains_key(*i)).count()
+    }
+
+    /// Ids delivered that were never published (sent by nobody).
+    fn unexpected(&self, ids: &[String]) -> Vec<String> {
+        let got = self.got.lock().unwrap();
+        got.keys().filter(|k| !ids.contains(k)).cloned().collect()
+    }
+}
+
+/// `n` streams (`s0000`…), each with a store and its own exchange, and one subscription per
+/// stream delivering to `sink`, in one manifest file.
+fn write_pipeline(m: &Manifests, n: usize, sink: &str) -> String {
+    let tag = unique("scale");
+    let mut text = String::new();
+    for i in 0..n {
+        let name = format!("s{i:04}");
+        text.push_str(&stream_yaml(&name, &format!("weir-{tag}-{name}"), ""));
+        text.push_str("---\n");
+        text.push_str(&format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: sub-{name}, namespace: test}}\n\
+             spec:\n  stream: {name}\n  sink: {{uri: \"{sink}\"}}\n---\n"
+        ));
+    }
+    m.write("pipeline.yaml", &text);
+    tag
+}
+
+/// Answers of `/v1/status` while something runs: the slowest, and failures (no answer in
+/// 5 s, or not 200).
+#[derive(Default)]
+struct AdminWatch {
+    slowest: Duration,
+    failures: Vec<String>,
+    polls: u32,
+}
+
+/// Polls `/v1/status` and `/healthz` every 200 ms until `stop` is set.
+fn watch_admin(
+    admin: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<AdminWatch> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let mut w = AdminWatch::default();
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            for path in ["/v1/status", "/healthz"] {
+                let t = Instant::now();
+                let r = client.get(format!("{admin}{path}")).send().await;
+                let took = t.elapsed();
+                w.polls += 1;
+                w.slowest = w.slowest.max(took);
+                match r {
+                    Ok(r) if r.status() == 200 => {
+                        // The whole body, as a client would read it.
+                        let _ = r.bytes().await;
+                    }
+                    Ok(r) => w.failures.push(format!("{path}: {}", r.status())),
+                    Err(e) => w.failures.push(format!("{path}: {e}")),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        w
+    })
+}
+
+/// The resources `/v1/status` lists; none while the process is not listening yet.
+async fn status(admin: &str) -> Vec<Value> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let Ok(r) = client.get(format!("{admin}/v1/status")).send().await else {
+        return Vec::new();
+    };
+    let v: Value = r.json().await.expect("status is JSON");
+    v["resources"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits until `want` resources are Ready; on timeout, names those that are not and why.
+async fn wait_all_ready(weir: &Weir, want: usize, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let rs = status(&weir.admin).await;
+        let ready = rs.iter().filter(|r| r["ready"] == true).count();
+        if ready == want && rs.len() == want {
+            return started.elapsed();
+        }
+        if started.elapsed() > within {
+            let not: Vec<String> = rs
+                .iter()
+                .filter(|r| r["ready"] != true)
+                .take(10)
+                .map(|r| format!("{}/{}: {}", r["kind"], r["name"], r["conditions"][0]))
+                .collect();
+            panic!(
+                "{ready}/{want} resources Ready after {within:?} ({} listed); not ready: {not:#?}\nlog tail:\n{}",
+                rs.len(),
+                tail(&weir.log_text(), 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Sessions of `role` (or on `db`) right now.
+async fn sessions(admin: &sqlx::PgPool, db: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+        .bind(db)
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
+
+/// Samples the sessions on `db` every 100 ms until `stop`; answers the most seen.
+fn watch_sessions(
+    admin: sqlx::PgPool,
+    db: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<i64> {
+    tokio::spawn(async move {
+        let mut most = 0;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            most = most.max(sessions(&admin, &db).await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        most
+    })
+}
+
+/// Publishes one event to each of the first `n` streams; answers the ids acknowledged.
+async fn publish_each(weir: &Weir, n: usize, round: &str) -> (Vec<String>, Vec<String>) {
+    let client = reqwest::Client::new();
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let id = format!("{round}-{i}");
+        let r = client
+            .post(weir.events_url("test", &format!("s{i:04}")))
+            .timeout(Duration::from_secs(15))
+            .json(&json!({"type": "scale.tick", "id": id, "data": {"i": i}}))
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().is_success() => acked.push(id),
+            Ok(r) => refused.push(format!("{id}: {}", r.status())),
+            Err(e) => refused.push(format!("{id}: {e}")),
+        }
+    }
+    (acked, refused)
+}
+
+async fn wait_delivered(sink: &Sink, ids: &[String], within: Duration, weir: &Weir) {
+    let started = Instant::now();
+    while sink.delivered(ids) < ids.len() {
+        if started.elapsed() > within {
+            let got = sink.got.lock().unwrap().clone();
+            let missing: Vec<&String> = ids
+                .iter()
+                .filter(|i| !got.contains_key(*i))
+                .take(10)
+                .collect();
+            panic!(
+                "{} of {} delivered after {within:?}; missing e.g. {missing:?}\nlog tail:\n{}",
+                sink.delivered(ids),
+                ids.len(),
+                tail(&weir.log_text(), 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A database owned by a role of its own whose connections PostgreSQL limits to `limit`.
+async fn limited_database(limit: u32) -> (String, String, String, sqlx::PgPool) {
+    let admin = sqlx::PgPool::connect(&pg_admin_url()).await.unwrap();
+    let role = unique("weir_t_role_");
+    let db = unique("weir_t_");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN CONNECTION LIMIT {limit}"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {db} OWNER {role}"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let url = format!("postgres://{role}@127.0.0.1:5432/{db}");
+    (url, role, db, admin)
+}
+
+/// The default pool (`maxConnections` 10) and three times as many streams, each with a
+/// subscription: every resource Ready, a publish to each stream answered 201 and delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_times_the_default_pool_in_streams_all_ready_publish_and_deliver() {
+    const N: usize = 30;
+    let db_url = fresh_database().await;
+    let db = db_url.rsplit('/').next().unwrap().to_string();
+    let admin = sqlx::PgPool::connect(&pg_admin_url()).await.unwrap();
+    let sink = Sink::start().await;
+    let m = Manifests::new(&db_url);
+    write_pipeline(&m, N, &sink.url);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sessions_task = watch_sessions(admin.clone(), db.clone(), stop.clone());
+    let weir = Weir::start(m.path());
+    let admin_task = watch_admin(weir.admin.clone(), stop.clone());
+    let took = wait_all_ready(&weir, 2 * N, Duration::from_secs(120)).await;
+    let (acked, refused) = publish_each(&weir, N, "a").await;
+    assert!(refused.is_empty(), "publishes refused: {refused:?}");
+    wait_delivered(&sink, &acked, Duration::from_secs(60), &weir).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let most = sessions_task.await.unwrap();
+    let w = admin_task.await.unwrap();
+    eprintln!(
+        "{N} streams + {N} subscriptions: Ready in {took:?}, at most {most} sessions, slowest admin answer {:?} of {}",
+        w.slowest, w.polls
+    );
+    // The pool (10) + the notification and lock sessions (1 each).
+    assert!(
+        most <= 12,
+        "{most} sessions on the database, more than the pools allow"
+    );
+    assert!(
+        w.failures.is_empty(),
+        "admin answers failed: {:?}",
+        w.failures
+    );
+    assert!(sink.unexpected(&acked).is_empty());
+}
+
+/// 200 streams + 200 subscriptions on a database whose role PostgreSQL limits to the
+/// connections the pools may open (10 + 2): nothing is refused, every resource comes up,
+/// the admin API answers within a second throughout, and every stream's event is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_streams_and_subscriptions_within_a_connection_limit() {
+    const N: usize = 200;
+    const LIMIT: u32 = 12;
+    let (db_url, role, db, admin) = limited_database(LIMIT).await;
+    let sink = Sink::start().await;
+    let m = Manifests::new(&db_url);
+    write_pipeline(&m, N, &sink.url);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sessions_task = watch_sessions(admin.clone(), db.clone(), stop.clone());
+    let weir = Weir::start_with(m.path(), &[("RUST_LOG", "info")]);
+    let admin_task = watch_admin(weir.admin.clone(), stop.clone());
+    let took = wait_all_ready(&weir, 2 * N, Duration::from_secs(240)).await;
+    let (acked, refused) = publish_each(&weir, N, "b").await;
+    assert!(refused.is_empty(), "publishes refused: {refused:?}");
+    wait_delivered(&sink, &acked, Duration::from_secs(120), &weir).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let most = sessions_task.await.unwrap();
+    let w = admin_task.await.unwrap();
+    let log = weir.log_text();
+    eprintln!(
+        "{N} streams + {N} subscriptions: Ready in {took:?}, at most {most} sessions (limit {LIMIT}), \
+         slowest admin answer {:?} of {}, log {} lines",
+        w.slowest,
+        w.polls,
+        log.lines().count()
+    );
+    assert!(most <= i64::from(LIMIT), "{most} sessions");
+    assert!(
+        !log.contains("too many connections"),
+        "a connection was refused:\n{}",
+        tail(&log, 40)
+    );
+    assert!(
+        w.failures.is_empty(),
+        "admin answers failed: {:?}",
+        w.failures
+    );
+    assert!(
+        w.slowest < Duration::from_secs(1),
+        "the admin API took {:?} to answer",
+        w.slowest
+    );
+    drop(weir);
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
+        .execute(&admin)
+        .await;
+}
+
+/// PostgreSQL refuses the worker's role for a while: streams go Ready=False with reason
+/// StoreUnavailable, `/readyz` says not ready and why, publishes are refused (never a 2xx
+/// that is not durable), the admin API keeps answering and the log stays short; once the
+/// database takes connections again, every resource is Ready and every acknowledged event is
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_refuses_is_a_condition_not_a_log_flood() {
+    const N: usize = 20;
+    const LIMIT: u32 = 12;
+    let (db_url, role, db, admin) = limited_database(LIMIT).await;
+    let sink = Sink::start().await;
+    let m = Manifests::new(&db_url);
+    write_pipeline(&m, N, &sink.url);
+    let weir = Weir::start_with(m.path(), &[("RUST_LOG", "info")]);
+    wait_all_ready(&weir, 2 * N, Duration::from_secs(120)).await;
+    let (mut acked, refused) = publish_each(&weir, N, "before").await;
+    assert!(refused.is_empty(), "{refused:?}");
+    wait_delivered(&sink, &acked, Duration::from_secs(60), &weir).await;
+
+    // Refuse: no new session for the role, and its sessions ended.
+    let lines_before = weir.log_text().lines().count();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER ROLE {role} CONNECTION LIMIT 0"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1")
+        .bind(&role)
+        .execute(&admin)
+        .await
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let admin_task = watch_admin(weir.admin.clone(), stop.clone());
+    let outage = Instant::now();
+    // Every stream says why it is not Ready.
+    loop {
+        let rs = status(&weir.admin).await;
+        let down: Vec<&Value> = rs
+            .iter()
+            .filter(|r| {
+                r["kind"] == "EventStream"
+                    && r["ready"] == false
+                    && r["conditions"][0]["reason"] == "StoreUnavailable"
+            })
+            .collect();
+        if down.len() == N {
+            let msg = down[0]["conditions"][0]["message"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(msg.starts_with("store: "), "{msg}");
+            break;
+        }
+        assert!(
+            outage.elapsed() < Duration::from_secs(30),
+            "{} of {N} streams StoreUnavailable after 30 s: {:#?}",
+            down.len(),
+            rs.iter().find(|r| r["kind"] == "EventStream")
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let ready = reqwest::get(format!("{}/readyz", weir.admin))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body = ready.text().await.unwrap();
+    assert!(body.contains("StoreUnavailable"), "{body}");
+    // Publishes meanwhile are refused or, if one got through before the refusal took hold,
+    // acknowledged — and then it must be delivered like the others.
+    let (during, _refused) = publish_each(&weir, N, "during").await;
+    acked.extend(during);
+    // Sent but refused: may still arrive (a 503 whose commit happened after all), never
+    // "unexpected".
+    let sent_during: Vec<String> = (0..N).map(|i| format!("during-{i}")).collect();
+    // Let the retries run a while: this is where a flood would be.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER ROLE {role} CONNECTION LIMIT {LIMIT}"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let back = wait_all_ready(&weir, 2 * N, Duration::from_secs(90)).await;
+    let lines = weir.log_text().lines().count() - lines_before;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let w = admin_task.await.unwrap();
+    let (after, refused) = publish_each(&weir, N, "after").await;
+    assert!(refused.is_empty(), "{refused:?}");
+    acked.extend(after);
+    wait_delivered(&sink, &acked, Duration::from_secs(90), &weir).await;
+    eprintln!(
+        "outage of {:?}: {lines} log lines, back Ready {back:?} after the database was, slowest admin answer {:?}",
+        outage.elapsed(),
+        w.slowest
+    );
+    // At most a few lines per resource for the whole outage and recovery (RUST_LOG=info).
+    let bound = 4 * 2 * N + 20;
+    assert!(
+        lines <= bound,
+        "{lines} log lines during the outage (bound {bound}):\n{}",
+        tail(&weir.log_text(), 60)
+    );
+    assert!(
+        w.failures.is_empty(),
+        "admin answers failed: {:?}",
+        w.failures
+    );
+    assert!(w.slowest < Duration::from_secs(1), "{:?}", w.slowest);
+    let sent: Vec<String> = acked.iter().cloned().chain(sent_during).collect();
+    assert!(
+        sink.unexpected(&sent).is_empty(),
+        "{:?}",
+        sink.unexpected(&sent)
+    );
+    drop(weir);
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
+        .execute(&admin)
+        .await;
+}
