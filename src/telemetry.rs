@@ -142,7 +142,7 @@ fn within(module: &str, target: &str) -> bool {
             .is_some_and(|rest| rest.starts_with("::"))
 }
 
-/// The filter directives for a `RUST_LOG` value (`None` or empty: [`DEFAULT_LEVEL`]): the
+/// The filter directives for a `RUST_LOG` value (`None` or empty: `info`): the
 /// value itself, then a cap for each [`QUIET`] target that it does not name explicitly.
 ///
 /// A cap is `min(cap, the level RUST_LOG gives the target)`, where the level given is the

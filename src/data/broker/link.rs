@@ -1,5 +1,7 @@
-//! One AMQP connection per broker URL, (re)opened on demand with capped, jittered
-//! exponential backoff shared by every user of the URL.
+//! One AMQP connection of a broker URL (the data or the topology connection), (re)opened on
+//! demand with capped, jittered exponential backoff shared by every user of the connection,
+//! and replaced by a fresh one once it has opened as many channels as it has channel numbers
+//! (see [`Link::channel`]).
 //!
 //! lapin's own connection recovery is not used: it is recent, and a publisher needs to know
 //! exactly which messages were confirmed on the connection that broke in order to send the

@@ -1,8 +1,10 @@
-//! RabbitMQ: one connection per broker URL, the exchanges and queues Weir declares, and
-//! confirmed publishing.
+//! RabbitMQ: two connections per broker URL (data and topology, see `Inner` for what
+//! shares each), the exchanges and queues Weir declares, and confirmed publishing.
 //!
 //! A [`Broker`] is a cheap handle shared by every stream and subscription that uses the same
-//! URL. It connects on first use and, when the connection breaks, connects again on the next
+//! URL. One resource's refusal (a 404, a 406) is that resource's answer only: it never closes
+//! a channel another resource uses, and never becomes another resource's error. It connects
+//! on first use and, when the connection breaks, connects again on the next
 //! use with capped exponential backoff; it never panics or stops the process because RabbitMQ
 //! is away. Operations then fail with [`BrokerError::Unavailable`], which callers answer with
 //! 503 and `Retry-After`.
