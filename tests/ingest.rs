@@ -952,3 +952,147 @@ async fn a_deleted_manifest_removes_data_only_under_prune_and_delete_policy() {
         );
     }
 }
+
+/// Sends `request` as raw bytes over a new connection (half-closing it afterwards when
+/// `half_close`), and returns the response's status and JSON body.
+async fn raw_http(addr: &str, request: &[u8], half_close: bool) -> (u16, String, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write request");
+    if half_close {
+        // No more bytes will come: the body stays short of its Content-Length.
+        s.shutdown().await.expect("half-close");
+    }
+    // Read until the response is complete: headers, then Content-Length bytes of body.
+    let mut buf = Vec::new();
+    let read = async {
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.expect("read response");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len || n == 0 {
+                    return text;
+                }
+            }
+            assert!(n > 0, "connection closed before a response: {text:?}");
+        }
+    };
+    let text = tokio::time::timeout(Duration::from_secs(15), read)
+        .await
+        .expect("a response within 15 s");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (
+        status,
+        ctype,
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_body_is_a_400_and_only_an_oversized_one_a_413() {
+    let db_url = fresh_database().await;
+    let m = Manifests::new(&db_url);
+    let ex = unique("weir.test.body.");
+    m.write(
+        "stream.yaml",
+        &stream_yaml("orders", &ex, "  validation:\n    maxRequestBytes: 8KiB\n"),
+    );
+    let mut w = Weir::start(m.path());
+    w.wait_ready("test", "orders").await;
+    let addr = w.url.trim_start_matches("http://").to_string();
+    let path = "/v1/namespaces/test/streams/orders/events";
+    let head = |extra: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{extra}\r\n"
+        )
+    };
+    let event = r#"{"type":"order.created","data":{"n":1}}"#;
+
+    let unreadable = |name: &str, (status, ctype, v): (u16, String, Value)| {
+        assert_eq!(status, 400, "{name}: {v}");
+        assert!(
+            ctype.starts_with("application/problem+json"),
+            "{name}: {ctype}"
+        );
+        assert_eq!(
+            v["type"], "https://weir.dev/problems/unreadable-body",
+            "{name}: {v}"
+        );
+        assert_eq!(v["status"], 400, "{name}: {v}");
+        let detail = v["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.starts_with("the request body could not be read: "),
+            "{name}: {detail}"
+        );
+        eprintln!("{name}: {detail}");
+        detail.to_string()
+    };
+
+    // A chunk size line that is not hexadecimal.
+    let req = format!(
+        "{}zz\r\n{event}\r\n0\r\n\r\n",
+        head("Transfer-Encoding: chunked\r\n")
+    );
+    let detail = unreadable("bad chunk", raw_http(&addr, req.as_bytes(), false).await);
+    assert!(detail.contains("chunk"), "says what was wrong: {detail}");
+
+    // A Content-Length of 100 with 10 bytes sent before the client stops sending.
+    let req = format!("{}{}", head("Content-Length: 100\r\n"), &event[..10]);
+    unreadable("truncated", raw_http(&addr, req.as_bytes(), true).await);
+
+    // Over the limit (8 KiB) without a Content-Length, so the limit is found while reading:
+    // still 413.
+    let big = "x".repeat(9000);
+    let req = format!(
+        "{}{:x}\r\n{big}\r\n0\r\n\r\n",
+        head("Transfer-Encoding: chunked\r\n"),
+        big.len()
+    );
+    let (status, ctype, v) = raw_http(&addr, req.as_bytes(), false).await;
+    assert_eq!(status, 413, "{v}");
+    assert!(ctype.starts_with("application/problem+json"), "{ctype}");
+    assert_eq!(
+        v["type"], "https://weir.dev/problems/payload-too-large",
+        "{v}"
+    );
+    assert!(
+        v["detail"].as_str().unwrap_or_default().contains("8192"),
+        "{v}"
+    );
+    // And with a Content-Length over the limit.
+    let req = format!("{}{big}", head("Content-Length: 9000\r\n"));
+    let (status, _, v) = raw_http(&addr, req.as_bytes(), false).await;
+    assert_eq!(status, 413, "{v}");
+
+    // The server still serves, and nothing of the broken requests was stored.
+    let req = format!(
+        "{}{event}",
+        head(&format!("Content-Length: {}\r\n", event.len()))
+    );
+    let (status, _, v) = raw_http(&addr, req.as_bytes(), false).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["results"][0]["position"], 1, "{v}");
+}

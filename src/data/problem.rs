@@ -13,6 +13,7 @@
 //! | `type` | status | when |
 //! |---|---|---|
 //! | `https://weir.dev/problems/bad-request` | 400 | a request parameter is wrong (read API) |
+//! | `https://weir.dev/problems/unreadable-body` | 400 | the request body could not be read (truncated, bad chunk encoding, connection reset) |
 //! | `https://weir.dev/problems/malformed-json` | 400 | the body is not JSON (with line and column) |
 //! | `https://weir.dev/problems/invalid-event` | 400 | an event breaks a CloudEvents rule |
 //! | `https://weir.dev/problems/unauthorized` | 401 | no or unknown credentials |
@@ -46,6 +47,7 @@ pub const MAX_REPORTED_ERRORS: usize = 100;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProblemKind {
     BadRequest,
+    UnreadableBody,
     MalformedJson,
     InvalidEvent,
     Unauthorized,
@@ -70,6 +72,7 @@ impl ProblemKind {
     pub fn uri(self) -> &'static str {
         match self {
             ProblemKind::BadRequest => "https://weir.dev/problems/bad-request",
+            ProblemKind::UnreadableBody => "https://weir.dev/problems/unreadable-body",
             ProblemKind::MalformedJson => "https://weir.dev/problems/malformed-json",
             ProblemKind::InvalidEvent => "https://weir.dev/problems/invalid-event",
             ProblemKind::Unauthorized => "https://weir.dev/problems/unauthorized",
@@ -94,6 +97,7 @@ impl ProblemKind {
     pub fn title(self) -> &'static str {
         match self {
             ProblemKind::BadRequest => "Bad request",
+            ProblemKind::UnreadableBody => "Unreadable request body",
             ProblemKind::MalformedJson => "Malformed JSON",
             ProblemKind::InvalidEvent => "Invalid CloudEvent",
             ProblemKind::Unauthorized => "Unauthorized",
@@ -117,7 +121,10 @@ impl ProblemKind {
     /// The HTTP status code of this kind.
     pub fn status(self) -> u16 {
         match self {
-            ProblemKind::BadRequest | ProblemKind::MalformedJson | ProblemKind::InvalidEvent => 400,
+            ProblemKind::BadRequest
+            | ProblemKind::UnreadableBody
+            | ProblemKind::MalformedJson
+            | ProblemKind::InvalidEvent => 400,
             ProblemKind::Unauthorized => 401,
             ProblemKind::Forbidden => 403,
             ProblemKind::StreamNotFound | ProblemKind::NotFound => 404,
@@ -347,6 +354,16 @@ impl Problem {
         Problem::new(ProblemKind::PayloadTooLarge, detail)
     }
 
+    /// 400: the request body could not be read to its end (`cause`: the transport's reason,
+    /// e.g. a truncated body, an invalid chunk size line, a connection reset). Not a 413: its
+    /// size was within the limit as far as it came.
+    pub fn unreadable_body(cause: &str) -> Problem {
+        Problem::new(
+            ProblemKind::UnreadableBody,
+            format!("the request body could not be read: {cause}"),
+        )
+    }
+
     /// 415: `content_type` (if any) is not one ingest reads.
     pub fn unsupported_media_type(content_type: Option<&str>) -> Problem {
         let got = match content_type {
@@ -500,6 +517,7 @@ mod tests {
         use ProblemKind::*;
         let kinds = [
             BadRequest,
+            UnreadableBody,
             MalformedJson,
             InvalidEvent,
             Unauthorized,
@@ -530,5 +548,16 @@ mod tests {
         assert!(p.detail.contains("5000") && p.detail.contains("4096"));
         let p = Problem::payload_too_large(None, 4096);
         assert!(p.detail.contains("4096"));
+    }
+
+    #[test]
+    fn an_unreadable_body_is_a_400_that_says_why() {
+        let p = Problem::unreadable_body("invalid chunk size line");
+        assert_eq!(p.status, 400);
+        assert_eq!(p.kind, ProblemKind::UnreadableBody);
+        assert_eq!(
+            p.detail,
+            "the request body could not be read: invalid chunk size line"
+        );
     }
 }

@@ -1,10 +1,13 @@
-//! One AMQP connection per broker URL, (re)opened on demand with capped, jittered
-//! exponential backoff shared by every user of the URL.
+//! One AMQP connection of a broker URL (the data or the topology connection), (re)opened on
+//! demand with capped, jittered exponential backoff shared by every user of the connection,
+//! and replaced by a fresh one once it has opened as many channels as it has channel numbers
+//! (see [`Link::channel`]).
 //!
 //! lapin's own connection recovery is not used: it is recent, and a publisher needs to know
 //! exactly which messages were confirmed on the connection that broke in order to send the
 //! others again. A broken connection is simply replaced by a new one on the next use.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,11 +33,25 @@ pub(crate) fn backoff_delay(failures: u32, jitter: f64) -> Duration {
     delay.mul_f64(jitter.clamp(0.5, 1.0))
 }
 
+/// One open connection and how many channels it has handed out.
+pub(crate) struct Current {
+    pub(crate) conn: Arc<Connection>,
+    /// Tells this connection from the ones before it (see [`Link::current_id`]).
+    pub(crate) id: u64,
+    /// Channels opened (or attempted) on this connection.
+    opened: AtomicUsize,
+    /// How many channels this connection may open: its negotiated `channel_max`. See
+    /// [`Link::channel`] for why a connection never opens more.
+    budget: usize,
+}
+
 struct State {
-    conn: Option<Arc<Connection>>,
+    conn: Option<Arc<Current>>,
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<BrokerError>,
+    /// Connections opened so far (the next one's [`Current::id`]).
+    opened: u64,
 }
 
 /// The connection to one broker URL.
@@ -45,7 +62,11 @@ pub(crate) struct Link {
     /// once open one new connection rather than one each.
     state: tokio::sync::Mutex<State>,
     /// The current connection, readable without waiting for an attempt in progress.
-    current: Mutex<Option<Arc<Connection>>>,
+    current: Mutex<Option<Arc<Current>>>,
+    /// The last failure of the connection itself (cannot connect, connection lost), which
+    /// every user of the link shares; deadline errors name it. Never a channel-level
+    /// refusal (a 404, a 406): that belongs to the one operation that caused it, and naming
+    /// it here would report one resource's error as every other resource's.
     last_error: Mutex<Option<BrokerError>>,
 }
 
@@ -59,6 +80,7 @@ impl Link {
                 failures: 0,
                 retry_at: None,
                 last_error: None,
+                opened: 0,
             }),
             current: Mutex::new(None),
             last_error: Mutex::new(None),
@@ -69,10 +91,16 @@ impl Link {
     pub(crate) fn is_connected(&self) -> bool {
         lock(&self.current)
             .as_ref()
-            .is_some_and(|c| c.status().connected())
+            .is_some_and(|c| c.conn.status().connected())
     }
 
-    /// The most recent connection or channel failure, for error messages.
+    /// The id of the connection new channels are opened on, if any: a channel opened on
+    /// another one belongs to a connection that was retired or lost.
+    pub(crate) fn current_id(&self) -> Option<u64> {
+        lock(&self.current).as_ref().map(|c| c.id)
+    }
+
+    /// The most recent failure of the connection itself, for error messages.
     pub(crate) fn last_error(&self) -> Option<BrokerError> {
         lock(&self.last_error).clone()
     }
@@ -85,12 +113,25 @@ impl Link {
     /// The open connection, or a new one. While backing off after a failed attempt, answers
     /// the last error at once instead of trying again.
     pub(crate) async fn connection(&self) -> Result<Arc<Connection>, BrokerError> {
+        self.current(None).await.map(|c| c.conn.clone())
+    }
+
+    /// The open connection, or a new one if there is none or it is `replace` (retired:
+    /// healthy, but no new channel may be opened on it).
+    async fn current(&self, replace: Option<&Arc<Current>>) -> Result<Arc<Current>, BrokerError> {
         let mut st = self.state.lock().await;
-        if let Some(conn) = &st.conn {
-            if conn.status().connected() {
-                return Ok(conn.clone());
+        if let Some(cur) = &st.conn {
+            let retired = replace.is_some_and(|r| Arc::ptr_eq(r, cur));
+            if !retired && cur.conn.status().connected() {
+                return Ok(cur.clone());
             }
-            tracing::warn!(connection = %self.name, "RabbitMQ connection lost; reconnecting");
+            if retired {
+                // Its channels keep it open until they are dropped; lapin closes it then.
+                tracing::debug!(connection = %self.name, channels = cur.budget,
+                    "RabbitMQ connection opened all the channels it may; using a new one");
+            } else {
+                tracing::warn!(connection = %self.name, "RabbitMQ connection lost; reconnecting");
+            }
             st.conn = None;
             *lock(&self.current) = None;
         }
@@ -110,14 +151,25 @@ impl Link {
                 if st.failures > 0 {
                     tracing::info!(connection = %self.name, "RabbitMQ connection re-established");
                 }
-                let conn = Arc::new(conn);
-                st.conn = Some(conn.clone());
+                // 0 would mean "no limit"; lapin then numbers channels up to u16::MAX.
+                let budget = match conn.configuration().channel_max() {
+                    0 => usize::from(u16::MAX),
+                    n => usize::from(n),
+                };
+                st.opened += 1;
+                let cur = Arc::new(Current {
+                    conn: Arc::new(conn),
+                    id: st.opened,
+                    opened: AtomicUsize::new(0),
+                    budget,
+                });
+                st.conn = Some(cur.clone());
                 st.failures = 0;
                 st.retry_at = None;
                 st.last_error = None;
-                *lock(&self.current) = Some(conn.clone());
+                *lock(&self.current) = Some(cur.clone());
                 *lock(&self.last_error) = None;
-                return Ok(conn);
+                return Ok(cur);
             }
             Ok(Err(e)) => classify("connect", &e),
             Err(_) => BrokerError::Unavailable(format!(
@@ -129,7 +181,7 @@ impl Link {
         let delay = backoff_delay(st.failures, rand::random_range(0.5..=1.0));
         st.retry_at = Some(Instant::now() + delay);
         st.last_error = Some(err.clone());
-        self.record(&err);
+        *lock(&self.last_error) = Some(err.clone());
         tracing::warn!(
             connection = %self.name, error = %err, retry_in_ms = delay.as_millis() as u64,
             "cannot connect to RabbitMQ"
@@ -148,39 +200,76 @@ impl Link {
         });
     }
 
-    /// Records a failure seen on a channel, so that deadline errors can name the cause.
-    pub(crate) fn record(&self, err: &BrokerError) {
-        *lock(&self.last_error) = Some(err.clone());
+    /// Records `err` as the connection's failure if the current connection is in fact down:
+    /// an error of a channel whose connection still stands is that channel's alone.
+    pub(crate) fn record_if_disconnected(&self, err: &BrokerError) {
+        if !self.is_connected() {
+            *lock(&self.last_error) = Some(err.clone());
+        }
     }
 
-    /// Forgets `conn` if it is still the current connection (a channel could not be opened
+    /// Forgets `cur` if it is still the current connection (a channel could not be opened
     /// on it although it claims to be connected), so that the next use reconnects.
-    pub(crate) async fn discard(&self, conn: &Arc<Connection>) {
+    async fn discard(&self, cur: &Arc<Current>) {
         let mut st = self.state.lock().await;
-        if st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+        if st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, cur)) {
             st.conn = None;
             *lock(&self.current) = None;
         }
     }
 
-    /// A new channel on the current (or a new) connection.
-    pub(crate) async fn channel(&self) -> Result<Channel, BrokerError> {
-        let conn = self.connection().await?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, conn.create_channel()).await {
-            Ok(Ok(ch)) => Ok(ch),
-            Ok(Err(e)) => {
-                let err = classify("open channel", &e);
-                self.record(&err);
-                if !conn.status().connected() || matches!(err, BrokerError::Unavailable(_)) {
-                    self.discard(&conn).await;
-                }
-                Err(err)
+    /// A new channel on the current (or a new) connection, with the id of that connection.
+    ///
+    /// Why a connection opens at most `channel_max` channels: lapin numbers channels from a
+    /// sequence that wraps at `channel_max`, and it remembers the error of every channel the
+    /// broker closed (a 404 of a passive declare, a 406) *by channel number*, for the life of
+    /// the connection. A channel opened later under a number that had been closed that way
+    /// fails at once with the old error — another resource's "no queue 'weir-retry.…'" — and
+    /// stays in lapin's channel table for good (it never reached the broker, so it is never
+    /// closed), until no number is left. So the numbers of one connection are never reused:
+    /// after `channel_max` channels, new channels go to a new connection, and the old one
+    /// closes when its last channel is dropped.
+    pub(crate) async fn channel(&self) -> Result<(Channel, u64), BrokerError> {
+        let mut replace: Option<Arc<Current>> = None;
+        // Two tries: the second on a fresh connection, whose numbers are all unused.
+        for _ in 0..2 {
+            let cur = self.current(replace.as_ref()).await?;
+            if cur.opened.fetch_add(1, Ordering::Relaxed) >= cur.budget {
+                replace = Some(cur);
+                continue;
             }
-            Err(_) => {
-                self.discard(&conn).await;
-                Err(BrokerError::Unavailable("open channel: no answer".into()))
+            match tokio::time::timeout(CONNECT_TIMEOUT, cur.conn.create_channel()).await {
+                Ok(Ok(ch)) => return Ok((ch, cur.id)),
+                Ok(Err(e)) => {
+                    let err = classify("open channel", &e);
+                    if matches!(err, BrokerError::Protocol { .. }) {
+                        // The broker never refuses `channel.open` with a channel-level
+                        // error: this is an error lapin kept from an earlier channel under
+                        // the same number (see above). It is not this caller's; retire the
+                        // connection and try a fresh one.
+                        tracing::warn!(connection = %self.name, channel_error = %err,
+                            "RabbitMQ connection reused a closed channel number; using a new connection");
+                        replace = Some(cur);
+                        continue;
+                    }
+                    if !cur.conn.status().connected() {
+                        *lock(&self.last_error) = Some(err.clone());
+                    }
+                    if !cur.conn.status().connected() || matches!(err, BrokerError::Unavailable(_))
+                    {
+                        self.discard(&cur).await;
+                    }
+                    return Err(err);
+                }
+                Err(_) => {
+                    self.discard(&cur).await;
+                    return Err(BrokerError::Unavailable("open channel: no answer".into()));
+                }
             }
         }
+        Err(BrokerError::Unavailable(
+            "open channel: no usable channel number on a new connection".into(),
+        ))
     }
 }
 

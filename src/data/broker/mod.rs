@@ -1,8 +1,10 @@
-//! RabbitMQ: one connection per broker URL, the exchanges and queues Weir declares, and
-//! confirmed publishing.
+//! RabbitMQ: two connections per broker URL (data and topology, see `Inner` for what
+//! shares each), the exchanges and queues Weir declares, and confirmed publishing.
 //!
 //! A [`Broker`] is a cheap handle shared by every stream and subscription that uses the same
-//! URL. It connects on first use and, when the connection breaks, connects again on the next
+//! URL. One resource's refusal (a 404, a 406) is that resource's answer only: it never closes
+//! a channel another resource uses, and never becomes another resource's error. It connects
+//! on first use and, when the connection breaks, connects again on the next
 //! use with capped exponential backoff; it never panics or stops the process because RabbitMQ
 //! is away. Operations then fail with [`BrokerError::Unavailable`], which callers answer with
 //! 503 and `Retry-After`.
@@ -48,6 +50,21 @@ use publisher::Publisher;
 /// included, before it is reported unavailable.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Topology operations in flight at once per broker URL (and so the most channels the
+/// topology connection has open). Each is one round trip that RabbitMQ serves in about a
+/// millisecond (a quorum queue's declare: a few, it waits for its Raft group), so 16 keep
+/// provisioning at thousands of operations a second — 1,000 subscriptions of ~8 operations
+/// each come up in seconds — while 1,000 resources provisioning at once queue here instead
+/// of opening 1,000 channels (each an Erlang process and its memory on the broker, against a
+/// `channel_max` of 2,047 per connection).
+const TOPOLOGY_OPS: usize = 16;
+
+/// How long an operation may wait for one of the [`TOPOLOGY_OPS`] slots before it is
+/// reported unavailable. Waiting is fair (first come, first served), and an operation that
+/// holds a slot gives it back within [`OP_TIMEOUT`], so this is only reached when the broker
+/// answers nothing for several rounds of slots; the callers retry later.
+const TOPOLOGY_WAIT: Duration = Duration::from_secs(60);
+
 /// The name a connection shows in RabbitMQ's management UI unless told otherwise.
 const DEFAULT_CONNECTION_NAME: &str = "weir";
 
@@ -92,11 +109,65 @@ pub struct Broker {
     inner: Arc<Inner>,
 }
 
+/// Who shares what, per broker URL (one [`Broker`] and its clones):
+///
+/// - `link`, the *data connection*: the publishing channels (a few, shared by every stream
+///   and subscription that publishes here; see [`publisher`] for how one caller's refusal is
+///   kept from the others) and the channels [`Broker::open_channel`] hands out, each owned by
+///   one consumer or one caller. A channel the broker closes there concerns only its owner.
+/// - `topology`, the *topology connection*: declares, binds, deletes and passive declares.
+///   These are the operations RabbitMQ refuses by closing the channel (404 for a queue that
+///   is not there, 406 for other arguments), many times a minute at scale (every missing
+///   retry bucket a backlog sample looks for). A channel runs one operation at a time, so a
+///   refusal closes a channel no other operation is using, and the error goes to that
+///   operation's caller only. Keeping them off the data connection keeps that churn (and the
+///   connection turnover it causes, see [`link::Link::channel`]) away from consumers and
+///   publishers.
 struct Inner {
     link: Arc<Link>,
     publisher: OnceLock<Publisher>,
+    topology: Topology,
     /// The broker's management API, when it can be addressed (see [`Management`]).
     management: Option<Management>,
+}
+
+/// The topology connection and its channels.
+struct Topology {
+    link: Link,
+    /// One permit per operation in flight: see [`TOPOLOGY_OPS`].
+    permits: tokio::sync::Semaphore,
+    /// Channels of operations that succeeded, with the id of their connection, for the next
+    /// operation (opening one is a round trip). At most [`TOPOLOGY_OPS`]: a channel is here
+    /// only while no operation holds it. Used by one operation at a time, never shared by two.
+    idle: std::sync::Mutex<Vec<(u64, Channel)>>,
+}
+
+impl Topology {
+    /// A channel for one operation: an idle one of the current connection, or a new one.
+    async fn take(&self) -> Result<(Channel, u64), BrokerError> {
+        let current = self.link.current_id();
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            // Channels of a retired or lost connection are dropped (closing them lets a
+            // retired connection close).
+            idle.retain(|(id, ch)| Some(*id) == current && ch.status().connected());
+            idle.pop()
+        };
+        match idle {
+            Some((id, ch)) => Ok((ch, id)),
+            None => self.link.channel().await,
+        }
+    }
+
+    /// Keeps the channel of an operation that succeeded for the next one.
+    fn give_back(&self, ch: Channel, id: u64) {
+        if ch.status().connected() {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < TOPOLOGY_OPS {
+                idle.push((id, ch));
+            }
+        }
+    }
 }
 
 impl fmt::Debug for Broker {
@@ -121,6 +192,11 @@ impl Broker {
         Broker {
             inner: Arc::new(Inner {
                 management: Management::for_amqp_url(&url),
+                topology: Topology {
+                    link: Link::new(url.clone(), format!("{connection_name} (topology)")),
+                    permits: tokio::sync::Semaphore::new(TOPOLOGY_OPS),
+                    idle: std::sync::Mutex::new(Vec::new()),
+                },
                 link: Arc::new(Link::new(url, connection_name.to_string())),
                 publisher: OnceLock::new(),
             }),
@@ -298,11 +374,12 @@ impl Broker {
         }
     }
 
-    /// A new channel on this broker's connection, for consumers. The caller owns it: when
+    /// A new channel on this broker's data connection, for consumers. The caller owns it and
+    /// shares it with nobody: an error the broker closes it with is the caller's alone. When
     /// it breaks, open another.
     pub async fn open_channel(&self) -> Result<Channel, BrokerError> {
         match tokio::time::timeout(OP_TIMEOUT, self.inner.link.channel()).await {
-            Ok(r) => r,
+            Ok(r) => r.map(|(ch, _)| ch),
             Err(_) => Err(BrokerError::Unavailable("open channel: no answer".into())),
         }
     }
@@ -329,20 +406,45 @@ impl Broker {
             .await
     }
 
-    /// Runs one topology operation on a fresh channel (a refused operation closes its
-    /// channel, so channels are not shared between operations).
+    /// Runs one topology operation on a channel of the topology connection that no other
+    /// operation uses meanwhile (see [`Inner`]), at most [`TOPOLOGY_OPS`] at once.
+    ///
+    /// A refusal (404, 406: [`BrokerError::Protocol`]) closes that channel and is this
+    /// operation's answer only; a channel whose operation succeeded serves the next one.
     async fn op<T>(
         &self,
         what: &'static str,
         f: impl AsyncFnOnce(&Channel) -> lapin::Result<T>,
     ) -> Result<T, BrokerError> {
-        let run = async {
-            let ch = self.inner.link.channel().await?;
-            let r = f(&ch).await.map_err(|e| classify(what, &e));
-            if let Err(err @ BrokerError::Unavailable(_)) = &r {
-                self.inner.link.record(err);
+        let topology = &self.inner.topology;
+        let _permit = match tokio::time::timeout(TOPOLOGY_WAIT, topology.permits.acquire()).await {
+            Ok(Ok(p)) => p,
+            // The semaphore is never closed; answered like a broker that is away.
+            Ok(Err(_)) => return Err(BrokerError::Unavailable(format!("{what}: closed"))),
+            Err(_) => {
+                return Err(BrokerError::Unavailable(format!(
+                    "{what}: no answer (waited {}s behind {TOPOLOGY_OPS} operations in flight)",
+                    TOPOLOGY_WAIT.as_secs()
+                )));
             }
-            r
+        };
+        let run = async {
+            let (ch, conn) = topology.take().await?;
+            match f(&ch).await {
+                Ok(v) => {
+                    topology.give_back(ch, conn);
+                    Ok(v)
+                }
+                // The channel is closed (refused) or broken: it is dropped here, and the
+                // error, whatever it names, is this operation's.
+                Err(e) => {
+                    let err = classify(what, &e);
+                    if matches!(err, BrokerError::Unavailable(_)) {
+                        topology.link.record_if_disconnected(&err);
+                    }
+                    Err(err)
+                }
+            }
         };
         match tokio::time::timeout(OP_TIMEOUT, run).await {
             Ok(r) => r,

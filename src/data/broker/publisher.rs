@@ -336,7 +336,7 @@ impl Worker {
             }
             self.channel = None;
         }
-        let ch = self.link.channel().await?;
+        let (ch, _) = self.link.channel().await?;
         match tokio::time::timeout(
             SELECT_TIMEOUT,
             ch.confirm_select(ConfirmSelectOptions::default()),
@@ -345,8 +345,16 @@ impl Worker {
         {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                let err = classify("confirm.select", &e);
-                self.link.record(&err);
+                // Whatever it says, a failure to set up the channel is no job's fault: it is
+                // never answered to the jobs as their own error (only retried until their
+                // deadline), and is the link's only if the connection is down.
+                let err = match classify("confirm.select", &e) {
+                    BrokerError::Protocol { code, text } => {
+                        BrokerError::Unavailable(format!("confirm.select refused: {code} {text}"))
+                    }
+                    other => other,
+                };
+                self.link.record_if_disconnected(&err);
                 return Err(err);
             }
             Err(_) => return Err(BrokerError::Unavailable("confirm.select: no answer".into())),
@@ -448,7 +456,12 @@ impl Worker {
             RoundEnd::Complete => {}
             RoundEnd::Broken(err) => {
                 tracing::warn!(worker = self.id, error = %err, "publishing channel broke");
-                self.link.record(&err);
+                // A refusal (e.g. 404 for one job's missing exchange) stays with the jobs of
+                // the round, which were answered or isolated above; only a lost connection is
+                // every caller's news.
+                if !matches!(err, BrokerError::Protocol { .. }) {
+                    self.link.record_if_disconnected(&err);
+                }
                 self.channel = None;
             }
             RoundEnd::Stalled => {
