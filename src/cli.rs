@@ -182,6 +182,19 @@ pub struct BenchCmd {
     /// `cache`: `maxItems` of each strategy's CachePolicy.
     #[arg(long, default_value_t = 100)]
     cache_items: u64,
+    /// `scale`: EventStreams in the measured pipeline, each with store, broker and one
+    /// Subscription (`--rate` defaults to 100 ev/s over all of them, `--duration` to 30s).
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// `scale`: EventStreams (one Subscription each) of the small pipeline measured beside it.
+    #[arg(long, default_value_t = 10)]
+    baseline_streams: usize,
+    /// `scale`: how long idle CPU is measured once every resource is Ready.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    idle: Duration,
+    /// `scale`: fail, naming the resources that are not Ready, after this long.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    ready_timeout: Duration,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -363,6 +376,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 amqp_url: b.amqp,
                 subjects: b.subjects,
                 cache_items: b.cache_items,
+                streams: b.streams,
+                baseline_streams: b.baseline_streams,
+                idle: b.idle,
+                ready_timeout: b.ready_timeout,
             };
             runtime()?.block_on(crate::bench::run(args))?;
             Ok(ExitCode::SUCCESS)

@@ -204,3 +204,56 @@ fn e2e_and_replay_scenarios_deliver_every_event() {
     let r = bench(&["replay", "--events", "2000"]);
     assert_delivered(&r, "replay", 2000);
 }
+
+/// `scale` with 12 streams + 12 subscriptions on one database — more streams than a stream
+/// pool's default 10 connections — beside 3 + 3, with short phases: every resource became
+/// Ready (the bench fails, naming them, when one does not), the one added later too, and
+/// every event published across the streams reached the sink.
+#[test]
+fn scale_scenario_brings_every_resource_up_and_delivers_every_event() {
+    let r = bench(&[
+        "scale",
+        "--streams",
+        "12",
+        "--baseline-streams",
+        "3",
+        "--rate",
+        "40",
+        "--duration",
+        "3s",
+        "--idle",
+        "2s",
+        "--ready-timeout",
+        "90s",
+    ]);
+    assert_eq!(r["scenario"], "scale");
+    let d = &r["details"];
+    for (side, n) in [("scale", 12), ("baseline", 3)] {
+        let run = &d[side];
+        assert_eq!(run["streams"], n, "{side}: {run}");
+        assert_eq!(run["subscriptions"], n, "{side}: {run}");
+        assert_eq!(run["resources"], 2 * n, "{side}: {run}");
+        let num = |k: &str| {
+            run[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{side}: {k} in {run}"))
+        };
+        assert!(num("ready_s") > 0.0, "{side}: {run}");
+        assert!(num("one_more_ready_ms") > 0.0, "{side}: {run}");
+        assert!(num("rss_idle_mb") > 1.0, "{side}: {run}");
+        assert!(num("idle_cpu_percent") >= 0.0, "{side}: {run}");
+        assert!(num("pg_sessions_idle") >= 1.0, "{side}: {run}");
+        assert!(num("amqp_connections") >= 1.0, "{side}: {run}");
+        // 40 ev/s for 3 s, every request answered 2xx and every event delivered once.
+        assert_eq!(run["sent"], 120, "{side}: every publish accepted: {run}");
+        assert_eq!(run["publish_errors"], 0, "{side}: {run}");
+        assert_eq!(
+            run["delivered"], run["sent"],
+            "{side}: all delivered: {run}"
+        );
+        assert!(num("p99_ms") >= num("p50_ms"), "{side}: {run}");
+    }
+    for side in ["weir", "baseline"] {
+        assert_eq!(r[side]["events"], 120, "{side}: {r}");
+    }
+}

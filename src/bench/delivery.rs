@@ -78,7 +78,7 @@ fn stored_stream_yaml(exchange: &str) -> String {
 
 /// What the sink saw of one run, as a measurement. The rate is distinct deliveries over the
 /// time from the start of publishing (or of the replay) to the last arrival.
-fn from_arrivals(
+pub(super) fn from_arrivals(
     name: &str,
     a: &Arrivals,
     started: Instant,

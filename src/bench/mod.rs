@@ -9,6 +9,7 @@ mod delivery;
 mod load;
 mod pipeline;
 mod report;
+mod scale;
 mod scenarios;
 mod sink;
 
@@ -39,6 +40,12 @@ pub enum Scenario {
     /// Stored events → a new `startFrom: earliest` subscription → local sink, against a raw
     /// `SELECT` feeding the same HTTP POST loop.
     Replay,
+    /// One worker with `--streams` EventStreams (store + broker, one database) and one
+    /// Subscription each: time until every resource is Ready, `/v1/status` answer times,
+    /// PostgreSQL sessions, AMQP connections and channels, idle RSS and CPU, one more
+    /// resource's apply → Ready, then paced traffic over every stream counted at a sink;
+    /// against the same at `--baseline-streams`.
+    Scale,
 }
 
 #[derive(Clone, Debug)]
@@ -67,6 +74,15 @@ pub struct BenchArgs {
     pub subjects: usize,
     /// `cache`: each policy's `maxItems`.
     pub cache_items: u64,
+    /// `scale`: EventStreams (one Subscription each) of the measured pipeline.
+    pub streams: usize,
+    /// `scale`: EventStreams (one Subscription each) of the baseline pipeline.
+    pub baseline_streams: usize,
+    /// `scale`: how long idle CPU is measured.
+    pub idle: Duration,
+    /// `scale`: how long resources may take to become Ready before the run fails, naming
+    /// those that are not.
+    pub ready_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +111,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         Scenario::Cache => scenarios::cache(&args).await?,
         Scenario::E2e => delivery::e2e(&args).await?,
         Scenario::Replay => delivery::replay(&args).await?,
+        Scenario::Scale => scale::scale(&args).await?,
     };
     println!("{}", report::table(&reports));
     if let Some(path) = &args.json {

@@ -117,6 +117,19 @@ impl Pipeline {
         })
     }
 
+    /// The child's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `Some(status)` once the child has exited (it should run until [`Pipeline::stop`]).
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>, BenchError> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
     pub fn events_url(&self, stream: &str) -> String {
         format!("{}/v1/namespaces/bench/streams/{stream}/events", self.url)
     }

@@ -238,6 +238,13 @@ pub fn table(reports: &[Report]) -> String {
             }
         }
     }
+    for r in reports {
+        if r.scenario == "scale"
+            && let Some(d) = &r.details
+        {
+            out.push_str(&super::scale::table(d));
+        }
+    }
     if let Some(r) = reports.first() {
         out.push_str(&format!(
             "machine: {} ({} cores, {} GiB) · PostgreSQL {} · RabbitMQ {} · weir {}\n",
