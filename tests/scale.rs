@@ -58,16 +58,17 @@ impl Sink {
 }
 
 /// `n` streams (`s0000`…), each with a store and its own exchange, and one subscription per
-/// stream delivering to `sink`, in one manifest file.
+/// stream delivering to `sink`, in one manifest file. Subscription names carry a tag of the
+/// run (their queue names are made from them): the tag, to delete the queues afterwards.
 fn write_pipeline(m: &Manifests, n: usize, sink: &str) -> String {
-    let tag = unique("scale");
+    let tag = unique("sc");
     let mut text = String::new();
     for i in 0..n {
         let name = format!("s{i:04}");
         text.push_str(&stream_yaml(&name, &format!("weir-{tag}-{name}"), ""));
         text.push_str("---\n");
         text.push_str(&format!(
-            "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: sub-{name}, namespace: test}}\n\
+            "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {tag}-{name}, namespace: test}}\n\
              spec:\n  stream: {name}\n  sink: {{uri: \"{sink}\"}}\n---\n"
         ));
     }
@@ -186,25 +187,70 @@ fn watch_sessions(
     })
 }
 
-/// Publishes one event to each of the first `n` streams; answers the ids acknowledged.
+/// Publishes one event to each of the first `n` streams, 16 at a time (a refused publish
+/// waits for the request timeout); answers the ids acknowledged and the refusals.
 async fn publish_each(weir: &Weir, n: usize, round: &str) -> (Vec<String>, Vec<String>) {
+    use futures::StreamExt;
     let client = reqwest::Client::new();
+    let answers: Vec<(String, Result<u16, String>)> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (client, url) = (client.clone(), weir.events_url("test", &format!("s{i:04}")));
+            let id = format!("{round}-{i}");
+            async move {
+                let r = client
+                    .post(url)
+                    .timeout(Duration::from_secs(15))
+                    .json(&json!({"type": "scale.tick", "id": id, "data": {"i": i}}))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .map_err(|e| e.to_string());
+                (id, r)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
     let (mut acked, mut refused) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let id = format!("{round}-{i}");
-        let r = client
-            .post(weir.events_url("test", &format!("s{i:04}")))
-            .timeout(Duration::from_secs(15))
-            .json(&json!({"type": "scale.tick", "id": id, "data": {"i": i}}))
-            .send()
-            .await;
+    for (id, r) in answers {
         match r {
-            Ok(r) if r.status().is_success() => acked.push(id),
-            Ok(r) => refused.push(format!("{id}: {}", r.status())),
+            Ok(code) if (200..300).contains(&code) => acked.push(id),
+            Ok(code) => refused.push(format!("{id}: {code}")),
             Err(e) => refused.push(format!("{id}: {e}")),
         }
     }
     (acked, refused)
+}
+
+/// Deletes the queues of a run's subscriptions (the process was killed, so nothing else
+/// will): a few hundred idle quorum queues left behind weigh on RabbitMQ for the rest of the
+/// suite.
+async fn delete_queues(tag: &str) {
+    let client = reqwest::Client::new();
+    let api = "http://127.0.0.1:15672/api/queues/%2F";
+    let Ok(r) = client
+        .get(api)
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+    else {
+        return;
+    };
+    let Ok(qs) = r.json::<Vec<Value>>().await else {
+        return;
+    };
+    for q in qs {
+        let Some(name) = q["name"].as_str() else {
+            continue;
+        };
+        if name.contains(tag) {
+            let _ = client
+                .delete(format!("{api}/{}", name.replace('/', "%2F")))
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await;
+        }
+    }
 }
 
 async fn wait_delivered(sink: &Sink, ids: &[String], within: Duration, weir: &Weir) {
@@ -259,7 +305,7 @@ async fn three_times_the_default_pool_in_streams_all_ready_publish_and_deliver()
     let admin = sqlx::PgPool::connect(&pg_admin_url()).await.unwrap();
     let sink = Sink::start().await;
     let m = Manifests::new(&db_url);
-    write_pipeline(&m, N, &sink.url);
+    let tag = write_pipeline(&m, N, &sink.url);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sessions_task = watch_sessions(admin.clone(), db.clone(), stop.clone());
     let weir = Weir::start(m.path());
@@ -298,7 +344,7 @@ async fn two_hundred_streams_and_subscriptions_within_a_connection_limit() {
     let (db_url, role, db, admin) = limited_database(LIMIT).await;
     let sink = Sink::start().await;
     let m = Manifests::new(&db_url);
-    write_pipeline(&m, N, &sink.url);
+    let tag = write_pipeline(&m, N, &sink.url);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sessions_task = watch_sessions(admin.clone(), db.clone(), stop.clone());
     let weir = Weir::start_with(m.path(), &[("RUST_LOG", "info")]);
@@ -335,6 +381,7 @@ async fn two_hundred_streams_and_subscriptions_within_a_connection_limit() {
         w.slowest
     );
     drop(weir);
+    delete_queues(&tag).await;
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
     )))
@@ -357,7 +404,7 @@ async fn a_database_that_refuses_is_a_condition_not_a_log_flood() {
     let (db_url, role, db, admin) = limited_database(LIMIT).await;
     let sink = Sink::start().await;
     let m = Manifests::new(&db_url);
-    write_pipeline(&m, N, &sink.url);
+    let tag = write_pipeline(&m, N, &sink.url);
     let weir = Weir::start_with(m.path(), &[("RUST_LOG", "info")]);
     wait_all_ready(&weir, 2 * N, Duration::from_secs(120)).await;
     let (mut acked, refused) = publish_each(&weir, N, "before").await;
