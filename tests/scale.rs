@@ -295,6 +295,55 @@ async fn limited_database(limit: u32) -> (String, String, String, sqlx::PgPool) 
     (url, role, db, admin)
 }
 
+/// A scale run that came up, published one event to each stream and saw each delivered.
+struct Run {
+    weir: Weir,
+    tag: String,
+    /// Time until every resource was Ready.
+    took: Duration,
+    /// Most sessions seen on the database meanwhile.
+    most: i64,
+    admin: AdminWatch,
+    sink: Sink,
+    acked: Vec<String>,
+    _m: Manifests,
+}
+
+/// Starts a worker on `n` streams + `n` subscriptions of database `db`, waits until every
+/// resource is Ready, publishes one event to each stream and waits for every delivery, while
+/// the database's sessions and the admin API's answers are watched.
+async fn up_publish_deliver(
+    db_url: &str,
+    db: &str,
+    admin: &sqlx::PgPool,
+    n: usize,
+    env: &[(&str, &str)],
+    ready_within: Duration,
+) -> Run {
+    let sink = Sink::start().await;
+    let m = Manifests::new(db_url);
+    let tag = write_pipeline(&m, n, &sink.url);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sessions_task = watch_sessions(admin.clone(), db.to_string(), stop.clone());
+    let weir = Weir::start_with(m.path(), env);
+    let admin_task = watch_admin(weir.admin.clone(), stop.clone());
+    let took = wait_all_ready(&weir, 2 * n, ready_within).await;
+    let (acked, refused) = publish_each(&weir, n, "a").await;
+    assert!(refused.is_empty(), "publishes refused: {refused:?}");
+    wait_delivered(&sink, &acked, Duration::from_secs(120), &weir).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    Run {
+        most: sessions_task.await.unwrap(),
+        admin: admin_task.await.unwrap(),
+        weir,
+        tag,
+        took,
+        sink,
+        acked,
+        _m: m,
+    }
+}
+
 /// The default pool (`maxConnections` 10) and three times as many streams, each with a
 /// subscription: every resource Ready, a publish to each stream answered 201 and delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,20 +352,16 @@ async fn three_times_the_default_pool_in_streams_all_ready_publish_and_deliver()
     let db_url = fresh_database().await;
     let db = db_url.rsplit('/').next().unwrap().to_string();
     let admin = sqlx::PgPool::connect(&pg_admin_url()).await.unwrap();
-    let sink = Sink::start().await;
-    let m = Manifests::new(&db_url);
-    let tag = write_pipeline(&m, N, &sink.url);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sessions_task = watch_sessions(admin.clone(), db.clone(), stop.clone());
-    let weir = Weir::start(m.path());
-    let admin_task = watch_admin(weir.admin.clone(), stop.clone());
-    let took = wait_all_ready(&weir, 2 * N, Duration::from_secs(120)).await;
-    let (acked, refused) = publish_each(&weir, N, "a").await;
-    assert!(refused.is_empty(), "publishes refused: {refused:?}");
-    wait_delivered(&sink, &acked, Duration::from_secs(60), &weir).await;
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    let most = sessions_task.await.unwrap();
-    let w = admin_task.await.unwrap();
+    let Run {
+        weir,
+        tag,
+        took,
+        most,
+        admin: w,
+        sink,
+        acked,
+        _m,
+    } = up_publish_deliver(&db_url, &db, &admin, N, &[], Duration::from_secs(120)).await;
     eprintln!(
         "{N} streams + {N} subscriptions: Ready in {took:?}, at most {most} sessions, slowest admin answer {:?} of {}",
         w.slowest, w.polls
@@ -332,6 +377,8 @@ async fn three_times_the_default_pool_in_streams_all_ready_publish_and_deliver()
         w.failures
     );
     assert!(sink.unexpected(&acked).is_empty());
+    drop(weir);
+    delete_queues(&tag).await;
 }
 
 /// 200 streams + 200 subscriptions on a database whose role PostgreSQL limits to the
@@ -342,20 +389,24 @@ async fn two_hundred_streams_and_subscriptions_within_a_connection_limit() {
     const N: usize = 200;
     const LIMIT: u32 = 12;
     let (db_url, role, db, admin) = limited_database(LIMIT).await;
-    let sink = Sink::start().await;
-    let m = Manifests::new(&db_url);
-    let tag = write_pipeline(&m, N, &sink.url);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sessions_task = watch_sessions(admin.clone(), db.clone(), stop.clone());
-    let weir = Weir::start_with(m.path(), &[("RUST_LOG", "info")]);
-    let admin_task = watch_admin(weir.admin.clone(), stop.clone());
-    let took = wait_all_ready(&weir, 2 * N, Duration::from_secs(240)).await;
-    let (acked, refused) = publish_each(&weir, N, "b").await;
-    assert!(refused.is_empty(), "publishes refused: {refused:?}");
-    wait_delivered(&sink, &acked, Duration::from_secs(120), &weir).await;
-    stop.store(true, std::sync::atomic::Ordering::Release);
-    let most = sessions_task.await.unwrap();
-    let w = admin_task.await.unwrap();
+    let Run {
+        weir,
+        tag,
+        took,
+        most,
+        admin: w,
+        sink: _sink,
+        acked: _acked,
+        _m,
+    } = up_publish_deliver(
+        &db_url,
+        &db,
+        &admin,
+        N,
+        &[("RUST_LOG", "info")],
+        Duration::from_secs(240),
+    )
+    .await;
     let log = weir.log_text();
     eprintln!(
         "{N} streams + {N} subscriptions: Ready in {took:?}, at most {most} sessions (limit {LIMIT}), \
@@ -507,6 +558,7 @@ async fn a_database_that_refuses_is_a_condition_not_a_log_flood() {
         sink.unexpected(&sent)
     );
     drop(weir);
+    delete_queues(&tag).await;
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
     )))

@@ -94,28 +94,6 @@ impl Management {
         *r = Some(Instant::now() + RETRY_AFTER_FAILURE);
     }
 
-    /// Ready and unacknowledged messages of `queue`; `Ok(None)` if the queue does not exist.
-    /// An error means the API did not answer usefully (it then rests a while).
-    pub async fn queue(&self, queue: &str) -> Result<Option<ManagedCounts>, BrokerError> {
-        if self.resting() {
-            return Err(BrokerError::Unavailable(
-                "management API resting after a failure".into(),
-            ));
-        }
-        match self.lookup(queue).await {
-            Ok(Lookup::Found(c)) => Ok(Some(c)),
-            Ok(Lookup::NoQueue) => Ok(None),
-            // A queue declared moments ago has no statistics until the next collection.
-            Ok(Lookup::NotSampled) => Err(BrokerError::Unavailable(format!(
-                "management API: no counts for queue {queue} yet"
-            ))),
-            Err(e) => {
-                self.rest();
-                Err(e)
-            }
-        }
-    }
-
     /// Counts of every queue of the vhost, at most [`SNAPSHOT_MAX_AGE`] old. Callers at the
     /// same moment share one request (the lock is held across it on purpose).
     pub async fn queues(&self) -> Result<Arc<QueueTable>, BrokerError> {
@@ -155,6 +133,7 @@ impl Management {
             .basic_auth(&self.user, Some(&self.password))
             .send()
             .await
+            // reqwest's error names the URL, which holds no credentials here.
             .map_err(|e| unavailable(e.to_string()))?;
         if !resp.status().is_success() {
             return Err(unavailable(format!("answered {}", resp.status())));
@@ -175,44 +154,4 @@ impl Management {
             })
             .collect())
     }
-
-    async fn lookup(&self, queue: &str) -> Result<Lookup, BrokerError> {
-        let url = format!(
-            "{}{}?columns=messages_ready,messages_unacknowledged",
-            self.queues,
-            utf8_percent_encode(queue, NON_ALPHANUMERIC)
-        );
-        let unavailable = |e: String| BrokerError::Unavailable(format!("management API: {e}"));
-        let resp = self
-            .client
-            .get(url)
-            .basic_auth(&self.user, Some(&self.password))
-            .send()
-            .await
-            // reqwest's error names the URL, which holds no credentials here.
-            .map_err(|e| unavailable(e.to_string()))?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(Lookup::NoQueue);
-        }
-        if !resp.status().is_success() {
-            return Err(unavailable(format!("answered {}", resp.status())));
-        }
-        let v: serde_json::Value = resp.json().await.map_err(|e| unavailable(e.to_string()))?;
-        let count = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
-        Ok(
-            match (count("messages_ready"), count("messages_unacknowledged")) {
-                (Some(ready), Some(unacknowledged)) => Lookup::Found(ManagedCounts {
-                    ready,
-                    unacknowledged,
-                }),
-                _ => Lookup::NotSampled,
-            },
-        )
-    }
-}
-
-enum Lookup {
-    Found(ManagedCounts),
-    NoQueue,
-    NotSampled,
 }

@@ -354,15 +354,6 @@ impl Broker {
         not_found_is_ok(r, None)
     }
 
-    /// Ready and unacknowledged messages of a queue from the management API: `Ok(None)` if
-    /// the queue does not exist, an error if the API is off or did not answer.
-    pub async fn managed_counts(&self, name: &str) -> Result<Option<ManagedCounts>, BrokerError> {
-        match &self.inner.management {
-            Some(m) => m.queue(name).await,
-            None => Err(BrokerError::Unavailable("management API turned off".into())),
-        }
-    }
-
     /// Counts of every queue of the vhost from the management API (a list shared by every
     /// caller for a couple of seconds); an error if the API is off or did not answer.
     pub async fn managed_queues(

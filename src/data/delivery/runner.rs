@@ -170,6 +170,11 @@ impl SubState {
         }
         *lock(&self.error) = e;
     }
+    /// Records why the subscription does not run, with its condition reason.
+    fn set_failure(&self, reason: &'static str, e: String) {
+        *lock(&self.error) = Some(e);
+        *lock(&self.failure) = Some(reason);
+    }
     /// Why set-up fails, as a condition reason (StoreUnavailable, BrokerUnavailable,
     /// ProvisioningFailed) with the error, while it does.
     pub fn failure(&self) -> Option<(&'static str, String)> {
@@ -1552,7 +1557,12 @@ async fn consume_shared(inner: Arc<Inner>, cancel: CancellationToken) {
             match open_consumer(&inner, &inner.names.queue, prefetch).await {
                 Ok(x) => x,
                 Err(e) => {
-                    inner.state.set_error(Some(e.to_string()));
+                    // The broker's link backs off its reconnects: this costs nothing while it
+                    // is down, and it is not logged (the link says it once).
+                    inner.state.set_failure(
+                        crate::data::engine::reason::BROKER_UNAVAILABLE,
+                        e.to_string(),
+                    );
                     if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
                         break;
                     }
@@ -1743,7 +1753,12 @@ async fn consume_lane(inner: Arc<Inner>, queue: String, hold: String, cancel: Ca
             match open_consumer(&inner, &queue, LANE_PREFETCH.into()).await {
                 Ok(x) => x,
                 Err(e) => {
-                    inner.state.set_error(Some(e.to_string()));
+                    // The broker's link backs off its reconnects: this costs nothing while it
+                    // is down, and it is not logged (the link says it once).
+                    inner.state.set_failure(
+                        crate::data::engine::reason::BROKER_UNAVAILABLE,
+                        e.to_string(),
+                    );
                     if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
                         return;
                     }
