@@ -54,7 +54,7 @@ use super::{
     EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, HOLD_ID_HEADER, HOLD_SOURCE_HEADER, Names,
     binding_keys,
 };
-use crate::data::Trouble;
+use crate::data::{Trouble, sleep_or_cancel};
 use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
 use crate::data::event::{
     CloudEvent, EXT_CAUSATION_ID, EXT_CORRELATION_ID, EXT_POSITION, EXT_RECORDED_TIME, EXT_VERSION,
@@ -518,13 +518,6 @@ impl Runner {
             .await?;
         }
         Ok(())
-    }
-}
-
-async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
-    tokio::select! {
-        _ = cancel.cancelled() => false,
-        _ = tokio::time::sleep(d) => true,
     }
 }
 
