@@ -54,7 +54,6 @@ use super::{
     EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, HOLD_ID_HEADER, HOLD_SOURCE_HEADER, Names,
     binding_keys,
 };
-use crate::data::{Trouble, sleep_or_cancel};
 use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
 use crate::data::event::{
     CloudEvent, EXT_CAUSATION_ID, EXT_CORRELATION_ID, EXT_POSITION, EXT_RECORDED_TIME, EXT_VERSION,
@@ -62,6 +61,7 @@ use crate::data::event::{
 };
 use crate::data::store::Store;
 use crate::data::store::locks::LockKey;
+use crate::data::{Trouble, sleep_or_cancel};
 use crate::metrics::Metrics;
 use crate::topology::filter::matches_all;
 use crate::topology::{
