@@ -408,9 +408,15 @@ async fn two_hundred_streams_and_subscriptions_within_a_connection_limit() {
     )
     .await;
     let log = weir.log_text();
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", weir.child.id()))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or_default()
+        .to_string();
     eprintln!(
         "{N} streams + {N} subscriptions: Ready in {took:?}, at most {most} sessions (limit {LIMIT}), \
-         slowest admin answer {:?} of {}, log {} lines",
+         slowest admin answer {:?} of {}, log {} lines, {rss}",
         w.slowest,
         w.polls,
         log.lines().count()

@@ -410,14 +410,13 @@ impl Runner {
         metrics: Metrics,
     ) -> Result<Runner, DeliveryError> {
         let consumers = plan.consumers.max(1);
-        let sender = Sender::new(&plan.sink, plan.delivery.timeout, consumers as usize)?;
+        let sender = Sender::new(&plan.sink, plan.delivery.timeout)?;
         let dl_sender = match &plan.delivery.dead_letter {
             Some(DeadLetterPlan::Sink(url)) => Some(Sender::to_url(
                 url,
                 SinkFormat::Binary,
                 None,
                 plan.delivery.timeout,
-                1,
             )?),
             _ => None,
         };

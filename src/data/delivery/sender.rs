@@ -66,6 +66,30 @@ impl Failure {
     }
 }
 
+/// Idle connections the shared client keeps per sink host: enough for the deliveries in
+/// flight of the subscriptions that share a sink host (`consumers` is at most a few hundred),
+/// few enough that a worker with a thousand subscriptions to one host holds a bounded
+/// number of sockets.
+const IDLE_PER_HOST: usize = 512;
+
+/// One HTTP client for every sink of the process. A client per subscription carried its own
+/// TLS context (the system's trusted roots parsed again) and connection pool: about half a
+/// megabyte each, most of a worker's memory at a thousand subscriptions. Timeouts are set per
+/// request, so nothing of a subscription's settings lives in the client.
+fn shared_client() -> Result<reqwest::Client, DeliveryError> {
+    static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(IDLE_PER_HOST)
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| DeliveryError::Sink(format!("HTTP client: {e}")))
+}
+
 /// Sends events to one sink. Cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct Sender {
@@ -77,21 +101,10 @@ pub struct Sender {
 }
 
 impl Sender {
-    /// A sender for `sink`; `max_idle` keeps that many connections open (the subscription's
-    /// `consumers`: one per delivery in flight). `https` sinks are verified against the
+    /// A sender for `sink` (its connections come from the process's shared client). `https` sinks are verified against the
     /// system's trusted roots (OpenSSL's: `SSL_CERT_FILE` / `SSL_CERT_DIR` add a private CA).
-    pub fn new(
-        sink: &SinkPlan,
-        timeout: Duration,
-        max_idle: usize,
-    ) -> Result<Sender, DeliveryError> {
-        Sender::to_url(
-            &sink.url,
-            sink.format,
-            sink.auth_token.clone(),
-            timeout,
-            max_idle,
-        )
+    pub fn new(sink: &SinkPlan, timeout: Duration) -> Result<Sender, DeliveryError> {
+        Sender::to_url(&sink.url, sink.format, sink.auth_token.clone(), timeout)
     }
 
     /// A sender for a plain URL (dead-letter sinks).
@@ -100,18 +113,13 @@ impl Sender {
         format: SinkFormat,
         auth: Option<String>,
         timeout: Duration,
-        max_idle: usize,
     ) -> Result<Sender, DeliveryError> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(DeliveryError::Sink(format!(
                 "{url}: a sink is an http:// or https:// URL"
             )));
         }
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(max_idle)
-            .timeout(timeout)
-            .build()
-            .map_err(|e| DeliveryError::Sink(format!("HTTP client: {e}")))?;
+        let client = shared_client()?;
         Ok(Sender {
             client,
             url: url.to_string(),
@@ -357,7 +365,7 @@ mod tests {
     }
 
     fn sender(url: &str, format: SinkFormat) -> Sender {
-        Sender::to_url(url, format, Some("tok".into()), Duration::from_secs(2), 1).unwrap()
+        Sender::to_url(url, format, Some("tok".into()), Duration::from_secs(2)).unwrap()
     }
 
     #[tokio::test]
@@ -473,14 +481,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await });
-        let s = Sender::to_url(
-            &url,
-            SinkFormat::Binary,
-            None,
-            Duration::from_millis(200),
-            1,
-        )
-        .unwrap();
+        let s = Sender::to_url(&url, SinkFormat::Binary, None, Duration::from_millis(200)).unwrap();
         let (out, took) = s.send(&event()).await;
         let Outcome::Failed(f) = out else {
             panic!("delivered")
@@ -492,15 +493,9 @@ mod tests {
 
     #[test]
     fn other_schemes_fail_clearly() {
-        let err = Sender::to_url(
-            "ftp://x/",
-            SinkFormat::Binary,
-            None,
-            Duration::from_secs(1),
-            1,
-        )
-        .err()
-        .unwrap();
+        let err = Sender::to_url("ftp://x/", SinkFormat::Binary, None, Duration::from_secs(1))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("http:// or https://"), "{err}");
         assert!(
             Sender::to_url(
@@ -508,7 +503,6 @@ mod tests {
                 SinkFormat::Binary,
                 None,
                 Duration::from_secs(1),
-                1
             )
             .is_ok()
         );
@@ -525,7 +519,6 @@ mod tests {
             SinkFormat::Binary,
             None,
             Duration::from_secs(2),
-            1,
         )
         .unwrap();
         let (out, _) = s.send(&event()).await;
