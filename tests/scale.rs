@@ -132,7 +132,7 @@ async fn status(admin: &str) -> Vec<Value> {
 }
 
 /// Waits until `want` resources are Ready; on timeout, names those that are not and why.
-async fn wait_all_ready(weir: &Weir, want: usize, within: Duration) -> Duration {
+async fn wait_all_ready(weir: &mut Weir, want: usize, within: Duration) -> Duration {
     let started = Instant::now();
     loop {
         let rs = status(&weir.admin).await;
@@ -148,8 +148,11 @@ async fn wait_all_ready(weir: &Weir, want: usize, within: Duration) -> Duration 
                 .map(|r| format!("{}/{}: {}", r["kind"], r["name"], r["conditions"][0]))
                 .collect();
             panic!(
-                "{ready}/{want} resources Ready after {within:?} ({} listed); not ready: {not:#?}\nlog tail:\n{}",
+                "{ready}/{want} resources Ready after {within:?} ({} listed; process {:?}, admin {}); \
+                 not ready: {not:#?}\nlog tail:\n{}",
                 rs.len(),
+                weir.child.try_wait(),
+                weir.admin,
                 tail(&weir.log_text(), 40)
             );
         }
@@ -325,9 +328,9 @@ async fn up_publish_deliver(
     let tag = write_pipeline(&m, n, &sink.url);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sessions_task = watch_sessions(admin.clone(), db.to_string(), stop.clone());
-    let weir = Weir::start_with(m.path(), env);
+    let mut weir = Weir::start_with(m.path(), env);
     let admin_task = watch_admin(weir.admin.clone(), stop.clone());
-    let took = wait_all_ready(&weir, 2 * n, ready_within).await;
+    let took = wait_all_ready(&mut weir, 2 * n, ready_within).await;
     let (acked, refused) = publish_each(&weir, n, "a").await;
     assert!(refused.is_empty(), "publishes refused: {refused:?}");
     wait_delivered(&sink, &acked, Duration::from_secs(120), &weir).await;
@@ -462,8 +465,8 @@ async fn a_database_that_refuses_is_a_condition_not_a_log_flood() {
     let sink = Sink::start().await;
     let m = Manifests::new(&db_url);
     let tag = write_pipeline(&m, N, &sink.url);
-    let weir = Weir::start_with(m.path(), &[("RUST_LOG", "info")]);
-    wait_all_ready(&weir, 2 * N, Duration::from_secs(120)).await;
+    let mut weir = Weir::start_with(m.path(), &[("RUST_LOG", "info")]);
+    wait_all_ready(&mut weir, 2 * N, Duration::from_secs(120)).await;
     let (mut acked, refused) = publish_each(&weir, N, "before").await;
     assert!(refused.is_empty(), "{refused:?}");
     wait_delivered(&sink, &acked, Duration::from_secs(60), &weir).await;
@@ -531,7 +534,7 @@ async fn a_database_that_refuses_is_a_condition_not_a_log_flood() {
     .execute(&admin)
     .await
     .unwrap();
-    let back = wait_all_ready(&weir, 2 * N, Duration::from_secs(90)).await;
+    let back = wait_all_ready(&mut weir, 2 * N, Duration::from_secs(90)).await;
     let lines = weir.log_text().lines().count() - lines_before;
     stop.store(true, std::sync::atomic::Ordering::Release);
     let w = admin_task.await.unwrap();

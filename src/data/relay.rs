@@ -177,12 +177,9 @@ impl Relay {
     pub async fn run(self, cancel: CancellationToken) {
         let mut trouble = Trouble::new(RETRY_BASE, RETRY_MAX);
         while !cancel.is_cancelled() {
-            match self.own_and_relay(&cancel).await {
-                Ok(()) => {
-                    if trouble.ok() {
-                        tracing::info!(stream = %self.key, "relay running again");
-                    }
-                }
+            // `Ok` only when cancelled: nothing to say then.
+            match self.own_and_relay(&cancel, &mut trouble).await {
+                Ok(()) => {}
                 Err(e) => {
                     let msg = e.to_string();
                     let (delay, say) = trouble.failed(&msg);
@@ -196,7 +193,11 @@ impl Relay {
     }
 
     /// Waits for the lock, then relays until cancelled or until ownership is lost.
-    async fn own_and_relay(&self, cancel: &CancellationToken) -> Result<(), RelayError> {
+    async fn own_and_relay(
+        &self,
+        cancel: &CancellationToken,
+        trouble: &mut Trouble,
+    ) -> Result<(), RelayError> {
         // Relays of streams whose id does not fit an int4 share lock keys (a longer wait for
         // the other, never two owners of one).
         let key = LockKey::Pair(RELAY_LOCK_CLASS, self.stream_id as i32);
@@ -204,6 +205,8 @@ impl Relay {
             return Ok(());
         };
         let (epoch, mut checkpoint) = lease.claim_relay(self.stream_id).await?;
+        // Owning again ends a trouble (this line says so): the next failure is said anew.
+        trouble.ok();
         tracing::info!(stream = %self.key, epoch, checkpoint, "relay owner");
         let lost = lease.lost().clone();
         tokio::select! {

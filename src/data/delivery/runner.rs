@@ -645,28 +645,38 @@ impl BacklogSampler {
         // (a channel opened and closed by the broker each), churned thousands of channels a
         // minute.
         let table = broker.managed_queues().await.ok();
+        let managed = table.is_some();
         let mut total = 0i64;
-        let mut managed = table.is_some();
+        let mut listed = true;
         for q in inner.names.consumed() {
             match table.as_ref().and_then(|t| t.get(&q)) {
                 Some(c) => total += (c.ready + c.unacknowledged) as i64,
                 None => {
-                    // Not listed (statistics not collected yet, or no API): ask AMQP.
+                    // Not listed (no API, or a queue declared since the broker last
+                    // collected its statistics): ask AMQP for what is ready.
                     let ready = broker.queue_counts(&q).await.ok()??.messages;
                     total += i64::from(ready);
-                    managed = false;
+                    listed = false;
                 }
             }
         }
-        if !managed {
+        if !listed {
+            // What is in flight here is all that can be known of the unacknowledged ones.
             total += inner.state.inflight.load(Ordering::Acquire);
         }
-        if self.managed != Some(managed) {
-            tracing::info!(subscription = %inner.plan.key, from_broker = managed,
-                "backlog counts unacknowledged messages {}",
-                if managed { "from the management API" } else { "of this worker only (no management API)" });
-            self.managed = Some(managed);
+        // Said when it changes; the first answer is no news (a thousand subscriptions starting
+        // would otherwise say it a thousand times).
+        match self.managed {
+            Some(m) if m != managed => {
+                tracing::info!(subscription = %inner.plan.key, from_broker = managed,
+                    "backlog counts unacknowledged messages {}",
+                    if managed { "from the management API" } else { "of this worker only (no management API)" });
+            }
+            None => tracing::debug!(subscription = %inner.plan.key, from_broker = managed,
+                "backlog counts unacknowledged messages"),
+            _ => {}
         }
+        self.managed = Some(managed);
         if matches!(inner.plan.ordering, OrderingPlan::None) {
             if let Some(t) = &table {
                 for d in all_buckets(&inner.plan.delivery) {
