@@ -45,12 +45,17 @@ pub struct Management {
     /// every subscription's backlog sample of this worker (a request per queue would be
     /// thousands a minute with a thousand subscriptions).
     snapshot: tokio::sync::Mutex<Option<(Instant, Arc<QueueTable>)>>,
+    /// The last list failed: its trouble was said, the recovery will be.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 /// Counts of every queue of the vhost by name (a queue whose statistics were not collected
 /// yet is absent).
 pub type QueueTable = HashMap<String, ManagedCounts>;
 
+/// A list of every queue may take this long (thousands of queues, a loaded broker); it is
+/// asked at most once per [`SNAPSHOT_MAX_AGE`], so waiting costs little.
+const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How old a queue list may be before it is asked again. The plugin collects statistics
 /// every 5 s by default, so a fresher list would only repeat the same numbers.
 const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(2);
@@ -81,6 +86,7 @@ impl Management {
             password: auth.userinfo.password.clone(),
             resting_until: Mutex::new(None),
             snapshot: tokio::sync::Mutex::new(None),
+            failing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -108,13 +114,23 @@ impl Management {
                 "management API resting after a failure".into(),
             ));
         }
+        use std::sync::atomic::Ordering;
         match self.list().await {
             Ok(t) => {
+                if self.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!(
+                        "RabbitMQ management API answers again: backlogs count every replica's unacknowledged messages"
+                    );
+                }
                 let t = Arc::new(t);
                 *snap = Some((Instant::now(), t.clone()));
                 Ok(t)
             }
             Err(e) => {
+                // Said once per broker, not once per subscription that asked.
+                if !self.failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(error = %e, "RabbitMQ management API unavailable: backlogs count only this worker's unacknowledged messages until it answers");
+                }
                 self.rest();
                 Err(e)
             }
@@ -130,6 +146,9 @@ impl Management {
         let resp = self
             .client
             .get(url)
+            // The list of every queue: with thousands of queues the broker takes longer to
+            // answer it than one queue's lookup.
+            .timeout(LIST_TIMEOUT)
             .basic_auth(&self.user, Some(&self.password))
             .send()
             .await

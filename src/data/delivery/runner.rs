@@ -628,8 +628,6 @@ struct BacklogSampler {
     /// Delay buckets seen to exist.
     buckets: HashSet<Duration>,
     buckets_checked: Option<Instant>,
-    /// Whether the last sample had the broker's unacknowledged counts.
-    managed: Option<bool>,
 }
 
 impl BacklogSampler {
@@ -644,8 +642,9 @@ impl BacklogSampler {
         // subscriptions asking per queue, and looking for delay buckets with passive declares
         // (a channel opened and closed by the broker each), churned thousands of channels a
         // minute.
+        // Whether the management API answers is the broker's news, said once by the broker
+        // handle (not once per subscription).
         let table = broker.managed_queues().await.ok();
-        let managed = table.is_some();
         let mut total = 0i64;
         let mut listed = true;
         for q in inner.names.consumed() {
@@ -664,19 +663,6 @@ impl BacklogSampler {
             // What is in flight here is all that can be known of the unacknowledged ones.
             total += inner.state.inflight.load(Ordering::Acquire);
         }
-        // Said when it changes; the first answer is no news (a thousand subscriptions starting
-        // would otherwise say it a thousand times).
-        match self.managed {
-            Some(m) if m != managed => {
-                tracing::info!(subscription = %inner.plan.key, from_broker = managed,
-                    "backlog counts unacknowledged messages {}",
-                    if managed { "from the management API" } else { "of this worker only (no management API)" });
-            }
-            None => tracing::debug!(subscription = %inner.plan.key, from_broker = managed,
-                "backlog counts unacknowledged messages"),
-            _ => {}
-        }
-        self.managed = Some(managed);
         if matches!(inner.plan.ordering, OrderingPlan::None) {
             if let Some(t) = &table {
                 for d in all_buckets(&inner.plan.delivery) {
