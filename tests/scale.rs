@@ -277,6 +277,18 @@ async fn wait_delivered(sink: &Sink, ids: &[String], within: Duration, weir: &We
     }
 }
 
+/// Removes what [`limited_database`] made.
+async fn drop_limited(admin: &sqlx::PgPool, db: &str, role: &str) {
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+    )))
+    .execute(admin)
+    .await;
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
+        .execute(admin)
+        .await;
+}
+
 /// A database owned by a role of its own whose connections PostgreSQL limits to `limit`.
 async fn limited_database(limit: u32) -> (String, String, String, sqlx::PgPool) {
     let admin = sqlx::PgPool::connect(&pg_admin_url()).await.unwrap();
@@ -442,14 +454,7 @@ async fn two_hundred_streams_and_subscriptions_within_a_connection_limit() {
     );
     drop(weir);
     delete_queues(&tag).await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
-    )))
-    .execute(&admin)
-    .await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
-        .execute(&admin)
-        .await;
+    drop_limited(&admin, &db, &role).await;
 }
 
 /// PostgreSQL refuses the worker's role for a while: streams go Ready=False with reason
@@ -568,12 +573,5 @@ async fn a_database_that_refuses_is_a_condition_not_a_log_flood() {
     );
     drop(weir);
     delete_queues(&tag).await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
-    )))
-    .execute(&admin)
-    .await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
-        .execute(&admin)
-        .await;
+    drop_limited(&admin, &db, &role).await;
 }
