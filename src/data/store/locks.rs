@@ -183,7 +183,6 @@ struct Inner {
 struct State {
     /// Counts sessions: a lease belongs to the session it was granted on.
     generation: u64,
-    connected: bool,
     /// The current session's `lost` token.
     lost: CancellationToken,
     /// Waiters by key, first come first served.
@@ -233,11 +232,6 @@ impl Locks {
             // what it granted to it.
             l = rx => l.ok(),
         }
-    }
-
-    /// Why the session is down, if it is (`None` while connected or never needed).
-    pub fn error(&self) -> Option<String> {
-        lock(&self.inner.state).error.clone()
     }
 
     /// Stops the session (shutdown): its locks are released with it.
@@ -304,7 +298,6 @@ async fn run(inner: Arc<Inner>, mut requests: mpsc::Receiver<Req>) {
         let (generation, lost) = {
             let mut st = lock(&inner.state);
             st.generation += 1;
-            st.connected = true;
             st.lost = CancellationToken::new();
             // Keys released while no session existed were unlocked with the old session.
             st.release.clear();
@@ -318,7 +311,6 @@ async fn run(inner: Arc<Inner>, mut requests: mpsc::Receiver<Req>) {
         lost.cancel();
         {
             let mut st = lock(&inner.state);
-            st.connected = false;
             st.held.clear();
             st.release.clear();
         }
