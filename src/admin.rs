@@ -10,6 +10,7 @@ use axum::routing::get;
 use http::{StatusCode, header};
 
 use crate::data::engine::Engine;
+use crate::data::problem::{HttpProblem, ProblemKind};
 use crate::data::subscriptions::Subscriptions;
 use crate::status::StatusBoard;
 
@@ -123,21 +124,11 @@ struct ListQuery {
 /// here, 503 when the broker cannot be reached.
 fn dlq_error(e: crate::data::delivery::DeliveryError) -> Response {
     use crate::data::delivery::DeliveryError;
-    let status = match &e {
-        DeliveryError::NotRunning(_) => StatusCode::NOT_FOUND,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
+    let kind = match &e {
+        DeliveryError::NotRunning(_) => ProblemKind::NotFound,
+        _ => ProblemKind::Unavailable,
     };
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/problem+json")],
-        axum::Json(serde_json::json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or_default(),
-            "status": status.as_u16(),
-            "detail": e.to_string(),
-        })),
-    )
-        .into_response()
+    HttpProblem::new(kind, e.to_string()).into_response()
 }
 
 async fn dlq_list(
@@ -162,7 +153,7 @@ async fn dlq_show(
     match st.subscriptions.dead_letters(&key, max).await {
         Ok(list) => match list.into_iter().find(|d| d.id == id) {
             Some(d) => axum::Json(d).into_response(),
-            None => (StatusCode::NOT_FOUND, "no such dead letter").into_response(),
+            None => HttpProblem::not_found(format!("no dead letter {id} in {key}")).into_response(),
         },
         Err(e) => dlq_error(e),
     }
@@ -203,23 +194,13 @@ async fn dlq_purge(
 /// stream here, 409 while another run holds the stream, 503 for store trouble.
 fn archive_error(e: crate::data::archive::ArchiveError) -> Response {
     use crate::data::archive::ArchiveError;
-    let status = match &e {
-        ArchiveError::NotArchived(_) => StatusCode::NOT_FOUND,
-        ArchiveError::Busy => StatusCode::CONFLICT,
-        ArchiveError::NotRunning(_) | ArchiveError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    let kind = match &e {
+        ArchiveError::NotArchived(_) => ProblemKind::NotFound,
+        ArchiveError::Busy => ProblemKind::Busy,
+        ArchiveError::NotRunning(_) | ArchiveError::Store(_) => ProblemKind::Unavailable,
+        _ => ProblemKind::Internal,
     };
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/problem+json")],
-        axum::Json(serde_json::json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or_default(),
-            "status": status.as_u16(),
-            "detail": e.to_string(),
-        })),
-    )
-        .into_response()
+    HttpProblem::new(kind, e.to_string()).into_response()
 }
 
 /// Every stream archived by this process, with its totals.

@@ -16,6 +16,7 @@ pub mod cli_trace;
 pub mod control;
 pub mod data;
 pub mod metrics;
+pub mod poison;
 pub mod shutdown;
 pub mod source;
 pub mod status;

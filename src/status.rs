@@ -2,6 +2,7 @@
 //! `kubectl get weir` would. Assembled from the topology's reports (is the spec valid?) and
 //! the engine's health (are its broker and store reachable?).
 
+use crate::poison::RwLockExt;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -76,7 +77,7 @@ impl StatusBoard {
         manifest_problems: Vec<String>,
         endpoint_base: String,
     ) {
-        let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.inner.writing();
         *s = Snapshot {
             loaded: true,
             reports,
@@ -98,22 +99,18 @@ impl StatusBoard {
 
     /// True once a topology has been applied (readiness).
     pub fn loaded(&self) -> bool {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).loaded
+        self.inner.reading().loaded
     }
 
     pub fn manifest_problems(&self) -> Vec<String> {
-        self.inner
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .manifest_problems
-            .clone()
+        self.inner.reading().manifest_problems.clone()
     }
 
     /// Every resource with its conditions. Computed from memory only (the topology's reports,
     /// the engine's and subscriptions' state): it answers at once whatever the database or
     /// broker do, and takes no lock that reconciliation holds across an await.
     pub fn resources(&self, engine: &Engine) -> Vec<ResourceStatus> {
-        let snap = self.inner.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let snap = self.inner.reading().clone();
         let mut out = Vec::new();
         for r in &snap.reports {
             let mut conditions = Vec::new();

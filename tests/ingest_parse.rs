@@ -10,7 +10,7 @@ use weir::data::ingest::{
     IngestContext, MAX_EXTENSION_NAME_LEN, Validator, ValidatorError, check_content_type,
     expected_version, parse_request, parse_request_bytes,
 };
-use weir::data::problem::{Problem, ProblemKind};
+use weir::data::problem::{HttpProblem, ProblemKind};
 use weir::topology::{SchemaPlan, ValidationPlan};
 
 const STRUCTURED: &str = "application/cloudevents+json";
@@ -35,7 +35,7 @@ fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     h
 }
 
-fn post(content_type: &str, body: &[u8]) -> Result<Vec<CloudEvent>, Problem> {
+fn post(content_type: &str, body: &[u8]) -> Result<Vec<CloudEvent>, HttpProblem> {
     parse_request(&headers(&[("content-type", content_type)]), body, &ctx())
 }
 
@@ -92,7 +92,7 @@ fn to_binary(ev: &CloudEvent) -> (HeaderMap, Vec<u8>) {
     (h, body)
 }
 
-fn problem(result: Result<Vec<CloudEvent>, Problem>) -> Problem {
+fn problem(result: Result<Vec<CloudEvent>, HttpProblem>) -> HttpProblem {
     match result {
         Ok(evs) => panic!("expected a problem, got {evs:?}"),
         Err(p) => p,
@@ -100,7 +100,7 @@ fn problem(result: Result<Vec<CloudEvent>, Problem>) -> Problem {
 }
 
 /// Asserts that `p` has status `status` and an error at `index`/`pointer`.
-fn assert_error(p: &Problem, status: u16, index: Option<usize>, pointer: Option<&str>) {
+fn assert_error(p: &HttpProblem, status: u16, index: Option<usize>, pointer: Option<&str>) {
     assert_eq!(p.status, status, "{p:?}");
     assert!(
         p.errors

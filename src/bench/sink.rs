@@ -6,6 +6,7 @@
 //! `weir run` child only carries the stamp along as the `benchsent` extension), so the clock
 //! is [`stamp_of`]: microseconds on the monotonic clock since a process-wide epoch.
 
+use crate::poison::MutexExt;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,12 +55,6 @@ struct State {
     tally: Mutex<Tally>,
     /// Distinct events of the current run (mirrors `tally.seen.len()` for lock-free polling).
     delivered: AtomicUsize,
-}
-
-fn lock(m: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
-    // A panic while holding the lock leaves a consistent tally (every update is one insert
-    // and a few counters), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What [`Sink::take`] returns about one run.
@@ -122,7 +117,7 @@ impl Sink {
 
     /// Starts counting a new run: only events whose id starts with `prefix` are counted.
     pub fn begin(&self, prefix: &str) -> Result<(), BenchError> {
-        let mut t = lock(&self.state.tally);
+        let mut t = self.state.tally.locked();
         t.prefix = prefix.to_string();
         t.seen.clear();
         t.latency = new_histogram()?;
@@ -168,7 +163,7 @@ impl Sink {
 
     /// The current run's arrivals.
     pub fn take(&self) -> Result<Arrivals, BenchError> {
-        let mut t = lock(&self.state.tally);
+        let mut t = self.state.tally.locked();
         Ok(Arrivals {
             delivered: t.seen.len(),
             duplicates: t.duplicates,
@@ -197,7 +192,7 @@ fn receive(st: &State, headers: &HeaderMap) {
     };
     // The stamp is decimal digits; anything else (a foreign event) records no latency.
     let sent: Option<u64> = header(headers, "ce-benchsent").and_then(|v| v.parse().ok());
-    let mut t = lock(&st.tally);
+    let mut t = st.tally.locked();
     if t.prefix.is_empty() || !id.starts_with(t.prefix.as_str()) {
         return;
     }

@@ -1,6 +1,7 @@
 //! What every reconcile shares: the API client, the controllers' caches, the data plane, the
 //! status queue and the leadership flag.
 
+use crate::poison::MutexExt;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -263,7 +264,7 @@ impl Context {
 
     /// Records a failure of `key` and returns how many in a row.
     pub fn failed(&self, key: &Key) -> u32 {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = self.failures.locked();
         let n = f.entry(key.clone()).or_insert(0);
         *n = n.saturating_add(1);
         *n
@@ -271,10 +272,7 @@ impl Context {
 
     /// Forgets the failures of `key` after a successful reconcile.
     pub fn succeeded(&self, key: &Key) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        self.failures.locked().remove(key);
     }
 }
 

@@ -4,6 +4,7 @@
 //! ones its resources name, again when the referencing resource changes and whenever a cached
 //! copy is older than the refresh interval, so a rotated credential is picked up within it.
 
+use crate::poison::MutexExt;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -83,11 +84,6 @@ pub struct RefCache {
     config_maps: Mutex<HashMap<Key, Cached<ConfigMapData>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The maps are updated by single inserts: a panic elsewhere cannot leave them torn.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Decoded `data` of a Secret, with `stringData` on top (as the API server would merge it).
 pub fn decode_secret(s: &Secret) -> BTreeMap<String, Vec<u8>> {
     let mut out: BTreeMap<String, Vec<u8>> = s
@@ -115,7 +111,7 @@ impl RefCache {
         let now = Instant::now();
         let stale = |fetched: Instant, present: bool| !present || now - fetched >= max_age;
         let secrets: Vec<Key> = {
-            let cache = lock(&self.secrets);
+            let cache = self.secrets.locked();
             refs.secrets
                 .iter()
                 .filter(|k| {
@@ -129,7 +125,7 @@ impl RefCache {
         for key in secrets {
             let api: Api<Secret> = Api::namespaced(client.clone(), &key.namespace);
             let value = api.get_opt(&key.name).await?.map(|s| decode_secret(&s));
-            lock(&self.secrets).insert(
+            self.secrets.locked().insert(
                 key,
                 Cached {
                     fetched: Instant::now(),
@@ -138,7 +134,7 @@ impl RefCache {
             );
         }
         let config_maps: Vec<Key> = {
-            let cache = lock(&self.config_maps);
+            let cache = self.config_maps.locked();
             refs.config_maps
                 .iter()
                 .filter(|k| {
@@ -155,7 +151,7 @@ impl RefCache {
                 .get_opt(&key.name)
                 .await?
                 .map(|c| c.data.unwrap_or_default());
-            lock(&self.config_maps).insert(
+            self.config_maps.locked().insert(
                 key,
                 Cached {
                     fetched: Instant::now(),
@@ -171,7 +167,7 @@ impl RefCache {
         &self,
         refs: &Refs,
     ) -> (BTreeMap<Key, SecretData>, BTreeMap<Key, ConfigMapData>) {
-        let secrets = lock(&self.secrets);
+        let secrets = self.secrets.locked();
         let s = refs
             .secrets
             .iter()
@@ -182,7 +178,7 @@ impl RefCache {
                     .map(|v| (k.clone(), v))
             })
             .collect();
-        let cms = lock(&self.config_maps);
+        let cms = self.config_maps.locked();
         let c = refs
             .config_maps
             .iter()

@@ -3,6 +3,7 @@
 //! streams), relay and health. `apply` moves the running set to a new topology; a stream
 //! whose plan did not change keeps running untouched.
 
+use crate::poison::{MutexExt, RwLockExt};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -95,22 +96,16 @@ pub struct Health {
 
 impl Health {
     fn set_error(&self, e: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+        *self.last_error.locked() = e;
     }
     fn set_broker_error(&self, e: Option<String>) {
-        *self.broker_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+        *self.broker_error.locked() = e;
     }
     fn broker_error(&self) -> Option<String> {
-        self.broker_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.broker_error.locked().clone()
     }
     pub fn error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.last_error.locked().clone()
     }
 }
 
@@ -145,9 +140,7 @@ impl StreamRuntime {
     /// The batcher while the stream runs (`None` once stopping or for broker-only streams).
     pub fn batcher(&self) -> Option<Batcher> {
         match &self.backend {
-            Backend::Stored { batcher, .. } => {
-                batcher.lock().unwrap_or_else(|p| p.into_inner()).clone()
-            }
+            Backend::Stored { batcher, .. } => batcher.locked().clone(),
             Backend::BrokerOnly { .. } => None,
         }
     }
@@ -204,19 +197,15 @@ impl StreamRuntime {
             ..
         } = &self.backend
         {
-            drop(batcher.lock().unwrap_or_else(|p| p.into_inner()).take());
-            let task = batcher_task
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+            drop(batcher.locked().take());
+            let task = batcher_task.locked().take();
             if let Some(task) = task
                 && tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err()
             {
                 tracing::warn!(stream = %self.plan.key, "batcher did not drain in time");
             }
         }
-        let tasks: Vec<_> =
-            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.locked());
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
@@ -344,12 +333,12 @@ impl Engine {
     }
 
     pub fn stream(&self, namespace: &str, name: &str) -> Option<Arc<StreamRuntime>> {
-        let streams = self.streams.read().unwrap_or_else(|p| p.into_inner());
+        let streams = self.streams.reading();
         streams.get(&Key::new(namespace, name)).cloned()
     }
 
     pub fn streams(&self) -> Vec<Arc<StreamRuntime>> {
-        let streams = self.streams.read().unwrap_or_else(|p| p.into_inner());
+        let streams = self.streams.reading();
         let mut v: Vec<_> = streams.values().cloned().collect();
         v.sort_by(|a, b| a.plan.key.cmp(&b.plan.key));
         v
@@ -389,7 +378,7 @@ impl Engine {
     }
 
     fn broker_for(&self, url: &str) -> Broker {
-        let mut brokers = self.brokers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut brokers = self.brokers.locked();
         brokers
             .entry(url.to_string())
             .or_insert_with(|| Broker::new(url.to_string()))
@@ -418,18 +407,14 @@ impl Engine {
             match self.start(plan.clone()) {
                 Ok(rt) => {
                     tracing::info!(stream = %key, generation = plan.generation, "stream started");
-                    let old = self
-                        .streams
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(key.clone(), rt);
+                    let old = self.streams.writing().insert(key.clone(), rt);
                     to_stop.extend(old);
                 }
                 Err(e) => errors.push(e),
             }
         }
         {
-            let mut streams = self.streams.write().unwrap_or_else(|p| p.into_inner());
+            let mut streams = self.streams.writing();
             let gone: Vec<Key> = streams
                 .keys()
                 .filter(|k| !plans.contains_key(*k) && !keep.contains(*k))
@@ -585,7 +570,7 @@ impl Engine {
     /// graceful shutdown, after the HTTP servers stopped accepting.
     pub async fn shutdown(&self) {
         let all: Vec<_> = {
-            let mut streams = self.streams.write().unwrap_or_else(|p| p.into_inner());
+            let mut streams = self.streams.writing();
             streams.drain().map(|(_, v)| v).collect()
         };
         for rt in all {

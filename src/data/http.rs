@@ -20,7 +20,7 @@ use crate::data::cache::{CacheKey, Cached, read_through};
 use crate::data::engine::{Backend, Engine, StreamRuntime};
 use crate::data::event::{StoredEvent, to_batch_json, to_structured_json};
 use crate::data::ingest::{IngestContext, parse_request_bytes};
-use crate::data::problem::Problem;
+use crate::data::problem::HttpProblem;
 use crate::data::store::Appended;
 
 /// Largest page the read API returns; a client pages on with `from`.
@@ -60,10 +60,14 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-fn stream_or_404(st: &HttpState, ns: &str, stream: &str) -> Result<Arc<StreamRuntime>, Problem> {
+fn stream_or_404(
+    st: &HttpState,
+    ns: &str,
+    stream: &str,
+) -> Result<Arc<StreamRuntime>, HttpProblem> {
     st.engine
         .stream(ns, stream)
-        .ok_or_else(|| Problem::stream_not_found(ns, stream))
+        .ok_or_else(|| HttpProblem::stream_not_found(ns, stream))
 }
 
 #[derive(serde::Serialize)]
@@ -125,7 +129,7 @@ async fn publish(
     response
 }
 
-type PublishResult = Result<(Response, usize, usize), (Problem, usize)>;
+type PublishResult = Result<(Response, usize, usize), (HttpProblem, usize)>;
 
 async fn publish_inner(
     st: &HttpState,
@@ -142,7 +146,7 @@ async fn publish_inner(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if let Some(n) = declared.filter(|n| *n > limit) {
-        return Err((Problem::payload_too_large(Some(n), limit), 0));
+        return Err((HttpProblem::payload_too_large(Some(n), limit), 0));
     }
     let batcher = rt.batcher();
     // Announce the request to the batcher while its body is read and parsed, so a batch
@@ -219,10 +223,10 @@ async fn publish_inner(
                     Ok(stored_response(&names, &results))
                 }
                 Ok(Err(c)) => Err((
-                    Problem::version_conflict(c.index, &c.subject, c.expected, c.actual),
+                    HttpProblem::version_conflict(c.index, &c.subject, c.expected, c.actual),
                     0,
                 )),
-                Err(BatchError::Failed(e)) => Err((Problem::internal(e), 0)),
+                Err(BatchError::Failed(e)) => Err((HttpProblem::internal(e), 0)),
                 Err(e) => Err((unavailable(&e.to_string()), 0)),
             }
         }
@@ -292,10 +296,10 @@ enum BodyError {
 }
 
 impl BodyError {
-    fn problem(&self, limit: usize) -> Problem {
+    fn problem(&self, limit: usize) -> HttpProblem {
         match self {
-            BodyError::TooLarge => Problem::payload_too_large(None, limit),
-            BodyError::Unreadable(cause) => Problem::unreadable_body(cause),
+            BodyError::TooLarge => HttpProblem::payload_too_large(None, limit),
+            BodyError::Unreadable(cause) => HttpProblem::unreadable_body(cause),
         }
     }
 }
@@ -348,8 +352,8 @@ fn started_deadline(st: &HttpState) -> Instant {
     Instant::now() + st.request_timeout
 }
 
-fn unavailable(detail: &str) -> Problem {
-    Problem::unavailable(detail.to_string(), RETRY_AFTER_SECS)
+fn unavailable(detail: &str) -> HttpProblem {
+    HttpProblem::unavailable(detail.to_string(), RETRY_AFTER_SECS)
 }
 
 fn stored_response(names: &[(String, String)], results: &[Appended]) -> (Response, usize, usize) {
@@ -373,10 +377,14 @@ fn stored_response(names: &[(String, String)], results: &[Appended]) -> (Respons
     )
 }
 
-fn readable(st: &HttpState, ns: &str, stream: &str) -> Result<(Arc<StreamRuntime>, i64), Problem> {
+fn readable(
+    st: &HttpState,
+    ns: &str,
+    stream: &str,
+) -> Result<(Arc<StreamRuntime>, i64), HttpProblem> {
     let rt = stream_or_404(st, ns, stream)?;
     if rt.store().is_none() {
-        return Err(Problem::not_found(format!(
+        return Err(HttpProblem::not_found(format!(
             "stream {ns}/{stream} has no store (broker-only): it keeps no events to read"
         )));
     }
@@ -390,11 +398,11 @@ fn readable(st: &HttpState, ns: &str, stream: &str) -> Result<(Arc<StreamRuntime
     Ok((rt, id))
 }
 
-fn store_problem(e: crate::data::store::StoreError) -> Problem {
+fn store_problem(e: crate::data::store::StoreError) -> HttpProblem {
     if e.is_transient() {
         unavailable(&e.to_string())
     } else {
-        Problem::internal(e.to_string())
+        HttpProblem::internal(e.to_string())
     }
 }
 
@@ -431,12 +439,12 @@ fn read_store(
     st: &HttpState,
     rt: &StreamRuntime,
     consistency: Option<&str>,
-) -> Result<(crate::data::store::Store, bool), Problem> {
+) -> Result<(crate::data::store::Store, bool), HttpProblem> {
     let strong = match consistency {
         None | Some("eventual") => false,
         Some("strong") => true,
         Some(other) => {
-            return Err(Problem::bad_request(format!(
+            return Err(HttpProblem::bad_request(format!(
                 "query parameter consistency: expected strong or eventual, got {other:?}"
             )));
         }
@@ -444,7 +452,7 @@ fn read_store(
     let primary = rt
         .store()
         .cloned()
-        .ok_or_else(|| Problem::internal("no store"))?;
+        .ok_or_else(|| HttpProblem::internal("no store"))?;
     let replica = match (&rt.plan.store, strong) {
         (Some(plan), false) => st
             .engine
@@ -465,12 +473,12 @@ fn parse_param(
     default: i64,
     min: i64,
     max: i64,
-) -> Result<i64, Problem> {
+) -> Result<i64, HttpProblem> {
     match v {
         None => Ok(default),
         Some(s) => match s.parse::<i64>() {
             Ok(n) if n >= min && n <= max => Ok(n),
-            _ => Err(Problem::bad_request(format!(
+            _ => Err(HttpProblem::bad_request(format!(
                 "query parameter {name}: expected an integer from {min} to {max}, got {s:?}"
             ))),
         },
@@ -481,7 +489,7 @@ async fn read_range(
     State(st): State<HttpState>,
     Path((ns, stream)): Path<(String, String)>,
     Query(q): Query<RangeQuery>,
-) -> Result<Response, Problem> {
+) -> Result<Response, HttpProblem> {
     let from = parse_param("from", q.from.as_deref(), 1, 1, i64::MAX)?;
     let limit = parse_param("limit", q.limit.as_deref(), DEFAULT_PAGE, 1, MAX_PAGE)?;
     let (rt, id) = readable(&st, &ns, &stream)?;
@@ -502,7 +510,7 @@ async fn read_range(
             .map_err(store_problem)?;
         // Only a full page is final: a short one grows with the next append.
         let full = events.len() as i64 == limit;
-        Ok::<_, Problem>((
+        Ok::<_, HttpProblem>((
             Cached {
                 body: batch_body(&events),
                 events: None,
@@ -518,7 +526,7 @@ async fn read_one(
     State(st): State<HttpState>,
     Path((ns, stream, position)): Path<(String, String, String)>,
     Query(q): Query<OneQuery>,
-) -> Result<Response, Problem> {
+) -> Result<Response, HttpProblem> {
     let position = parse_param("position", Some(&position), 1, 1, i64::MAX)?;
     let (rt, id) = readable(&st, &ns, &stream)?;
     let (store, _) = read_store(&st, &rt, q.consistency.as_deref())?;
@@ -536,12 +544,12 @@ async fn read_one(
             .await
             .map_err(store_problem)?
             .ok_or_else(|| {
-                Problem::not_found(format!(
+                HttpProblem::not_found(format!(
                     "stream {ns}/{stream} has no event at position {position}"
                 ))
             })?;
         let body = Bytes::from(to_structured_json(&ev.to_cloud_event()));
-        Ok::<_, Problem>((Cached { body, events: None }, true))
+        Ok::<_, HttpProblem>((Cached { body, events: None }, true))
     })
     .await?;
     let mut resp = one.body.clone().into_response();
@@ -564,7 +572,7 @@ async fn read_subject(
     State(st): State<HttpState>,
     Path((ns, stream, subject)): Path<(String, String, String)>,
     Query(q): Query<SubjectQuery>,
-) -> Result<Response, Problem> {
+) -> Result<Response, HttpProblem> {
     let version = match q.version.as_deref() {
         None => None,
         Some(v) => Some(parse_param("version", Some(v), 1, 1, i64::MAX)?),
@@ -574,7 +582,7 @@ async fn read_subject(
         Some(t) => Some(
             chrono::DateTime::parse_from_rfc3339(t)
                 .map_err(|e| {
-                    Problem::bad_request(format!(
+                    HttpProblem::bad_request(format!(
                         "query parameter asOf: expected an RFC 3339 time, got {t:?}: {e}"
                     ))
                 })?
@@ -606,7 +614,7 @@ async fn read_subject(
             .await
             .map_err(store_problem)?;
         let body = batch_body(&events);
-        Ok::<_, Problem>((
+        Ok::<_, HttpProblem>((
             Cached {
                 body,
                 events: Some(events),

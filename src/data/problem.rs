@@ -21,6 +21,7 @@
 //! | `https://weir.dev/problems/stream-not-found` | 404 | no such EventStream |
 //! | `https://weir.dev/problems/not-found` | 404 | no such event, subject or position |
 //! | `https://weir.dev/problems/version-conflict` | 409 | `expectedversion` does not match |
+//! | `https://weir.dev/problems/busy` | 409 | another run holds the resource (admin: an archive run) |
 //! | `https://weir.dev/problems/payload-too-large` | 413 | the body exceeds `maxRequestBytes` |
 //! | `https://weir.dev/problems/event-too-large` | 413 | an event exceeds `maxEventBytes` |
 //! | `https://weir.dev/problems/unsupported-media-type` | 415 | a content type ingest does not read |
@@ -55,6 +56,7 @@ pub enum ProblemKind {
     StreamNotFound,
     NotFound,
     VersionConflict,
+    Busy,
     PayloadTooLarge,
     EventTooLarge,
     UnsupportedMediaType,
@@ -80,6 +82,7 @@ impl ProblemKind {
             ProblemKind::StreamNotFound => "https://weir.dev/problems/stream-not-found",
             ProblemKind::NotFound => "https://weir.dev/problems/not-found",
             ProblemKind::VersionConflict => "https://weir.dev/problems/version-conflict",
+            ProblemKind::Busy => "https://weir.dev/problems/busy",
             ProblemKind::PayloadTooLarge => "https://weir.dev/problems/payload-too-large",
             ProblemKind::EventTooLarge => "https://weir.dev/problems/event-too-large",
             ProblemKind::UnsupportedMediaType => "https://weir.dev/problems/unsupported-media-type",
@@ -105,6 +108,7 @@ impl ProblemKind {
             ProblemKind::StreamNotFound => "Stream not found",
             ProblemKind::NotFound => "Not found",
             ProblemKind::VersionConflict => "Version conflict",
+            ProblemKind::Busy => "Busy",
             ProblemKind::PayloadTooLarge => "Payload too large",
             ProblemKind::EventTooLarge => "Event too large",
             ProblemKind::UnsupportedMediaType => "Unsupported media type",
@@ -128,7 +132,7 @@ impl ProblemKind {
             ProblemKind::Unauthorized => 401,
             ProblemKind::Forbidden => 403,
             ProblemKind::StreamNotFound | ProblemKind::NotFound => 404,
-            ProblemKind::VersionConflict => 409,
+            ProblemKind::VersionConflict | ProblemKind::Busy => 409,
             ProblemKind::PayloadTooLarge | ProblemKind::EventTooLarge => 413,
             ProblemKind::UnsupportedMediaType => 415,
             ProblemKind::MissingExtension
@@ -222,7 +226,7 @@ impl FieldErrors {
     }
 
     /// The problem of `kind` with these errors; `detail` gains a note when some were left out.
-    pub fn into_problem(self, kind: ProblemKind, detail: impl Into<String>) -> Problem {
+    pub fn into_problem(self, kind: ProblemKind, detail: impl Into<String>) -> HttpProblem {
         let mut detail = detail.into();
         if self.total > self.shown.len() {
             detail.push_str(&format!(
@@ -231,7 +235,7 @@ impl FieldErrors {
                 self.total
             ));
         }
-        let mut problem = Problem::new(kind, detail);
+        let mut problem = HttpProblem::new(kind, detail);
         problem.errors = self.shown;
         problem
     }
@@ -241,7 +245,7 @@ impl FieldErrors {
 /// [`IntoResponse`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{status} {title}: {detail}")]
-pub struct Problem {
+pub struct HttpProblem {
     pub kind: ProblemKind,
     pub status: u16,
     pub title: String,
@@ -251,10 +255,10 @@ pub struct Problem {
     pub retry_after: Option<u64>,
 }
 
-impl Problem {
+impl HttpProblem {
     /// A problem of `kind` with its standard title and status.
-    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> Problem {
-        Problem {
+    pub fn new(kind: ProblemKind, detail: impl Into<String>) -> HttpProblem {
+        HttpProblem {
             kind,
             status: kind.status(),
             title: kind.title().to_string(),
@@ -265,7 +269,7 @@ impl Problem {
     }
 
     /// Adds one field error.
-    pub fn with_error(mut self, error: FieldError) -> Problem {
+    pub fn with_error(mut self, error: FieldError) -> HttpProblem {
         if self.errors.len() < MAX_REPORTED_ERRORS {
             self.errors.push(error);
         }
@@ -273,23 +277,23 @@ impl Problem {
     }
 
     /// Sets `Retry-After` (seconds).
-    pub fn with_retry_after(mut self, seconds: u64) -> Problem {
+    pub fn with_retry_after(mut self, seconds: u64) -> HttpProblem {
         self.retry_after = Some(seconds);
         self
     }
 
     /// 400: a request parameter (path or query) is wrong.
-    pub fn bad_request(detail: impl Into<String>) -> Problem {
-        Problem::new(ProblemKind::BadRequest, detail)
+    pub fn bad_request(detail: impl Into<String>) -> HttpProblem {
+        HttpProblem::new(ProblemKind::BadRequest, detail)
     }
 
     /// 400: the body is not JSON. `error`'s text carries the line and column.
-    pub fn malformed_json(index: Option<usize>, error: &serde_json::Error) -> Problem {
+    pub fn malformed_json(index: Option<usize>, error: &serde_json::Error) -> HttpProblem {
         let where_ = match index {
             Some(i) => format!(" (in event {i})"),
             None => String::new(),
         };
-        Problem::new(
+        HttpProblem::new(
             ProblemKind::MalformedJson,
             // serde_json's message ends with "at line L column C".
             format!("the body is not valid JSON{where_}: {error}"),
@@ -298,7 +302,7 @@ impl Problem {
     }
 
     /// 400: events break CloudEvents rules; `errors` say which and where.
-    pub fn invalid_events(errors: FieldErrors) -> Problem {
+    pub fn invalid_events(errors: FieldErrors) -> HttpProblem {
         let n = errors.total();
         errors.into_problem(
             ProblemKind::InvalidEvent,
@@ -307,34 +311,39 @@ impl Problem {
     }
 
     /// 401.
-    pub fn unauthorized(detail: impl Into<String>) -> Problem {
-        Problem::new(ProblemKind::Unauthorized, detail)
+    pub fn unauthorized(detail: impl Into<String>) -> HttpProblem {
+        HttpProblem::new(ProblemKind::Unauthorized, detail)
     }
 
     /// 403.
-    pub fn forbidden(detail: impl Into<String>) -> Problem {
-        Problem::new(ProblemKind::Forbidden, detail)
+    pub fn forbidden(detail: impl Into<String>) -> HttpProblem {
+        HttpProblem::new(ProblemKind::Forbidden, detail)
     }
 
     /// 404: no EventStream `namespace/stream`.
-    pub fn stream_not_found(namespace: &str, stream: &str) -> Problem {
-        Problem::new(
+    pub fn stream_not_found(namespace: &str, stream: &str) -> HttpProblem {
+        HttpProblem::new(
             ProblemKind::StreamNotFound,
             format!("there is no EventStream {namespace}/{stream}"),
         )
     }
 
     /// 404: an event, subject or position that does not exist.
-    pub fn not_found(detail: impl Into<String>) -> Problem {
-        Problem::new(ProblemKind::NotFound, detail)
+    pub fn not_found(detail: impl Into<String>) -> HttpProblem {
+        HttpProblem::new(ProblemKind::NotFound, detail)
     }
 
     /// 409: the event at `index` expected `subject` at `expected`, it is at `actual`.
-    pub fn version_conflict(index: usize, subject: &str, expected: i64, actual: i64) -> Problem {
+    pub fn version_conflict(
+        index: usize,
+        subject: &str,
+        expected: i64,
+        actual: i64,
+    ) -> HttpProblem {
         let message = format!(
             "subject {subject:?} is at version {actual}, the event expected version {expected}"
         );
-        Problem::new(ProblemKind::VersionConflict, message.clone()).with_error(
+        HttpProblem::new(ProblemKind::VersionConflict, message.clone()).with_error(
             FieldError::new(message)
                 .at(index)
                 .pointer("/expectedversion")
@@ -344,33 +353,33 @@ impl Problem {
 
     /// 413: the request body is larger than `maxRequestBytes`. `size` is `None` when the body
     /// was cut off while reading (its full length is unknown).
-    pub fn payload_too_large(size: Option<usize>, limit: usize) -> Problem {
+    pub fn payload_too_large(size: Option<usize>, limit: usize) -> HttpProblem {
         let detail = match size {
             Some(size) => {
                 format!("the request body is {size} bytes; this stream accepts at most {limit}")
             }
             None => format!("the request body exceeds this stream's limit of {limit} bytes"),
         };
-        Problem::new(ProblemKind::PayloadTooLarge, detail)
+        HttpProblem::new(ProblemKind::PayloadTooLarge, detail)
     }
 
     /// 400: the request body could not be read to its end (`cause`: the transport's reason,
     /// e.g. a truncated body, an invalid chunk size line, a connection reset). Not a 413: its
     /// size was within the limit as far as it came.
-    pub fn unreadable_body(cause: &str) -> Problem {
-        Problem::new(
+    pub fn unreadable_body(cause: &str) -> HttpProblem {
+        HttpProblem::new(
             ProblemKind::UnreadableBody,
             format!("the request body could not be read: {cause}"),
         )
     }
 
     /// 415: `content_type` (if any) is not one ingest reads.
-    pub fn unsupported_media_type(content_type: Option<&str>) -> Problem {
+    pub fn unsupported_media_type(content_type: Option<&str>) -> HttpProblem {
         let got = match content_type {
             Some(ct) => format!("Content-Type {ct:?} is not accepted"),
             None => "the request has no Content-Type".to_string(),
         };
-        Problem::new(
+        HttpProblem::new(
             ProblemKind::UnsupportedMediaType,
             format!(
                 "{got}; send application/cloudevents+json (one event), \
@@ -383,8 +392,8 @@ impl Problem {
     }
 
     /// 429 with `Retry-After`.
-    pub fn rate_limited(retry_after_seconds: u64) -> Problem {
-        Problem::new(
+    pub fn rate_limited(retry_after_seconds: u64) -> HttpProblem {
+        HttpProblem::new(
             ProblemKind::RateLimited,
             "this stream's rate limit is exhausted; retry after the given delay",
         )
@@ -392,20 +401,20 @@ impl Problem {
     }
 
     /// 500. `detail` must not leak secrets (URLs with passwords and the like).
-    pub fn internal(detail: impl Into<String>) -> Problem {
-        Problem::new(ProblemKind::Internal, detail)
+    pub fn internal(detail: impl Into<String>) -> HttpProblem {
+        HttpProblem::new(ProblemKind::Internal, detail)
     }
 
     /// 503 with `Retry-After`.
-    pub fn unavailable(detail: impl Into<String>, retry_after_seconds: u64) -> Problem {
-        Problem::new(ProblemKind::Unavailable, detail).with_retry_after(retry_after_seconds)
+    pub fn unavailable(detail: impl Into<String>, retry_after_seconds: u64) -> HttpProblem {
+        HttpProblem::new(ProblemKind::Unavailable, detail).with_retry_after(retry_after_seconds)
     }
 }
 
-impl serde::Serialize for Problem {
+impl serde::Serialize for HttpProblem {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
-        let mut s = serializer.serialize_struct("Problem", 5)?;
+        let mut s = serializer.serialize_struct("HttpProblem", 5)?;
         s.serialize_field("type", self.kind.uri())?;
         s.serialize_field("title", &self.title)?;
         s.serialize_field("status", &self.status)?;
@@ -415,7 +424,7 @@ impl serde::Serialize for Problem {
     }
 }
 
-impl IntoResponse for Problem {
+impl IntoResponse for HttpProblem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         // Serialising strings and integers into a Vec cannot fail; the fallback keeps the
@@ -456,7 +465,7 @@ mod tests {
 
     #[tokio::test]
     async fn response_has_problem_shape_and_headers() {
-        let problem = Problem::new(ProblemKind::SchemaViolation, "bad data").with_error(
+        let problem = HttpProblem::new(ProblemKind::SchemaViolation, "bad data").with_error(
             FieldError::new("\"orderId\" is a required property")
                 .at(2)
                 .pointer("/data/orderId")
@@ -486,7 +495,7 @@ mod tests {
 
     #[tokio::test]
     async fn retry_after_is_a_header_not_a_member() {
-        let response = Problem::rate_limited(7).into_response();
+        let response = HttpProblem::rate_limited(7).into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "7");
         let body = body_json(response).await;
@@ -543,16 +552,16 @@ mod tests {
 
     #[test]
     fn payload_too_large_names_size_and_limit() {
-        let p = Problem::payload_too_large(Some(5000), 4096);
+        let p = HttpProblem::payload_too_large(Some(5000), 4096);
         assert_eq!(p.status, 413);
         assert!(p.detail.contains("5000") && p.detail.contains("4096"));
-        let p = Problem::payload_too_large(None, 4096);
+        let p = HttpProblem::payload_too_large(None, 4096);
         assert!(p.detail.contains("4096"));
     }
 
     #[test]
     fn an_unreadable_body_is_a_400_that_says_why() {
-        let p = Problem::unreadable_body("invalid chunk size line");
+        let p = HttpProblem::unreadable_body("invalid chunk size line");
         assert_eq!(p.status, 400);
         assert_eq!(p.kind, ProblemKind::UnreadableBody);
         assert_eq!(

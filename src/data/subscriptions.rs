@@ -5,6 +5,7 @@
 //! `consumers` and `rateLimit` are per worker (per replica): with three replicas and
 //! `consumers: 4`, up to twelve deliveries run at once.
 
+use crate::poison::RwLockExt;
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -66,14 +67,6 @@ pub struct DeadLetter {
     pub event: serde_json::Value,
 }
 
-fn rd<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    // Plain maps, replaced whole: a panic elsewhere cannot leave them half-updated.
-    l.read().unwrap_or_else(|p| p.into_inner())
-}
-fn wr<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Two plans that differ at most in `consumers` and `rateLimit` (applied live).
 fn same_but_live(a: &SubscriptionPlan, b: &SubscriptionPlan) -> bool {
     let mut b = b.clone();
@@ -95,14 +88,15 @@ impl Subscriptions {
 
     /// The running subscription and the plan applied to it.
     pub fn get(&self, key: &Key) -> Option<(Arc<Runner>, SubscriptionPlan)> {
-        rd(&self.running)
+        self.running
+            .reading()
             .get(key)
             .map(|e| (e.runner.clone(), e.plan.clone()))
     }
 
     /// Why a subscription of the topology is not running, if so.
     pub fn problem(&self, key: &Key) -> Option<String> {
-        rd(&self.problems).get(key).cloned()
+        self.problems.reading().get(key).cloned()
     }
 
     /// Moves the running subscriptions to `plans` (call after the engine applied the
@@ -127,7 +121,7 @@ impl Subscriptions {
                     format!("EventStream {} is not running", plan.stream),
                 );
                 // Bound first: the lock guard must not live across the await (Send futures).
-                let old = wr(&self.running).remove(key);
+                let old = self.running.writing().remove(key);
                 if let Some(e) = old {
                     e.runner.stop().await;
                 }
@@ -140,7 +134,7 @@ impl Subscriptions {
             {
                 if applied != plan {
                     runner.update(plan);
-                    if let Some(e) = wr(&self.running).get_mut(key) {
+                    if let Some(e) = self.running.writing().get_mut(key) {
                         e.plan = plan.clone();
                     }
                     tracing::info!(subscription = %key, consumers = plan.consumers,
@@ -152,7 +146,7 @@ impl Subscriptions {
             // at once, then start the new one.
             // Bound first: the lock guard must not live across the await (Send futures).
             let old = if current.is_some() {
-                wr(&self.running).remove(key)
+                self.running.writing().remove(key)
             } else {
                 None
             };
@@ -172,7 +166,7 @@ impl Subscriptions {
             match Runner::start(plan.clone(), side, appender, self.metrics.clone()) {
                 Ok(r) => {
                     tracing::info!(subscription = %key, generation = plan.generation, "subscription started");
-                    wr(&self.running).insert(
+                    self.running.writing().insert(
                         key.clone(),
                         Entry {
                             runner: Arc::new(r),
@@ -187,7 +181,7 @@ impl Subscriptions {
             }
         }
         let gone: Vec<Entry> = {
-            let mut running = wr(&self.running);
+            let mut running = self.running.writing();
             let keys: Vec<Key> = running
                 .keys()
                 .filter(|k| !plans.contains_key(*k) && !keep.contains(*k))
@@ -207,14 +201,14 @@ impl Subscriptions {
                 }
             }
         }
-        *wr(&self.problems) = problems;
+        *self.problems.writing() = problems;
         errors
     }
 
     /// Stops every subscription gracefully (before the engine drains its batchers, so that
     /// replies still find them).
     pub async fn shutdown(&self) {
-        let all: Vec<Entry> = std::mem::take(&mut *wr(&self.running))
+        let all: Vec<Entry> = std::mem::take(&mut *self.running.writing())
             .into_values()
             .collect();
         let stops = all.iter().map(|e| e.runner.stop());

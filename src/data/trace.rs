@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use crate::data::engine::Engine;
 use crate::data::event::{EXT_CAUSATION_ID, StoredEvent, to_structured_json};
 use crate::data::http::HttpState;
-use crate::data::problem::Problem;
+use crate::data::problem::HttpProblem;
 use crate::data::store::{Store, StoreError};
 
 /// Most events one trace answer holds; a saga longer than this is cut (and says so).
@@ -124,13 +124,13 @@ pub async fn handler(
     State(st): State<HttpState>,
     Path((ns, id)): Path<(String, String)>,
     Query(q): Query<TraceQuery>,
-) -> Result<Response, Problem> {
+) -> Result<Response, HttpProblem> {
     let limit = match q.limit.as_deref() {
         None => MAX_TRACE,
         Some(s) => match s.parse::<usize>() {
             Ok(n) if (1..=MAX_TRACE).contains(&n) => n,
             _ => {
-                return Err(Problem::bad_request(format!(
+                return Err(HttpProblem::bad_request(format!(
                     "query parameter limit: expected an integer from 1 to {MAX_TRACE}, got {s:?}"
                 )));
             }
@@ -158,13 +158,13 @@ pub async fn handler(
             .await
             .map_err(|e| {
                 if e.is_transient() {
-                    Problem::unavailable(e.to_string(), 1)
+                    HttpProblem::unavailable(e.to_string(), 1)
                 } else {
-                    Problem::internal(e.to_string())
+                    HttpProblem::internal(e.to_string())
                 }
             })?;
-        let body = serde_json::to_vec(&trace).map_err(|e| Problem::internal(e.to_string()))?;
-        Ok::<_, Problem>((
+        let body = serde_json::to_vec(&trace).map_err(|e| HttpProblem::internal(e.to_string()))?;
+        Ok::<_, HttpProblem>((
             crate::data::cache::Cached {
                 body: body.into(),
                 events: None,

@@ -3,6 +3,7 @@
 //! one of them do the work and the others skip that round, so a replica that dies mid-run is
 //! replaced at the next tick of any other.
 
+use crate::poison::MutexExt;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,13 +66,8 @@ async fn read_totals(store: &Store, id: i64) -> Result<Totals, ArchiveError> {
 
 async fn refresh_totals(store: &Store, id: i64, last: &Mutex<LastRun>) {
     if let Ok(t) = read_totals(store, id).await {
-        lock(last).totals = Some(t);
+        last.locked().totals = Some(t);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Small values replaced whole: a panic elsewhere cannot leave them half-written.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Every archiver of this process.
@@ -138,7 +134,7 @@ impl Archives {
                 );
             }
         }
-        let mut running = lock(&self.running);
+        let mut running = self.running.locked();
         running.retain(|stream, e| {
             let keep = want
                 .get(stream)
@@ -179,7 +175,7 @@ impl Archives {
 
     /// Stops every archiver (a run in progress is abandoned: its transaction rolls back).
     pub async fn shutdown(&self) {
-        let entries: Vec<Entry> = std::mem::take(&mut *lock(&self.running))
+        let entries: Vec<Entry> = std::mem::take(&mut *self.running.locked())
             .into_values()
             .collect();
         for e in &entries {
@@ -209,7 +205,7 @@ impl Archives {
         max_segments: Option<usize>,
     ) -> Result<RunReport, ArchiveError> {
         let (settings, last) = {
-            let running = lock(&self.running);
+            let running = self.running.locked();
             let e = running
                 .get(stream)
                 .ok_or_else(|| ArchiveError::NotArchived(stream.to_string()))?;
@@ -224,12 +220,13 @@ impl Archives {
 
     /// The streams archived here.
     pub fn streams(&self) -> Vec<Key> {
-        lock(&self.running).keys().cloned().collect()
+        self.running.locked().keys().cloned().collect()
     }
 
     /// The streams a policy archives here.
     pub fn streams_of(&self, policy: &Key) -> Vec<Key> {
-        lock(&self.running)
+        self.running
+            .locked()
             .iter()
             .filter(|(_, e)| e.policy == *policy)
             .map(|(k, _)| k.clone())
@@ -239,7 +236,7 @@ impl Archives {
     /// Totals of one archived stream.
     pub async fn stream_status(&self, stream: &Key) -> Result<StreamArchive, ArchiveError> {
         let (policy, settings, schedule, last) = {
-            let running = lock(&self.running);
+            let running = self.running.locked();
             let e = running
                 .get(stream)
                 .ok_or_else(|| ArchiveError::NotArchived(stream.to_string()))?;
@@ -247,7 +244,7 @@ impl Archives {
                 e.policy.clone(),
                 e.settings.clone(),
                 e.schedule,
-                lock(&e.last).clone(),
+                e.last.locked().clone(),
             )
         };
         let (store, id) = self.store_of(stream)?;
@@ -292,7 +289,7 @@ impl Archives {
 
     /// Checks every segment of one archived stream.
     pub async fn verify(&self, stream: &Key) -> Result<VerifyReport, ArchiveError> {
-        if !lock(&self.running).contains_key(stream) {
+        if !self.running.locked().contains_key(stream) {
             return Err(ArchiveError::NotArchived(stream.to_string()));
         }
         let (store, id) = self.store_of(stream)?;
@@ -310,11 +307,11 @@ impl Archives {
         let (mut events, mut raw, mut stored) = (0i64, 0i64, 0i64);
         let mut last_run: Option<DateTime<Utc>> = None;
         let mut error = None;
-        for (stream, e) in lock(&self.running).iter() {
+        for (stream, e) in self.running.locked().iter() {
             if e.policy != *policy {
                 continue;
             }
-            let last = lock(&e.last).clone();
+            let last = e.last.locked().clone();
             if let Some(t) = last.totals {
                 events += t.events;
                 raw += t.raw;
@@ -372,14 +369,14 @@ fn record(
                 .archive_run_duration
                 .with_label_values(&l)
                 .observe(report.seconds);
-            lock(last).error = None;
+            last.locked().error = None;
             "ok"
         }
         // Another replica (or the admin API) is running it: nothing to record.
         Err(ArchiveError::Busy) => "busy",
         Err(e) => {
             tracing::warn!(stream = %stream, error = %e, "archive run failed");
-            lock(last).error = Some(e.to_string());
+            last.locked().error = Some(e.to_string());
             "error"
         }
     };

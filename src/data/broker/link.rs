@@ -7,6 +7,7 @@
 //! exactly which messages were confirmed on the connection that broke in order to send the
 //! others again. A broken connection is simply replaced by a new one on the next use.
 
+use crate::poison::MutexExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -89,7 +90,8 @@ impl Link {
 
     /// True while a connection is open.
     pub(crate) fn is_connected(&self) -> bool {
-        lock(&self.current)
+        self.current
+            .locked()
             .as_ref()
             .is_some_and(|c| c.conn.status().connected())
     }
@@ -97,12 +99,12 @@ impl Link {
     /// The id of the connection new channels are opened on, if any: a channel opened on
     /// another one belongs to a connection that was retired or lost.
     pub(crate) fn current_id(&self) -> Option<u64> {
-        lock(&self.current).as_ref().map(|c| c.id)
+        self.current.locked().as_ref().map(|c| c.id)
     }
 
     /// The most recent failure of the connection itself, for error messages.
     pub(crate) fn last_error(&self) -> Option<BrokerError> {
-        lock(&self.last_error).clone()
+        self.last_error.locked().clone()
     }
 
     /// When the next connection attempt is allowed, if we are backing off.
@@ -133,7 +135,7 @@ impl Link {
                 tracing::warn!(connection = %self.name, "RabbitMQ connection lost; reconnecting");
             }
             st.conn = None;
-            *lock(&self.current) = None;
+            *self.current.locked() = None;
         }
         if let Some(at) = st.retry_at
             && Instant::now() < at
@@ -167,8 +169,8 @@ impl Link {
                 st.failures = 0;
                 st.retry_at = None;
                 st.last_error = None;
-                *lock(&self.current) = Some(cur.clone());
-                *lock(&self.last_error) = None;
+                *self.current.locked() = Some(cur.clone());
+                *self.last_error.locked() = None;
                 return Ok(cur);
             }
             Ok(Err(e)) => classify("connect", &e),
@@ -181,7 +183,7 @@ impl Link {
         let delay = backoff_delay(st.failures, rand::random_range(0.5..=1.0));
         st.retry_at = Some(Instant::now() + delay);
         st.last_error = Some(err.clone());
-        *lock(&self.last_error) = Some(err.clone());
+        *self.last_error.locked() = Some(err.clone());
         tracing::warn!(
             connection = %self.name, error = %err, retry_in_ms = delay.as_millis() as u64,
             "cannot connect to RabbitMQ"
@@ -204,7 +206,7 @@ impl Link {
     /// an error of a channel whose connection still stands is that channel's alone.
     pub(crate) fn record_if_disconnected(&self, err: &BrokerError) {
         if !self.is_connected() {
-            *lock(&self.last_error) = Some(err.clone());
+            *self.last_error.locked() = Some(err.clone());
         }
     }
 
@@ -214,7 +216,7 @@ impl Link {
         let mut st = self.state.lock().await;
         if st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, cur)) {
             st.conn = None;
-            *lock(&self.current) = None;
+            *self.current.locked() = None;
         }
     }
 
@@ -253,7 +255,7 @@ impl Link {
                         continue;
                     }
                     if !cur.conn.status().connected() {
-                        *lock(&self.last_error) = Some(err.clone());
+                        *self.last_error.locked() = Some(err.clone());
                     }
                     if !cur.conn.status().connected() || matches!(err, BrokerError::Unavailable(_))
                     {
@@ -271,12 +273,6 @@ impl Link {
             "open channel: no usable channel number on a new connection".into(),
         ))
     }
-}
-
-/// Locks a mutex that only guards plain values: a panic elsewhere cannot leave them
-/// half-updated, so a poisoned lock is still usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

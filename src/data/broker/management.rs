@@ -10,6 +10,7 @@
 //! The plugin refreshes its queue statistics every `collect_statistics_interval` (5 s by
 //! default), so the numbers are samples a few seconds old, which is what a backlog needs.
 
+use crate::poison::MutexExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,12 +92,12 @@ impl Management {
     }
 
     fn resting(&self) -> bool {
-        let r = self.resting_until.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.resting_until.locked();
         r.is_some_and(|t| Instant::now() < t)
     }
 
     fn rest(&self) {
-        let mut r = self.resting_until.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = self.resting_until.locked();
         *r = Some(Instant::now() + RETRY_AFTER_FAILURE);
     }
 

@@ -20,6 +20,7 @@ mod link;
 mod management;
 mod publisher;
 
+use crate::poison::MutexExt;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -147,7 +148,7 @@ impl Topology {
     async fn take(&self) -> Result<(Channel, u64), BrokerError> {
         let current = self.link.current_id();
         let idle = {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let mut idle = self.idle.locked();
             // Channels of a retired or lost connection are dropped (closing them lets a
             // retired connection close).
             idle.retain(|(id, ch)| Some(*id) == current && ch.status().connected());
@@ -162,7 +163,7 @@ impl Topology {
     /// Keeps the channel of an operation that succeeded for the next one.
     fn give_back(&self, ch: Channel, id: u64) {
         if ch.status().connected() {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let mut idle = self.idle.locked();
             if idle.len() < TOPOLOGY_OPS {
                 idle.push((id, ch));
             }

@@ -33,6 +33,7 @@
 
 pub mod bounded;
 
+use crate::poison::{MutexExt, RwLockExt};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
@@ -214,7 +215,7 @@ impl PolicyCache {
 
     fn own(&self) -> Option<std::sync::MutexGuard<'_, Bounded<CacheKey, Arc<Cached>>>> {
         match &self.backing {
-            Backing::Own(m) => Some(m.lock().unwrap_or_else(|p| p.into_inner())),
+            Backing::Own(m) => Some(m.locked()),
             Backing::Moka(_) => None,
         }
     }
@@ -247,18 +248,14 @@ impl PolicyCache {
     /// Take before reading the database on a miss.
     pub fn ticket(&self, key: &CacheKey) -> Ticket {
         let stripe = stripe_of(key);
-        let generation = *self.stripes[stripe]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let generation = *self.stripes[stripe].locked();
         Ticket { stripe, generation }
     }
 
     /// Stores a value read after `ticket` was taken, unless an invalidation of its stripe
     /// happened since (then the value may be stale and is dropped).
     pub fn put(&self, ticket: Ticket, key: CacheKey, value: Arc<Cached>) {
-        let stripe = self.stripes[ticket.stripe]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let stripe = self.stripes[ticket.stripe].locked();
         if *stripe != ticket.generation {
             return;
         }
@@ -283,9 +280,7 @@ impl PolicyCache {
             stream_id,
             subject: subject.to_string(),
         };
-        let mut stripe = self.stripes[subject_stripe(stream, subject)]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut stripe = self.stripes[subject_stripe(stream, subject)].locked();
         *stripe += 1;
         match &self.backing {
             Backing::Moka(c) => c.invalidate(&key),
@@ -300,9 +295,7 @@ impl PolicyCache {
     /// Drops one entry (a trace), with the same protection against in-flight misses as a
     /// subject's invalidation.
     pub fn invalidate_key(&self, key: &CacheKey) {
-        let mut stripe = self.stripes[stripe_of(key)]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut stripe = self.stripes[stripe_of(key)].locked();
         *stripe += 1;
         match &self.backing {
             Backing::Moka(c) => c.invalidate(key),
@@ -317,11 +310,7 @@ impl PolicyCache {
     /// Drops everything (lost notifications, unreadable notification).
     pub fn invalidate_all(&self) {
         // Every stripe is held while clearing, so no miss that started earlier can insert.
-        let mut guards: Vec<_> = self
-            .stripes
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()))
-            .collect();
+        let mut guards: Vec<_> = self.stripes.iter().map(|s| s.locked()).collect();
         for g in &mut guards {
             **g += 1;
         }
@@ -422,13 +411,7 @@ struct Shared {
 impl Shared {
     /// Drops the traces of `ids` in `namespace` from every policy's cache.
     fn invalidate_traces<'a>(&self, namespace: &str, ids: impl IntoIterator<Item = &'a str>) {
-        let policies: Vec<_> = self
-            .policies
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let policies: Vec<_> = self.policies.reading().values().cloned().collect();
         for id in ids {
             let key = CacheKey::Trace {
                 namespace: namespace.to_string(),
@@ -442,13 +425,7 @@ impl Shared {
 
     /// Clears every policy's cache.
     fn clear_all(&self) {
-        let policies: Vec<_> = self
-            .policies
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let policies: Vec<_> = self.policies.reading().values().cloned().collect();
         for p in policies {
             p.invalidate_all();
         }
@@ -473,12 +450,7 @@ impl Shared {
             &stream.namespace,
             n.correlations.iter().flatten().map(String::as_str),
         );
-        let route = self
-            .routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&stream)
-            .cloned();
+        let route = self.routes.reading().get(&stream).cloned();
         if let Some(route) = route {
             for s in &subjects {
                 route.cache.invalidate_subject(&stream, n.stream_id, s);
@@ -526,11 +498,7 @@ impl Caches {
     /// size and strategy, a removed one is dropped. `streams` are the running streams (after
     /// the engine applied the same topology). Must run inside the Tokio runtime.
     pub fn apply(&self, plans: &BTreeMap<Key, CachePlan>, streams: &[Arc<StreamRuntime>]) {
-        let mut policies = self
-            .shared
-            .policies
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut policies = self.shared.policies.writing();
         let gone: Vec<Key> = policies
             .keys()
             .filter(|k| !plans.contains_key(*k))
@@ -564,7 +532,7 @@ impl Caches {
                 Some((&rt.plan.key, (url.as_str(), rt.store()?)))
             })
             .collect();
-        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        let mut listeners = self.listeners.locked();
         let mut routes = HashMap::new();
         let mut needed = HashSet::new();
         for cache in policies.values() {
@@ -594,11 +562,7 @@ impl Caches {
             }
             keep
         });
-        *self
-            .shared
-            .routes
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = routes;
+        *self.shared.routes.writing() = routes;
     }
 
     fn spawn_listener(&self, store: &crate::data::store::Store) -> Listener {
@@ -615,28 +579,19 @@ impl Caches {
 
     /// The cache for reads of `stream`, if a policy selects it and its invalidations arrive.
     pub fn route(&self, stream: &Key) -> Option<Arc<PolicyCache>> {
-        let routes = self.shared.routes.read().unwrap_or_else(|p| p.into_inner());
+        let routes = self.shared.routes.reading();
         let r = routes.get(stream)?;
         r.live.load(Ordering::Acquire).then(|| r.cache.clone())
     }
 
     /// Whether a policy selects `stream` (its publishes then invalidate subjects).
     pub fn covers(&self, stream: &Key) -> bool {
-        self.shared
-            .routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(stream)
+        self.shared.routes.reading().contains_key(stream)
     }
 
     /// The cache of a policy (status, tests).
     pub fn policy(&self, key: &Key) -> Option<Arc<PolicyCache>> {
-        self.shared
-            .policies
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
+        self.shared.policies.reading().get(key).cloned()
     }
 
     /// The cache for a trace of `namespace` whose stored streams here are `streams`: only
@@ -665,7 +620,7 @@ impl Caches {
         self.shared
             .invalidate_traces(&stream.namespace, correlations);
         let cache = {
-            let routes = self.shared.routes.read().unwrap_or_else(|p| p.into_inner());
+            let routes = self.shared.routes.reading();
             routes.get(stream).map(|r| r.cache.clone())
         };
         if let Some(cache) = cache {
@@ -677,14 +632,7 @@ impl Caches {
 
     /// Updates the entries gauges (at scrape time).
     pub fn sample(&self) {
-        let policies: Vec<_> = self
-            .shared
-            .policies
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let policies: Vec<_> = self.shared.policies.reading().values().cloned().collect();
         for p in policies {
             p.sample();
         }
@@ -692,7 +640,7 @@ impl Caches {
 
     /// Stops the listeners (shutdown).
     pub fn shutdown(&self) {
-        let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        let mut listeners = self.listeners.locked();
         for (_, l) in listeners.drain() {
             l.cancel.cancel();
         }

@@ -30,6 +30,7 @@
 //! prefetched message that was not started. Nothing is dead-lettered and no attempt is counted
 //! because of a stop.
 
+use crate::poison::MutexExt;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,37 +159,32 @@ impl Default for SubState {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain values only: a panic elsewhere cannot leave them half-written.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl SubState {
     fn set_error(&self, e: Option<String>) {
         if e.is_none() {
-            *lock(&self.failure) = None;
+            *self.failure.locked() = None;
         }
-        *lock(&self.error) = e;
+        *self.error.locked() = e;
     }
     /// Records why the subscription does not run, with its condition reason.
     fn set_failure(&self, reason: &'static str, e: String) {
-        *lock(&self.error) = Some(e);
-        *lock(&self.failure) = Some(reason);
+        *self.error.locked() = Some(e);
+        *self.failure.locked() = Some(reason);
     }
     /// Why set-up fails, as a condition reason (StoreUnavailable, BrokerUnavailable,
     /// ProvisioningFailed) with the error, while it does.
     pub fn failure(&self) -> Option<(&'static str, String)> {
-        let reason = (*lock(&self.failure))?;
+        let reason = (*self.failure.locked())?;
         Some((reason, self.error().unwrap_or_default()))
     }
     pub fn error(&self) -> Option<String> {
-        lock(&self.error).clone()
+        self.error.locked().clone()
     }
     pub fn notice(&self) -> Option<String> {
-        lock(&self.notice).clone()
+        self.notice.locked().clone()
     }
     pub fn sink(&self) -> Option<(bool, String)> {
-        lock(&self.sink).clone()
+        self.sink.locked().clone()
     }
 }
 
@@ -477,7 +473,7 @@ impl Runner {
     /// Stops gracefully (see the module documentation).
     pub async fn stop(&self) {
         self.cancel.cancel();
-        let task = lock(&self.task).take();
+        let task = self.task.locked().take();
         if let Some(task) = task {
             // Deliveries finish within their timeout; the margin covers the acks and the
             // channel close.
@@ -536,7 +532,7 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
                     tracing::warn!(subscription = %inner.plan.key, error = %msg, "subscription not ready");
                 }
                 inner.state.set_error(Some(msg));
-                *lock(&inner.state.failure) = Some(match &e {
+                *inner.state.failure.locked() = Some(match &e {
                     DeliveryError::Store(_) | DeliveryError::Database(_) => {
                         crate::data::engine::reason::STORE_UNAVAILABLE
                     }
@@ -681,7 +677,7 @@ impl BacklogSampler {
             // Buckets this worker published into are counted at once; those only other
             // replicas used are found by the periodic look.
             self.buckets
-                .extend(lock(&inner.declared_delays).iter().copied());
+                .extend(inner.declared_delays.locked().iter().copied());
             for d in all_buckets(&inner.plan.delivery) {
                 if !look_all && !self.buckets.contains(&d) {
                     continue;
@@ -714,7 +710,7 @@ impl Inner {
     }
 
     fn resize(&self, new: u32) {
-        let mut size = lock(&self.limit_size);
+        let mut size = self.limit_size.locked();
         let old = *size;
         *size = new;
         if new > old {
@@ -1066,7 +1062,7 @@ impl Inner {
             match outcome {
                 Outcome::Delivered { status, reply } => {
                     self.attempt_metric("success");
-                    *lock(&self.state.sink) =
+                    *self.state.sink.locked() =
                         Some((true, format!("last delivery answered {status}")));
                     if let (Some(r), Some(stream)) = (reply, &self.plan.reply) {
                         let r = reply_event(r, &ev);
@@ -1090,7 +1086,7 @@ impl Inner {
                 }
                 Outcome::Failed(f) => {
                     self.attempt_metric(f.class());
-                    *lock(&self.state.sink) = Some((
+                    *self.state.sink.locked() = Some((
                         false,
                         format!("last attempt failed: {} {}", f.code, first_line(&f.data)),
                     ));
@@ -1199,9 +1195,9 @@ impl Inner {
         delay: Duration,
     ) -> Result<(), DeliveryError> {
         let queue = self.names.retry_queue(delay);
-        if !lock(&self.declared_delays).contains(&delay) {
+        if !self.declared_delays.locked().contains(&delay) {
             self.declare_delay_queue(&queue, delay).await?;
-            lock(&self.declared_delays).insert(delay);
+            self.declared_delays.locked().insert(delay);
         }
         let mut msg = to_message(ev);
         msg.headers.insert(
@@ -1211,7 +1207,7 @@ impl Inner {
         let r = self.publish_to_queue(&queue, msg).await;
         if r.is_err() {
             // The queue may have been deleted behind our back: declare it again next time.
-            lock(&self.declared_delays).remove(&delay);
+            self.declared_delays.locked().remove(&delay);
         }
         r
     }
@@ -1263,7 +1259,7 @@ impl Inner {
                      (delete the subscription with --prune to recreate it)"
                 );
                 tracing::warn!(subscription = %self.plan.key, "{notice}");
-                *lock(&self.state.notice) = Some(notice);
+                *self.state.notice.locked() = Some(notice);
                 Ok(())
             }
             r => Ok(r?),

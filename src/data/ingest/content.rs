@@ -3,7 +3,7 @@
 use http::HeaderMap;
 use http::header::CONTENT_TYPE;
 
-use crate::data::problem::Problem;
+use crate::data::problem::HttpProblem;
 
 /// The four ways a publisher can send events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,14 +25,14 @@ const BATCH: &str = "application/cloudevents-batch+json";
 /// `application/cloudevents…` content type means a structured (or batched) event whatever
 /// other headers say; otherwise any `ce-` header means binary mode; otherwise only plain
 /// `application/json` is read.
-pub(crate) fn detect(headers: &HeaderMap) -> Result<Mode, Problem> {
+pub(crate) fn detect(headers: &HeaderMap) -> Result<Mode, HttpProblem> {
     let content_type = match headers.get(CONTENT_TYPE) {
         None => None,
         Some(v) => match v.to_str() {
             Ok(s) => Some(s),
             // A Content-Type with bytes outside visible ASCII cannot name any type we read.
             Err(_) => {
-                return Err(Problem::unsupported_media_type(Some(
+                return Err(HttpProblem::unsupported_media_type(Some(
                     &String::from_utf8_lossy(v.as_bytes()),
                 )));
             }
@@ -50,12 +50,12 @@ pub(crate) fn detect(headers: &HeaderMap) -> Result<Mode, Problem> {
             Mode::Batch
         } else {
             // Another event format (Avro, Protobuf…): Weir reads the JSON format only.
-            return Err(Problem::unsupported_media_type(content_type));
+            return Err(HttpProblem::unsupported_media_type(content_type));
         };
         return if charset_is_utf8(m) {
             Ok(mode)
         } else {
-            Err(Problem::unsupported_media_type(content_type))
+            Err(HttpProblem::unsupported_media_type(content_type))
         };
     }
     if has_ce_headers(headers) {
@@ -63,7 +63,7 @@ pub(crate) fn detect(headers: &HeaderMap) -> Result<Mode, Problem> {
     }
     match &mime {
         Some(m) if m.essence_str() == "application/json" && charset_is_utf8(m) => Ok(Mode::Plain),
-        _ => Err(Problem::unsupported_media_type(content_type)),
+        _ => Err(HttpProblem::unsupported_media_type(content_type)),
     }
 }
 

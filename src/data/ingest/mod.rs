@@ -77,7 +77,7 @@ pub use validate::{Validator, ValidatorError};
 use chrono::{DateTime, Utc};
 
 use crate::data::event::{CloudEvent, EXT_EXPECTED_VERSION, ExtValue};
-use crate::data::problem::Problem;
+use crate::data::problem::HttpProblem;
 
 /// What the parser needs to know about the request besides its headers and body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,7 +114,7 @@ impl IngestContext {
 
 /// Checks only the content type (415 when no content mode applies), so the HTTP layer can
 /// answer it before reading the body; [`parse_request`] repeats the same check.
-pub fn check_content_type(headers: &http::HeaderMap) -> Result<(), Problem> {
+pub fn check_content_type(headers: &http::HeaderMap) -> Result<(), HttpProblem> {
     content::detect(headers).map(|_| ())
 }
 

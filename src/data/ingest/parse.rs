@@ -20,7 +20,7 @@ use crate::data::event::{
     CloudEvent, Data, EXT_CORRELATION_ID, EXT_EXPECTED_VERSION, EXT_POSITION, EXT_RECORDED_TIME,
     EXT_VERSION, ExtValue, SPEC_VERSION,
 };
-use crate::data::problem::{FieldError, FieldErrors, Problem};
+use crate::data::problem::{FieldError, FieldErrors, HttpProblem};
 
 /// Longest extension name accepted. CloudEvents asks for at most 20 characters as a SHOULD, so
 /// longer names from other producers are accepted; the hard cap is what still fits an AMQP
@@ -55,7 +55,7 @@ pub fn parse_request(
     headers: &HeaderMap,
     body: &[u8],
     ctx: &IngestContext,
-) -> Result<Vec<CloudEvent>, Problem> {
+) -> Result<Vec<CloudEvent>, HttpProblem> {
     parse(headers, body, &Owner::Copy, ctx)
 }
 
@@ -66,7 +66,7 @@ pub fn parse_request_bytes(
     headers: &HeaderMap,
     body: &Bytes,
     ctx: &IngestContext,
-) -> Result<Vec<CloudEvent>, Problem> {
+) -> Result<Vec<CloudEvent>, HttpProblem> {
     parse(headers, body, &Owner::Shared(body), ctx)
 }
 
@@ -99,7 +99,7 @@ fn parse(
     body: &[u8],
     owner: &Owner<'_>,
     ctx: &IngestContext,
-) -> Result<Vec<CloudEvent>, Problem> {
+) -> Result<Vec<CloudEvent>, HttpProblem> {
     let mode = content::detect(headers)?;
     let mut errs = FieldErrors::new();
     let events = if mode == Mode::Binary {
@@ -107,10 +107,10 @@ fn parse(
             .into_iter()
             .collect()
     } else {
-        let top = raw::parse_top(body).map_err(|(e, at)| Problem::malformed_json(at, &e))?;
+        let top = raw::parse_top(body).map_err(|(e, at)| HttpProblem::malformed_json(at, &e))?;
         let raws = match shape(mode, top) {
             Ok(raws) => raws,
-            Err(e) => return Err(Problem::invalid_events(single(e))),
+            Err(e) => return Err(HttpProblem::invalid_events(single(e))),
         };
         let mut events = Vec::with_capacity(raws.len());
         if mode == Mode::Plain {
@@ -131,7 +131,7 @@ fn parse(
     if errs.is_empty() {
         Ok(events)
     } else {
-        Err(Problem::invalid_events(errs))
+        Err(HttpProblem::invalid_events(errs))
     }
 }
 

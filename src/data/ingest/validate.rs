@@ -8,7 +8,7 @@ use jsonschema::error::ValidationErrorKind;
 
 use super::parse::pointer;
 use crate::data::event::{CloudEvent, Data};
-use crate::data::problem::{FieldError, FieldErrors, Problem, ProblemKind};
+use crate::data::problem::{FieldError, FieldErrors, HttpProblem, ProblemKind};
 use crate::topology::ValidationPlan;
 
 /// A schema of the plan that cannot be used.
@@ -121,7 +121,7 @@ impl Validator {
     ///
     /// The problem is a 413 if any event was too large, else a 422 whose `type` names the one
     /// kind of failure, or `validation-failed` when there were several.
-    pub fn check(&self, events: &[CloudEvent]) -> Result<(), Problem> {
+    pub fn check(&self, events: &[CloudEvent]) -> Result<(), HttpProblem> {
         let mut errs = FieldErrors::new();
         let mut seen = Seen::default();
         for (index, ev) in events.iter().enumerate() {

@@ -12,6 +12,7 @@
 //! process appended), the guard writes nothing and the batch is decided again under the
 //! stream's lock.
 
+use crate::poison::MutexExt;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
@@ -406,7 +407,7 @@ impl AppendChain {
     fn lock(&self) -> std::sync::MutexGuard<'_, ChainState> {
         // The state is a cache of this process's own writes: a panic elsewhere while it was
         // held leaves it consistent enough (a wrong guess only fails a guard).
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     /// Lays the links the lookup did not see over it, decides the batch on top, and (when it

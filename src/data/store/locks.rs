@@ -20,6 +20,7 @@
 //!   move a checkpoint, even if the task has reconnected since. Writes of many relays waiting
 //!   at once go out as one statement.
 
+use crate::poison::MutexExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -130,7 +131,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let Some(key) = self.key.take() else { return };
-        let mut st = lock(&self.locks.state);
+        let mut st = self.locks.state.locked();
         if st.generation != self.generation {
             // The session that held it is gone, and the lock with it.
             return;
@@ -195,11 +196,6 @@ struct State {
     error: Option<String>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain maps: a panic elsewhere cannot leave them half-updated.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Locks {
     pub fn new(pool: PgPool) -> Locks {
         let (tx, rx) = mpsc::channel(WRITES);
@@ -220,7 +216,9 @@ impl Locks {
     pub async fn acquire(&self, key: LockKey, cancel: &CancellationToken) -> Option<Lease> {
         self.start();
         let (tx, rx) = oneshot::channel();
-        lock(&self.inner.state)
+        self.inner
+            .state
+            .locked()
             .wanted
             .entry(key)
             .or_default()
@@ -243,7 +241,7 @@ impl Locks {
         if self.inner.started.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Some(rx) = lock(&self.inner.requests_rx).take() else {
+        let Some(rx) = self.inner.requests_rx.locked().take() else {
             return;
         };
         match tokio::runtime::Handle::try_current() {
@@ -251,7 +249,7 @@ impl Locks {
                 rt.spawn(run(self.inner.clone(), rx));
             }
             Err(_) => {
-                *lock(&self.inner.requests_rx) = Some(rx);
+                *self.inner.requests_rx.locked() = Some(rx);
                 self.inner.started.store(false, Ordering::Release);
             }
         }
@@ -296,7 +294,7 @@ async fn run(inner: Arc<Inner>, mut requests: mpsc::Receiver<Req>) {
             }
         };
         let (generation, lost) = {
-            let mut st = lock(&inner.state);
+            let mut st = inner.state.locked();
             st.generation += 1;
             st.lost = CancellationToken::new();
             // Keys released while no session existed were unlocked with the old session.
@@ -310,7 +308,7 @@ async fn run(inner: Arc<Inner>, mut requests: mpsc::Receiver<Req>) {
         // The session is gone, and every lock it held with it.
         lost.cancel();
         {
-            let mut st = lock(&inner.state);
+            let mut st = inner.state.locked();
             st.held.clear();
             st.release.clear();
         }
@@ -318,7 +316,7 @@ async fn run(inner: Arc<Inner>, mut requests: mpsc::Receiver<Req>) {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "database lock session lost: every lock it held is released");
-                lock(&inner.state).error = Some(e.clone());
+                inner.state.locked().error = Some(e.clone());
                 failures = 1;
                 if !pause(&inner, failures).await {
                     return;
@@ -331,7 +329,7 @@ async fn run(inner: Arc<Inner>, mut requests: mpsc::Receiver<Req>) {
 /// Records why no session could be made, once per distinct error, and fails the requests
 /// waiting (their leases are of a session that is gone).
 fn failed(inner: &Inner, requests: &mut mpsc::Receiver<Req>, error: String) {
-    let mut st = lock(&inner.state);
+    let mut st = inner.state.locked();
     if st.error.as_deref() != Some(error.as_str()) {
         tracing::warn!(error = %error, "database lock session: cannot connect");
         st.error = Some(error);
@@ -395,7 +393,7 @@ async fn serve(
             last_query = Instant::now();
         }
         // Releases.
-        let release = std::mem::take(&mut lock(&inner.state).release);
+        let release = std::mem::take(&mut inner.state.locked().release);
         if !release.is_empty() {
             timed(unlock(&mut conn, &release)).await?;
             last_query = Instant::now();
@@ -403,7 +401,7 @@ async fn serve(
         // Wanted keys not held here.
         if Instant::now() >= next_try {
             let keys: Vec<LockKey> = {
-                let mut st = lock(&inner.state);
+                let mut st = inner.state.locked();
                 st.wanted.retain(|_, w| {
                     w.retain(|tx| !tx.is_closed());
                     !w.is_empty()
@@ -422,12 +420,12 @@ async fn serve(
                 next_try = Instant::now() + LOCK_POLL;
             }
         }
-        let holding = !lock(&inner.state).held.is_empty();
+        let holding = !inner.state.locked().held.is_empty();
         if holding && last_query.elapsed() >= KEEPALIVE {
             timed(sqlx::query("SELECT 1").execute(&mut conn)).await?;
             last_query = Instant::now();
         }
-        let waiting = !lock(&inner.state).wanted.is_empty();
+        let waiting = !inner.state.locked().wanted.is_empty();
         let tick = if waiting {
             next_try.max(Instant::now() + Duration::from_millis(1))
         } else {
@@ -461,7 +459,7 @@ async fn grant(
 ) -> Result<(), String> {
     let mut unwanted = Vec::new();
     {
-        let mut st = lock(&inner.state);
+        let mut st = inner.state.locked();
         let lost = st.lost.clone();
         for key in got {
             let mut lease = Some(Lease {

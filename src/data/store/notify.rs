@@ -18,6 +18,7 @@
 //! The session is made like the pool's connections (to the server the pool targets now) and
 //! follows the pool after a database failover.
 
+use crate::poison::MutexExt;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -107,7 +108,7 @@ impl Notifier {
     /// The heads announced for `stream_id`, and the resyncs (every reconnect).
     pub fn appended(&self, stream_id: i64) -> watch::Receiver<Announced> {
         self.start();
-        let mut heads = lock(&self.inner.heads);
+        let mut heads = self.inner.heads.locked();
         // Streams whose relays stopped are forgotten here (not per notification): a sweep per
         // registration is O(streams), a few thousand steps at most.
         heads.retain(|_, tx| tx.receiver_count() > 0);
@@ -153,11 +154,6 @@ impl Notifier {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain maps: a panic elsewhere cannot leave them half-updated.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// `<stream id>:<head>`.
 fn parse_appended(payload: &str) -> Option<(i64, i64)> {
     let (id, head) = payload.split_once(':')?;
@@ -168,7 +164,7 @@ impl Inner {
     fn dispatch(&self, channel: &str, payload: &str) {
         if channel == APPENDED_CHANNEL {
             if let Some((id, head)) = parse_appended(payload)
-                && let Some(tx) = lock(&self.heads).get(&id)
+                && let Some(tx) = self.heads.locked().get(&id)
             {
                 tx.send_if_modified(|a| {
                     // A lower head is old news (notifications of concurrent commits can
@@ -194,7 +190,7 @@ impl Inner {
         });
         if live {
             let resyncs = self.resyncs.fetch_add(1, Ordering::AcqRel) + 1;
-            for tx in lock(&self.heads).values() {
+            for tx in self.heads.locked().values() {
                 tx.send_modify(|a| a.resyncs = resyncs);
             }
         }
@@ -327,6 +323,6 @@ mod tests {
         // A stream nobody watches is forgotten at the next registration.
         drop(rx);
         let _other = n.appended(8);
-        assert!(!lock(&n.inner.heads).contains_key(&7));
+        assert!(!n.inner.heads.locked().contains_key(&7));
     }
 }

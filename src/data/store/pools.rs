@@ -6,6 +6,7 @@
 //! process may open to that server (the sum of its pools' `maxConnections`) with the server's
 //! `max_connections` and warns when they do not fit.
 
+use crate::poison::MutexExt;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -73,7 +74,7 @@ impl Pools {
     ) -> Result<Store, StoreError> {
         let url = urls.first().cloned().unwrap_or_default();
         // The lock only guards the map; no await happens under it.
-        let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stores = self.stores.locked();
         if let Some(s) = stores.get(&url) {
             return Ok(s.clone());
         }
@@ -96,8 +97,7 @@ impl Pools {
                 let store = Store::with_stats(pool, stats);
                 let server = format!("{}:{}", opts.get_host(), opts.get_port());
                 self.budget
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .locked()
                     .insert(label.clone(), (server.clone(), sizes.max_connections));
                 let targets = urls
                     .iter()
@@ -130,7 +130,7 @@ impl Pools {
     /// Closes every pool (graceful shutdown, after the batchers have flushed).
     pub async fn close_all(&self) {
         let stores: Vec<Store> = {
-            let stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
+            let stores = self.stores.locked();
             stores.values().cloned().collect()
         };
         for s in stores {
@@ -140,7 +140,7 @@ impl Pools {
 
     /// `(url-free label, pool)` pairs for metrics.
     pub fn snapshot(&self) -> Vec<(String, PgPool)> {
-        let stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
+        let stores = self.stores.locked();
         stores
             .iter()
             .map(|(url, s)| (pool_label(url), s.pool().clone()))
@@ -313,7 +313,7 @@ fn check_budget(server: &str, budget: &Budget, max_connections: u32) {
         return;
     }
     let (sum, pools) = {
-        let b = budget.lock().unwrap_or_else(|p| p.into_inner());
+        let b = budget.locked();
         let mine: Vec<(String, u32)> = b
             .iter()
             .filter(|(_, (s, _))| s == server)
