@@ -10,16 +10,12 @@ use axum::routing::get;
 use http::{StatusCode, header};
 
 use crate::data::engine::Engine;
+use crate::data::plane::Plane;
 use crate::data::problem::{HttpProblem, ProblemKind};
-use crate::data::subscriptions::Subscriptions;
-use crate::status::StatusBoard;
 
 #[derive(Clone)]
 pub struct AdminState {
-    pub engine: Arc<Engine>,
-    pub board: Arc<StatusBoard>,
-    pub subscriptions: Arc<Subscriptions>,
-    pub archives: Arc<crate::data::archive::Archives>,
+    pub plane: Arc<Plane>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -66,10 +62,10 @@ const READYZ_REASONS: usize = 20;
 /// whose broker is down still takes publishes (they are stored and relayed later), so it
 /// keeps the worker ready. Answered from memory, never waiting for a backend.
 async fn readyz(State(st): State<AdminState>) -> Response {
-    if !st.board.loaded() {
+    if !st.plane.loaded() {
         return (StatusCode::SERVICE_UNAVAILABLE, "topology not loaded yet").into_response();
     }
-    let unserved = st.engine.unserved(READYZ_REASONS);
+    let unserved = st.plane.engine.unserved(READYZ_REASONS);
     if unserved.is_empty() {
         (StatusCode::OK, "ready").into_response()
     } else {
@@ -82,11 +78,12 @@ async fn readyz(State(st): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(st): State<AdminState>) -> Response {
-    sample_pools(&st.engine);
-    st.engine.caches.sample();
+    let engine = &st.plane.engine;
+    sample_pools(engine);
+    engine.caches.sample();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.engine.metrics.render(),
+        engine.metrics.render(),
     )
         .into_response()
 }
@@ -107,10 +104,10 @@ fn sample_pools(engine: &Engine) {
 }
 
 async fn status(State(st): State<AdminState>) -> Response {
-    let resources = st.board.resources(&st.engine);
+    let resources = st.plane.resources();
     axum::Json(serde_json::json!({
         "resources": resources,
-        "problems": st.board.manifest_problems(),
+        "problems": st.plane.source_problems(),
     }))
     .into_response()
 }
@@ -138,7 +135,7 @@ async fn dlq_list(
 ) -> Response {
     let key = crate::topology::Key::new(ns, name);
     let limit = q.limit.unwrap_or(100);
-    match st.subscriptions.dead_letters(&key, limit).await {
+    match st.plane.subscriptions.dead_letters(&key, limit).await {
         Ok(list) => axum::Json(serde_json::json!({ "deadLetters": list })).into_response(),
         Err(e) => dlq_error(e),
     }
@@ -150,7 +147,7 @@ async fn dlq_show(
 ) -> Response {
     let key = crate::topology::Key::new(ns, name);
     let max = crate::data::subscriptions::MAX_LIST;
-    match st.subscriptions.dead_letters(&key, max).await {
+    match st.plane.subscriptions.dead_letters(&key, max).await {
         Ok(list) => match list.into_iter().find(|d| d.id == id) {
             Some(d) => axum::Json(d).into_response(),
             None => HttpProblem::not_found(format!("no dead letter {id} in {key}")).into_response(),
@@ -171,7 +168,7 @@ async fn dlq_redrive(
     axum::extract::Query(q): axum::extract::Query<RedriveQuery>,
 ) -> Response {
     let key = crate::topology::Key::new(ns, name);
-    match st.subscriptions.redrive(&key, q.limit, &|_| {}).await {
+    match st.plane.subscriptions.redrive(&key, q.limit, &|_| {}).await {
         Ok((n, remaining)) => {
             axum::Json(serde_json::json!({ "redriven": n, "remaining": remaining })).into_response()
         }
@@ -184,7 +181,7 @@ async fn dlq_purge(
     axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
 ) -> Response {
     let key = crate::topology::Key::new(ns, name);
-    match st.subscriptions.purge(&key).await {
+    match st.plane.subscriptions.purge(&key).await {
         Ok(n) => axum::Json(serde_json::json!({ "purged": n })).into_response(),
         Err(e) => dlq_error(e),
     }
@@ -206,8 +203,8 @@ fn archive_error(e: crate::data::archive::ArchiveError) -> Response {
 /// Every stream archived by this process, with its totals.
 async fn archive_list(State(st): State<AdminState>) -> Response {
     let mut out = Vec::new();
-    for key in st.archives.streams() {
-        match st.archives.stream_status(&key).await {
+    for key in st.plane.archives.streams() {
+        match st.plane.archives.stream_status(&key).await {
             Ok(s) => out.push(serde_json::to_value(s).unwrap_or_default()),
             Err(e) => {
                 out.push(serde_json::json!({ "stream": key.to_string(), "error": e.to_string() }))
@@ -222,7 +219,7 @@ async fn archive_status(
     axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
 ) -> Response {
     let key = crate::topology::Key::new(ns, name);
-    match st.archives.stream_status(&key).await {
+    match st.plane.archives.stream_status(&key).await {
         Ok(s) => axum::Json(s).into_response(),
         Err(e) => archive_error(e),
     }
@@ -241,7 +238,7 @@ async fn archive_run(
     axum::extract::Query(q): axum::extract::Query<RunQuery>,
 ) -> Response {
     let key = crate::topology::Key::new(ns, name);
-    match st.archives.run_now(&key, q.max_segments).await {
+    match st.plane.archives.run_now(&key, q.max_segments).await {
         Ok(r) => axum::Json(r).into_response(),
         Err(e) => archive_error(e),
     }
@@ -252,7 +249,7 @@ async fn archive_verify(
     axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
 ) -> Response {
     let key = crate::topology::Key::new(ns, name);
-    match st.archives.verify(&key).await {
+    match st.plane.archives.verify(&key).await {
         Ok(r) => axum::Json(r).into_response(),
         Err(e) => archive_error(e),
     }

@@ -4,7 +4,6 @@
 //! Shutdown order (invariant 6): stop accepting publishes and let in-flight requests get their
 //! answers, drain the batchers, stop relays, close the pools, then stop the admin server.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,15 +13,11 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
-use crate::data::archive::Archives;
-use crate::data::engine::Engine;
 use crate::data::http::{self, HttpState};
-use crate::data::subscriptions::Subscriptions;
+use crate::data::plane::{Desired, Plane};
 use crate::metrics::Metrics;
 use crate::source::folder::Loaded;
-use crate::status::StatusBoard;
-use crate::topology::index::Kind;
-use crate::topology::{Defaults, Key};
+use crate::topology::Defaults;
 
 pub struct RunConfig {
     pub dir: PathBuf,
@@ -36,21 +31,21 @@ pub struct RunConfig {
     pub batch_queue: usize,
 }
 
-/// What both modes serve: the data plane, subscriptions and the status board, with the
-/// ingest port bound and the admin server already answering (liveness works while the
-/// control plane is still starting; readiness waits for the first applied topology).
+/// What both modes serve: the data plane with the ingest port bound and the admin server
+/// already answering (liveness works while the control plane is still starting; readiness
+/// waits for the first applied topology).
 pub struct Serving {
-    pub engine: Arc<Engine>,
-    pub subscriptions: Arc<Subscriptions>,
-    pub archives: Arc<Archives>,
-    pub board: Arc<StatusBoard>,
-    pub ingest_listener: tokio::net::TcpListener,
+    pub plane: Arc<Plane>,
+    ingest_listener: tokio::net::TcpListener,
     /// Base URL shown as the streams' endpoint in status.
     pub endpoint_base: String,
     /// Cancel, then await `admin_server`, as the last step of a shutdown.
-    pub admin_stop: CancellationToken,
-    pub admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
+    admin_stop: CancellationToken,
+    admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
+
+/// The ingest server, started by [`Serving::serve_ingest`].
+pub struct Ingest(tokio::task::JoinHandle<std::io::Result<()>>);
 
 impl Serving {
     pub async fn start(
@@ -59,15 +54,6 @@ impl Serving {
         admin_listen: SocketAddr,
         public_url: Option<String>,
     ) -> anyhow::Result<Serving> {
-        let mut engine = Engine::new(Metrics::new());
-        engine.limits.queue_requests = batch_queue.max(1);
-        let engine = Arc::new(engine);
-        let board = Arc::new(StatusBoard::default());
-        let subscriptions = Arc::new(Subscriptions::new(engine.clone()));
-        board.attach_subscriptions(subscriptions.clone());
-        let archives = Arc::new(Archives::new(engine.clone()));
-        board.attach_archives(archives.clone());
-
         let ingest_listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding the ingest port {listen}"))?;
@@ -77,13 +63,15 @@ impl Serving {
         let local = ingest_listener.local_addr()?;
         tracing::info!(ingest = %local, admin = %admin_listener.local_addr()?, "listening");
         let endpoint_base = public_url.unwrap_or_else(|| format!("http://{local}"));
+        let plane = Arc::new(Plane::new(
+            Metrics::new(),
+            batch_queue,
+            endpoint_base.clone(),
+        ));
 
         let admin_stop = CancellationToken::new();
         let app = admin::router(AdminState {
-            engine: engine.clone(),
-            board: board.clone(),
-            subscriptions: subscriptions.clone(),
-            archives: archives.clone(),
+            plane: plane.clone(),
         });
         let stop = admin_stop.clone();
         let admin_server = tokio::spawn(async move {
@@ -92,15 +80,81 @@ impl Serving {
                 .await
         });
         Ok(Serving {
-            engine,
-            subscriptions,
-            archives,
-            board,
+            plane,
             ingest_listener,
             endpoint_base,
             admin_stop,
             admin_server,
         })
+    }
+
+    /// Starts answering publishes and reads; the server stops accepting when `shutdown` is
+    /// cancelled and answers what is in flight.
+    pub fn serve_ingest(
+        self,
+        request_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> (Running, Ingest) {
+        let app = http::router(HttpState {
+            engine: self.plane.engine.clone(),
+            plane: self.plane.clone(),
+            request_timeout,
+        });
+        let listener = self.ingest_listener;
+        let ingest = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+        });
+        (
+            Running {
+                plane: self.plane,
+                admin_stop: self.admin_stop,
+                admin_server: self.admin_server,
+            },
+            Ingest(ingest),
+        )
+    }
+
+    /// Stops the admin server (a shutdown before ingest ever started).
+    pub async fn stop_admin(self) {
+        self.admin_stop.cancel();
+        let _ = self.admin_server.await;
+    }
+}
+
+/// The plane and the admin server once ingest runs.
+pub struct Running {
+    pub plane: Arc<Plane>,
+    admin_stop: CancellationToken,
+    admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Waits for ingest to stop (its shutdown token was cancelled) while subscriptions and
+    /// archivers stop, then drains the streams and closes the pools. Axum's graceful shutdown
+    /// waits for in-flight requests, which wait for their batches to commit; started
+    /// deliveries finish, and their replies reach the still-running batchers, before the
+    /// streams drain.
+    pub async fn stop_data(&self, ingest: Ingest) {
+        let (ingest, (), ()) = tokio::join!(
+            ingest.0,
+            self.plane.subscriptions.shutdown(),
+            self.plane.archives.shutdown()
+        );
+        match ingest {
+            Ok(Err(e)) => tracing::warn!(error = %e, "ingest server"),
+            Err(e) => tracing::warn!(error = %e, "ingest server task"),
+            Ok(Ok(())) => {}
+        }
+        self.plane.engine.shutdown().await;
+    }
+
+    /// The last step of a shutdown: the admin port closes.
+    pub async fn stop_admin(self) {
+        self.admin_stop.cancel();
+        let _ = self.admin_server.await;
+        tracing::info!("stopped");
     }
 }
 
@@ -110,16 +164,7 @@ pub async fn run(
     defaults: Defaults,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Serving {
-        engine,
-        subscriptions,
-        archives,
-        board,
-        ingest_listener,
-        endpoint_base,
-        admin_stop,
-        admin_server,
-    } = Serving::start(
+    let serving = Serving::start(
         cfg.batch_queue,
         cfg.listen,
         cfg.admin_listen,
@@ -128,39 +173,23 @@ pub async fn run(
     .await?;
 
     let watch_stop = shutdown.child_token();
-    let mut rx = crate::source::watch::spawn_folder_watch(
+    let mut rx = match crate::source::watch::spawn_folder_watch(
         cfg.dir.clone(),
         crate::source::watch::DEFAULT_DEBOUNCE,
         watch_stop.clone(),
-    )
-    .with_context(|| format!("loading manifests from {}", cfg.dir.display()))?;
-
-    let ingest_server = {
-        let app = http::router(HttpState {
-            engine: engine.clone(),
-            request_timeout: cfg.request_timeout,
-        });
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(ingest_listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
+    ) {
+        Ok(rx) => rx,
+        Err(e) => {
+            serving.stop_admin().await;
+            return Err(anyhow::Error::new(e)
+                .context(format!("loading manifests from {}", cfg.dir.display())));
+        }
     };
+    let (running, ingest) = serving.serve_ingest(cfg.request_timeout, shutdown.clone());
 
     loop {
         let loaded = rx.borrow_and_update().clone();
-        apply(
-            &loaded,
-            &defaults,
-            &engine,
-            &subscriptions,
-            &archives,
-            &board,
-            cfg.prune,
-            &endpoint_base,
-        )
-        .await;
+        apply(&loaded, &defaults, &running.plane, cfg.prune).await;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = rx.changed() => if changed.is_err() { break },
@@ -168,87 +197,37 @@ pub async fn run(
     }
 
     watch_stop.cancel();
-    // Axum's graceful shutdown stops accepting and waits for in-flight requests, which wait
-    // for their batches to commit.
-    // Subscriptions stop taking messages at the same time; their started deliveries finish
-    // (and replies reach the still-running batchers) before the streams drain and the pools
-    // close.
-    let (ingest, (), ()) =
-        tokio::join!(ingest_server, subscriptions.shutdown(), archives.shutdown());
-    match ingest {
-        Ok(Err(e)) => tracing::warn!(error = %e, "ingest server"),
-        Err(e) => tracing::warn!(error = %e, "ingest server task"),
-        Ok(Ok(())) => {}
-    }
-    engine.shutdown().await;
-    admin_stop.cancel();
-    let _ = admin_server.await;
-    tracing::info!("stopped");
+    running.stop_data(ingest).await;
+    running.stop_admin().await;
     Ok(())
 }
 
 /// Applies one snapshot of the folder: valid resources run, invalid ones keep their previous
-/// version (and say why in status), absent ones stop.
-// Each argument is a separate part of the process the apply moves to the new topology.
-#[allow(clippy::too_many_arguments)]
-async fn apply(
-    loaded: &Loaded,
-    defaults: &Defaults,
-    engine: &Engine,
-    subscriptions: &Subscriptions,
-    archives: &Archives,
-    board: &StatusBoard,
-    prune: bool,
-    endpoint_base: &str,
-) {
+/// version (and say why in status), absent ones stop. Problems are logged with the file and
+/// document they come from.
+async fn apply(loaded: &Loaded, defaults: &Defaults, plane: &Plane, prune: bool) {
     let built = crate::topology::build::build(&loaded.index, defaults);
-    let mut kept: BTreeSet<(Kind, Key)> = loaded.broken.clone();
-    for r in &built.reports {
-        if !r.problems.is_empty() {
-            let origin = loaded
-                .origins
-                .get(&(r.kind, r.key.clone()))
-                .map(|o| format!("{} doc {}: ", o.file.display(), o.doc))
-                .unwrap_or_default();
-            for p in &r.problems {
-                tracing::warn!("{origin}{} {}: {p}", r.kind, r.key);
-            }
-            kept.insert((r.kind, r.key.clone()));
+    for r in built.reports.iter().filter(|r| !r.is_valid()) {
+        let origin = loaded
+            .origins
+            .get(&(r.kind, r.key.clone()))
+            .map(|o| format!("{} doc {}: ", o.file.display(), o.doc))
+            .unwrap_or_default();
+        for p in &r.problems {
+            tracing::warn!("{origin}{} {}: {p}", r.kind, r.key);
         }
     }
     for p in &loaded.problems {
         tracing::warn!("{p}");
     }
-    let keep_streams: BTreeSet<Key> = kept
-        .iter()
-        .filter(|(k, _)| *k == Kind::EventStream)
-        .map(|(_, key)| key.clone())
-        .collect();
-    for e in engine
-        .apply(&built.topology.streams, &keep_streams, prune)
-        .await
-    {
+    let desired = Desired {
+        built,
+        broken: loaded.broken.clone(),
+        deleting_streams: Default::default(),
+        source_problems: loaded.problems.iter().map(ToString::to_string).collect(),
+    };
+    let report = plane.apply(desired, prune).await;
+    for e in report.stream_errors.values().chain(&report.errors) {
         tracing::error!(error = %e, "applying the topology");
     }
-    engine
-        .caches
-        .apply(&built.topology.cache_policies, &engine.streams());
-    let keep_subscriptions: BTreeSet<Key> = kept
-        .iter()
-        .filter(|(k, _)| *k == Kind::Subscription)
-        .map(|(_, key)| key.clone())
-        .collect();
-    for e in subscriptions
-        .apply(&built.topology.subscriptions, &keep_subscriptions, prune)
-        .await
-    {
-        tracing::error!(error = %e, "applying the subscriptions");
-    }
-    archives.apply(&built.topology.archive_policies);
-    board.update(
-        built.reports,
-        kept,
-        loaded.problems.iter().map(ToString::to_string).collect(),
-        endpoint_base.to_string(),
-    );
 }

@@ -19,6 +19,5 @@ pub mod metrics;
 pub mod poison;
 pub mod shutdown;
 pub mod source;
-pub mod status;
 pub mod telemetry;
 pub mod topology;

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
+use weir::data::plane::observe::spec_condition;
 use weir::topology::build::{Built, Reason, build};
-use weir::topology::status::{ConditionStatus, ready_condition};
 use weir::topology::*;
 
 /// An index from a multi-document YAML text (a tiny stand-in for the manifest folder): the four
@@ -208,8 +208,7 @@ spec:
     assert_eq!(cp.ttl, Duration::from_secs(300));
 
     for r in &built.reports {
-        let ready = ready_condition(r);
-        assert_eq!(ready.status, ConditionStatus::True, "{:?}", r.key);
+        assert_eq!(spec_condition(r), None, "{:?}", r.key);
     }
 }
 
@@ -563,12 +562,13 @@ spec: {streamNames: [orders, invoices]}
     assert_eq!(problems(&built, EventStream, "shop", "orders").len(), 4);
     assert_eq!(problems(&built, Subscription, "shop", "notify").len(), 4);
 
-    let ready = ready_condition(
+    let ready = spec_condition(
         built
             .report(Subscription, &Key::new("shop", "notify"))
             .unwrap(),
-    );
-    assert_eq!(ready.status, ConditionStatus::False);
+    )
+    .expect("an invalid resource is not ready");
+    assert_eq!(ready.status, "False");
     assert_eq!(ready.reason, "StreamNotFound");
     assert!(
         ready

@@ -73,7 +73,7 @@ pub enum CacheStrategy {
 }
 
 /// Observed state of a CachePolicy.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CachePolicyStatus {
     /// The `metadata.generation` this status describes.
@@ -87,4 +87,7 @@ pub struct CachePolicyStatus {
     /// worker replica, so it describes that replica's cache, not all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hit_ratio: Option<String>,
+    /// Entries the cache holds on the worker replica that wrote this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<u64>,
 }

@@ -285,7 +285,7 @@ pub struct PiiSpec {
 }
 
 /// Observed state of an EventStream.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventStreamStatus {
     /// The `metadata.generation` this status describes.

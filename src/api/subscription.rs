@@ -221,7 +221,7 @@ pub struct ReplySpec {
 }
 
 /// Observed state of a Subscription.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SubscriptionStatus {
     /// The `metadata.generation` this status describes.
@@ -231,9 +231,13 @@ pub struct SubscriptionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Option<Vec<Condition>>,
-    /// Name of the RabbitMQ queue the subscription consumes.
+    /// Name of the RabbitMQ queue the subscription consumes (`ordering: none`), or the prefix
+    /// of its partition queues (`ordering: perKey`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
+    /// The partition queues consumed under `ordering: perKey`, one lane each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_queues: Option<Vec<String>>,
     /// Name of the RabbitMQ queue holding dead-lettered events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_queue: Option<String>,
@@ -252,4 +256,8 @@ pub struct SubscriptionStatus {
     /// Last delivered stream position, as a string of digits (replay progress).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<String>,
+    /// Something to know that is not a failure, e.g. that a catch-up was skipped because the
+    /// subscription's queue already existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
 }

@@ -16,10 +16,8 @@ use crate::api::{ArchivePolicy, CachePolicy, EventStream, Subscription};
 use crate::control::refs::{RefCache, Refs, refs_of};
 use crate::control::status_writer::StatusQueue;
 use crate::control::{CONTROLLER_NAME, ControlError, FINALIZER};
-use crate::data::engine::Engine;
-use crate::data::subscriptions::Subscriptions;
+use crate::data::plane::Plane;
 use crate::metrics::Metrics;
-use crate::status::StatusBoard;
 use crate::topology::{Defaults, Index, Key, Kind};
 
 /// Tunables of the control plane.
@@ -138,11 +136,13 @@ impl Stores {
             .collect()
     }
 
-    /// Whether the EventStream `key` exists and is being deleted.
-    pub fn stream_deleting(&self, key: &Key) -> bool {
+    /// The EventStreams being deleted.
+    pub fn deleting_streams(&self) -> BTreeSet<Key> {
         self.streams()
             .iter()
-            .any(|s| key_of(s.as_ref()).as_ref() == Some(key) && deleting(s.as_ref()))
+            .filter(|s| deleting(s.as_ref()))
+            .filter_map(|s| key_of(s.as_ref()))
+            .collect()
     }
 
     /// The index of every resource that should run, and the Secrets/ConfigMaps they
@@ -209,10 +209,7 @@ impl Stores {
 pub struct Context {
     pub client: Client,
     pub defaults: Defaults,
-    pub engine: Arc<Engine>,
-    pub subscriptions: Arc<Subscriptions>,
-    pub archives: Arc<crate::data::archive::Archives>,
-    pub board: Arc<StatusBoard>,
+    pub plane: Arc<Plane>,
     pub stores: Stores,
     pub refs: RefCache,
     pub status: StatusQueue,
@@ -236,16 +233,17 @@ impl Context {
         Arc<Context>,
         tokio::sync::mpsc::Receiver<crate::control::status_writer::StatusUpdate>,
     ) {
-        let engine = Arc::new(Engine::new(Metrics::new()));
-        let (status, rx) = StatusQueue::new(64, &engine.metrics.registry);
+        let plane = Arc::new(Plane::new(
+            Metrics::new(),
+            crate::data::batcher::Limits::default().queue_requests,
+            Settings::default().endpoint_base,
+        ));
+        let (status, rx) = StatusQueue::new(64, &plane.engine.metrics.registry);
         let ctx = Context {
             recorder: Recorder::new(client.clone(), reporter(None)),
             client,
             defaults: Defaults::default(),
-            subscriptions: Arc::new(Subscriptions::new(engine.clone())),
-            archives: Arc::new(crate::data::archive::Archives::new(engine.clone())),
-            engine,
-            board: Arc::new(StatusBoard::default()),
+            plane,
             stores,
             refs: RefCache::default(),
             status,

@@ -10,11 +10,11 @@
 //! `coordination.k8s.io` Lease. Every replica runs the data plane.
 
 pub mod context;
-pub mod desired;
 pub mod leader;
 pub mod reconcile;
 pub mod refs;
 pub mod run;
+pub mod status;
 pub mod status_writer;
 
 pub use context::{Context, Settings, Stores};
@@ -28,7 +28,7 @@ pub const FIELD_MANAGER: &str = "weir";
 /// Name of the controller in Events (`reportingController`).
 pub const CONTROLLER_NAME: &str = "weir.dev/operator";
 /// Label that `status.selector` of a Subscription selects on (the `/scale` selector).
-pub const SUBSCRIPTION_LABEL: &str = "weir.dev/subscription";
+pub use crate::data::plane::SUBSCRIPTION_LABEL;
 
 /// Every (API group, resource, verb) `weir operator` calls. The chart's RBAC grants exactly
 /// these (a test checks), so a new call needs a new rule in the same change.

@@ -10,7 +10,6 @@
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
@@ -22,18 +21,19 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, Event as FinalizerEvent, finalizer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
 
 use crate::api::common::READY;
-use crate::api::{ArchivePolicy, CachePolicy, EventStream, Subscription};
+use crate::api::{
+    ArchivePolicy, ArchivePolicyStatus, CachePolicy, CachePolicyStatus, EventStream,
+    EventStreamStatus, Subscription, SubscriptionStatus,
+};
 use crate::control::context::Context;
-use crate::control::desired::{self, Facts, Observed, REASON_STREAM_DELETED, apply_body};
 use crate::control::refs::refs_of;
+use crate::control::status;
 use crate::control::status_writer::StatusUpdate;
-use crate::control::{ControlError, FINALIZER, SUBSCRIPTION_LABEL};
-use crate::data::engine::EngineError;
-use crate::topology::build::{Built, Reason};
-use crate::topology::{Key, Kind};
+use crate::control::{ControlError, FINALIZER};
+use crate::data::plane::{ApplyReport, Desired, ResourceStatus};
+use crate::topology::{Key, Kind, Reason};
 
 /// Longest wait between retries of a failing resource.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
@@ -52,28 +52,65 @@ pub trait WeirResource:
     const KIND: Kind;
     /// Whether the kind carries the `weir.dev/cleanup` finalizer (it owns queues or data).
     const FINALIZED: bool;
+    /// The kind's status struct.
+    type Status: Serialize + PartialEq + Clone + Send + Sync;
     /// The conditions currently in `status`.
     fn conditions(&self) -> Vec<Condition>;
+    /// The status currently written.
+    fn current_status(&self) -> Option<&Self::Status>;
+    /// The status to write for what the data plane observes.
+    fn desired_status(rs: &ResourceStatus, conditions: Vec<Condition>) -> Self::Status;
 }
 
 macro_rules! weir_resource {
-    ($t:ty, $kind:expr, $fin:expr) => {
+    ($t:ty, $status:ty, $kind:expr, $fin:expr, $build:path) => {
         impl WeirResource for $t {
             const KIND: Kind = $kind;
             const FINALIZED: bool = $fin;
+            type Status = $status;
             fn conditions(&self) -> Vec<Condition> {
                 self.status
                     .as_ref()
                     .and_then(|s| s.conditions.clone())
                     .unwrap_or_default()
             }
+            fn current_status(&self) -> Option<&$status> {
+                self.status.as_ref()
+            }
+            fn desired_status(rs: &ResourceStatus, conditions: Vec<Condition>) -> $status {
+                $build(rs, conditions)
+            }
         }
     };
 }
-weir_resource!(EventStream, Kind::EventStream, true);
-weir_resource!(Subscription, Kind::Subscription, true);
-weir_resource!(ArchivePolicy, Kind::ArchivePolicy, false);
-weir_resource!(CachePolicy, Kind::CachePolicy, false);
+weir_resource!(
+    EventStream,
+    EventStreamStatus,
+    Kind::EventStream,
+    true,
+    status::event_stream
+);
+weir_resource!(
+    Subscription,
+    SubscriptionStatus,
+    Kind::Subscription,
+    true,
+    status::subscription
+);
+weir_resource!(
+    ArchivePolicy,
+    ArchivePolicyStatus,
+    Kind::ArchivePolicy,
+    false,
+    status::archive_policy
+);
+weir_resource!(
+    CachePolicy,
+    CachePolicyStatus,
+    Kind::CachePolicy,
+    false,
+    status::cache_policy
+);
 
 fn key_of<K: Resource>(obj: &K) -> Result<Key, ControlError> {
     Ok(Key::new(
@@ -88,25 +125,22 @@ fn key_of<K: Resource>(obj: &K) -> Result<Key, ControlError> {
     ))
 }
 
-/// The outcome of applying the whole topology.
-pub struct Synced {
-    pub built: Built,
-    /// Per-stream failures of the data plane (broker or store unreachable while provisioning).
-    pub stream_errors: Vec<(Key, String)>,
-}
-
 /// Builds the topology from the caches (Secrets and ConfigMaps re-read when older than the
 /// refresh interval) and moves the data plane to it. With `cleaning` (only the Lease holder,
 /// from a finalizer), that object leaves the topology and streams and subscriptions that left
 /// it have their queues and data removed when their deletionPolicy says `Delete`.
-pub async fn sync(ctx: &Context, cleaning: Option<(Kind, &Key)>) -> Result<Synced, ControlError> {
+pub async fn sync(
+    ctx: &Context,
+    cleaning: Option<(Kind, &Key)>,
+) -> Result<ApplyReport, ControlError> {
     let prune = cleaning.is_some();
     tracing::debug!(prune, "sync: waiting for the caches");
     ctx.stores
         .wait_until_ready(ctx.settings.cache_sync_timeout)
         .await?;
+    // The index is read and applied under one lock, so that an older snapshot of the caches
+    // is never applied after a newer one.
     let _guard = ctx.apply_lock.lock().await;
-    tracing::debug!("sync: building");
     let (mut index, refs) = ctx.stores.index(cleaning);
     ctx.refs
         .refresh(&ctx.client, &refs, ctx.settings.refresh)
@@ -114,60 +148,13 @@ pub async fn sync(ctx: &Context, cleaning: Option<(Kind, &Key)>) -> Result<Synce
     let (secrets, config_maps) = ctx.refs.resolved(&refs);
     index.secrets = secrets;
     index.config_maps = config_maps;
-    let built = crate::topology::build(&index, &ctx.defaults);
-    // An invalid new version keeps the previous valid one running (as in standalone mode).
-    let kept: BTreeSet<(Kind, Key)> = built
-        .reports
-        .iter()
-        .filter(|r| !r.is_valid())
-        .map(|r| (r.kind, r.key.clone()))
-        .collect();
-    let keep = |kind: Kind| -> BTreeSet<Key> {
-        kept.iter()
-            .filter(|(k, _)| *k == kind)
-            .map(|(_, key)| key.clone())
-            .collect()
+    let desired = Desired {
+        built: crate::topology::build(&index, &ctx.defaults),
+        broken: BTreeSet::new(),
+        deleting_streams: ctx.stores.deleting_streams(),
+        source_problems: Vec::new(),
     };
-    let mut stream_errors = Vec::new();
-    for e in ctx
-        .engine
-        .apply(&built.topology.streams, &keep(Kind::EventStream), prune)
-        .await
-    {
-        tracing::warn!(error = %e, "applying streams");
-        let key = match &e {
-            EngineError::Invalid { key, .. }
-            | EngineError::Store { key, .. }
-            | EngineError::Broker { key, .. } => key.clone(),
-        };
-        stream_errors.push((key, e.to_string()));
-    }
-    ctx.engine
-        .caches
-        .apply(&built.topology.cache_policies, &ctx.engine.streams());
-    for e in ctx
-        .subscriptions
-        .apply(
-            &built.topology.subscriptions,
-            &keep(Kind::Subscription),
-            prune,
-        )
-        .await
-    {
-        tracing::warn!(error = %e, "applying subscriptions");
-    }
-    ctx.archives.apply(&built.topology.archive_policies);
-    tracing::debug!(resources = built.reports.len(), "sync: applied");
-    ctx.board.update(
-        built.reports.clone(),
-        kept,
-        Vec::new(),
-        ctx.settings.endpoint_base.clone(),
-    );
-    Ok(Synced {
-        built,
-        stream_errors,
-    })
+    Ok(ctx.plane.apply(desired, prune).await)
 }
 
 /// Reconciles one object of kind `K` (see the module docs).
@@ -266,48 +253,21 @@ async fn apply<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, Co
     let key = key_of(obj.as_ref())?;
     // Dereference: what this object references is read again now (it may just have been
     // edited to point at another Secret); the rest of the index within the refresh interval.
-    let value = serde_json::to_value(obj.as_ref())?;
-    let own = refs_of(&key.namespace, &value["spec"]);
+    let spec = serde_json::to_value(obj.as_ref())?;
+    let own = refs_of(&key.namespace, &spec["spec"]);
     ctx.refs.refresh(&ctx.client, &own, Duration::ZERO).await?;
-    let synced = sync(ctx, None).await?;
-    let Some(report) = synced.built.report(K::KIND, &key) else {
+    let applied = sync(ctx, None).await?;
+    let (Some(report), Some(observed)) = (
+        ctx.plane.report(K::KIND, &key),
+        ctx.plane.observe(K::KIND, &key),
+    ) else {
         // Not in the cache yet (a reconcile racing the watch): the watch event follows.
         return Ok(Action::requeue(ctx.settings.refresh));
     };
-    let facts = facts(K::KIND, &key, &synced, ctx).await;
-    let previous = obj.conditions();
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let d = desired::desired(report, &facts, &previous, now);
     if ctx.is_leader() {
-        let current = value.get("status").cloned().unwrap_or(json!({}));
-        if current != d.status {
-            ctx.status.push(StatusUpdate {
-                kind: K::KIND,
-                key: key.clone(),
-                body: apply_body(K::KIND, &key.name, &d.status),
-            });
-        }
-        let before = previous.iter().find(|c| c.type_ == READY);
-        let changed =
-            before.is_none_or(|b| b.status != d.ready.status || b.reason != d.ready.reason);
-        if changed {
-            let (type_, note) = if d.ready.status == "True" {
-                (EventType::Normal, format!("{} {} is ready", K::KIND, key))
-            } else {
-                (EventType::Warning, d.ready.message.clone())
-            };
-            publish(
-                ctx,
-                obj.as_ref(),
-                type_,
-                &d.ready.reason,
-                "Reconcile",
-                truncate(&note, 1000),
-            )
-            .await;
-        }
+        write_status(obj.as_ref(), &key, &observed, ctx).await?;
     }
-    if let Some((_, message)) = synced.stream_errors.iter().find(|(k, _)| *k == key) {
+    if let Some(message) = applied.stream_errors.get(&key) {
         return Err(ControlError::DataPlane(message.clone()));
     }
     if !report.is_valid() && report.problems.iter().all(|p| p.reason.is_permanent()) {
@@ -328,6 +288,48 @@ async fn apply<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, Co
     Ok(Action::requeue(ctx.settings.refresh))
 }
 
+/// Queues the object's new status when it differs from the written one, and records an Event
+/// when `Ready` changes.
+async fn write_status<K: WeirResource>(
+    obj: &K,
+    key: &Key,
+    observed: &ResourceStatus,
+    ctx: &Context,
+) -> Result<(), ControlError> {
+    let previous = obj.conditions();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let conditions = status::conditions(observed, &previous, &now);
+    let desired = K::desired_status(observed, conditions.clone());
+    if obj.current_status() != Some(&desired) {
+        ctx.status.push(StatusUpdate {
+            kind: K::KIND,
+            key: key.clone(),
+            body: status::apply_body(K::KIND, &key.name, &serde_json::to_value(&desired)?),
+        });
+    }
+    let Some(ready) = conditions.iter().find(|c| c.type_ == READY) else {
+        return Ok(());
+    };
+    let before = previous.iter().find(|c| c.type_ == READY);
+    if before.is_none_or(|b| b.status != ready.status || b.reason != ready.reason) {
+        let (type_, note) = if ready.status == "True" {
+            (EventType::Normal, format!("{} {} is ready", K::KIND, key))
+        } else {
+            (EventType::Warning, ready.message.clone())
+        };
+        publish(
+            ctx,
+            obj,
+            type_,
+            &ready.reason,
+            "Reconcile",
+            truncate(&note, 1000),
+        )
+        .await;
+    }
+    Ok(())
+}
+
 async fn cleanup<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, ControlError> {
     let key = key_of(obj.as_ref())?;
     if K::KIND == Kind::EventStream {
@@ -338,8 +340,8 @@ async fn cleanup<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, 
             return Err(ControlError::StreamInUse(key.to_string(), subs.join(", ")));
         }
     }
-    let synced = sync(ctx, Some((K::KIND, &key))).await?;
-    if let Some((_, message)) = synced.stream_errors.iter().find(|(k, _)| *k == key) {
+    let applied = sync(ctx, Some((K::KIND, &key))).await?;
+    if let Some(message) = applied.stream_errors.get(&key) {
         return Err(ControlError::DataPlane(message.clone()));
     }
     let value = serde_json::to_value(obj.as_ref())?;
@@ -361,144 +363,4 @@ async fn cleanup<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, 
     )
     .await;
     Ok(Action::await_change())
-}
-
-/// What the data plane says about one resource: dependency conditions and status fields.
-pub async fn facts(kind: Kind, key: &Key, synced: &Synced, ctx: &Context) -> Facts {
-    let mut f = Facts::default();
-    match kind {
-        Kind::EventStream => {
-            let Some(rt) = ctx.engine.stream(&key.namespace, &key.name) else {
-                if synced.built.topology.streams.contains_key(key) {
-                    let why = synced
-                        .stream_errors
-                        .iter()
-                        .find(|(k, _)| k == key)
-                        .map_or("not started yet".to_string(), |(_, m)| m.clone());
-                    f.not_ready = Some(("NotRunning".into(), why));
-                }
-                return f;
-            };
-            let mut deps = vec![("BrokerReady", rt.broker_condition())];
-            if let Some(c) = rt.store_condition() {
-                deps.push(("StoreReady", c));
-                // The head comes from the store (shared by every replica), asked with a short
-                // limit; what this process knows when the database does not answer in time.
-                let mut head = rt.health.head.load(Ordering::Acquire);
-                if let (Some(store), Some(id)) = (rt.store(), rt.stream_id())
-                    && let Ok(Ok(h)) =
-                        tokio::time::timeout(Duration::from_secs(1), store.head(id)).await
-                {
-                    head = head.max(h);
-                }
-                f.fields.insert("head".into(), json!(head.to_string()));
-            }
-            for (ty, c) in deps {
-                f.conditions
-                    .push(Observed::new(ty, c.ok, c.reason, c.message));
-            }
-            f.fields
-                .insert("exchange".into(), json!(rt.plan.broker.exchange.clone()));
-            f.fields.insert(
-                "endpoint".into(),
-                json!(format!(
-                    "{}/v1/namespaces/{}/streams/{}/events",
-                    ctx.settings.endpoint_base.trim_end_matches('/'),
-                    key.namespace,
-                    key.name
-                )),
-            );
-        }
-        Kind::Subscription => {
-            f.fields.insert(
-                "selector".into(),
-                json!(format!("{SUBSCRIPTION_LABEL}={}", key.name)),
-            );
-            if let Some(plan) = synced.built.topology.subscriptions.get(key)
-                && ctx.stores.stream_deleting(&plan.stream)
-            {
-                f.not_ready = Some((
-                    REASON_STREAM_DELETED.into(),
-                    format!("EventStream {} is being deleted", plan.stream),
-                ));
-            }
-            match ctx.subscriptions.get(key) {
-                Some((runner, plan)) => {
-                    f.fields
-                        .insert("queue".into(), json!(runner.names.queue.clone()));
-                    f.fields.insert(
-                        "deadLetterQueue".into(),
-                        json!(runner.names.dead_letter_queue.clone()),
-                    );
-                    f.fields.insert("consumers".into(), json!(plan.consumers));
-                    // Sampled from the broker's queue counts: the same for every replica.
-                    let backlog = runner.state.backlog.load(Ordering::Acquire);
-                    if backlog >= 0 {
-                        f.fields.insert("backlog".into(), json!(backlog));
-                    }
-                    let position = runner.state.position.load(Ordering::Acquire);
-                    if position > 0 {
-                        f.fields
-                            .insert("position".into(), json!(position.to_string()));
-                    }
-                    let caught_up = runner.state.caught_up.load(Ordering::Acquire);
-                    f.conditions.push(Observed::info(
-                        "CaughtUp",
-                        caught_up,
-                        if caught_up { "CaughtUp" } else { "Replaying" },
-                        "",
-                    ));
-                    if let Some((ok, message)) = runner.state.sink() {
-                        f.conditions.push(Observed::info(
-                            "SinkReachable",
-                            ok,
-                            if ok { "Delivered" } else { "SinkUnreachable" },
-                            message,
-                        ));
-                    }
-                    if f.not_ready.is_none() {
-                        if let Some((reason, e)) = runner.state.failure() {
-                            f.not_ready = Some((reason.into(), e));
-                        } else if let Some(e) = runner.state.error() {
-                            f.not_ready = Some(("NotRunning".into(), e));
-                        }
-                    }
-                }
-                None => {
-                    if let Some(plan) = synced.built.topology.subscriptions.get(key) {
-                        f.fields.insert("consumers".into(), json!(plan.consumers));
-                        if f.not_ready.is_none() {
-                            let why = ctx
-                                .subscriptions
-                                .problem(key)
-                                .unwrap_or_else(|| "not started yet".to_string());
-                            f.not_ready = Some(("NotRunning".into(), why));
-                        }
-                    }
-                }
-            }
-        }
-        Kind::ArchivePolicy => {
-            // Totals come from the segments table, the same on every replica.
-            let (fields, error) = ctx.archives.policy_status(key);
-            for (k, v) in fields {
-                f.fields.insert(k, v);
-            }
-            if let Some(e) = error
-                && f.not_ready.is_none()
-            {
-                f.not_ready = Some(("ArchiveFailed".into(), e));
-            }
-        }
-        Kind::CachePolicy => {
-            if let Some(cache) = ctx.engine.caches.policy(key) {
-                // Sampled on this replica: each replica has its own cache.
-                if let Some(ratio) = cache.hit_ratio() {
-                    f.fields
-                        .insert("hitRatio".into(), json!(format!("{ratio:.2}")));
-                }
-            }
-        }
-    }
-    f
 }

@@ -31,7 +31,6 @@ use crate::control::leader::{self, LeaseConfig};
 use crate::control::reconcile::{WeirResource, error_policy, reconcile};
 use crate::control::refs::RefCache;
 use crate::control::status_writer::{self, StatusQueue};
-use crate::data::http::{self, HttpState};
 use crate::topology::Defaults;
 
 /// Settings of `weir operator`.
@@ -77,16 +76,7 @@ pub async fn run_with_client(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // Admin first: liveness answers while the CRDs are awaited, readiness does not.
-    let crate::app::Serving {
-        engine,
-        subscriptions,
-        archives,
-        board,
-        ingest_listener,
-        endpoint_base,
-        admin_stop,
-        admin_server,
-    } = crate::app::Serving::start(
+    let serving = crate::app::Serving::start(
         cfg.batch_queue,
         cfg.listen,
         cfg.admin_listen,
@@ -97,8 +87,7 @@ pub async fn run_with_client(
     let established = tokio::select! {
         r = wait_for_crds(&client) => r,
         _ = shutdown.cancelled() => {
-            admin_stop.cancel();
-            let _ = admin_server.await;
+            serving.stop_admin().await;
             return Ok(());
         }
     };
@@ -116,7 +105,10 @@ pub async fn run_with_client(
     )
     .await?;
 
-    let (status, status_rx) = StatusQueue::new(cfg.status_queue, &engine.metrics.registry);
+    let endpoint_base = serving.endpoint_base.clone();
+    let (running, ingest) = serving.serve_ingest(cfg.request_timeout, shutdown.clone());
+    let plane = running.plane.clone();
+    let (status, status_rx) = StatusQueue::new(cfg.status_queue, &plane.engine.metrics.registry);
     let writer_stop = CancellationToken::new();
     let writer = tokio::spawn(status_writer::run(
         client.clone(),
@@ -125,19 +117,6 @@ pub async fn run_with_client(
         leader_flag.clone(),
         writer_stop.clone(),
     ));
-
-    let ingest_server = {
-        let app = http::router(HttpState {
-            engine: engine.clone(),
-            request_timeout: cfg.request_timeout,
-        });
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(ingest_listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
-    };
 
     // One controller per kind and namespace (or one per kind for all namespaces).
     let scopes: Vec<Option<String>> = if cfg.namespaces.is_empty() {
@@ -182,10 +161,7 @@ pub async fn run_with_client(
         recorder: Recorder::new(client.clone(), reporter(Some(cfg.lease.identity.clone()))),
         client: client.clone(),
         defaults,
-        engine: engine.clone(),
-        subscriptions: subscriptions.clone(),
-        archives: archives.clone(),
-        board: board.clone(),
+        plane,
         stores,
         refs: RefCache::default(),
         status,
@@ -226,21 +202,14 @@ pub async fn run_with_client(
     }
     futures::future::join_all(runs).await;
 
-    // Controllers are done (shutdown). Same order as standalone mode from here on.
-    match ingest_server.await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "ingest server"),
-        Err(e) => tracing::warn!(error = %e, "ingest server task"),
-        Ok(Ok(())) => {}
-    }
-    tokio::join!(subscriptions.shutdown(), archives.shutdown());
-    engine.shutdown().await;
+    // Controllers are done (shutdown). Same order as standalone mode from here on; queued
+    // statuses are written and the Lease released before the admin port closes.
+    running.stop_data(ingest).await;
     writer_stop.cancel();
     let _ = writer.await;
     lease_stop.cancel();
     let _ = lease_task.await;
-    admin_stop.cancel();
-    let _ = admin_server.await;
-    tracing::info!("stopped");
+    running.stop_admin().await;
     Ok(())
 }
 

@@ -43,38 +43,9 @@ pub enum EngineError {
     },
 }
 
-/// Reasons of the dependency conditions, the same in both modes.
-pub mod reason {
-    pub const CONNECTED: &str = "Connected";
-    pub const PROVISIONING: &str = "Provisioning";
-    pub const STORE_UNAVAILABLE: &str = "StoreUnavailable";
-    pub const BROKER_UNAVAILABLE: &str = "BrokerUnavailable";
-}
-
-/// A dependency condition: whether it holds, why, and what a person should read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Condition {
-    pub ok: bool,
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl Condition {
-    fn yes(reason: &'static str) -> Condition {
-        Condition {
-            ok: true,
-            reason,
-            message: String::new(),
-        }
-    }
-    fn no(reason: &'static str, message: impl Into<String>) -> Condition {
-        Condition {
-            ok: false,
-            reason,
-            message: message.into(),
-        }
-    }
-}
+use crate::data::conditions::Dependency;
+/// Reasons of the dependency conditions (kept here too for the runtime parts that set them).
+pub use crate::data::conditions::reason;
 
 /// Health of a stream's dependencies, as last observed by this process.
 #[derive(Default)]
@@ -154,30 +125,30 @@ impl StreamRuntime {
 
     /// The StoreReady condition as this process sees it: `(ready, reason, message)`;
     /// `None` for a broker-only stream.
-    pub fn store_condition(&self) -> Option<Condition> {
+    pub fn store_condition(&self) -> Option<Dependency> {
         let store = self.store()?;
         Some(if let Some(e) = store.unavailable() {
-            Condition::no(reason::STORE_UNAVAILABLE, format!("store: {e}"))
+            Dependency::down(reason::STORE_UNAVAILABLE, format!("store: {e}"))
         } else if !self.health.store_ready.load(Ordering::Acquire) {
             match self.health.error() {
-                Some(e) => Condition::no(reason::STORE_UNAVAILABLE, e),
-                None => Condition::no(reason::PROVISIONING, "creating the stream's rows"),
+                Some(e) => Dependency::down(reason::STORE_UNAVAILABLE, e),
+                None => Dependency::down(reason::PROVISIONING, "creating the stream's rows"),
             }
         } else {
-            Condition::yes(reason::CONNECTED)
+            Dependency::up(reason::CONNECTED)
         })
     }
 
     /// The BrokerReady condition as this process sees it.
-    pub fn broker_condition(&self) -> Condition {
+    pub fn broker_condition(&self) -> Dependency {
         let connected = self.health.broker_ready.load(Ordering::Acquire);
         match self.health.broker_error() {
-            Some(e) => Condition::no(reason::BROKER_UNAVAILABLE, e),
-            None if !connected => Condition::no(
+            Some(e) => Dependency::down(reason::BROKER_UNAVAILABLE, e),
+            None if !connected => Dependency::down(
                 reason::BROKER_UNAVAILABLE,
                 "broker: not connected (reconnecting with backoff)",
             ),
-            None => Condition::yes(reason::CONNECTED),
+            None => Dependency::up(reason::CONNECTED),
         }
     }
 

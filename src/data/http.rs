@@ -14,12 +14,12 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::data::batcher::{BatchError, SubmitError};
-use crate::data::broker::{Routing, to_message};
+use crate::data::broker::Routing;
 use crate::data::cache::{CacheKey, Cached, read_through};
-use crate::data::engine::{Backend, Engine, StreamRuntime};
+use crate::data::engine::{Engine, StreamRuntime};
 use crate::data::event::{StoredEvent, to_batch_json, to_structured_json};
 use crate::data::ingest::{IngestContext, parse_request_bytes};
+use crate::data::plane::{AppendError, AppendOutcome, Plane};
 use crate::data::problem::HttpProblem;
 use crate::data::store::Appended;
 
@@ -32,7 +32,10 @@ const RETRY_AFTER_SECS: u64 = 1;
 
 #[derive(Clone)]
 pub struct HttpState {
+    /// For reads (streams, stores, caches).
     pub engine: Arc<Engine>,
+    /// For publishes: the one append path.
+    pub plane: Arc<Plane>,
     /// How long a publish may wait for durability before it is answered 503.
     pub request_timeout: Duration,
 }
@@ -162,125 +165,39 @@ async fn publish_inner(
     };
     let events = parse_request_bytes(headers, &bytes, &ctx).map_err(|p| (p, 0))?;
     let n = events.len();
-    rt.validator.check(&events).map_err(|p| (p, n))?;
+    // The response names each event; keep just that, the events move to the append.
+    let names: Vec<(String, String)> = events
+        .iter()
+        .map(|e| (e.id.clone(), e.source.clone()))
+        .collect();
     let deadline = started_deadline(st);
-    match &rt.backend {
-        Backend::Stored { .. } => {
-            let Some(batcher) = batcher else {
-                return Err((unavailable("the stream is shutting down"), 0));
-            };
-            if rt.stream_id().is_none() {
-                let why = rt
-                    .health
-                    .error()
-                    .unwrap_or_else(|| "the event store is not provisioned yet".into());
-                return Err((unavailable(&why), 0));
-            }
-            // The response names each event; keep just that, the events move to the batcher.
-            let names: Vec<(String, String)> = events
+    match st.plane.append(&rt, events, deadline, joining).await {
+        Ok(AppendOutcome::Stored(results)) => Ok(stored_response(&names, &results)),
+        Ok(AppendOutcome::Published(routing)) => {
+            let results: Vec<_> = names
                 .iter()
-                .map(|e| (e.id.clone(), e.source.clone()))
+                .zip(&routing)
+                .map(|((id, source), r)| RoutedResult {
+                    id,
+                    source,
+                    routed: matches!(r, Routing::Routed),
+                })
                 .collect();
-            // Subjects whose cached reads this append makes stale (only if a cache serves them).
-            let (subjects, correlations): (Vec<String>, Vec<String>) =
-                if st.engine.caches.covers(&rt.plan.key) {
-                    (
-                        events.iter().filter_map(|e| e.subject.clone()).collect(),
-                        events.iter().filter_map(|e| e.correlation_id()).collect(),
-                    )
-                } else {
-                    (Vec::new(), Vec::new())
-                };
-            let rx = match batcher.submit(events, deadline) {
-                Ok(rx) => rx,
-                Err(SubmitError::Overloaded) => {
-                    return Err((
-                        unavailable("the stream is overloaded: its batch queue is full"),
-                        0,
-                    ));
-                }
-                Err(SubmitError::ShuttingDown) => {
-                    return Err((unavailable("the stream is shutting down"), 0));
-                }
-            };
-            drop(joining);
-            let reply = match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(reply)) => reply,
-                Ok(Err(_)) => Err(BatchError::ShuttingDown),
-                Err(_) => Err(BatchError::DeadlineExceeded),
-            };
-            match reply {
-                Ok(Ok(results)) => {
-                    // Before the 2xx: a read on this replica after the answer sees the append.
-                    if let Some(id) = rt.stream_id() {
-                        st.engine.caches.appended(
-                            &rt.plan.key,
-                            id,
-                            subjects.iter().map(String::as_str),
-                            correlations.iter().map(String::as_str),
-                        );
-                    }
-                    Ok(stored_response(&names, &results))
-                }
-                Ok(Err(c)) => Err((
-                    HttpProblem::version_conflict(c.index, &c.subject, c.expected, c.actual),
-                    0,
-                )),
-                Err(BatchError::Failed(e)) => Err((HttpProblem::internal(e), 0)),
-                Err(e) => Err((unavailable(&e.to_string()), 0)),
-            }
+            let body = serde_json::json!({ "results": results });
+            Ok((
+                (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
+                n,
+                0,
+            ))
         }
-        Backend::BrokerOnly { inflight } => {
-            drop(joining);
-            let Ok(_permit) = inflight.clone().try_acquire_owned() else {
-                return Err((
-                    unavailable("the stream is overloaded: too many publishes in flight"),
-                    0,
-                ));
-            };
-            let msgs: Vec<_> = events.iter().map(to_message).collect();
-            let labels = [ns, stream];
-            match rt
-                .broker
-                .publish(&rt.plan.broker.exchange, &msgs, deadline)
-                .await
-            {
-                Ok(routing) => {
-                    let m = &st.engine.metrics.broker_publish;
-                    let routed = routing
-                        .iter()
-                        .filter(|r| matches!(r, Routing::Routed))
-                        .count();
-                    m.with_label_values(&[labels[0], labels[1], "routed"])
-                        .inc_by(routed as u64);
-                    m.with_label_values(&[labels[0], labels[1], "unroutable"])
-                        .inc_by((routing.len() - routed) as u64);
-                    let results: Vec<_> = events
-                        .iter()
-                        .zip(&routing)
-                        .map(|(e, r)| RoutedResult {
-                            id: &e.id,
-                            source: &e.source,
-                            routed: matches!(r, Routing::Routed),
-                        })
-                        .collect();
-                    let body = serde_json::json!({ "results": results });
-                    Ok((
-                        (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
-                        n,
-                        0,
-                    ))
-                }
-                Err(e) => {
-                    st.engine
-                        .metrics
-                        .broker_publish
-                        .with_label_values(&[labels[0], labels[1], "failed"])
-                        .inc_by(n as u64);
-                    Err((unavailable(&format!("the broker did not confirm: {e}")), 0))
-                }
-            }
-        }
+        Err(AppendError::Invalid(p)) => Err((p, n)),
+        Err(AppendError::Conflict(c)) => Err((
+            HttpProblem::version_conflict(c.index, &c.subject, c.expected, c.actual),
+            0,
+        )),
+        Err(AppendError::Failed(e)) => Err((HttpProblem::internal(e), 0)),
+        Err(AppendError::NotFound(_)) => Err((HttpProblem::stream_not_found(ns, stream), 0)),
+        Err(AppendError::Unavailable(why)) => Err((unavailable(&why), 0)),
     }
 }
 

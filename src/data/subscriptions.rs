@@ -7,8 +7,6 @@
 
 use crate::poison::RwLockExt;
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -16,20 +14,19 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 use lapin::types::AMQPValue;
 use tokio::time::Instant;
 
-use crate::data::batcher::{BatchError, SubmitError};
 use crate::data::broker::{Routing, from_properties, to_message};
 use crate::data::delivery::runner::StreamSide;
 use crate::data::delivery::{
     ATTEMPTS_HEADER, Appender, DeliveryError, EXT_ATTEMPTS, EXT_ERROR_CODE, EXT_ERROR_DATA,
     EXT_ERROR_DEST, Runner,
 };
-use crate::data::engine::{Backend, Engine};
+use crate::data::engine::Engine;
 use crate::data::event::{CloudEvent, to_structured_json};
 use crate::metrics::Metrics;
 use crate::topology::{DeletionPolicy, Key, SubscriptionPlan};
 
-/// How long an append of a reply or a failed event may wait for durability.
-const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a redriven message may wait for the broker's confirm.
+const REDRIVE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most dead letters one list answers: the admin API is for people and scripts, not bulk
 /// export; the rest stays in the queue.
 pub const MAX_LIST: usize = 1000;
@@ -44,6 +41,8 @@ struct Entry {
 /// Every subscription of this worker.
 pub struct Subscriptions {
     engine: Arc<Engine>,
+    /// Where replies and dead letters routed to a stream go (the plane's append path).
+    appender: Arc<dyn Appender>,
     metrics: Metrics,
     running: RwLock<BTreeMap<Key, Entry>>,
     /// Why a subscription in the topology is not running.
@@ -77,8 +76,9 @@ fn same_but_live(a: &SubscriptionPlan, b: &SubscriptionPlan) -> bool {
 }
 
 impl Subscriptions {
-    pub fn new(engine: Arc<Engine>) -> Subscriptions {
+    pub fn new(engine: Arc<Engine>, appender: Arc<dyn Appender>) -> Subscriptions {
         Subscriptions {
+            appender,
             metrics: engine.metrics.clone(),
             engine,
             running: RwLock::new(BTreeMap::new()),
@@ -160,10 +160,12 @@ impl Subscriptions {
                 store: rt.store().cloned(),
                 stream_id: Arc::new(move || rt2.stream_id()),
             };
-            let appender = Arc::new(EngineAppender {
-                engine: self.engine.clone(),
-            });
-            match Runner::start(plan.clone(), side, appender, self.metrics.clone()) {
+            match Runner::start(
+                plan.clone(),
+                side,
+                self.appender.clone(),
+                self.metrics.clone(),
+            ) {
                 Ok(r) => {
                     tracing::info!(subscription = %key, generation = plan.generation, "subscription started");
                     self.running.writing().insert(
@@ -304,7 +306,7 @@ impl Subscriptions {
                     String::new()
                 }
             };
-            let deadline = Instant::now() + APPEND_TIMEOUT;
+            let deadline = Instant::now() + REDRIVE_CONFIRM_TIMEOUT;
             let routing = broker.publish(&exchange, &[msg], deadline).await?;
             if routing.first() != Some(&Routing::Routed) {
                 return Err(DeliveryError::Other(format!(
@@ -351,66 +353,5 @@ fn dead_letter_view(ev: &CloudEvent) -> DeadLetter {
         error_dest: ev.extension_str(EXT_ERROR_DEST),
         error_data: ev.extension_str(EXT_ERROR_DATA),
         event: serde_json::from_slice(&to_structured_json(ev)).unwrap_or_default(),
-    }
-}
-
-/// Appends through the engine's running streams: the batcher (stored streams) or a
-/// confirmed publish (broker-only streams), after the target stream's validation.
-struct EngineAppender {
-    engine: Arc<Engine>,
-}
-
-impl Appender for EngineAppender {
-    fn append<'a>(
-        &'a self,
-        stream: &'a Key,
-        events: Vec<CloudEvent>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), DeliveryError>> + Send + 'a>> {
-        Box::pin(async move {
-            let err = |message: String| DeliveryError::Append {
-                stream: stream.clone(),
-                message,
-            };
-            let rt = self
-                .engine
-                .stream(&stream.namespace, &stream.name)
-                .ok_or_else(|| err("the stream is not running".into()))?;
-            if let Err(p) = rt.validator.check(&events) {
-                return Err(DeliveryError::Rejected(format!(
-                    "stream {stream} refuses the event: {}",
-                    p.detail
-                )));
-            }
-            let deadline = Instant::now() + APPEND_TIMEOUT;
-            match &rt.backend {
-                Backend::Stored { .. } => {
-                    let batcher = rt
-                        .batcher()
-                        .ok_or_else(|| err("the stream is shutting down".into()))?;
-                    let rx = batcher.submit(events, deadline).map_err(|e| match e {
-                        SubmitError::Overloaded => err("the stream is overloaded".into()),
-                        SubmitError::ShuttingDown => err("the stream is shutting down".into()),
-                    })?;
-                    match tokio::time::timeout_at(deadline, rx).await {
-                        Ok(Ok(Ok(Ok(_)))) => Ok(()),
-                        Ok(Ok(Ok(Err(conflict)))) => Err(DeliveryError::Rejected(format!(
-                            "stream {stream}: version conflict on {}",
-                            conflict.subject
-                        ))),
-                        Ok(Ok(Err(e))) => Err(err(e.to_string())),
-                        Ok(Err(_)) => Err(err(BatchError::ShuttingDown.to_string())),
-                        Err(_) => Err(err(BatchError::DeadlineExceeded.to_string())),
-                    }
-                }
-                Backend::BrokerOnly { .. } => {
-                    let msgs: Vec<_> = events.iter().map(to_message).collect();
-                    rt.broker
-                        .publish(&rt.plan.broker.exchange, &msgs, deadline)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| err(e.to_string()))
-                }
-            }
-        })
     }
 }

@@ -9,7 +9,6 @@ pub mod defaults;
 pub mod filter;
 pub mod index;
 pub mod plan;
-pub mod status;
 pub mod units;
 
 pub use build::{Built, Problem, Reason, Report, build};

@@ -113,6 +113,17 @@ fn settings(plan: &ArchivePlan) -> Settings {
     }
 }
 
+/// What an ArchivePolicy's archivers have archived so far, summed over its streams.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyTotals {
+    pub events: i64,
+    /// The archived events' size as CloudEvents JSON.
+    pub raw: i64,
+    /// The segments' size.
+    pub stored: i64,
+    pub last_run: Option<DateTime<Utc>>,
+}
+
 impl Archives {
     pub fn new(engine: Arc<Engine>) -> Archives {
         Archives {
@@ -299,13 +310,8 @@ impl Archives {
     /// Status fields of a policy (summed over its streams) and the error of its last failed
     /// run on this replica, if the last run failed. From memory: the totals each stream's
     /// archiver read after its last run (status never waits for the database).
-    pub fn policy_status(
-        &self,
-        policy: &Key,
-    ) -> (BTreeMap<String, serde_json::Value>, Option<String>) {
-        let mut fields = BTreeMap::new();
-        let (mut events, mut raw, mut stored) = (0i64, 0i64, 0i64);
-        let mut last_run: Option<DateTime<Utc>> = None;
+    pub fn policy_status(&self, policy: &Key) -> (PolicyTotals, Option<String>) {
+        let mut totals = PolicyTotals::default();
         let mut error = None;
         for (stream, e) in self.running.locked().iter() {
             if e.policy != *policy {
@@ -313,30 +319,16 @@ impl Archives {
             }
             let last = e.last.locked().clone();
             if let Some(t) = last.totals {
-                events += t.events;
-                raw += t.raw;
-                stored += t.stored;
-                last_run = last_run.max(t.last_run);
+                totals.events += t.events;
+                totals.raw += t.raw;
+                totals.stored += t.stored;
+                totals.last_run = totals.last_run.max(t.last_run);
             }
             if let Some(err) = last.error {
                 error = Some(format!("{stream}: {err}"));
             }
         }
-        if let Some(t) = last_run {
-            fields.insert(
-                "lastRun".into(),
-                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into(),
-            );
-        }
-        fields.insert("archivedEvents".into(), events.to_string().into());
-        fields.insert("archivedBytes".into(), stored.to_string().into());
-        if stored > 0 {
-            fields.insert(
-                "compressionRatio".into(),
-                format!("{:.1}", raw as f64 / stored as f64).into(),
-            );
-        }
-        (fields, error)
+        (totals, error)
     }
 }
 
