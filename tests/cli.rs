@@ -83,3 +83,81 @@ fn crds_prints_exactly_the_committed_files() {
         );
     }
 }
+
+/// A structured CloudEvent whose `data` is JSON and that names no `datacontenttype` reaches a
+/// sink as JSON (the CloudEvents JSON format implies `application/json`): `weir sink` prints
+/// the data as JSON, not as opaque `data_base64`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_data_without_a_content_type_reaches_the_sink_as_json() {
+    use std::io::BufRead as _;
+    use std::time::{Duration, Instant};
+
+    let port = common::free_port();
+    let mut sink = Command::new(common::weir_binary())
+        .args(["sink", "-o", "json", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("weir sink");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let out = sink.stdout.take().unwrap();
+    let l2 = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            l2.lock().unwrap().push(line);
+        }
+    });
+
+    let db = common::fresh_database().await;
+    let m = common::Manifests::new(&db);
+    m.write(
+        "s.yaml",
+        &common::stream_yaml("untyped", &common::unique("weir.test.ct."), ""),
+    );
+    m.write(
+        "sub.yaml",
+        &format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: print, namespace: test}}\n\
+             spec:\n  stream: untyped\n  sink: {{uri: \"http://127.0.0.1:{port}/\"}}\n  startFrom: earliest\n"
+        ),
+    );
+    let mut w = common::Weir::start(m.path());
+    w.wait_ready("test", "untyped").await;
+    let r = reqwest::Client::new()
+        .post(w.events_url("test", "untyped"))
+        .header("content-type", "application/cloudevents+json")
+        .body(r#"{"specversion":"1.0","id":"j1","source":"/cli","type":"t","data":{"a":[1,2]}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let printed: serde_json::Value = loop {
+        let found = lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("\"j1\""))
+            .cloned();
+        if let Some(l) = found {
+            break serde_json::from_str(&l).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sink printed nothing for j1; weir log:\n{}",
+            w.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert_eq!(
+        printed["data"],
+        serde_json::json!({"a": [1, 2]}),
+        "{printed}"
+    );
+    assert!(printed.get("data_base64").is_none(), "{printed}");
+    assert_eq!(printed["datacontenttype"], "application/json", "{printed}");
+}

@@ -16,88 +16,14 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apiserver::TestApiServer;
 use axum::Router;
 use axum::routing::post;
-use common::{free_port, unique, weir_binary};
+use common::{Operator, unique};
 use serde_json::{Value, json};
-
-/// A running `weir operator`, killed on drop.
-struct Operator {
-    child: Child,
-    url: String,
-    admin: String,
-    log: std::path::PathBuf,
-}
-
-impl Operator {
-    fn start(server: &TestApiServer, identity: &str, lease: &str, extra: &[&str]) -> Operator {
-        let port = free_port();
-        let admin = free_port();
-        let log = std::env::temp_dir().join(format!("{}.log", unique("weir-operator-")));
-        let logf = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(weir_binary())
-            .args(["operator", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--admin-listen")
-            .arg(format!("127.0.0.1:{admin}"))
-            .args(["--identity", identity, "--lease-name", lease])
-            .args(["--lease-namespace", "default", "--refresh", "2s"])
-            .args(extra)
-            .env("KUBECONFIG", server.kubeconfig())
-            .env(
-                "RUST_LOG",
-                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "warn,weir=info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .expect("spawn weir operator");
-        Operator {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            admin: format!("http://127.0.0.1:{admin}"),
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then the exit status (failing after 30 s).
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "weir operator did not exit after SIGTERM; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 /// The quickstart manifests, moved to namespace `ns` and pointed at `sink`.
 fn quickstart(ns: &str, sink: &str) -> String {
@@ -297,7 +223,7 @@ async fn operator_end_to_end_with_kubectl() {
         .await;
     assert!(out.success, "{}", out.stderr);
 
-    let mut a = Operator::start(&server, "op-a", &lease, &[]);
+    let mut a = Operator::start(server.kubeconfig(), "op-a", &lease, &[]);
     let (sink_url, delivered) = sink().await;
     let out = server
         .kubectl_with_input(&["apply", "-f", "-"], &quickstart(&ns, &sink_url))
@@ -501,7 +427,7 @@ async fn operator_end_to_end_with_kubectl() {
     // A second operator: serves ingest too; A holds the Lease.
     // It watches only the test's namespace (`--namespaces`, the chart's `watchNamespaces`);
     // op-a watches all namespaces.
-    let b = Operator::start(&server, "op-b", &lease, &["--namespaces", &ns]);
+    let b = Operator::start(server.kubeconfig(), "op-b", &lease, &["--namespaces", &ns]);
     eventually(60, "op-b serving ingest", &[&a, &b], || async {
         publish(&b.url, &ns, "orders", "e2")
             .await
@@ -690,7 +616,7 @@ async fn operator_waits_for_crds_and_releases_the_lease_on_sigterm() {
     let server = TestApiServer::start().await;
     let lease = unique("weir-");
     let mut op = Operator::start(
-        &server,
+        server.kubeconfig(),
         "op-solo",
         &lease,
         &["--namespaces", "default,kube-public"],

@@ -58,6 +58,9 @@ pub mod reason {
     pub const CONNECTED: &str = "Connected";
     /// StoreReady=False while the stream's rows are created.
     pub const PROVISIONING: &str = "Provisioning";
+    /// Ready=False of a Subscription whose queues or catch-up could not be set up for a
+    /// reason that is neither the store nor the broker being down.
+    pub const PROVISIONING_FAILED: &str = "ProvisioningFailed";
     /// StoreReady=False: the database does not answer, or set-up failed.
     pub const STORE_UNAVAILABLE: &str = "StoreUnavailable";
     /// BrokerReady=False (and Ready=False of a Subscription whose queues cannot be set up).

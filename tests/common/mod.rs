@@ -373,3 +373,76 @@ pub async fn drain_queue(
     }
     out
 }
+
+/// A running `weir operator` (kubeconfig from the test API server), killed on drop.
+pub struct Operator {
+    pub child: Child,
+    pub url: String,
+    pub admin: String,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(kubeconfig: &Path, identity: &str, lease: &str, extra: &[&str]) -> Operator {
+        let port = free_port();
+        let admin = free_port();
+        let log = std::env::temp_dir().join(format!("{}.log", unique("weir-operator-")));
+        let logf = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(weir_binary())
+            .args(["operator", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{admin}"))
+            .args(["--identity", identity, "--lease-name", lease])
+            .args(["--lease-namespace", "default", "--refresh", "2s"])
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_TEST_LOG").unwrap_or_else(|_| "warn,weir=info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn weir operator");
+        Operator {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin}"),
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status (failing after 30 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "weir operator did not exit after SIGTERM; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

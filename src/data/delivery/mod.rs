@@ -31,6 +31,7 @@
 pub mod backoff;
 pub mod runner;
 pub mod sender;
+pub mod step;
 
 use std::future::Future;
 use std::pin::Pin;

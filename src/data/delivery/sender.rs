@@ -15,7 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use super::DeliveryError;
-use crate::data::event::{CloudEvent, SPEC_VERSION, to_structured_json};
+use crate::data::event::{CloudEvent, Data, SPEC_VERSION, to_structured_json};
 use crate::data::ingest::{IngestContext, parse_request};
 use crate::topology::{SinkFormat, SinkPlan};
 
@@ -289,11 +289,13 @@ pub fn binary_headers(ev: &CloudEvent) -> HeaderMap {
     for (n, v) in &ev.extensions {
         put(n, &v.as_string());
     }
-    if let Some(ct) = ev
-        .datacontenttype
-        .as_deref()
-        .and_then(|ct| HeaderValue::try_from(ct).ok())
-    {
+    // JSON data without a type is JSON (events stored before ingest wrote the implied type
+    // down still carry it that way).
+    let implied = match (&ev.datacontenttype, &ev.data) {
+        (None, Some(Data::Json(_))) => Some("application/json"),
+        (ct, _) => ct.as_deref(),
+    };
+    if let Some(ct) = implied.and_then(|ct| HeaderValue::try_from(ct).ok()) {
         h.insert(header::CONTENT_TYPE, ct);
     }
     h
@@ -316,7 +318,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::data::event::{Data, ExtValue};
+    use crate::data::event::ExtValue;
 
     fn event() -> CloudEvent {
         CloudEvent {
@@ -527,6 +529,20 @@ mod tests {
         };
         assert_eq!(f.code, "connect");
         assert!(f.data.to_lowercase().contains("refused"), "{}", f.data);
+    }
+
+    #[test]
+    fn json_data_without_a_type_is_sent_as_json() {
+        let mut ev = event();
+        ev.datacontenttype = None;
+        assert_eq!(
+            binary_headers(&ev)[header::CONTENT_TYPE],
+            "application/json"
+        );
+        ev.data = Some(Data::Binary(bytes::Bytes::from_static(b"\x00\x01")));
+        assert!(binary_headers(&ev).get(header::CONTENT_TYPE).is_none());
+        ev.datacontenttype = Some("text/csv".into());
+        assert_eq!(binary_headers(&ev)[header::CONTENT_TYPE], "text/csv");
     }
 
     #[test]

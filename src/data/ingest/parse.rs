@@ -504,11 +504,18 @@ fn structured_event(
         return None;
     }
     let c = context?;
+    // JSON `data` without a `datacontenttype` is `application/json` (the CloudEvents JSON
+    // format says so). Written down here, the event keeps meaning JSON once it leaves the JSON
+    // format: in binary mode to a sink, as an AMQP message, in a stored row.
+    let datacontenttype = match (&c.datacontenttype, &data) {
+        (None, Some(Data::Json(_))) => Some("application/json".to_string()),
+        _ => c.datacontenttype,
+    };
     Some(CloudEvent {
         id: c.id,
         source: c.source,
         ty: c.ty,
-        datacontenttype: c.datacontenttype,
+        datacontenttype,
         dataschema: c.dataschema,
         subject: c.subject,
         time: c.time,
@@ -776,11 +783,18 @@ fn binary_event(
         return None;
     }
     let c = context?;
+    // JSON `data` without a `datacontenttype` is `application/json` (the CloudEvents JSON
+    // format says so). Written down here, the event keeps meaning JSON once it leaves the JSON
+    // format: in binary mode to a sink, as an AMQP message, in a stored row.
+    let datacontenttype = match (&c.datacontenttype, &data) {
+        (None, Some(Data::Json(_))) => Some("application/json".to_string()),
+        _ => c.datacontenttype,
+    };
     Some(CloudEvent {
         id: c.id,
         source: c.source,
         ty: c.ty,
-        datacontenttype: c.datacontenttype,
+        datacontenttype,
         dataschema: c.dataschema,
         subject: c.subject,
         time: c.time,

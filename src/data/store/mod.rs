@@ -6,6 +6,8 @@ mod codec;
 pub mod locks;
 pub mod notify;
 pub mod pools;
+mod progress;
+pub use progress::Progress;
 mod read;
 
 pub use append::{

@@ -1,0 +1,202 @@
+//! The shared consumer of a subscription's queue (ordering none), its graceful stop, and the
+//! drain of queues left by an earlier shape.
+
+use super::*;
+
+/// Consumes the subscription's queue (ordering none) until stopped, reconnecting when the
+/// channel breaks and re-consuming when `consumers` changes (prefetch = consumers).
+pub(super) async fn consume_shared(inner: Arc<Inner>, cancel: CancellationToken) {
+    let mut tasks = JoinSet::new();
+    let mut settings = inner.settings.clone();
+    'connect: while !cancel.is_cancelled() {
+        let prefetch = settings.borrow_and_update().consumers;
+        let (ch, mut consumer, tag) =
+            match open_consumer(&inner, &inner.names.queue, prefetch).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // The broker's link backs off its reconnects: this costs nothing while it
+                    // is down, and it is not logged (the link says it once).
+                    inner.state.set_failure(
+                        crate::data::conditions::reason::BROKER_UNAVAILABLE,
+                        e.to_string(),
+                    );
+                    if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+        inner.state.set_error(None);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    finish(&ch, tag, &mut tasks).await;
+                    return;
+                }
+                changed = settings.changed() => {
+                    if changed.is_err() { continue; }
+                    if settings.borrow().consumers != prefetch {
+                        // A new prefetch needs a new consumer: the started deliveries finish
+                        // and are acked, the prefetched ones return to the queue with the
+                        // channel, and consuming resumes with the new prefetch.
+                        finish(&ch, tag, &mut tasks).await;
+                        continue 'connect;
+                    }
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                d = consumer.next() => match d {
+                    Some(Ok(d)) => {
+                        let permit = tokio::select! {
+                            _ = cancel.cancelled() => {
+                                let _ = d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+                                finish(&ch, tag, &mut tasks).await;
+                                return;
+                            }
+                            p = inner.limit.clone().acquire_owned() => p,
+                        };
+                        let Ok(permit) = permit else { continue };
+                        let inner = inner.clone();
+                        let cancel = cancel.clone();
+                        tasks.spawn(async move {
+                            let settle = inner.handle(&d.properties, &d.data, &Wait::Delayed, &cancel).await;
+                            let _ = if settle == Settle::Ack {
+                                d.acker.ack(BasicAckOptions::default()).await
+                            } else {
+                                d.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+                            };
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(subscription = %inner.plan.key, error = %e, "consumer failed; reconnecting");
+                        while tasks.join_next().await.is_some() {}
+                        sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+                        continue 'connect;
+                    }
+                    None => {
+                        while tasks.join_next().await.is_some() {}
+                        sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+                        continue 'connect;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stops a consumer gracefully: no new deliveries, the started ones finish (and ack), then
+/// the channel closes and the broker takes back every prefetched message not started.
+pub(super) async fn finish(ch: &Channel, tag: ShortString, tasks: &mut JoinSet<()>) {
+    let _ = ch.basic_cancel(tag, BasicCancelOptions::default()).await;
+    while tasks.join_next().await.is_some() {}
+    let _ = ch.close(200, "OK".into()).await;
+}
+
+pub(super) async fn open_consumer(
+    inner: &Inner,
+    queue: &str,
+    prefetch: u32,
+) -> Result<(Channel, lapin::Consumer, ShortString), DeliveryError> {
+    let ch = inner.stream.broker.open_channel().await?;
+    let amqp = |e: lapin::Error| {
+        DeliveryError::Broker(BrokerError::Unavailable(format!("consume {queue}: {e}")))
+    };
+    // Prefetch bounds the messages held by this worker: one per delivery in flight.
+    let prefetch = u16::try_from(prefetch).unwrap_or(u16::MAX);
+    ch.basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(amqp)?;
+    let tag: ShortString = format!("weir-{}", uuid::Uuid::now_v7()).into();
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            tag.clone(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp)?;
+    Ok((ch, consumer, tag))
+}
+
+/// Delivers what is left in a queue of an earlier shape (one message at a time, in queue
+/// order), then deletes it once it stayed empty long enough for pending retries to return.
+pub(super) async fn drain(inner: Arc<Inner>, queue: String, cancel: CancellationToken) {
+    let settle = inner
+        .plan
+        .delivery
+        .backoff_max
+        .max(inner.plan.delivery.retry_after_max)
+        .min(DRAIN_SETTLE_MAX)
+        + Duration::from_secs(1);
+    let mut empty_since: Option<Instant> = None;
+    while !cancel.is_cancelled() {
+        let ch = match inner.stream.broker.open_channel().await {
+            Ok(ch) => ch,
+            Err(_) => {
+                sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+                continue;
+            }
+        };
+        loop {
+            let got = ch
+                .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                .await;
+            let Ok(got) = got else { break };
+            let Some(m) = got else {
+                let since = *empty_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= settle {
+                    // Quorum queues do not implement `if-empty`: the queue was unbound and
+                    // stayed empty through the settle time, so it is deleted outright.
+                    let _ = ch.close(200, "OK".into()).await;
+                    match inner.stream.broker.delete_queue(&queue).await {
+                        Ok(()) => {
+                            tracing::info!(subscription = %inner.plan.key, queue, "drained and deleted");
+                            // A retired lane's hold queue goes with it (its records were
+                            // about events this drain has since delivered).
+                            let lane = queue
+                                .strip_prefix(&format!("{}.p", inner.names.queue))
+                                .and_then(|i| i.parse::<u32>().ok());
+                            if let Some(i) = lane
+                                && !inner.names.partitions.contains(&queue)
+                            {
+                                let key = &inner.plan.key;
+                                let hold = Names::hold_name(&key.namespace, &key.name, i);
+                                let _ = inner.stream.broker.delete_queue(&hold).await;
+                            }
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(subscription = %inner.plan.key, queue, error = %e,
+                                "deleting a drained queue");
+                            empty_since = None;
+                            break;
+                        }
+                    }
+                }
+                if !sleep_or_cancel(&cancel, Duration::from_secs(1)).await {
+                    let _ = ch.close(200, "OK".into()).await;
+                    return;
+                }
+                continue;
+            };
+            empty_since = None;
+            let d = m.delivery;
+            let settle = inner
+                .handle(&d.properties, &d.data, &Wait::InPlace, &cancel)
+                .await;
+            let _ = if settle == Settle::Ack {
+                d.acker.ack(BasicAckOptions::default()).await
+            } else {
+                d.acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+            };
+        }
+        let _ = ch.close(200, "OK".into()).await;
+        sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+    }
+}
