@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use weir::data::plane::observe::spec_condition;
-use weir::topology::build::{Built, Reason, build};
 use weir::topology::*;
+use weir::topology::{Built, Reason, build};
 
 /// An index from a multi-document YAML text (a tiny stand-in for the manifest folder): the four
 /// Weir kinds, Secrets (`stringData`) and ConfigMaps (`data`); namespace `default` if unset.

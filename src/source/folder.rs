@@ -27,9 +27,10 @@ use serde_yaml::Value;
 
 use super::SourceError;
 use crate::api;
-use crate::topology::build::{Report, build};
 use crate::topology::index::Kind;
+use crate::topology::units::{is_dns_label, is_dns_subdomain};
 use crate::topology::{Defaults, Index, Key};
+use crate::topology::{Report, build};
 
 /// Namespace of a manifest that names none, as `kubectl apply` does.
 const DEFAULT_NAMESPACE: &str = "default";
@@ -865,39 +866,9 @@ fn decode_config_map(value: Value) -> Result<BTreeMap<String, String>, Vec<Field
     Ok(cm.data)
 }
 
-/// RFC 1123 label: at most 63 lowercase letters, digits and '-', starting and ending with a
-/// letter or digit. Resource names and namespaces of Weir kinds must be one.
-pub(crate) fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
-/// RFC 1123 subdomain: DNS labels joined by '.', at most 253 characters.
-pub(crate) fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dns_names() {
-        for ok in ["orders", "a", "a-1", "0rders", &"a".repeat(63)] {
-            assert!(is_dns_label(ok), "{ok}");
-        }
-        for bad in ["", "Orders", "-a", "a-", "a.b", "a_b", &"a".repeat(64)] {
-            assert!(!is_dns_label(bad), "{bad}");
-        }
-        assert!(is_dns_subdomain("pg.credentials"));
-        assert!(!is_dns_subdomain("pg..credentials"));
-        assert!(!is_dns_subdomain(".pg"));
-    }
 
     #[test]
     fn manifest_names() {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::topology::build::{Problem, Reason};
+use crate::topology::report::{Problem, Reason};
 
 /// One parsed filter.
 #[derive(Clone, Debug, PartialEq, Eq)]

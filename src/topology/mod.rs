@@ -9,10 +9,12 @@ pub mod defaults;
 pub mod filter;
 pub mod index;
 pub mod plan;
+pub mod report;
 pub mod units;
 
-pub use build::{Built, Problem, Reason, Report, build};
+pub use build::{Built, build};
 pub use defaults::Defaults;
 pub use filter::Filter;
 pub use index::{Index, Kind};
 pub use plan::*;
+pub use report::{Problem, Reason, Report};

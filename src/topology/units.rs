@@ -57,9 +57,39 @@ pub fn parse_size(s: &str) -> Result<u64, UnitError> {
     n.checked_mul(mult).ok_or_else(err)
 }
 
+/// RFC 1123 label: at most 63 lowercase letters, digits and '-', starting and ending with a
+/// letter or digit. Resource names and namespaces of Weir kinds must be one.
+pub fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain: DNS labels joined by '.', at most 253 characters.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_names() {
+        for ok in ["orders", "a", "a-1", "0rders", &"a".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "Orders", "-a", "a-", "a.b", "a_b", &"a".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+        assert!(is_dns_subdomain("pg.credentials"));
+        assert!(!is_dns_subdomain("pg..credentials"));
+        assert!(!is_dns_subdomain(".pg"));
+    }
 
     #[test]
     fn durations() {

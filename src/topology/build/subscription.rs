@@ -1,0 +1,255 @@
+//! The plan of a Subscription: sink, delivery policy, dead letters, ordering, start point.
+
+use super::*;
+
+pub(super) fn subscription_plan(
+    cx: &mut Cx<'_>,
+    key: &Key,
+    meta: &ObjectMeta,
+    spec: &SubscriptionSpec,
+) -> SubscriptionPlan {
+    let stream = cx.stream(&spec.stream, "spec.stream");
+    let broker_only = stream.as_ref().is_some_and(|(_, s)| s.spec.store.is_none());
+    let stream_key = stream
+        .map(|(k, _)| k)
+        .unwrap_or_else(|| cx.key(&spec.stream));
+
+    let filters = match parse_filters(spec.filters.as_deref().unwrap_or_default(), "spec.filters") {
+        Ok(f) => f,
+        Err(problems) => {
+            cx.problems.extend(problems);
+            Vec::new()
+        }
+    };
+
+    // Sink.
+    let s = &spec.sink;
+    let url =
+        destination_url(cx, s.uri.as_deref(), s.ref_.as_ref(), "spec.sink").unwrap_or_default();
+    let auth_token = s
+        .auth_secret_ref
+        .as_ref()
+        .and_then(|r| cx.secret_text(r, "spec.sink.authSecretRef"));
+    let sink = SinkPlan {
+        url,
+        format: match s.format {
+            Some(api::subscription::SinkFormat::Structured) => SinkFormat::Structured,
+            Some(api::subscription::SinkFormat::Binary) | None => SinkFormat::Binary,
+        },
+        auth_token,
+    };
+
+    // Delivery.
+    let d = DeliveryPlan::default();
+    let dl = spec.delivery.clone().unwrap_or_default();
+    let delivery = DeliveryPlan {
+        timeout: cx.positive_duration(dl.timeout.as_ref(), "spec.delivery.timeout", d.timeout),
+        retry: dl.retry.unwrap_or(d.retry),
+        backoff_policy: match dl.backoff_policy {
+            Some(api::subscription::BackoffPolicy::Linear) => BackoffPolicy::Linear,
+            Some(api::subscription::BackoffPolicy::Exponential) | None => {
+                BackoffPolicy::Exponential
+            }
+        },
+        backoff_delay: cx.duration(
+            dl.backoff_delay.as_ref(),
+            "spec.delivery.backoffDelay",
+            d.backoff_delay,
+        ),
+        backoff_max: cx.duration(
+            dl.backoff_max.as_ref(),
+            "spec.delivery.backoffMax",
+            d.backoff_max,
+        ),
+        retry_after_max: cx.duration(
+            dl.retry_after_max.as_ref(),
+            "spec.delivery.retryAfterMax",
+            d.retry_after_max,
+        ),
+        dead_letter: dl
+            .dead_letter_sink
+            .as_ref()
+            .and_then(|dls| dead_letter_plan(cx, dls)),
+    };
+    if delivery.backoff_delay > delivery.backoff_max {
+        cx.invalid(
+            "spec.delivery.backoffDelay",
+            format!(
+                "{:?} exceeds backoffMax ({:?})",
+                dl.backoff_delay.as_deref().unwrap_or("200ms"),
+                dl.backoff_max.as_deref().unwrap_or("5m")
+            ),
+        );
+    }
+
+    let start_from = match parse_start_from(spec.start_from.as_deref().unwrap_or("latest")) {
+        Ok(sf) => sf,
+        Err(msg) => {
+            cx.invalid("spec.startFrom", msg);
+            StartFrom::Latest
+        }
+    };
+    if start_from != StartFrom::Latest && broker_only {
+        cx.invalid(
+            "spec.startFrom",
+            format!(
+                "{:?} replays stored events, but EventStream {stream_key} has no store (use latest, or give the stream a store)",
+                spec.start_from.as_deref().unwrap_or_default()
+            ),
+        );
+    }
+
+    let partition_key = spec
+        .partition_key
+        .clone()
+        .unwrap_or_else(|| "subject".to_string());
+    if !is_attribute_name(&partition_key) {
+        cx.invalid(
+            "spec.partitionKey",
+            format!("{partition_key:?} is not a CloudEvents attribute name (lowercase letters and digits)"),
+        );
+    }
+    let partitions = spec.partitions.unwrap_or(4);
+    if partitions == 0 {
+        cx.invalid("spec.partitions", "must be at least 1");
+    }
+    let ordering = match spec.ordering {
+        Some(api::subscription::DeliveryOrdering::PerKey) => OrderingPlan::PerKey {
+            partition_key,
+            partitions,
+        },
+        Some(api::subscription::DeliveryOrdering::None) | None => OrderingPlan::None,
+    };
+    let consumers = spec.consumers.unwrap_or(4);
+    if consumers == 0 {
+        cx.invalid("spec.consumers", "must be at least 1");
+    }
+    let reply = spec
+        .reply
+        .as_ref()
+        .and_then(|r| cx.stream(&r.stream, "spec.reply.stream"))
+        .map(|(k, _)| k);
+
+    SubscriptionPlan {
+        key: key.clone(),
+        generation: generation(meta),
+        stream: stream_key,
+        filters,
+        sink,
+        delivery,
+        start_from,
+        ordering,
+        consumers,
+        rate_limit: spec
+            .rate_limit
+            .as_ref()
+            .and_then(|r| r.events_per_second)
+            .filter(|n| *n > 0),
+        reply,
+        deletion_policy: match spec.deletion_policy {
+            Some(api::DeletionPolicy::Retain) => DeletionPolicy::Retain,
+            Some(api::DeletionPolicy::Delete) | None => DeletionPolicy::Delete,
+        },
+    }
+}
+
+/// The URL of a sink given as exactly one of `uri` or `ref`.
+pub(super) fn destination_url(
+    cx: &mut Cx<'_>,
+    uri: Option<&str>,
+    service: Option<&ServiceRef>,
+    path: &str,
+) -> Option<String> {
+    match (uri, service) {
+        (Some(uri), None) => {
+            if check_url(uri, &["http", "https"]) {
+                Some(uri.to_string())
+            } else {
+                cx.invalid(
+                    format!("{path}.uri"),
+                    format!("{uri:?} is not an absolute http:// or https:// URL"),
+                );
+                None
+            }
+        }
+        (None, Some(r)) => {
+            let before = cx.problems.len();
+            if let Some(kind) = r.kind.as_deref().filter(|k| *k != "Service") {
+                cx.invalid(
+                    format!("{path}.ref.kind"),
+                    format!("kind {kind:?} is not supported: only Service"),
+                );
+            }
+            if !is_dns_label(&r.name) {
+                cx.invalid(
+                    format!("{path}.ref.name"),
+                    format!("{:?} is not a valid Service name", r.name),
+                );
+            }
+            let port = r.port.unwrap_or(80);
+            if port == 0 {
+                cx.invalid(format!("{path}.ref.port"), "must be 1-65535");
+            }
+            let p = r.path.as_deref().unwrap_or("/");
+            if !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err() {
+                cx.invalid(
+                    format!("{path}.ref.path"),
+                    format!("{p:?} is not an absolute URL path"),
+                );
+            }
+            (cx.problems.len() == before)
+                .then(|| format!("http://{}.{}.svc:{port}{p}", r.name, cx.namespace))
+        }
+        (None, None) | (Some(_), Some(_)) => {
+            cx.invalid(path, "exactly one of uri or ref must be set");
+            None
+        }
+    }
+}
+
+pub(super) fn dead_letter_plan(
+    cx: &mut Cx<'_>,
+    dls: &DeadLetterSinkSpec,
+) -> Option<DeadLetterPlan> {
+    const PATH: &str = "spec.delivery.deadLetterSink";
+    let set = [dls.uri.is_some(), dls.ref_.is_some(), dls.stream.is_some()]
+        .into_iter()
+        .filter(|x| *x)
+        .count();
+    if set != 1 {
+        cx.invalid(PATH, "exactly one of uri, ref or stream must be set");
+        return None;
+    }
+    match &dls.stream {
+        Some(name) => cx
+            .stream(name, &format!("{PATH}.stream"))
+            .map(|(k, _)| DeadLetterPlan::Stream(k)),
+        None => destination_url(cx, dls.uri.as_deref(), dls.ref_.as_ref(), PATH)
+            .map(DeadLetterPlan::Sink),
+    }
+}
+
+/// `latest` | `earliest` | an RFC 3339 time | a position (digits, >= 1).
+pub fn parse_start_from(s: &str) -> Result<StartFrom, String> {
+    match s {
+        "latest" => return Ok(StartFrom::Latest),
+        "earliest" => return Ok(StartFrom::Earliest),
+        _ => {}
+    }
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return match s.parse::<i64>() {
+            Ok(p) if p >= 1 => Ok(StartFrom::Position(p)),
+            _ => Err(format!("position {s:?} must be between 1 and {}", i64::MAX)),
+        };
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| StartFrom::Time(t.with_timezone(&chrono::Utc)))
+        .map_err(|_| {
+            format!(
+                "invalid startFrom {s:?}: expected latest, earliest, an RFC 3339 time (e.g. \"2024-05-01T00:00:00Z\") or a position (e.g. \"1200\")"
+            )
+        })
+}
+
+// ----------------------------------------------------------------------------------------------
+// ArchivePolicy and CachePolicy
