@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Subcommand;
 
-use crate::cli::Output;
+use super::output::Output;
 
 #[derive(Subcommand, Debug)]
 pub enum ArchiveAction {

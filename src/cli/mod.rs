@@ -6,8 +6,18 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+
+mod archive;
+mod delivery;
+mod output;
+mod status;
+mod trace;
+
+pub use archive::ArchiveAction;
+pub use delivery::DlqAction;
+pub use output::Output;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,12 +47,6 @@ pub struct Cli {
     pub output: Output,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Output {
-    Table,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,12 +125,12 @@ pub enum Command {
     /// Dead letters of a subscription (through the admin API).
     Dlq {
         #[command(subcommand)]
-        action: crate::cli_delivery::DlqAction,
+        action: delivery::DlqAction,
     },
     /// Archive operations: run now, totals, verify (through the admin API).
     Archive {
         #[command(subcommand)]
-        action: crate::cli_archive::ArchiveAction,
+        action: archive::ArchiveAction,
     },
     /// Print events as they are stored in a stream, following new ones (Ctrl-C stops).
     Tail {
@@ -334,28 +338,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", crate::api::crds::to_yaml()?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => runtime()?.block_on(status(&cli.admin, cli.output)),
+        Command::Status => runtime()?.block_on(status::status(&cli.admin, cli.output)),
         Command::Dlq { action } => {
-            runtime()?.block_on(crate::cli_delivery::dlq(&cli.admin, cli.output, action))
+            runtime()?.block_on(delivery::dlq(&cli.admin, cli.output, action))
         }
         Command::Archive { action } => {
-            runtime()?.block_on(crate::cli_archive::archive(&cli.admin, cli.output, action))
+            runtime()?.block_on(archive::archive(&cli.admin, cli.output, action))
         }
-        Command::Tail { target, from } => runtime()?.block_on(crate::cli_delivery::tail(
-            &cli.url, cli.output, &target, from,
-        )),
+        Command::Tail { target, from } => {
+            runtime()?.block_on(delivery::tail(&cli.url, cli.output, &target, from))
+        }
         Command::Trace {
             namespace,
             correlationid,
-        } => runtime()?.block_on(crate::cli_trace::trace(
+        } => runtime()?.block_on(trace::trace(
             &cli.url,
             cli.output,
             &namespace,
             &correlationid,
         )),
-        Command::Sink { listen } => {
-            runtime()?.block_on(crate::cli_delivery::sink(listen, cli.output))
-        }
+        Command::Sink { listen } => runtime()?.block_on(delivery::sink(listen, cli.output)),
         Command::Bench(b) => {
             // `--url` (global) targets a running weir only when given explicitly.
             let url = std::env::args()
@@ -385,40 +387,4 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-async fn status(admin: &str, output: Output) -> anyhow::Result<ExitCode> {
-    let url = format!("{}/v1/status", admin.trim_end_matches('/'));
-    let body: serde_json::Value = reqwest::get(&url)
-        .await
-        .with_context(|| format!("GET {url}"))?
-        .error_for_status()?
-        .json()
-        .await?;
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&body)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("{:<14} {:<28} {:<6} MESSAGE", "KIND", "NAME", "READY");
-    let empty = vec![];
-    for r in body["resources"].as_array().unwrap_or(&empty) {
-        let name = format!(
-            "{}/{}",
-            r["namespace"].as_str().unwrap_or(""),
-            r["name"].as_str().unwrap_or("")
-        );
-        let ready = r["conditions"][0]["status"].as_str().unwrap_or("Unknown");
-        let msg = r["conditions"][0]["message"].as_str().unwrap_or("");
-        println!(
-            "{:<14} {:<28} {:<6} {}",
-            r["kind"].as_str().unwrap_or(""),
-            name,
-            ready,
-            msg
-        );
-    }
-    for p in body["problems"].as_array().unwrap_or(&empty) {
-        println!("problem: {}", p.as_str().unwrap_or(""));
-    }
-    Ok(ExitCode::SUCCESS)
 }

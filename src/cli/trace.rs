@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 
-use crate::cli::Output;
+use super::output::Output;
 use crate::data::trace::causation_order;
 
 /// Prints the trace: JSON as the API returns it, or a tree (one line per event, indented under
