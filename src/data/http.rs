@@ -22,6 +22,7 @@ use crate::data::ingest::{IngestContext, parse_request_bytes};
 use crate::data::plane::{AppendError, AppendOutcome, Plane};
 use crate::data::problem::HttpProblem;
 use crate::data::store::Appended;
+use crate::data::trace::MAX_TRACE;
 
 /// Largest page the read API returns; a client pages on with `from`.
 const MAX_PAGE: i64 = 1000;
@@ -56,7 +57,7 @@ pub fn router(state: HttpState) -> Router {
         )
         .route(
             "/v1/namespaces/{ns}/correlations/{id}/events",
-            get(crate::data::trace::handler),
+            get(trace_handler),
         )
         // Each stream enforces its own maxRequestBytes; axum's global 2 MB default must not.
         .layer(DefaultBodyLimit::disable())
@@ -552,6 +553,72 @@ async fn read_subject(
         .cloned()
         .collect();
     Ok(batch_response(batch_body(&selected)))
+}
+
+#[derive(Deserialize)]
+struct TraceQuery {
+    limit: Option<String>,
+}
+
+/// `GET /v1/namespaces/{ns}/correlations/{id}/events[?limit=N]`.
+async fn trace_handler(
+    State(st): State<HttpState>,
+    Path((ns, id)): Path<(String, String)>,
+    Query(q): Query<TraceQuery>,
+) -> Result<Response, HttpProblem> {
+    let limit = match q.limit.as_deref() {
+        None => MAX_TRACE,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_TRACE).contains(&n) => n,
+            _ => {
+                return Err(HttpProblem::bad_request(format!(
+                    "query parameter limit: expected an integer from 1 to {MAX_TRACE}, got {s:?}"
+                )));
+            }
+        },
+    };
+    // Only the default (whole) trace is cached: one entry per id, one key to invalidate.
+    let cache = if q.limit.is_none() {
+        let streams: Vec<crate::topology::Key> = st
+            .engine
+            .streams()
+            .iter()
+            .filter(|rt| rt.plan.key.namespace == ns && rt.store().is_some())
+            .map(|rt| rt.plan.key.clone())
+            .collect();
+        st.engine.caches.trace_cache(&streams)
+    } else {
+        None
+    };
+    let key = CacheKey::Trace {
+        namespace: ns.clone(),
+        correlation_id: id.clone(),
+    };
+    let answer = read_through(cache.as_deref(), key, || async {
+        let trace = crate::data::trace::correlation(&st.engine, &ns, &id, limit)
+            .await
+            .map_err(|e| {
+                if e.is_transient() {
+                    HttpProblem::unavailable(e.to_string(), 1)
+                } else {
+                    HttpProblem::internal(e.to_string())
+                }
+            })?;
+        let body = serde_json::to_vec(&trace).map_err(|e| HttpProblem::internal(e.to_string()))?;
+        Ok::<_, HttpProblem>((
+            Cached {
+                body: body.into(),
+                events: None,
+            },
+            true,
+        ))
+    })
+    .await?;
+    Ok((
+        [(http::header::CONTENT_TYPE, "application/json")],
+        answer.body.clone(),
+    )
+        .into_response())
 }
 
 #[cfg(test)]

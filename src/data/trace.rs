@@ -4,15 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
-use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::data::engine::Engine;
 use crate::data::event::{EXT_CAUSATION_ID, StoredEvent, to_structured_json};
-use crate::data::http::HttpState;
-use crate::data::problem::HttpProblem;
 use crate::data::store::{Store, StoreError};
 
 /// Most events one trace answer holds; a saga longer than this is cut (and says so).
@@ -112,72 +108,6 @@ pub async fn correlation(
         events: all.into_iter().map(|(s, e)| entry(s, &e)).collect(),
         truncated,
     })
-}
-
-#[derive(Deserialize)]
-pub struct TraceQuery {
-    limit: Option<String>,
-}
-
-/// `GET /v1/namespaces/{ns}/correlations/{id}/events[?limit=N]`.
-pub async fn handler(
-    State(st): State<HttpState>,
-    Path((ns, id)): Path<(String, String)>,
-    Query(q): Query<TraceQuery>,
-) -> Result<Response, HttpProblem> {
-    let limit = match q.limit.as_deref() {
-        None => MAX_TRACE,
-        Some(s) => match s.parse::<usize>() {
-            Ok(n) if (1..=MAX_TRACE).contains(&n) => n,
-            _ => {
-                return Err(HttpProblem::bad_request(format!(
-                    "query parameter limit: expected an integer from 1 to {MAX_TRACE}, got {s:?}"
-                )));
-            }
-        },
-    };
-    // Only the default (whole) trace is cached: one entry per id, one key to invalidate.
-    let cache = if q.limit.is_none() {
-        let streams: Vec<crate::topology::Key> = st
-            .engine
-            .streams()
-            .iter()
-            .filter(|rt| rt.plan.key.namespace == ns && rt.store().is_some())
-            .map(|rt| rt.plan.key.clone())
-            .collect();
-        st.engine.caches.trace_cache(&streams)
-    } else {
-        None
-    };
-    let key = crate::data::cache::CacheKey::Trace {
-        namespace: ns.clone(),
-        correlation_id: id.clone(),
-    };
-    let answer = crate::data::cache::read_through(cache.as_deref(), key, || async {
-        let trace = correlation(&st.engine, &ns, &id, limit)
-            .await
-            .map_err(|e| {
-                if e.is_transient() {
-                    HttpProblem::unavailable(e.to_string(), 1)
-                } else {
-                    HttpProblem::internal(e.to_string())
-                }
-            })?;
-        let body = serde_json::to_vec(&trace).map_err(|e| HttpProblem::internal(e.to_string()))?;
-        Ok::<_, HttpProblem>((
-            crate::data::cache::Cached {
-                body: body.into(),
-                events: None,
-            },
-            true,
-        ))
-    })
-    .await?;
-    Ok((
-        [(http::header::CONTENT_TYPE, "application/json")],
-        answer.body.clone(),
-    )
-        .into_response())
 }
 
 /// A trace arranged as a causation forest: roots are events whose `causationid` names no

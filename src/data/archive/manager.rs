@@ -13,7 +13,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::ArchiveError;
-use super::archiver::{self, RunReport, Settings, VerifyReport};
+use super::archiver::{self, RunReport, Settings};
+use super::verify::{self, VerifyReport};
 use crate::data::engine::Engine;
 use crate::data::store::Store;
 use crate::metrics::Metrics;
@@ -304,7 +305,7 @@ impl Archives {
             return Err(ArchiveError::NotArchived(stream.to_string()));
         }
         let (store, id) = self.store_of(stream)?;
-        archiver::verify(&store, id, &|_, _| {}).await
+        verify::verify(&store, id, &|_, _| {}).await
     }
 
     /// Status fields of a policy (summed over its streams) and the error of its last failed

@@ -3,16 +3,18 @@
 //!
 //! - [`format`]: the segment bytes (blocks, index, checksums) and dictionary training.
 //! - [`reader`]: reads of archived events, used by the store's read functions.
-//! - [`archiver`]: one archive run of one stream, `deleteAfter`, and `verify`.
+//! - [`archiver`]: one archive run of one stream, and `deleteAfter`.
+//! - [`verify`]: reading every segment of a stream back and checking it.
 //! - [`manager`]: the schedule of every (policy, stream) pair of this process.
 
 pub mod archiver;
 pub mod format;
 pub mod manager;
-pub mod reader;
+pub mod verify;
 
-pub use archiver::{RunReport, Settings, VerifyReport};
+pub use archiver::{RunReport, Settings};
 pub use manager::Archives;
+pub use verify::VerifyReport;
 
 use crate::data::store::StoreError;
 

@@ -32,6 +32,7 @@
 //!   since, so a slow read can never put back a list that an append made stale.
 
 pub mod bounded;
+mod listener;
 
 use crate::poison::{MutexExt, RwLockExt};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -44,12 +45,12 @@ use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge};
 use tokio_util::sync::CancellationToken;
 
-use crate::data::engine::StreamRuntime;
 use crate::data::event::StoredEvent;
 use crate::metrics::Metrics;
 use crate::topology::{CachePlan, CacheStrategy, Key};
 
 use bounded::{Bounded, Order};
+use listener::{Listener, SubjectsNotice, listen};
 
 /// The PostgreSQL notification channel that carries the subjects an append changed.
 pub use crate::data::store::notify::SUBJECTS_CHANNEL;
@@ -459,30 +460,20 @@ impl Shared {
     }
 }
 
-/// The payload of a `weir_subjects` notification (built in the append's SQL).
-#[derive(serde::Deserialize)]
-struct SubjectsNotice {
-    stream_id: i64,
-    namespace: String,
-    name: String,
-    /// `null` when the list would not fit a notification.
-    subjects: Option<Vec<String>>,
-    /// The correlation ids appended; `null` (with `subjects`) when they would not fit.
-    #[serde(default)]
-    correlations: Option<Vec<String>>,
-}
-
-struct Listener {
-    cancel: CancellationToken,
-    live: Arc<AtomicBool>,
-}
-
 /// Every policy's cache, the stream → cache routing, and one invalidation listener per
 /// database that a cached stream uses.
 pub struct Caches {
     metrics: Metrics,
     shared: Arc<Shared>,
     listeners: Mutex<HashMap<String, Listener>>,
+}
+
+/// A running stream with a store, as the caches see it: invalidations are received per
+/// database (named by its first URL, as its pool is).
+pub struct StreamStore<'a> {
+    pub key: &'a Key,
+    pub url: &'a str,
+    pub store: &'a crate::data::store::Store,
 }
 
 impl Caches {
@@ -497,7 +488,7 @@ impl Caches {
     /// Moves the caches to `plans`: a new or changed policy gets a new (empty) cache of its new
     /// size and strategy, a removed one is dropped. `streams` are the running streams (after
     /// the engine applied the same topology). Must run inside the Tokio runtime.
-    pub fn apply(&self, plans: &BTreeMap<Key, CachePlan>, streams: &[Arc<StreamRuntime>]) {
+    pub fn apply(&self, plans: &BTreeMap<Key, CachePlan>, streams: &[StreamStore<'_>]) {
         let mut policies = self.shared.policies.writing();
         let gone: Vec<Key> = policies
             .keys()
@@ -525,13 +516,8 @@ impl Caches {
         }
         // A database is named by its first URL (as its pool is); the listener connects where
         // that pool connects now, which after a failover is another of the URLs.
-        let urls: HashMap<&Key, (&str, &crate::data::store::Store)> = streams
-            .iter()
-            .filter_map(|rt| {
-                let url = rt.plan.store.as_ref()?.urls.first()?;
-                Some((&rt.plan.key, (url.as_str(), rt.store()?)))
-            })
-            .collect();
+        let urls: HashMap<&Key, (&str, &crate::data::store::Store)> =
+            streams.iter().map(|s| (s.key, (s.url, s.store))).collect();
         let mut listeners = self.listeners.locked();
         let mut routes = HashMap::new();
         let mut needed = HashSet::new();
@@ -643,58 +629,6 @@ impl Caches {
         let mut listeners = self.listeners.locked();
         for (_, l) in listeners.drain() {
             l.cancel.cancel();
-        }
-    }
-}
-
-/// Follows `weir_subjects` of one database through its notification session (one `LISTEN`
-/// per database and process, shared with the relays). The caches of that database are used
-/// only while the session listens (`live`); every cache is cleared whenever it connects or
-/// disconnects, and when this listener fell behind the session's notes: notifications missed
-/// then may concern any cached subject or trace.
-async fn listen(
-    notifier: crate::data::store::notify::Notifier,
-    shared: Arc<Shared>,
-    live: Arc<AtomicBool>,
-    cancel: CancellationToken,
-) {
-    use crate::data::store::notify::Note;
-    use tokio::sync::broadcast::error::RecvError;
-    let mut notes = notifier.notes();
-    // Subscribed before looking: a change after this look arrives as a note.
-    if notifier.live() {
-        shared.clear_all();
-        live.store(true, Ordering::Release);
-    }
-    loop {
-        let note = tokio::select! {
-            _ = cancel.cancelled() => {
-                live.store(false, Ordering::Release);
-                return;
-            }
-            n = notes.recv() => n,
-        };
-        match note {
-            Ok(Note::Subjects(payload)) => shared.on_notification(&payload),
-            Ok(Note::Connected) => {
-                shared.clear_all();
-                live.store(true, Ordering::Release);
-            }
-            Ok(Note::Disconnected) => {
-                live.store(false, Ordering::Release);
-                shared.clear_all();
-                tracing::warn!(
-                    "cache invalidation listener lost its connection; caches bypassed until it is back"
-                );
-            }
-            Err(RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "cache invalidation fell behind; caches cleared");
-                shared.clear_all();
-            }
-            Err(RecvError::Closed) => {
-                live.store(false, Ordering::Release);
-                return;
-            }
         }
     }
 }

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::data::archive::Archives;
 use crate::data::batcher::Joining;
+use crate::data::cache::StreamStore;
 use crate::data::engine::{Engine, EngineError, StreamRuntime};
 use crate::data::event::CloudEvent;
 use crate::data::subscriptions::Subscriptions;
@@ -156,9 +157,18 @@ impl Plane {
             };
             report.stream_errors.insert(key, e.to_string());
         }
-        self.engine
-            .caches
-            .apply(&topology.cache_policies, &self.engine.streams());
+        let streams = self.engine.streams();
+        let stores: Vec<StreamStore<'_>> = streams
+            .iter()
+            .filter_map(|rt| {
+                Some(StreamStore {
+                    key: &rt.plan.key,
+                    url: rt.plan.store.as_ref()?.urls.first()?,
+                    store: rt.store()?,
+                })
+            })
+            .collect();
+        self.engine.caches.apply(&topology.cache_policies, &stores);
         for e in self
             .subscriptions
             .apply(&topology.subscriptions, &keep(Kind::Subscription), prune)

@@ -2,6 +2,7 @@
 //! dedup; reads by position, range and subject (time travel); the relay's checkpoint.
 
 mod append;
+pub(crate) mod archived;
 mod codec;
 pub mod locks;
 pub mod notify;
@@ -87,7 +88,7 @@ pub struct Store {
     pool: PgPool,
     stats: Option<Arc<PoolStats>>,
     /// Caches for reads of archived events (shared by the clones of this handle).
-    pub(crate) archive: Arc<crate::data::archive::reader::ArchiveReader>,
+    pub(crate) archive: Arc<archived::ArchiveReader>,
     shared: Arc<Shared>,
 }
 

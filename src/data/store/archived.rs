@@ -10,9 +10,9 @@ use std::time::Duration;
 use sqlx::Row;
 use sqlx::types::Json;
 
-use super::format::{BlockEntry, Dictionary, decompress_block};
+use super::{Store, StoreError};
+use crate::data::archive::format::{BlockEntry, Dictionary, decompress_block};
 use crate::data::event::StoredEvent;
-use crate::data::store::{Store, StoreError};
 
 /// What a reader needs to know of one segment.
 #[derive(Debug)]
