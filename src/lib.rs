@@ -18,3 +18,4 @@ pub mod shutdown;
 pub mod source;
 pub mod telemetry;
 pub mod topology;
+pub mod yaml;

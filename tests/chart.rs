@@ -17,8 +17,7 @@ fn read(p: &Path) -> String {
 }
 
 fn values() -> Value {
-    let y: serde_yaml::Value = serde_yaml::from_str(&read(&chart().join("values.yaml"))).unwrap();
-    serde_json::to_value(y).unwrap()
+    weir::yaml::from_str(&read(&chart().join("values.yaml"))).unwrap()
 }
 
 fn validator() -> jsonschema::Validator {
@@ -224,8 +223,8 @@ fn rules(helpers: &str, define: &str) -> Vec<Value> {
     let body = &helpers[start..];
     let body = &body[body.find("}}").unwrap() + 2..];
     let body = &body[..body.find("{{- end }}").unwrap()];
-    let y: serde_yaml::Value = serde_yaml::from_str(body).unwrap();
-    serde_json::to_value(y).unwrap().as_array().unwrap().clone()
+    let y: Value = weir::yaml::from_str(body).unwrap();
+    y.as_array().unwrap().clone()
 }
 
 #[test]
@@ -269,8 +268,8 @@ fn rbac_grants_exactly_the_calls_the_operator_makes() {
 
 #[test]
 fn chart_version_follows_the_crate() {
-    let chart: BTreeMap<String, serde_yaml::Value> =
-        serde_yaml::from_str(&read(&chart().join("Chart.yaml"))).unwrap();
+    let chart: BTreeMap<String, Value> =
+        weir::yaml::from_str(&read(&chart().join("Chart.yaml"))).unwrap();
     assert_eq!(
         chart["appVersion"].as_str(),
         Some(env!("CARGO_PKG_VERSION")),

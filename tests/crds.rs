@@ -65,11 +65,10 @@ fn crd_files_match_the_code() {
 #[test]
 fn to_yaml_is_the_four_documents_in_order() {
     let yaml = crds::to_yaml().unwrap();
-    let names: Vec<String> = serde_yaml::Deserializer::from_str(&yaml)
-        .map(|doc| {
-            let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc).unwrap();
-            crd.metadata.name.unwrap()
-        })
+    let names: Vec<String> = weir::yaml::from_multiple::<CustomResourceDefinition>(&yaml)
+        .unwrap()
+        .into_iter()
+        .map(|crd| crd.metadata.name.unwrap())
         .collect();
     assert_eq!(
         names,

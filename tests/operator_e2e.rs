@@ -584,10 +584,10 @@ fn chart_rules() -> BTreeSet<(String, String, String)> {
         let body = &helpers[start..];
         let body = &body[body.find("}}").unwrap() + 2..];
         let body = &body[..body.find("{{- end }}").unwrap()];
-        let rules: Vec<serde_yaml::Value> = serde_yaml::from_str(body).unwrap();
+        let rules: Vec<Value> = weir::yaml::from_str(body).unwrap();
         for r in rules {
             let list = |k: &str| -> Vec<String> {
-                r[k].as_sequence()
+                r[k].as_array()
                     .unwrap()
                     .iter()
                     .map(|v| v.as_str().unwrap().to_string())

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Deserialize;
 use weir::data::plane::observe::spec_condition;
 use weir::topology::*;
 use weir::topology::{Built, Reason, build};
@@ -13,8 +12,7 @@ use weir::topology::{Built, Reason, build};
 /// Weir kinds, Secrets (`stringData`) and ConfigMaps (`data`); namespace `default` if unset.
 fn index(yaml: &str) -> Index {
     let mut idx = Index::default();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v = serde_json::Value::deserialize(doc).expect("fixture is valid YAML");
+    for v in weir::yaml::from_multiple::<serde_json::Value>(yaml).expect("fixture is valid YAML") {
         if v.is_null() {
             continue;
         }

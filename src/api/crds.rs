@@ -15,7 +15,7 @@ pub enum CrdError {
     Yaml {
         name: String,
         #[source]
-        source: serde_yaml::Error,
+        source: serde_saphyr::ser_error::Error,
     },
     /// A CRD file could not be written.
     #[error("cannot write {path}: {source}")]
@@ -47,7 +47,7 @@ pub fn file_name(crd: &CustomResourceDefinition) -> String {
 
 /// One CRD as a YAML document (no leading `---`).
 pub fn crd_yaml(crd: &CustomResourceDefinition) -> Result<String, CrdError> {
-    serde_yaml::to_string(crd).map_err(|source| CrdError::Yaml {
+    serde_saphyr::to_string(crd).map_err(|source| CrdError::Yaml {
         name: crd.metadata.name.clone().unwrap_or_default(),
         source,
     })

@@ -1104,7 +1104,13 @@ mod tests {
         assert!(y.contains("urlSecretRef: {name: pg, key: url}"), "{y}");
         assert!(y.contains("name: sub-ab12-0007"), "{y}");
         assert!(y.contains("stream: s0007"), "{y}");
-        assert_eq!(serde_yaml::Deserializer::from_str(&y).count(), 2, "{y}");
+        assert_eq!(
+            crate::yaml::from_multiple::<serde_json::Value>(&y)
+                .unwrap()
+                .len(),
+            2,
+            "{y}"
+        );
         let needles = broker_needles("ab12");
         assert!(needles.iter().any(|n| exchange_name("ab12", 3).contains(n)));
         assert!(needles.iter().any(|n| sub_name("ab12", 3).contains(n)));

@@ -23,7 +23,9 @@ use kube::Resource;
 use kube::core::object::HasSpec;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
+use serde_json::Value;
+
+use super::yaml;
 
 use super::SourceError;
 use crate::api;
@@ -366,41 +368,24 @@ impl Loader<'_> {
 
     fn load_text(&mut self, file: &Path, text: &str, record: &mut FileRecord) -> Named {
         let mut named = Named::Yes;
-        let mut last_error: Option<String> = None;
-        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let doc = i + 1;
-            let mut value = match Value::deserialize(document) {
-                Ok(value) => value,
+        for document in yaml::documents(text) {
+            let doc = document.number;
+            let value = match yaml::parse(&document) {
+                Ok(Some(value)) => value,
+                // An empty document (`---` twice, or only comments) is no resource.
+                Ok(None) => continue,
                 Err(err) => {
                     named = Named::No;
-                    let message = err.to_string();
-                    // After a syntax error the parser yields the same error forever; a document
-                    // error that is not a syntax error (a duplicate key, an unknown anchor) is
-                    // followed by the next document as usual.
-                    if last_error.as_ref() == Some(&message) {
-                        break;
-                    }
                     self.out.problems.push(ManifestProblem {
                         file: file.to_path_buf(),
                         doc: Some(doc),
-                        line: err.location().map(|l| l.line()),
+                        line: err.line,
                         path: String::new(),
-                        message: message.clone(),
+                        message: err.message,
                     });
-                    last_error = Some(message);
                     continue;
                 }
             };
-            last_error = None;
-            if let Err(err) = value.apply_merge() {
-                self.problem(file, Some(doc), FieldProblem::new("", err.to_string()));
-                named = Named::No;
-                continue;
-            }
-            // An empty document (`---` twice, or only comments) is no resource.
-            if value.is_null() {
-                continue;
-            }
             if self.load_document(file, doc, value, record) == Named::No {
                 named = Named::No;
             }
@@ -415,7 +400,7 @@ impl Loader<'_> {
         value: Value,
         record: &mut FileRecord,
     ) -> Named {
-        if !value.is_mapping() {
+        if !value.is_object() {
             self.problem(
                 file,
                 Some(doc),
@@ -921,7 +906,7 @@ mod tests {
     }
 
     fn problems_of(yaml: &str) -> Vec<String> {
-        let value: Value = serde_yaml::from_str(yaml).unwrap();
+        let value: Value = crate::yaml::from_str(yaml).unwrap();
         match decode::<Sample>(value) {
             Ok(_) => Vec::new(),
             Err(ps) => ps
@@ -939,9 +924,11 @@ mod tests {
         );
         assert_eq!(
             problems_of("spec: {maxEvent: 5, items: [{name: a, nmae: b}]}"),
+            // In key order: a manifest is decoded from the JSON data model, whose objects
+            // are ordered by key.
             [
-                "spec.maxEvent: unknown field",
-                "spec.items[0].nmae: unknown field"
+                "spec.items[0].nmae: unknown field",
+                "spec.maxEvent: unknown field"
             ]
         );
         assert_eq!(
@@ -956,7 +943,7 @@ mod tests {
 
     #[test]
     fn secret_data_is_decoded_and_string_data_wins() {
-        let value: Value = serde_yaml::from_str(
+        let value: Value = crate::yaml::from_str(
             "metadata: {name: s}\ndata: {a: aGVsbG8=, b: eA==}\nstringData: {b: plain}\ntype: Opaque",
         )
         .unwrap();
@@ -965,7 +952,7 @@ mod tests {
         assert_eq!(data["b"], b"plain");
 
         let value: Value =
-            serde_yaml::from_str("metadata: {name: s}\ndata: {a: 'not base64!'}").unwrap();
+            crate::yaml::from_str("metadata: {name: s}\ndata: {a: 'not base64!'}").unwrap();
         let problems = decode_secret(value).err().unwrap();
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].path, "data.a");

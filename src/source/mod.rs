@@ -8,6 +8,7 @@
 
 pub mod folder;
 pub mod watch;
+mod yaml;
 
 use std::path::PathBuf;
 

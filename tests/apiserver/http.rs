@@ -439,7 +439,7 @@ fn serve_resource(shared: &Arc<Shared>, t: Target, req: Request) -> Result<Respo
                         ));
                     }
                     // YAML is a superset of JSON, so this reads both encodings.
-                    let body: Value = serde_yaml::from_slice(&req.body).map_err(|e| {
+                    let body: Value = weir::yaml::from_slice(&req.body).map_err(|e| {
                         ApiError::bad_request(format!("the apply patch is not valid YAML: {e}"))
                     })?;
                     Patch::Apply(body)

@@ -303,8 +303,10 @@ pub(super) fn validation_plan(
 pub(super) fn parse_json_or_yaml(text: &str) -> Result<serde_json::Value, String> {
     match serde_json::from_str(text) {
         Ok(v) => Ok(v),
-        Err(json_err) => serde_yaml::from_str::<serde_json::Value>(text)
-            .map_err(|yaml_err| format!("as JSON: {json_err}; as YAML: {yaml_err}")),
+        Err(json_err) => crate::yaml::from_str::<serde_json::Value>(text).map_err(|yaml_err| {
+            let yaml_err = crate::yaml::short_message(&yaml_err);
+            format!("as JSON: {json_err}; as YAML: {yaml_err}")
+        }),
     }
 }
 
