@@ -6,7 +6,9 @@
 //! publishes each new snapshot to the engine, which applies it exactly as it applies Kubernetes
 //! watch events.
 
+mod decode;
 pub mod folder;
+mod report;
 pub mod watch;
 mod yaml;
 
