@@ -4,9 +4,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Subcommand;
 
+use super::client::{bar, failed, send, split};
 use super::output::Output;
 
 #[derive(Subcommand, Debug)]
@@ -26,39 +27,9 @@ pub enum ArchiveAction {
     },
 }
 
-fn split(target: &str) -> anyhow::Result<(&str, &str)> {
-    match target.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Ok((ns, name))
-        }
-        _ => bail!("expected <namespace>/<stream>, got {target:?}"),
-    }
-}
-
 /// How long `run` waits for a run that holds the stream (a scheduled one, or another
 /// replica's) before giving up.
 const BUSY_WAIT: Duration = Duration::from_secs(120);
-
-fn bar(label: &str, done: u64, all: u64) {
-    let width = 30usize;
-    let filled = (done.min(all) as usize * width) / (all.max(1) as usize);
-    eprint!(
-        "\r{label} [{}{}] {done}/{all}",
-        "#".repeat(filled),
-        " ".repeat(width - filled)
-    );
-}
-
-async fn send(rb: reqwest::RequestBuilder, what: &str) -> anyhow::Result<(u16, serde_json::Value)> {
-    let r = rb.send().await.with_context(|| what.to_string())?;
-    let status = r.status().as_u16();
-    let body: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
-    Ok((status, body))
-}
-
-fn failed(status: u16, body: &serde_json::Value) -> anyhow::Error {
-    anyhow::anyhow!("{status}: {}", body["detail"].as_str().unwrap_or(""))
-}
 
 pub async fn archive(
     admin: &str,
@@ -69,7 +40,7 @@ pub async fn archive(
     let admin = admin.trim_end_matches('/');
     match action {
         ArchiveAction::Run { target } => {
-            let (ns, name) = split(&target)?;
+            let (ns, name) = split(&target, "stream")?;
             // One segment per call, so a person sees progress between calls.
             let url =
                 format!("{admin}/v1/namespaces/{ns}/streams/{name}/archive/run?maxSegments=1");
@@ -178,7 +149,7 @@ pub async fn archive(
         ArchiveAction::Verify { target } => {
             let streams: Vec<String> = match target {
                 Some(t) => {
-                    split(&t)?;
+                    split(&t, "stream")?;
                     vec![t]
                 }
                 None => {
@@ -204,7 +175,7 @@ pub async fn archive(
                 if output == Output::Table {
                     bar("verifying", i as u64, all);
                 }
-                let (ns, name) = split(stream)?;
+                let (ns, name) = split(stream, "stream")?;
                 let url = format!("{admin}/v1/namespaces/{ns}/streams/{name}/archive/verify");
                 let (status, body) = send(client.post(&url), &format!("POST {url}")).await?;
                 if !(200..300).contains(&status) {

@@ -7,9 +7,10 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::Subcommand;
 
+use super::client::{answer, bar, split};
 use super::output::Output;
 
 #[derive(Subcommand, Debug)]
@@ -43,30 +44,10 @@ pub enum DlqAction {
     },
 }
 
-fn split(target: &str) -> anyhow::Result<(&str, &str)> {
-    match target.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Ok((ns, name))
-        }
-        _ => bail!("expected <namespace>/<name>, got {target:?}"),
-    }
-}
-
-/// The body of an answer, or an error carrying its `detail`.
-async fn answer(r: reqwest::Response) -> anyhow::Result<serde_json::Value> {
-    let status = r.status();
-    let body: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
-    if !status.is_success() {
-        let detail = body["detail"].as_str().unwrap_or("");
-        bail!("{status}: {detail}");
-    }
-    Ok(body)
-}
-
 pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Result<ExitCode> {
     let client = reqwest::Client::new();
     let base = |target: &str| -> anyhow::Result<String> {
-        let (ns, name) = split(target)?;
+        let (ns, name) = split(target, "subscription")?;
         Ok(format!(
             "{}/v1/namespaces/{ns}/subscriptions/{name}/deadletters",
             admin.trim_end_matches('/')
@@ -75,14 +56,7 @@ pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Resu
     match action {
         DlqAction::List { target, limit } => {
             let url = format!("{}?limit={limit}", base(&target)?);
-            let body = answer(
-                client
-                    .get(&url)
-                    .send()
-                    .await
-                    .with_context(|| format!("GET {url}"))?,
-            )
-            .await?;
+            let body = answer(client.get(&url), &format!("GET {url}")).await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&body)?);
                 return Ok(ExitCode::SUCCESS);
@@ -118,14 +92,7 @@ pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Resu
                 base(&target)?,
                 percent_encoding::utf8_percent_encode(&id, percent_encoding::NON_ALPHANUMERIC)
             );
-            let body = answer(
-                client
-                    .get(&url)
-                    .send()
-                    .await
-                    .with_context(|| format!("GET {url}"))?,
-            )
-            .await?;
+            let body = answer(client.get(&url), &format!("GET {url}")).await?;
             println!("{}", serde_json::to_string_pretty(&body)?);
         }
         DlqAction::Redrive { target } => {
@@ -135,26 +102,13 @@ pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Resu
             let url = format!("{}/redrive?limit={CHUNK}", base(&target)?);
             let (mut done, mut total) = (0u64, None::<u64>);
             loop {
-                let body = answer(
-                    client
-                        .post(&url)
-                        .send()
-                        .await
-                        .with_context(|| format!("POST {url}"))?,
-                )
-                .await?;
+                let body = answer(client.post(&url), &format!("POST {url}")).await?;
                 let n = body["redriven"].as_u64().unwrap_or(0);
                 let remaining = body["remaining"].as_u64().unwrap_or(0);
                 done += n;
                 let all = *total.get_or_insert(done + remaining);
                 if output == Output::Table {
-                    let width = 30usize;
-                    let filled = (done.min(all) as usize * width) / (all.max(1) as usize);
-                    eprint!(
-                        "\rredriving [{}{}] {done}/{all}",
-                        "#".repeat(filled),
-                        " ".repeat(width - filled)
-                    );
+                    bar("redriving", done, all);
                 }
                 if n == 0 || remaining == 0 || done >= all {
                     break;
@@ -179,14 +133,7 @@ pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Resu
                 }
             }
             let url = base(&target)?;
-            let body = answer(
-                client
-                    .delete(&url)
-                    .send()
-                    .await
-                    .with_context(|| format!("DELETE {url}"))?,
-            )
-            .await?;
+            let body = answer(client.delete(&url), &format!("DELETE {url}")).await?;
             if output == Output::Json {
                 println!("{body}");
             } else {
@@ -201,7 +148,7 @@ pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Resu
 const TAIL_POLL: Duration = Duration::from_millis(500);
 
 pub async fn tail(url: &str, output: Output, target: &str, from: i64) -> anyhow::Result<ExitCode> {
-    let (ns, stream) = split(target)?;
+    let (ns, stream) = split(target, "stream")?;
     let client = reqwest::Client::new();
     let mut next = from.max(1);
     loop {
@@ -209,14 +156,7 @@ pub async fn tail(url: &str, output: Output, target: &str, from: i64) -> anyhow:
             "{}/v1/namespaces/{ns}/streams/{stream}/events?from={next}&limit=500",
             url.trim_end_matches('/')
         );
-        let body = answer(
-            client
-                .get(&u)
-                .send()
-                .await
-                .with_context(|| format!("GET {u}"))?,
-        )
-        .await?;
+        let body = answer(client.get(&u), &format!("GET {u}")).await?;
         let empty = vec![];
         let events = body.as_array().unwrap_or(&empty);
         for ev in events {

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 mod archive;
+mod client;
 mod delivery;
 mod output;
 mod status;

@@ -98,6 +98,25 @@ pub fn decode_secret(s: &Secret) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+/// The keys of `wanted` whose cached copy is missing, absent or older than `max_age`.
+fn due<T>(
+    cache: &Mutex<HashMap<Key, Cached<T>>>,
+    wanted: &BTreeSet<Key>,
+    max_age: Duration,
+) -> Vec<Key> {
+    let now = Instant::now();
+    let cache = cache.locked();
+    wanted
+        .iter()
+        .filter(|k| {
+            cache
+                .get(*k)
+                .is_none_or(|c| c.value.is_none() || now - c.fetched >= max_age)
+        })
+        .cloned()
+        .collect()
+}
+
 impl RefCache {
     /// Reads every object of `refs` whose cached copy is missing, absent or older than
     /// `max_age` (`Duration::ZERO`: always). Objects that do not exist are remembered as
@@ -108,20 +127,7 @@ impl RefCache {
         refs: &Refs,
         max_age: Duration,
     ) -> Result<(), ControlError> {
-        let now = Instant::now();
-        let stale = |fetched: Instant, present: bool| !present || now - fetched >= max_age;
-        let secrets: Vec<Key> = {
-            let cache = self.secrets.locked();
-            refs.secrets
-                .iter()
-                .filter(|k| {
-                    cache
-                        .get(*k)
-                        .is_none_or(|c| stale(c.fetched, c.value.is_some()))
-                })
-                .cloned()
-                .collect()
-        };
+        let secrets = due(&self.secrets, &refs.secrets, max_age);
         for key in secrets {
             let api: Api<Secret> = Api::namespaced(client.clone(), &key.namespace);
             let value = api.get_opt(&key.name).await?.map(|s| decode_secret(&s));
@@ -133,18 +139,7 @@ impl RefCache {
                 },
             );
         }
-        let config_maps: Vec<Key> = {
-            let cache = self.config_maps.locked();
-            refs.config_maps
-                .iter()
-                .filter(|k| {
-                    cache
-                        .get(*k)
-                        .is_none_or(|c| stale(c.fetched, c.value.is_some()))
-                })
-                .cloned()
-                .collect()
-        };
+        let config_maps = due(&self.config_maps, &refs.config_maps, max_age);
         for key in config_maps {
             let api: Api<ConfigMap> = Api::namespaced(client.clone(), &key.namespace);
             let value = api

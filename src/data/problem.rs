@@ -70,6 +70,30 @@ pub enum ProblemKind {
 }
 
 impl ProblemKind {
+    /// Every kind (for the docs' table and tests).
+    pub const ALL: [ProblemKind; 20] = [
+        ProblemKind::BadRequest,
+        ProblemKind::UnreadableBody,
+        ProblemKind::MalformedJson,
+        ProblemKind::InvalidEvent,
+        ProblemKind::Unauthorized,
+        ProblemKind::Forbidden,
+        ProblemKind::StreamNotFound,
+        ProblemKind::NotFound,
+        ProblemKind::VersionConflict,
+        ProblemKind::Busy,
+        ProblemKind::PayloadTooLarge,
+        ProblemKind::EventTooLarge,
+        ProblemKind::UnsupportedMediaType,
+        ProblemKind::MissingExtension,
+        ProblemKind::SchemaViolation,
+        ProblemKind::UnknownType,
+        ProblemKind::ValidationFailed,
+        ProblemKind::RateLimited,
+        ProblemKind::Internal,
+        ProblemKind::Unavailable,
+    ];
+
     /// The `type` URI of this kind.
     pub fn uri(self) -> &'static str {
         match self {
@@ -523,28 +547,7 @@ mod tests {
 
     #[test]
     fn every_kind_has_a_distinct_uri_and_an_error_status() {
-        use ProblemKind::*;
-        let kinds = [
-            BadRequest,
-            UnreadableBody,
-            MalformedJson,
-            InvalidEvent,
-            Unauthorized,
-            Forbidden,
-            StreamNotFound,
-            NotFound,
-            VersionConflict,
-            PayloadTooLarge,
-            EventTooLarge,
-            UnsupportedMediaType,
-            MissingExtension,
-            SchemaViolation,
-            UnknownType,
-            ValidationFailed,
-            RateLimited,
-            Internal,
-            Unavailable,
-        ];
+        let kinds = ProblemKind::ALL;
         let uris: std::collections::HashSet<_> = kinds.iter().map(|k| k.uri()).collect();
         assert_eq!(uris.len(), kinds.len());
         assert!(kinds.iter().all(|k| (400..600).contains(&k.status())));

@@ -280,11 +280,7 @@ impl Broker {
         exchange: &str,
         routing_key: &str,
     ) -> Result<(), BrokerError> {
-        let (queue, exchange) = (
-            short("queue name", queue)?,
-            short("exchange name", exchange)?,
-        );
-        let routing_key = short("routing key", routing_key)?;
+        let (queue, exchange, routing_key) = binding(queue, exchange, routing_key)?;
         self.op("queue.bind", async |ch: &Channel| {
             ch.queue_bind(
                 queue,
@@ -305,11 +301,7 @@ impl Broker {
         exchange: &str,
         routing_key: &str,
     ) -> Result<(), BrokerError> {
-        let (queue, exchange) = (
-            short("queue name", queue)?,
-            short("exchange name", exchange)?,
-        );
-        let routing_key = short("routing key", routing_key)?;
+        let (queue, exchange, routing_key) = binding(queue, exchange, routing_key)?;
         let r = self
             .op("queue.unbind", async |ch: &Channel| {
                 ch.queue_unbind(queue, exchange, routing_key, FieldTable::default())
@@ -443,6 +435,19 @@ impl Broker {
             Err(_) => Err(BrokerError::Unavailable(format!("{what}: no answer"))),
         }
     }
+}
+
+/// The three names of a binding, each checked to fit an AMQP short string.
+fn binding(
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(ShortString, ShortString, ShortString), BrokerError> {
+    Ok((
+        short("queue name", queue)?,
+        short("exchange name", exchange)?,
+        short("routing key", routing_key)?,
+    ))
 }
 
 fn short(what: &'static str, s: &str) -> Result<ShortString, BrokerError> {

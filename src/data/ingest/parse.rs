@@ -266,6 +266,29 @@ struct Context {
     time: Option<String>,
 }
 
+impl Context {
+    fn into_event(self, extensions: BTreeMap<String, ExtValue>, data: Option<Data>) -> CloudEvent {
+        // JSON `data` without a `datacontenttype` is `application/json` (the CloudEvents JSON
+        // format says so). Written down here, the event keeps meaning JSON once it leaves the
+        // JSON format: in binary mode to a sink, as an AMQP message, in a stored row.
+        let datacontenttype = match (&self.datacontenttype, &data) {
+            (None, Some(Data::Json(_))) => Some("application/json".to_string()),
+            _ => self.datacontenttype,
+        };
+        CloudEvent {
+            id: self.id,
+            source: self.source,
+            ty: self.ty,
+            datacontenttype,
+            dataschema: self.dataschema,
+            subject: self.subject,
+            time: self.time,
+            extensions,
+            data,
+        }
+    }
+}
+
 /// A string attribute: `null` counts as absent (CloudEvents JSON format), an empty string is
 /// refused (every string attribute CloudEvents defines must be non-empty when present).
 fn string_attr(
@@ -503,25 +526,7 @@ fn structured_event(
     if errs.total() > before {
         return None;
     }
-    let c = context?;
-    // JSON `data` without a `datacontenttype` is `application/json` (the CloudEvents JSON
-    // format says so). Written down here, the event keeps meaning JSON once it leaves the JSON
-    // format: in binary mode to a sink, as an AMQP message, in a stored row.
-    let datacontenttype = match (&c.datacontenttype, &data) {
-        (None, Some(Data::Json(_))) => Some("application/json".to_string()),
-        _ => c.datacontenttype,
-    };
-    Some(CloudEvent {
-        id: c.id,
-        source: c.source,
-        ty: c.ty,
-        datacontenttype,
-        dataschema: c.dataschema,
-        subject: c.subject,
-        time: c.time,
-        extensions: exts,
-        data,
-    })
+    Some(context?.into_event(exts, data))
 }
 
 /// `data` or `data_base64` of a structured event. JSON data keeps its exact text; a JSON
@@ -782,23 +787,5 @@ fn binary_event(
     if !errs.is_empty() {
         return None;
     }
-    let c = context?;
-    // JSON `data` without a `datacontenttype` is `application/json` (the CloudEvents JSON
-    // format says so). Written down here, the event keeps meaning JSON once it leaves the JSON
-    // format: in binary mode to a sink, as an AMQP message, in a stored row.
-    let datacontenttype = match (&c.datacontenttype, &data) {
-        (None, Some(Data::Json(_))) => Some("application/json".to_string()),
-        _ => c.datacontenttype,
-    };
-    Some(CloudEvent {
-        id: c.id,
-        source: c.source,
-        ty: c.ty,
-        datacontenttype,
-        dataschema: c.dataschema,
-        subject: c.subject,
-        time: c.time,
-        extensions: exts,
-        data,
-    })
+    Some(context?.into_event(exts, data))
 }

@@ -11,20 +11,10 @@ pub(super) async fn consume_shared(inner: Arc<Inner>, cancel: CancellationToken)
     'connect: while !cancel.is_cancelled() {
         let prefetch = settings.borrow_and_update().consumers;
         let (ch, mut consumer, tag) =
-            match open_consumer(&inner, &inner.names.queue, prefetch).await {
-                Ok(x) => x,
-                Err(e) => {
-                    // The broker's link backs off its reconnects: this costs nothing while it
-                    // is down, and it is not logged (the link says it once).
-                    inner.state.set_failure(
-                        crate::data::conditions::reason::BROKER_UNAVAILABLE,
-                        e.to_string(),
-                    );
-                    if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
-                        break;
-                    }
-                    continue;
-                }
+            match open_or_wait(&inner, &inner.names.queue, prefetch, &cancel).await {
+                Opened::Yes(x) => x,
+                Opened::Retry => continue,
+                Opened::Stopped => break,
             };
         inner.state.set_error(None);
         loop {
@@ -92,7 +82,41 @@ pub(super) async fn finish(ch: &Channel, tag: ShortString, tasks: &mut JoinSet<(
     let _ = ch.close(200, "OK".into()).await;
 }
 
-pub(super) async fn open_consumer(
+/// What [`open_or_wait`] came to.
+pub(super) enum Opened {
+    Yes((Channel, lapin::Consumer, ShortString)),
+    /// The broker refused; the failure is recorded and a moment waited: try again.
+    Retry,
+    /// The subscription stopped while waiting.
+    Stopped,
+}
+
+/// Opens a consumer of `queue`; when the broker refuses, records why (status shows it) and
+/// waits a moment. The broker's link backs off its reconnects: this costs nothing while it is
+/// down, and it is not logged (the link says it once).
+pub(super) async fn open_or_wait(
+    inner: &Inner,
+    queue: &str,
+    prefetch: u32,
+    cancel: &CancellationToken,
+) -> Opened {
+    match open_consumer(inner, queue, prefetch).await {
+        Ok(x) => Opened::Yes(x),
+        Err(e) => {
+            inner.state.set_failure(
+                crate::data::conditions::reason::BROKER_UNAVAILABLE,
+                e.to_string(),
+            );
+            if sleep_or_cancel(cancel, RECONNECT_DELAY).await {
+                Opened::Retry
+            } else {
+                Opened::Stopped
+            }
+        }
+    }
+}
+
+async fn open_consumer(
     inner: &Inner,
     queue: &str,
     prefetch: u32,

@@ -2,7 +2,7 @@
 //! queue that keeps a waiting retry's attempt count and due time (see the module documentation
 //! of [`super`]).
 
-use super::consume::{finish, open_consumer};
+use super::consume::{Opened, finish, open_or_wait};
 use super::*;
 
 /// A perKey lane's consumer channel and hold queue, for the message being handled.
@@ -170,20 +170,10 @@ pub(super) async fn consume_lane(
 ) {
     while !cancel.is_cancelled() {
         let (ch, mut consumer, tag) =
-            match open_consumer(&inner, &queue, LANE_PREFETCH.into()).await {
-                Ok(x) => x,
-                Err(e) => {
-                    // The broker's link backs off its reconnects: this costs nothing while it
-                    // is down, and it is not logged (the link says it once).
-                    inner.state.set_failure(
-                        crate::data::conditions::reason::BROKER_UNAVAILABLE,
-                        e.to_string(),
-                    );
-                    if !sleep_or_cancel(&cancel, RECONNECT_DELAY).await {
-                        return;
-                    }
-                    continue;
-                }
+            match open_or_wait(&inner, &queue, LANE_PREFETCH.into(), &cancel).await {
+                Opened::Yes(x) => x,
+                Opened::Retry => continue,
+                Opened::Stopped => return,
             };
         let opened = Instant::now();
         loop {
