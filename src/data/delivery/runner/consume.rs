@@ -12,7 +12,7 @@ pub(super) async fn consume_shared(inner: Arc<Inner>, cancel: CancellationToken)
         let prefetch = settings.borrow_and_update().consumers;
         let (ch, mut consumer, tag) =
             match open_or_wait(&inner, &inner.names.queue, prefetch, &cancel).await {
-                Opened::Yes(x) => x,
+                Opened::Yes(x) => *x,
                 Opened::Retry => continue,
                 Opened::Stopped => break,
             };
@@ -84,7 +84,7 @@ pub(super) async fn finish(ch: &Channel, tag: ShortString, tasks: &mut JoinSet<(
 
 /// What [`open_or_wait`] came to.
 pub(super) enum Opened {
-    Yes((Channel, lapin::Consumer, ShortString)),
+    Yes(Box<(Channel, lapin::Consumer, ShortString)>),
     /// The broker refused; the failure is recorded and a moment waited: try again.
     Retry,
     /// The subscription stopped while waiting.
@@ -101,7 +101,7 @@ pub(super) async fn open_or_wait(
     cancel: &CancellationToken,
 ) -> Opened {
     match open_consumer(inner, queue, prefetch).await {
-        Ok(x) => Opened::Yes(x),
+        Ok(x) => Opened::Yes(Box::new(x)),
         Err(e) => {
             inner.state.set_failure(
                 crate::data::conditions::reason::BROKER_UNAVAILABLE,

@@ -171,7 +171,7 @@ pub(super) async fn consume_lane(
     while !cancel.is_cancelled() {
         let (ch, mut consumer, tag) =
             match open_or_wait(&inner, &queue, LANE_PREFETCH.into(), &cancel).await {
-                Opened::Yes(x) => x,
+                Opened::Yes(x) => *x,
                 Opened::Retry => continue,
                 Opened::Stopped => return,
             };
