@@ -11,18 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 
-/// A sink answering every POST with `status`.
-async fn sink(status: u16) -> String {
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::post(move || async move { http::StatusCode::from_u16(status).unwrap() }),
-    );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app).await });
-    url
-}
-
 fn subscription_yaml(name: &str, sink: &str) -> String {
     format!(
         "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}, namespace: test}}\n\
@@ -84,8 +72,14 @@ async fn metrics_pass_promtool_and_cover_the_dashboard_after_a_mixed_workload() 
         "apiVersion: weir.dev/v1alpha1\nkind: ArchivePolicy\nmetadata: {name: mix-archive, namespace: test}\n\
          spec: {streamNames: [mix], archiveAfter: 1s, schedule: 1s}\n",
     );
-    m.write("ok.yaml", &subscription_yaml("ok-sub", &sink(200).await));
-    m.write("bad.yaml", &subscription_yaml("bad-sub", &sink(400).await));
+    m.write(
+        "ok.yaml",
+        &subscription_yaml("ok-sub", &status_sink(200).await),
+    );
+    m.write(
+        "bad.yaml",
+        &subscription_yaml("bad-sub", &status_sink(400).await),
+    );
     let mut w = Weir::start(m.path());
     w.wait_ready("test", "mix").await;
     w.wait_ready("test", "fast").await;

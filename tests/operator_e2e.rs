@@ -17,7 +17,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apiserver::TestApiServer;
 use axum::Router;
@@ -41,28 +41,6 @@ fn quickstart(ns: &str, sink: &str) -> String {
         .join("\n---\n")
         .replace("namespace: shop", &format!("namespace: {ns}"))
         .replace("http://127.0.0.1:8888/", sink)
-}
-
-/// Polls `f` every 250 ms until it returns `Some`, failing after `secs` with `what`.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, ops: &[&Operator], mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = ops.iter().map(|o| o.log_text()).collect();
-            panic!(
-                "timed out after {secs} s waiting for {what}; operator logs:\n{}",
-                logs.join("\n=====\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 async fn get_json(server: &TestApiServer, args: &[&str]) -> Option<Value> {
@@ -171,14 +149,21 @@ fn event(id: &str) -> Value {
 }
 
 async fn publish(url: &str, ns: &str, stream: &str, id: &str) -> reqwest::StatusCode {
-    reqwest::Client::new()
-        .post(format!("{url}/v1/namespaces/{ns}/streams/{stream}/events"))
-        .header("content-type", "application/cloudevents+json")
-        .body(event(id).to_string())
-        .send()
-        .await
-        .map(|r| r.status())
-        .unwrap_or(reqwest::StatusCode::SERVICE_UNAVAILABLE)
+    let status = common::publish_event(url, ns, stream, &event(id)).await;
+    reqwest::StatusCode::from_u16(status).unwrap_or(reqwest::StatusCode::SERVICE_UNAVAILABLE)
+}
+
+/// [`common::eventually`] with the operators' logs as context.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, ops: &[&Operator], f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let logs = || {
+        let logs: Vec<String> = ops.iter().map(|o| o.log_text()).collect();
+        format!("operator logs:\n{}", logs.join("\n=====\n"))
+    };
+    common::eventually(secs, what, logs, f).await
 }
 
 /// A sink that records the `ce-id` of every delivery.

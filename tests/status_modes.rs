@@ -17,22 +17,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use apiserver::TestApiServer;
-use common::{AMQP_URL, Operator, Weir, fresh_database, unique};
+use common::{AMQP_URL, Operator, Weir, fresh_database, publish_event, status_sink, unique};
 use serde_json::{Value, json};
-
-/// A sink answering every POST with `status`.
-async fn sink(status: u16) -> String {
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::post(move || async move {
-            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR)
-        }),
-    );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app).await });
-    url
-}
 
 /// Every manifest, as one multi-document YAML, in namespace `ns`.
 fn manifests(ns: &str, db: &str, ok_sink: &str, bad_sink: &str) -> String {
@@ -238,25 +224,15 @@ fn missing_fields(standalone: &Value, operator: &Value) -> Vec<String> {
     missing
 }
 
-async fn publish(url: &str, ns: &str, stream: &str, id: &str) -> u16 {
-    reqwest::Client::new()
-        .post(format!("{url}/v1/namespaces/{ns}/streams/{stream}/events"))
-        .json(
-            &json!({"type": "order.created", "id": id, "source": "/status-modes",
-                      "subject": format!("k{id}"), "data": {"n": id}}),
-        )
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-}
-
 /// Publishes one event to each running stream of a mode until both are accepted.
 async fn publish_until_accepted(url: &str, ns: &str, what: &str, log: impl Fn() -> String) {
     let deadline = Instant::now() + Duration::from_secs(90);
     for (stream, id) in [("orders", "o1"), ("fast", "f1")] {
         loop {
-            let status = publish(url, ns, stream, id).await;
+            let event = json!({"specversion": "1.0", "type": "order.created", "id": id,
+                               "source": "/status-modes", "subject": format!("k{id}"),
+                               "data": {"n": id}});
+            let status = publish_event(url, ns, stream, &event).await;
             if (200..300).contains(&status) {
                 break;
             }
@@ -272,8 +248,8 @@ async fn publish_until_accepted(url: &str, ns: &str, what: &str, log: impl Fn() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn standalone_and_operator_report_identical_conditions() {
-    let ok_sink = sink(200).await;
-    let bad_sink = sink(500).await;
+    let ok_sink = status_sink(200).await;
+    let bad_sink = status_sink(500).await;
 
     // Standalone.
     let solo_ns = unique("solo");

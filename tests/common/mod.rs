@@ -446,3 +446,52 @@ impl Drop for Operator {
         self.kill9();
     }
 }
+
+/// Polls `f` every 250 ms until it returns `Some`, failing after `secs` with `what` and
+/// whatever `context` says then (a process's log, say).
+pub async fn eventually<T, F, Fut>(
+    secs: u64,
+    what: &str,
+    context: impl Fn() -> String,
+    mut f: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {secs} s waiting for {what}\n{}", context());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A sink answering every POST with `status`; its URL.
+pub async fn status_sink(status: u16) -> String {
+    let code = http::StatusCode::from_u16(status).expect("an HTTP status code");
+    let app = axum::Router::new().route("/", axum::routing::post(move || async move { code }));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a sink");
+    let url = format!("http://{}/", l.local_addr().expect("sink address"));
+    tokio::spawn(async move { axum::serve(l, app).await });
+    url
+}
+
+/// Publishes one structured CloudEvent to `ns/stream` of the weir at `base`; the status (0 when
+/// nothing answered).
+pub async fn publish_event(base: &str, ns: &str, stream: &str, event: &serde_json::Value) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/namespaces/{ns}/streams/{stream}/events"))
+        .header("content-type", "application/cloudevents+json")
+        .body(event.to_string())
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
