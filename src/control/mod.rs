@@ -14,7 +14,7 @@ pub mod leader;
 pub mod reconcile;
 pub mod refs;
 pub mod run;
-pub mod status;
+pub mod status_body;
 pub mod status_writer;
 
 pub use context::{Context, Settings, Stores};

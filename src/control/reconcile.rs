@@ -29,7 +29,7 @@ use crate::api::{
 };
 use crate::control::context::Context;
 use crate::control::refs::refs_of;
-use crate::control::status;
+use crate::control::status_body;
 use crate::control::status_writer::StatusUpdate;
 use crate::control::{ControlError, FINALIZER};
 use crate::data::plane::{ApplyReport, Desired, ResourceStatus};
@@ -88,28 +88,28 @@ weir_resource!(
     EventStreamStatus,
     Kind::EventStream,
     true,
-    status::event_stream
+    status_body::event_stream
 );
 weir_resource!(
     Subscription,
     SubscriptionStatus,
     Kind::Subscription,
     true,
-    status::subscription
+    status_body::subscription
 );
 weir_resource!(
     ArchivePolicy,
     ArchivePolicyStatus,
     Kind::ArchivePolicy,
     false,
-    status::archive_policy
+    status_body::archive_policy
 );
 weir_resource!(
     CachePolicy,
     CachePolicyStatus,
     Kind::CachePolicy,
     false,
-    status::cache_policy
+    status_body::cache_policy
 );
 
 fn key_of<K: Resource>(obj: &K) -> Result<Key, ControlError> {
@@ -298,13 +298,13 @@ async fn write_status<K: WeirResource>(
 ) -> Result<(), ControlError> {
     let previous = obj.conditions();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let conditions = status::conditions(observed, &previous, &now);
+    let conditions = status_body::conditions(observed, &previous, &now);
     let desired = K::desired_status(observed, conditions.clone());
     if obj.current_status() != Some(&desired) {
         ctx.status.push(StatusUpdate {
             kind: K::KIND,
             key: key.clone(),
-            body: status::apply_body(K::KIND, &key.name, &serde_json::to_value(&desired)?),
+            body: status_body::apply_body(K::KIND, &key.name, &serde_json::to_value(&desired)?),
         });
     }
     let Some(ready) = conditions.iter().find(|c| c.type_ == READY) else {
