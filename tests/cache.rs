@@ -88,10 +88,7 @@ async fn an_append_invalidates_the_subject_on_both_replicas() {
         &stream_yaml("orders", &unique("weir.test.cache."), ""),
     );
     m.write("cache.yaml", &policy_yaml("reads", "orders", "LRU", 1000));
-    let mut a = Weir::start(m.path());
-    let mut b = Weir::start(m.path());
-    a.wait_readable("test", "orders").await;
-    b.wait_readable("test", "orders").await;
+    let (a, b) = two_readable_workers(m.path(), "test", &["orders"]).await;
     let c = reqwest::Client::new();
     let (url_a, url_b) = (
         a.events_url("test", "orders"),
@@ -318,12 +315,7 @@ async fn a_trace_is_cached_and_an_append_to_any_stream_invalidates_it() {
         "cache2.yaml",
         &policy_yaml("pay-reads", "payments", "LFU", 1000),
     );
-    let mut a = Weir::start(m.path());
-    let mut b = Weir::start(m.path());
-    for w in [&mut a, &mut b] {
-        w.wait_readable("test", "orders").await;
-        w.wait_readable("test", "payments").await;
-    }
+    let (a, b) = two_readable_workers(m.path(), "test", &["orders", "payments"]).await;
     let c = reqwest::Client::new();
     let send = |w: &Weir, stream: &str, id: &str| {
         let (c, url) = (c.clone(), w.events_url("test", stream));

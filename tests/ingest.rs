@@ -68,10 +68,7 @@ async fn two_processes_store_20000_events_once_and_relay_them_in_order() {
     let ex = unique("weir.test.orders.");
     m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
     let (_conn, ch, q) = bind_test_queue(&ex).await;
-    let mut a = Weir::start(m.path());
-    let mut b = Weir::start(m.path());
-    a.wait_ready("test", "orders").await;
-    b.wait_ready("test", "orders").await;
+    let (a, b) = two_workers(m.path(), "test", "orders").await;
 
     let urls = Arc::new([
         a.events_url("test", "orders"),
@@ -123,10 +120,7 @@ async fn kill_9_mid_run_loses_no_answered_event() {
     let ex = unique("weir.test.kill.");
     m.write("stream.yaml", &stream_yaml("orders", &ex, ""));
     let (_conn, ch, q) = bind_test_queue(&ex).await;
-    let mut a = Weir::start(m.path());
-    let mut b = Weir::start(m.path());
-    a.wait_ready("test", "orders").await;
-    b.wait_ready("test", "orders").await;
+    let (mut a, b) = two_workers(m.path(), "test", "orders").await;
 
     let urls = Arc::new([
         a.events_url("test", "orders"),

@@ -119,7 +119,7 @@ async fn exchange_exists(name: &str) -> bool {
         )
         .await
         .is_ok();
-    let _ = conn.close(0, "".into()).await;
+    common::close_amqp(conn).await;
     ok
 }
 
@@ -139,7 +139,7 @@ async fn queue_exists(name: &str) -> bool {
         )
         .await
         .is_ok();
-    let _ = conn.close(0, "".into()).await;
+    common::close_amqp(conn).await;
     ok
 }
 

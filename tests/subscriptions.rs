@@ -219,23 +219,28 @@ async fn publish(url: &str, evs: &[Value]) {
 
 /// Messages ready in a queue (None: no such queue).
 async fn queue_len(name: &str) -> Option<u32> {
-    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()),
+    )
+    .await
+    .expect("RabbitMQ accepts a connection within 10 s")
+    .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let r = ch
-        .queue_declare(
-            name.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
+    let declare = ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    );
+    let r = tokio::time::timeout(Duration::from_secs(10), declare)
         .await
+        .expect("RabbitMQ answers a passive declare within 10 s")
         .ok()
         .map(|q| q.message_count());
-    let _ = conn.close(200, "OK".into()).await;
+    close_amqp(conn).await;
     r
 }
 
@@ -687,10 +692,7 @@ async fn per_key_ordering_holds_across_two_processes_with_a_flaky_sink() {
             "  ordering: perKey\n  partitions: 4\n  delivery: {retry: 20, backoffDelay: 10ms, backoffMax: 50ms}\n",
         ),
     );
-    let mut a = Weir::start(m.path());
-    let mut b = Weir::start(m.path());
-    a.wait_ready("test", "orders").await;
-    b.wait_ready("test", "orders").await;
+    let (a, b) = two_workers(m.path(), "test", "orders").await;
     let st = wait_subscription(&a, &sub).await;
     wait_subscription(&b, &sub).await;
     let ordering = st["conditions"]
@@ -1414,10 +1416,7 @@ async fn backlog_counts_unacknowledged_deliveries_of_every_replica_and_waiting_r
             "  delivery: {retry: 5, backoffDelay: 120s, backoffMax: 120s}\n",
         ),
     );
-    let mut a = Weir::start(m.path());
-    let mut b = Weir::start(m.path());
-    a.wait_ready("test", "orders").await;
-    b.wait_ready("test", "orders").await;
+    let (a, b) = two_workers(m.path(), "test", "orders").await;
     for w in [&a, &b] {
         wait_subscription(w, &held).await;
         wait_subscription(w, &retrying).await;

@@ -30,6 +30,17 @@ const PARALLEL_BASELINE_CONNECTIONS: usize = 2;
 /// Unconfirmed messages the raw publisher keeps in flight.
 pub(super) const PUBLISH_WINDOW: usize = 200;
 
+/// Events and concurrency of a run with `batch` events per request: single-event runs are
+/// capped at [`SINGLE_EVENT_CAP`] events and need at least 64 requests in flight to load the
+/// worker at all.
+fn batch_load(args: &BenchArgs, batch: usize) -> (usize, usize) {
+    if batch == 1 {
+        (args.events.min(SINGLE_EVENT_CAP), args.concurrency.max(64))
+    } else {
+        (args.events, args.concurrency)
+    }
+}
+
 pub(super) fn stream_yaml(name: &str, extra: &str) -> String {
     format!(
         "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: {name}, namespace: bench}}\nspec:\n  \
@@ -178,16 +189,7 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     let mut reports = vec![];
     let run_id = format!("{:x}", rand::random::<u32>());
     for batch in batches {
-        let events = if batch == 1 {
-            args.events.min(SINGLE_EVENT_CAP)
-        } else {
-            args.events
-        };
-        let concurrency = if batch == 1 {
-            args.concurrency.max(64)
-        } else {
-            args.concurrency
-        };
+        let (events, concurrency) = batch_load(args, batch);
         eprintln!("ingest batch={batch}: warm-up");
         load::publish(&load::LoadSpec {
             url: &url,
@@ -436,16 +438,7 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     let batches = args.batch.map_or_else(|| vec![1, 100], |b| vec![b]);
     let mut reports = vec![];
     for batch in batches {
-        let events = if batch == 1 {
-            args.events.min(SINGLE_EVENT_CAP)
-        } else {
-            args.events
-        };
-        let concurrency = if batch == 1 {
-            args.concurrency.max(64)
-        } else {
-            args.concurrency
-        };
+        let (events, concurrency) = batch_load(args, batch);
         load::publish(&load::LoadSpec {
             url: &url,
             label: &format!("w{}", pipe.suffix),

@@ -495,3 +495,30 @@ pub async fn publish_event(base: &str, ns: &str, stream: &str, event: &serde_jso
         .map(|r| r.status().as_u16())
         .unwrap_or(0)
 }
+
+/// Two `weir run` workers on one folder (a shared worker's deployment in miniature), each
+/// ready to take publishes to `ns/stream`.
+pub async fn two_workers(dir: &Path, ns: &str, stream: &str) -> (Weir, Weir) {
+    let (mut a, mut b) = (Weir::start(dir), Weir::start(dir));
+    a.wait_ready(ns, stream).await;
+    b.wait_ready(ns, stream).await;
+    (a, b)
+}
+
+/// Two `weir run` workers on one folder, each answering reads of every one of `streams`.
+pub async fn two_readable_workers(dir: &Path, ns: &str, streams: &[&str]) -> (Weir, Weir) {
+    let (mut a, mut b) = (Weir::start(dir), Weir::start(dir));
+    for w in [&mut a, &mut b] {
+        for s in streams {
+            w.wait_readable(ns, s).await;
+        }
+    }
+    (a, b)
+}
+
+/// Closes a test's own AMQP connection, waiting at most 5 s: lapin's `close` can wait for ever
+/// for an answer the broker already gave (seen once in a full run, which then hung), and a
+/// test's helper connection has nothing left to lose.
+pub async fn close_amqp(conn: lapin::Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "OK".into())).await;
+}
