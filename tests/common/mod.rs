@@ -266,16 +266,32 @@ impl Weir {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "weir did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
+        let log = self.log.clone();
+        sigterm_and_wait(&mut self.child, "weir", || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        })
+    }
+}
+
+/// SIGTERM to `child`, then its exit status; fails after 30 s, showing `log`.
+pub fn sigterm_and_wait(
+    child: &mut Child,
+    what: &str,
+    log: impl Fn() -> String,
+) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return s;
         }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not exit after SIGTERM; log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -419,20 +435,10 @@ impl Operator {
 
     /// SIGTERM, then the exit status (failing after 30 s).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "weir operator did not exit after SIGTERM; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = self.log.clone();
+        sigterm_and_wait(&mut self.child, "weir operator", || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        })
     }
 
     pub fn kill9(&mut self) {
