@@ -16,6 +16,8 @@ use crate::data::problem::{HttpProblem, ProblemKind};
 #[derive(Clone)]
 pub struct AdminState {
     pub plane: Arc<Plane>,
+    /// The operator's TokenReview/SubjectAccessReview client; `None` standalone.
+    pub reviewer: Option<Arc<dyn crate::data::auth::Reviewer>>,
 }
 
 pub fn router(state: AdminState) -> Router {

@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
+use crate::data::auth::Reviewer;
 use crate::data::http::{self, HttpState};
 use crate::data::plane::{Desired, Plane};
 use crate::metrics::Metrics;
@@ -39,6 +40,8 @@ pub struct Serving {
     ingest_listener: tokio::net::TcpListener,
     /// Base URL shown as the streams' endpoint in status.
     pub endpoint_base: String,
+    /// The operator's TokenReview/SubjectAccessReview client; `None` standalone.
+    reviewer: Option<Arc<dyn Reviewer>>,
     /// Cancel, then await `admin_server`, as the last step of a shutdown.
     admin_stop: CancellationToken,
     admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -53,6 +56,7 @@ impl Serving {
         listen: SocketAddr,
         admin_listen: SocketAddr,
         public_url: Option<String>,
+        reviewer: Option<Arc<dyn Reviewer>>,
     ) -> anyhow::Result<Serving> {
         let ingest_listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -72,6 +76,7 @@ impl Serving {
         let admin_stop = CancellationToken::new();
         let app = admin::router(AdminState {
             plane: plane.clone(),
+            reviewer: reviewer.clone(),
         });
         let stop = admin_stop.clone();
         let admin_server = tokio::spawn(async move {
@@ -83,6 +88,7 @@ impl Serving {
             plane,
             ingest_listener,
             endpoint_base,
+            reviewer,
             admin_stop,
             admin_server,
         })
@@ -99,6 +105,7 @@ impl Serving {
             engine: self.plane.engine.clone(),
             plane: self.plane.clone(),
             request_timeout,
+            reviewer: self.reviewer.clone(),
         });
         let listener = self.ingest_listener;
         let ingest = tokio::spawn(async move {
@@ -169,6 +176,9 @@ pub async fn run(
         cfg.listen,
         cfg.admin_listen,
         cfg.public_url.clone(),
+        // Standalone has no API server to review tokens with: modes that need one are refused
+        // at validation.
+        None,
     )
     .await?;
 

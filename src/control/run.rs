@@ -81,6 +81,7 @@ pub async fn run_with_client(
         cfg.listen,
         cfg.admin_listen,
         cfg.public_url.clone(),
+        None,
     )
     .await?;
 

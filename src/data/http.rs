@@ -39,6 +39,8 @@ pub struct HttpState {
     pub plane: Arc<Plane>,
     /// How long a publish may wait for durability before it is answered 503.
     pub request_timeout: Duration,
+    /// The operator's TokenReview client (`ServiceAccounts` streams); `None` standalone.
+    pub reviewer: Option<Arc<dyn crate::data::auth::Reviewer>>,
 }
 
 pub fn router(state: HttpState) -> Router {

@@ -2,6 +2,7 @@
 //! `kube` or `api`), so it runs the same under the operator and in standalone mode.
 
 pub mod archive;
+pub mod auth;
 pub mod batcher;
 pub mod broker;
 pub mod cache;
