@@ -14,7 +14,7 @@ use common::*;
 use sqlx::postgres::PgPoolOptions;
 use tokio::task::JoinSet;
 use weir::data::event::{CloudEvent, Data, ExtValue};
-use weir::data::store::{AppendChain, AppendInput, AppendPath, RequestOutcome, Store};
+use weir::data::store::{AppendChain, AppendInput, AppendPath, Conflict, RequestOutcome, Store};
 use weir::topology::CompressionPlan;
 
 fn event(id: &str, subject: &str, expected: Option<i64>) -> CloudEvent {
@@ -145,7 +145,8 @@ async fn run_writers(writers: usize) -> Vec<AppendPath> {
                                 }
                             }
                             // Someone else moved the account on: take their version.
-                            Err(conflict) => account_version = Some(conflict.actual),
+                            Err(Conflict::Version { actual, .. }) => account_version = Some(actual),
+                            Err(other) => panic!("no publisher is authenticated here: {other:?}"),
                         }
                     }
                 }

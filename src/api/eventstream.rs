@@ -221,21 +221,44 @@ pub struct IngestSpec {
     pub rate_limit: Option<RateLimitSpec>,
 }
 
-/// Publisher authentication.
+/// Who may publish to and read from the stream (`docs/security.md`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.mode) || self.mode != 'Tokens' || has(self.tokensSecretRef)")
     .message("mode Tokens requires tokensSecretRef"))]
 pub struct AuthSpec {
-    /// `None` (anyone who reaches the endpoint may publish), `Tokens` (a bearer token from
-    /// `tokensSecretRef`) or `ServiceAccounts` (a Kubernetes service account token of one of
-    /// `serviceAccounts`). Default `None`.
+    /// `None` (anyone who reaches the endpoint may publish and read), `Tokens` (a bearer token
+    /// from `tokensSecretRef`) or `ServiceAccounts` (a Kubernetes service account token of one
+    /// of `serviceAccounts`, checked with the TokenReview API; operator mode only). Default
+    /// `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<AuthMode>,
-    /// Secret whose every key holds one publisher's token. Required with mode `Tokens`.
+    /// Secret whose every key is a publisher's name and whose value is that publisher's
+    /// bearer token. Required with mode `Tokens`. Publishers may also read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_secret_ref: Option<SecretRef>,
-    /// Service accounts allowed to publish with mode `ServiceAccounts`. Default none.
+    /// Service accounts allowed to publish (and read) with mode `ServiceAccounts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<Vec<ServiceAccountRef>>,
+    /// Audience the service account tokens must be issued for (mode `ServiceAccounts`), e.g.
+    /// from a projected token volume with `audience: weir`. Default `weir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Callers who may read the stream (page, one event, subject, correlation trace) but not
+    /// publish to it, in the stream's mode. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readers: Option<ReadersSpec>,
+}
+
+/// Read-only access to a stream.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadersSpec {
+    /// Mode `Tokens`: a Secret whose every key is a reader's name and whose value is that
+    /// reader's bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_secret_ref: Option<SecretRef>,
+    /// Mode `ServiceAccounts`: service accounts that may read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_accounts: Option<Vec<ServiceAccountRef>>,
 }

@@ -116,6 +116,10 @@ pub enum Command {
     Validate {
         #[arg(short = 'f', long = "filename")]
         dir: PathBuf,
+        /// Validate as `weir operator` would (in a cluster), not as `weir run`: allows what
+        /// needs the Kubernetes API, such as `ingest.auth.mode: ServiceAccounts`.
+        #[arg(long)]
+        operator: bool,
     },
     /// Print the CustomResourceDefinitions as multi-document YAML.
     Crds,
@@ -321,8 +325,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { dir } => {
-            let defaults = crate::topology::Defaults::from_env()?;
+        Command::Validate { dir, operator } => {
+            let mut defaults = crate::topology::Defaults::from_env()?;
+            defaults.token_review = operator;
             let report = crate::source::folder::validate(&dir, &defaults)?;
             for p in &report.problems {
                 println!("{p}");

@@ -75,6 +75,12 @@ pub async fn run_with_client(
     defaults: Defaults,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // The API server authenticates service account tokens (TokenReview) for
+    // `ingest.auth.mode: ServiceAccounts`.
+    let defaults = Defaults {
+        token_review: true,
+        ..defaults
+    };
     // Admin first: liveness answers while the CRDs are awaited, readiness does not.
     let serving = crate::app::Serving::start(
         cfg.batch_queue,

@@ -22,7 +22,7 @@ use crate::data::store::pools::Pools;
 use crate::data::store::{RequestOutcome, Store, StoreError};
 use crate::data::{Trouble, sleep_or_cancel};
 use crate::metrics::Metrics;
-use crate::topology::{DeletionPolicy, Key, StreamPlan};
+use crate::topology::{AccessPlan, DeletionPolicy, Key, StreamPlan};
 
 /// Publishes in flight per broker-only stream and process. 256 concurrent confirm waits
 /// keep RabbitMQ's confirm pipeline full; beyond that callers get 503 rather than queueing.
@@ -94,7 +94,12 @@ pub enum Backend {
 }
 
 pub struct StreamRuntime {
+    /// The plan the stream was started with. Its `access` is the one at start: read the
+    /// current one with [`StreamRuntime::access`].
     pub plan: StreamPlan,
+    /// Who may publish and read now (replaced in place when only it changes, e.g. a rotated
+    /// token, so that a rotation does not restart the stream).
+    access: RwLock<Arc<AccessPlan>>,
     pub validator: Validator,
     pub broker: Broker,
     pub backend: Backend,
@@ -106,6 +111,18 @@ pub struct StreamRuntime {
 impl StreamRuntime {
     pub fn key(&self) -> &Key {
         &self.plan.key
+    }
+
+    /// Who may publish to and read from the stream now.
+    pub fn access(&self) -> Arc<AccessPlan> {
+        self.access.reading().clone()
+    }
+
+    /// The plan the stream runs, with its current access.
+    fn current_plan(&self) -> StreamPlan {
+        let mut plan = self.plan.clone();
+        plan.access = (*self.access()).clone();
+        plan
     }
 
     /// The batcher while the stream runs (`None` once stopping or for broker-only streams).
@@ -369,10 +386,13 @@ impl Engine {
         let mut to_stop = Vec::new();
         let mut to_prune = Vec::new();
         for (key, plan) in plans {
-            if self
-                .stream(&key.namespace, &key.name)
-                .is_some_and(|rt| rt.plan == *plan)
+            if let Some(rt) = self.stream(&key.namespace, &key.name)
+                && rt.plan.same_runtime(plan)
             {
+                if rt.current_plan() != *plan {
+                    *rt.access.writing() = Arc::new(plan.access.clone());
+                    tracing::info!(stream = %key, "stream access updated");
+                }
                 continue;
             }
             match self.start(plan.clone()) {
@@ -527,6 +547,7 @@ impl Engine {
             cancel.clone(),
         )));
         Ok(Arc::new(StreamRuntime {
+            access: RwLock::new(Arc::new(plan.access.clone())),
             plan,
             validator,
             broker,

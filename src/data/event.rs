@@ -16,6 +16,9 @@ pub const SPEC_VERSION: &str = "1.0";
 pub const EXT_POSITION: &str = "weirposition";
 pub const EXT_VERSION: &str = "weirversion";
 pub const EXT_RECORDED_TIME: &str = "weirrecordedtime";
+/// The authenticated publisher of a stored event (streams with `ingest.auth`); set by Weir
+/// at ingest, never by the publisher.
+pub const EXT_PUBLISHER: &str = "weirpublisher";
 /// Extension attributes Weir reads from published events.
 pub const EXT_EXPECTED_VERSION: &str = "expectedversion";
 pub const EXT_CORRELATION_ID: &str = "correlationid";

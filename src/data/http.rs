@@ -14,14 +14,15 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::data::access::{self, Right};
 use crate::data::broker::Routing;
 use crate::data::cache::{CacheKey, Cached, read_through};
 use crate::data::engine::{Engine, StreamRuntime};
-use crate::data::event::{StoredEvent, to_batch_json, to_structured_json};
+use crate::data::event::{EXT_PUBLISHER, ExtValue, StoredEvent, to_batch_json, to_structured_json};
 use crate::data::ingest::{IngestContext, parse_request_bytes};
 use crate::data::plane::{AppendError, AppendOutcome, Plane};
 use crate::data::problem::HttpProblem;
-use crate::data::store::Appended;
+use crate::data::store::{Appended, Conflict};
 use crate::data::trace::MAX_TRACE;
 
 /// Largest page the read API returns; a client pages on with `from`.
@@ -64,6 +65,24 @@ pub fn router(state: HttpState) -> Router {
         // Each stream enforces its own maxRequestBytes; axum's global 2 MB default must not.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The caller's name if it may do `right` on the stream (`None`: an open stream).
+async fn authorize(
+    st: &HttpState,
+    rt: &StreamRuntime,
+    headers: &HeaderMap,
+    right: Right,
+) -> Result<Option<String>, HttpProblem> {
+    access::authorize(
+        &rt.access(),
+        rt.key(),
+        headers,
+        right,
+        st.reviewer.as_deref(),
+    )
+    .await
+    .map_err(|d| d.problem())
 }
 
 fn stream_or_404(
@@ -145,6 +164,10 @@ async fn publish_inner(
     body: Body,
 ) -> PublishResult {
     let rt = stream_or_404(st, ns, stream).map_err(|p| (p, 0))?;
+    // Who is publishing comes first: nothing of an unauthenticated request is read.
+    let publisher = authorize(st, &rt, headers, Right::Publish)
+        .await
+        .map_err(|p| (p, 0))?;
     crate::data::ingest::check_content_type(headers).map_err(|p| (p, 0))?;
     let limit = rt.plan.validation.max_request_bytes;
     let declared = headers
@@ -166,7 +189,14 @@ async fn publish_inner(
         stream: stream.to_string(),
         now: chrono::Utc::now(),
     };
-    let events = parse_request_bytes(headers, &bytes, &ctx).map_err(|p| (p, 0))?;
+    let mut events = parse_request_bytes(headers, &bytes, &ctx).map_err(|p| (p, 0))?;
+    if let Some(name) = publisher {
+        // Parsing refused a `weirpublisher` sent by the client: this one is Weir's.
+        for ev in &mut events {
+            ev.extensions
+                .insert(EXT_PUBLISHER.into(), ExtValue::String(name.clone()));
+        }
+    }
     let n = events.len();
     // The response names each event; keep just that, the events move to the append.
     let names: Vec<(String, String)> = events
@@ -194,10 +224,18 @@ async fn publish_inner(
             ))
         }
         Err(AppendError::Invalid(p)) => Err((p, n)),
-        Err(AppendError::Conflict(c)) => Err((
-            HttpProblem::version_conflict(c.index, &c.subject, c.expected, c.actual),
+        Err(AppendError::Conflict(Conflict::Version {
+            index,
+            subject,
+            expected,
+            actual,
+        })) => Err((
+            HttpProblem::version_conflict(index, &subject, expected, actual),
             0,
         )),
+        Err(AppendError::Conflict(Conflict::ForeignId { index, source, id })) => {
+            Err((HttpProblem::foreign_id(index, &source, &id), 0))
+        }
         Err(AppendError::Failed(e)) => Err((HttpProblem::internal(e), 0)),
         Err(AppendError::NotFound(_)) => Err((HttpProblem::stream_not_found(ns, stream), 0)),
         Err(AppendError::Unavailable(why)) => Err((unavailable(&why), 0)),
@@ -297,12 +335,15 @@ fn stored_response(names: &[(String, String)], results: &[Appended]) -> (Respons
     )
 }
 
-fn readable(
+/// The stream to read and its store id, once the caller may read it.
+async fn readable(
     st: &HttpState,
     ns: &str,
     stream: &str,
+    headers: &HeaderMap,
 ) -> Result<(Arc<StreamRuntime>, i64), HttpProblem> {
     let rt = stream_or_404(st, ns, stream)?;
+    authorize(st, &rt, headers, Right::Read).await?;
     if rt.store().is_none() {
         return Err(HttpProblem::not_found(format!(
             "stream {ns}/{stream} has no store (broker-only): it keeps no events to read"
@@ -409,10 +450,11 @@ async fn read_range(
     State(st): State<HttpState>,
     Path((ns, stream)): Path<(String, String)>,
     Query(q): Query<RangeQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, HttpProblem> {
     let from = parse_param("from", q.from.as_deref(), 1, 1, i64::MAX)?;
     let limit = parse_param("limit", q.limit.as_deref(), DEFAULT_PAGE, 1, MAX_PAGE)?;
-    let (rt, id) = readable(&st, &ns, &stream)?;
+    let (rt, id) = readable(&st, &ns, &stream, &headers).await?;
     let (store, _) = read_store(&st, &rt, q.consistency.as_deref())?;
     let store = &store;
     // Full pages and stored events never change, so a replica's answer caches as well.
@@ -446,9 +488,10 @@ async fn read_one(
     State(st): State<HttpState>,
     Path((ns, stream, position)): Path<(String, String, String)>,
     Query(q): Query<OneQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, HttpProblem> {
     let position = parse_param("position", Some(&position), 1, 1, i64::MAX)?;
-    let (rt, id) = readable(&st, &ns, &stream)?;
+    let (rt, id) = readable(&st, &ns, &stream, &headers).await?;
     let (store, _) = read_store(&st, &rt, q.consistency.as_deref())?;
     let store = &store;
     let cache = st.engine.caches.route(&rt.plan.key);
@@ -492,6 +535,7 @@ async fn read_subject(
     State(st): State<HttpState>,
     Path((ns, stream, subject)): Path<(String, String, String)>,
     Query(q): Query<SubjectQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, HttpProblem> {
     let version = match q.version.as_deref() {
         None => None,
@@ -509,7 +553,7 @@ async fn read_subject(
                 .with_timezone(&chrono::Utc),
         ),
     };
-    let (rt, id) = readable(&st, &ns, &stream)?;
+    let (rt, id) = readable(&st, &ns, &stream, &headers).await?;
     let (store, replica) = read_store(&st, &rt, q.consistency.as_deref())?;
     let store = &store;
     // Invalidations come from the primary; a lagging replica could refill the cache with a
@@ -567,6 +611,7 @@ async fn trace_handler(
     State(st): State<HttpState>,
     Path((ns, id)): Path<(String, String)>,
     Query(q): Query<TraceQuery>,
+    headers: HeaderMap,
 ) -> Result<Response, HttpProblem> {
     let limit = match q.limit.as_deref() {
         None => MAX_TRACE,
@@ -579,25 +624,43 @@ async fn trace_handler(
             }
         },
     };
-    // Only the default (whole) trace is cached: one entry per id, one key to invalidate.
-    let cache = if q.limit.is_none() {
-        let streams: Vec<crate::topology::Key> = st
-            .engine
-            .streams()
-            .iter()
-            .filter(|rt| rt.plan.key.namespace == ns && rt.store().is_some())
-            .map(|rt| rt.plan.key.clone())
-            .collect();
+    // The trace holds only the streams the caller may read: those that are open, and those
+    // the caller's credentials open. A stream it may not read is left out without a word
+    // (the answer must not tell what the caller cannot see).
+    let stored: Vec<Arc<StreamRuntime>> = st
+        .engine
+        .streams()
+        .into_iter()
+        .filter(|rt| rt.plan.key.namespace == ns && rt.store().is_some())
+        .collect();
+    let mut readable_streams = std::collections::BTreeSet::new();
+    for rt in &stored {
+        match authorize(&st, rt, &headers, Right::Read).await {
+            Ok(_) => {
+                readable_streams.insert(rt.plan.key.name.clone());
+            }
+            // A review the API server could not make is not a "no": say so.
+            Err(p) if p.status == 503 => return Err(p),
+            Err(_) => {}
+        }
+    }
+    let every = readable_streams.len() == stored.len();
+    // Only the default (whole) trace over every stream is cached: one entry per id, one key
+    // to invalidate; a partial view is read each time.
+    let cache = if q.limit.is_none() && every {
+        let streams: Vec<crate::topology::Key> =
+            stored.iter().map(|rt| rt.plan.key.clone()).collect();
         st.engine.caches.trace_cache(&streams)
     } else {
         None
     };
+    let only = (!every).then_some(&readable_streams);
     let key = CacheKey::Trace {
         namespace: ns.clone(),
         correlation_id: id.clone(),
     };
     let answer = read_through(cache.as_deref(), key, || async {
-        let trace = crate::data::trace::correlation(&st.engine, &ns, &id, limit)
+        let trace = crate::data::trace::correlation(&st.engine, &ns, &id, limit, only)
             .await
             .map_err(|e| {
                 if e.is_transient() {

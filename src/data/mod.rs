@@ -1,6 +1,7 @@
 //! The data plane: everything that moves events. It depends on `topology` only (never on
 //! `kube` or `api`), so it runs the same under the operator and in standalone mode.
 
+pub mod access;
 pub mod archive;
 pub mod auth;
 pub mod batcher;

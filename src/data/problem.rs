@@ -56,6 +56,7 @@ pub enum ProblemKind {
     StreamNotFound,
     NotFound,
     VersionConflict,
+    IdConflict,
     Busy,
     PayloadTooLarge,
     EventTooLarge,
@@ -71,7 +72,7 @@ pub enum ProblemKind {
 
 impl ProblemKind {
     /// Every kind (for the docs' table and tests).
-    pub const ALL: [ProblemKind; 20] = [
+    pub const ALL: [ProblemKind; 21] = [
         ProblemKind::BadRequest,
         ProblemKind::UnreadableBody,
         ProblemKind::MalformedJson,
@@ -81,6 +82,7 @@ impl ProblemKind {
         ProblemKind::StreamNotFound,
         ProblemKind::NotFound,
         ProblemKind::VersionConflict,
+        ProblemKind::IdConflict,
         ProblemKind::Busy,
         ProblemKind::PayloadTooLarge,
         ProblemKind::EventTooLarge,
@@ -106,6 +108,7 @@ impl ProblemKind {
             ProblemKind::StreamNotFound => "https://weir.dev/problems/stream-not-found",
             ProblemKind::NotFound => "https://weir.dev/problems/not-found",
             ProblemKind::VersionConflict => "https://weir.dev/problems/version-conflict",
+            ProblemKind::IdConflict => "https://weir.dev/problems/id-conflict",
             ProblemKind::Busy => "https://weir.dev/problems/busy",
             ProblemKind::PayloadTooLarge => "https://weir.dev/problems/payload-too-large",
             ProblemKind::EventTooLarge => "https://weir.dev/problems/event-too-large",
@@ -132,6 +135,7 @@ impl ProblemKind {
             ProblemKind::StreamNotFound => "Stream not found",
             ProblemKind::NotFound => "Not found",
             ProblemKind::VersionConflict => "Version conflict",
+            ProblemKind::IdConflict => "Id taken by another publisher",
             ProblemKind::Busy => "Busy",
             ProblemKind::PayloadTooLarge => "Payload too large",
             ProblemKind::EventTooLarge => "Event too large",
@@ -156,7 +160,7 @@ impl ProblemKind {
             ProblemKind::Unauthorized => 401,
             ProblemKind::Forbidden => 403,
             ProblemKind::StreamNotFound | ProblemKind::NotFound => 404,
-            ProblemKind::VersionConflict | ProblemKind::Busy => 409,
+            ProblemKind::VersionConflict | ProblemKind::IdConflict | ProblemKind::Busy => 409,
             ProblemKind::PayloadTooLarge | ProblemKind::EventTooLarge => 413,
             ProblemKind::UnsupportedMediaType => 415,
             ProblemKind::MissingExtension
@@ -375,6 +379,22 @@ impl HttpProblem {
         )
     }
 
+    /// 409: with publisher authentication, the event's `(source, id)` was stored by another
+    /// publisher. It is not a duplicate of this publisher's (it would otherwise be answered
+    /// as stored and dropped), and one id must not name two events.
+    pub fn foreign_id(index: usize, source: &str, id: &str) -> HttpProblem {
+        let message = format!(
+            "an event with id {id:?} and source {source:?} was already stored by another \
+             publisher; use an id of your own"
+        );
+        HttpProblem::new(ProblemKind::IdConflict, message.clone()).with_error(
+            FieldError::new(message)
+                .at(index)
+                .pointer("/id")
+                .keyword("id"),
+        )
+    }
+
     /// 413: the request body is larger than `maxRequestBytes`. `size` is `None` when the body
     /// was cut off while reading (its full length is unknown).
     pub fn payload_too_large(size: Option<usize>, limit: usize) -> HttpProblem {
@@ -471,6 +491,13 @@ impl IntoResponse for HttpProblem {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        // RFC 6750: a 401 names the scheme the client must use.
+        if self.kind == ProblemKind::Unauthorized {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"weir\""),
+            );
         }
         response
     }

@@ -63,19 +63,23 @@ fn entry(stream: String, ev: &StoredEvent) -> TraceEntry {
     }
 }
 
-/// The trace of `correlation_id` over the running streams of `namespace` that have a store.
-/// Streams in different databases are queried concurrently and merged by commit time.
+/// The trace of `correlation_id` over the running streams of `namespace` that have a store
+/// (only those named in `only`, when given: the streams the caller may read). Streams in
+/// different databases are queried concurrently and merged by commit time.
 pub async fn correlation(
     engine: &Engine,
     namespace: &str,
     correlation_id: &str,
     limit: usize,
+    only: Option<&std::collections::BTreeSet<String>>,
 ) -> Result<Trace, StoreError> {
     let limit = limit.clamp(1, MAX_TRACE);
     // Streams grouped by database, so each database is asked once.
     let mut by_db: BTreeMap<String, (Store, Vec<String>)> = BTreeMap::new();
     for rt in engine.streams() {
-        if rt.plan.key.namespace != namespace {
+        if rt.plan.key.namespace != namespace
+            || only.is_some_and(|only| !only.contains(&rt.plan.key.name))
+        {
             continue;
         }
         let (Some(plan), Some(store)) = (rt.plan.store.as_ref(), rt.store()) else {

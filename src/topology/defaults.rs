@@ -20,6 +20,9 @@ pub struct Defaults {
     /// The database of `store: {}` (built from `DB_HOST`, `DB_PORT`, `DB_USERNAME`,
     /// `DB_PASSWORD`, `DB_DATABASE`); `None` when `DB_HOST` is unset.
     pub default_database_url: Option<String>,
+    /// Whether a Kubernetes API server can authenticate service account tokens (TokenReview):
+    /// true in operator mode only. Without it, `ingest.auth.mode: ServiceAccounts` is refused.
+    pub token_review: bool,
 }
 
 impl Default for Defaults {
@@ -31,6 +34,7 @@ impl Default for Defaults {
             cache_ttl: Duration::from_secs(300),
             cache_max_items: 1000,
             default_database_url: None,
+            token_review: false,
         }
     }
 }

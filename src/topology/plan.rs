@@ -2,7 +2,7 @@
 //! every default is filled and every Secret/ConfigMap reference is resolved: `data/` takes
 //! these values as they are.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -166,6 +166,65 @@ pub struct StreamPlan {
     pub validation: ValidationPlan,
     pub compression: CompressionPlan,
     pub deletion_policy: DeletionPolicy,
+    /// Who may publish and read. A change of it alone (a rotated token) is applied to the
+    /// running stream in place, without restarting it.
+    pub access: AccessPlan,
+}
+
+impl StreamPlan {
+    /// Whether `other` differs from this plan only in what can change while the stream runs.
+    pub fn same_runtime(&self, other: &StreamPlan) -> bool {
+        let mut a = self.clone();
+        a.access = other.access.clone();
+        a == *other
+    }
+}
+
+/// Who may publish to and read from a stream (`spec.ingest.auth`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AccessPlan {
+    /// Anyone who reaches the endpoint.
+    #[default]
+    Open,
+    /// Bearer tokens from Secrets, by publisher (and reader) name.
+    Tokens {
+        publishers: Vec<(String, Token)>,
+        readers: Vec<(String, Token)>,
+    },
+    /// Kubernetes service accounts, as `(namespace, name)`, whose tokens the API server
+    /// authenticates for `audience`.
+    ServiceAccounts {
+        audience: String,
+        publishers: BTreeSet<(String, String)>,
+        readers: BTreeSet<(String, String)>,
+    },
+}
+
+/// A bearer token read from a Secret. Never shown by `Debug` (plans are logged in tests and
+/// at debug level).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: String) -> Token {
+        Token(token)
+    }
+
+    /// Compares in constant time: both sides are hashed first, so neither the position of the
+    /// first differing byte nor the token's length shows in the time taken.
+    pub fn matches(&self, candidate: &str) -> bool {
+        use sha2::Digest as _;
+        use subtle::ConstantTimeEq as _;
+        let a = sha2::Sha256::digest(self.0.as_bytes());
+        let b = sha2::Sha256::digest(candidate.as_bytes());
+        a[..].ct_eq(&b[..]).into()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
 }
 
 /// Everything that should run: one plan per valid resource.

@@ -39,7 +39,8 @@
 //! - Extension names must be lowercase `a-z0-9` (a MUST of CloudEvents). The 20-character limit
 //!   is a SHOULD and is not enforced; names longer than [`MAX_EXTENSION_NAME_LEN`] are refused
 //!   because they could not travel as AMQP headers. `weirposition`, `weirversion` and
-//!   `weirrecordedtime` are assigned by the store and cannot be published.
+//!   `weirrecordedtime` are assigned by the store and cannot be published, nor can
+//!   `weirpublisher` (the authenticated publisher, set by Weir).
 //! - Extension values are strings, booleans or integers within CloudEvents' 32-bit Integer
 //!   range; fractional numbers, objects and arrays are refused. In binary mode every `ce-`
 //!   extension is a string.

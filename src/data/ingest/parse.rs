@@ -17,8 +17,8 @@ use super::IngestContext;
 use super::content::{self, Mode, PayloadKind};
 use super::raw::{self, RawEvent, Top, Val};
 use crate::data::event::{
-    CloudEvent, Data, EXT_CORRELATION_ID, EXT_EXPECTED_VERSION, EXT_POSITION, EXT_RECORDED_TIME,
-    EXT_VERSION, ExtValue, SPEC_VERSION,
+    CloudEvent, Data, EXT_CORRELATION_ID, EXT_EXPECTED_VERSION, EXT_POSITION, EXT_PUBLISHER,
+    EXT_RECORDED_TIME, EXT_VERSION, ExtValue, SPEC_VERSION,
 };
 use crate::data::problem::{FieldError, FieldErrors, HttpProblem};
 
@@ -396,6 +396,11 @@ fn check_extension_name(name: &str) -> Result<(), String> {
     if [EXT_POSITION, EXT_VERSION, EXT_RECORDED_TIME].contains(&name) {
         return Err(format!(
             "{name} is assigned by Weir when the event is stored and cannot be published"
+        ));
+    }
+    if name == EXT_PUBLISHER {
+        return Err(format!(
+            "{name} is set by Weir to the authenticated publisher and cannot be published"
         ));
     }
     Ok(())

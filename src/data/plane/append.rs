@@ -44,8 +44,9 @@ pub enum AppendError {
     /// The stream's validation refuses an event: retrying cannot help.
     #[error("{}", .0.detail)]
     Invalid(HttpProblem),
-    /// An `expectedversion` did not match: retrying the same request cannot help.
-    #[error("version conflict on subject {}", .0.subject)]
+    /// An `expectedversion` did not match, or the id belongs to another publisher's event:
+    /// retrying the same request cannot help.
+    #[error("{}", conflict_text(.0))]
     Conflict(Conflict),
     /// Overloaded, shutting down, the store or broker unreachable, or the deadline passed:
     /// worth retrying later.
@@ -54,6 +55,15 @@ pub enum AppendError {
     /// The store refused the write for a reason retrying will not change.
     #[error("storing the events failed: {0}")]
     Failed(String),
+}
+
+fn conflict_text(c: &Conflict) -> String {
+    match c {
+        Conflict::Version { subject, .. } => format!("version conflict on subject {subject}"),
+        Conflict::ForeignId { source, id, .. } => {
+            format!("event {id:?} of source {source:?} was stored by another publisher")
+        }
+    }
 }
 
 /// The append path over the engine's running streams.
@@ -215,8 +225,8 @@ impl Appender for Appends {
                     p.detail
                 ))),
                 Err(AppendError::Conflict(c)) => Err(DeliveryError::Rejected(format!(
-                    "stream {stream}: version conflict on {}",
-                    c.subject
+                    "stream {stream}: {}",
+                    conflict_text(&c)
                 ))),
                 Err(e) => Err(err(e.to_string())),
             }

@@ -23,7 +23,7 @@ use sqlx::Row;
 
 use super::codec::{encode_data, encode_extensions};
 use super::{Store, StoreError};
-use crate::data::event::{CloudEvent, EXT_EXPECTED_VERSION, ExtValue};
+use crate::data::event::{CloudEvent, EXT_EXPECTED_VERSION, EXT_PUBLISHER, ExtValue};
 use crate::topology::CompressionPlan;
 
 /// Budget for the subject list of a `weir_subjects` notification: PostgreSQL caps a payload
@@ -50,14 +50,25 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
-/// An `expectedversion` that did not match the subject's current version.
+/// Why a request was refused whole.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Conflict {
-    /// Index of the event in its request.
-    pub index: usize,
-    pub subject: String,
-    pub expected: i64,
-    pub actual: i64,
+pub enum Conflict {
+    /// An `expectedversion` that did not match the subject's current version.
+    Version {
+        /// Index of the event in its request.
+        index: usize,
+        subject: String,
+        expected: i64,
+        actual: i64,
+    },
+    /// The event's `(source, id)` was stored by another authenticated publisher: it is not
+    /// this publisher's duplicate, and storing it again would give one id two events.
+    ForeignId {
+        /// Index of the event in its request.
+        index: usize,
+        source: String,
+        id: String,
+    },
 }
 
 pub type RequestOutcome = Result<Vec<Appended>, Conflict>;
@@ -129,6 +140,7 @@ struct Rows {
     dataschema: Vec<Option<String>>,
     extensions: Vec<Option<String>>,
     correlation: Vec<Option<String>>,
+    publisher: Vec<Option<String>>,
     kind: Vec<i16>,
     encoding: Vec<i16>,
     data: Vec<Option<Vec<u8>>>,
@@ -148,6 +160,7 @@ impl Rows {
         self.dataschema.push(ev.dataschema.clone());
         self.extensions.push(encode_extensions(ev));
         self.correlation.push(ev.correlation_id());
+        self.publisher.push(ev.extension_str(EXT_PUBLISHER));
         match &ev.data {
             Some(d) => {
                 let (enc, bytes) = encode_data(d.bytes(), c.min_bytes, c.level);
@@ -170,7 +183,8 @@ impl Rows {
 /// batch's events their dedup keys and subjects' versions.
 struct Known {
     head: i64,
-    ids: HashMap<(String, String), Appended>,
+    /// By `(source, id)`: where it is, and who published it (`None`: not authenticated).
+    ids: HashMap<(String, String), (Appended, Option<String>)>,
     versions: HashMap<String, i64>,
 }
 
@@ -180,8 +194,9 @@ struct Decided {
     out: Vec<RequestOutcome>,
     /// `(request, event, position, version)` of every event to write, in position order.
     accepted: Vec<(usize, usize, i64, Option<i64>)>,
-    /// Dedup keys this batch writes (as later batches will see them: duplicates).
-    ids: HashMap<(String, String), Appended>,
+    /// Dedup keys this batch writes (as later batches will see them: duplicates), with
+    /// their publisher.
+    ids: HashMap<(String, String), (Appended, Option<String>)>,
     /// Each subject's version after this batch.
     versions: HashMap<String, i64>,
     /// The head position after this batch.
@@ -196,17 +211,18 @@ struct Decided {
 /// joins, statistics from when a stream was small made PostgreSQL hash-join against every
 /// dedup key of the stream, 24 ms per batch at 150,000 events and growing. `LIMIT 1`
 /// (the keys are primary keys) keeps each lateral subquery from being flattened.
-pub const LOOKUP_SQL: &str = "SELECT 0::int2 AS k, u.source, u.id, e.position, e.version
+pub const LOOKUP_SQL: &str = "SELECT 0::int2 AS k, u.source, u.id, e.position, e.version,
+       e.publisher
    FROM UNNEST($2::text[], $3::text[]) AS u(source, id)
-   CROSS JOIN LATERAL (SELECT e.position, e.version FROM weir_event_ids e
+   CROSS JOIN LATERAL (SELECT e.position, e.version, e.publisher FROM weir_event_ids e
        WHERE e.stream_id = $1 AND e.source = u.source AND e.id = u.id LIMIT 1) e
  UNION ALL
- SELECT 1::int2, NULL, u.subject, NULL, s.version
+ SELECT 1::int2, NULL, u.subject, NULL, s.version, NULL
    FROM UNNEST($4::text[]) AS u(subject)
    CROSS JOIN LATERAL (SELECT s.version FROM weir_subjects s
        WHERE s.stream_id = $1 AND s.subject = u.subject LIMIT 1) s
  UNION ALL
- SELECT 2::int2, NULL, NULL, head, NULL FROM weir_streams WHERE stream_id = $1";
+ SELECT 2::int2, NULL, NULL, head, NULL, NULL FROM weir_streams WHERE stream_id = $1";
 
 /// Reads the head, the dedup keys and the subjects' versions a batch needs, in one statement
 /// (one snapshot).
@@ -249,11 +265,14 @@ async fn look_up(
                 let id: String = row.try_get(2)?;
                 known.ids.insert(
                     (source, id),
-                    Appended {
-                        position: row.try_get(3)?,
-                        version: row.try_get(4)?,
-                        duplicate: true,
-                    },
+                    (
+                        Appended {
+                            position: row.try_get(3)?,
+                            version: row.try_get(4)?,
+                            duplicate: true,
+                        },
+                        row.try_get(5)?,
+                    ),
                 );
             }
             1 => {
@@ -278,7 +297,7 @@ fn decide(known: &Known, requests: &[AppendInput<'_>]) -> Decided {
     };
     for (ri, r) in requests.iter().enumerate() {
         // This request's own effects, applied to the batch's only if it succeeds.
-        let mut req_ids: HashMap<(&str, &str), Appended> = HashMap::new();
+        let mut req_ids: HashMap<(&str, &str), (Appended, Option<String>)> = HashMap::new();
         let mut req_versions: HashMap<&str, i64> = HashMap::new();
         let mut results = Vec::with_capacity(r.events.len());
         let mut accepted = Vec::new();
@@ -286,11 +305,24 @@ fn decide(known: &Known, requests: &[AppendInput<'_>]) -> Decided {
         let mut pos = d.next;
         for (index, ev) in r.events.iter().enumerate() {
             let key = (ev.source.as_str(), ev.id.as_str());
-            let prior = req_ids.get(&key).copied().or_else(|| {
+            let publisher = ev.extension_str(EXT_PUBLISHER);
+            let prior = req_ids.get(&key).cloned().or_else(|| {
                 let owned = (ev.source.clone(), ev.id.clone());
-                d.ids.get(&owned).or_else(|| known.ids.get(&owned)).copied()
+                d.ids.get(&owned).or_else(|| known.ids.get(&owned)).cloned()
             });
-            if let Some(orig) = prior {
+            if let Some((orig, by)) = prior {
+                // Two authenticated publishers: the id is taken, not repeated. Unauthenticated
+                // events on either side cannot be told apart and count as duplicates.
+                if let (Some(by), Some(this)) = (&by, &publisher)
+                    && by != this
+                {
+                    conflict = Some(Conflict::ForeignId {
+                        index,
+                        source: ev.source.clone(),
+                        id: ev.id.clone(),
+                    });
+                    break;
+                }
                 results.push(Appended {
                     duplicate: true,
                     ..orig
@@ -308,7 +340,7 @@ fn decide(known: &Known, requests: &[AppendInput<'_>]) -> Decided {
                     if let Some(expected) = expected_version(ev)
                         && expected != current
                     {
-                        conflict = Some(Conflict {
+                        conflict = Some(Conflict::Version {
                             index,
                             subject: subject.clone(),
                             expected,
@@ -327,7 +359,7 @@ fn decide(known: &Known, requests: &[AppendInput<'_>]) -> Decided {
                 version,
                 duplicate: false,
             };
-            req_ids.insert(key, appended);
+            req_ids.insert(key, (appended, publisher));
             results.push(appended);
             accepted.push((ri, index, pos, version));
         }
@@ -335,13 +367,16 @@ fn decide(known: &Known, requests: &[AppendInput<'_>]) -> Decided {
             Some(c) => d.out.push(Err(c)),
             None => {
                 d.next = pos;
-                for ((source, id), a) in req_ids {
+                for ((source, id), (a, by)) in req_ids {
                     d.ids.insert(
                         (source.to_string(), id.to_string()),
-                        Appended {
-                            duplicate: true,
-                            ..a
-                        },
+                        (
+                            Appended {
+                                duplicate: true,
+                                ..a
+                            },
+                            by,
+                        ),
                     );
                 }
                 for (subject, v) in req_versions {
@@ -362,7 +397,7 @@ struct Link {
     seq: u64,
     base: i64,
     next: i64,
-    ids: HashMap<(String, String), Appended>,
+    ids: HashMap<(String, String), (Appended, Option<String>)>,
     versions: HashMap<String, i64>,
     /// `Some(applied)` once its write has ended; dropped (closed) when the link leaves the
     /// chain unsettled, which its followers take as "did not apply".
@@ -424,7 +459,9 @@ impl AppendChain {
             Some(i) => {
                 for l in st.links.range(i..) {
                     on_pending |= !l.committed();
-                    known.ids.extend(l.ids.iter().map(|(k, v)| (k.clone(), *v)));
+                    known
+                        .ids
+                        .extend(l.ids.iter().map(|(k, v)| (k.clone(), v.clone())));
                     known
                         .versions
                         .extend(l.versions.iter().map(|(k, v)| (k.clone(), *v)));
@@ -558,10 +595,10 @@ async fn write(
                $12::text[], $13::text[], $14::int2[], $15::int2[], $16::bytea[]) AS u, h
          ),
          ids AS (
-           INSERT INTO weir_event_ids (stream_id, source, id, position, version)
-           SELECT $1, u.source, u.id, u.position, u.version
-           FROM UNNEST($5::text[], $4::text[], $3::bigint[], $8::bigint[])
-                AS u(source, id, position, version), h
+           INSERT INTO weir_event_ids (stream_id, source, id, position, version, publisher)
+           SELECT $1, u.source, u.id, u.position, u.version, u.publisher
+           FROM UNNEST($5::text[], $4::text[], $3::bigint[], $8::bigint[], $23::text[])
+                AS u(source, id, position, version, publisher), h
          ),
          subj AS (
            INSERT INTO weir_subjects (stream_id, subject, version)
@@ -603,6 +640,7 @@ async fn write(
     .bind(notify_subjects)
     .bind(notify_correlations)
     .bind(correlations.len() as i32)
+    .bind(&rows.publisher)
     .fetch_one(&mut *conn)
     .await?;
     Ok(recorded_at)

@@ -22,7 +22,7 @@ use crate::api;
 use crate::api::archivepolicy::ArchivePolicySpec;
 use crate::api::cachepolicy::CachePolicySpec;
 use crate::api::common::selector_matches;
-use crate::api::eventstream::{AuthMode, EventStreamSpec};
+use crate::api::eventstream::{AuthMode, EventStreamSpec, ServiceAccountRef};
 use crate::api::subscription::{DeadLetterSinkSpec, ServiceRef, SubscriptionSpec};
 use crate::topology::Key;
 use crate::topology::defaults::Defaults;

@@ -113,6 +113,7 @@ pub(super) fn stream_plan(
     };
 
     check_ingest(cx, spec);
+    let access = access_plan(cx, spec);
 
     StreamPlan {
         key: key.clone(),
@@ -131,6 +132,7 @@ pub(super) fn stream_plan(
             Some(api::DeletionPolicy::Delete) => DeletionPolicy::Delete,
             Some(api::DeletionPolicy::Retain) | None => DeletionPolicy::Retain,
         },
+        access,
     }
 }
 
@@ -310,43 +312,229 @@ pub(super) fn parse_json_or_yaml(text: &str) -> Result<serde_json::Value, String
     }
 }
 
-/// The ingest and PII settings are not planned yet (they have no runtime), but their references
-/// are checked now so that a manifest that will not work says so today.
-pub(super) fn check_ingest(cx: &mut Cx<'_>, spec: &EventStreamSpec) {
-    if let Some(auth) = spec.ingest.as_ref().and_then(|i| i.auth.as_ref()) {
-        match auth.mode.unwrap_or(AuthMode::None) {
-            AuthMode::None => {}
-            AuthMode::Tokens => match &auth.tokens_secret_ref {
-                None => cx.invalid(
-                    "spec.ingest.auth.tokensSecretRef",
-                    "required with mode Tokens",
-                ),
-                Some(r) => {
-                    let key = cx.key(&r.name);
-                    match cx.index.secrets.get(&key) {
-                        None => cx.push(
-                            "spec.ingest.auth.tokensSecretRef",
-                            format!("Secret {key} not found"),
-                            Reason::SecretNotFound,
-                        ),
-                        Some(s) if s.is_empty() => cx.invalid(
-                            "spec.ingest.auth.tokensSecretRef",
-                            format!("Secret {key} holds no token"),
-                        ),
-                        Some(_) => {}
-                    }
-                }
-            },
-            AuthMode::ServiceAccounts => {
-                if auth.service_accounts.as_ref().is_none_or(|s| s.is_empty()) {
+/// The audience service account tokens must name when `spec.ingest.auth.audience` is unset.
+pub const DEFAULT_AUDIENCE: &str = "weir";
+
+/// Who may publish and read (`spec.ingest.auth`).
+pub(super) fn access_plan(cx: &mut Cx<'_>, spec: &EventStreamSpec) -> AccessPlan {
+    let Some(auth) = spec.ingest.as_ref().and_then(|i| i.auth.as_ref()) else {
+        return AccessPlan::Open;
+    };
+    let readers = auth.readers.clone().unwrap_or_default();
+    let mode = auth.mode.unwrap_or(AuthMode::None);
+    let stray = |cx: &mut Cx<'_>, set: bool, path: &str, mode_needed: &str| {
+        if set {
+            cx.invalid(path, format!("only used with mode {mode_needed}"));
+        }
+    };
+    match mode {
+        AuthMode::None => {
+            stray(
+                cx,
+                auth.tokens_secret_ref.is_some(),
+                "spec.ingest.auth.tokensSecretRef",
+                "Tokens",
+            );
+            stray(
+                cx,
+                auth.service_accounts.is_some(),
+                "spec.ingest.auth.serviceAccounts",
+                "ServiceAccounts",
+            );
+            stray(
+                cx,
+                auth.readers.is_some(),
+                "spec.ingest.auth.readers",
+                "Tokens or ServiceAccounts",
+            );
+            stray(
+                cx,
+                auth.audience.is_some(),
+                "spec.ingest.auth.audience",
+                "ServiceAccounts",
+            );
+            AccessPlan::Open
+        }
+        AuthMode::Tokens => {
+            stray(
+                cx,
+                auth.service_accounts.is_some(),
+                "spec.ingest.auth.serviceAccounts",
+                "ServiceAccounts",
+            );
+            stray(
+                cx,
+                readers.service_accounts.is_some(),
+                "spec.ingest.auth.readers.serviceAccounts",
+                "ServiceAccounts",
+            );
+            stray(
+                cx,
+                auth.audience.is_some(),
+                "spec.ingest.auth.audience",
+                "ServiceAccounts",
+            );
+            let publishers = match &auth.tokens_secret_ref {
+                None => {
                     cx.invalid(
-                        "spec.ingest.auth.serviceAccounts",
-                        "at least one service account is required with mode ServiceAccounts",
+                        "spec.ingest.auth.tokensSecretRef",
+                        "required with mode Tokens",
+                    );
+                    Vec::new()
+                }
+                Some(r) => tokens(cx, &r.name, "spec.ingest.auth.tokensSecretRef"),
+            };
+            let readers = match &readers.tokens_secret_ref {
+                None => Vec::new(),
+                Some(r) => tokens(cx, &r.name, "spec.ingest.auth.readers.tokensSecretRef"),
+            };
+            // A token must name one caller: the same token as publisher and reader would make
+            // "who sent this" ambiguous.
+            for (name, t) in &readers {
+                if let Some((p, _)) = publishers.iter().find(|(_, pt)| pt == t) {
+                    cx.invalid(
+                        "spec.ingest.auth.readers.tokensSecretRef",
+                        format!("reader {name:?} has the same token as publisher {p:?}"),
                     );
                 }
             }
+            AccessPlan::Tokens {
+                publishers,
+                readers,
+            }
+        }
+        AuthMode::ServiceAccounts => {
+            stray(
+                cx,
+                auth.tokens_secret_ref.is_some(),
+                "spec.ingest.auth.tokensSecretRef",
+                "Tokens",
+            );
+            stray(
+                cx,
+                readers.tokens_secret_ref.is_some(),
+                "spec.ingest.auth.readers.tokensSecretRef",
+                "Tokens",
+            );
+            if !cx.defaults.token_review {
+                cx.invalid(
+                    "spec.ingest.auth.mode",
+                    "ServiceAccounts needs the Kubernetes TokenReview API, which only operator \
+                     mode has; standalone mode (weir run) supports None and Tokens",
+                );
+            }
+            let accounts = |cx: &mut Cx<'_>, list: Option<&Vec<ServiceAccountRef>>, path: &str| {
+                let mut set = BTreeSet::new();
+                for (i, sa) in list.into_iter().flatten().enumerate() {
+                    for (field, v) in [("namespace", &sa.namespace), ("name", &sa.name)] {
+                        if !is_dns_label(v) && !is_dns_subdomain(v) {
+                            cx.invalid(
+                                format!("{path}[{i}].{field}"),
+                                format!("{v:?} is not a valid Kubernetes name"),
+                            );
+                        }
+                    }
+                    set.insert((sa.namespace.clone(), sa.name.clone()));
+                }
+                set
+            };
+            let publishers = accounts(
+                cx,
+                auth.service_accounts.as_ref(),
+                "spec.ingest.auth.serviceAccounts",
+            );
+            if publishers.is_empty() {
+                cx.invalid(
+                    "spec.ingest.auth.serviceAccounts",
+                    "at least one service account is required with mode ServiceAccounts",
+                );
+            }
+            let readers = accounts(
+                cx,
+                readers.service_accounts.as_ref(),
+                "spec.ingest.auth.readers.serviceAccounts",
+            );
+            let audience = match auth.audience.as_deref() {
+                None => DEFAULT_AUDIENCE.to_string(),
+                Some(a) if a.trim().is_empty() => {
+                    cx.invalid("spec.ingest.auth.audience", "must not be empty");
+                    DEFAULT_AUDIENCE.to_string()
+                }
+                Some(a) => a.to_string(),
+            };
+            AccessPlan::ServiceAccounts {
+                audience,
+                publishers,
+                readers,
+            }
         }
     }
+}
+
+/// Whether `s` is a DNS subdomain (service account names may contain dots).
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// The `(name, token)` pairs of a tokens Secret: every key names a caller.
+fn tokens(cx: &mut Cx<'_>, secret: &str, path: &str) -> Vec<(String, Token)> {
+    let key = cx.key(secret);
+    let Some(data) = cx.index.secrets.get(&key) else {
+        cx.push(
+            path,
+            format!("Secret {key} not found"),
+            Reason::SecretNotFound,
+        );
+        return Vec::new();
+    };
+    let data = data.clone();
+    if data.is_empty() {
+        cx.invalid(path, format!("Secret {key} holds no token"));
+        return Vec::new();
+    }
+    let mut out: Vec<(String, Token)> = Vec::new();
+    for (name, value) in data {
+        // Token files written by hand end in a newline: it is not part of the token.
+        let token = match String::from_utf8(value) {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
+            Ok(_) => {
+                cx.invalid(path, format!("Secret {key} key {name:?} is an empty token"));
+                continue;
+            }
+            Err(_) => {
+                cx.invalid(path, format!("Secret {key} key {name:?} is not UTF-8 text"));
+                continue;
+            }
+        };
+        // A short token can be guessed; 16 characters is the least a generated token has.
+        if token.len() < MIN_TOKEN_LEN {
+            cx.invalid(
+                path,
+                format!(
+                    "Secret {key} key {name:?}: a token must be at least {MIN_TOKEN_LEN} characters"
+                ),
+            );
+            continue;
+        }
+        let token = Token::new(token);
+        if let Some((other, _)) = out.iter().find(|(_, t)| *t == token) {
+            cx.invalid(
+                path,
+                format!("Secret {key} keys {other:?} and {name:?} hold the same token"),
+            );
+            continue;
+        }
+        out.push((name, token));
+    }
+    out
+}
+
+/// Shortest bearer token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The PII settings are not planned yet (they have no runtime), but their references are
+/// checked now so that a manifest that will not work says so today.
+pub(super) fn check_ingest(cx: &mut Cx<'_>, spec: &EventStreamSpec) {
     if let Some(pii) = &spec.pii {
         let fields = pii.fields.as_deref().unwrap_or_default();
         for (i, f) in fields.iter().enumerate() {

@@ -73,8 +73,8 @@ use super::{
 };
 use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
 use crate::data::event::{
-    CloudEvent, EXT_CAUSATION_ID, EXT_CORRELATION_ID, EXT_POSITION, EXT_RECORDED_TIME, EXT_VERSION,
-    ExtValue,
+    CloudEvent, EXT_CAUSATION_ID, EXT_CORRELATION_ID, EXT_POSITION, EXT_PUBLISHER,
+    EXT_RECORDED_TIME, EXT_VERSION, ExtValue,
 };
 use crate::data::store::Store;
 use crate::data::store::locks::LockKey;

@@ -3,9 +3,10 @@
 
 use super::*;
 
-/// Weir's stored-event extensions, which the target stream assigns anew.
+/// Weir's stored-event extensions, which the target stream assigns anew. `weirpublisher`
+/// goes too: Weir appends these events itself, no publisher authenticated them.
 fn strip_stored(ev: &mut CloudEvent) {
-    for k in [EXT_POSITION, EXT_VERSION, EXT_RECORDED_TIME] {
+    for k in [EXT_POSITION, EXT_VERSION, EXT_RECORDED_TIME, EXT_PUBLISHER] {
         ev.extensions.remove(k);
     }
 }

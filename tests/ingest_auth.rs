@@ -1,0 +1,337 @@
+//! Publish and read authentication (`spec.ingest.auth`) in standalone mode, against the real
+//! RabbitMQ and PostgreSQL: bearer tokens from Secrets, read-only callers, the publisher
+//! recorded with each event, dedup scoped to the publisher, traces limited to readable
+//! streams, token rotation, and `ServiceAccounts` refused without an API server.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const CHECKOUT: &str = "tok-checkout-0123456789abcdef";
+const BILLING: &str = "tok-billing-0123456789abcdef";
+const AUDIT: &str = "tok-audit-0123456789abcdef";
+const ROTATED: &str = "tok-checkout-rotated-0123456789";
+
+fn secrets_yaml(checkout_token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: publishers, namespace: test}}\n\
+         stringData: {{checkout: \"{checkout_token}\", billing: \"{BILLING}\"}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: readers, namespace: test}}\n\
+         stringData: {{audit: \"{AUDIT}\"}}\n"
+    )
+}
+
+const AUTH: &str = "  ingest:\n    auth:\n      mode: Tokens\n      tokensSecretRef: {name: publishers}\n      readers: {tokensSecretRef: {name: readers}}\n";
+
+fn event(id: &str, extra: Value) -> Value {
+    let mut ev = json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "/auth-test",
+        "type": "order.created",
+        "subject": format!("order-{id}"),
+        "data": {"n": 1},
+    });
+    if let (Some(ev), Some(extra)) = (ev.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            ev.insert(k.clone(), v.clone());
+        }
+    }
+    ev
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    async fn publish(&self, stream: &str, token: Option<&str>, ev: &Value) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .post(format!(
+                "{}/v1/namespaces/test/streams/{stream}/events",
+                self.base
+            ))
+            .header("content-type", "application/cloudevents+json")
+            .body(ev.to_string());
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("publish");
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED {
+            let www = resp
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            assert!(
+                www.starts_with("Bearer"),
+                "401 without WWW-Authenticate: Bearer ({www:?})"
+            );
+        }
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.expect("read");
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_guard_publish_read_and_trace() {
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    m.write("tokens.yaml", &secrets_yaml(CHECKOUT));
+    m.write(
+        "orders.yaml",
+        &stream_yaml("orders", &unique("weir.test.auth."), AUTH),
+    );
+    m.write(
+        "open.yaml",
+        &stream_yaml("open", &unique("weir.test.auth."), ""),
+    );
+    let mut w = Weir::start(m.path());
+    w.wait_ready("test", "orders").await;
+    w.wait_ready("test", "open").await;
+    let c = Client {
+        http: reqwest::Client::new(),
+        base: w.url.clone(),
+    };
+
+    // Publish: no bearer, an unknown one, a reader's → refused; a publisher's → stored.
+    let (s, body) = c.publish("orders", None, &event("a1", json!({}))).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["type"], "https://weir.dev/problems/unauthorized");
+    let (s, _) = c
+        .publish(
+            "orders",
+            Some("wrong-token-0123456789"),
+            &event("a1", json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, body) = c
+        .publish("orders", Some(AUDIT), &event("a1", json!({})))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "a reader may not publish: {body}");
+    let (s, body) = c
+        .publish("orders", Some(CHECKOUT), &event("a1", json!({})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    // The publisher cannot name itself.
+    let (s, body) = c
+        .publish(
+            "orders",
+            Some(CHECKOUT),
+            &event("a2", json!({"weirpublisher": "billing"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("weirpublisher"), "{body}");
+
+    // Reads: page, one event, subject.
+    let page = "/v1/namespaces/test/streams/orders/events?from=1";
+    let one = "/v1/namespaces/test/streams/orders/events/1";
+    let subject = "/v1/namespaces/test/streams/orders/subjects/order-a1/events";
+    for path in [page, one, subject] {
+        assert_eq!(
+            c.get(path, None).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+        assert_eq!(
+            c.get(path, Some("wrong-token-0123456789")).await.0,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+        for t in [AUDIT, CHECKOUT] {
+            let (s, body) = c.get(path, Some(t)).await;
+            assert_eq!(s, StatusCode::OK, "{path}: {body}");
+        }
+    }
+    let (_, ev) = c.get(one, Some(AUDIT)).await;
+    assert_eq!(ev["id"], "a1");
+    assert_eq!(
+        ev["weirpublisher"], "checkout",
+        "the stored event names its publisher"
+    );
+
+    // Dedup is per publisher: billing takes id "x" first; checkout's "x" is refused (409),
+    // not answered as a duplicate of billing's event; each publisher's own repeat is a duplicate.
+    let (s, body) = c
+        .publish("orders", Some(BILLING), &event("x", json!({})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["results"][0]["duplicate"], false);
+    let (s, body) = c
+        .publish("orders", Some(CHECKOUT), &event("x", json!({})))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["type"], "https://weir.dev/problems/id-conflict");
+    let (s, body) = c
+        .publish("orders", Some(BILLING), &event("x", json!({})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(body["results"][0]["duplicate"], true, "{body}");
+    let (s, body) = c
+        .publish("orders", Some(CHECKOUT), &event("a1", json!({})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(body["results"][0]["duplicate"], true, "{body}");
+    // One event per id, each with its own publisher: nothing lost, nothing shadowed.
+    let (_, all) = c.get(page, Some(AUDIT)).await;
+    let got: Vec<(String, String)> = all
+        .as_array()
+        .expect("a batch")
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap_or_default().to_string(),
+                e["weirpublisher"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("a1".to_string(), "checkout".to_string()),
+            ("x".to_string(), "billing".to_string())
+        ]
+    );
+
+    // A trace holds only the streams the caller may read.
+    let corr = json!({"correlationid": "saga-1"});
+    let (s, _) = c
+        .publish("orders", Some(CHECKOUT), &event("t1", corr.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = c.publish("open", None, &event("t2", corr)).await;
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "the open stream takes anonymous publishes"
+    );
+    let trace_ids = |v: &Value| -> Vec<String> {
+        v["events"]
+            .as_array()
+            .map(|es| {
+                es.iter()
+                    .map(|e| {
+                        format!(
+                            "{}/{}",
+                            e["stream"].as_str().unwrap_or(""),
+                            e["id"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let trace = "/v1/namespaces/test/correlations/saga-1/events";
+    let (s, anon) = c.get(trace, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(trace_ids(&anon), vec!["open/t2"], "{anon}");
+    let (_, audit) = c.get(trace, Some(AUDIT)).await;
+    let mut ids = trace_ids(&audit);
+    ids.sort();
+    assert_eq!(ids, vec!["open/t2", "orders/t1"], "{audit}");
+
+    // Rotation: the Secret's new token takes over, the old one stops working.
+    m.write("tokens.yaml", &secrets_yaml(ROTATED));
+    // Reads store nothing, so polling with them cannot leave events behind.
+    eventually(
+        30,
+        "the rotated token to take over",
+        || w.log_text(),
+        || async { (c.get(page, Some(ROTATED)).await.0 == StatusCode::OK).then_some(()) },
+    )
+    .await;
+    let (s, _) = c
+        .publish("orders", Some(CHECKOUT), &event("r1", json!({})))
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "the old token still works after rotation"
+    );
+    assert_eq!(
+        c.get(page, Some(CHECKOUT)).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let (s, body) = c
+        .publish("orders", Some(ROTATED), &event("r2", json!({})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (_, all) = c.get(page, Some(AUDIT)).await;
+    let ids: Vec<&str> = all
+        .as_array()
+        .expect("a batch")
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert!(
+        !ids.contains(&"r1"),
+        "an event published with the old token was stored: {ids:?}"
+    );
+    assert!(ids.contains(&"r2"), "{ids:?}");
+}
+
+/// Bad auth settings are refused at validation with the field named; `ServiceAccounts` needs
+/// an API server, so standalone refuses it and `weir validate --operator` accepts it.
+#[test]
+fn auth_settings_are_validated() {
+    let m = Manifests::new("postgres://postgres@127.0.0.1:5432/unused");
+    m.write("tokens.yaml", &secrets_yaml("short"));
+    m.write(
+        "orders.yaml",
+        &stream_yaml("orders", "weir.test.orders", AUTH),
+    );
+    m.write(
+        "sa.yaml",
+        &stream_yaml(
+            "sa",
+            "weir.test.sa",
+            "  ingest:\n    auth:\n      mode: ServiceAccounts\n      serviceAccounts: [{namespace: shop, name: checkout}]\n",
+        ),
+    );
+    let validate = |extra: &[&str]| {
+        let out = std::process::Command::new(weir_binary())
+            .args(["validate", "-f"])
+            .arg(m.path())
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("weir validate");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = validate(&[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("spec.ingest.auth.tokensSecretRef") && out.contains("at least 16 characters"),
+        "{out}"
+    );
+    assert!(
+        out.contains("spec.ingest.auth.mode") && out.contains("operator mode"),
+        "standalone must refuse ServiceAccounts: {out}"
+    );
+    m.write("tokens.yaml", &secrets_yaml(CHECKOUT));
+    let (ok, out) = validate(&[]);
+    assert!(!ok, "{out}");
+    assert!(!out.contains("tokensSecretRef"), "{out}");
+    let (ok, out) = validate(&["--operator"]);
+    assert!(ok, "the operator supports ServiceAccounts: {out}");
+}
