@@ -20,6 +20,10 @@ pub struct Defaults {
     /// The database of `store: {}` (built from `DB_HOST`, `DB_PORT`, `DB_USERNAME`,
     /// `DB_PASSWORD`, `DB_DATABASE`); `None` when `DB_HOST` is unset.
     pub default_database_url: Option<String>,
+    /// Whether a stream may set `broker.exchange` to a name outside its namespace's prefix
+    /// `weir.<namespace>.` (`WEIR_ALLOW_CUSTOM_EXCHANGES`, or `--allow-custom-exchanges`).
+    /// Off by default: one namespace must not claim an exchange another one relies on.
+    pub allow_custom_exchanges: bool,
 }
 
 impl Default for Defaults {
@@ -31,6 +35,7 @@ impl Default for Defaults {
             cache_ttl: Duration::from_secs(300),
             cache_max_items: 1000,
             default_database_url: None,
+            allow_custom_exchanges: false,
         }
     }
 }
@@ -104,6 +109,19 @@ impl Defaults {
             d.cache_max_items = parse_positive("CACHE_MAX_ITEMS", &v)?;
         }
         d.default_database_url = database_url(&get)?;
+        if let Some(v) = get("WEIR_ALLOW_CUSTOM_EXCHANGES") {
+            d.allow_custom_exchanges = match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => {
+                    return Err(invalid(
+                        "WEIR_ALLOW_CUSTOM_EXCHANGES",
+                        &v,
+                        "expected true or false",
+                    ));
+                }
+            };
+        }
         Ok(d)
     }
 }
