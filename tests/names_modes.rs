@@ -370,3 +370,55 @@ async fn operator_refuses_colliding_names_and_keeps_the_others_apart() {
     drop(op);
     delete_broker_objects(&ns).await;
 }
+
+/// `weir run --allow-custom-exchanges` runs the stream the default refuses, on its own
+/// exchange; another namespace's `weir.` name stays refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn standalone_allows_custom_exchanges_with_the_setting() {
+    let ns = unique("nmx");
+    let dir = tempfile::tempdir().unwrap();
+    let doc = |name: &str, exchange: &str| {
+        format!(
+            "---\napiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec:\n  broker: {{urlSecretRef: {{name: rabbitmq, key: url}}, exchange: \"{exchange}\"}}\n"
+        )
+    };
+    std::fs::write(
+        dir.path().join("all.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{url: \"{AMQP_URL}\"}}\n{}{}",
+            doc("custom", &format!("legacy-{ns}")),
+            doc("foreign", "weir.default.orders"),
+        ),
+    )
+    .unwrap();
+    let mut w = Weir::start_with_args(dir.path(), &["--allow-custom-exchanges"]);
+    w.wait_ready(&ns, "custom").await;
+    assert!(
+        amqp_exists(None, Some(&format!("legacy-{ns}"))).await,
+        "exchange legacy-{ns} was not declared; log:\n{}",
+        w.log_text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !standalone_conditions(&w, &ns)
+        .await
+        .iter()
+        .any(|c| c.1 == "foreign" && c.3 == "InvalidSpec" && c.4.contains("spec.broker.exchange"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "foreign was not refused; log:\n{}",
+            w.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    w.terminate();
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running");
+    let ch = conn.create_channel().await.expect("channel");
+    let _ = ch
+        .exchange_delete(format!("legacy-{ns}").as_str().into(), Default::default())
+        .await;
+    common::close_amqp(conn).await;
+}

@@ -107,6 +107,31 @@ mod tests {
     }
 
     #[test]
+    fn resource_names_are_dns_labels() {
+        // (name, accepted): a '.' would make the '.'-joined queue names ambiguous.
+        let table = [
+            ("orders", true),
+            ("a-b", true),
+            ("x-p0", true),
+            ("a.b", false),
+            ("b.c", false),
+            ("x.p0", false),
+            ("Orders", false),
+            ("", false),
+        ];
+        for (name, accepted) in table {
+            let problem = resource_name_problem(name);
+            assert_eq!(problem.is_none(), accepted, "{name:?}: {problem:?}");
+            if let Some(p) = problem {
+                assert!(
+                    p.starts_with(&format!("{name:?} is not a valid name")),
+                    "{p}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
