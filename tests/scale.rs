@@ -65,7 +65,7 @@ fn write_pipeline(m: &Manifests, n: usize, sink: &str) -> String {
     let mut text = String::new();
     for i in 0..n {
         let name = format!("s{i:04}");
-        text.push_str(&stream_yaml(&name, &format!("weir-{tag}-{name}"), ""));
+        text.push_str(&stream_yaml(&name, &format!("weir.test.{tag}-{name}"), ""));
         text.push_str("---\n");
         text.push_str(&format!(
             "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {tag}-{name}, namespace: test}}\n\

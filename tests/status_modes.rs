@@ -22,7 +22,8 @@ use serde_json::{Value, json};
 
 /// Every manifest, as one multi-document YAML, in namespace `ns`.
 fn manifests(ns: &str, db: &str, ok_sink: &str, bad_sink: &str) -> String {
-    let x = unique("weir.test.sm.");
+    // Inside the namespace's own exchange prefix (others are refused).
+    let x = unique(&format!("weir.{ns}.sm"));
     let docs = [
         format!(
             "apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{url: \"{AMQP_URL}\"}}"

@@ -326,7 +326,7 @@ apiVersion: weir.dev/v1alpha1
 kind: EventStream
 metadata: {name: payments, namespace: shop}
 spec:
-  broker: {urlSecretRef: {name: rabbitmq, key: url}, exchange: payments-x, queueType: classic}
+  broker: {urlSecretRef: {name: rabbitmq, key: url}, exchange: weir.shop.payments-x, queueType: classic}
   store:
     urlSecretRef: {name: pg, key: url}
     readUrlSecretRef: {name: pg, key: replica}
@@ -366,7 +366,7 @@ spec:
     let built = build(&index(&yaml), &defaults());
     assert!(built.is_valid(), "{:#?}", built.reports);
     let p = &built.topology.streams[&Key::new("shop", "payments")];
-    assert_eq!(p.broker.exchange, "payments-x");
+    assert_eq!(p.broker.exchange, "weir.shop.payments-x");
     assert_eq!(p.broker.queue_type, QueueType::Classic);
     let store = p.store.as_ref().unwrap();
     assert_eq!(store.urls.len(), 2);
@@ -630,6 +630,7 @@ spec:
         "spec.validation.schemas[4]: a second schema for type \"c\"",
         "spec.validation.maxEventBytes: must be greater than zero",
         "spec.compression.level: zstd level 30 is outside 1..=22",
+        "spec.pii.fields: PII field encryption is not supported yet",
         "spec.pii.fields[0]: \"customer/email\" is not a JSON pointer",
         "spec.pii.keySecretRef: required when fields are listed",
     ];

@@ -71,6 +71,8 @@ pub struct BrokerSpec {
     /// Secret key holding the broker URL (`amqp://` or `amqps://`). Required.
     pub url_secret_ref: SecretKeyRef,
     /// Name of the topic exchange the stream publishes to. Default `weir.<namespace>.<name>`.
+    /// Must start with `weir.<namespace>.` unless the operator allows custom exchanges
+    /// (`--allow-custom-exchanges`); another namespace's `weir.` names are always refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exchange: Option<String>,
     /// Type of the queues Weir declares for this stream's subscriptions: `quorum` (replicated,
@@ -298,8 +300,8 @@ pub struct RateLimitSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PiiSpec {
-    /// JSON pointers into event data whose values are encrypted before storage, e.g.
-    /// `/customer/email`. Default none.
+    /// JSON pointers into event data whose values are to be encrypted before storage, e.g.
+    /// `/customer/email`. Not supported yet: a non-empty list is refused (InvalidSpec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fields: Option<Vec<String>>,
     /// Secret key holding the encryption key. Required when `fields` is not empty.

@@ -77,6 +77,10 @@ pub enum Command {
         /// Publish requests each stream may queue for its batcher; beyond that, 503.
         #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
         batch_queue: usize,
+        /// Let streams publish to exchanges outside their namespace's prefix `weir.<namespace>.`
+        /// (never to other namespaces' `weir.` names). Also WEIR_ALLOW_CUSTOM_EXCHANGES=true.
+        #[arg(long)]
+        allow_custom_exchanges: bool,
     },
     /// Run as the in-cluster controller and worker: watch the resources through the
     /// Kubernetes API and run their pipelines.
@@ -111,6 +115,10 @@ pub enum Command {
         /// Resync interval of valid resources and maximum age of cached Secrets.
         #[arg(long, env = "WEIR_REFRESH", default_value = "60s", value_parser = parse_duration)]
         refresh: Duration,
+        /// Let streams publish to exchanges outside their namespace's prefix `weir.<namespace>.`
+        /// (never to other namespaces' `weir.` names). Also WEIR_ALLOW_CUSTOM_EXCHANGES=true.
+        #[arg(long)]
+        allow_custom_exchanges: bool,
     },
     /// Check a folder of manifests without starting anything; exit 1 on any problem.
     Validate {
@@ -120,6 +128,10 @@ pub enum Command {
         /// needs the Kubernetes API, such as `ingest.auth.mode: ServiceAccounts`.
         #[arg(long)]
         operator: bool,
+        /// Let streams publish to exchanges outside their namespace's prefix `weir.<namespace>.`
+        /// (never to other namespaces' `weir.` names). Also WEIR_ALLOW_CUSTOM_EXCHANGES=true.
+        #[arg(long)]
+        allow_custom_exchanges: bool,
     },
     /// Print the CustomResourceDefinitions as multi-document YAML.
     Crds,
@@ -259,8 +271,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             request_timeout,
             public_url,
             batch_queue,
+            allow_custom_exchanges,
         } => {
-            let defaults = crate::topology::Defaults::from_env()?;
+            let mut defaults = crate::topology::Defaults::from_env()?;
+            defaults.allow_custom_exchanges |= allow_custom_exchanges;
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 crate::shutdown::on_signal(shutdown.clone());
@@ -292,8 +306,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             lease_name,
             identity,
             refresh,
+            allow_custom_exchanges,
         } => {
-            let defaults = crate::topology::Defaults::from_env()?;
+            let mut defaults = crate::topology::Defaults::from_env()?;
+            defaults.allow_custom_exchanges |= allow_custom_exchanges;
             let identity =
                 identity.unwrap_or_else(|| format!("weir-{}", uuid::Uuid::now_v7().simple()));
             runtime()?.block_on(async move {
@@ -325,9 +341,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { dir, operator } => {
+        Command::Validate {
+            dir,
+            operator,
+            allow_custom_exchanges,
+        } => {
             let mut defaults = crate::topology::Defaults::from_env()?;
             defaults.token_review = operator;
+            defaults.allow_custom_exchanges |= allow_custom_exchanges;
             let report = crate::source::folder::validate(&dir, &defaults)?;
             for p in &report.problems {
                 println!("{p}");

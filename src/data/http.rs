@@ -25,6 +25,8 @@ use crate::data::problem::HttpProblem;
 use crate::data::store::{Appended, Conflict};
 use crate::data::trace::MAX_TRACE;
 
+mod subject;
+
 /// Largest page the read API returns; a client pages on with `from`.
 const MAX_PAGE: i64 = 1000;
 const DEFAULT_PAGE: i64 = 100;
@@ -523,82 +525,14 @@ async fn read_one(
     Ok(resp)
 }
 
-#[derive(Deserialize)]
-struct SubjectQuery {
-    #[serde(rename = "asOf")]
-    as_of: Option<String>,
-    version: Option<String>,
-    consistency: Option<String>,
-}
-
+/// One page of a subject's events; see [`subject`].
 async fn read_subject(
     State(st): State<HttpState>,
     Path((ns, stream, subject)): Path<(String, String, String)>,
-    Query(q): Query<SubjectQuery>,
+    Query(q): Query<subject::SubjectQuery>,
     headers: HeaderMap,
 ) -> Result<Response, HttpProblem> {
-    let version = match q.version.as_deref() {
-        None => None,
-        Some(v) => Some(parse_param("version", Some(v), 1, 1, i64::MAX)?),
-    };
-    let as_of = match q.as_of.as_deref() {
-        None => None,
-        Some(t) => Some(
-            chrono::DateTime::parse_from_rfc3339(t)
-                .map_err(|e| {
-                    HttpProblem::bad_request(format!(
-                        "query parameter asOf: expected an RFC 3339 time, got {t:?}: {e}"
-                    ))
-                })?
-                .with_timezone(&chrono::Utc),
-        ),
-    };
-    let (rt, id) = readable(&st, &ns, &stream, &headers).await?;
-    let (store, replica) = read_store(&st, &rt, q.consistency.as_deref())?;
-    let store = &store;
-    // Invalidations come from the primary; a lagging replica could refill the cache with a
-    // subject older than the invalidation, so subjects read from a replica are not cached.
-    let cache = st.engine.caches.route(&rt.plan.key).filter(|_| !replica);
-    let Some(cache) = cache else {
-        let events = store
-            .read_subject(id, &subject, version, as_of)
-            .await
-            .map_err(store_problem)?;
-        return Ok(batch_response(batch_body(&events)));
-    };
-    // The cache holds the whole subject; `version` and `asOf` select from it in memory.
-    let key = CacheKey::Subject {
-        stream: rt.plan.key.clone(),
-        stream_id: id,
-        subject: subject.clone(),
-    };
-    let all = read_through(Some(&cache), key, || async {
-        let events = store
-            .read_subject(id, &subject, None, None)
-            .await
-            .map_err(store_problem)?;
-        let body = batch_body(&events);
-        Ok::<_, HttpProblem>((
-            Cached {
-                body,
-                events: Some(events),
-            },
-            true,
-        ))
-    })
-    .await?;
-    if version.is_none() && as_of.is_none() {
-        return Ok(batch_response(all.body.clone()));
-    }
-    let selected: Vec<StoredEvent> = all
-        .events
-        .iter()
-        .flatten()
-        .filter(|e| version.is_none_or(|v| e.version.is_some_and(|ev| ev <= v)))
-        .filter(|e| as_of.is_none_or(|t| e.recorded_time <= t))
-        .cloned()
-        .collect();
-    Ok(batch_response(batch_body(&selected)))
+    subject::read_subject_page(&st, &ns, &stream, &subject, &q, &headers).await
 }
 
 #[derive(Deserialize)]

@@ -29,7 +29,7 @@ use super::SourceError;
 use crate::api;
 use crate::topology::build;
 use crate::topology::index::Kind;
-use crate::topology::units::{is_dns_label, is_dns_subdomain};
+use crate::topology::units::{is_dns_label, is_dns_subdomain, resource_name_problem};
 use crate::topology::{Defaults, Index, Key};
 
 /// Namespace of a manifest that names none, as `kubectl apply` does.
@@ -416,23 +416,19 @@ impl Loader<'_> {
         self.seen.insert(ident, origin.clone());
 
         let mut problems = Vec::new();
-        let name_ok = match target {
-            Target::Weir(_) => is_dns_label(name),
+        let name_problem = match target {
+            // The rule the topology build applies in both modes (names become queue names).
+            Target::Weir(_) => resource_name_problem(name),
             // Kubernetes allows dots in Secret and ConfigMap names.
-            Target::Secret | Target::ConfigMap => is_dns_subdomain(name),
-        };
-        if !name_ok {
-            let what = match target {
-                Target::Weir(_) => "a DNS label",
-                Target::Secret | Target::ConfigMap => "a DNS subdomain",
-            };
-            problems.push(FieldProblem::new(
-                "metadata.name",
+            Target::Secret | Target::ConfigMap => (!is_dns_subdomain(name)).then(|| {
                 format!(
-                    "{name:?} is not a valid name: it must be {what} (lowercase letters, digits and '-', \
+                    "{name:?} is not a valid name: it must be a DNS subdomain (lowercase letters, digits and '-', \
                      starting and ending with a letter or digit, at most 63 characters)"
-                ),
-            ));
+                )
+            }),
+        };
+        if let Some(message) = name_problem {
+            problems.push(FieldProblem::new("metadata.name", message));
         }
         if !is_dns_label(namespace) {
             problems.push(FieldProblem::new(

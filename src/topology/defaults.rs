@@ -23,6 +23,10 @@ pub struct Defaults {
     /// Whether a Kubernetes API server can authenticate service account tokens (TokenReview):
     /// true in operator mode only. Without it, `ingest.auth.mode: ServiceAccounts` is refused.
     pub token_review: bool,
+    /// Whether a stream may set `broker.exchange` to a name outside its namespace's prefix
+    /// `weir.<namespace>.` (`WEIR_ALLOW_CUSTOM_EXCHANGES`, or `--allow-custom-exchanges`).
+    /// Off by default: one namespace must not claim an exchange another one relies on.
+    pub allow_custom_exchanges: bool,
 }
 
 impl Default for Defaults {
@@ -35,6 +39,7 @@ impl Default for Defaults {
             cache_max_items: 1000,
             default_database_url: None,
             token_review: false,
+            allow_custom_exchanges: false,
         }
     }
 }
@@ -108,6 +113,19 @@ impl Defaults {
             d.cache_max_items = parse_positive("CACHE_MAX_ITEMS", &v)?;
         }
         d.default_database_url = database_url(&get)?;
+        if let Some(v) = get("WEIR_ALLOW_CUSTOM_EXCHANGES") {
+            d.allow_custom_exchanges = match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => {
+                    return Err(invalid(
+                        "WEIR_ALLOW_CUSTOM_EXCHANGES",
+                        &v,
+                        "expected true or false",
+                    ));
+                }
+            };
+        }
         Ok(d)
     }
 }

@@ -69,6 +69,21 @@ pub fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+/// Why `name` is refused as the name of a Weir resource (an EventStream, Subscription,
+/// ArchivePolicy or CachePolicy). Weir builds RabbitMQ queue and exchange names by joining
+/// namespace, stream and subscription names with '.', and lane queues by appending `.p<N>`:
+/// with DNS labels (no '.') that join is unambiguous, so two resources can never share a
+/// queue. The same rule holds in both modes.
+pub fn resource_name_problem(name: &str) -> Option<String> {
+    (!is_dns_label(name)).then(|| {
+        format!(
+            "{name:?} is not a valid name: it must be a DNS label (lowercase letters, digits and '-', \
+             starting and ending with a letter or digit, at most 63 characters; no '.', since \
+             queue and exchange names are made by joining names with '.')"
+        )
+    })
+}
+
 /// RFC 1123 subdomain: DNS labels joined by '.', at most 253 characters.
 pub fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
@@ -89,6 +104,31 @@ mod tests {
         assert!(is_dns_subdomain("pg.credentials"));
         assert!(!is_dns_subdomain("pg..credentials"));
         assert!(!is_dns_subdomain(".pg"));
+    }
+
+    #[test]
+    fn resource_names_are_dns_labels() {
+        // (name, accepted): a '.' would make the '.'-joined queue names ambiguous.
+        let table = [
+            ("orders", true),
+            ("a-b", true),
+            ("x-p0", true),
+            ("a.b", false),
+            ("b.c", false),
+            ("x.p0", false),
+            ("Orders", false),
+            ("", false),
+        ];
+        for (name, accepted) in table {
+            let problem = resource_name_problem(name);
+            assert_eq!(problem.is_none(), accepted, "{name:?}: {problem:?}");
+            if let Some(p) = problem {
+                assert!(
+                    p.starts_with(&format!("{name:?} is not a valid name")),
+                    "{p}"
+                );
+            }
+        }
     }
 
     #[test]

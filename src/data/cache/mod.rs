@@ -1,7 +1,8 @@
 //! The read side's caches, one per CachePolicy, shared by the streams the policy selects.
 //!
 //! What is cached: one event by position, full range pages, a subject's events (the whole
-//! list; `version` and `asOf` filter it in memory), and correlation traces. Values are the
+//! list, kept only while it fits one read page of 1000 events; pages, `version` and `asOf`
+//! select from it in memory), and correlation traces. Values are the
 //! encoded response bodies, weighed by their size for `maxBytes`. A trace spans a namespace's
 //! streams: it is cached only while every stored stream of the namespace running here is
 //! selected by a policy (so every append that can change it invalidates it), in the cache of
@@ -75,7 +76,7 @@ pub enum CacheKey {
         from: i64,
         limit: i64,
     },
-    /// Every event of a subject.
+    /// Every event of a subject (a subject of at most one read page).
     Subject {
         stream: Key,
         stream_id: i64,
@@ -93,7 +94,8 @@ pub enum CacheKey {
 pub struct Cached {
     /// The encoded response body.
     pub body: Bytes,
-    /// The events, kept for subject reads so `version` and `asOf` filter them in memory.
+    /// The events, kept for subject reads so pages, `version` and `asOf` select from them in
+    /// memory.
     pub events: Option<Vec<StoredEvent>>,
 }
 

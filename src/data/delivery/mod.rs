@@ -256,6 +256,75 @@ mod tests {
         assert_eq!(p.hash_exchange.as_deref(), Some("weir-hash.shop.notify"));
     }
 
+    /// Every broker name of a subscription `sub` on stream `stream` of namespace `shop`.
+    fn all_names(stream: &str, sub: &str, ordering: OrderingPlan) -> Vec<String> {
+        let mut p = plan(serde_json::json!([]), ordering);
+        p.stream = Key::new("shop", stream);
+        p.key = Key::new("shop", sub);
+        let n = Names::new(&p);
+        let mut out = vec![
+            format!("queue {}", n.queue),
+            format!("queue {}", n.dead_letter_queue),
+            format!(
+                "queue {}",
+                n.retry_queue(std::time::Duration::from_millis(100))
+            ),
+        ];
+        out.extend(n.partitions.iter().map(|q| format!("queue {q}")));
+        out.extend(n.holds.iter().map(|q| format!("queue {q}")));
+        out.extend(n.hash_exchange.iter().map(|x| format!("exchange {x}")));
+        out
+    }
+
+    #[test]
+    fn dotted_names_collide_and_dns_labels_cannot() {
+        let per_key = || OrderingPlan::PerKey {
+            partition_key: "subject".into(),
+            partitions: 2,
+        };
+        // Why names with '.' are refused: each pair, in either order, shares a queue.
+        let pairs = [
+            (
+                ("a.b", "c", OrderingPlan::None),
+                ("a", "b.c", OrderingPlan::None),
+            ),
+            (("s", "x", per_key()), ("s", "x.p0", OrderingPlan::None)),
+        ];
+        for ((s1, n1, o1), (s2, n2, o2)) in pairs {
+            let first = all_names(s1, n1, o1);
+            let second = all_names(s2, n2, o2);
+            for (a, b) in [(&first, &second), (&second, &first)] {
+                assert!(
+                    a.iter().any(|n| b.contains(n)),
+                    "{s1}/{n1} and {s2}/{n2} were expected to collide"
+                );
+            }
+        }
+        // With DNS labels, every name belongs to one (stream, subscription) only: all pairs of
+        // a set of labels chosen to look like the colliding ones, both orderings.
+        let labels = ["a", "b", "c", "a-b", "b-c", "x", "p0", "x-p0", "p1"];
+        let mut owner: std::collections::HashMap<String, (String, String)> = Default::default();
+        for stream in labels {
+            for sub in labels {
+                // One subscription name per namespace: its ordering is one or the other.
+                let ordering = if sub.len() % 2 == 0 {
+                    per_key()
+                } else {
+                    OrderingPlan::None
+                };
+                for name in all_names(stream, sub, ordering) {
+                    let who = (stream.to_string(), sub.to_string());
+                    if let Some(first) = owner.insert(name.clone(), who.clone()) {
+                        // Names without the stream (dead letters, retries, holds, hash
+                        // exchange) are per subscription name, which is unique per namespace.
+                        assert_eq!(first.1, who.1, "{name}: {first:?} and {who:?}");
+                        assert!(!name.starts_with("queue weir.shop."), "{name}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn bindings_are_narrowed_by_type_filters_only_when_safe() {
         let keys = |f: serde_json::Value| binding_keys(&plan(f, OrderingPlan::None));

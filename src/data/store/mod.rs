@@ -15,6 +15,7 @@ pub use append::{
     AppendChain, AppendInput, AppendPath, AppendReport, Appended, Conflict, LOOKUP_SQL,
     PayloadBytes, RequestOutcome,
 };
+pub use codec::MAX_DECOMPRESSED_BYTES;
 pub(crate) use codec::{decode_row, event_columns};
 
 use std::sync::Arc;

@@ -62,12 +62,16 @@ impl Store {
         Ok(merge_by_position(archived, hot, limit_n))
     }
 
-    /// A subject's events in version order, optionally only up to `version` and/or only those
-    /// recorded at or before `as_of` (the aggregate's state at a past point).
+    /// At most `limit` of a subject's events with version `>= from`, in version order,
+    /// optionally only up to `version` and/or only those recorded at or before `as_of` (the
+    /// aggregate's state at a past point). One page: a caller reads the next from the last
+    /// version + 1.
     pub async fn read_subject(
         &self,
         stream_id: i64,
         subject: &str,
+        from: i64,
+        limit: i64,
         version: Option<i64>,
         as_of: Option<DateTime<Utc>>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
@@ -75,30 +79,39 @@ impl Store {
             "SELECT ",
             event_columns!(),
             " FROM weir_events
-             WHERE stream_id = $1 AND subject = $2
-               AND ($3::bigint IS NULL OR version <= $3)
-               AND ($4::timestamptz IS NULL OR recorded_at <= $4)
-             ORDER BY version"
+             WHERE stream_id = $1 AND subject = $2 AND version >= $3
+               AND ($4::bigint IS NULL OR version <= $4)
+               AND ($5::timestamptz IS NULL OR recorded_at <= $5)
+             ORDER BY version LIMIT $6"
         ))
         .bind(stream_id)
         .bind(subject)
+        .bind(from)
         .bind(version)
         .bind(as_of)
+        .bind(limit)
         .fetch_all(&mut *self.acquire().await?)
         .await?;
         let hot: Vec<StoredEvent> = rows.iter().map(decode_row).collect::<Result<_, _>>()?;
-        // Versions start at 1: when the hot rows begin there, nothing was archived.
-        if hot.first().is_some_and(|e| e.version == Some(1)) {
+        // The archiver moves a stream's oldest positions first, and a subject's versions grow
+        // with its positions, so its archived events are a prefix of its versions: when the hot
+        // rows begin at `from`, no archived event is at `from` or after.
+        if hot.first().is_some_and(|e| e.version == Some(from.max(1))) {
             return Ok(hot);
         }
         let archived: Vec<StoredEvent> = self
             .archived_subject(stream_id, subject)
             .await?
             .into_iter()
+            .filter(|e| e.version.is_some_and(|ev| ev >= from))
             .filter(|e| version.is_none_or(|v| e.version.is_some_and(|ev| ev <= v)))
             .filter(|e| as_of.is_none_or(|t| e.recorded_time <= t))
             .collect();
-        Ok(merge_by_position(archived, hot, usize::MAX))
+        Ok(merge_by_position(
+            archived,
+            hot,
+            usize::try_from(limit).unwrap_or(0),
+        ))
     }
 }
 

@@ -30,7 +30,7 @@ use crate::topology::filter::{is_attribute_name, parse_filters};
 use crate::topology::index::{Index, Kind};
 use crate::topology::plan::*;
 use crate::topology::report::{Problem, Reason, Report};
-use crate::topology::units::{is_dns_label, parse_duration, parse_size};
+use crate::topology::units::{is_dns_label, parse_duration, parse_size, resource_name_problem};
 
 /// The outcome of [`build`]: the plans of the valid resources, and one report per resource.
 #[derive(Clone, Debug, Default)]
@@ -225,12 +225,18 @@ struct Cx<'a> {
 
 impl<'a> Cx<'a> {
     fn new(index: &'a Index, defaults: &'a Defaults, key: &'a Key) -> Cx<'a> {
-        Cx {
+        let mut cx = Cx {
             index,
             defaults,
             namespace: &key.namespace,
             problems: Vec::new(),
+        };
+        // Folder mode refuses such a name when loading; the API server allows dots in custom
+        // resource names, so the operator's resources are checked here.
+        if let Some(message) = resource_name_problem(&key.name) {
+            cx.invalid("metadata.name", message);
         }
+        cx
     }
 
     fn push(&mut self, path: impl Into<String>, message: impl Into<String>, reason: Reason) {
@@ -411,6 +417,32 @@ fn check_exchange(name: &str) -> Result<(), &'static str> {
         return Err("names starting with \"amq.\" are reserved by RabbitMQ");
     }
     Ok(())
+}
+
+/// Whether a stream of `namespace` may publish to the exchange `name`: one under the
+/// namespace's own prefix `weir.<namespace>.` always; another under `weir.` or `weir-` (other
+/// namespaces' exchanges and Weir's own hash exchanges) never, so that one namespace cannot
+/// claim or feed another's exchange; any other name only when the operator-wide setting
+/// `allow_custom` (`--allow-custom-exchanges`) is on.
+fn check_exchange_scope(name: &str, namespace: &str, allow_custom: bool) -> Result<(), String> {
+    let prefix = format!("weir.{namespace}.");
+    if name.len() > prefix.len() && name.starts_with(&prefix) {
+        return Ok(());
+    }
+    if name.starts_with("weir.") || name.starts_with("weir-") {
+        return Err(format!(
+            "exchange {name:?} is outside this namespace's prefix {prefix:?}: names under \"weir.\" \
+             and \"weir-\" belong to other namespaces and to Weir itself"
+        ));
+    }
+    if allow_custom {
+        return Ok(());
+    }
+    Err(format!(
+        "exchange {name:?} is outside this namespace's prefix {prefix:?}; use a name starting with \
+         {prefix:?}, or have the operator allow other names (--allow-custom-exchanges, \
+         WEIR_ALLOW_CUSTOM_EXCHANGES=true, chart value operator.allowCustomExchanges)"
+    ))
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ pub(super) fn stream_plan(
         Some(e) => {
             if let Err(why) = check_exchange(e) {
                 cx.invalid("spec.broker.exchange", format!("exchange {e:?}: {why}"));
+            } else if let Err(why) =
+                check_exchange_scope(e, &key.namespace, cx.defaults.allow_custom_exchanges)
+            {
+                cx.invalid("spec.broker.exchange", why);
             }
             e.to_string()
         }
@@ -283,22 +287,44 @@ pub(super) fn validation_plan(
         });
     }
     ValidationPlan {
-        max_event_bytes: cx.size(
+        max_event_bytes: capped_size(
+            cx,
             v.max_event_bytes.as_ref(),
             "spec.validation.maxEventBytes",
             d.max_event_bytes,
-            false,
         ),
-        max_request_bytes: cx.size(
+        max_request_bytes: capped_size(
+            cx,
             v.max_request_bytes.as_ref(),
             "spec.validation.maxRequestBytes",
             d.max_request_bytes,
-            false,
         ),
         required_extensions,
         allow_unknown_types: v.allow_unknown_types.unwrap_or(d.allow_unknown_types),
         schemas,
     }
+}
+
+/// The largest `maxEventBytes` and `maxRequestBytes` accepted: the cap on a decompressed
+/// stored payload. An event over it could be stored but never read back, and a larger request
+/// limit would only let one client hold that much of a worker's memory.
+pub const MAX_BODY_CEILING: u64 = crate::data::store::MAX_DECOMPRESSED_BYTES;
+
+/// A request or event size limit: positive and at most [`MAX_BODY_CEILING`].
+fn capped_size(cx: &mut Cx<'_>, value: Option<&String>, path: &str, default: usize) -> usize {
+    let n = cx.size(value, path, default, false);
+    if n as u64 > MAX_BODY_CEILING {
+        cx.invalid(
+            path,
+            format!(
+                "{:?} is above the ceiling of {} MiB (the largest payload Weir decompresses)",
+                value.map(String::as_str).unwrap_or_default(),
+                MAX_BODY_CEILING >> 20
+            ),
+        );
+        return default;
+    }
+    n
 }
 
 /// A schema document stored as JSON or YAML text (JSON is tried first for its better errors).
@@ -537,6 +563,14 @@ pub const MIN_TOKEN_LEN: usize = 16;
 pub(super) fn check_ingest(cx: &mut Cx<'_>, spec: &EventStreamSpec) {
     if let Some(pii) = &spec.pii {
         let fields = pii.fields.as_deref().unwrap_or_default();
+        // Accepting the fields would promise encryption that nothing performs.
+        if !fields.is_empty() {
+            cx.invalid(
+                "spec.pii.fields",
+                "PII field encryption is not supported yet: these fields would be stored and \
+                 delivered in clear. Remove spec.pii.fields (it comes with field encryption)",
+            );
+        }
         for (i, f) in fields.iter().enumerate() {
             if !f.starts_with('/') {
                 cx.invalid(

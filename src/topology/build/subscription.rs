@@ -8,6 +8,17 @@ pub(super) fn subscription_plan(
     meta: &ObjectMeta,
     spec: &SubscriptionSpec,
 ) -> SubscriptionPlan {
+    // The stream's name is part of the queue name: one that is not a DNS label could make two
+    // subscriptions share a queue (and no valid EventStream can carry it).
+    if !is_dns_label(&spec.stream) {
+        cx.invalid(
+            "spec.stream",
+            format!(
+                "{:?} is not a valid EventStream name (a DNS label)",
+                spec.stream
+            ),
+        );
+    }
     let stream = cx.stream(&spec.stream, "spec.stream");
     let broker_only = stream.as_ref().is_some_and(|(_, s)| s.spec.store.is_none());
     let stream_key = stream
