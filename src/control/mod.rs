@@ -13,6 +13,7 @@ pub mod context;
 pub mod leader;
 pub mod reconcile;
 pub mod refs;
+pub mod review;
 pub mod run;
 pub mod status_body;
 pub mod status_writer;
@@ -62,6 +63,9 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("coordination.k8s.io", "leases", "patch"),
     // Waiting for the CRDs to be established.
     ("apiextensions.k8s.io", "customresourcedefinitions", "get"),
+    // Admin API callers: who the bearer token is, and whether RBAC lets them (review.rs).
+    ("authentication.k8s.io", "tokenreviews", "create"),
+    ("authorization.k8s.io", "subjectaccessreviews", "create"),
 ];
 
 /// What can go wrong in the control plane.

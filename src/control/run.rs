@@ -87,7 +87,9 @@ pub async fn run_with_client(
         cfg.listen,
         cfg.admin_listen,
         cfg.public_url.clone(),
-        None,
+        Some(Arc::new(crate::control::review::KubeReviewer::new(
+            client.clone(),
+        ))),
     )
     .await?;
 

@@ -16,6 +16,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::Call;
 use super::openapi;
 use super::registry::ResourceType;
+use super::review::Reviews;
 use super::store::{ApiError, Patch, Selectors, Store, Sub, WatchEvent, WriteCtx};
 use super::table;
 
@@ -34,6 +35,9 @@ const WATCH_BUFFER: usize = 64;
 pub struct Shared {
     pub store: Mutex<Store>,
     pub address: String,
+    /// Issued service-account tokens and granted permissions (TokenReview,
+    /// SubjectAccessReview).
+    pub reviews: Mutex<Reviews>,
 }
 
 impl Shared {
@@ -41,6 +45,10 @@ impl Shared {
     /// for the remaining requests of the failing test.
     pub fn lock(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn reviews(&self) -> MutexGuard<'_, Reviews> {
+        self.reviews.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -253,6 +261,14 @@ fn route(
             }),
         ),
         (["healthz" | "readyz" | "livez"], _) => (StatusCode::OK, "ok").into_response(),
+        (["apis", "authentication.k8s.io", "v1", "tokenreviews"], _) if method == Method::POST => {
+            review(&body, |b| shared.reviews().token_review(b))
+        }
+        (["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"], _)
+            if method == Method::POST =>
+        {
+            review(&body, |b| shared.reviews().access_review(b))
+        }
         (_, Some(t)) => {
             let req = Request {
                 method,
@@ -268,6 +284,17 @@ fn route(
             }
         }
         _ => not_found_path(),
+    }
+}
+
+/// A review (create-only, never stored): the request body answered with its status.
+fn review(body: &Bytes, decide: impl FnOnce(&Value) -> Result<Value, ApiError>) -> Response {
+    let answer = serde_json::from_slice::<Value>(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+        .and_then(|b| decide(&b));
+    match answer {
+        Ok(v) => json_response(201, &v),
+        Err(e) => error_response(&e),
     }
 }
 

@@ -22,6 +22,11 @@
 //! server.object("weir.dev", "eventstreams", "shop", "orders"); // the stored object, if any
 //! server.compact();                                  // forget watch history: resuming watches get 410
 //! server.disconnect_watches();                       // end open watches (clients resume)
+//! let token = server.issue_token("shop", "ops", &["weir"]); // a service-account token (TokenReview knows it)
+//! server.revoke_token(&token);
+//! server.grant("system:serviceaccount:shop:ops", "update", "weir.dev",
+//!              "subscriptions", "deadletters", "shop"); // SubjectAccessReview allows this
+//! server.revoke_grants("system:serviceaccount:shop:ops");
 //! ```
 //!
 //! The server lives until the `TestApiServer` is dropped. It starts with the namespaces
@@ -59,12 +64,24 @@
 //!   `Table` built from the printer columns (lists, gets and watches).
 //! - `/openapi/v3` and `/openapi/v3/{api/v1 | apis/{group}/{version}}` from the CRD schemas
 //!   (for `kubectl explain` and kubectl's check for server-side field validation).
+//! - Reviews (`POST` only, answered 201 and never stored; recorded as `create` calls like any
+//!   other, so RBAC checks see them):
+//!   `authentication.k8s.io/v1` TokenReview authenticates the tokens a test issued with
+//!   `issue_token` as `system:serviceaccount:NS:NAME` (groups `system:serviceaccounts`,
+//!   `system:serviceaccounts:NS`, `system:authenticated`), when one of `spec.audiences`
+//!   (default `https://kubernetes.default.svc`) is among the token's; `status.audiences` are
+//!   the requested ones it is valid for. Anything else: `authenticated: false` with an
+//!   `error`. `authorization.k8s.io/v1` SubjectAccessReview allows `resourceAttributes` that
+//!   a `grant` matches (subject = `spec.user` or one of `spec.groups`), else `allowed: false`
+//!   with a `reason`; `nonResourceAttributes` are always denied.
 //!
 //! # Not supported (differences from a real server)
 //!
-//! No other kinds (Pods, Deployments, Services, HPAs, ... are not served); no
-//! authentication or authorization (every call is allowed and recorded instead, so tests
-//! compare the calls with RBAC rules); no protobuf, CBOR or aggregated discovery; no
+//! No other kinds (Pods, Deployments, Services, HPAs, ServiceAccounts, ... are not served);
+//! the server itself authenticates and authorizes no caller (every call is allowed and
+//! recorded instead, so tests compare the calls with RBAC rules; the reviews above only
+//! answer questions); no discovery for the review groups; no `TokenRequest` (tests issue
+//! tokens with `issue_token`); no RBAC objects (grants are set with `grant`); no protobuf, CBOR or aggregated discovery; no
 //! `/openapi/v2`; no admission webhooks, CEL validation rules or schema defaults; no
 //! garbage collection by `ownerReferences`; no conversion between CRD versions (every
 //! served version shows the same stored object); server-side apply owns lists as a whole
@@ -86,6 +103,7 @@
 mod http;
 mod openapi;
 mod registry;
+mod review;
 mod schema;
 mod store;
 mod table;
@@ -170,6 +188,7 @@ impl TestApiServer {
         let shared = Arc::new(http::Shared {
             store: Mutex::new(store::Store::new()),
             address: addr.to_string(),
+            reviews: Mutex::new(review::Reviews::default()),
         });
         let dir = tempfile::tempdir()?;
         let kubeconfig = dir.path().join("kubeconfig");
@@ -345,6 +364,46 @@ impl TestApiServer {
     /// `410 Gone` (as after etcd compaction); lists from now on return newer versions.
     pub fn compact(&self) {
         self.shared.lock().compact();
+    }
+
+    /// Issues a service-account token for `namespace`/`name`, valid for `audiences` (none:
+    /// the server's default audience, [`review::DEFAULT_AUDIENCE`]). TokenReview
+    /// authenticates it as `system:serviceaccount:NS:NAME` until it is revoked. The service
+    /// account need not exist as an object (this server serves no ServiceAccounts).
+    pub fn issue_token(&self, namespace: &str, name: &str, audiences: &[&str]) -> String {
+        self.shared.reviews().issue(namespace, name, audiences)
+    }
+
+    /// Makes TokenReview forget `token` (as if it expired or its account was deleted).
+    pub fn revoke_token(&self, token: &str) {
+        self.shared.reviews().revoke(token);
+    }
+
+    /// Lets `subject` (a user name such as `system:serviceaccount:shop:ops`, or a group) do
+    /// `verb` (or `*`) on `group`/`resource` (or `*`) with `subresource` (`""`: none; `*`)
+    /// in `namespace` (`""`: every namespace), as SubjectAccessReview answers it.
+    pub fn grant(
+        &self,
+        subject: &str,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        subresource: &str,
+        namespace: &str,
+    ) {
+        self.shared.reviews().grant(review::Grant {
+            subject: subject.into(),
+            verb: verb.into(),
+            group: group.into(),
+            resource: resource.into(),
+            subresource: subresource.into(),
+            namespace: namespace.into(),
+        });
+    }
+
+    /// Removes every grant to `subject` (as deleting its RoleBindings would).
+    pub fn revoke_grants(&self, subject: &str) {
+        self.shared.reviews().revoke_grants(subject);
     }
 
     /// Ends every open watch stream, as an API server restart or a load balancer timeout

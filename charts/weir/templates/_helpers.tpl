@@ -66,11 +66,19 @@ them with the calls recorded against the test API server). Plain YAML on purpose
   verbs: ["create", "patch"]
 {{- end }}
 
-{{/* Cluster-scoped reads: waiting for the CRDs to be established. */}}
+{{/* Cluster-scoped: waiting for the CRDs to be established; reviewing admin API callers. */}}
 {{- define "weir.clusterRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get"]
+# Admin API callers: who a bearer token is (TokenReview) and what RBAC lets them do
+# (SubjectAccessReview); cluster-scoped, create only.
+- apiGroups: ["authentication.k8s.io"]
+  resources: ["tokenreviews"]
+  verbs: ["create"]
+- apiGroups: ["authorization.k8s.io"]
+  resources: ["subjectaccessreviews"]
+  verbs: ["create"]
 {{- end }}
 
 {{/* The leader-election Lease, in the release namespace. */}}
