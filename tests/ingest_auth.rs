@@ -3,6 +3,7 @@
 //! recorded with each event, dedup scoped to the publisher, traces limited to readable
 //! streams, token rotation, and `ServiceAccounts` refused without an API server.
 
+mod apiserver;
 mod common;
 
 use common::*;
@@ -334,4 +335,118 @@ fn auth_settings_are_validated() {
     assert!(!out.contains("tokensSecretRef"), "{out}");
     let (ok, out) = validate(&["--operator"]);
     assert!(ok, "the operator supports ServiceAccounts: {out}");
+}
+
+/// `ServiceAccounts` through the operator: the test API server issues service account tokens
+/// and answers TokenReview for them (audience included), so the whole path runs as in a
+/// cluster: a listed account publishes (201), an unlisted one is authenticated but refused
+/// (403), a reader account reads but cannot publish, a token for another audience or a
+/// revoked one is unknown (401), and no token is 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn service_accounts_through_token_review() {
+    let server = apiserver::TestApiServer::start().await;
+    let ns = unique("sa");
+    let db = fresh_database().await;
+    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
+    assert!(out.success, "{}", out.stderr);
+    let manifests = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\n\
+         stringData: {{url: \"{AMQP_URL}\"}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\n\
+         stringData: {{url: \"{db}\"}}\n---\n\
+         apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: orders, namespace: {ns}}}\n\
+         spec:\n  broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}\n  \
+         store: {{urlSecretRef: {{name: pg, key: url}}}}\n  ingest:\n    auth:\n      \
+         mode: ServiceAccounts\n      serviceAccounts: [{{namespace: {ns}, name: checkout}}]\n      \
+         readers: {{serviceAccounts: [{{namespace: {ns}, name: audit}}]}}\n"
+    );
+    let out = server
+        .kubectl_with_input(&["apply", "-f", "-"], &manifests)
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    let op = Operator::start(server.kubeconfig(), "op-auth", &unique("weir-"), &[]);
+    let c = Client {
+        http: reqwest::Client::new(),
+        base: op.url.clone(),
+    };
+    let publish = |token: Option<String>, id: &'static str| {
+        let c = &c;
+        let ns = ns.clone();
+        async move {
+            let mut req = c
+                .http
+                .post(format!(
+                    "{}/v1/namespaces/{ns}/streams/orders/events",
+                    c.base
+                ))
+                .header("content-type", "application/cloudevents+json")
+                .body(event(id, json!({})).to_string());
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            match req.send().await {
+                Ok(r) => (
+                    r.status().as_u16(),
+                    r.json::<Value>().await.unwrap_or(Value::Null),
+                ),
+                Err(_) => (0, Value::Null),
+            }
+        }
+    };
+    let checkout = server.issue_token(&ns, "checkout", &["weir"]);
+    // The stream is ready once the listed account's publish is stored.
+    eventually(
+        90,
+        "a publish by the listed service account",
+        || op.log_text(),
+        || async { (publish(Some(checkout.clone()), "s1").await.0 == 201).then_some(()) },
+    )
+    .await;
+    let other = server.issue_token(&ns, "other", &["weir"]);
+    let (s, body) = publish(Some(other), "s2").await;
+    assert_eq!(s, 403, "an authenticated but unlisted account: {body}");
+    let audit = server.issue_token(&ns, "audit", &["weir"]);
+    let (s, body) = publish(Some(audit.clone()), "s3").await;
+    assert_eq!(s, 403, "a reader may not publish: {body}");
+    let wrong_audience = server.issue_token(&ns, "checkout", &["vault"]);
+    assert_eq!(publish(Some(wrong_audience), "s4").await.0, 401);
+    assert_eq!(publish(None, "s5").await.0, 401);
+    assert_eq!(publish(Some("not-a-token".into()), "s6").await.0, 401);
+
+    let page = format!("/v1/namespaces/{ns}/streams/orders/events?from=1");
+    let (s, events) = c.get(&page, Some(&audit)).await;
+    assert_eq!(s, StatusCode::OK, "{events}");
+    let got: Vec<(String, String)> = events
+        .as_array()
+        .expect("a batch")
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap_or_default().to_string(),
+                e["weirpublisher"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![(
+            "s1".to_string(),
+            format!("system:serviceaccount:{ns}:checkout")
+        )],
+        "only the listed account's event is stored, naming it"
+    );
+    assert_eq!(c.get(&page, None).await.0, StatusCode::UNAUTHORIZED);
+
+    // A revoked token stops working once the positive-answer cache entry expires.
+    server.revoke_token(&checkout);
+    eventually(
+        30,
+        "the revoked token to be refused",
+        || op.log_text(),
+        || async {
+            (c.get(&page, Some(&checkout)).await.0 == StatusCode::UNAUTHORIZED).then_some(())
+        },
+    )
+    .await;
 }

@@ -103,7 +103,10 @@ impl Reviews {
         let spec = body
             .get("spec")
             .ok_or_else(|| ApiError::bad_request("a TokenReview needs a spec"))?;
-        let token = spec.get("token").and_then(Value::as_str).unwrap_or_default();
+        let token = spec
+            .get("token")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let wanted: Vec<String> = match spec.get("audiences").and_then(Value::as_array) {
             Some(a) if !a.is_empty() => a
                 .iter()
@@ -141,7 +144,12 @@ impl Reviews {
                 }
             }
         };
-        Ok(answer(body, "TokenReview", "authentication.k8s.io/v1", status))
+        Ok(answer(
+            body,
+            "TokenReview",
+            "authentication.k8s.io/v1",
+            status,
+        ))
     }
 
     /// Answers a SubjectAccessReview from the grant table (resource attributes only; a
