@@ -77,6 +77,12 @@ pub enum Command {
         /// Publish requests each stream may queue for its batcher; beyond that, 503.
         #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
         batch_queue: usize,
+        #[command(flatten)]
+        sinks: SinkArgs,
+        /// Let sinks on loopback (127.0.0.0/8, ::1) be delivered to, for local development
+        /// (the quickstart's sink). This worker's own ports stay refused.
+        #[arg(long)]
+        allow_loopback_sinks: bool,
     },
     /// Run as the in-cluster controller and worker: watch the resources through the
     /// Kubernetes API and run their pipelines.
@@ -111,11 +117,18 @@ pub enum Command {
         /// Resync interval of valid resources and maximum age of cached Secrets.
         #[arg(long, env = "WEIR_REFRESH", default_value = "60s", value_parser = parse_duration)]
         refresh: Duration,
+        #[command(flatten)]
+        sinks: SinkArgs,
     },
     /// Check a folder of manifests without starting anything; exit 1 on any problem.
     Validate {
         #[arg(short = 'f', long = "filename")]
         dir: PathBuf,
+        #[command(flatten)]
+        sinks: SinkArgs,
+        /// Accept sinks on loopback, as `weir run --allow-loopback-sinks` does.
+        #[arg(long)]
+        allow_loopback_sinks: bool,
     },
     /// Print the CustomResourceDefinitions as multi-document YAML.
     Crds,
@@ -153,6 +166,33 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8888")]
         listen: SocketAddr,
     },
+}
+
+/// Where sinks may point beyond the sink guard's default (docs/security-sinks.md).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SinkArgs {
+    /// Address ranges sinks may reach although the sink guard refuses them by default
+    /// (loopback, link-local, unspecified): comma-separated CIDRs, e.g. 169.254.10.0/24.
+    /// Private ranges need no entry. This worker's own ingest and admin ports stay refused.
+    #[arg(long, env = "WEIR_SINK_ALLOW_CIDRS", value_parser = parse_cidrs)]
+    sink_allow_cidrs: Option<CidrList>,
+}
+
+/// The value of `--sink-allow-cidrs`.
+#[derive(Clone, Debug)]
+struct CidrList(Vec<ipnet::IpNet>);
+
+fn parse_cidrs(s: &str) -> Result<CidrList, String> {
+    crate::data::delivery::SinkPolicy::parse_cidrs(s).map(CidrList)
+}
+
+impl SinkArgs {
+    fn policy(self, allow_loopback: bool) -> crate::data::delivery::SinkPolicy {
+        crate::data::delivery::SinkPolicy {
+            allow_loopback,
+            allow: self.sink_allow_cidrs.map(|c| c.0).unwrap_or_default(),
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -255,8 +295,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             request_timeout,
             public_url,
             batch_queue,
+            sinks,
+            allow_loopback_sinks,
         } => {
-            let defaults = crate::topology::Defaults::from_env()?;
+            let mut defaults = crate::topology::Defaults::from_env()?;
+            defaults.sinks = sinks.policy(allow_loopback_sinks);
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 crate::shutdown::on_signal(shutdown.clone());
@@ -288,8 +331,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             lease_name,
             identity,
             refresh,
+            sinks,
         } => {
-            let defaults = crate::topology::Defaults::from_env()?;
+            let mut defaults = crate::topology::Defaults::from_env()?;
+            // No loopback switch in a cluster: a range is allowed by name, on purpose.
+            defaults.sinks = sinks.policy(false);
             let identity =
                 identity.unwrap_or_else(|| format!("weir-{}", uuid::Uuid::now_v7().simple()));
             runtime()?.block_on(async move {
@@ -321,8 +367,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { dir } => {
-            let defaults = crate::topology::Defaults::from_env()?;
+        Command::Validate {
+            dir,
+            sinks,
+            allow_loopback_sinks,
+        } => {
+            let mut defaults = crate::topology::Defaults::from_env()?;
+            defaults.sinks = sinks.policy(allow_loopback_sinks);
             let report = crate::source::folder::validate(&dir, &defaults)?;
             for p in &report.problems {
                 println!("{p}");

@@ -82,6 +82,7 @@ pub async fn run_with_client(
         cfg.admin_listen,
         cfg.public_url.clone(),
         None,
+        defaults.sinks.clone(),
     )
     .await?;
 

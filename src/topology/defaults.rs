@@ -20,6 +20,10 @@ pub struct Defaults {
     /// The database of `store: {}` (built from `DB_HOST`, `DB_PORT`, `DB_USERNAME`,
     /// `DB_PASSWORD`, `DB_DATABASE`); `None` when `DB_HOST` is unset.
     pub default_database_url: Option<String>,
+    /// What sinks may reach beyond the guard's default (`--sink-allow-cidrs`,
+    /// `--allow-loopback-sinks`); set from the command line, not the environment variables
+    /// read here.
+    pub sinks: crate::data::delivery::SinkPolicy,
 }
 
 impl Default for Defaults {
@@ -31,6 +35,7 @@ impl Default for Defaults {
             cache_ttl: Duration::from_secs(300),
             cache_max_items: 1000,
             default_database_url: None,
+            sinks: Default::default(),
         }
     }
 }
