@@ -197,7 +197,9 @@ fn is_localhost(host: &str) -> bool {
 
 /// Whether `ip` is an address of this host: loopback, unspecified, or one an interface holds.
 /// Binding a socket to an address succeeds only for the host's own addresses, which spares
-/// reading the interface table (and sees addresses added after start-up).
+/// reading the interface table (and sees addresses added after start-up). On a host with
+/// `ip_nonlocal_bind` set every bind succeeds: sinks on the worker's own ports are then refused
+/// everywhere, the safe side.
 fn is_own_address(ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
     ip.is_loopback()
