@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::data::auth::Reviewer;
+use crate::data::delivery::{SinkGuard, SinkPolicy};
 use crate::data::http::{self, HttpState};
 use crate::data::plane::{Desired, Plane};
 use crate::metrics::Metrics;
@@ -57,6 +58,7 @@ impl Serving {
         admin_listen: SocketAddr,
         public_url: Option<String>,
         reviewer: Option<Arc<dyn Reviewer>>,
+        sinks: SinkPolicy,
     ) -> anyhow::Result<Serving> {
         let ingest_listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -65,12 +67,16 @@ impl Serving {
             .await
             .with_context(|| format!("binding the admin port {admin_listen}"))?;
         let local = ingest_listener.local_addr()?;
-        tracing::info!(ingest = %local, admin = %admin_listener.local_addr()?, "listening");
+        let admin_local = admin_listener.local_addr()?;
+        tracing::info!(ingest = %local, admin = %admin_local, "listening");
+        // Sinks may never reach this worker's own ports (see the guard).
+        let guard = SinkGuard::new(sinks, &[local.port(), admin_local.port()]);
         let endpoint_base = public_url.unwrap_or_else(|| format!("http://{local}"));
         let plane = Arc::new(Plane::new(
             Metrics::new(),
             batch_queue,
             endpoint_base.clone(),
+            guard,
         ));
 
         let admin_stop = CancellationToken::new();
@@ -179,6 +185,7 @@ pub async fn run(
         // Standalone has no API server to review tokens with: modes that need one are refused
         // at validation.
         None,
+        defaults.sinks.clone(),
     )
     .await?;
 

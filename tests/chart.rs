@@ -100,6 +100,10 @@ fn the_schema_rejects_typos_and_wrong_types() {
             mutate(&|v| v["watchNamespaces"] = json!(["Shop_1"])),
         ),
         (
+            "a sink range that is not a CIDR",
+            mutate(&|v| v["operator"]["sinkAllowCidrs"] = json!(["metadata server"])),
+        ),
+        (
             "unknown service type",
             mutate(&|v| v["service"]["ingest"]["type"] = json!("Ingress")),
         ),
@@ -112,6 +116,7 @@ fn the_schema_rejects_typos_and_wrong_types() {
         v["watchNamespaces"] = json!(["shop", "billing"]);
         v["keda"]["enabled"] = json!(true);
         v["env"] = json!([{"name": "EVENT_BATCH_SIZE", "value": "100"}]);
+        v["operator"]["sinkAllowCidrs"] = json!(["169.254.10.0/24", "fd00:ec2::254/128"]);
     });
     assert!(v.is_valid(&ok));
 }

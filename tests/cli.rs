@@ -61,9 +61,40 @@ fn validate_reports_every_broken_document_with_file_doc_and_path() {
 
 #[test]
 fn validate_accepts_the_quickstart() {
-    let (code, out, err) = weir(&["validate", "-f", "examples/quickstart"]);
+    // Its sink is `weir sink` on 127.0.0.1: local development, loopback allowed on purpose.
+    let (code, out, err) = weir(&[
+        "validate",
+        "-f",
+        "examples/quickstart",
+        "--allow-loopback-sinks",
+    ]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("resources valid"), "{out}");
+    // Without the flag the sink guard refuses it, naming the file, the field and the flag.
+    let (code, out, err) = weir(&["validate", "-f", "examples/quickstart"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("subscription.yaml doc 1: spec.sink.uri: \"http://127.0.0.1:8888/\": sink address 127.0.0.1 is loopback: refused (see --sink-allow-cidrs, or --allow-loopback-sinks for local development)"),
+        "{out}"
+    );
+    // The allow-list does it too, and a malformed one is an error naming the value.
+    let (code, out, err) = weir(&[
+        "validate",
+        "-f",
+        "examples/quickstart",
+        "--sink-allow-cidrs",
+        "127.0.0.0/8",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = weir(&[
+        "validate",
+        "-f",
+        "examples/quickstart",
+        "--sink-allow-cidrs",
+        "127.0.0/8",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("\"127.0.0/8\" is not a CIDR range"), "{err}");
 }
 
 #[test]

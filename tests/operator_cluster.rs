@@ -147,6 +147,8 @@ async fn operator_on_a_real_cluster() {
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{}", free_port()))
             .args(["--lease-namespace", &ns, "--refresh", "5s"])
+            // The test sink listens on 127.0.0.1.
+            .args(["--sink-allow-cidrs", "127.0.0.0/8"])
             .env("KUBECONFIG", kubeconfig())
             .stdout(Stdio::null())
             .spawn()

@@ -99,6 +99,8 @@ impl Pipeline {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{admin_port}"))
+            // The benchmark's sinks listen on this machine's loopback.
+            .arg("--allow-loopback-sinks")
             // lapin logs every channel the broker closes at ERROR, including the expected
             // NOT_FOUND answers to the passive declares Weir makes when it removes a
             // subscription; Weir reports real broker failures itself.

@@ -81,6 +81,12 @@ pub enum Command {
         /// (never to other namespaces' `weir.` names). Also WEIR_ALLOW_CUSTOM_EXCHANGES=true.
         #[arg(long)]
         allow_custom_exchanges: bool,
+        #[command(flatten)]
+        sinks: SinkArgs,
+        /// Let sinks on loopback (127.0.0.0/8, ::1) be delivered to, for local development
+        /// (the quickstart's sink). This worker's own ports stay refused.
+        #[arg(long)]
+        allow_loopback_sinks: bool,
     },
     /// Run as the in-cluster controller and worker: watch the resources through the
     /// Kubernetes API and run their pipelines.
@@ -119,6 +125,8 @@ pub enum Command {
         /// (never to other namespaces' `weir.` names). Also WEIR_ALLOW_CUSTOM_EXCHANGES=true.
         #[arg(long)]
         allow_custom_exchanges: bool,
+        #[command(flatten)]
+        sinks: SinkArgs,
     },
     /// Check a folder of manifests without starting anything; exit 1 on any problem.
     Validate {
@@ -132,6 +140,11 @@ pub enum Command {
         /// (never to other namespaces' `weir.` names). Also WEIR_ALLOW_CUSTOM_EXCHANGES=true.
         #[arg(long)]
         allow_custom_exchanges: bool,
+        #[command(flatten)]
+        sinks: SinkArgs,
+        /// Accept sinks on loopback, as `weir run --allow-loopback-sinks` does.
+        #[arg(long)]
+        allow_loopback_sinks: bool,
     },
     /// Print the CustomResourceDefinitions as multi-document YAML.
     Crds,
@@ -169,6 +182,33 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8888")]
         listen: SocketAddr,
     },
+}
+
+/// Where sinks may point beyond the sink guard's default (docs/security-sinks.md).
+#[derive(clap::Args, Debug, Clone)]
+pub struct SinkArgs {
+    /// Address ranges sinks may reach although the sink guard refuses them by default
+    /// (loopback, link-local, unspecified): comma-separated CIDRs, e.g. 169.254.10.0/24.
+    /// Private ranges need no entry. This worker's own ingest and admin ports stay refused.
+    #[arg(long, env = "WEIR_SINK_ALLOW_CIDRS", value_parser = parse_cidrs)]
+    sink_allow_cidrs: Option<CidrList>,
+}
+
+/// The value of `--sink-allow-cidrs`.
+#[derive(Clone, Debug)]
+struct CidrList(Vec<ipnet::IpNet>);
+
+fn parse_cidrs(s: &str) -> Result<CidrList, String> {
+    crate::data::delivery::SinkPolicy::parse_cidrs(s).map(CidrList)
+}
+
+impl SinkArgs {
+    fn policy(self, allow_loopback: bool) -> crate::data::delivery::SinkPolicy {
+        crate::data::delivery::SinkPolicy {
+            allow_loopback,
+            allow: self.sink_allow_cidrs.map(|c| c.0).unwrap_or_default(),
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -272,9 +312,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             public_url,
             batch_queue,
             allow_custom_exchanges,
+            sinks,
+            allow_loopback_sinks,
         } => {
             let mut defaults = crate::topology::Defaults::from_env()?;
             defaults.allow_custom_exchanges |= allow_custom_exchanges;
+            defaults.sinks = sinks.policy(allow_loopback_sinks);
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 crate::shutdown::on_signal(shutdown.clone());
@@ -307,9 +350,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             identity,
             refresh,
             allow_custom_exchanges,
+            sinks,
         } => {
             let mut defaults = crate::topology::Defaults::from_env()?;
             defaults.allow_custom_exchanges |= allow_custom_exchanges;
+            // No loopback switch in a cluster: a range is allowed by name, on purpose.
+            defaults.sinks = sinks.policy(false);
             let identity =
                 identity.unwrap_or_else(|| format!("weir-{}", uuid::Uuid::now_v7().simple()));
             runtime()?.block_on(async move {
@@ -345,10 +391,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             operator,
             allow_custom_exchanges,
+            sinks,
+            allow_loopback_sinks,
         } => {
             let mut defaults = crate::topology::Defaults::from_env()?;
             defaults.token_review = operator;
             defaults.allow_custom_exchanges |= allow_custom_exchanges;
+            defaults.sinks = sinks.policy(allow_loopback_sinks);
             let report = crate::source::folder::validate(&dir, &defaults)?;
             for p in &report.problems {
                 println!("{p}");

@@ -237,6 +237,7 @@ impl Context {
             Metrics::new(),
             crate::data::batcher::Limits::default().queue_requests,
             Settings::default().endpoint_base,
+            crate::data::delivery::SinkGuard::new(Default::default(), &[]),
         ));
         let (status, rx) = StatusQueue::new(64, &plane.engine.metrics.registry);
         let ctx = Context {

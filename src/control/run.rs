@@ -90,6 +90,7 @@ pub async fn run_with_client(
         Some(Arc::new(crate::control::review::KubeReviewer::new(
             client.clone(),
         ))),
+        defaults.sinks.clone(),
     )
     .await?;
 

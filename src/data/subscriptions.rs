@@ -15,6 +15,7 @@ use lapin::types::AMQPValue;
 use tokio::time::Instant;
 
 use crate::data::broker::{Routing, from_properties, to_message};
+use crate::data::delivery::guard::SinkGuard;
 use crate::data::delivery::runner::StreamSide;
 use crate::data::delivery::{
     ATTEMPTS_HEADER, Appender, DeliveryError, EXT_ATTEMPTS, EXT_ERROR_CODE, EXT_ERROR_DATA,
@@ -44,6 +45,8 @@ pub struct Subscriptions {
     /// Where replies and dead letters routed to a stream go (the plane's append path).
     appender: Arc<dyn Appender>,
     metrics: Metrics,
+    /// The sink guard every runner's senders go through (one per process).
+    guard: Arc<SinkGuard>,
     running: RwLock<BTreeMap<Key, Entry>>,
     /// Why a subscription in the topology is not running.
     problems: RwLock<BTreeMap<Key, String>>,
@@ -76,9 +79,14 @@ fn same_but_live(a: &SubscriptionPlan, b: &SubscriptionPlan) -> bool {
 }
 
 impl Subscriptions {
-    pub fn new(engine: Arc<Engine>, appender: Arc<dyn Appender>) -> Subscriptions {
+    pub fn new(
+        engine: Arc<Engine>,
+        appender: Arc<dyn Appender>,
+        guard: Arc<SinkGuard>,
+    ) -> Subscriptions {
         Subscriptions {
             appender,
+            guard,
             metrics: engine.metrics.clone(),
             engine,
             running: RwLock::new(BTreeMap::new()),
@@ -165,6 +173,7 @@ impl Subscriptions {
                 side,
                 self.appender.clone(),
                 self.metrics.clone(),
+                &self.guard,
             ) {
                 Ok(r) => {
                     tracing::info!(subscription = %key, generation = plan.generation, "subscription started");

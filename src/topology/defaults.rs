@@ -27,6 +27,10 @@ pub struct Defaults {
     /// `weir.<namespace>.` (`WEIR_ALLOW_CUSTOM_EXCHANGES`, or `--allow-custom-exchanges`).
     /// Off by default: one namespace must not claim an exchange another one relies on.
     pub allow_custom_exchanges: bool,
+    /// What sinks may reach beyond the guard's default (`--sink-allow-cidrs`,
+    /// `--allow-loopback-sinks`); set from the command line, not the environment variables
+    /// read here.
+    pub sinks: crate::data::delivery::SinkPolicy,
 }
 
 impl Default for Defaults {
@@ -40,6 +44,7 @@ impl Default for Defaults {
             default_database_url: None,
             token_review: false,
             allow_custom_exchanges: false,
+            sinks: Default::default(),
         }
     }
 }

@@ -154,7 +154,17 @@ impl Weir {
         Self::spawn(dir, env, &[])
     }
 
+    /// A worker without `--allow-loopback-sinks` (the others have it: test sinks listen on
+    /// 127.0.0.1), as a deployment runs.
+    pub fn start_guarded(dir: &Path, args: &[&str]) -> Weir {
+        Self::spawn_as(dir, &[], args, false)
+    }
+
     fn spawn(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Weir {
+        Self::spawn_as(dir, env, args, true)
+    }
+
+    fn spawn_as(dir: &Path, env: &[(&str, &str)], args: &[&str], loopback_sinks: bool) -> Weir {
         let port = free_port();
         let admin_port = free_port();
         let log = std::env::temp_dir().join(format!("{}.log", unique("weir-test-")));
@@ -167,6 +177,7 @@ impl Weir {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{admin_port}"))
+            .args(loopback_sinks.then_some("--allow-loopback-sinks"))
             .args(args)
             .env(
                 "RUST_LOG",
@@ -411,6 +422,9 @@ impl Operator {
             .arg(format!("127.0.0.1:{admin}"))
             .args(["--identity", identity, "--lease-name", lease])
             .args(["--lease-namespace", "default", "--refresh", "2s"])
+            // Test sinks listen on 127.0.0.1; the operator has no loopback switch, the range
+            // is allowed by name.
+            .args(["--sink-allow-cidrs", "127.0.0.0/8"])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env(

@@ -29,6 +29,7 @@
 //! neither a crash nor RabbitMQ's consumer timeout resets them (see [`runner`]).
 
 pub mod backoff;
+pub mod guard;
 pub mod runner;
 pub mod sender;
 pub mod step;
@@ -39,6 +40,7 @@ use std::pin::Pin;
 use crate::data::event::CloudEvent;
 use crate::topology::{Key, OrderingPlan, SubscriptionPlan};
 
+pub use guard::{SinkGuard, SinkPolicy};
 pub use runner::{Runner, Settings, SubState};
 pub use sender::{Failure, Outcome, Sender};
 

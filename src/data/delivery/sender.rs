@@ -6,7 +6,8 @@
 //! - `Authorization: Bearer <token>` when the sink has an auth Secret.
 //!
 //! 2xx is delivered; connection errors, timeouts, 404, 409, 429 and 5xx are retryable; any
-//! other status is final. A 2xx carrying a CloudEvent (binary: `ce-specversion`, or
+//! other status is final, 3xx included (redirects are not followed). A sink address the
+//! [`super::guard`] refuses is final too, with the code `refused`. A 2xx carrying a CloudEvent (binary: `ce-specversion`, or
 //! structured: `application/cloudevents+json`) is a reply.
 
 use std::time::{Duration, Instant};
@@ -15,10 +16,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use super::DeliveryError;
+use super::guard::{Refused, SinkGuard};
 use crate::data::event::{CloudEvent, Data, SPEC_VERSION, to_structured_json};
 use crate::data::ingest::{IngestContext, parse_request};
 use crate::topology::{SinkFormat, SinkPlan};
 
+/// `weirerrorcode` of a delivery the sink guard refused.
+pub const REFUSED_CODE: &str = "refused";
 /// Longest part of a sink's error answer kept as `weirerrordata`.
 pub const ERROR_DATA_MAX: usize = 1024;
 /// Longest answer body read from a sink: a reply is one event, and an error body is cut to
@@ -66,30 +70,6 @@ impl Failure {
     }
 }
 
-/// Idle connections the shared client keeps per sink host: enough for the deliveries in
-/// flight of the subscriptions that share a sink host (`consumers` is at most a few hundred),
-/// few enough that a worker with a thousand subscriptions to one host holds a bounded
-/// number of sockets.
-const IDLE_PER_HOST: usize = 512;
-
-/// One HTTP client for every sink of the process. A client per subscription carried its own
-/// TLS context (the system's trusted roots parsed again) and connection pool: about half a
-/// megabyte each, most of a worker's memory at a thousand subscriptions. Timeouts are set per
-/// request, so nothing of a subscription's settings lives in the client.
-fn shared_client() -> Result<reqwest::Client, DeliveryError> {
-    static CLIENT: std::sync::OnceLock<Result<reqwest::Client, String>> =
-        std::sync::OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            reqwest::Client::builder()
-                .pool_max_idle_per_host(IDLE_PER_HOST)
-                .build()
-                .map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(|e| DeliveryError::Sink(format!("HTTP client: {e}")))
-}
-
 /// Sends events to one sink. Cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct Sender {
@@ -98,13 +78,26 @@ pub struct Sender {
     format: SinkFormat,
     auth: Option<String>,
     timeout: Duration,
+    /// The sink's literal address is refused by the guard: every attempt fails with this.
+    refused: Option<Refused>,
 }
 
 impl Sender {
-    /// A sender for `sink` (its connections come from the process's shared client). `https` sinks are verified against the
-    /// system's trusted roots (OpenSSL's: `SSL_CERT_FILE` / `SSL_CERT_DIR` add a private CA).
-    pub fn new(sink: &SinkPlan, timeout: Duration) -> Result<Sender, DeliveryError> {
-        Sender::to_url(&sink.url, sink.format, sink.auth_token.clone(), timeout)
+    /// A sender for `sink` (its connections come from the guard's shared client). `https`
+    /// sinks are verified against the system's trusted roots (OpenSSL's: `SSL_CERT_FILE` /
+    /// `SSL_CERT_DIR` add a private CA).
+    pub fn new(
+        sink: &SinkPlan,
+        timeout: Duration,
+        guard: &SinkGuard,
+    ) -> Result<Sender, DeliveryError> {
+        Sender::to_url(
+            &sink.url,
+            sink.format,
+            sink.auth_token.clone(),
+            timeout,
+            guard,
+        )
     }
 
     /// A sender for a plain URL (dead-letter sinks).
@@ -113,19 +106,25 @@ impl Sender {
         format: SinkFormat,
         auth: Option<String>,
         timeout: Duration,
+        guard: &SinkGuard,
     ) -> Result<Sender, DeliveryError> {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(DeliveryError::Sink(format!(
                 "{url}: a sink is an http:// or https:// URL"
             )));
         }
-        let client = shared_client()?;
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| DeliveryError::Sink(format!("{url}: not a URL: {e}")))?;
+        let client = guard
+            .client(parsed.port_or_known_default())
+            .map_err(|e| DeliveryError::Sink(format!("HTTP client: {e}")))?;
         Ok(Sender {
             client,
             url: url.to_string(),
             format,
             auth,
             timeout,
+            refused: guard.check_url(&parsed).err(),
         })
     }
 
@@ -136,6 +135,9 @@ impl Sender {
     /// One attempt; never errors: every failure is an [`Outcome::Failed`].
     pub async fn send(&self, ev: &CloudEvent) -> (Outcome, Duration) {
         let started = Instant::now();
+        if let Some(r) = &self.refused {
+            return (Outcome::Failed(refused(r)), started.elapsed());
+        }
         let mut req = self.client.post(&self.url).timeout(self.timeout);
         match self.format {
             SinkFormat::Structured => {
@@ -154,16 +156,43 @@ impl Sender {
             req = req.bearer_auth(t);
         }
         let outcome = match req.send().await {
-            Err(e) => Outcome::Failed(Failure {
-                retryable: true,
-                code: if e.is_timeout() { "timeout" } else { "connect" }.into(),
-                data: cut(&error_chain(&e)),
-                retry_after: None,
+            Err(e) => Outcome::Failed(match find_refused(&e) {
+                Some(r) => refused(r),
+                None => Failure {
+                    retryable: true,
+                    code: if e.is_timeout() { "timeout" } else { "connect" }.into(),
+                    data: cut(&error_chain(&e)),
+                    retry_after: None,
+                },
             }),
             Ok(resp) => answer(resp).await,
         };
         (outcome, started.elapsed())
     }
+}
+
+/// A delivery the guard refused: permanent (the same address would be refused again), so it
+/// dead-letters at once, saying why.
+fn refused(r: &Refused) -> Failure {
+    Failure {
+        retryable: false,
+        code: REFUSED_CODE.into(),
+        data: cut(&r.to_string()),
+        retry_after: None,
+    }
+}
+
+/// The guard's refusal among the causes of a request error (the resolver's error, wrapped by
+/// the connector and the client).
+fn find_refused<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Refused> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<Refused>() {
+            return Some(r);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// An error with its causes: reqwest's own message names only the URL, the reason (refused,
@@ -188,6 +217,20 @@ async fn answer(resp: reqwest::Response) -> Outcome {
         return Outcome::Delivered { status, reply };
     }
     let retryable = matches!(status, 404 | 409 | 429) || status >= 500;
+    // Redirects are not followed (the guard's checks would not see where they lead): a 3xx
+    // is a final failure that says where the sink pointed.
+    if (300..400).contains(&status) {
+        let to = headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("(no Location)");
+        return Outcome::Failed(Failure {
+            retryable,
+            code: status.to_string(),
+            data: cut(&format!("redirect to {to} not followed")),
+            retry_after: None,
+        });
+    }
     let retry_after = if matches!(status, 429 | 503) {
         headers
             .get(header::RETRY_AFTER)
@@ -366,8 +409,26 @@ mod tests {
         (url, rx)
     }
 
+    /// The guard of these tests: their sinks listen on loopback.
+    fn local() -> std::sync::Arc<SinkGuard> {
+        SinkGuard::new(
+            crate::data::delivery::guard::SinkPolicy {
+                allow_loopback: true,
+                allow: vec![],
+            },
+            &[],
+        )
+    }
+
     fn sender(url: &str, format: SinkFormat) -> Sender {
-        Sender::to_url(url, format, Some("tok".into()), Duration::from_secs(2)).unwrap()
+        Sender::to_url(
+            url,
+            format,
+            Some("tok".into()),
+            Duration::from_secs(2),
+            &local(),
+        )
+        .unwrap()
     }
 
     #[tokio::test]
@@ -483,7 +544,14 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await });
-        let s = Sender::to_url(&url, SinkFormat::Binary, None, Duration::from_millis(200)).unwrap();
+        let s = Sender::to_url(
+            &url,
+            SinkFormat::Binary,
+            None,
+            Duration::from_millis(200),
+            &local(),
+        )
+        .unwrap();
         let (out, took) = s.send(&event()).await;
         let Outcome::Failed(f) = out else {
             panic!("delivered")
@@ -495,9 +563,15 @@ mod tests {
 
     #[test]
     fn other_schemes_fail_clearly() {
-        let err = Sender::to_url("ftp://x/", SinkFormat::Binary, None, Duration::from_secs(1))
-            .err()
-            .unwrap();
+        let err = Sender::to_url(
+            "ftp://x/",
+            SinkFormat::Binary,
+            None,
+            Duration::from_secs(1),
+            &local(),
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("http:// or https://"), "{err}");
         assert!(
             Sender::to_url(
@@ -505,6 +579,7 @@ mod tests {
                 SinkFormat::Binary,
                 None,
                 Duration::from_secs(1),
+                &local(),
             )
             .is_ok()
         );
@@ -521,6 +596,7 @@ mod tests {
             SinkFormat::Binary,
             None,
             Duration::from_secs(2),
+            &local(),
         )
         .unwrap();
         let (out, _) = s.send(&event()).await;

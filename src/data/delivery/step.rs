@@ -137,6 +137,22 @@ mod tests {
                 Step::DeadLetter,
             ),
             (
+                "a sink the guard refuses is not retried",
+                failed("refused", false, None),
+                1,
+                3,
+                Exp,
+                Step::DeadLetter,
+            ),
+            (
+                "a redirect is not retried",
+                failed("302", false, None),
+                1,
+                3,
+                Exp,
+                Step::DeadLetter,
+            ),
+            (
                 "retry 0 dead-letters at once",
                 failed("503", true, None),
                 1,

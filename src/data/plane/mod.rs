@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::data::archive::Archives;
 use crate::data::batcher::Joining;
 use crate::data::cache::StreamStore;
+use crate::data::delivery::SinkGuard;
 use crate::data::engine::{Engine, EngineError, StreamRuntime};
 use crate::data::event::CloudEvent;
 use crate::data::subscriptions::Subscriptions;
@@ -82,13 +83,19 @@ pub struct Plane {
 
 impl Plane {
     /// A plane with nothing running. `batch_queue`: requests each stream's batcher may queue.
-    pub fn new(metrics: Metrics, batch_queue: usize, endpoint_base: String) -> Plane {
+    /// `guard` is the sink guard of this worker (its policy and own listen ports).
+    pub fn new(
+        metrics: Metrics,
+        batch_queue: usize,
+        endpoint_base: String,
+        guard: Arc<SinkGuard>,
+    ) -> Plane {
         let mut engine = Engine::new(metrics);
         engine.limits.queue_requests = batch_queue.max(1);
         let engine = Arc::new(engine);
         let appends = Arc::new(append::Appends::new(engine.clone()));
         Plane {
-            subscriptions: Arc::new(Subscriptions::new(engine.clone(), appends.clone())),
+            subscriptions: Arc::new(Subscriptions::new(engine.clone(), appends.clone(), guard)),
             archives: Arc::new(Archives::new(engine.clone())),
             engine,
             appends,

@@ -174,6 +174,12 @@ pub(super) fn destination_url(
     match (uri, service) {
         (Some(uri), None) => {
             if check_url(uri, &["http", "https"]) {
+                // The sink guard: a literal loopback, link-local or unspecified host (or
+                // `localhost`) is refused here already; names are checked when resolved.
+                if let Err(refused) = cx.defaults.sinks.check_url(uri) {
+                    cx.invalid(format!("{path}.uri"), format!("{uri:?}: {refused}"));
+                    return None;
+                }
                 Some(uri.to_string())
             } else {
                 cx.invalid(

@@ -266,15 +266,17 @@ impl Runner {
         stream: StreamSide,
         appender: Arc<dyn Appender>,
         metrics: Metrics,
+        guard: &super::SinkGuard,
     ) -> Result<Runner, DeliveryError> {
         let consumers = plan.consumers.max(1);
-        let sender = Sender::new(&plan.sink, plan.delivery.timeout)?;
+        let sender = Sender::new(&plan.sink, plan.delivery.timeout, guard)?;
         let dl_sender = match &plan.delivery.dead_letter {
             Some(DeadLetterPlan::Sink(url)) => Some(Sender::to_url(
                 url,
                 SinkFormat::Binary,
                 None,
                 plan.delivery.timeout,
+                guard,
             )?),
             _ => None,
         };
