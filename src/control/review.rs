@@ -140,8 +140,7 @@ impl KubeReviewer {
                 user: Some(user.username.clone()),
                 uid: opt(&user.uid),
                 groups: Some(user.groups.clone()),
-                extra: (!user.extra.is_empty())
-                    .then(|| user.extra.clone().into_iter().collect()),
+                extra: (!user.extra.is_empty()).then(|| user.extra.clone().into_iter().collect()),
                 resource_attributes: Some(ResourceAttributes {
                     namespace: opt(&check.namespace),
                     verb: Some(check.verb.clone()),

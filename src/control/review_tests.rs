@@ -99,13 +99,21 @@ async fn a_positive_token_review_is_cached_a_negative_one_is_not() {
     assert_eq!(sent["spec"]["audiences"], json!(["weir"]));
     assert_eq!(sent["spec"]["token"], "good");
     assert_eq!(r.review("good", "weir").await.unwrap(), Some(user));
-    assert_eq!(seen.token_reviews.load(Ordering::SeqCst), 1, "second answer from the cache");
+    assert_eq!(
+        seen.token_reviews.load(Ordering::SeqCst),
+        1,
+        "second answer from the cache"
+    );
 
     // Another audience is another question.
     assert_eq!(r.review("good", "other").await.unwrap(), None);
     assert_eq!(r.review("bogus", "weir").await.unwrap(), None);
     assert_eq!(r.review("bogus", "weir").await.unwrap(), None);
-    assert_eq!(seen.token_reviews.load(Ordering::SeqCst), 4, "negatives are asked again");
+    assert_eq!(
+        seen.token_reviews.load(Ordering::SeqCst),
+        4,
+        "negatives are asked again"
+    );
 }
 
 #[tokio::test]

@@ -28,7 +28,7 @@ impl Grant {
     fn matches(&self, user: &str, groups: &[String], attrs: &Value) -> bool {
         let attr = |k: &str| attrs.get(k).and_then(Value::as_str).unwrap_or_default();
         let field = |want: &str, have: &str| want == "*" || want == have;
-        (self.subject == user || groups.iter().any(|g| *g == self.subject))
+        (self.subject == user || groups.contains(&self.subject))
             && field(&self.verb, attr("verb"))
             && self.group == attr("group")
             && field(&self.resource, attr("resource"))
@@ -103,7 +103,10 @@ impl Reviews {
         let spec = body
             .get("spec")
             .ok_or_else(|| ApiError::bad_request("a TokenReview needs a spec"))?;
-        let token = spec.get("token").and_then(Value::as_str).unwrap_or_default();
+        let token = spec
+            .get("token")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let wanted: Vec<String> = match spec.get("audiences").and_then(Value::as_array) {
             Some(a) if !a.is_empty() => a
                 .iter()
@@ -141,7 +144,12 @@ impl Reviews {
                 }
             }
         };
-        Ok(answer(body, "TokenReview", "authentication.k8s.io/v1", status))
+        Ok(answer(
+            body,
+            "TokenReview",
+            "authentication.k8s.io/v1",
+            status,
+        ))
     }
 
     /// Answers a SubjectAccessReview from the grant table (resource attributes only; a
