@@ -1,5 +1,9 @@
 //! The admin port (default 9090): health, readiness, metrics, status, and the dead-letter
 //! operations of the CLI (`weir dlq`, `weir archive`), described in `docs/http-api.md`.
+//! Who may use which endpoint: [`auth`] and `docs/security-admin.md`; what changed data is
+//! recorded by [`crate::audit`].
+
+pub mod auth;
 
 use std::sync::Arc;
 
@@ -7,7 +11,10 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use http::{StatusCode, header};
+use http::{HeaderMap, StatusCode, header};
+
+use crate::audit::{self, Action};
+use auth::{AdminAuth, Need};
 
 use crate::data::engine::Engine;
 use crate::data::plane::Plane;
@@ -16,8 +23,18 @@ use crate::data::problem::{HttpProblem, ProblemKind};
 #[derive(Clone)]
 pub struct AdminState {
     pub plane: Arc<Plane>,
-    /// The operator's TokenReview/SubjectAccessReview client; `None` standalone.
-    pub reviewer: Option<Arc<dyn crate::data::auth::Reviewer>>,
+    /// Who may use the protected endpoints.
+    pub auth: AdminAuth,
+}
+
+/// Returns the caller of a protected request, or its 401/403/503 answer.
+macro_rules! authorize {
+    ($st:expr, $headers:expr, $need:expr, $ns:expr, $name:expr) => {
+        match $st.auth.authorize(&$headers, $need, &$ns, &$name).await {
+            Ok(caller) => caller,
+            Err(denied) => return denied.into_response(),
+        }
+    };
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -105,11 +122,45 @@ fn sample_pools(engine: &Engine) {
     }
 }
 
-async fn status(State(st): State<AdminState>) -> Response {
+/// Every resource with its conditions and fields, and the folder's problems, for a caller who
+/// may see them (open mode and the admin token: all; operator: the resources whose object
+/// the caller may `get`). Without a token, only the summary (counts), which reveals no
+/// names, messages or payloads; a wrong token is 401 as everywhere.
+async fn status(State(st): State<AdminState>, headers: HeaderMap) -> Response {
     let resources = st.plane.resources();
+    let ready = resources.iter().filter(|r| r.ready).count();
+    let summary = serde_json::json!({
+        "resources": resources.len(),
+        "ready": ready,
+        "notReady": resources.len() - ready,
+    });
+    let caller = match st.auth.authenticate(&headers).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return axum::Json(serde_json::json!({ "summary": summary, "details": false }))
+                .into_response();
+        }
+        Err(denied) => return denied.into_response(),
+    };
+    let mut shown = Vec::with_capacity(resources.len());
+    for r in resources {
+        let check = auth::status_check(&r.namespace, r.kind);
+        match st.auth.may(&caller, &check).await {
+            Ok(true) => shown.push(r),
+            Ok(false) => {}
+            Err(denied) => return denied.into_response(),
+        }
+    }
+    // Source problems name files of the folder (standalone only): for the admin.
+    let problems = match caller {
+        auth::Caller::User(_) => Vec::new(),
+        _ => st.plane.source_problems(),
+    };
     axum::Json(serde_json::json!({
-        "resources": resources,
-        "problems": st.plane.source_problems(),
+        "summary": summary,
+        "details": true,
+        "resources": shown,
+        "problems": problems,
     }))
     .into_response()
 }
@@ -132,9 +183,11 @@ fn dlq_error(e: crate::data::delivery::DeliveryError) -> Response {
 
 async fn dlq_list(
     State(st): State<AdminState>,
+    headers: HeaderMap,
     axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
     axum::extract::Query(q): axum::extract::Query<ListQuery>,
 ) -> Response {
+    authorize!(st, headers, Need::ReadDeadLetters, ns, name);
     let key = crate::topology::Key::new(ns, name);
     let limit = q.limit.unwrap_or(100);
     match st.plane.subscriptions.dead_letters(&key, limit).await {
@@ -145,8 +198,10 @@ async fn dlq_list(
 
 async fn dlq_show(
     State(st): State<AdminState>,
+    headers: HeaderMap,
     axum::extract::Path((ns, name, id)): axum::extract::Path<(String, String, String)>,
 ) -> Response {
+    authorize!(st, headers, Need::ReadDeadLetters, ns, name);
     let key = crate::topology::Key::new(ns, name);
     let max = crate::data::subscriptions::MAX_LIST;
     match st.plane.subscriptions.dead_letters(&key, max).await {
@@ -166,26 +221,44 @@ struct RedriveQuery {
 
 async fn dlq_redrive(
     State(st): State<AdminState>,
+    headers: HeaderMap,
     axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
     axum::extract::Query(q): axum::extract::Query<RedriveQuery>,
 ) -> Response {
+    let caller = authorize!(st, headers, Need::RedriveDeadLetters, ns, name);
     let key = crate::topology::Key::new(ns, name);
+    let target = key.to_string();
     match st.plane.subscriptions.redrive(&key, q.limit, &|_| {}).await {
         Ok((n, remaining)) => {
+            audit::record(caller.who(), Action::DeadLettersRedrive, &target, Ok(n));
             axum::Json(serde_json::json!({ "redriven": n, "remaining": remaining })).into_response()
         }
-        Err(e) => dlq_error(e),
+        Err(e) => {
+            let msg = e.to_string();
+            audit::record(caller.who(), Action::DeadLettersRedrive, &target, Err(&msg));
+            dlq_error(e)
+        }
     }
 }
 
 async fn dlq_purge(
     State(st): State<AdminState>,
+    headers: HeaderMap,
     axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
 ) -> Response {
+    let caller = authorize!(st, headers, Need::PurgeDeadLetters, ns, name);
     let key = crate::topology::Key::new(ns, name);
+    let target = key.to_string();
     match st.plane.subscriptions.purge(&key).await {
-        Ok(n) => axum::Json(serde_json::json!({ "purged": n })).into_response(),
-        Err(e) => dlq_error(e),
+        Ok(n) => {
+            audit::record(caller.who(), Action::DeadLettersPurge, &target, Ok(n));
+            axum::Json(serde_json::json!({ "purged": n })).into_response()
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            audit::record(caller.who(), Action::DeadLettersPurge, &target, Err(&msg));
+            dlq_error(e)
+        }
     }
 }
 
@@ -202,10 +275,24 @@ fn archive_error(e: crate::data::archive::ArchiveError) -> Response {
     HttpProblem::new(kind, e.to_string()).into_response()
 }
 
-/// Every stream archived by this process, with its totals.
-async fn archive_list(State(st): State<AdminState>) -> Response {
+/// Every stream archived by this process that the caller may see (`get`
+/// `eventstreams/archive` in its namespace), with its totals.
+async fn archive_list(State(st): State<AdminState>, headers: HeaderMap) -> Response {
+    let caller = match st.auth.require(&headers).await {
+        Ok(c) => c,
+        Err(denied) => return denied.into_response(),
+    };
     let mut out = Vec::new();
     for key in st.plane.archives.streams() {
+        match st
+            .auth
+            .may(&caller, &Need::ReadArchive.check(&key.namespace, &key.name))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(denied) => return denied.into_response(),
+        }
         match st.plane.archives.stream_status(&key).await {
             Ok(s) => out.push(serde_json::to_value(s).unwrap_or_default()),
             Err(e) => {
@@ -218,8 +305,10 @@ async fn archive_list(State(st): State<AdminState>) -> Response {
 
 async fn archive_status(
     State(st): State<AdminState>,
+    headers: HeaderMap,
     axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
 ) -> Response {
+    authorize!(st, headers, Need::ReadArchive, ns, name);
     let key = crate::topology::Key::new(ns, name);
     match st.plane.archives.stream_status(&key).await {
         Ok(s) => axum::Json(s).into_response(),
@@ -236,20 +325,32 @@ struct RunQuery {
 
 async fn archive_run(
     State(st): State<AdminState>,
+    headers: HeaderMap,
     axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
     axum::extract::Query(q): axum::extract::Query<RunQuery>,
 ) -> Response {
+    let caller = authorize!(st, headers, Need::RunArchive, ns, name);
     let key = crate::topology::Key::new(ns, name);
+    let target = key.to_string();
     match st.plane.archives.run_now(&key, q.max_segments).await {
-        Ok(r) => axum::Json(r).into_response(),
-        Err(e) => archive_error(e),
+        Ok(r) => {
+            audit::record(caller.who(), Action::ArchiveRun, &target, Ok(r.events));
+            axum::Json(r).into_response()
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            audit::record(caller.who(), Action::ArchiveRun, &target, Err(&msg));
+            archive_error(e)
+        }
     }
 }
 
 async fn archive_verify(
     State(st): State<AdminState>,
+    headers: HeaderMap,
     axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
 ) -> Response {
+    authorize!(st, headers, Need::RunArchive, ns, name);
     let key = crate::topology::Key::new(ns, name);
     match st.plane.archives.verify(&key).await {
         Ok(r) => axum::Json(r).into_response(),

@@ -26,6 +26,8 @@ pub struct RunConfig {
     pub prune: bool,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// The admin API's bearer token file (`--admin-token-file`); `None`: open, loopback only.
+    pub admin_token_file: Option<PathBuf>,
     pub request_timeout: Duration,
     /// Base URL shown as the streams' endpoint in status.
     pub public_url: Option<String>,
@@ -59,6 +61,7 @@ impl Serving {
         public_url: Option<String>,
         reviewer: Option<Arc<dyn Reviewer>>,
         sinks: SinkPolicy,
+        admin_auth: admin::auth::AdminAuth,
     ) -> anyhow::Result<Serving> {
         let ingest_listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -68,7 +71,7 @@ impl Serving {
             .with_context(|| format!("binding the admin port {admin_listen}"))?;
         let local = ingest_listener.local_addr()?;
         let admin_local = admin_listener.local_addr()?;
-        tracing::info!(ingest = %local, admin = %admin_local, "listening");
+        tracing::info!(ingest = %local, admin = %admin_local, admin_auth = ?admin_auth, "listening");
         // Sinks may never reach this worker's own ports (see the guard).
         let guard = SinkGuard::new(sinks, &[local.port(), admin_local.port()]);
         let endpoint_base = public_url.unwrap_or_else(|| format!("http://{local}"));
@@ -82,7 +85,7 @@ impl Serving {
         let admin_stop = CancellationToken::new();
         let app = admin::router(AdminState {
             plane: plane.clone(),
-            reviewer: reviewer.clone(),
+            auth: admin_auth,
         });
         let stop = admin_stop.clone();
         let admin_server = tokio::spawn(async move {
@@ -177,6 +180,7 @@ pub async fn run(
     defaults: Defaults,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let admin_auth = standalone_admin_auth(cfg.admin_token_file.as_deref(), cfg.admin_listen)?;
     let serving = Serving::start(
         cfg.batch_queue,
         cfg.listen,
@@ -186,6 +190,7 @@ pub async fn run(
         // at validation.
         None,
         defaults.sinks.clone(),
+        admin_auth,
     )
     .await?;
 
@@ -217,6 +222,28 @@ pub async fn run(
     running.stop_data(ingest).await;
     running.stop_admin().await;
     Ok(())
+}
+
+/// The admin API's protection standalone: the token file when given (read once now, so a
+/// missing or empty file stops the start rather than every later request); without one the
+/// admin API is open, which is allowed only on a loopback address: anyone who reaches a wider
+/// one could read dead-letter payloads and purge them.
+fn standalone_admin_auth(
+    token_file: Option<&std::path::Path>,
+    admin_listen: SocketAddr,
+) -> anyhow::Result<admin::auth::AdminAuth> {
+    match token_file {
+        Some(path) => {
+            admin::auth::read_token_file(path)?;
+            Ok(admin::auth::AdminAuth::TokenFile(path.to_path_buf()))
+        }
+        None if admin_listen.ip().is_loopback() => Ok(admin::auth::AdminAuth::Open),
+        None => anyhow::bail!(
+            "the admin listener {admin_listen} is not a loopback address and no admin token is \
+             set: anyone who reaches it could read, redrive and purge dead letters. Set \
+             --admin-token-file (WEIR_ADMIN_TOKEN_FILE), or bind it to 127.0.0.1 (the default)"
+        ),
+    }
 }
 
 /// Applies one snapshot of the folder: valid resources run, invalid ones keep their previous

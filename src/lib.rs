@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod bench;
 pub mod cli;
 pub mod control;

@@ -1,4 +1,6 @@
 //! Logging: `RUST_LOG` filters (default `info`), `WEIR_LOG_FORMAT=json` for JSON lines.
+//! Audit records (`crate::audit`) are written apart from the log, one JSON object per line,
+//! unfiltered.
 //!
 //! Whatever `RUST_LOG` says, the third-party targets in [`QUIET`] are capped (see there for
 //! which and why): they log per message, per statement or per frame, so left alone their
@@ -189,17 +191,27 @@ pub fn init() {
         Err(e) => (EnvFilter::new(directives(None)), Some(e)),
     };
     let json = std::env::var("WEIR_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // Audit records go their own way (`crate::audit::layer`): one JSON object per line in both
+    // formats and whatever RUST_LOG says, so the log layer leaves them out.
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::filter::FilterExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let log_filter = filter.and(tracing_subscriber::filter::filter_fn(|m| {
+        !crate::audit::is_audit(m)
+    }));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal: a log file or collector gets plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    // `try_init` fails only when a subscriber is already set (tests): keep that one.
-    let _ = if json {
-        builder.json().try_init()
+    let log = if json {
+        fmt.json().with_filter(log_filter).boxed()
     } else {
-        builder.try_init()
+        fmt.with_filter(log_filter).boxed()
     };
+    let _ = tracing_subscriber::registry()
+        .with(log)
+        .with(crate::audit::layer())
+        .try_init();
     if let Some(e) = invalid {
         tracing::warn!(error = %e, "RUST_LOG is not a valid filter; logging at the default level");
     }

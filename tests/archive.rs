@@ -643,6 +643,26 @@ async fn delete_after_removes_old_segments_with_an_audit_record() {
     }
     let (status, _) = get_json(&format!("{}/1", w.events_url(NS, STREAM))).await;
     assert_eq!(status, 404);
+    // The removals wrote audit records (one JSON line per removal, docs/security-admin.md)
+    // that add up to the events removed.
+    let removals: Vec<serde_json::Value> = w
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "weir.audit.v1" && v["action"] == "archive.deleteAfter")
+        .collect();
+    assert!(
+        !removals.is_empty(),
+        "no audit record; log:\n{}",
+        w.log_text()
+    );
+    for r in &removals {
+        assert_eq!(r["who"], "weir:archiver", "{r}");
+        assert_eq!(r["target"], format!("{NS}/{STREAM}"), "{r}");
+        assert_eq!(r["outcome"], "success", "{r}");
+    }
+    let removed: u64 = removals.iter().filter_map(|r| r["count"].as_u64()).sum();
+    assert_eq!(removed, N as u64, "{removals:?}");
     // New events still append after the deleted ones, and verify accepts the deleted prefix.
     publish_range(&w, N..N + 10).await;
     let page = read_all(&w).await;

@@ -515,6 +515,20 @@ async fn operator_end_to_end_with_kubectl() {
         .execute(&pool)
         .await;
 
+    // The admin API asks the API server who a bearer token is (TokenReview) and what its
+    // user may do (SubjectAccessReview): no grant here, so 403.
+    let token = server.issue_token(&ns, "ops", &["weir"]);
+    let r = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/namespaces/{ns}/subscriptions/print-orders/deadletters",
+            b.admin
+        ))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
     // The chart's RBAC against every call the operators made.
     let rules = chart_rules();
     let used: BTreeSet<(String, String, String)> = server

@@ -33,10 +33,11 @@ const BUSY_WAIT: Duration = Duration::from_secs(120);
 
 pub async fn archive(
     admin: &str,
+    token: Option<&str>,
     output: Output,
     action: ArchiveAction,
 ) -> anyhow::Result<ExitCode> {
-    let client = reqwest::Client::new();
+    let client = super::client::http_client(token)?;
     let admin = admin.trim_end_matches('/');
     match action {
         ArchiveAction::Run { target } => {

@@ -3,6 +3,35 @@
 
 use anyhow::{Context as _, bail};
 
+/// The token in `--token-file` (surrounding whitespace removed), if one was given.
+pub fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("the token file {} is empty", path.display());
+    }
+    Ok(Some(token.to_string()))
+}
+
+/// An HTTP client that sends `Authorization: Bearer <token>` with every request when a token
+/// is given (the admin API's protected endpoints need one, see docs/security-admin.md).
+pub fn http_client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("the token contains characters an HTTP header cannot carry")?;
+        // Kept out of debug output of the request.
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .context("building the HTTP client")
+}
+
 /// `<namespace>/<name>` split in two; `what` names the second part in the error.
 pub fn split<'a>(target: &'a str, what: &str) -> anyhow::Result<(&'a str, &'a str)> {
     match target.split_once('/') {

@@ -44,8 +44,13 @@ pub enum DlqAction {
     },
 }
 
-pub async fn dlq(admin: &str, output: Output, action: DlqAction) -> anyhow::Result<ExitCode> {
-    let client = reqwest::Client::new();
+pub async fn dlq(
+    admin: &str,
+    token: Option<&str>,
+    output: Output,
+    action: DlqAction,
+) -> anyhow::Result<ExitCode> {
+    let client = super::client::http_client(token)?;
     let base = |target: &str| -> anyhow::Result<String> {
         let (ns, name) = split(target, "subscription")?;
         Ok(format!(

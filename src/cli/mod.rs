@@ -43,6 +43,11 @@ pub struct Cli {
         default_value = "http://127.0.0.1:9090"
     )]
     pub admin: String,
+    /// File holding the bearer token that `weir status`, `weir dlq` and `weir archive` send to
+    /// the admin API (the admin token file standalone; a Kubernetes token for audience
+    /// `weir` with the operator, e.g. from `kubectl create token NAME --audience weir`).
+    #[arg(long, global = true, env = "WEIR_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Output format of client commands.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -65,9 +70,15 @@ pub enum Command {
         /// Ingest/read listen address.
         #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
-        /// Admin (health, metrics, status) listen address.
-        #[arg(long, env = "WEIR_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+        /// Admin (health, metrics, status, dead letters, archive) listen address. Loopback by
+        /// default: another address needs --admin-token-file.
+        #[arg(long, env = "WEIR_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
         admin_listen: SocketAddr,
+        /// File holding the bearer token the admin API's protected endpoints require (dead
+        /// letters, archive, status details). Read at start (refused if unreadable or
+        /// empty) and again on every protected request, so a rotated token applies at once.
+        #[arg(long, env = "WEIR_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
         /// How long a publish may wait for durability before it is answered 503.
         #[arg(long, env = "WEIR_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
         request_timeout: Duration,
@@ -97,9 +108,15 @@ pub enum Command {
         /// Ingest/read listen address.
         #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:8080")]
         listen: SocketAddr,
-        /// Admin (health, metrics, status) listen address.
-        #[arg(long, env = "WEIR_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+        /// Admin (health, metrics, status, dead letters, archive) listen address. Loopback by
+        /// default, as standalone; the chart sets the Pod's address explicitly so that probes
+        /// and Prometheus reach it. Its protected endpoints always need a Kubernetes token.
+        #[arg(long, env = "WEIR_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
         admin_listen: SocketAddr,
+        /// TokenReview audience of admin API tokens (`kubectl create token NAME --audience
+        /// weir`).
+        #[arg(long, env = "WEIR_ADMIN_TOKEN_AUDIENCE", default_value = crate::admin::auth::DEFAULT_AUDIENCE)]
+        admin_token_audience: String,
         /// How long a publish may wait for durability before it is answered 503.
         #[arg(long, env = "WEIR_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
         request_timeout: Duration,
@@ -308,6 +325,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             prune,
             listen,
             admin_listen,
+            admin_token_file,
             request_timeout,
             public_url,
             batch_queue,
@@ -327,6 +345,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         prune,
                         listen,
                         admin_listen,
+                        admin_token_file,
                         request_timeout,
                         public_url,
                         batch_queue,
@@ -342,6 +361,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             namespaces,
             listen,
             admin_listen,
+            admin_token_audience,
             request_timeout,
             public_url,
             batch_queue,
@@ -366,6 +386,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         namespaces: namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
                         listen,
                         admin_listen,
+                        admin_token_audience,
                         request_timeout,
                         public_url,
                         batch_queue,
@@ -414,12 +435,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", crate::api::crds::to_yaml()?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => runtime()?.block_on(status::status(&cli.admin, cli.output)),
+        Command::Status => {
+            let token = client::read_token(cli.token_file.as_deref())?;
+            runtime()?.block_on(status::status(&cli.admin, token.as_deref(), cli.output))
+        }
         Command::Dlq { action } => {
-            runtime()?.block_on(delivery::dlq(&cli.admin, cli.output, action))
+            let token = client::read_token(cli.token_file.as_deref())?;
+            runtime()?.block_on(delivery::dlq(
+                &cli.admin,
+                token.as_deref(),
+                cli.output,
+                action,
+            ))
         }
         Command::Archive { action } => {
-            runtime()?.block_on(archive::archive(&cli.admin, cli.output, action))
+            let token = client::read_token(cli.token_file.as_deref())?;
+            runtime()?.block_on(archive::archive(
+                &cli.admin,
+                token.as_deref(),
+                cli.output,
+                action,
+            ))
         }
         Command::Tail { target, from } => {
             runtime()?.block_on(delivery::tail(&cli.url, cli.output, &target, from))

@@ -40,6 +40,8 @@ pub struct OperatorConfig {
     pub namespaces: Vec<String>,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// TokenReview audience of admin API bearer tokens.
+    pub admin_token_audience: String,
     pub request_timeout: Duration,
     /// Base URL shown as the streams' endpoint in status.
     pub public_url: Option<String>,
@@ -81,16 +83,21 @@ pub async fn run_with_client(
         token_review: true,
         ..defaults
     };
+    // One reviewer (and so one pair of caches) for the ingest and admin APIs.
+    let reviewer: Arc<dyn crate::data::auth::Reviewer> =
+        Arc::new(crate::control::review::KubeReviewer::new(client.clone()));
     // Admin first: liveness answers while the CRDs are awaited, readiness does not.
     let serving = crate::app::Serving::start(
         cfg.batch_queue,
         cfg.listen,
         cfg.admin_listen,
         cfg.public_url.clone(),
-        Some(Arc::new(crate::control::review::KubeReviewer::new(
-            client.clone(),
-        ))),
+        Some(reviewer.clone()),
         defaults.sinks.clone(),
+        crate::admin::auth::AdminAuth::Kube {
+            reviewer,
+            audience: cfg.admin_token_audience.clone(),
+        },
     )
     .await?;
 

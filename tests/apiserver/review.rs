@@ -28,7 +28,7 @@ impl Grant {
     fn matches(&self, user: &str, groups: &[String], attrs: &Value) -> bool {
         let attr = |k: &str| attrs.get(k).and_then(Value::as_str).unwrap_or_default();
         let field = |want: &str, have: &str| want == "*" || want == have;
-        (self.subject == user || groups.iter().any(|g| *g == self.subject))
+        (self.subject == user || groups.contains(&self.subject))
             && field(&self.verb, attr("verb"))
             && self.group == attr("group")
             && field(&self.resource, attr("resource"))

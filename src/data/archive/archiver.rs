@@ -18,6 +18,7 @@ use sqlx::{ConnectOptions as _, Connection as _, PgConnection};
 
 use super::ArchiveError;
 use super::format::{self, BuiltSegment};
+use crate::audit::{self, ARCHIVER, Action};
 use crate::data::event::StoredEvent;
 use crate::data::store::Store;
 use crate::topology::Key;
@@ -183,9 +184,22 @@ async fn run_locked(
     }
     report.remaining = eligible.saturating_sub(report.events);
     if let Some(after) = settings.delete_after {
-        let (segments, events) = delete_expired(conn, store, stream_id, key, after).await?;
-        report.deleted_segments = segments;
-        report.deleted_events = events;
+        // One audit record per removal that happened or failed (none when nothing expired).
+        let target = key.to_string();
+        match delete_expired(conn, store, stream_id, key, after).await {
+            Ok((segments, events)) => {
+                if segments > 0 {
+                    audit::record(ARCHIVER, Action::ArchiveDeleteAfter, &target, Ok(events));
+                }
+                report.deleted_segments = segments;
+                report.deleted_events = events;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                audit::record(ARCHIVER, Action::ArchiveDeleteAfter, &target, Err(&msg));
+                return Err(e);
+            }
+        }
     }
     sqlx::query(
         "INSERT INTO weir_archive_state (stream_id, last_run) VALUES ($1, now())
@@ -553,8 +567,9 @@ async fn delete_expired(
         {
             tracing::warn!(path, error = %e, "removing an expired segment file");
         }
+        // The audit record (one per removal, by the caller) has the totals; the segments are
+        // in `weir_archive_audit`.
         tracing::info!(
-            target: "weir::audit",
             stream = %key,
             first_position = first,
             last_position = last,
