@@ -247,6 +247,26 @@ async fn tokens_guard_publish_read_and_trace() {
     let mut ids = trace_ids(&audit);
     ids.sort();
     assert_eq!(ids, vec!["open/t2", "orders/t1"], "{audit}");
+    // `weir trace` sends the token of --token-file.
+    let token_dir = tempfile::tempdir().expect("tempdir");
+    let token_file = token_dir.path().join("audit-token");
+    std::fs::write(&token_file, format!("{AUDIT}\n")).expect("token file");
+    let out = std::process::Command::new(weir_binary())
+        .args(["--url", &w.url, "-o", "json", "--token-file"])
+        .arg(&token_file)
+        .args(["trace", "test", "saga-1"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("weir trace");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: Value = serde_json::from_slice(&out.stdout).expect("weir trace -o json");
+    let mut ids = trace_ids(&cli);
+    ids.sort();
+    assert_eq!(ids, vec!["open/t2", "orders/t1"], "{cli}");
 
     // Rotation: the Secret's new token takes over, the old one stops working.
     m.write("tokens.yaml", &secrets_yaml(ROTATED));

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Subcommand;
 
-use super::client::{answer, bar, split};
+use super::client::{self, answer, bar, split};
 use super::output::Output;
 
 #[derive(Subcommand, Debug)]
@@ -152,9 +152,15 @@ pub async fn dlq(
 /// How often `tail` asks for new events once it reached the head.
 const TAIL_POLL: Duration = Duration::from_millis(500);
 
-pub async fn tail(url: &str, output: Output, target: &str, from: i64) -> anyhow::Result<ExitCode> {
+pub async fn tail(
+    url: &str,
+    token: Option<&str>,
+    output: Output,
+    target: &str,
+    from: i64,
+) -> anyhow::Result<ExitCode> {
     let (ns, stream) = split(target, "stream")?;
-    let client = reqwest::Client::new();
+    let client = client::http_client(token)?;
     let mut next = from.max(1);
     loop {
         let u = format!(

@@ -43,9 +43,11 @@ pub struct Cli {
         default_value = "http://127.0.0.1:9090"
     )]
     pub admin: String,
-    /// File holding the bearer token that `weir status`, `weir dlq` and `weir archive` send to
-    /// the admin API (the admin token file standalone; a Kubernetes token for audience
-    /// `weir` with the operator, e.g. from `kubectl create token NAME --audience weir`).
+    /// File holding the bearer token client commands send: to the admin API for `weir status`,
+    /// `weir dlq` and `weir archive` (the admin token file standalone; a Kubernetes token for
+    /// audience `weir` with the operator, e.g. from `kubectl create token NAME --audience
+    /// weir`), and to the read API for `weir tail` and `weir trace` (a publisher's or reader's
+    /// token of a stream with `ingest.auth`).
     #[arg(long, global = true, env = "WEIR_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Output format of client commands.
@@ -458,17 +460,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             ))
         }
         Command::Tail { target, from } => {
-            runtime()?.block_on(delivery::tail(&cli.url, cli.output, &target, from))
+            let token = client::read_token(cli.token_file.as_deref())?;
+            runtime()?.block_on(delivery::tail(
+                &cli.url,
+                token.as_deref(),
+                cli.output,
+                &target,
+                from,
+            ))
         }
         Command::Trace {
             namespace,
             correlationid,
-        } => runtime()?.block_on(trace::trace(
-            &cli.url,
-            cli.output,
-            &namespace,
-            &correlationid,
-        )),
+        } => {
+            let token = client::read_token(cli.token_file.as_deref())?;
+            runtime()?.block_on(trace::trace(
+                &cli.url,
+                token.as_deref(),
+                cli.output,
+                &namespace,
+                &correlationid,
+            ))
+        }
         Command::Sink { listen } => runtime()?.block_on(delivery::sink(listen, cli.output)),
         Command::Bench(b) => {
             // `--url` (global) targets a running weir only when given explicitly.

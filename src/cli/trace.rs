@@ -12,6 +12,7 @@ use crate::data::trace::causation_order;
 /// the event named by its `causationid`).
 pub async fn trace(
     url: &str,
+    token: Option<&str>,
     output: Output,
     namespace: &str,
     correlation_id: &str,
@@ -22,7 +23,11 @@ pub async fn trace(
         percent_encoding::utf8_percent_encode(namespace, percent_encoding::NON_ALPHANUMERIC),
         percent_encoding::utf8_percent_encode(correlation_id, percent_encoding::NON_ALPHANUMERIC),
     );
-    let r = reqwest::get(&u).await.with_context(|| format!("GET {u}"))?;
+    let r = super::client::http_client(token)?
+        .get(&u)
+        .send()
+        .await
+        .with_context(|| format!("GET {u}"))?;
     let status = r.status();
     let body: serde_json::Value = r.json().await.unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
