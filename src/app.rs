@@ -17,6 +17,7 @@ use crate::data::auth::Reviewer;
 use crate::data::http::{self, HttpState};
 use crate::data::plane::{Desired, Plane};
 use crate::metrics::Metrics;
+use crate::server::ServerLimits;
 use crate::source::folder::Loaded;
 use crate::topology::Defaults;
 
@@ -30,6 +31,8 @@ pub struct RunConfig {
     pub public_url: Option<String>,
     /// Requests each stream's batcher may queue.
     pub batch_queue: usize,
+    /// Timeouts and connection cap of both HTTP servers.
+    pub server: ServerLimits,
 }
 
 /// What both modes serve: the data plane with the ingest port bound and the admin server
@@ -42,6 +45,7 @@ pub struct Serving {
     pub endpoint_base: String,
     /// The operator's TokenReview/SubjectAccessReview client; `None` standalone.
     reviewer: Option<Arc<dyn Reviewer>>,
+    server: ServerLimits,
     /// Cancel, then await `admin_server`, as the last step of a shutdown.
     admin_stop: CancellationToken,
     admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -57,6 +61,7 @@ impl Serving {
         admin_listen: SocketAddr,
         public_url: Option<String>,
         reviewer: Option<Arc<dyn Reviewer>>,
+        server: ServerLimits,
     ) -> anyhow::Result<Serving> {
         let ingest_listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -80,15 +85,14 @@ impl Serving {
         });
         let stop = admin_stop.clone();
         let admin_server = tokio::spawn(async move {
-            axum::serve(admin_listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
+            crate::server::serve(admin_listener, app, server, stop, "admin").await
         });
         Ok(Serving {
             plane,
             ingest_listener,
             endpoint_base,
             reviewer,
+            server,
             admin_stop,
             admin_server,
         })
@@ -106,12 +110,12 @@ impl Serving {
             plane: self.plane.clone(),
             request_timeout,
             reviewer: self.reviewer.clone(),
+            body_read_timeout: self.server.body_read_timeout,
         });
         let listener = self.ingest_listener;
+        let server = self.server;
         let ingest = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
+            crate::server::serve(listener, app, server, shutdown, "ingest").await
         });
         (
             Running {
@@ -139,8 +143,9 @@ pub struct Running {
 
 impl Running {
     /// Waits for ingest to stop (its shutdown token was cancelled) while subscriptions and
-    /// archivers stop, then drains the streams and closes the pools. Axum's graceful shutdown
-    /// waits for in-flight requests, which wait for their batches to commit; started
+    /// archivers stop, then drains the streams and closes the pools. The server's graceful
+    /// shutdown waits (up to the drain timeout) for in-flight requests, which wait for their
+    /// batches to commit; started
     /// deliveries finish, and their replies reach the still-running batchers, before the
     /// streams drain.
     pub async fn stop_data(&self, ingest: Ingest) {
@@ -179,6 +184,7 @@ pub async fn run(
         // Standalone has no API server to review tokens with: modes that need one are refused
         // at validation.
         None,
+        cfg.server,
     )
     .await?;
 

@@ -77,6 +77,8 @@ pub enum Command {
         /// Publish requests each stream may queue for its batcher; beyond that, 503.
         #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
         batch_queue: usize,
+        #[command(flatten)]
+        server: crate::server::ServerArgs,
     },
     /// Run as the in-cluster controller and worker: watch the resources through the
     /// Kubernetes API and run their pipelines.
@@ -99,6 +101,8 @@ pub enum Command {
         /// Publish requests each stream may queue for its batcher; beyond that, 503.
         #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
         batch_queue: usize,
+        #[command(flatten)]
+        server: crate::server::ServerArgs,
         /// Namespace of the leader-election Lease (the Pod's own namespace in a cluster).
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
@@ -255,6 +259,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             request_timeout,
             public_url,
             batch_queue,
+            server,
         } => {
             let defaults = crate::topology::Defaults::from_env()?;
             runtime()?.block_on(async move {
@@ -269,6 +274,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         request_timeout,
                         public_url,
                         batch_queue,
+                        server: server.limits(),
                     },
                     defaults,
                     shutdown,
@@ -284,6 +290,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             request_timeout,
             public_url,
             batch_queue,
+            server,
             lease_namespace,
             lease_name,
             identity,
@@ -303,6 +310,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         request_timeout,
                         public_url,
                         batch_queue,
+                        server: server.limits(),
                         lease: crate::control::leader::LeaseConfig {
                             namespace: lease_namespace,
                             name: lease_name,

@@ -45,6 +45,8 @@ pub struct OperatorConfig {
     pub public_url: Option<String>,
     /// Requests each stream's batcher may queue.
     pub batch_queue: usize,
+    /// Timeouts and connection cap of both HTTP servers.
+    pub server: crate::server::ServerLimits,
     pub lease: LeaseConfig,
     /// Resync of valid resources and maximum age of cached Secrets.
     pub refresh: Duration,
@@ -82,6 +84,7 @@ pub async fn run_with_client(
         cfg.admin_listen,
         cfg.public_url.clone(),
         None,
+        cfg.server,
     )
     .await?;
 

@@ -41,6 +41,8 @@ pub struct HttpState {
     pub request_timeout: Duration,
     /// The operator's TokenReview client (`ServiceAccounts` streams); `None` standalone.
     pub reviewer: Option<Arc<dyn crate::data::auth::Reviewer>>,
+    /// How long a publish's body may take to arrive whole before it is answered 408.
+    pub body_read_timeout: Duration,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -154,13 +156,14 @@ async fn publish_inner(
     if let Some(n) = declared.filter(|n| *n > limit) {
         return Err((HttpProblem::payload_too_large(Some(n), limit), 0));
     }
-    let batcher = rt.batcher();
-    // Announce the request to the batcher while its body is read and parsed, so a batch
-    // being formed waits for it (up to maxDelay) instead of leaving without it.
-    let joining = batcher.as_ref().map(|b| b.joining());
-    let bytes = read_body(body, limit)
+    let bytes = read_body(body, limit, Instant::now() + st.body_read_timeout)
         .await
         .map_err(|e| (e.problem(limit), 0))?;
+    // Announce the request to the batcher while it is parsed, so a batch being formed waits
+    // for it (up to maxDelay) instead of leaving without it. Only once the body is in: a
+    // body still on the network may take up to the body read timeout, and while it was
+    // announced every batch of the stream waited its full maxDelay for it.
+    let joining = rt.batcher().as_ref().map(|b| b.joining());
     let ctx = IngestContext {
         namespace: ns.to_string(),
         stream: stream.to_string(),
@@ -168,6 +171,7 @@ async fn publish_inner(
     };
     let events = parse_request_bytes(headers, &bytes, &ctx).map_err(|p| (p, 0))?;
     let n = events.len();
+    crate::data::ingest::limit::admit(&st.engine.metrics, &rt, None, n).map_err(|p| (p, n))?;
     // The response names each event; keep just that, the events move to the append.
     let names: Vec<(String, String)> = events
         .iter()
@@ -213,6 +217,8 @@ enum BodyError {
     /// client reset the connection): a fault of the request or its transport, not of its
     /// size (400). The text is the transport's reason.
     Unreadable(String),
+    /// The body had not arrived whole by the deadline (408); `received` bytes had.
+    TimedOut { after: Duration, received: usize },
 }
 
 impl BodyError {
@@ -220,6 +226,9 @@ impl BodyError {
         match self {
             BodyError::TooLarge => HttpProblem::payload_too_large(None, limit),
             BodyError::Unreadable(cause) => HttpProblem::unreadable_body(cause),
+            BodyError::TimedOut { after, received } => {
+                HttpProblem::request_timeout(*after, *received)
+            }
         }
     }
 }
@@ -227,13 +236,22 @@ impl BodyError {
 /// Reads a request body of at most `limit` bytes, telling a body that exceeds the limit
 /// apart from one that cannot be read (`axum::body::to_bytes` reports both as one opaque
 /// error). Stops reading at the first byte over the limit, so an oversized body never
-/// costs more than `limit` bytes of memory.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, BodyError> {
+/// costs more than `limit` bytes of memory, and at `deadline`, so a slow one holds what it
+/// sent for at most the body read timeout.
+async fn read_body(body: Body, limit: usize, deadline: Instant) -> Result<Bytes, BodyError> {
     use futures::StreamExt as _;
+    let started = Instant::now();
     let mut stream = body.into_data_stream();
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut len = 0usize;
-    while let Some(frame) = stream.next().await {
+    loop {
+        let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
+            return Err(BodyError::TimedOut {
+                after: deadline.saturating_duration_since(started),
+                received: len,
+            });
+        };
+        let Some(frame) = next else { break };
         let chunk = frame.map_err(|e| BodyError::Unreadable(error_chain(&e)))?;
         len = len.saturating_add(chunk.len());
         if len > limit {
@@ -633,23 +651,64 @@ mod tests {
         ))
     }
 
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     #[tokio::test]
     async fn a_body_within_the_limit_is_read_whole() {
         let b = body_of(vec![Ok(b"ab"), Ok(b"cd"), Ok(b"e")]);
-        assert_eq!(read_body(b, 5).await, Ok(Bytes::from_static(b"abcde")));
+        assert_eq!(
+            read_body(b, 5, far()).await,
+            Ok(Bytes::from_static(b"abcde"))
+        );
         let b = body_of(vec![]);
-        assert_eq!(read_body(b, 5).await, Ok(Bytes::new()));
+        assert_eq!(read_body(b, 5, far()).await, Ok(Bytes::new()));
     }
 
     #[tokio::test]
     async fn only_a_body_over_the_limit_is_too_large() {
         let b = body_of(vec![Ok(b"abc"), Ok(b"def")]);
-        assert_eq!(read_body(b, 5).await, Err(BodyError::TooLarge));
+        assert_eq!(read_body(b, 5, far()).await, Err(BodyError::TooLarge));
         let broken = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cut short");
         let b = body_of(vec![Ok(b"abc"), Err(broken)]);
-        match read_body(b, 5).await {
+        match read_body(b, 5, far()).await {
             Err(BodyError::Unreadable(why)) => assert!(why.contains("cut short"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_still_arriving_at_the_deadline_times_out() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let body = Body::from_stream(tokio_stream_of(rx));
+        tx.send(Ok(Bytes::from_static(b"abc"))).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The sender stays open and silent: the read ends at the deadline, not before.
+        let got = read_body(body, 1000, deadline).await;
+        assert_eq!(
+            got,
+            Err(BodyError::TimedOut {
+                after: Duration::from_secs(30),
+                received: 3
+            })
+        );
+        assert!(Instant::now() >= deadline);
+        assert_eq!(
+            BodyError::TimedOut {
+                after: Duration::from_secs(30),
+                received: 3
+            }
+            .problem(1000)
+            .status,
+            408
+        );
+        drop(tx);
+    }
+
+    fn tokio_stream_of(
+        mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 }

@@ -22,7 +22,8 @@
 //! | `https://weir.dev/problems/not-found` | 404 | no such event, subject or position |
 //! | `https://weir.dev/problems/version-conflict` | 409 | `expectedversion` does not match |
 //! | `https://weir.dev/problems/busy` | 409 | another run holds the resource (admin: an archive run) |
-//! | `https://weir.dev/problems/payload-too-large` | 413 | the body exceeds `maxRequestBytes` |
+//! | `https://weir.dev/problems/request-timeout` | 408 | the body did not arrive within the body read timeout |
+//! | `https://weir.dev/problems/payload-too-large` | 413 | the body exceeds `maxRequestBytes`, or the request holds more events than the rate limit's `burst` |
 //! | `https://weir.dev/problems/event-too-large` | 413 | an event exceeds `maxEventBytes` |
 //! | `https://weir.dev/problems/unsupported-media-type` | 415 | a content type ingest does not read |
 //! | `https://weir.dev/problems/missing-extension` | 422 | a `requiredExtensions` entry is absent |
@@ -57,6 +58,7 @@ pub enum ProblemKind {
     NotFound,
     VersionConflict,
     Busy,
+    RequestTimeout,
     PayloadTooLarge,
     EventTooLarge,
     UnsupportedMediaType,
@@ -71,7 +73,7 @@ pub enum ProblemKind {
 
 impl ProblemKind {
     /// Every kind (for the docs' table and tests).
-    pub const ALL: [ProblemKind; 20] = [
+    pub const ALL: [ProblemKind; 21] = [
         ProblemKind::BadRequest,
         ProblemKind::UnreadableBody,
         ProblemKind::MalformedJson,
@@ -82,6 +84,7 @@ impl ProblemKind {
         ProblemKind::NotFound,
         ProblemKind::VersionConflict,
         ProblemKind::Busy,
+        ProblemKind::RequestTimeout,
         ProblemKind::PayloadTooLarge,
         ProblemKind::EventTooLarge,
         ProblemKind::UnsupportedMediaType,
@@ -107,6 +110,7 @@ impl ProblemKind {
             ProblemKind::NotFound => "https://weir.dev/problems/not-found",
             ProblemKind::VersionConflict => "https://weir.dev/problems/version-conflict",
             ProblemKind::Busy => "https://weir.dev/problems/busy",
+            ProblemKind::RequestTimeout => "https://weir.dev/problems/request-timeout",
             ProblemKind::PayloadTooLarge => "https://weir.dev/problems/payload-too-large",
             ProblemKind::EventTooLarge => "https://weir.dev/problems/event-too-large",
             ProblemKind::UnsupportedMediaType => "https://weir.dev/problems/unsupported-media-type",
@@ -133,6 +137,7 @@ impl ProblemKind {
             ProblemKind::NotFound => "Not found",
             ProblemKind::VersionConflict => "Version conflict",
             ProblemKind::Busy => "Busy",
+            ProblemKind::RequestTimeout => "Request timeout",
             ProblemKind::PayloadTooLarge => "Payload too large",
             ProblemKind::EventTooLarge => "Event too large",
             ProblemKind::UnsupportedMediaType => "Unsupported media type",
@@ -156,6 +161,7 @@ impl ProblemKind {
             ProblemKind::Unauthorized => 401,
             ProblemKind::Forbidden => 403,
             ProblemKind::StreamNotFound | ProblemKind::NotFound => 404,
+            ProblemKind::RequestTimeout => 408,
             ProblemKind::VersionConflict | ProblemKind::Busy => 409,
             ProblemKind::PayloadTooLarge | ProblemKind::EventTooLarge => 413,
             ProblemKind::UnsupportedMediaType => 415,
@@ -411,6 +417,19 @@ impl HttpProblem {
                  (one object or an array of {{type, data, source?, id?, subject?, \
                  correlationId?}}), or any content type with ce-specversion and the other ce- \
                  headers (binary mode); JSON bodies must be UTF-8"
+            ),
+        )
+    }
+
+    /// 408: the request body did not arrive whole within `timeout`. The connection is closed
+    /// after the answer (the rest of the body is not read).
+    pub fn request_timeout(timeout: std::time::Duration, received: usize) -> HttpProblem {
+        HttpProblem::new(
+            ProblemKind::RequestTimeout,
+            format!(
+                "the request body did not arrive within {}s (the server's body read timeout); \
+                 {received} bytes had arrived; nothing was stored",
+                timeout.as_secs_f64()
             ),
         )
     }

@@ -166,6 +166,18 @@ pub struct StreamPlan {
     pub validation: ValidationPlan,
     pub compression: CompressionPlan,
     pub deletion_policy: DeletionPolicy,
+    /// `spec.ingest.rateLimit`; `None`: unlimited.
+    pub rate_limit: Option<RateLimitPlan>,
+}
+
+/// A token bucket counted in events, per stream and worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimitPlan {
+    /// Sustained rate: the bucket refills one event every `1 / events_per_second` s.
+    pub events_per_second: std::num::NonZeroU32,
+    /// The bucket's size: the most events accepted at once, and the largest request that
+    /// can ever pass.
+    pub burst: std::num::NonZeroU32,
 }
 
 /// Everything that should run: one plan per valid resource.

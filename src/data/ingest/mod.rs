@@ -67,6 +67,7 @@
 //! [`Data::Binary`]: crate::data::event::Data::Binary
 
 mod content;
+pub mod limit;
 mod parse;
 mod raw;
 mod validate;

@@ -113,6 +113,7 @@ pub(super) fn stream_plan(
     };
 
     check_ingest(cx, spec);
+    let rate_limit = super::rate_limit::rate_limit_plan(cx, spec);
 
     StreamPlan {
         key: key.clone(),
@@ -131,6 +132,7 @@ pub(super) fn stream_plan(
             Some(api::DeletionPolicy::Delete) => DeletionPolicy::Delete,
             Some(api::DeletionPolicy::Retain) | None => DeletionPolicy::Retain,
         },
+        rate_limit,
     }
 }
 
