@@ -308,7 +308,12 @@ async fn slow_clients_neither_block_a_publish_nor_store_anything_and_sigterm_sti
     let mut peak = rss_bytes(pid);
     let mut ends = Vec::new();
     for s in slow {
-        ends.push(s.await.expect("slow body task"));
+        // The body timeout is 4 s: a slow body still open after 20 s was never cut.
+        let end = tokio::time::timeout(Duration::from_secs(20), s)
+            .await
+            .expect("the body read timeout ends a slow body")
+            .expect("slow body task");
+        ends.push(end);
         peak = peak.max(rss_bytes(pid));
     }
     let answered_408 = ends
@@ -347,7 +352,11 @@ async fn slow_clients_neither_block_a_publish_nor_store_anything_and_sigterm_sti
     assert!(status.success(), "{status:?}\n{}", w.log_text());
     eprintln!("exited {:?} after SIGTERM", t.elapsed());
     for l in late {
-        let end = l.await.expect("late slow body");
+        // The process has exited: every connection is closed or answered.
+        let end = tokio::time::timeout(Duration::from_secs(5), l)
+            .await
+            .expect("a slow body outlived the process")
+            .expect("late slow body");
         assert!(
             matches!(end, SlowEnd::Closed | SlowEnd::Answered(408)),
             "{end:?}"
