@@ -111,6 +111,9 @@ impl Serving {
             request_timeout,
             reviewer: self.reviewer.clone(),
             body_read_timeout: self.server.body_read_timeout,
+            body_budget: Arc::new(crate::data::ingest::budget::BodyBudget::new(
+                self.server.body_memory,
+            )),
         });
         let listener = self.ingest_listener;
         let server = self.server;

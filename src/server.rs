@@ -15,9 +15,11 @@
 //!   retry) instead of being accepted and closed: closing would make every client reconnect
 //!   at once, while waiting turns into an ordinary connect delay that ends as soon as a slot
 //!   frees (slow clients free theirs within the header or body timeout).
-//! - **Body read timeout** (`--body-read-timeout`) is not enforced here but where a body is
-//!   read ([`crate::data::http`]): a publish whose body has not arrived whole in that time is
-//!   answered 408 and nothing of it is stored.
+//! - **Body read timeout** (`--body-read-timeout`) and **body memory** (`--body-memory`) are
+//!   not enforced here but where a body is read ([`crate::data::http`],
+//!   [`crate::data::ingest::budget`]): a publish whose body has not arrived whole in that time
+//!   is answered 408, one that finds the worker's body memory spent 503, and nothing of either
+//!   is stored.
 //! - **Graceful shutdown with a deadline** (`--drain-timeout`): when `shutdown` is cancelled
 //!   the listener closes; connections with no request in progress (idle, or still sending
 //!   headers) are closed at once; the others finish their request (keep-alive off) and are
@@ -53,6 +55,8 @@ pub struct ServerLimits {
     pub body_read_timeout: Duration,
     pub max_connections: usize,
     pub drain_timeout: Duration,
+    /// Bytes of publish bodies in flight beyond each one's free part (ingest port).
+    pub body_memory: usize,
 }
 
 impl Default for ServerLimits {
@@ -62,6 +66,7 @@ impl Default for ServerLimits {
             body_read_timeout: Duration::from_secs(30),
             max_connections: 4096,
             drain_timeout: Duration::from_secs(15),
+            body_memory: 32 * 1024 * 1024,
         }
     }
 }
@@ -89,6 +94,13 @@ pub struct ServerArgs {
     /// leaves the rest of the Pod's grace period (45 s in the chart) to draining batchers.
     #[arg(long, env = "WEIR_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Memory for publish bodies in flight, per worker: beyond its first 16 KiB, a body draws
+    /// from this as it arrives; one that finds it spent is answered 503. 32 MiB holds
+    /// thirty-two 1 MiB requests (the default batching.maxBytes) or eight of the default
+    /// maxRequestBytes (4 MiB) being read at once, and keeps slow clients to a sixteenth of
+    /// the chart's 512 MiB memory limit.
+    #[arg(long, env = "WEIR_BODY_MEMORY", default_value = "32MiB", value_parser = parse_size)]
+    pub body_memory: usize,
 }
 
 impl ServerArgs {
@@ -98,7 +110,16 @@ impl ServerArgs {
             body_read_timeout: self.body_read_timeout,
             max_connections: self.max_connections as usize,
             drain_timeout: self.drain_timeout,
+            body_memory: self.body_memory,
         }
+    }
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    match crate::topology::units::parse_size(s) {
+        Ok(0) => Err("must be more than 0 bytes".into()),
+        Ok(n) => usize::try_from(n).map_err(|_| format!("{s} is too large")),
+        Err(e) => Err(e.to_string()),
     }
 }
 

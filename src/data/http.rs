@@ -43,6 +43,8 @@ pub struct HttpState {
     pub reviewer: Option<Arc<dyn crate::data::auth::Reviewer>>,
     /// How long a publish's body may take to arrive whole before it is answered 408.
     pub body_read_timeout: Duration,
+    /// The worker's memory for publish bodies in flight (`--body-memory`).
+    pub body_budget: Arc<crate::data::ingest::budget::BodyBudget>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -156,9 +158,16 @@ async fn publish_inner(
     if let Some(n) = declared.filter(|n| *n > limit) {
         return Err((HttpProblem::payload_too_large(Some(n), limit), 0));
     }
-    let bytes = read_body(body, limit, Instant::now() + st.body_read_timeout)
-        .await
-        .map_err(|e| (e.problem(limit), 0))?;
+    // Held until the request is answered: its bytes live that long.
+    let mut hold = st.body_budget.hold();
+    let bytes = read_body(
+        body,
+        limit,
+        Instant::now() + st.body_read_timeout,
+        &mut hold,
+    )
+    .await
+    .map_err(|e| (e.problem(limit), 0))?;
     // Announce the request to the batcher while it is parsed, so a batch being formed waits
     // for it (up to maxDelay) instead of leaving without it. Only once the body is in: a
     // body still on the network may take up to the body read timeout, and while it was
@@ -219,6 +228,8 @@ enum BodyError {
     Unreadable(String),
     /// The body had not arrived whole by the deadline (408); `received` bytes had.
     TimedOut { after: Duration, received: usize },
+    /// The worker's memory for bodies in flight is in use by other bodies (503).
+    OverBudget(crate::data::ingest::budget::Spent),
 }
 
 impl BodyError {
@@ -229,6 +240,11 @@ impl BodyError {
             BodyError::TimedOut { after, received } => {
                 HttpProblem::request_timeout(*after, *received)
             }
+            BodyError::OverBudget(spent) => unavailable(&format!(
+                "{spent}: this request's body was refused after {} bytes; retry, or send \
+                 smaller requests",
+                crate::data::ingest::budget::FREE_BYTES
+            )),
         }
     }
 }
@@ -238,7 +254,12 @@ impl BodyError {
 /// error). Stops reading at the first byte over the limit, so an oversized body never
 /// costs more than `limit` bytes of memory, and at `deadline`, so a slow one holds what it
 /// sent for at most the body read timeout.
-async fn read_body(body: Body, limit: usize, deadline: Instant) -> Result<Bytes, BodyError> {
+async fn read_body(
+    body: Body,
+    limit: usize,
+    deadline: Instant,
+    hold: &mut crate::data::ingest::budget::BodyHold,
+) -> Result<Bytes, BodyError> {
     use futures::StreamExt as _;
     let started = Instant::now();
     let mut stream = body.into_data_stream();
@@ -257,6 +278,7 @@ async fn read_body(body: Body, limit: usize, deadline: Instant) -> Result<Bytes,
         if len > limit {
             return Err(BodyError::TooLarge);
         }
+        hold.grow_to(len).map_err(BodyError::OverBudget)?;
         chunks.push(chunk);
     }
     // Most bodies arrive in one frame: that one is handed on without a copy.
@@ -651,6 +673,10 @@ mod tests {
         ))
     }
 
+    fn hold() -> crate::data::ingest::budget::BodyHold {
+        crate::data::ingest::budget::BodyBudget::new(1 << 20).hold()
+    }
+
     fn far() -> Instant {
         Instant::now() + Duration::from_secs(60)
     }
@@ -659,20 +685,23 @@ mod tests {
     async fn a_body_within_the_limit_is_read_whole() {
         let b = body_of(vec![Ok(b"ab"), Ok(b"cd"), Ok(b"e")]);
         assert_eq!(
-            read_body(b, 5, far()).await,
+            read_body(b, 5, far(), &mut hold()).await,
             Ok(Bytes::from_static(b"abcde"))
         );
         let b = body_of(vec![]);
-        assert_eq!(read_body(b, 5, far()).await, Ok(Bytes::new()));
+        assert_eq!(read_body(b, 5, far(), &mut hold()).await, Ok(Bytes::new()));
     }
 
     #[tokio::test]
     async fn only_a_body_over_the_limit_is_too_large() {
         let b = body_of(vec![Ok(b"abc"), Ok(b"def")]);
-        assert_eq!(read_body(b, 5, far()).await, Err(BodyError::TooLarge));
+        assert_eq!(
+            read_body(b, 5, far(), &mut hold()).await,
+            Err(BodyError::TooLarge)
+        );
         let broken = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cut short");
         let b = body_of(vec![Ok(b"abc"), Err(broken)]);
-        match read_body(b, 5, far()).await {
+        match read_body(b, 5, far(), &mut hold()).await {
             Err(BodyError::Unreadable(why)) => assert!(why.contains("cut short"), "{why}"),
             other => panic!("{other:?}"),
         }
@@ -685,7 +714,7 @@ mod tests {
         tx.send(Ok(Bytes::from_static(b"abc"))).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         // The sender stays open and silent: the read ends at the deadline, not before.
-        let got = read_body(body, 1000, deadline).await;
+        let got = read_body(body, 1000, deadline, &mut hold()).await;
         assert_eq!(
             got,
             Err(BodyError::TimedOut {

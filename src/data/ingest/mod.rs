@@ -66,6 +66,7 @@
 //! [`Data::Text`]: crate::data::event::Data::Text
 //! [`Data::Binary`]: crate::data::event::Data::Binary
 
+pub mod budget;
 mod content;
 pub mod limit;
 mod parse;
