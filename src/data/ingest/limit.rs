@@ -141,6 +141,7 @@ pub fn admit(
     publisher: Option<&str>,
     events: usize,
 ) -> Result<(), HttpProblem> {
+    // The hook for buckets per publisher (`ingest.auth`): one bucket per stream for now.
     let _ = publisher;
     let Some(limit) = &rt.rate_limit else {
         return Ok(());
