@@ -18,6 +18,7 @@ use crate::data::delivery::{SinkGuard, SinkPolicy};
 use crate::data::http::{self, HttpState};
 use crate::data::plane::{Desired, Plane};
 use crate::metrics::Metrics;
+use crate::server::ServerLimits;
 use crate::source::folder::Loaded;
 use crate::topology::Defaults;
 
@@ -33,6 +34,8 @@ pub struct RunConfig {
     pub public_url: Option<String>,
     /// Requests each stream's batcher may queue.
     pub batch_queue: usize,
+    /// Timeouts and connection cap of both HTTP servers.
+    pub server: ServerLimits,
 }
 
 /// What both modes serve: the data plane with the ingest port bound and the admin server
@@ -45,6 +48,7 @@ pub struct Serving {
     pub endpoint_base: String,
     /// The operator's TokenReview/SubjectAccessReview client; `None` standalone.
     reviewer: Option<Arc<dyn Reviewer>>,
+    server: ServerLimits,
     /// Cancel, then await `admin_server`, as the last step of a shutdown.
     admin_stop: CancellationToken,
     admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -62,6 +66,7 @@ impl Serving {
         reviewer: Option<Arc<dyn Reviewer>>,
         sinks: SinkPolicy,
         admin_auth: admin::auth::AdminAuth,
+        server: ServerLimits,
     ) -> anyhow::Result<Serving> {
         let ingest_listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -89,15 +94,14 @@ impl Serving {
         });
         let stop = admin_stop.clone();
         let admin_server = tokio::spawn(async move {
-            axum::serve(admin_listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
+            crate::server::serve(admin_listener, app, server, stop, "admin").await
         });
         Ok(Serving {
             plane,
             ingest_listener,
             endpoint_base,
             reviewer,
+            server,
             admin_stop,
             admin_server,
         })
@@ -115,12 +119,15 @@ impl Serving {
             plane: self.plane.clone(),
             request_timeout,
             reviewer: self.reviewer.clone(),
+            body_read_timeout: self.server.body_read_timeout,
+            body_budget: Arc::new(crate::data::ingest::budget::BodyBudget::new(
+                self.server.body_memory,
+            )),
         });
         let listener = self.ingest_listener;
+        let server = self.server;
         let ingest = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
+            crate::server::serve(listener, app, server, shutdown, "ingest").await
         });
         (
             Running {
@@ -148,8 +155,9 @@ pub struct Running {
 
 impl Running {
     /// Waits for ingest to stop (its shutdown token was cancelled) while subscriptions and
-    /// archivers stop, then drains the streams and closes the pools. Axum's graceful shutdown
-    /// waits for in-flight requests, which wait for their batches to commit; started
+    /// archivers stop, then drains the streams and closes the pools. The server's graceful
+    /// shutdown waits (up to the drain timeout) for in-flight requests, which wait for their
+    /// batches to commit; started
     /// deliveries finish, and their replies reach the still-running batchers, before the
     /// streams drain.
     pub async fn stop_data(&self, ingest: Ingest) {
@@ -191,6 +199,7 @@ pub async fn run(
         None,
         defaults.sinks.clone(),
         admin_auth,
+        cfg.server,
     )
     .await?;
 

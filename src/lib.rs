@@ -2,8 +2,8 @@
 //!
 //! Layers (see `docs/architecture.md`): `api` (CRD structs) → `source` (manifest folder or
 //! Kubernetes watch) → `topology` (validated kube-free model) → `data` (the data plane).
-//! `app`, `cli`, `admin` and `status` are wiring; `metrics`, `telemetry` and `shutdown` are
-//! shared leaves.
+//! `app`, `cli`, `admin`, `server` and `status` are wiring; `metrics`, `telemetry` and
+//! `shutdown` are shared leaves.
 
 pub mod admin;
 pub mod api;
@@ -15,6 +15,7 @@ pub mod control;
 pub mod data;
 pub mod metrics;
 pub mod poison;
+pub mod server;
 pub mod shutdown;
 pub mod source;
 pub mod telemetry;

@@ -12,6 +12,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub ingest_requests: IntCounterVec,
     pub ingest_events: IntCounterVec,
+    pub ingest_rejected: IntCounterVec,
     pub ingest_request_duration: HistogramVec,
     pub batch_events: HistogramVec,
     pub store_append_duration: HistogramVec,
@@ -100,6 +101,14 @@ impl Metrics {
                 "weir_ingest_events_total",
                 "Published events by outcome (accepted, duplicate, rejected).",
                 &["namespace", "stream", "outcome"],
+            ),
+            ingest_rejected: counter(
+                &r,
+                "weir_ingest_rejected_total",
+                "Events refused by an ingest limit before they were stored, by reason \
+                 (rate_limited: over spec.ingest.rateLimit; over_burst: a request of more \
+                 events than its burst).",
+                &["namespace", "stream", "reason"],
             ),
             ingest_request_duration: histogram(
                 &r,
@@ -327,6 +336,8 @@ impl Metrics {
             self.ingest_events
                 .with_label_values(&[namespace, stream, outcome]);
         }
+        self.ingest_rejected
+            .with_label_values(&[namespace, stream, "rate_limited"]);
     }
 
     /// The text exposition format.

@@ -290,7 +290,8 @@ pub struct RateLimitSpec {
     /// Sustained events per second; 0 means unlimited. Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events_per_second: Option<u32>,
-    /// Events allowed above the sustained rate in a burst; 0 means equal to
+    /// The bucket's size: the most events accepted at once, and so the largest request
+    /// that can ever pass (a larger one is answered 413); 0 means equal to
     /// `eventsPerSecond`. Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,

@@ -100,6 +100,8 @@ pub enum Command {
         /// (the quickstart's sink). This worker's own ports stay refused.
         #[arg(long)]
         allow_loopback_sinks: bool,
+        #[command(flatten)]
+        server: crate::server::ServerArgs,
     },
     /// Run as the in-cluster controller and worker: watch the resources through the
     /// Kubernetes API and run their pipelines.
@@ -128,6 +130,8 @@ pub enum Command {
         /// Publish requests each stream may queue for its batcher; beyond that, 503.
         #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
         batch_queue: usize,
+        #[command(flatten)]
+        server: crate::server::ServerArgs,
         /// Namespace of the leader-election Lease (the Pod's own namespace in a cluster).
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
@@ -334,6 +338,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             allow_custom_exchanges,
             sinks,
             allow_loopback_sinks,
+            server,
         } => {
             let mut defaults = crate::topology::Defaults::from_env()?;
             defaults.allow_custom_exchanges |= allow_custom_exchanges;
@@ -351,6 +356,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         request_timeout,
                         public_url,
                         batch_queue,
+                        server: server.limits(),
                     },
                     defaults,
                     shutdown,
@@ -367,6 +373,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             request_timeout,
             public_url,
             batch_queue,
+            server,
             lease_namespace,
             lease_name,
             identity,
@@ -392,6 +399,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                         request_timeout,
                         public_url,
                         batch_queue,
+                        server: server.limits(),
                         lease: crate::control::leader::LeaseConfig {
                             namespace: lease_namespace,
                             name: lease_name,

@@ -47,6 +47,8 @@ pub struct OperatorConfig {
     pub public_url: Option<String>,
     /// Requests each stream's batcher may queue.
     pub batch_queue: usize,
+    /// Timeouts and connection cap of both HTTP servers.
+    pub server: crate::server::ServerLimits,
     pub lease: LeaseConfig,
     /// Resync of valid resources and maximum age of cached Secrets.
     pub refresh: Duration,
@@ -98,6 +100,7 @@ pub async fn run_with_client(
             reviewer,
             audience: cfg.admin_token_audience.clone(),
         },
+        cfg.server,
     )
     .await?;
 

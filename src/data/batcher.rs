@@ -2,9 +2,9 @@
 //! (group commit) without ever splitting a request.
 //!
 //! A batch is flushed as soon as no other request is waiting to join it: a lone request is
-//! written at once. When requests are still being read and parsed for this stream (they have
-//! announced themselves with [`Batcher::joining`]) the batcher waits for them, at most
-//! `maxDelay` after the first request of the batch. While one batch commits the next one
+//! written at once. When requests are still being parsed for this stream (they have announced
+//! themselves with [`Batcher::joining`] once their body was read) the batcher waits for them,
+//! at most `maxDelay` after the first request of the batch. While one batch commits the next one
 //! fills up, which is where batches larger than one come from under load.
 
 use std::future::Future;
@@ -103,7 +103,7 @@ pub struct Batcher {
     joining: Arc<AtomicUsize>,
 }
 
-/// Marks a request as on its way to the batcher (being read or parsed) while alive.
+/// Marks a request as on its way to the batcher (its body read, being parsed) while alive.
 pub struct Joining(Arc<AtomicUsize>);
 
 impl Drop for Joining {
@@ -143,8 +143,9 @@ impl Batcher {
         )
     }
 
-    /// Call when a request for this stream starts being read; keep the guard until it is
-    /// submitted or rejected.
+    /// Call when a request's body has been read, before it is parsed; keep the guard until
+    /// it is submitted or rejected. Not before the body is in: a slow body would make every
+    /// batch of the stream wait its full maxDelay.
     pub fn joining(&self) -> Joining {
         self.joining.fetch_add(1, Ordering::AcqRel);
         Joining(self.joining.clone())

@@ -104,6 +104,9 @@ pub struct StreamRuntime {
     pub broker: Broker,
     pub backend: Backend,
     pub health: Arc<Health>,
+    /// `spec.ingest.rateLimit`'s bucket on this worker; rebuilt (full) with the runtime
+    /// whenever the plan changes.
+    pub rate_limit: Option<crate::data::ingest::limit::RateLimit>,
     cancel: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -548,6 +551,10 @@ impl Engine {
         )));
         Ok(Arc::new(StreamRuntime {
             access: RwLock::new(Arc::new(plan.access.clone())),
+            rate_limit: plan
+                .rate_limit
+                .as_ref()
+                .map(crate::data::ingest::limit::RateLimit::new),
             plan,
             validator,
             broker,

@@ -32,7 +32,7 @@ const MAX_PAGE: i64 = 1000;
 const DEFAULT_PAGE: i64 = 100;
 /// `Retry-After` seconds sent with 503: long enough for a batch queue to drain or a broker
 /// connection to come back, short enough not to idle publishers.
-const RETRY_AFTER_SECS: u64 = 1;
+pub(crate) const RETRY_AFTER_SECS: u64 = 1;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -44,6 +44,10 @@ pub struct HttpState {
     pub request_timeout: Duration,
     /// The operator's TokenReview client (`ServiceAccounts` streams); `None` standalone.
     pub reviewer: Option<Arc<dyn crate::data::auth::Reviewer>>,
+    /// How long a publish's body may take to arrive whole before it is answered 408.
+    pub body_read_timeout: Duration,
+    /// The worker's memory for publish bodies in flight (`--body-memory`).
+    pub body_budget: Arc<crate::data::ingest::budget::BodyBudget>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -179,13 +183,21 @@ async fn publish_inner(
     if let Some(n) = declared.filter(|n| *n > limit) {
         return Err((HttpProblem::payload_too_large(Some(n), limit), 0));
     }
-    let batcher = rt.batcher();
-    // Announce the request to the batcher while its body is read and parsed, so a batch
-    // being formed waits for it (up to maxDelay) instead of leaving without it.
-    let joining = batcher.as_ref().map(|b| b.joining());
-    let bytes = read_body(body, limit)
-        .await
-        .map_err(|e| (e.problem(limit), 0))?;
+    // Held until the request is answered: its bytes live that long.
+    let mut hold = st.body_budget.hold();
+    let bytes = crate::data::ingest::body::read_body(
+        body,
+        limit,
+        Instant::now() + st.body_read_timeout,
+        &mut hold,
+    )
+    .await
+    .map_err(|e| (e.problem(limit), 0))?;
+    // Announce the request to the batcher while it is parsed, so a batch being formed waits
+    // for it (up to maxDelay) instead of leaving without it. Only once the body is in: a
+    // body still on the network may take up to the body read timeout, and while it was
+    // announced every batch of the stream waited its full maxDelay for it.
+    let joining = rt.batcher().as_ref().map(|b| b.joining());
     let ctx = IngestContext {
         namespace: ns.to_string(),
         stream: stream.to_string(),
@@ -200,6 +212,7 @@ async fn publish_inner(
         }
     }
     let n = events.len();
+    crate::data::ingest::limit::admit(&st.engine.metrics, &rt, None, n).map_err(|p| (p, n))?;
     // The response names each event; keep just that, the events move to the append.
     let names: Vec<(String, String)> = events
         .iter()
@@ -242,70 +255,6 @@ async fn publish_inner(
         Err(AppendError::NotFound(_)) => Err((HttpProblem::stream_not_found(ns, stream), 0)),
         Err(AppendError::Unavailable(why)) => Err((unavailable(&why), 0)),
     }
-}
-
-/// Why a request body could not be taken in whole.
-#[derive(Debug, PartialEq, Eq)]
-enum BodyError {
-    /// More than the stream's limit arrived: the client's request is too large (413).
-    TooLarge,
-    /// The body ended or broke before it was complete (truncated, bad chunk encoding, the
-    /// client reset the connection): a fault of the request or its transport, not of its
-    /// size (400). The text is the transport's reason.
-    Unreadable(String),
-}
-
-impl BodyError {
-    fn problem(&self, limit: usize) -> HttpProblem {
-        match self {
-            BodyError::TooLarge => HttpProblem::payload_too_large(None, limit),
-            BodyError::Unreadable(cause) => HttpProblem::unreadable_body(cause),
-        }
-    }
-}
-
-/// Reads a request body of at most `limit` bytes, telling a body that exceeds the limit
-/// apart from one that cannot be read (`axum::body::to_bytes` reports both as one opaque
-/// error). Stops reading at the first byte over the limit, so an oversized body never
-/// costs more than `limit` bytes of memory.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, BodyError> {
-    use futures::StreamExt as _;
-    let mut stream = body.into_data_stream();
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut len = 0usize;
-    while let Some(frame) = stream.next().await {
-        let chunk = frame.map_err(|e| BodyError::Unreadable(error_chain(&e)))?;
-        len = len.saturating_add(chunk.len());
-        if len > limit {
-            return Err(BodyError::TooLarge);
-        }
-        chunks.push(chunk);
-    }
-    // Most bodies arrive in one frame: that one is handed on without a copy.
-    if chunks.len() == 1 {
-        return Ok(chunks.swap_remove(0));
-    }
-    let mut all = Vec::with_capacity(len);
-    for c in &chunks {
-        all.extend_from_slice(c);
-    }
-    Ok(Bytes::from(all))
-}
-
-/// An error and its causes on one line (hyper's body errors say what happened only in
-/// their source, e.g. "error reading a body from connection: invalid chunk size line").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let part = cause.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        next = cause.source();
-    }
-    text
 }
 
 fn started_deadline(st: &HttpState) -> Instant {
@@ -618,35 +567,4 @@ async fn trace_handler(
         answer.body.clone(),
     )
         .into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn body_of(parts: Vec<Result<&'static [u8], std::io::Error>>) -> Body {
-        Body::from_stream(futures::stream::iter(
-            parts.into_iter().map(|p| p.map(Bytes::from_static)),
-        ))
-    }
-
-    #[tokio::test]
-    async fn a_body_within_the_limit_is_read_whole() {
-        let b = body_of(vec![Ok(b"ab"), Ok(b"cd"), Ok(b"e")]);
-        assert_eq!(read_body(b, 5).await, Ok(Bytes::from_static(b"abcde")));
-        let b = body_of(vec![]);
-        assert_eq!(read_body(b, 5).await, Ok(Bytes::new()));
-    }
-
-    #[tokio::test]
-    async fn only_a_body_over_the_limit_is_too_large() {
-        let b = body_of(vec![Ok(b"abc"), Ok(b"def")]);
-        assert_eq!(read_body(b, 5).await, Err(BodyError::TooLarge));
-        let broken = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cut short");
-        let b = body_of(vec![Ok(b"abc"), Err(broken)]);
-        match read_body(b, 5).await {
-            Err(BodyError::Unreadable(why)) => assert!(why.contains("cut short"), "{why}"),
-            other => panic!("{other:?}"),
-        }
-    }
 }

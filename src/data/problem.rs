@@ -22,7 +22,8 @@
 //! | `https://weir.dev/problems/not-found` | 404 | no such event, subject or position |
 //! | `https://weir.dev/problems/version-conflict` | 409 | `expectedversion` does not match |
 //! | `https://weir.dev/problems/busy` | 409 | another run holds the resource (admin: an archive run) |
-//! | `https://weir.dev/problems/payload-too-large` | 413 | the body exceeds `maxRequestBytes` |
+//! | `https://weir.dev/problems/request-timeout` | 408 | the body did not arrive within the body read timeout |
+//! | `https://weir.dev/problems/payload-too-large` | 413 | the body exceeds `maxRequestBytes`, or the request holds more events than the rate limit's `burst` |
 //! | `https://weir.dev/problems/event-too-large` | 413 | an event exceeds `maxEventBytes` |
 //! | `https://weir.dev/problems/unsupported-media-type` | 415 | a content type ingest does not read |
 //! | `https://weir.dev/problems/missing-extension` | 422 | a `requiredExtensions` entry is absent |
@@ -58,6 +59,7 @@ pub enum ProblemKind {
     VersionConflict,
     IdConflict,
     Busy,
+    RequestTimeout,
     PayloadTooLarge,
     EventTooLarge,
     UnsupportedMediaType,
@@ -72,7 +74,7 @@ pub enum ProblemKind {
 
 impl ProblemKind {
     /// Every kind (for the docs' table and tests).
-    pub const ALL: [ProblemKind; 21] = [
+    pub const ALL: [ProblemKind; 22] = [
         ProblemKind::BadRequest,
         ProblemKind::UnreadableBody,
         ProblemKind::MalformedJson,
@@ -84,6 +86,7 @@ impl ProblemKind {
         ProblemKind::VersionConflict,
         ProblemKind::IdConflict,
         ProblemKind::Busy,
+        ProblemKind::RequestTimeout,
         ProblemKind::PayloadTooLarge,
         ProblemKind::EventTooLarge,
         ProblemKind::UnsupportedMediaType,
@@ -110,6 +113,7 @@ impl ProblemKind {
             ProblemKind::VersionConflict => "https://weir.dev/problems/version-conflict",
             ProblemKind::IdConflict => "https://weir.dev/problems/id-conflict",
             ProblemKind::Busy => "https://weir.dev/problems/busy",
+            ProblemKind::RequestTimeout => "https://weir.dev/problems/request-timeout",
             ProblemKind::PayloadTooLarge => "https://weir.dev/problems/payload-too-large",
             ProblemKind::EventTooLarge => "https://weir.dev/problems/event-too-large",
             ProblemKind::UnsupportedMediaType => "https://weir.dev/problems/unsupported-media-type",
@@ -137,6 +141,7 @@ impl ProblemKind {
             ProblemKind::VersionConflict => "Version conflict",
             ProblemKind::IdConflict => "Id taken by another publisher",
             ProblemKind::Busy => "Busy",
+            ProblemKind::RequestTimeout => "Request timeout",
             ProblemKind::PayloadTooLarge => "Payload too large",
             ProblemKind::EventTooLarge => "Event too large",
             ProblemKind::UnsupportedMediaType => "Unsupported media type",
@@ -160,6 +165,7 @@ impl ProblemKind {
             ProblemKind::Unauthorized => 401,
             ProblemKind::Forbidden => 403,
             ProblemKind::StreamNotFound | ProblemKind::NotFound => 404,
+            ProblemKind::RequestTimeout => 408,
             ProblemKind::VersionConflict | ProblemKind::IdConflict | ProblemKind::Busy => 409,
             ProblemKind::PayloadTooLarge | ProblemKind::EventTooLarge => 413,
             ProblemKind::UnsupportedMediaType => 415,
@@ -431,6 +437,19 @@ impl HttpProblem {
                  (one object or an array of {{type, data, source?, id?, subject?, \
                  correlationId?}}), or any content type with ce-specversion and the other ce- \
                  headers (binary mode); JSON bodies must be UTF-8"
+            ),
+        )
+    }
+
+    /// 408: the request body did not arrive whole within `timeout`. The connection is closed
+    /// after the answer (the rest of the body is not read).
+    pub fn request_timeout(timeout: std::time::Duration, received: usize) -> HttpProblem {
+        HttpProblem::new(
+            ProblemKind::RequestTimeout,
+            format!(
+                "the request body did not arrive within {}s (the server's body read timeout); \
+                 {received} bytes had arrived; nothing was stored",
+                timeout.as_secs_f64()
             ),
         )
     }

@@ -166,6 +166,8 @@ pub struct StreamPlan {
     pub validation: ValidationPlan,
     pub compression: CompressionPlan,
     pub deletion_policy: DeletionPolicy,
+    /// `spec.ingest.rateLimit`; `None`: unlimited.
+    pub rate_limit: Option<RateLimitPlan>,
     /// Who may publish and read. A change of it alone (a rotated token) is applied to the
     /// running stream in place, without restarting it.
     pub access: AccessPlan,
@@ -225,6 +227,16 @@ impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Token(..)")
     }
+}
+
+/// A token bucket counted in events, per stream and worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimitPlan {
+    /// Sustained rate: the bucket refills one event every `1 / events_per_second` s.
+    pub events_per_second: std::num::NonZeroU32,
+    /// The bucket's size: the most events accepted at once, and the largest request that
+    /// can ever pass.
+    pub burst: std::num::NonZeroU32,
 }
 
 /// Everything that should run: one plan per valid resource.

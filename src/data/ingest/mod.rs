@@ -3,9 +3,12 @@
 //!
 //! The HTTP layer runs the checks in this order, each with its own status and an
 //! `application/problem+json` body ([`crate::data::problem`]): unknown stream 404; content type
-//! 415 and body over `maxRequestBytes` 413 (before parsing); [`parse_request`] 400 (malformed
-//! JSON, broken CloudEvents rules); [`Validator::check`] 413 (event over `maxEventBytes`) and
-//! 422 (required extensions, JSON Schema, unknown types).
+//! 415 and body over `maxRequestBytes` 413 (before parsing); while the body is read
+//! ([`body`]), 408 past the body read timeout and 503 when the worker's body memory
+//! ([`budget`]) is spent; [`parse_request`] 400 (malformed JSON, broken CloudEvents rules);
+//! the rate limit ([`limit`]) 429, or 413 for more events than its burst;
+//! [`Validator::check`] 413 (event over `maxEventBytes`) and 422 (required extensions, JSON
+//! Schema, unknown types).
 //!
 //! # Content modes
 //!
@@ -67,7 +70,10 @@
 //! [`Data::Text`]: crate::data::event::Data::Text
 //! [`Data::Binary`]: crate::data::event::Data::Binary
 
+pub mod body;
+pub mod budget;
 mod content;
+pub mod limit;
 mod parse;
 mod raw;
 mod validate;

@@ -56,6 +56,7 @@ impl Built {
 }
 
 mod policy;
+mod rate_limit;
 mod stream;
 mod subscription;
 

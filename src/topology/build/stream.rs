@@ -118,6 +118,7 @@ pub(super) fn stream_plan(
 
     check_ingest(cx, spec);
     let access = access_plan(cx, spec);
+    let rate_limit = super::rate_limit::rate_limit_plan(cx, spec);
 
     StreamPlan {
         key: key.clone(),
@@ -137,6 +138,7 @@ pub(super) fn stream_plan(
             Some(api::DeletionPolicy::Retain) | None => DeletionPolicy::Retain,
         },
         access,
+        rate_limit,
     }
 }
 
