@@ -57,17 +57,37 @@ pub struct Serving {
 /// The ingest server, started by [`Serving::serve_ingest`].
 pub struct Ingest(tokio::task::JoinHandle<std::io::Result<()>>);
 
+/// What [`Serving::start`] needs: the same in both modes, filled from each mode's config.
+pub struct ServeConfig {
+    /// Requests each stream's batcher may queue.
+    pub batch_queue: usize,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Base URL shown as the streams' endpoint in status.
+    pub public_url: Option<String>,
+    /// The operator's TokenReview/SubjectAccessReview client; `None` standalone (the modes
+    /// that need one are refused at validation there).
+    pub reviewer: Option<Arc<dyn Reviewer>>,
+    /// What sinks may reach beyond the sink guard's default.
+    pub sinks: SinkPolicy,
+    /// Who may use the admin API's protected endpoints.
+    pub admin_auth: admin::auth::AdminAuth,
+    /// Timeouts and caps of both HTTP servers.
+    pub server: ServerLimits,
+}
+
 impl Serving {
-    pub async fn start(
-        batch_queue: usize,
-        listen: SocketAddr,
-        admin_listen: SocketAddr,
-        public_url: Option<String>,
-        reviewer: Option<Arc<dyn Reviewer>>,
-        sinks: SinkPolicy,
-        admin_auth: admin::auth::AdminAuth,
-        server: ServerLimits,
-    ) -> anyhow::Result<Serving> {
+    pub async fn start(cfg: ServeConfig) -> anyhow::Result<Serving> {
+        let ServeConfig {
+            batch_queue,
+            listen,
+            admin_listen,
+            public_url,
+            reviewer,
+            sinks,
+            admin_auth,
+            server,
+        } = cfg;
         let ingest_listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding the ingest port {listen}"))?;
@@ -189,18 +209,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let admin_auth = standalone_admin_auth(cfg.admin_token_file.as_deref(), cfg.admin_listen)?;
-    let serving = Serving::start(
-        cfg.batch_queue,
-        cfg.listen,
-        cfg.admin_listen,
-        cfg.public_url.clone(),
+    let serving = Serving::start(ServeConfig {
+        batch_queue: cfg.batch_queue,
+        listen: cfg.listen,
+        admin_listen: cfg.admin_listen,
+        public_url: cfg.public_url.clone(),
         // Standalone has no API server to review tokens with: modes that need one are refused
         // at validation.
-        None,
-        defaults.sinks.clone(),
+        reviewer: None,
+        sinks: defaults.sinks.clone(),
         admin_auth,
-        cfg.server,
-    )
+        server: cfg.server,
+    })
     .await?;
 
     let watch_stop = shutdown.child_token();

@@ -89,19 +89,19 @@ pub async fn run_with_client(
     let reviewer: Arc<dyn crate::data::auth::Reviewer> =
         Arc::new(crate::control::review::KubeReviewer::new(client.clone()));
     // Admin first: liveness answers while the CRDs are awaited, readiness does not.
-    let serving = crate::app::Serving::start(
-        cfg.batch_queue,
-        cfg.listen,
-        cfg.admin_listen,
-        cfg.public_url.clone(),
-        Some(reviewer.clone()),
-        defaults.sinks.clone(),
-        crate::admin::auth::AdminAuth::Kube {
+    let serving = crate::app::Serving::start(crate::app::ServeConfig {
+        batch_queue: cfg.batch_queue,
+        listen: cfg.listen,
+        admin_listen: cfg.admin_listen,
+        public_url: cfg.public_url.clone(),
+        reviewer: Some(reviewer.clone()),
+        sinks: defaults.sinks.clone(),
+        admin_auth: crate::admin::auth::AdminAuth::Kube {
             reviewer,
             audience: cfg.admin_token_audience.clone(),
         },
-        cfg.server,
-    )
+        server: cfg.server,
+    })
     .await?;
 
     let established = tokio::select! {
