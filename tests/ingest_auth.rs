@@ -379,7 +379,12 @@ async fn service_accounts_through_token_review() {
          spec:\n  broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}\n  \
          store: {{urlSecretRef: {{name: pg, key: url}}}}\n  ingest:\n    auth:\n      \
          mode: ServiceAccounts\n      serviceAccounts: [{{namespace: {ns}, name: checkout}}]\n      \
-         readers: {{serviceAccounts: [{{namespace: {ns}, name: audit}}]}}\n"
+         readers: {{serviceAccounts: [{{namespace: {ns}, name: audit}}]}}\n---\n\
+         {}---\n\
+         apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: tokened, namespace: {ns}}}\n\
+         spec:\n  broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}\n  \
+         store: {{urlSecretRef: {{name: pg, key: url}}}}\n{AUTH}",
+        secrets_yaml(CHECKOUT).replace("namespace: test", &format!("namespace: {ns}"))
     );
     let out = server
         .kubectl_with_input(&["apply", "-f", "-"], &manifests)
@@ -457,6 +462,37 @@ async fn service_accounts_through_token_review() {
         "only the listed account's event is stored, naming it"
     );
     assert_eq!(c.get(&page, None).await.0, StatusCode::UNAUTHORIZED);
+
+    // Tokens under the operator: a rotated Secret takes over within the refresh interval
+    // (the operator here re-reads Secrets every 2 s), the old token stops working.
+    let tokened = format!("/v1/namespaces/{ns}/streams/tokened/events?from=1");
+    eventually(
+        60,
+        "the Tokens stream to answer its reader",
+        || op.log_text(),
+        || async { (c.get(&tokened, Some(AUDIT)).await.0 == StatusCode::OK).then_some(()) },
+    )
+    .await;
+    assert_eq!(c.get(&tokened, Some(CHECKOUT)).await.0, StatusCode::OK);
+    let out = server
+        .kubectl_with_input(
+            &["apply", "-f", "-"],
+            &secrets_yaml(ROTATED).replace("namespace: test", &format!("namespace: {ns}")),
+        )
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    eventually(
+        30,
+        "the rotated token to take over under the operator",
+        || op.log_text(),
+        || async { (c.get(&tokened, Some(ROTATED)).await.0 == StatusCode::OK).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        c.get(&tokened, Some(CHECKOUT)).await.0,
+        StatusCode::UNAUTHORIZED,
+        "the old token still works after rotation"
+    );
 
     // A revoked token stops working once the positive-answer cache entry expires.
     server.revoke_token(&checkout);

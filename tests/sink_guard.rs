@@ -151,6 +151,42 @@ fn non_loopback_address() -> Option<IpAddr> {
     (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
 
+/// A private (RFC 1918) address added to the loopback interface for the test's sink, removed
+/// when dropped: in-cluster sinks live on such addresses, and the machine may have none of its
+/// own. Needs root and `ip`; `Err` says why it could not be added.
+struct PrivateAddress {
+    ip: IpAddr,
+}
+
+impl PrivateAddress {
+    /// 10.254.x.y, from the process id, so concurrent test binaries do not share one.
+    fn add() -> Result<PrivateAddress, String> {
+        let pid = std::process::id();
+        let ip: IpAddr = format!("10.254.{}.{}", (pid >> 8) % 256, pid % 254 + 1)
+            .parse()
+            .map_err(|e| format!("{e}"))?;
+        let out = std::process::Command::new("ip")
+            .args(["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+            .output()
+            .map_err(|e| format!("running ip: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip addr add {ip}/32 dev lo: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(PrivateAddress { ip })
+    }
+}
+
+impl Drop for PrivateAddress {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", &format!("{}/32", self.ip), "dev", "lo"])
+            .output();
+    }
+}
+
 /// A line added to `/etc/hosts`, removed when dropped (a panicking test included).
 struct HostsLine {
     line: String,
@@ -252,7 +288,19 @@ async fn a_deployed_worker_refuses_sinks_aimed_at_itself_or_the_node() {
 
     // Delivered: a sink on this machine's non-loopback address; refused: the same address on
     // the worker's own admin port.
-    let private = non_loopback_address();
+    // A private address when one can be added (the case the issue names: 10/8, 172.16/12 and
+    // 192.168/16 stay allowed), else the machine's own non-loopback address.
+    let added = PrivateAddress::add();
+    let private = match &added {
+        Ok(p) => {
+            assert!(matches!(p.ip, IpAddr::V4(v4) if v4.is_private()));
+            Some(p.ip)
+        }
+        Err(why) => {
+            println!("no private address could be added ({why}): using the machine's own");
+            non_loopback_address()
+        }
+    };
     let mut weir = Weir::start_guarded(m.path(), &[]);
     let admin_port = weir.admin.rsplit(':').next().unwrap().to_string();
     let remote = match private {

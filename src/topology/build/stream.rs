@@ -350,58 +350,53 @@ pub(super) fn access_plan(cx: &mut Cx<'_>, spec: &EventStreamSpec) -> AccessPlan
     };
     let readers = auth.readers.clone().unwrap_or_default();
     let mode = auth.mode.unwrap_or(AuthMode::None);
-    let stray = |cx: &mut Cx<'_>, set: bool, path: &str, mode_needed: &str| {
-        if set {
-            cx.invalid(path, format!("only used with mode {mode_needed}"));
+    // Fields only one mode reads: set under another mode they would do nothing, so say so.
+    let only_in: [(bool, &str, &[AuthMode], &str); 6] = [
+        (
+            auth.tokens_secret_ref.is_some(),
+            "spec.ingest.auth.tokensSecretRef",
+            &[AuthMode::Tokens],
+            "Tokens",
+        ),
+        (
+            readers.tokens_secret_ref.is_some(),
+            "spec.ingest.auth.readers.tokensSecretRef",
+            &[AuthMode::Tokens],
+            "Tokens",
+        ),
+        (
+            auth.service_accounts.is_some(),
+            "spec.ingest.auth.serviceAccounts",
+            &[AuthMode::ServiceAccounts],
+            "ServiceAccounts",
+        ),
+        (
+            readers.service_accounts.is_some(),
+            "spec.ingest.auth.readers.serviceAccounts",
+            &[AuthMode::ServiceAccounts],
+            "ServiceAccounts",
+        ),
+        (
+            auth.audience.is_some(),
+            "spec.ingest.auth.audience",
+            &[AuthMode::ServiceAccounts],
+            "ServiceAccounts",
+        ),
+        (
+            auth.readers.is_some(),
+            "spec.ingest.auth.readers",
+            &[AuthMode::Tokens, AuthMode::ServiceAccounts],
+            "Tokens or ServiceAccounts",
+        ),
+    ];
+    for (set, path, modes, names) in only_in {
+        if set && !modes.contains(&mode) {
+            cx.invalid(path, format!("only used with mode {names}"));
         }
-    };
+    }
     match mode {
-        AuthMode::None => {
-            stray(
-                cx,
-                auth.tokens_secret_ref.is_some(),
-                "spec.ingest.auth.tokensSecretRef",
-                "Tokens",
-            );
-            stray(
-                cx,
-                auth.service_accounts.is_some(),
-                "spec.ingest.auth.serviceAccounts",
-                "ServiceAccounts",
-            );
-            stray(
-                cx,
-                auth.readers.is_some(),
-                "spec.ingest.auth.readers",
-                "Tokens or ServiceAccounts",
-            );
-            stray(
-                cx,
-                auth.audience.is_some(),
-                "spec.ingest.auth.audience",
-                "ServiceAccounts",
-            );
-            AccessPlan::Open
-        }
+        AuthMode::None => AccessPlan::Open,
         AuthMode::Tokens => {
-            stray(
-                cx,
-                auth.service_accounts.is_some(),
-                "spec.ingest.auth.serviceAccounts",
-                "ServiceAccounts",
-            );
-            stray(
-                cx,
-                readers.service_accounts.is_some(),
-                "spec.ingest.auth.readers.serviceAccounts",
-                "ServiceAccounts",
-            );
-            stray(
-                cx,
-                auth.audience.is_some(),
-                "spec.ingest.auth.audience",
-                "ServiceAccounts",
-            );
             let publishers = match &auth.tokens_secret_ref {
                 None => {
                     cx.invalid(
@@ -432,18 +427,6 @@ pub(super) fn access_plan(cx: &mut Cx<'_>, spec: &EventStreamSpec) -> AccessPlan
             }
         }
         AuthMode::ServiceAccounts => {
-            stray(
-                cx,
-                auth.tokens_secret_ref.is_some(),
-                "spec.ingest.auth.tokensSecretRef",
-                "Tokens",
-            );
-            stray(
-                cx,
-                readers.tokens_secret_ref.is_some(),
-                "spec.ingest.auth.readers.tokensSecretRef",
-                "Tokens",
-            );
             if !cx.defaults.token_review {
                 cx.invalid(
                     "spec.ingest.auth.mode",
