@@ -824,6 +824,46 @@ fn store_without_secret_needs_a_default_database() {
     );
 }
 
+/// TLS this build cannot give is refused, never downgraded to plain text.
+#[test]
+fn tls_that_cannot_be_honoured_is_refused() {
+    let yaml = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: tls, namespace: shop}
+stringData:
+  amqp: "amqps://guest:secret@broker.example:5671/%2f"
+  pg: "postgres://a@pg-0:5432/events?sslmode=verify-full"
+---
+apiVersion: weir.dev/v1alpha1
+kind: EventStream
+metadata: {name: orders, namespace: shop}
+spec:
+  broker: {urlSecretRef: {name: tls, key: amqp}}
+  store: {urlSecretRef: {name: tls, key: pg}}
+"#;
+    let built = build(&index(yaml), &defaults());
+    assert!(built.topology.streams.is_empty());
+    assert_problem(
+        &built,
+        Kind::EventStream,
+        "orders",
+        "spec.broker.urlSecretRef",
+        Reason::InvalidSpec,
+        "amqps:// (TLS to RabbitMQ) is not supported yet",
+    );
+    assert_problem(
+        &built,
+        Kind::EventStream,
+        "orders",
+        "spec.store.urlSecretRef",
+        Reason::InvalidSpec,
+        "sslmode=verify-full asks for TLS to PostgreSQL, which is not supported yet",
+    );
+    let all = problems(&built, Kind::EventStream, "shop", "orders").join("\n");
+    assert!(!all.contains("secret@"), "a message shows the URL: {all}");
+}
+
 #[test]
 fn two_streams_cannot_share_an_exchange() {
     let yaml = format!(

@@ -68,7 +68,8 @@ pub struct EventStreamSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BrokerSpec {
-    /// Secret key holding the broker URL (`amqp://` or `amqps://`). Required.
+    /// Secret key holding the broker URL (`amqp://`). Required. `amqps://` (TLS) is refused
+    /// until TLS support lands: this build would connect in plain text.
     pub url_secret_ref: SecretKeyRef,
     /// Name of the topic exchange the stream publishes to. Default `weir.<namespace>.<name>`.
     /// Must start with `weir.<namespace>.` unless the operator allows custom exchanges
@@ -95,6 +96,8 @@ pub enum QueueType {
 pub struct StoreSpec {
     /// Secret key holding the PostgreSQL URL (`postgres://...`), or several URLs separated by
     /// commas, tried in order (failover). Absent: the operator-wide default database.
+    /// TLS (`sslmode=require`, `verify-ca`, `verify-full`, certificate options) is refused
+    /// until TLS support lands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_secret_ref: Option<SecretKeyRef>,
     /// Secret key holding the URL (or comma-separated URLs) of a read replica used by the read

@@ -70,7 +70,21 @@ pub fn validate_url(url: &str) -> Result<(), BrokerError> {
     parse_url(url).map(|_| ())
 }
 
+/// Why an `amqps://` URL is refused: Weir's AMQP client is built without a TLS backend, and
+/// lapin would then connect in plain text, credentials included. Refusing is the only honest
+/// answer until TLS support lands.
+pub const AMQPS_UNSUPPORTED: &str = "amqps:// (TLS to RabbitMQ) is not supported yet: this \
+     build would connect in plain text, credentials included; use amqp:// on a trusted network";
+
 pub(crate) fn parse_url(url: &str) -> Result<lapin::uri::AMQPUri, BrokerError> {
+    let uri = parse_any(url)?;
+    if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+        return Err(BrokerError::InvalidUrl(AMQPS_UNSUPPORTED.into()));
+    }
+    Ok(uri)
+}
+
+fn parse_any(url: &str) -> Result<lapin::uri::AMQPUri, BrokerError> {
     url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
         // The parser sometimes quotes its input; the URL carries credentials.
         let reason = if e.contains(url) {
@@ -94,6 +108,13 @@ mod tests {
         let err = validate_url("http://u:pw@host/").unwrap_err();
         assert!(!err.to_string().contains("pw@"), "{err}");
         assert!(validate_url("amqp://guest:guest@127.0.0.1:5672/%2f").is_ok());
+    }
+
+    #[test]
+    fn amqps_is_refused_not_downgraded() {
+        let err = validate_url("amqps://guest:secret@broker.example:5671/%2f").unwrap_err();
+        assert!(err.to_string().contains("not supported yet"), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 
     #[test]

@@ -55,6 +55,7 @@ impl Built {
     }
 }
 
+mod access;
 mod policy;
 mod rate_limit;
 mod stream;

@@ -13,7 +13,20 @@ pub(super) fn stream_plan(
     let url = cx
         .secret_text(&spec.broker.url_secret_ref, "spec.broker.urlSecretRef")
         .unwrap_or_default();
-    if !url.is_empty() && !check_url(&url, &["amqp", "amqps"]) {
+    if url
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("amqps://"))
+    {
+        let r = &spec.broker.url_secret_ref;
+        cx.invalid(
+            "spec.broker.urlSecretRef",
+            format!(
+                "Secret {} key {:?}: {AMQPS_UNSUPPORTED}",
+                cx.key(&r.name),
+                r.key
+            ),
+        );
+    } else if !url.is_empty() && !check_url(&url, &["amqp", "amqps"]) {
         // The URL holds a password: name where it came from, never the value.
         let r = &spec.broker.url_secret_ref;
         cx.invalid(
@@ -117,7 +130,7 @@ pub(super) fn stream_plan(
     };
 
     check_ingest(cx, spec);
-    let access = access_plan(cx, spec);
+    let access = super::access::access_plan(cx, spec);
     let rate_limit = super::rate_limit::rate_limit_plan(cx, spec);
 
     StreamPlan {
@@ -156,6 +169,22 @@ pub(super) fn postgres_urls(
         .map(str::to_string)
         .collect();
     for (i, url) in urls.iter().enumerate() {
+        if let Some(option) = unsupported_tls_option(url) {
+            cx.invalid(
+                path,
+                format!(
+                    "Secret {} key {:?}: URL {} of {}: {option} asks for TLS to PostgreSQL, \
+                     which is not supported yet: this build has no TLS for PostgreSQL and \
+                     would refuse to connect or connect in plain text. Remove it and run on a \
+                     trusted network (sslmode=prefer and disable connect without TLS)",
+                    cx.key(&r.name),
+                    r.key,
+                    i + 1,
+                    urls.len()
+                ),
+            );
+            continue;
+        }
         if !check_url(url, &["postgres", "postgresql"]) {
             cx.invalid(
                 path,
@@ -170,6 +199,29 @@ pub(super) fn postgres_urls(
         }
     }
     urls
+}
+
+/// Why an `amqps://` broker URL is refused (the AMQP client has no TLS backend yet; it would
+/// connect in plain text, credentials included). The connection layer refuses it too.
+const AMQPS_UNSUPPORTED: &str = "amqps:// (TLS to RabbitMQ) is not supported yet: this build \
+     would connect in plain text, credentials included; use amqp:// on a trusted network";
+
+/// A query parameter of a PostgreSQL URL that asks for TLS this build cannot give:
+/// `sslmode=require|verify-ca|verify-full`, or a certificate option.
+fn unsupported_tls_option(url: &str) -> Option<String> {
+    let query = url.split_once('?')?.1;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = k.to_ascii_lowercase();
+        let v = v.to_ascii_lowercase();
+        match k.as_str() {
+            "sslmode" if ["require", "verify-ca", "verify-full"].contains(&v.as_str()) => {
+                Some(format!("sslmode={v}"))
+            }
+            "sslrootcert" | "sslcert" | "sslkey" => Some(k),
+            _ => None,
+        }
+    })
 }
 
 pub(super) fn pool_plan(cx: &mut Cx<'_>, pool: Option<&api::eventstream::PoolSpec>) -> PoolPlan {
@@ -340,209 +392,6 @@ pub(super) fn parse_json_or_yaml(text: &str) -> Result<serde_json::Value, String
     }
 }
 
-/// The audience service account tokens must name when `spec.ingest.auth.audience` is unset.
-pub const DEFAULT_AUDIENCE: &str = "weir";
-
-/// Who may publish and read (`spec.ingest.auth`).
-pub(super) fn access_plan(cx: &mut Cx<'_>, spec: &EventStreamSpec) -> AccessPlan {
-    let Some(auth) = spec.ingest.as_ref().and_then(|i| i.auth.as_ref()) else {
-        return AccessPlan::Open;
-    };
-    let readers = auth.readers.clone().unwrap_or_default();
-    let mode = auth.mode.unwrap_or(AuthMode::None);
-    // Fields only one mode reads: set under another mode they would do nothing, so say so.
-    let only_in: [(bool, &str, &[AuthMode], &str); 6] = [
-        (
-            auth.tokens_secret_ref.is_some(),
-            "spec.ingest.auth.tokensSecretRef",
-            &[AuthMode::Tokens],
-            "Tokens",
-        ),
-        (
-            readers.tokens_secret_ref.is_some(),
-            "spec.ingest.auth.readers.tokensSecretRef",
-            &[AuthMode::Tokens],
-            "Tokens",
-        ),
-        (
-            auth.service_accounts.is_some(),
-            "spec.ingest.auth.serviceAccounts",
-            &[AuthMode::ServiceAccounts],
-            "ServiceAccounts",
-        ),
-        (
-            readers.service_accounts.is_some(),
-            "spec.ingest.auth.readers.serviceAccounts",
-            &[AuthMode::ServiceAccounts],
-            "ServiceAccounts",
-        ),
-        (
-            auth.audience.is_some(),
-            "spec.ingest.auth.audience",
-            &[AuthMode::ServiceAccounts],
-            "ServiceAccounts",
-        ),
-        (
-            auth.readers.is_some(),
-            "spec.ingest.auth.readers",
-            &[AuthMode::Tokens, AuthMode::ServiceAccounts],
-            "Tokens or ServiceAccounts",
-        ),
-    ];
-    for (set, path, modes, names) in only_in {
-        if set && !modes.contains(&mode) {
-            cx.invalid(path, format!("only used with mode {names}"));
-        }
-    }
-    match mode {
-        AuthMode::None => AccessPlan::Open,
-        AuthMode::Tokens => {
-            let publishers = match &auth.tokens_secret_ref {
-                None => {
-                    cx.invalid(
-                        "spec.ingest.auth.tokensSecretRef",
-                        "required with mode Tokens",
-                    );
-                    Vec::new()
-                }
-                Some(r) => tokens(cx, &r.name, "spec.ingest.auth.tokensSecretRef"),
-            };
-            let readers = match &readers.tokens_secret_ref {
-                None => Vec::new(),
-                Some(r) => tokens(cx, &r.name, "spec.ingest.auth.readers.tokensSecretRef"),
-            };
-            // A token must name one caller: the same token as publisher and reader would make
-            // "who sent this" ambiguous.
-            for (name, t) in &readers {
-                if let Some((p, _)) = publishers.iter().find(|(_, pt)| pt == t) {
-                    cx.invalid(
-                        "spec.ingest.auth.readers.tokensSecretRef",
-                        format!("reader {name:?} has the same token as publisher {p:?}"),
-                    );
-                }
-            }
-            AccessPlan::Tokens {
-                publishers,
-                readers,
-            }
-        }
-        AuthMode::ServiceAccounts => {
-            if !cx.defaults.token_review {
-                cx.invalid(
-                    "spec.ingest.auth.mode",
-                    "ServiceAccounts needs the Kubernetes TokenReview API, which only operator \
-                     mode has; standalone mode (weir run) supports None and Tokens",
-                );
-            }
-            let accounts = |cx: &mut Cx<'_>, list: Option<&Vec<ServiceAccountRef>>, path: &str| {
-                let mut set = BTreeSet::new();
-                for (i, sa) in list.into_iter().flatten().enumerate() {
-                    for (field, v) in [("namespace", &sa.namespace), ("name", &sa.name)] {
-                        if !is_dns_label(v) && !is_dns_subdomain(v) {
-                            cx.invalid(
-                                format!("{path}[{i}].{field}"),
-                                format!("{v:?} is not a valid Kubernetes name"),
-                            );
-                        }
-                    }
-                    set.insert((sa.namespace.clone(), sa.name.clone()));
-                }
-                set
-            };
-            let publishers = accounts(
-                cx,
-                auth.service_accounts.as_ref(),
-                "spec.ingest.auth.serviceAccounts",
-            );
-            if publishers.is_empty() {
-                cx.invalid(
-                    "spec.ingest.auth.serviceAccounts",
-                    "at least one service account is required with mode ServiceAccounts",
-                );
-            }
-            let readers = accounts(
-                cx,
-                readers.service_accounts.as_ref(),
-                "spec.ingest.auth.readers.serviceAccounts",
-            );
-            let audience = match auth.audience.as_deref() {
-                None => DEFAULT_AUDIENCE.to_string(),
-                Some(a) if a.trim().is_empty() => {
-                    cx.invalid("spec.ingest.auth.audience", "must not be empty");
-                    DEFAULT_AUDIENCE.to_string()
-                }
-                Some(a) => a.to_string(),
-            };
-            AccessPlan::ServiceAccounts {
-                audience,
-                publishers,
-                readers,
-            }
-        }
-    }
-}
-
-/// Whether `s` is a DNS subdomain (service account names may contain dots).
-fn is_dns_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns_label)
-}
-
-/// The `(name, token)` pairs of a tokens Secret: every key names a caller.
-fn tokens(cx: &mut Cx<'_>, secret: &str, path: &str) -> Vec<(String, Token)> {
-    let key = cx.key(secret);
-    let Some(data) = cx.index.secrets.get(&key) else {
-        cx.push(
-            path,
-            format!("Secret {key} not found"),
-            Reason::SecretNotFound,
-        );
-        return Vec::new();
-    };
-    let data = data.clone();
-    if data.is_empty() {
-        cx.invalid(path, format!("Secret {key} holds no token"));
-        return Vec::new();
-    }
-    let mut out: Vec<(String, Token)> = Vec::new();
-    for (name, value) in data {
-        // Token files written by hand end in a newline: it is not part of the token.
-        let token = match String::from_utf8(value) {
-            Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
-            Ok(_) => {
-                cx.invalid(path, format!("Secret {key} key {name:?} is an empty token"));
-                continue;
-            }
-            Err(_) => {
-                cx.invalid(path, format!("Secret {key} key {name:?} is not UTF-8 text"));
-                continue;
-            }
-        };
-        // A short token can be guessed; 16 characters is the least a generated token has.
-        if token.len() < MIN_TOKEN_LEN {
-            cx.invalid(
-                path,
-                format!(
-                    "Secret {key} key {name:?}: a token must be at least {MIN_TOKEN_LEN} characters"
-                ),
-            );
-            continue;
-        }
-        let token = Token::new(token);
-        if let Some((other, _)) = out.iter().find(|(_, t)| *t == token) {
-            cx.invalid(
-                path,
-                format!("Secret {key} keys {other:?} and {name:?} hold the same token"),
-            );
-            continue;
-        }
-        out.push((name, token));
-    }
-    out
-}
-
-/// Shortest bearer token accepted.
-pub const MIN_TOKEN_LEN: usize = 16;
-
 /// The PII settings are not planned yet (they have no runtime), but their references are
 /// checked now so that a manifest that will not work says so today.
 pub(super) fn check_ingest(cx: &mut Cx<'_>, spec: &EventStreamSpec) {
@@ -578,3 +427,26 @@ pub(super) fn check_ingest(cx: &mut Cx<'_>, spec: &EventStreamSpec) {
 
 // ----------------------------------------------------------------------------------------------
 // Subscription
+
+#[cfg(test)]
+mod tls_tests {
+    use super::unsupported_tls_option;
+
+    #[test]
+    fn tls_options_that_cannot_be_honoured_are_named() {
+        let cases = [
+            ("postgres://u@h/db", None),
+            ("postgres://u@h/db?sslmode=disable", None),
+            ("postgres://u@h/db?sslmode=prefer", None),
+            ("postgres://u@h/db?sslmode=require", Some("sslmode=require")),
+            (
+                "postgres://u@h/db?application_name=x&sslmode=verify-full",
+                Some("sslmode=verify-full"),
+            ),
+            ("postgres://u@h/db?sslrootcert=/ca.pem", Some("sslrootcert")),
+        ];
+        for (url, want) in cases {
+            assert_eq!(unsupported_tls_option(url).as_deref(), want, "{url}");
+        }
+    }
+}
