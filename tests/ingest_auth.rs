@@ -43,6 +43,21 @@ fn event(id: &str, extra: Value) -> Value {
     ev
 }
 
+/// `(id, weirpublisher)` of every event of a batch read.
+fn ids_and_publishers(batch: &Value) -> Vec<(String, String)> {
+    batch
+        .as_array()
+        .expect("a batch")
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap_or_default().to_string(),
+                e["weirpublisher"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
 struct Client {
     http: reqwest::Client,
     base: String,
@@ -192,17 +207,7 @@ async fn tokens_guard_publish_read_and_trace() {
     assert_eq!(body["results"][0]["duplicate"], true, "{body}");
     // One event per id, each with its own publisher: nothing lost, nothing shadowed.
     let (_, all) = c.get(page, Some(AUDIT)).await;
-    let got: Vec<(String, String)> = all
-        .as_array()
-        .expect("a batch")
-        .iter()
-        .map(|e| {
-            (
-                e["id"].as_str().unwrap_or_default().to_string(),
-                e["weirpublisher"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let got = ids_and_publishers(&all);
     assert_eq!(
         got,
         vec![
@@ -442,17 +447,7 @@ async fn service_accounts_through_token_review() {
     let page = format!("/v1/namespaces/{ns}/streams/orders/events?from=1");
     let (s, events) = c.get(&page, Some(&audit)).await;
     assert_eq!(s, StatusCode::OK, "{events}");
-    let got: Vec<(String, String)> = events
-        .as_array()
-        .expect("a batch")
-        .iter()
-        .map(|e| {
-            (
-                e["id"].as_str().unwrap_or_default().to_string(),
-                e["weirpublisher"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let got = ids_and_publishers(&events);
     assert_eq!(
         got,
         vec![(

@@ -17,38 +17,7 @@ use weir::topology::*;
 const SECRET: &str = "apiVersion: v1\nkind: Secret\nmetadata: {name: rabbitmq, namespace: shop}\n\
                       stringData: {url: \"amqp://guest:guest@127.0.0.1:5672/%2f\"}\n";
 
-/// An index from multi-document YAML (EventStream, Subscription, Secret).
-fn index(yaml: &str) -> Index {
-    let mut idx = Index::default();
-    for v in weir::yaml::from_multiple::<serde_json::Value>(yaml).expect("fixture is valid YAML") {
-        if v.is_null() {
-            continue;
-        }
-        let key = Key::new(
-            v["metadata"]["namespace"].as_str().expect("namespace"),
-            v["metadata"]["name"].as_str().expect("name"),
-        );
-        match v["kind"].as_str().expect("kind") {
-            "EventStream" => {
-                idx.streams.insert(key, serde_json::from_value(v).unwrap());
-            }
-            "Subscription" => {
-                idx.subscriptions
-                    .insert(key, serde_json::from_value(v).unwrap());
-            }
-            "Secret" => {
-                let data: BTreeMap<String, String> =
-                    serde_json::from_value(v["stringData"].clone()).unwrap();
-                idx.secrets.insert(
-                    key,
-                    data.into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
-                );
-            }
-            other => panic!("unexpected kind {other}"),
-        }
-    }
-    idx
-}
+use common::index_from_yaml as index;
 
 fn stream(name: &str, created: &str, extra: &str) -> String {
     format!(

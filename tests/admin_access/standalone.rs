@@ -1,7 +1,7 @@
 //! Standalone: `--admin-token-file` guards dead letters, archive and status details.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -42,33 +42,30 @@ async fn standalone_admin_token_guards_dead_letters_archive_and_status() {
     let token = "first-admin-token";
 
     // Without a token, status is a summary only; with it, the details.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let v: Value = match client
-            .get(format!("{}/v1/status", weir.admin))
-            .header("authorization", bearer(token))
-            .send()
-            .await
-        {
-            Ok(r) => r.json().await.unwrap_or(Value::Null),
-            Err(_) => Value::Null,
-        };
-        let ready = |name: &str| {
-            v["resources"]
-                .as_array()
-                .is_some_and(|rs| rs.iter().any(|r| r["name"] == name && r["ready"] == true))
-        };
-        if ready("orders") && ready(&sub) {
-            assert_eq!(v["details"], true);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not ready: {v}; log:\n{}",
-            weir.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let v = common::eventually(
+        60,
+        "the stream and the subscription Ready",
+        || weir.log_text(),
+        || async {
+            let v: Value = match client
+                .get(format!("{}/v1/status", weir.admin))
+                .header("authorization", bearer(token))
+                .send()
+                .await
+            {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            let ready = |name: &str| {
+                v["resources"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().any(|r| r["name"] == name && r["ready"] == true))
+            };
+            (ready("orders") && ready(&sub)).then_some(v.clone())
+        },
+    )
+    .await;
+    assert_eq!(v["details"], true);
     let summary: Value = client
         .get(format!("{}/v1/status", weir.admin))
         .send()

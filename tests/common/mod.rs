@@ -542,3 +542,56 @@ pub async fn two_readable_workers(dir: &Path, ns: &str, streams: &[&str]) -> (We
 pub async fn close_amqp(conn: lapin::Connection) {
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "OK".into())).await;
 }
+
+/// An index from a multi-document YAML text (a tiny stand-in for the manifest folder): the four
+/// Weir kinds, Secrets (`stringData`) and ConfigMaps (`data`); namespace `default` if unset.
+pub fn index_from_yaml(yaml: &str) -> weir::topology::Index {
+    let mut idx = weir::topology::Index::default();
+    for v in weir::yaml::from_multiple::<serde_json::Value>(yaml).expect("fixture is valid YAML") {
+        if v.is_null() {
+            continue;
+        }
+        let ns = v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string();
+        let name = v["metadata"]["name"]
+            .as_str()
+            .expect("fixture has a name")
+            .to_string();
+        let key = weir::topology::Key::new(ns.clone(), name);
+        let mut v = v.clone();
+        v["metadata"]["namespace"] = ns.into();
+        match v["kind"].as_str().expect("fixture has a kind") {
+            "EventStream" => {
+                idx.streams.insert(key, serde_json::from_value(v).unwrap());
+            }
+            "Subscription" => {
+                idx.subscriptions
+                    .insert(key, serde_json::from_value(v).unwrap());
+            }
+            "ArchivePolicy" => {
+                idx.archive_policies
+                    .insert(key, serde_json::from_value(v).unwrap());
+            }
+            "CachePolicy" => {
+                idx.cache_policies
+                    .insert(key, serde_json::from_value(v).unwrap());
+            }
+            "Secret" => {
+                let data: std::collections::BTreeMap<String, String> =
+                    serde_json::from_value(v["stringData"].clone()).unwrap();
+                idx.secrets.insert(
+                    key,
+                    data.into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
+                );
+            }
+            "ConfigMap" => {
+                idx.config_maps
+                    .insert(key, serde_json::from_value(v["data"].clone()).unwrap());
+            }
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+    idx
+}
