@@ -90,12 +90,8 @@ pub enum Command {
         /// Publish requests each stream may queue for its batcher; beyond that, 503.
         #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
         batch_queue: usize,
-        /// Let streams publish to exchanges outside their namespace's prefix `weir.<namespace>.`
-        /// (never to other namespaces' `weir.` names). Also WEIR_ALLOW_CUSTOM_EXCHANGES=true.
-        #[arg(long)]
-        allow_custom_exchanges: bool,
         #[command(flatten)]
-        sinks: SinkArgs,
+        policy: PolicyArgs,
         /// Let sinks on loopback (127.0.0.0/8, ::1) be delivered to, for local development
         /// (the quickstart's sink). This worker's own ports stay refused.
         #[arg(long)]
@@ -144,12 +140,8 @@ pub enum Command {
         /// Resync interval of valid resources and maximum age of cached Secrets.
         #[arg(long, env = "WEIR_REFRESH", default_value = "60s", value_parser = parse_duration)]
         refresh: Duration,
-        /// Let streams publish to exchanges outside their namespace's prefix `weir.<namespace>.`
-        /// (never to other namespaces' `weir.` names). Also WEIR_ALLOW_CUSTOM_EXCHANGES=true.
-        #[arg(long)]
-        allow_custom_exchanges: bool,
         #[command(flatten)]
-        sinks: SinkArgs,
+        policy: PolicyArgs,
     },
     /// Check a folder of manifests without starting anything; exit 1 on any problem.
     Validate {
@@ -159,12 +151,8 @@ pub enum Command {
         /// needs the Kubernetes API, such as `ingest.auth.mode: ServiceAccounts`.
         #[arg(long)]
         operator: bool,
-        /// Let streams publish to exchanges outside their namespace's prefix `weir.<namespace>.`
-        /// (never to other namespaces' `weir.` names). Also WEIR_ALLOW_CUSTOM_EXCHANGES=true.
-        #[arg(long)]
-        allow_custom_exchanges: bool,
         #[command(flatten)]
-        sinks: SinkArgs,
+        policy: PolicyArgs,
         /// Accept sinks on loopback, as `weir run --allow-loopback-sinks` does.
         #[arg(long)]
         allow_loopback_sinks: bool,
@@ -205,6 +193,27 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8888")]
         listen: SocketAddr,
     },
+}
+
+/// Operator-wide limits on what manifests may ask for, shared by `run`, `operator` and
+/// `validate`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// Let streams publish to exchanges outside their namespace's prefix `weir.<namespace>.`
+    /// (never to other namespaces' `weir.` names). Also WEIR_ALLOW_CUSTOM_EXCHANGES=true.
+    #[arg(long)]
+    allow_custom_exchanges: bool,
+    #[command(flatten)]
+    sinks: SinkArgs,
+}
+
+impl PolicyArgs {
+    /// Sets the policy into `defaults` (the environment's `WEIR_ALLOW_CUSTOM_EXCHANGES` stays
+    /// on when set).
+    fn apply(self, defaults: &mut crate::topology::Defaults, allow_loopback_sinks: bool) {
+        defaults.allow_custom_exchanges |= self.allow_custom_exchanges;
+        defaults.sinks = self.sinks.policy(allow_loopback_sinks);
+    }
 }
 
 /// Where sinks may point beyond the sink guard's default (docs/security-sinks.md).
@@ -335,14 +344,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             request_timeout,
             public_url,
             batch_queue,
-            allow_custom_exchanges,
-            sinks,
+            policy,
             allow_loopback_sinks,
             server,
         } => {
             let mut defaults = crate::topology::Defaults::from_env()?;
-            defaults.allow_custom_exchanges |= allow_custom_exchanges;
-            defaults.sinks = sinks.policy(allow_loopback_sinks);
+            policy.apply(&mut defaults, allow_loopback_sinks);
             runtime()?.block_on(async move {
                 let shutdown = CancellationToken::new();
                 crate::shutdown::on_signal(shutdown.clone());
@@ -378,13 +385,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             lease_name,
             identity,
             refresh,
-            allow_custom_exchanges,
-            sinks,
+            policy,
         } => {
             let mut defaults = crate::topology::Defaults::from_env()?;
-            defaults.allow_custom_exchanges |= allow_custom_exchanges;
             // No loopback switch in a cluster: a range is allowed by name, on purpose.
-            defaults.sinks = sinks.policy(false);
+            policy.apply(&mut defaults, false);
             let identity =
                 identity.unwrap_or_else(|| format!("weir-{}", uuid::Uuid::now_v7().simple()));
             runtime()?.block_on(async move {
@@ -421,14 +426,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Validate {
             dir,
             operator,
-            allow_custom_exchanges,
-            sinks,
+            policy,
             allow_loopback_sinks,
         } => {
             let mut defaults = crate::topology::Defaults::from_env()?;
             defaults.token_review = operator;
-            defaults.allow_custom_exchanges |= allow_custom_exchanges;
-            defaults.sinks = sinks.policy(allow_loopback_sinks);
+            policy.apply(&mut defaults, allow_loopback_sinks);
             let report = crate::source::folder::validate(&dir, &defaults)?;
             for p in &report.problems {
                 println!("{p}");
