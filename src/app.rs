@@ -263,7 +263,7 @@ fn standalone_admin_auth(
 ) -> anyhow::Result<admin::auth::AdminAuth> {
     match token_file {
         Some(path) => {
-            admin::auth::read_token_file(path)?;
+            admin::auth::read_token_file(path).context("--admin-token-file")?;
             Ok(admin::auth::AdminAuth::TokenFile(path.to_path_buf()))
         }
         None if admin_listen.ip().is_loopback() => Ok(admin::auth::AdminAuth::Open),

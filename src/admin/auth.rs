@@ -13,8 +13,6 @@ use std::sync::Arc;
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, header};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::data::auth::{AccessCheck, ReviewedUser, Reviewer};
 use crate::data::problem::HttpProblem;
@@ -58,12 +56,12 @@ impl std::fmt::Debug for AdminAuth {
 /// Why a token file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenFileError {
-    #[error("the admin token file {path} cannot be read: {source}")]
+    #[error("the token file {path} cannot be read: {source}")]
     Read {
         path: String,
         source: std::io::Error,
     },
-    #[error("the admin token file {0} is empty")]
+    #[error("the token file {0} is empty")]
     Empty(String),
 }
 
@@ -204,29 +202,12 @@ impl IntoResponse for Denied {
 
 /// The bearer token of `Authorization`, if any (`Err` when the header is not a bearer).
 fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Denied> {
-    let Some(v) = headers.get(header::AUTHORIZATION) else {
+    if !headers.contains_key(header::AUTHORIZATION) {
         return Ok(None);
-    };
-    let v = v.to_str().unwrap_or_default();
-    match v.split_once(' ') {
-        Some((scheme, token))
-            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
-        {
-            Ok(Some(token.trim()))
-        }
-        _ => Err(unauthorized(
-            "the Authorization header must be `Bearer <token>`",
-            true,
-        )),
     }
-}
-
-/// Fixed-length digests compared in constant time: neither the content nor the length of the
-/// expected token leaks through timing.
-fn same_token(given: &str, expected: &str) -> bool {
-    let a = Sha256::digest(given.as_bytes());
-    let b = Sha256::digest(expected.as_bytes());
-    bool::from(a.as_slice().ct_eq(b.as_slice()))
+    crate::data::access::bearer(headers)
+        .map(Some)
+        .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`", true))
 }
 
 impl AdminAuth {
@@ -253,7 +234,7 @@ impl AdminAuth {
                         "the admin token file is unusable (weir's log says why)".into(),
                     )
                 })?;
-                if same_token(token, &expected) {
+                if crate::topology::same_token(token, &expected) {
                     Ok(Some(Caller::AdminToken))
                 } else {
                     Err(unauthorized(
@@ -344,9 +325,9 @@ mod tests {
 
     #[test]
     fn tokens_compare_whole() {
-        assert!(same_token("abc", "abc"));
-        assert!(!same_token("abc", "abcd"));
-        assert!(!same_token("", "abc"));
+        assert!(crate::topology::same_token("abc", "abc"));
+        assert!(!crate::topology::same_token("abc", "abcd"));
+        assert!(!crate::topology::same_token("", "abc"));
     }
 
     #[test]

@@ -5,14 +5,7 @@ use anyhow::{Context as _, bail};
 
 /// The token in `--token-file` (surrounding whitespace removed), if one was given.
 pub fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
-    let Some(path) = path else { return Ok(None) };
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the token file {}", path.display()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        bail!("the token file {} is empty", path.display());
-    }
-    Ok(Some(token.to_string()))
+    Ok(path.map(crate::admin::auth::read_token_file).transpose()?)
 }
 
 /// An HTTP client that sends `Authorization: Bearer <token>` with every request when a token

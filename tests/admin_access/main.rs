@@ -217,8 +217,5 @@ async fn standalone_admin_binds_loopback_by_default() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("admin token file") && err.contains("empty"),
-        "{err}"
-    );
+    assert!(err.contains("token file") && err.contains("empty"), "{err}");
 }
