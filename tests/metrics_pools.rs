@@ -211,6 +211,7 @@ fn plan(urls: Vec<String>, read_urls: Option<Vec<String>>) -> weir::topology::St
             idle_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(1),
         },
+        tls: Default::default(),
     }
 }
 

@@ -43,6 +43,26 @@ pub struct ConfigMapKeyRef {
     pub key: String,
 }
 
+/// TLS settings of a connection to RabbitMQ or PostgreSQL, beyond what the URL says.
+///
+/// The server is always verified against the system's roots (`SSL_CERT_FILE`/`SSL_CERT_DIR`
+/// honoured) plus the CA bundle given here. Setting `tls` on a connection whose URL would not
+/// use TLS (`amqp://`, or `sslmode` other than `require`/`verify-ca`/`verify-full`) is refused:
+/// the certificates would be ignored.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Secret key holding a PEM bundle of CA certificates trusted for this connection, in
+    /// addition to the system's roots (e.g. the `ca.crt` key of the Secret holding the URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// Secret holding a client certificate for mutual TLS, in the shape of a
+    /// `kubernetes.io/tls` Secret: `tls.crt` (PEM certificate chain, leaf first) and `tls.key`
+    /// (PEM private key: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_ref: Option<SecretRef>,
+}
+
 /// What happens to the RabbitMQ objects and stored data of a resource when it is deleted.
 ///
 /// The variants carry no doc comments on purpose: documented unit variants make schemars emit a

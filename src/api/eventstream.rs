@@ -5,7 +5,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{ConfigMapKeyRef, DeletionPolicy, SecretKeyRef, SecretRef, free_form_object};
+use super::common::{
+    ConfigMapKeyRef, DeletionPolicy, SecretKeyRef, SecretRef, TlsSpec, free_form_object,
+};
 
 /// An EventStream: an HTTP endpoint that accepts CloudEvents, checks them, batches them, stores
 /// them in PostgreSQL (optional) and publishes them to a RabbitMQ exchange.
@@ -80,6 +82,9 @@ pub struct BrokerSpec {
     /// durable) or `classic`. Default `quorum`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_type: Option<QueueType>,
+    /// Extra trust and a client certificate for an `amqps://` URL. Refused with `amqp://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 /// RabbitMQ queue type.
@@ -107,6 +112,10 @@ pub struct StoreSpec {
     /// Connection pool of each Weir worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<PoolSpec>,
+    /// Extra trust and a client certificate for the primary and read URLs. Every URL must then
+    /// ask for TLS (`sslmode=require`, `verify-ca` or `verify-full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 /// A connection pool. `size` must not exceed `maxConnections`.

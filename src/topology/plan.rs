@@ -57,6 +57,54 @@ pub struct BrokerPlan {
     /// Topic exchange name (default `weir.<namespace>.<name>`).
     pub exchange: String,
     pub queue_type: QueueType,
+    /// Extra trust and client certificate (`spec.broker.tls`).
+    pub tls: TlsPlan,
+}
+
+/// Extra trust and a client certificate of one TLS connection (`spec.*.tls`), already checked
+/// to be well-formed PEM at build time.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct TlsPlan {
+    /// PEM CA certificates trusted in addition to the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate for mutual TLS.
+    pub client: Option<ClientCertPlan>,
+}
+
+/// A client certificate chain and its private key, both PEM.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ClientCertPlan {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsPlan {
+    /// Whether nothing beyond the URL and the system's roots is asked for.
+    pub fn is_empty(&self) -> bool {
+        self.ca_pem.is_none() && self.client.is_none()
+    }
+}
+
+// Plans are logged and compared; key material and certificates are never printed.
+impl fmt::Debug for TlsPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsPlan")
+            .field(
+                "ca_pem",
+                &self.ca_pem.as_ref().map(|p| format!("{} bytes", p.len())),
+            )
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ClientCertPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCertPlan")
+            .field("cert_pem", &format!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +135,8 @@ pub struct StorePlan {
     /// Replica URLs for the read side, if any.
     pub read_urls: Option<Vec<String>>,
     pub pool: PoolPlan,
+    /// Extra trust and client certificate of every URL (`spec.store.tls`).
+    pub tls: TlsPlan,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -60,6 +60,7 @@ mod policy;
 mod rate_limit;
 mod stream;
 mod subscription;
+mod tls;
 
 use policy::{archive_plan, cache_plan, policies};
 use stream::stream_plan;

@@ -80,10 +80,13 @@ pub(super) fn stream_plan(
                 .unwrap_or_default()
         });
         let pool = pool_plan(cx, store.pool.as_ref());
+        let all: Vec<&String> = urls.iter().chain(read_urls.iter().flatten()).collect();
+        let tls = super::tls::store_tls(cx, store.tls.as_ref(), &all);
         StorePlan {
             urls,
             read_urls,
             pool,
+            tls,
         }
     });
 
@@ -138,6 +141,7 @@ pub(super) fn stream_plan(
         generation: generation(meta),
         labels: meta.labels.clone().unwrap_or_default(),
         broker: BrokerPlan {
+            tls: super::tls::broker_tls(cx, spec.broker.tls.as_ref(), &url),
             url,
             exchange,
             queue_type,
