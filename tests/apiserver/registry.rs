@@ -191,6 +191,10 @@ impl Registry {
                 namespaces,
                 secrets,
                 builtin("", "v1", "ConfigMap", "configmaps", &["cm"], true),
+                // Stored only (no controller runs them): examples/kubernetes applies a sink's
+                // Deployment and Service beside the Weir resources.
+                builtin("", "v1", "Service", "services", &["svc"], true),
+                builtin("apps", "v1", "Deployment", "deployments", &["deploy"], true),
                 builtin("", "v1", "Event", "events", &["ev"], true),
                 events,
                 leases,
