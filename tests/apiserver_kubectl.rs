@@ -203,7 +203,7 @@ async fn kubectl_applies_crds_and_quickstart_and_prints_weir_columns() {
 async fn kubectl_get_yaml_and_short_names() {
     let server = with_quickstart().await;
     let out = ok(server
-        .kubectl(&["get", "es", "orders", "-n", "shop", "-o", "yaml"])
+        .kubectl(&["get", "wes", "orders", "-n", "shop", "-o", "yaml"])
         .await);
     for needle in [
         "kind: EventStream",
@@ -215,7 +215,7 @@ async fn kubectl_get_yaml_and_short_names() {
     ] {
         assert!(out.contains(needle), "missing {needle:?} in\n{out}");
     }
-    let out = ok(server.kubectl(&["get", "es", "-n", "shop"]).await);
+    let out = ok(server.kubectl(&["get", "wes", "-n", "shop"]).await);
     assert!(
         out.contains("orders") && out.contains("notifications"),
         "{out}"
@@ -225,7 +225,7 @@ async fn kubectl_get_yaml_and_short_names() {
     let out = ok(server
         .kubectl(&[
             "get",
-            "es",
+            "wes",
             "-n",
             "shop",
             "-l",
@@ -237,7 +237,7 @@ async fn kubectl_get_yaml_and_short_names() {
     assert_eq!(out.trim(), "eventstream.weir.dev/orders");
     // `kubectl describe` (the object, then its core v1 Events by field selector).
     let out = ok(server
-        .kubectl(&["describe", "es", "orders", "-n", "shop"])
+        .kubectl(&["describe", "wes", "orders", "-n", "shop"])
         .await);
     assert!(out.contains("Max Events:") && out.contains("100"), "{out}");
     let out = ok(server
@@ -248,7 +248,7 @@ async fn kubectl_get_yaml_and_short_names() {
         "{out}"
     );
     assert!(server.object("", "secrets", "shop", "pg").is_none());
-    let missing = server.kubectl(&["get", "es", "nope", "-n", "shop"]).await;
+    let missing = server.kubectl(&["get", "wes", "nope", "-n", "shop"]).await;
     assert!(!missing.success);
     assert!(
         missing.stderr.contains("NotFound") || missing.stderr.contains("not found"),
@@ -275,7 +275,7 @@ async fn kubectl_explain_shows_the_crd_docs() {
         assert!(out.contains(needle), "missing {needle:?} in\n{out}");
     }
     let out = ok(server
-        .kubectl(&["explain", "es.spec.batching.maxEvents"])
+        .kubectl(&["explain", "wes.spec.batching.maxEvents"])
         .await);
     assert!(out.contains("Events per batch, at least 1."), "{out}");
 }
@@ -289,7 +289,7 @@ async fn patches_bump_generation_on_spec_changes_only() {
     ok(server
         .kubectl(&[
             "patch",
-            "es",
+            "wes",
             "orders",
             "-n",
             "shop",
@@ -304,7 +304,7 @@ async fn patches_bump_generation_on_spec_changes_only() {
 
     // Metadata changes do not bump the generation.
     ok(server
-        .kubectl(&["label", "es", "orders", "-n", "shop", "team=payments"])
+        .kubectl(&["label", "wes", "orders", "-n", "shop", "team=payments"])
         .await);
     assert_eq!(generation(&server), Some(2));
     assert_eq!(
@@ -315,7 +315,7 @@ async fn patches_bump_generation_on_spec_changes_only() {
     ok(server
         .kubectl(&[
             "patch",
-            "es",
+            "wes",
             "orders",
             "-n",
             "shop",
@@ -332,7 +332,7 @@ async fn patches_bump_generation_on_spec_changes_only() {
     ok(server
         .kubectl(&[
             "patch",
-            "es",
+            "wes",
             "orders",
             "-n",
             "shop",
@@ -350,7 +350,7 @@ async fn patches_bump_generation_on_spec_changes_only() {
     ok(server
         .kubectl(&[
             "patch",
-            "es",
+            "wes",
             "orders",
             "-n",
             "shop",
@@ -361,13 +361,15 @@ async fn patches_bump_generation_on_spec_changes_only() {
         ])
         .await);
     assert_eq!(es(&server, "orders")["status"]["observedGeneration"], 3);
-    let out = ok(server.kubectl(&["get", "es", "orders", "-n", "shop"]).await);
+    let out = ok(server
+        .kubectl(&["get", "wes", "orders", "-n", "shop"])
+        .await);
     let row = out.lines().nth(1).unwrap_or_default();
     assert!(row.starts_with("orders") && row.contains("True"), "{out}");
 
     // `kubectl edit` round trip (the editor is a sed script).
     let mut edit = tokio::process::Command::from(server.kubectl_command());
-    edit.args(["edit", "es", "orders", "-n", "shop"])
+    edit.args(["edit", "wes", "orders", "-n", "shop"])
         .env("KUBE_EDITOR", "sed -i -e 's/maxEvents: 75$/maxEvents: 80/'");
     let out = edit
         .output()
@@ -420,7 +422,7 @@ async fn kubectl_delete_waits_for_finalizers() {
     ok(server
         .kubectl(&[
             "patch",
-            "es",
+            "wes",
             "notifications",
             "-n",
             "shop",
@@ -433,7 +435,7 @@ async fn kubectl_delete_waits_for_finalizers() {
     ok(server
         .kubectl(&[
             "delete",
-            "es",
+            "wes",
             "notifications",
             "-n",
             "shop",
@@ -452,7 +454,7 @@ async fn kubectl_delete_waits_for_finalizers() {
     waiting
         .args([
             "delete",
-            "es",
+            "wes",
             "notifications",
             "-n",
             "shop",
@@ -497,7 +499,7 @@ async fn kubectl_delete_waits_for_finalizers() {
     assert!(out.contains("secret \"pg\" deleted"), "{out}");
     assert!(server.object("", "secrets", "shop", "pg").is_none());
     ok(server
-        .kubectl(&["delete", "es", "orders", "-n", "shop"])
+        .kubectl(&["delete", "wes", "orders", "-n", "shop"])
         .await);
     assert!(
         server
@@ -610,7 +612,7 @@ async fn kubectl_scale_writes_the_subscription_consumers() {
 
     // EventStreams have no /scale.
     let out = server
-        .kubectl(&["scale", "es", "orders", "-n", "shop", "--replicas=2"])
+        .kubectl(&["scale", "wes", "orders", "-n", "shop", "--replicas=2"])
         .await;
     assert!(!out.success);
 }
@@ -776,7 +778,7 @@ async fn raw_watch_sends_bookmarks_replays_and_410() {
 
     // A change after the list is replayed to a watch from the list's version.
     ok(server
-        .kubectl(&["label", "es", "orders", "-n", "shop", "x=y"])
+        .kubectl(&["label", "wes", "orders", "-n", "shop", "x=y"])
         .await);
     let lines = raw_watch_until(&format!("{base}?watch=1&resourceVersion={rv}"), "MODIFIED").await;
     assert_eq!(lines[0]["object"]["metadata"]["labels"]["x"], "y");
@@ -794,7 +796,7 @@ async fn raw_watch_sends_bookmarks_replays_and_410() {
     // matching is DELETED.
     let now = server.resource_version();
     ok(server
-        .kubectl(&["label", "es", "notifications", "-n", "shop", "x=y"])
+        .kubectl(&["label", "wes", "notifications", "-n", "shop", "x=y"])
         .await);
     let lines = raw_watch_until(
         &format!("{base}?watch=1&labelSelector=x%3Dy&resourceVersion={now}"),
@@ -804,7 +806,7 @@ async fn raw_watch_sends_bookmarks_replays_and_410() {
     assert_eq!(lines[0]["object"]["metadata"]["name"], "notifications");
     let now = server.resource_version();
     ok(server
-        .kubectl(&["label", "es", "orders", "-n", "shop", "x-"])
+        .kubectl(&["label", "wes", "orders", "-n", "shop", "x-"])
         .await);
     let lines = raw_watch_until(
         &format!("{base}?watch=1&labelSelector=x%3Dy&resourceVersion={now}"),
@@ -1065,7 +1067,7 @@ async fn kubectl_wait_server_side_apply_watch_and_namespace_delete() {
     wait.args([
         "wait",
         "--for=condition=Ready",
-        "es/orders",
+        "wes/orders",
         "-n",
         "shop",
         "--timeout=30s",
@@ -1102,13 +1104,13 @@ async fn kubectl_wait_server_side_apply_watch_and_namespace_delete() {
     // `kubectl get -w` prints the rows of Table watch events.
     let mut watch = tokio::process::Command::from(server.kubectl_command());
     watch
-        .args(["get", "es", "-n", "shop", "-w", "--request-timeout=4s"])
+        .args(["get", "wes", "-n", "shop", "-w", "--request-timeout=4s"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let child = watch.spawn().unwrap_or_else(|e| panic!("kubectl: {e}"));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ok(server
-        .kubectl(&["label", "es", "notifications", "-n", "shop", "w=1"])
+        .kubectl(&["label", "wes", "notifications", "-n", "shop", "w=1"])
         .await);
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
@@ -1163,7 +1165,7 @@ async fn kubectl_wait_server_side_apply_watch_and_namespace_delete() {
         .kubectl(&["apply", "-f", "crds/archivepolicies.weir.dev.yaml"])
         .await);
     let out = ok(server
-        .kubectl(&["get", "ap", "-n", "shop", "-o", "name"])
+        .kubectl(&["get", "wap", "-n", "shop", "-o", "name"])
         .await);
     assert!(out.trim().is_empty(), "the old objects must be gone: {out}");
 

@@ -280,7 +280,7 @@ fn names_columns_and_subresources() {
         (
             "EventStream",
             "eventstreams",
-            "es",
+            "wes",
             &["Ready", "Endpoint", "Head", "Age"],
         ),
         (
@@ -292,13 +292,13 @@ fn names_columns_and_subresources() {
         (
             "ArchivePolicy",
             "archivepolicies",
-            "ap",
+            "wap",
             &["Ready", "Last Run", "Archived", "Ratio", "Age"],
         ),
         (
             "CachePolicy",
             "cachepolicies",
-            "cp",
+            "wcp",
             &["Strategy", "Ready", "Hit Ratio", "Age"],
         ),
     ];
@@ -438,4 +438,47 @@ fn conditions_merge_by_type() {
             Some(true)
         );
     }
+}
+
+#[test]
+fn integer_formats_are_the_ones_the_api_server_knows() {
+    // Every `format` in the schemas; integers must be int32/int64 (1.34+ warns about others).
+    fn walk(v: &serde_json::Value, path: &str, bad: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(f) = m.get("format").and_then(|f| f.as_str()) {
+                    if !["int32", "int64", "date-time", "double"].contains(&f) {
+                        bad.push(format!("{path}: {f}"));
+                    }
+                }
+                for (k, v) in m {
+                    walk(v, &format!("{path}.{k}"), bad);
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    walk(v, &format!("{path}[{i}]"), bad);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut bad = Vec::new();
+    for crd in crds::all() {
+        walk(
+            &serde_json::to_value(&crd).unwrap(),
+            &crd.spec.names.kind,
+            &mut bad,
+        );
+    }
+    assert!(
+        bad.is_empty(),
+        "formats the API server does not know: {bad:#?}"
+    );
+    // The unsigned range survives as bounds: a port stays 1..=65535.
+    let sub = schema(&crds::all()[1]);
+    let port = at(&sub, "spec.sink.ref.port");
+    assert_eq!(port["format"], "int32");
+    assert_eq!(port["minimum"].as_f64(), Some(1.0));
+    assert_eq!(port["maximum"].as_f64(), Some(65535.0));
 }

@@ -220,9 +220,9 @@ async fn operator_on_a_real_cluster() {
     .await;
 
     for (kind, name) in [
-        ("es", "notifications"),
+        ("wes", "notifications"),
         ("wsub", "print-orders"),
-        ("es", "orders"),
+        ("wes", "orders"),
     ] {
         let out = kubectl(&["delete", "-n", &ns, kind, name, "--timeout=120s"], None);
         assert!(out.ok(), "{}", out.stderr());

@@ -232,7 +232,7 @@ async fn operator_end_to_end_with_kubectl() {
     wait_ready(&server, &ns, "subscriptions", &[&a]).await;
     wait_ready(&server, &ns, "cachepolicies", &[&a]).await;
     wait_ready(&server, &ns, "archivepolicies", &[&a]).await;
-    let es = get_json(&server, &["-n", &ns, "es", "orders"])
+    let es = get_json(&server, &["-n", &ns, "wes", "orders"])
         .await
         .unwrap();
     assert_eq!(es["status"]["exchange"], format!("weir.{ns}.orders"));
@@ -326,14 +326,14 @@ async fn operator_end_to_end_with_kubectl() {
         .kubectl_with_input(&["apply", "-f", "-"], &broken)
         .await;
     assert!(out.success, "{}", out.stderr);
-    let msg = wait_condition(&server, &ns, "es/broken", "False", "InvalidSpec", &[&a]).await;
+    let msg = wait_condition(&server, &ns, "wes/broken", "False", "InvalidSpec", &[&a]).await;
     assert!(msg.contains("spec.batching.maxDelay"), "{msg}");
     let out = server
         .kubectl(&[
             "patch",
             "-n",
             &ns,
-            "es",
+            "wes",
             "broken",
             "--type=merge",
             "-p",
@@ -341,19 +341,19 @@ async fn operator_end_to_end_with_kubectl() {
         ])
         .await;
     assert!(out.success, "{}", out.stderr);
-    wait_condition(&server, &ns, "es/broken", "True", "Ready", &[&a]).await;
+    wait_condition(&server, &ns, "wes/broken", "True", "Ready", &[&a]).await;
     // The same mistake again: the recorder patches the existing Warning's series.
     let out = server
         .kubectl_with_input(&["apply", "-f", "-"], &broken)
         .await;
     assert!(out.success, "{}", out.stderr);
-    wait_condition(&server, &ns, "es/broken", "False", "InvalidSpec", &[&a]).await;
+    wait_condition(&server, &ns, "wes/broken", "False", "InvalidSpec", &[&a]).await;
     let out = server
         .kubectl(&[
             "patch",
             "-n",
             &ns,
-            "es",
+            "wes",
             "broken",
             "--type=merge",
             "-p",
@@ -361,7 +361,7 @@ async fn operator_end_to_end_with_kubectl() {
         ])
         .await;
     assert!(out.success, "{}", out.stderr);
-    wait_condition(&server, &ns, "es/broken", "True", "Ready", &[&a]).await;
+    wait_condition(&server, &ns, "wes/broken", "True", "Ready", &[&a]).await;
 
     // A missing Secret names the Secret; creating it makes the stream ready.
     let secret = unique("late-");
@@ -376,7 +376,7 @@ async fn operator_end_to_end_with_kubectl() {
     let msg = wait_condition(
         &server,
         &ns,
-        "es/nosecret",
+        "wes/nosecret",
         "False",
         "SecretNotFound",
         &[&a],
@@ -393,7 +393,7 @@ async fn operator_end_to_end_with_kubectl() {
         )
         .await;
     assert!(out.success, "{}", out.stderr);
-    wait_condition(&server, &ns, "es/nosecret", "True", "Ready", &[&a]).await;
+    wait_condition(&server, &ns, "wes/nosecret", "True", "Ready", &[&a]).await;
 
     // A schema kept in a ConfigMap (`schemaFrom`) is read with `get`, like Secrets.
     let schemas = format!(
@@ -407,7 +407,7 @@ async fn operator_end_to_end_with_kubectl() {
         .kubectl_with_input(&["apply", "-f", "-"], &schemas)
         .await;
     assert!(out.success, "{}", out.stderr);
-    wait_condition(&server, &ns, "es/schemed", "True", "Ready", &[&a]).await;
+    wait_condition(&server, &ns, "wes/schemed", "True", "Ready", &[&a]).await;
 
     // A second operator: serves ingest too; A holds the Lease.
     // It watches only the test's namespace (`--namespaces`, the chart's `watchNamespaces`);
@@ -422,7 +422,7 @@ async fn operator_end_to_end_with_kubectl() {
     .await;
     assert_eq!(holder(&server, &lease).await, "op-a");
     eventually(30, "head 2 in status", &[&a, &b], || async {
-        let v = get_json(&server, &["-n", &ns, "es", "orders"]).await?;
+        let v = get_json(&server, &["-n", &ns, "wes", "orders"]).await?;
         (v["status"]["head"] == "2").then_some(())
     })
     .await;
@@ -447,7 +447,7 @@ async fn operator_end_to_end_with_kubectl() {
     .await;
     assert!(publish(&b.url, &ns, "orders", "e3").await.is_success());
     eventually(30, "head 3 in status (written by op-b)", &[&b], || async {
-        let v = get_json(&server, &["-n", &ns, "es", "orders"]).await?;
+        let v = get_json(&server, &["-n", &ns, "wes", "orders"]).await?;
         (v["status"]["head"] == "3").then_some(())
     })
     .await;
@@ -456,14 +456,14 @@ async fn operator_end_to_end_with_kubectl() {
     let notifications_exchange = format!("weir.{ns}.notifications");
     assert!(exchange_exists(&notifications_exchange).await);
     let out = server
-        .kubectl(&["delete", "-n", &ns, "es", "notifications", "--timeout=60s"])
+        .kubectl(&["delete", "-n", &ns, "wes", "notifications", "--timeout=60s"])
         .await;
     assert!(out.success, "{}", out.stderr);
     assert!(!exchange_exists(&notifications_exchange).await);
 
     // A stream with a live subscription is not torn down under it.
     let out = server
-        .kubectl(&["delete", "-n", &ns, "es", "orders", "--wait=false"])
+        .kubectl(&["delete", "-n", &ns, "wes", "orders", "--wait=false"])
         .await;
     assert!(out.success, "{}", out.stderr);
     wait_condition(
@@ -476,7 +476,7 @@ async fn operator_end_to_end_with_kubectl() {
     )
     .await;
     assert!(
-        get_json(&server, &["-n", &ns, "es", "orders"])
+        get_json(&server, &["-n", &ns, "wes", "orders"])
             .await
             .is_some()
     );
@@ -490,7 +490,7 @@ async fn operator_end_to_end_with_kubectl() {
     assert!(out.success, "{}", out.stderr);
     assert!(!queue_exists(&queue).await);
     eventually(60, "EventStream orders gone", &[&b], || async {
-        get_json(&server, &["-n", &ns, "es", "orders"])
+        get_json(&server, &["-n", &ns, "wes", "orders"])
             .await
             .is_none()
             .then_some(())

@@ -1,4 +1,4 @@
-//! `ArchivePolicy` (`ap`): when stored events move to compressed archive segments.
+//! `ArchivePolicy` (`wap`): when stored events move to compressed archive segments.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
     plural = "archivepolicies",
     namespaced,
     status = "ArchivePolicyStatus",
-    shortname = "ap",
+    shortname = "wap",
     category = "weir",
     doc = "An ArchivePolicy: moves the stored events of the selected EventStreams, once they are older than archiveAfter, into zstd-compressed archive segments, and optionally deletes them later.",
     printcolumn(

@@ -1,4 +1,4 @@
-//! `CachePolicy` (`cp`): how the read side caches the events of streams.
+//! `CachePolicy` (`wcp`): how the read side caches the events of streams.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
     plural = "cachepolicies",
     namespaced,
     status = "CachePolicyStatus",
-    shortname = "cp",
+    shortname = "wcp",
     category = "weir",
     doc = "A CachePolicy: an in-memory cache in front of the read API of the selected EventStreams.",
     printcolumn(name = "Strategy", type_ = "string", json_path = ".spec.strategy"),

@@ -38,6 +38,53 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         ArchivePolicy::crd(),
         CachePolicy::crd(),
     ]
+    .into_iter()
+    .map(with_kubernetes_integer_formats)
+    .collect()
+}
+
+/// schemars names Rust's unsigned integers `uint16`/`uint32`/`uint64`; the API server knows
+/// only `int32` and `int64` and (from 1.34) warns about other formats on every apply. Each is
+/// rewritten to the signed format that holds its range, with the range as `minimum`/`maximum`
+/// (a tighter bound already there is kept).
+fn with_kubernetes_integer_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    let Ok(mut value) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    rewrite_integer_formats(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
+}
+
+fn rewrite_integer_formats(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let range = match map.get("format").and_then(Value::as_str) {
+                Some("uint8") => Some(("int32", Some(u64::from(u8::MAX)))),
+                Some("uint16") => Some(("int32", Some(u64::from(u16::MAX)))),
+                Some("uint32") => Some(("int64", Some(u64::from(u32::MAX)))),
+                Some("uint64" | "uint") => Some(("int64", None)),
+                _ => None,
+            };
+            if let Some((format, max)) = range {
+                map.insert("format".into(), format.into());
+                let min = map.get("minimum").and_then(Value::as_f64).unwrap_or(0.0);
+                map.insert("minimum".into(), (min.max(0.0) as u64).into());
+                if let Some(max) = max {
+                    let tighter = map
+                        .get("maximum")
+                        .and_then(Value::as_f64)
+                        .map_or(max, |m| (m as u64).min(max));
+                    map.insert("maximum".into(), tighter.into());
+                }
+            }
+            for v in map.values_mut() {
+                rewrite_integer_formats(v);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(rewrite_integer_formats),
+        _ => {}
+    }
 }
 
 /// The file a CRD is written to under `crds/`, e.g. `eventstreams.weir.dev.yaml`.

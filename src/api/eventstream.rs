@@ -1,4 +1,4 @@
-//! `EventStream` (`es`): where events enter, how they are checked, batched, stored and published.
+//! `EventStream` (`wes`): where events enter, how they are checked, batched, stored and published.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -21,7 +21,7 @@ use super::common::{
     kind = "EventStream",
     namespaced,
     status = "EventStreamStatus",
-    shortname = "es",
+    shortname = "wes",
     category = "weir",
     doc = "An EventStream: an HTTP endpoint that accepts CloudEvents, checks them, batches them, stores them in PostgreSQL (optional) and publishes them to a RabbitMQ exchange.",
     printcolumn(
