@@ -381,3 +381,20 @@ async fn secrets_are_read_again_after_the_refresh_interval() {
         b"amqp://two"
     );
 }
+
+#[tokio::test]
+async fn a_stream_and_a_subscription_of_one_name_back_off_apart() {
+    let (client, _handle) = mocked();
+    let (ctx, _rx) = Context::test(client, stores(vec![], vec![]));
+    let key = weir::topology::Key::new("shop", "orders");
+    // Three failures of the stream…
+    for n in 1..=3 {
+        assert_eq!(ctx.failed(Kind::EventStream, &key), n);
+    }
+    // …are not the subscription's: its first failure waits the shortest backoff.
+    assert_eq!(ctx.failed(Kind::Subscription, &key), 1);
+    // Success of one forgets only its own count.
+    ctx.succeeded(Kind::Subscription, &key);
+    assert_eq!(ctx.failed(Kind::EventStream, &key), 4);
+    assert_eq!(ctx.failed(Kind::Subscription, &key), 1);
+}

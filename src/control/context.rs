@@ -220,7 +220,8 @@ pub struct Context {
     /// Serialises topology applies: the data plane moves from one whole topology to the next.
     pub apply_lock: tokio::sync::Mutex<()>,
     /// Consecutive failures per resource, for the exponential backoff of transient errors.
-    pub failures: Mutex<HashMap<Key, u32>>,
+    /// Keyed by kind too: a stream and a subscription may share a name, not a backoff.
+    pub failures: Mutex<HashMap<(Kind, Key), u32>>,
 }
 
 impl Context {
@@ -261,17 +262,17 @@ impl Context {
         self.leader.load(Ordering::Acquire)
     }
 
-    /// Records a failure of `key` and returns how many in a row.
-    pub fn failed(&self, key: &Key) -> u32 {
+    /// Records a failure of the `kind` resource `key` and returns how many in a row.
+    pub fn failed(&self, kind: Kind, key: &Key) -> u32 {
         let mut f = self.failures.locked();
-        let n = f.entry(key.clone()).or_insert(0);
+        let n = f.entry((kind, key.clone())).or_insert(0);
         *n = n.saturating_add(1);
         *n
     }
 
-    /// Forgets the failures of `key` after a successful reconcile.
-    pub fn succeeded(&self, key: &Key) {
-        self.failures.locked().remove(key);
+    /// Forgets the failures of the `kind` resource `key` after a successful reconcile.
+    pub fn succeeded(&self, kind: Kind, key: &Key) {
+        self.failures.locked().remove(&(kind, key.clone()));
     }
 }
 

@@ -185,7 +185,7 @@ pub async fn reconcile<K: WeirResource>(
         apply(obj, &ctx).await
     };
     if result.is_ok() {
-        ctx.succeeded(&key);
+        ctx.succeeded(K::KIND, &key);
     }
     result
 }
@@ -196,7 +196,7 @@ pub fn error_policy<K: WeirResource>(obj: Arc<K>, err: &ControlError, ctx: Arc<C
     let Ok(key) = key_of(obj.as_ref()) else {
         return Action::await_change();
     };
-    let n = ctx.failed(&key);
+    let n = ctx.failed(K::KIND, &key);
     let delay = Duration::from_secs(1u64 << n.min(9)).min(MAX_BACKOFF);
     tracing::warn!(kind = %K::KIND, resource = %key, error = %err, retry_in = ?delay, "reconcile failed");
     if ctx.is_leader() {
