@@ -311,9 +311,10 @@ async fn operator_end_to_end_with_kubectl() {
     let v = get_json(&server, &["-n", &ns, "wsub", "print-orders"])
         .await
         .unwrap();
+    // The `/scale` selector selects the worker Pods (the operator's default labels here).
     assert_eq!(
         v["status"]["selector"],
-        "weir.dev/subscription=print-orders"
+        "app.kubernetes.io/name=weir,app.kubernetes.io/component=operator"
     );
 
     // A malformed stream (a duration the CRD schema cannot check) is reported and skipped;

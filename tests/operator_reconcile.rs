@@ -319,7 +319,11 @@ async fn a_stream_is_not_torn_down_under_its_subscriptions() {
     assert_eq!(update.kind, Kind::Subscription);
     let status = &update.body["status"];
     assert_eq!(status["conditions"][0]["reason"], "StreamDeleted");
-    assert_eq!(status["selector"], "weir.dev/subscription=notify");
+    // `/scale` selects the Pods that run the consumers (every worker), not a label no Pod has.
+    assert_eq!(
+        status["selector"],
+        "app.kubernetes.io/name=weir,app.kubernetes.io/component=operator"
+    );
 
     // The retry policy backs off and records a Warning Event with the category as reason.
     let action = error_policy(Arc::new(es), &err, ctx);

@@ -140,6 +140,10 @@ pub enum Command {
         /// Resync interval of valid resources and maximum age of cached Secrets.
         #[arg(long, env = "WEIR_REFRESH", default_value = "60s", value_parser = parse_duration)]
         refresh: Duration,
+        /// Label selector of the worker Pods, written as each Subscription's `status.selector`
+        /// (the `/scale` selector an HPA reads Pod metrics through). The chart sets it.
+        #[arg(long, env = "WEIR_POD_SELECTOR", default_value = crate::control::context::DEFAULT_POD_SELECTOR)]
+        pod_selector: String,
         #[command(flatten)]
         policy: PolicyArgs,
     },
@@ -385,6 +389,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             lease_name,
             identity,
             refresh,
+            pod_selector,
             policy,
         } => {
             let mut defaults = crate::topology::Defaults::from_env()?;
@@ -413,6 +418,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                             grace: 5,
                         },
                         refresh,
+                        pod_selector,
                         status_queue: crate::control::status_writer::DEFAULT_CAPACITY,
                         concurrency: 4,
                     },

@@ -30,7 +30,15 @@ pub struct Settings {
     pub endpoint_base: String,
     /// How long a reconcile waits for the controllers' caches to fill at startup.
     pub cache_sync_timeout: Duration,
+    /// Label selector of the worker Pods, written as every Subscription's `status.selector`:
+    /// the `/scale` subresource's selector, through which an HPA reads the metrics of the Pods
+    /// that run the subscription's consumers (every worker runs every subscription).
+    pub pod_selector: String,
 }
+
+/// The worker Pods' labels as the chart sets them (`--pod-selector` overrides).
+pub const DEFAULT_POD_SELECTOR: &str =
+    "app.kubernetes.io/name=weir,app.kubernetes.io/component=operator";
 
 impl Default for Settings {
     fn default() -> Self {
@@ -38,6 +46,7 @@ impl Default for Settings {
             refresh: Duration::from_secs(60),
             endpoint_base: "http://weir:8080".to_string(),
             cache_sync_timeout: Duration::from_secs(30),
+            pod_selector: DEFAULT_POD_SELECTOR.to_string(),
         }
     }
 }

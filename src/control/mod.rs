@@ -28,8 +28,6 @@ pub const FINALIZER: &str = "weir.dev/cleanup";
 pub const FIELD_MANAGER: &str = "weir";
 /// Name of the controller in Events (`reportingController`).
 pub const CONTROLLER_NAME: &str = "weir.dev/operator";
-/// Label that `status.selector` of a Subscription selects on (the `/scale` selector).
-pub use crate::data::plane::SUBSCRIPTION_LABEL;
 
 /// Every (API group, resource, verb) `weir operator` calls. The chart's RBAC grants exactly
 /// these (a test checks), so a new call needs a new rule in the same change.

@@ -32,7 +32,7 @@ use crate::control::refs::refs_of;
 use crate::control::status_body;
 use crate::control::status_writer::StatusUpdate;
 use crate::control::{ControlError, FINALIZER};
-use crate::data::plane::{ApplyReport, Desired, ResourceStatus};
+use crate::data::plane::{ApplyReport, Desired, Fields, ResourceStatus};
 use crate::topology::{Key, Kind, Reason};
 
 /// Longest wait between retries of a failing resource.
@@ -257,13 +257,17 @@ async fn apply<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, Co
     let own = refs_of(&key.namespace, &spec["spec"]);
     ctx.refs.refresh(&ctx.client, &own, Duration::ZERO).await?;
     let applied = sync(ctx, None).await?;
-    let (Some(report), Some(observed)) = (
+    let (Some(report), Some(mut observed)) = (
         ctx.plane.report(K::KIND, &key),
         ctx.plane.observe(K::KIND, &key),
     ) else {
         // Not in the cache yet (a reconcile racing the watch): the watch event follows.
         return Ok(Action::requeue(ctx.settings.refresh));
     };
+    if let Fields::Subscription(f) = &mut observed.fields {
+        // Every worker Pod runs every subscription's consumers: `/scale` selects them all.
+        f.selector = Some(ctx.settings.pod_selector.clone());
+    }
     if ctx.is_leader() {
         write_status(obj.as_ref(), &key, &observed, ctx).await?;
     }

@@ -52,6 +52,8 @@ pub struct OperatorConfig {
     pub lease: LeaseConfig,
     /// Resync of valid resources and maximum age of cached Secrets.
     pub refresh: Duration,
+    /// Label selector of the worker Pods (Subscriptions' `status.selector`).
+    pub pod_selector: String,
     /// Capacity of the status queue.
     pub status_queue: usize,
     /// Reconciles running at once per kind and namespace. Each one applies the whole
@@ -188,6 +190,7 @@ pub async fn run_with_client(
         settings: Settings {
             refresh: cfg.refresh,
             endpoint_base,
+            pod_selector: cfg.pod_selector.clone(),
             ..Settings::default()
         },
         leader: leader_flag,

@@ -29,7 +29,7 @@ use crate::poison::RwLockExt;
 use crate::topology::{Built, Key, Kind, Report};
 
 pub use append::{AppendError, AppendOutcome};
-pub use observe::{Fields, ResourceStatus, SUBSCRIPTION_LABEL};
+pub use observe::{Fields, ResourceStatus};
 
 /// What a source asks the plane to run.
 #[derive(Clone, Debug, Default)]

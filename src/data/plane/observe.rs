@@ -13,9 +13,6 @@ use crate::data::conditions::{ConditionType, StatusCondition, reason};
 use crate::data::plane::{Plane, View};
 use crate::topology::{Key, Kind, OrderingPlan, Report};
 
-/// The label that selects a subscription's workers (the `/scale` subresource's selector).
-pub const SUBSCRIPTION_LABEL: &str = "weir.dev/subscription";
-
 /// One resource as both modes report it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ResourceStatus {
@@ -256,10 +253,8 @@ impl Plane {
     }
 
     fn subscription_status(&self, view: &View, key: &Key) -> Observed {
-        let mut fields = SubscriptionFields {
-            selector: Some(format!("{SUBSCRIPTION_LABEL}={}", key.name)),
-            ..SubscriptionFields::default()
-        };
+        // `selector` (of `/scale`) is the operator's to fill: it knows its Pods' labels.
+        let mut fields = SubscriptionFields::default();
         let mut conditions = Vec::new();
         let mut not_ready = None;
         let plan = view.built.topology.subscriptions.get(key);
