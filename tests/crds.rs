@@ -446,10 +446,10 @@ fn integer_formats_are_the_ones_the_api_server_knows() {
     fn walk(v: &serde_json::Value, path: &str, bad: &mut Vec<String>) {
         match v {
             serde_json::Value::Object(m) => {
-                if let Some(f) = m.get("format").and_then(|f| f.as_str()) {
-                    if !["int32", "int64", "date-time", "double"].contains(&f) {
-                        bad.push(format!("{path}: {f}"));
-                    }
+                if let Some(f) = m.get("format").and_then(|f| f.as_str())
+                    && !["int32", "int64", "date-time", "double"].contains(&f)
+                {
+                    bad.push(format!("{path}: {f}"));
                 }
                 for (k, v) in m {
                     walk(v, &format!("{path}.{k}"), bad);
