@@ -18,10 +18,10 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{ObjectRef, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ArchivePolicy, CachePolicy, EventStream, Subscription};
@@ -147,16 +147,18 @@ pub async fn run_with_client(
         cfg.namespaces.iter().cloned().map(Some).collect()
     };
     let wc = watcher::Config::default();
+    // Woken when an object leaves a cache (see [`controller`]).
+    let removed = Arc::new(Notify::new());
     let mut stream_ctls = Vec::new();
     let mut sub_ctls = Vec::new();
     let mut ap_ctls = Vec::new();
     let mut cp_ctls = Vec::new();
     let mut stores = Stores::default();
     for ns in &scopes {
-        let es = Controller::new(api::<EventStream>(&client, ns), wc.clone());
+        let es = controller(api::<EventStream>(&client, ns), &wc, &removed);
         stores.streams.push(es.store());
         stream_ctls.push(es);
-        let subs = Controller::new(api::<Subscription>(&client, ns), wc.clone());
+        let subs = controller(api::<Subscription>(&client, ns), &wc, &removed);
         let sub_store = subs.store();
         stores.subscriptions.push(sub_store.clone());
         // A change of a stream (created, edited, being deleted) re-checks its subscriptions.
@@ -171,10 +173,10 @@ pub async fn run_with_client(
                 .collect::<Vec<_>>()
         });
         sub_ctls.push(subs);
-        let ap = Controller::new(api::<ArchivePolicy>(&client, ns), wc.clone());
+        let ap = controller(api::<ArchivePolicy>(&client, ns), &wc, &removed);
         stores.archive_policies.push(ap.store());
         ap_ctls.push(ap);
-        let cp = Controller::new(api::<CachePolicy>(&client, ns), wc.clone());
+        let cp = controller(api::<CachePolicy>(&client, ns), &wc, &removed);
         stores.cache_policies.push(cp.store());
         cp_ctls.push(cp);
     }
@@ -209,6 +211,30 @@ pub async fn run_with_client(
         });
     }
 
+    // Objects that left a cache: apply the topology without them on this replica. No
+    // reconcile runs for an object that is gone, and only the Lease holder runs the
+    // finalizer's cleanup, so without this a replica would keep running a deleted
+    // subscription, and a deleted ArchivePolicy or CachePolicy (no finalizer) would stay in
+    // force everywhere.
+    {
+        let ctx = ctx.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = removed.notified() => {}
+                    _ = stop.cancelled() => return,
+                }
+                // Several deletions in a burst (a namespace, `kubectl delete -f`) make one
+                // apply: later notifications coalesce into the one permit `Notify` keeps.
+                tokio::time::sleep(REMOVAL_SETTLE).await;
+                if let Err(e) = crate::control::reconcile::sync(&ctx, None).await {
+                    tracing::warn!(error = %e, "apply after a deletion");
+                }
+            }
+        });
+    }
+
     let config = kube::runtime::controller::Config::default().concurrency(cfg.concurrency);
     let mut runs = Vec::new();
     for c in stream_ctls {
@@ -234,6 +260,34 @@ pub async fn run_with_client(
     let _ = lease_task.await;
     running.stop_admin().await;
     Ok(())
+}
+
+/// How long after a deletion the topology is applied: long enough for the rest of a burst
+/// of deletions to arrive, short enough that a deleted resource stops promptly.
+const REMOVAL_SETTLE: Duration = Duration::from_millis(200);
+
+/// A controller of `K` whose watch also wakes `removed` when an object leaves the cache: on a
+/// deletion, and on a relist (objects deleted while the watch was down vanish then). The
+/// reflector updates the cache before the event passes on, so the apply that follows sees the
+/// cache without the object.
+fn controller<K: WeirResource>(
+    api: Api<K>,
+    wc: &watcher::Config,
+    removed: &Arc<Notify>,
+) -> Controller<K> {
+    let (reader, writer) = kube::runtime::reflector::store();
+    let removed = removed.clone();
+    let events = reflector(writer, watcher(api, wc.clone()))
+        .inspect(move |event| {
+            if matches!(
+                event,
+                Ok(watcher::Event::Delete(_)) | Ok(watcher::Event::InitDone)
+            ) {
+                removed.notify_one();
+            }
+        })
+        .applied_objects();
+    Controller::for_stream(events, reader)
 }
 
 fn api<K: WeirResource>(client: &Client, ns: &Option<String>) -> Api<K> {

@@ -421,7 +421,13 @@ impl Operator {
             .arg("--admin-listen")
             .arg(format!("127.0.0.1:{admin}"))
             .args(["--identity", identity, "--lease-name", lease])
-            .args(["--lease-namespace", "default", "--refresh", "2s"])
+            .args(["--lease-namespace", "default"])
+            // A quick resync unless the test sets its own.
+            .args(if extra.contains(&"--refresh") {
+                &[][..]
+            } else {
+                &["--refresh", "2s"][..]
+            })
             // Test sinks listen on 127.0.0.1; the operator has no loopback switch, the range
             // is allowed by name.
             .args(["--sink-allow-cidrs", "127.0.0.0/8"])
