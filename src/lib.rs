@@ -19,5 +19,6 @@ pub mod server;
 pub mod shutdown;
 pub mod source;
 pub mod telemetry;
+pub mod tls_provider;
 pub mod topology;
 pub mod yaml;

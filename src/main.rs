@@ -6,5 +6,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // Before any TLS client exists (HTTP clients panic without a provider).
+    weir::tls_provider::install_crypto_provider();
     weir::cli::main()
 }

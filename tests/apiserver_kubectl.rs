@@ -711,7 +711,9 @@ async fn kube_watcher_sees_changes_and_recovers_from_410() {
 
 /// Reads watch lines from a raw HTTP watch until one has `type`.
 async fn raw_watch_until(url: &str, type_: &str) -> Vec<Value> {
-    let mut resp = reqwest::get(url)
+    let mut resp = weir::tls_provider::http_client()
+        .get(url)
+        .send()
         .await
         .unwrap_or_else(|e| panic!("watch request: {e}"));
     assert!(resp.status().is_success());
@@ -743,7 +745,9 @@ async fn raw_watch_sends_bookmarks_replays_and_410() {
         "{}/apis/weir.dev/v1alpha1/namespaces/shop/eventstreams",
         server.url()
     );
-    let list: Value = reqwest::get(&base)
+    let list: Value = weir::tls_provider::http_client()
+        .get(&base)
+        .send()
         .await
         .unwrap_or_else(|e| panic!("list: {e}"))
         .json()
@@ -757,7 +761,9 @@ async fn raw_watch_sends_bookmarks_replays_and_410() {
 
     // Pagination: limit/continue, with remainingItemCount.
     let get = |url: String| async move {
-        reqwest::get(&url)
+        weir::tls_provider::http_client()
+            .get(&url)
+            .send()
             .await
             .unwrap_or_else(|e| panic!("GET {url}: {e}"))
             .json::<Value>()

@@ -72,7 +72,7 @@ async fn publish(c: &reqwest::Client, w: &Weir, events: &[Value]) {
 }
 
 async fn publish_range(w: &Weir, range: std::ops::Range<usize>) {
-    let c = reqwest::Client::new();
+    let c = common::http();
     let all: Vec<Value> = range.map(event).collect();
     for chunk in all.chunks(500) {
         publish(&c, w, chunk).await;
@@ -80,7 +80,7 @@ async fn publish_range(w: &Weir, range: std::ops::Range<usize>) {
 }
 
 async fn get_json(url: &str) -> (u16, Value) {
-    let r = reqwest::get(url).await.unwrap();
+    let r = common::http_get(url).await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
 }
@@ -274,7 +274,7 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
     assert_eq!(status, 404);
 
     // The hot store still knows versions and dedup keys of archived events.
-    let c = reqwest::Client::new();
+    let c = common::http();
     let mut next = event(N);
     next["subject"] = json!("order-3");
     next["expectedversion"] = json!(

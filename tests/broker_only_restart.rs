@@ -45,7 +45,7 @@ async fn rabbitmq_restart_loses_no_event_answered_202() {
     let url = Arc::new(w.events_url("test", "fanout"));
     let stop = Arc::new(AtomicBool::new(false));
     let restarted = Arc::new(AtomicBool::new(false));
-    let client = reqwest::Client::new();
+    let client = common::http();
     let mut tasks = vec![];
     for c in 0..4 {
         let (url, stop, restarted, client) =

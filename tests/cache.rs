@@ -89,7 +89,7 @@ async fn an_append_invalidates_the_subject_on_both_replicas() {
     );
     m.write("cache.yaml", &policy_yaml("reads", "orders", "LRU", 1000));
     let (a, b) = two_readable_workers(m.path(), "test", &["orders"]).await;
-    let c = reqwest::Client::new();
+    let c = common::http();
     let (url_a, url_b) = (
         a.events_url("test", "orders"),
         b.events_url("test", "orders"),
@@ -194,7 +194,7 @@ async fn full_pages_and_events_are_cached_a_policy_edit_resizes_live() {
     );
     let mut w = Weir::start(m.path());
     w.wait_readable("test", "pages").await;
-    let c = reqwest::Client::new();
+    let c = common::http();
     let url = w.events_url("test", "pages");
     for i in 0..5 {
         publish(&c, &url, &format!("s{i}"), &format!("p{i}")).await;
@@ -316,7 +316,7 @@ async fn a_trace_is_cached_and_an_append_to_any_stream_invalidates_it() {
         &policy_yaml("pay-reads", "payments", "LFU", 1000),
     );
     let (a, b) = two_readable_workers(m.path(), "test", &["orders", "payments"]).await;
-    let c = reqwest::Client::new();
+    let c = common::http();
     let send = |w: &Weir, stream: &str, id: &str| {
         let (c, url) = (c.clone(), w.events_url("test", stream));
         let id = id.to_string();

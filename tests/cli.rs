@@ -155,7 +155,7 @@ async fn json_data_without_a_content_type_reaches_the_sink_as_json() {
     );
     let mut w = common::Weir::start(m.path());
     w.wait_ready("test", "untyped").await;
-    let r = reqwest::Client::new()
+    let r = common::http()
         .post(w.events_url("test", "untyped"))
         .header("content-type", "application/cloudevents+json")
         .body(r#"{"specversion":"1.0","id":"j1","source":"/cli","type":"t","data":{"a":[1,2]}}"#)

@@ -74,7 +74,7 @@ async fn two_processes_store_20000_events_once_and_relay_them_in_order() {
         a.events_url("test", "orders"),
         b.events_url("test", "orders"),
     ]);
-    let client = reqwest::Client::new();
+    let client = common::http();
     let mut tasks = vec![];
     for c in 0..8 {
         let urls = urls.clone();
@@ -126,7 +126,7 @@ async fn kill_9_mid_run_loses_no_answered_event() {
         a.events_url("test", "orders"),
         b.events_url("test", "orders"),
     ]);
-    let client = reqwest::Client::new();
+    let client = common::http();
     let mut tasks = vec![];
     for c in 0..4 {
         let urls = urls.clone();
@@ -201,7 +201,7 @@ async fn every_error_case_names_the_problem_and_the_server_keeps_serving() {
     w.wait_ready("test", "orders").await;
     w.wait_ready("test", "strict").await;
     let url = w.events_url("test", "orders");
-    let c = reqwest::Client::new();
+    let c = common::http();
     let ce = |extra: Value| {
         let mut v = json!({"specversion": "1.0", "id": "1", "source": "/t", "type": "order.created", "data": {"orderId": "o1"}});
         if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
@@ -373,7 +373,7 @@ async fn group_commit_batches_concurrent_single_event_requests() {
     let mut w = Weir::start(m.path());
     w.wait_ready("test", "gc").await;
     let url = Arc::new(w.events_url("test", "gc"));
-    let client = reqwest::Client::new();
+    let client = common::http();
     let mut tasks = vec![];
     for c in 0..64 {
         let url = url.clone();
@@ -426,7 +426,7 @@ async fn racing_expected_versions_let_exactly_one_win() {
     let mut w = Weir::start(m.path());
     w.wait_ready("test", "acc").await;
     let url = w.events_url("test", "acc");
-    let c = reqwest::Client::new();
+    let c = common::http();
     let post = |id: String, subject: String, expected: String| {
         let c = c.clone();
         let url = url.clone();
@@ -476,7 +476,7 @@ async fn data_round_trips_byte_for_byte_in_every_content_mode() {
     let mut w = Weir::start(m.path());
     w.wait_ready("test", "rt").await;
     let url = w.events_url("test", "rt");
-    let c = reqwest::Client::new();
+    let c = common::http();
     let binary: Vec<u8> = (0..=255u8).collect();
     let big_json = format!(
         "{{ \"z\" : 1,\n  \"a\":[1.50, 2e3], \"pad\": \"{}\" }}",
@@ -635,7 +635,7 @@ async fn the_watched_folder_applies_add_edit_break_and_delete_without_restart() 
     let m = Manifests::new(&db_url);
     let mut w = Weir::start(m.path());
     let url = w.events_url("test", "live");
-    let c = reqwest::Client::new();
+    let c = common::http();
     let publish = |size: usize| {
         let c = c.clone();
         let url = url.clone();
@@ -744,7 +744,7 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_answered() {
         .fetch_one(&mut *lock)
         .await
         .unwrap();
-    let client = reqwest::Client::new();
+    let client = common::http();
     let mut tasks = vec![];
     for c in 0..48 {
         let url = url.clone();
@@ -811,7 +811,7 @@ async fn sigterm_answers_in_flight_publishes_and_exits_cleanly() {
     let mut w = Weir::start(m.path());
     w.wait_ready("test", "term").await;
     let url = Arc::new(w.events_url("test", "term"));
-    let client = reqwest::Client::new();
+    let client = common::http();
     let mut tasks = vec![];
     for c in 0..16 {
         let url = url.clone();
@@ -893,7 +893,7 @@ async fn a_deleted_manifest_removes_data_only_under_prune_and_delete_policy() {
             Weir::start(m.path())
         };
         w.wait_ready("test", name).await;
-        let r = reqwest::Client::new()
+        let r = common::http()
             .post(w.events_url("test", name))
             .json(&json!({"type": "t", "data": {}}))
             .send()
@@ -905,7 +905,7 @@ async fn a_deleted_manifest_removes_data_only_under_prune_and_delete_policy() {
         let url = w.events_url("test", name);
         wait_for(
             || async {
-                reqwest::Client::new()
+                common::http()
                     .post(&url)
                     .json(&json!({"type": "t", "data": {}}))
                     .send()

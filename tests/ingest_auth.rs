@@ -121,7 +121,7 @@ async fn tokens_guard_publish_read_and_trace() {
     w.wait_ready("test", "orders").await;
     w.wait_ready("test", "open").await;
     let c = Client {
-        http: reqwest::Client::new(),
+        http: common::http(),
         base: w.url.clone(),
     };
 
@@ -397,7 +397,7 @@ async fn service_accounts_through_token_review() {
     assert!(out.success, "{}", out.stderr);
     let op = Operator::start(server.kubeconfig(), "op-auth", &unique("weir-"), &[]);
     let c = Client {
-        http: reqwest::Client::new(),
+        http: common::http(),
         base: op.url.clone(),
     };
     let publish = |token: Option<String>, id: &'static str| {

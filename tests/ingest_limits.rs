@@ -42,7 +42,7 @@ async fn publish(
 
 /// The ids stored in the stream, in order.
 async fn stored_ids(url: &str) -> Vec<String> {
-    let page: Value = reqwest::get(format!("{url}?from=1&limit=1000&consistency=strong"))
+    let page: Value = common::http_get(format!("{url}?from=1&limit=1000&consistency=strong"))
         .await
         .expect("read")
         .json()
@@ -81,7 +81,7 @@ async fn the_event_over_the_rate_limit_gets_429_with_retry_after_and_is_not_stor
     let mut w = Weir::start(m.path());
     w.wait_readable("test", "rl").await;
     let url = w.events_url("test", "rl");
-    let client = reqwest::Client::new();
+    let client = common::http();
 
     // Six single-event publishes at once: the bucket holds five, and the sixth is checked
     // long before 200 ms (one token's refill) have passed.
@@ -279,7 +279,7 @@ async fn slow_clients_neither_block_a_publish_nor_store_anything_and_sigterm_sti
     let url = w.events_url("test", "slow");
     let addr = w.url.trim_start_matches("http://").to_string();
     let path = "/v1/namespaces/test/streams/slow/events".to_string();
-    let client = reqwest::Client::new();
+    let client = common::http();
     assert_eq!(
         publish(&client, &url, &event("warm"), false).await.status(),
         201
@@ -300,7 +300,7 @@ async fn slow_clients_neither_block_a_publish_nor_store_anything_and_sigterm_sti
     let started = Instant::now();
     let r = tokio::time::timeout(
         Duration::from_secs(1),
-        publish(&reqwest::Client::new(), &url, &event("normal"), false),
+        publish(&common::http(), &url, &event("normal"), false),
     )
     .await
     .expect("a normal publish answered within a second while slow clients hold connections");
@@ -424,7 +424,7 @@ async fn connections_over_the_cap_wait_until_one_closes() {
     }
     // Every slot is held by an idle keep-alive connection: a publish on a new connection
     // is not accepted...
-    let client = reqwest::Client::new();
+    let client = common::http();
     let pending = tokio::spawn({
         let (client, url) = (client.clone(), url.clone());
         async move {

@@ -32,7 +32,7 @@ fn relayed(metrics: &str, stream: &str, outcome: &str) -> u64 {
 }
 
 async fn publish_all(url: String, ty: &'static str) {
-    let client = reqwest::Client::new();
+    let client = common::http();
     let mut tasks = tokio::task::JoinSet::new();
     // Three keep-alive clients, as in the run the issue describes.
     for c in 0..3 {

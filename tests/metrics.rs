@@ -83,7 +83,7 @@ async fn metrics_pass_promtool_and_cover_the_dashboard_after_a_mixed_workload() 
     let mut w = Weir::start(m.path());
     w.wait_ready("test", "mix").await;
     w.wait_ready("test", "fast").await;
-    let c = reqwest::Client::new();
+    let c = common::http();
     let url = w.events_url("test", "mix");
     for i in 0..20 {
         let r = c

@@ -43,7 +43,12 @@ async fn reads_go_to_the_replica_unless_strong_and_writes_to_the_primary() {
     for stream in ["dead", "alias"] {
         let url = format!("{}?consistency=strong", w.events_url("test", stream));
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while reqwest::get(&url).await.map(|r| r.status().as_u16()).ok() != Some(200) {
+        while common::http_get(&url)
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+            != Some(200)
+        {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{stream}: {}",
@@ -52,7 +57,7 @@ async fn reads_go_to_the_replica_unless_strong_and_writes_to_the_primary() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let c = reqwest::Client::new();
+    let c = common::http();
     for stream in ["dead", "alias"] {
         let r = c
             .post(w.events_url("test", stream))

@@ -197,7 +197,7 @@ async fn standalone_conditions(
     w: &Weir,
     ns: &str,
 ) -> Vec<(String, String, String, String, String)> {
-    let Ok(r) = reqwest::get(format!("{}/v1/status", w.admin)).await else {
+    let Ok(r) = common::http_get(format!("{}/v1/status", w.admin)).await else {
         return Vec::new();
     };
     let Ok(v) = r.json::<Value>().await else {

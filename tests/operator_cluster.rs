@@ -191,7 +191,7 @@ async fn operator_on_a_real_cluster() {
     let out = kubectl(&["explain", "eventstream.spec.batching"], None);
     assert!(out.stdout().contains("maxEvents"), "{}", out.stdout());
 
-    let status = reqwest::Client::new()
+    let status = common::http()
         .post(format!("{url}/v1/namespaces/{ns}/streams/orders/events"))
         .header("content-type", "application/cloudevents+json")
         .body(

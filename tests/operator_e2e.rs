@@ -279,7 +279,7 @@ async fn operator_end_to_end_with_kubectl() {
 
     // Publish: stored (read back) and delivered.
     assert!(publish(&a.url, &ns, "orders", "e1").await.is_success());
-    let body: Value = reqwest::get(format!(
+    let body: Value = common::http_get(format!(
         "{}/v1/namespaces/{ns}/streams/orders/events/1",
         a.url
     ))
@@ -519,7 +519,7 @@ async fn operator_end_to_end_with_kubectl() {
     // The admin API asks the API server who a bearer token is (TokenReview) and what its
     // user may do (SubjectAccessReview): no grant here, so 403.
     let token = server.issue_token(&ns, "ops", &["weir"]);
-    let r = reqwest::Client::new()
+    let r = common::http()
         .get(format!(
             "{}/v1/namespaces/{ns}/subscriptions/print-orders/deadletters",
             b.admin
@@ -606,7 +606,10 @@ fn chart_rules() -> BTreeSet<(String, String, String)> {
 }
 
 async fn http_status(url: &str) -> Option<u16> {
-    reqwest::get(url).await.ok().map(|r| r.status().as_u16())
+    common::http_get(url)
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
 }
 
 /// Readiness waits for the CRDs; SIGTERM exits cleanly and releases the Lease at once. The

@@ -76,7 +76,7 @@ async fn a_store_outage_answers_503_and_recovers_without_a_restart() {
     let mut w = Weir::start_with(m.path(), &[("WEIR_REQUEST_TIMEOUT", "2s")]);
     w.wait_ready("test", "flaky").await;
     let url = w.events_url("test", "flaky");
-    let c = reqwest::Client::new();
+    let c = common::http();
     let mut answered = BTreeSet::new();
     let publish = |id: String| {
         let (c, url) = (c.clone(), url.clone());

@@ -15,80 +15,14 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::pg::{PgRunner, pg_bin_dir, running_as_root};
 use common::*;
 use serde_json::{Value, json};
-
-/// The newest installed PostgreSQL's server binaries (`WEIR_TEST_PG_BIN` overrides).
-fn pg_bin_dir() -> Option<PathBuf> {
-    if let Ok(dir) = std::env::var("WEIR_TEST_PG_BIN") {
-        return Some(PathBuf::from(dir));
-    }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((v, bin))
-        })
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, bin)| bin)
-}
-
-fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-/// Runs PostgreSQL's programs, as `postgres` when this process is root.
-#[derive(Clone)]
-struct PgRunner {
-    bin: PathBuf,
-    as_postgres: bool,
-    /// Working directory of every command (the postgres user must be able to enter it).
-    cwd: PathBuf,
-}
-
-impl PgRunner {
-    fn command(&self, program: &str) -> Command {
-        let exe = self.bin.join(program);
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(exe);
-            c
-        } else {
-            Command::new(exe)
-        };
-        cmd.current_dir(&self.cwd);
-        cmd
-    }
-
-    /// Runs `program args`, failing the test with its output if it fails.
-    fn run(&self, program: &str, args: &[&str]) -> Output {
-        let out = self
-            .command(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("run {program}: {e}"));
-        assert!(
-            out.status.success(),
-            "{program} {args:?} failed ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-}
 
 /// One PostgreSQL cluster of the pair.
 struct Node {
@@ -313,7 +247,7 @@ const PUBLISHERS: usize = 4;
 
 async fn publisher(n: usize, url: String, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Attempt>>>) {
     // A client timeout well above the request timeout: weir itself answers 503 first.
-    let client = reqwest::Client::builder()
+    let client = common::http_builder()
         .timeout(Duration::from_secs(15))
         .build()
         .expect("http client");
@@ -464,7 +398,7 @@ async fn primary_crash_and_standby_promotion_lose_no_answered_event() {
 
     // Cross-process invalidation still works: the reader caches a subject, the writer
     // appends to it, and the reader shows the append within a second.
-    let c = reqwest::Client::new();
+    let c = common::http();
     let subject_url = format!(
         "{}/v1/namespaces/test/streams/orders/subjects/probe/events",
         reader.url

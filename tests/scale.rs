@@ -91,7 +91,7 @@ fn watch_admin(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<AdminWatch> {
     tokio::spawn(async move {
-        let client = reqwest::Client::builder()
+        let client = common::http_builder()
             .timeout(Duration::from_secs(5))
             .build()
             .unwrap();
@@ -120,7 +120,7 @@ fn watch_admin(
 
 /// The resources `/v1/status` lists; none while the process is not listening yet.
 async fn status(admin: &str) -> Vec<Value> {
-    let client = reqwest::Client::builder()
+    let client = common::http_builder()
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
@@ -194,7 +194,7 @@ fn watch_sessions(
 /// waits for the request timeout); answers the ids acknowledged and the refusals.
 async fn publish_each(weir: &Weir, n: usize, round: &str) -> (Vec<String>, Vec<String>) {
     use futures::StreamExt;
-    let client = reqwest::Client::new();
+    let client = common::http();
     let answers: Vec<(String, Result<u16, String>)> = futures::stream::iter(0..n)
         .map(|i| {
             let (client, url) = (client.clone(), weir.events_url("test", &format!("s{i:04}")));
@@ -229,7 +229,7 @@ async fn publish_each(weir: &Weir, n: usize, round: &str) -> (Vec<String>, Vec<S
 /// will): a few hundred idle quorum queues left behind weigh on RabbitMQ for the rest of the
 /// suite.
 async fn delete_queues(tag: &str) {
-    let client = reqwest::Client::new();
+    let client = common::http();
     let api = "http://127.0.0.1:15672/api/queues/%2F";
     let Ok(r) = client
         .get(api)
@@ -518,7 +518,7 @@ async fn a_database_that_refuses_is_a_condition_not_a_log_flood() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let ready = reqwest::get(format!("{}/readyz", weir.admin))
+    let ready = common::http_get(format!("{}/readyz", weir.admin))
         .await
         .unwrap();
     assert_eq!(ready.status(), 503);

@@ -89,7 +89,7 @@ async fn publish_one(weir: &Weir) {
 
 /// The subscription's entry in `/v1/status`.
 async fn status_of(weir: &Weir, name: &str) -> Option<Value> {
-    let v: Value = reqwest::get(format!("{}/v1/status", weir.admin))
+    let v: Value = common::http_get(format!("{}/v1/status", weir.admin))
         .await
         .ok()?
         .json()
@@ -135,7 +135,7 @@ async fn dead_letter(weir: &Weir, name: &str) -> Value {
         &format!("a dead letter of {name}"),
         || weir.log_text(),
         || async {
-            let v: Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+            let v: Value = common::http_get(&url).await.ok()?.json().await.ok()?;
             v["deadLetters"].as_array()?.first().cloned()
         },
     )
@@ -463,7 +463,7 @@ async fn with_loopback_allowed_the_workers_own_ports_stay_refused_and_redirects_
     assert_eq!(redirect.hits(), 1);
     assert_eq!(target.hits(), 0, "the redirect was followed");
     // The sinks aimed at the worker itself changed nothing: the stream holds the one event.
-    let page: Value = reqwest::get(format!(
+    let page: Value = common::http_get(format!(
         "{}?from=1&limit=10",
         weir.events_url("test", "orders")
     ))

@@ -120,7 +120,7 @@ fn conditions_of(conditions: &Value) -> Vec<(String, String, String)> {
 
 /// Standalone mode: `/v1/status` of the namespace.
 async fn standalone_snapshot(w: &Weir, ns: &str) -> Option<(Snapshot, Value)> {
-    let v: Value = reqwest::get(format!("{}/v1/status", w.admin))
+    let v: Value = common::http_get(format!("{}/v1/status", w.admin))
         .await
         .ok()?
         .json()

@@ -87,7 +87,7 @@ async fn subject_pages_hold_every_event_once_in_order() {
     let mut w = Weir::start(m.path());
     w.wait_readable("test", "plain").await;
     w.wait_readable("test", "cached").await;
-    let c = reqwest::Client::new();
+    let c = common::http();
     for stream in ["plain", "cached"] {
         let url = w.events_url("test", stream);
         fill(&c, &url, "big", 2500).await;

@@ -205,7 +205,7 @@ fn events(prefix: &str, n: usize, keys: usize) -> Vec<Value> {
 }
 
 async fn publish(url: &str, evs: &[Value]) {
-    let client = reqwest::Client::new();
+    let client = common::http();
     for chunk in evs.chunks(100) {
         let r = client
             .post(url)
@@ -245,7 +245,7 @@ async fn queue_len(name: &str) -> Option<u32> {
 }
 
 async fn status_of(weir: &Weir, name: &str) -> Value {
-    let v: Value = reqwest::get(format!("{}/v1/status", weir.admin))
+    let v: Value = common::http_get(format!("{}/v1/status", weir.admin))
         .await
         .unwrap()
         .json()
@@ -414,7 +414,7 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
     let url = s.weir.events_url("test", "orders");
     publish(&url, &events("d", 20, 5)).await;
     // Filtered out: a region extension `us`, or another type. Binary mode carries the region.
-    let client = reqwest::Client::new();
+    let client = common::http();
     for (i, (ty, region)) in [("order.created", "us"), ("payment.done", "eu")]
         .iter()
         .enumerate()
@@ -454,7 +454,7 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
             .all(|g| g.id.starts_with("d-") && g.ty == "order.created")
     );
 
-    let list: Value = reqwest::get(format!(
+    let list: Value = common::http_get(format!(
         "{}/v1/namespaces/test/subscriptions/{}/deadletters?limit=50",
         s.weir.admin, s.sub
     ))
@@ -842,7 +842,7 @@ async fn the_saga_example_compensates_a_failed_payment() {
     .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let events = loop {
-        let evs: Value = reqwest::get(format!("{url}?from=1&limit=100"))
+        let evs: Value = common::http_get(format!("{url}?from=1&limit=100"))
             .await
             .unwrap()
             .json()
@@ -890,7 +890,7 @@ async fn the_saga_example_compensates_a_failed_payment() {
     let created1 = events.iter().find(|e| e["subject"] == "o-1").unwrap();
     assert_eq!(by_type("payment.completed")["causationid"], created1["id"]);
     // The failure itself is in the dead-letter stream, with its context.
-    let failures: Value = reqwest::get(format!("{}?from=1", weir.events_url(&ns, "failures")))
+    let failures: Value = common::http_get(format!("{}?from=1", weir.events_url(&ns, "failures")))
         .await
         .unwrap()
         .json()
@@ -1274,7 +1274,7 @@ async fn an_https_sink_is_verified_and_delivered_to() {
 
 /// Dead letters of a subscription, through the admin API.
 async fn dead_letters(weir: &Weir, sub: &str) -> Vec<Value> {
-    let list: Value = reqwest::get(format!(
+    let list: Value = common::http_get(format!(
         "{}/v1/namespaces/test/subscriptions/{sub}/deadletters?limit=100",
         weir.admin
     ))

@@ -784,7 +784,7 @@ kind: Secret
 metadata: {name: tls, namespace: shop}
 stringData:
   amqp: "amqps://guest:secret@broker.example:5671/%2f"
-  pg: "postgres://a@pg-0:5432/events?sslmode=verify-full"
+  pg: "postgres://a@pg-0:5432/events?sslmode=allow"
 ---
 apiVersion: weir.dev/v1alpha1
 kind: EventStream
@@ -809,10 +809,78 @@ spec:
         "orders",
         "spec.store.urlSecretRef",
         Reason::InvalidSpec,
-        "sslmode=verify-full asks for TLS to PostgreSQL, which is not supported yet",
+        "sslmode=allow is not supported",
     );
     let all = problems(&built, Kind::EventStream, "shop", "orders").join("\n");
     assert!(!all.contains("secret@"), "a message shows the URL: {all}");
+}
+
+/// TLS to PostgreSQL: verify-full with a CA is planned; settings that would be ignored (a CA
+/// in the URL and in caSecretRef, a parameter in the wrong case, certificates with a mode
+/// that may not encrypt) are refused, naming the field.
+#[test]
+fn store_tls_is_planned_and_ignored_settings_are_refused() {
+    const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBeTCCAR+gAwIBAgIUSk5S0pGhXq8t1O3+SHb2fWqgQx0wCgYIKoZIzj0EAwIw\n-----END CERTIFICATE-----";
+    let stream = |url: &str, tls: &str| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: db, namespace: shop}}\n\
+             stringData: {{url: \"{url}\", ca: \"{}\"}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: shop}}\n\
+             stringData: {{url: \"amqp://guest:guest@rabbitmq:5672/%2f\"}}\n---\n\
+             apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: orders, namespace: shop}}\n\
+             spec:\n  broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}\n  \
+             store: {{urlSecretRef: {{name: db, key: url}}, tls: {tls}}}\n",
+            CA.replace('\n', "\\n")
+        )
+    };
+    let ca_ref = "{caSecretRef: {name: db, key: ca}}";
+    let built = build(
+        &index(&stream(
+            "postgres://a:pw@pg-0/events?sslmode=verify-full",
+            ca_ref,
+        )),
+        &defaults(),
+    );
+    let plan = &built.topology.streams[&Key::new("shop", "orders")];
+    let store = plan.store.as_ref().expect("a store");
+    assert!(store.tls.ca_pem.is_some(), "{:?}", store.tls);
+
+    for (url, tls, path, says) in [
+        (
+            "postgres://a@pg-0/events?sslmode=verify-full&sslrootcert=/ca.pem",
+            ca_ref,
+            "spec.store.tls.caSecretRef",
+            "names sslrootcert too",
+        ),
+        (
+            "postgres://a@pg-0/events?sslmode=prefer",
+            ca_ref,
+            "spec.store.tls",
+            "may connect in plain text",
+        ),
+        (
+            "postgres://a@pg-0/events?SSLMODE=verify-full",
+            "{}",
+            "spec.store.urlSecretRef",
+            "lower case",
+        ),
+        (
+            "postgres://a@pg-0/events?sslrootcert=/ca.pem",
+            "{}",
+            "spec.store.urlSecretRef",
+            "ignored with sslmode=prefer",
+        ),
+    ] {
+        let built = build(&index(&stream(url, tls)), &defaults());
+        assert_problem(
+            &built,
+            Kind::EventStream,
+            "orders",
+            path,
+            Reason::InvalidSpec,
+            says,
+        );
+    }
 }
 
 #[test]

@@ -21,7 +21,7 @@ async fn a_saga_is_traced_across_streams_in_commit_order() {
     let mut w = Weir::start(m.path());
     w.wait_readable("test", "orders").await;
     w.wait_readable("test", "shipping").await;
-    let c = reqwest::Client::new();
+    let c = common::http();
     // Structured CloudEvents: the seed's JSON shape has no causationid.
     let publish = |stream: &str, mut body: Value| {
         let (c, url) = (c.clone(), w.events_url("test", stream));

@@ -66,7 +66,7 @@ pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
     let next = Arc::new(AtomicUsize::new(0));
     let done_events = Arc::new(AtomicUsize::new(0));
     // One shared client: connection reuse, as a real publisher would.
-    let client = reqwest::Client::builder()
+    let client = crate::tls_provider::http_client_builder()
         .pool_max_idle_per_host(concurrency)
         .build()?;
     let started = Instant::now();
@@ -149,7 +149,7 @@ pub async fn read(
     let total = order.len();
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let client = reqwest::Client::builder()
+    let client = crate::tls_provider::http_client_builder()
         .pool_max_idle_per_host(concurrency)
         .build()?;
     let started = Instant::now();

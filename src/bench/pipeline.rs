@@ -150,7 +150,7 @@ impl Pipeline {
     /// Waits up to `limit` until no resource named `name` is listed any more; false if it
     /// still is.
     pub async fn wait_gone(&self, name: &str, limit: Duration) -> bool {
-        let client = reqwest::Client::new();
+        let client = crate::tls_provider::http_client();
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Ok(r) = client.get(format!("{}/v1/status", self.admin)).send().await
@@ -168,7 +168,7 @@ impl Pipeline {
 
     /// Waits until every listed stream reports Ready.
     pub async fn wait_ready(&self, streams: &[&str]) -> Result<(), BenchError> {
-        let client = reqwest::Client::new();
+        let client = crate::tls_provider::http_client();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(r) = client.get(format!("{}/v1/status", self.admin)).send().await

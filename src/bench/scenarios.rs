@@ -266,7 +266,9 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
 
 /// `(sum, count)` of the pipeline's `weir_batch_events` histogram (events per transaction).
 async fn batch_stats(pipe: Option<&Pipeline>) -> Option<(f64, f64)> {
-    let text = reqwest::get(format!("{}/metrics", pipe?.admin))
+    let text = crate::tls_provider::http_client()
+        .get(format!("{}/metrics", pipe?.admin))
+        .send()
         .await
         .ok()?
         .text()
@@ -641,7 +643,9 @@ const NO_CACHE_STREAM: &str = "reads-nocache";
 
 /// The sum of `weir_cache_requests_total{policy,result}` samples in a scrape.
 async fn cache_lookups(admin: &str, policy: &str) -> Result<(f64, f64), BenchError> {
-    let text = reqwest::get(format!("{admin}/metrics"))
+    let text = crate::tls_provider::http_client()
+        .get(format!("{admin}/metrics"))
+        .send()
         .await?
         .text()
         .await?;
@@ -722,7 +726,7 @@ pub async fn cache(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     streams.extend(CACHE_STRATEGIES.iter().map(|(_, s)| *s));
     pipe.wait_ready(&streams).await?;
 
-    let client = reqwest::Client::new();
+    let client = crate::tls_provider::http_client();
     for (i, stream) in streams.iter().enumerate() {
         eprint!(
             "\rstoring {subjects} subjects × {CACHE_EVENTS_PER_SUBJECT} events in stream {}/{}…   ",

@@ -218,7 +218,7 @@ pub struct RawEvent {
 /// The baselines' HTTP client: one pool for every POST, idle connections kept for each
 /// concurrent sender.
 pub fn raw_client(concurrency: usize) -> Result<reqwest::Client, BenchError> {
-    Ok(reqwest::Client::builder()
+    Ok(crate::tls_provider::http_client_builder()
         .pool_max_idle_per_host(concurrency)
         .timeout(Duration::from_secs(10))
         .build()?)

@@ -19,7 +19,7 @@ pub fn http_client(token: Option<&str>) -> anyhow::Result<reqwest::Client> {
         v.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
-    reqwest::Client::builder()
+    crate::tls_provider::http_client_builder()
         .default_headers(headers)
         .build()
         .context("building the HTTP client")

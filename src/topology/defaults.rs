@@ -64,7 +64,19 @@ pub enum DefaultsError {
         "environment variable {var} is set but DB_HOST is not: set DB_HOST to use a default database"
     )]
     MissingHost { var: &'static str },
+    /// The `DB_SSL*` variables ask for TLS settings that would not work as written.
+    #[error("environment variables DB_SSLMODE/DB_SSLROOTCERT/DB_SSLCERT/DB_SSLKEY: {0}")]
+    DatabaseTls(String),
 }
+
+/// TLS settings of the default database, as libpq names them (`PGSSLMODE`...): each becomes
+/// the URL's query parameter of that name.
+const DB_TLS_VARS: [(&str, &str); 4] = [
+    ("DB_SSLMODE", "sslmode"),
+    ("DB_SSLROOTCERT", "sslrootcert"),
+    ("DB_SSLCERT", "sslcert"),
+    ("DB_SSLKEY", "sslkey"),
+];
 
 /// Characters percent-encoded in the user-info part of the URL: everything but RFC 3986
 /// "unreserved" characters, so that `@`, `:`, `/`, `%` and friends in a password cannot change
@@ -165,7 +177,11 @@ fn parse_positive<T: TryFrom<u64>>(var: &'static str, value: &str) -> Result<T, 
 /// none is set.
 fn database_url(get: &impl Fn(&str) -> Option<String>) -> Result<Option<String>, DefaultsError> {
     let Some(host) = get("DB_HOST") else {
-        for var in ["DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE"] {
+        let tls_vars = DB_TLS_VARS.iter().map(|(var, _)| *var);
+        for var in ["DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE"]
+            .into_iter()
+            .chain(tls_vars)
+        {
             if get(var).is_some() {
                 return Err(DefaultsError::MissingHost { var });
             }
@@ -205,10 +221,22 @@ fn database_url(get: &impl Fn(&str) -> Option<String>) -> Result<Option<String>,
         userinfo.push_str(&percent_encode_userinfo(&password));
     }
     let database = get("DB_DATABASE").unwrap_or_else(|| "postgres".to_string());
-    Ok(Some(format!(
+    let mut url = format!(
         "postgres://{userinfo}@{host}:{port}/{}",
         percent_encode_userinfo(&database)
-    )))
+    );
+    let mut sep = '?';
+    for (var, param) in DB_TLS_VARS {
+        if let Some(v) = get(var) {
+            url.push(sep);
+            url.push_str(param);
+            url.push('=');
+            url.push_str(&percent_encode_userinfo(v.trim()));
+            sep = '&';
+        }
+    }
+    crate::data::store::tls::url_tls(&url).map_err(DefaultsError::DatabaseTls)?;
+    Ok(Some(url))
 }
 
 #[cfg(test)]
@@ -304,6 +332,35 @@ mod tests {
         assert_eq!(
             from(&[("DB_PASSWORD", "x")]),
             Err(DefaultsError::MissingHost { var: "DB_PASSWORD" })
+        );
+    }
+
+    #[test]
+    fn database_tls_variables_become_url_parameters() {
+        let d = from(&[
+            ("DB_HOST", "pg"),
+            ("DB_SSLMODE", "verify-full"),
+            ("DB_SSLROOTCERT", "/etc/weir/db/ca.crt"),
+        ])
+        .unwrap();
+        assert_eq!(
+            d.default_database_url.as_deref(),
+            Some(
+                "postgres://postgres@pg:5432/postgres?sslmode=verify-full&sslrootcert=%2Fetc%2Fweir%2Fdb%2Fca.crt"
+            )
+        );
+        let err = from(&[("DB_HOST", "pg"), ("DB_SSLROOTCERT", "/ca.crt")]).unwrap_err();
+        assert!(
+            err.to_string().contains("ignored with sslmode=prefer"),
+            "{err}"
+        );
+        assert!(matches!(
+            from(&[("DB_HOST", "pg"), ("DB_SSLMODE", "allow")]),
+            Err(DefaultsError::DatabaseTls(_))
+        ));
+        assert_eq!(
+            from(&[("DB_SSLMODE", "require")]),
+            Err(DefaultsError::MissingHost { var: "DB_SSLMODE" })
         );
     }
 }

@@ -163,7 +163,7 @@ async fn standalone_admin_binds_loopback_by_default() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let client = reqwest::Client::new();
+    let client = common::http();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(r) = client.get("http://127.0.0.1:9090/healthz").send().await

@@ -77,7 +77,7 @@ async fn operator_admin_is_decided_by_rbac() {
         "deadletters",
         &ns,
     );
-    let client = reqwest::Client::new();
+    let client = common::http();
     let url = format!(
         "{}/v1/namespaces/{ns}/subscriptions/{sub}/deadletters",
         op.admin

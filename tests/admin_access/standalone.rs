@@ -38,7 +38,7 @@ async fn standalone_admin_token_guards_dead_letters_archive_and_status() {
         m.path(),
         &["--admin-token-file", token_file.to_str().unwrap()],
     );
-    let client = reqwest::Client::new();
+    let client = common::http();
     let token = "first-admin-token";
 
     // Without a token, status is a summary only; with it, the details.

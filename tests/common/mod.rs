@@ -6,11 +6,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod pg;
+
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 pub fn pg_admin_url() -> String {
     std::env::var("WEIR_TEST_PG")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// An HTTP client (rustls on ring: the provider is installed first, as `weir`'s `main` does;
+/// reqwest panics without one).
+pub fn http() -> reqwest::Client {
+    weir::tls_provider::http_client()
+}
+
+/// An HTTP client builder, the provider installed.
+pub fn http_builder() -> reqwest::ClientBuilder {
+    weir::tls_provider::http_client_builder()
+}
+
+/// `GET url` (what `reqwest::get` does, with the provider installed).
+pub async fn http_get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    http().get(url).send().await
 }
 
 /// A name unique to this test run, safe for databases, exchanges and queues.
@@ -206,7 +224,7 @@ impl Weir {
 
     /// Waits until the stream answers reads (store provisioned) or publishes can go out.
     pub async fn wait_ready(&mut self, ns: &str, stream: &str) {
-        let client = reqwest::Client::new();
+        let client = http();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let st = client
@@ -243,7 +261,7 @@ impl Weir {
         let deadline = Instant::now() + Duration::from_secs(30);
         let url = format!("{}?from=1&limit=1", self.events_url(ns, stream));
         loop {
-            if let Ok(r) = reqwest::get(&url).await
+            if let Ok(r) = http_get(&url).await
                 && r.status() == 200
             {
                 return;
@@ -262,7 +280,7 @@ impl Weir {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.admin))
+        http_get(format!("{}/metrics", self.admin))
             .await
             .expect("metrics")
             .text()
@@ -512,7 +530,7 @@ pub async fn status_sink(status: u16) -> String {
 /// Publishes one structured CloudEvent to `ns/stream` of the weir at `base`; the status (0 when
 /// nothing answered).
 pub async fn publish_event(base: &str, ns: &str, stream: &str, event: &serde_json::Value) -> u16 {
-    reqwest::Client::new()
+    http()
         .post(format!("{base}/v1/namespaces/{ns}/streams/{stream}/events"))
         .header("content-type", "application/cloudevents+json")
         .body(event.to_string())

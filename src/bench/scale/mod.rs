@@ -303,7 +303,9 @@ async fn measure(
     suffix: &str,
     started: Instant,
 ) -> Result<(ScaleRun, Measurement), BenchError> {
-    let client = reqwest::Client::builder().timeout(STATUS_TIMEOUT).build()?;
+    let client = crate::tls_provider::http_client_builder()
+        .timeout(STATUS_TIMEOUT)
+        .build()?;
     let mut expected: Vec<String> = (0..n).map(stream_name).collect();
     expected.extend((0..n).map(|i| sub_name(suffix, i)));
     let w = watch_ready(pipe, &client, &expected, started, args.ready_timeout, tag).await?;

@@ -183,7 +183,7 @@ impl Management {
             Ok(v) => v.trim_end_matches('/').to_string(),
             Err(_) => format!("http://{}:15672", uri.authority.host),
         };
-        let client = reqwest::Client::builder()
+        let client = crate::tls_provider::http_client_builder()
             .timeout(MANAGEMENT_TIMEOUT)
             .build()
             .ok()?;

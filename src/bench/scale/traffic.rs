@@ -21,7 +21,7 @@ pub(super) async fn traffic(
 ) -> Result<Traffic, BenchError> {
     let total = ((rate as f64 * duration.as_secs_f64()).round() as usize).max(1);
     let urls: Vec<String> = streams.iter().map(|s| pipe.events_url(s)).collect();
-    let client = reqwest::Client::builder()
+    let client = crate::tls_provider::http_client_builder()
         .pool_max_idle_per_host(PUBLISH_IN_FLIGHT)
         .timeout(PUBLISH_TIMEOUT)
         .build()?;

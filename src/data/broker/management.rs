@@ -73,7 +73,7 @@ impl Management {
         let uri = parse_url(amqp_url).ok()?;
         let auth = &uri.authority;
         let base = base.unwrap_or_else(|| format!("http://{}:15672", auth.host));
-        let client = reqwest::Client::builder()
+        let client = crate::tls_provider::http_client_builder()
             .timeout(REQUEST_TIMEOUT)
             .build()
             .ok()?;

@@ -8,6 +8,7 @@ pub mod locks;
 pub mod notify;
 pub mod pools;
 mod progress;
+pub mod tls;
 pub use progress::Progress;
 mod read;
 

@@ -15,9 +15,10 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
+use super::tls::{connect_options, tls_failure};
 use super::{PoolStats, Store, StoreError};
 use crate::metrics::Metrics;
-use crate::topology::{PoolPlan, StorePlan};
+use crate::topology::{PoolPlan, StorePlan, TlsPlan};
 
 /// Interval of the pool health checks: often enough that `weir_db_pool_up` and the acquire
 /// latency reflect an outage within seconds, rare enough to cost nothing.
@@ -30,9 +31,11 @@ type Budget = Arc<Mutex<HashMap<String, (String, u32)>>>;
 
 #[derive(Default)]
 pub struct Pools {
-    /// Keyed by the (first) write URL. Pools are created lazily and never block on the
-    /// database: a store that is down at start-up is retried by its stream, not by us.
-    stores: Mutex<HashMap<String, Store>>,
+    /// Keyed by the (first) write URL and the TLS plan (two streams naming one URL with
+    /// different CAs or client certificates must not share connections). Pools are created
+    /// lazily and never block on the database: a store that is down at start-up is retried by
+    /// its stream, not by us.
+    stores: Mutex<HashMap<(String, TlsPlan), Store>>,
     /// Present in a running process: pools are measured and health-checked.
     metrics: Option<Metrics>,
     budget: Budget,
@@ -51,16 +54,16 @@ impl Pools {
     /// The store for a plan's primary URL, creating its pool on first use. The first plan to
     /// name a URL sets the pool's size; later plans share it.
     pub fn store_for(&self, plan: &StorePlan) -> Result<Store, StoreError> {
-        self.store_for_url(&plan.urls, &plan.pool, Role::Write)
+        self.store_for_url(&plan.urls, &plan.tls, &plan.pool, Role::Write)
     }
 
     /// The store for a plan's read replica (`readUrlSecretRef`), if it has one: reads that
     /// accept eventual consistency go there, writes never do. Its pool has the plan's sizes.
     pub fn read_store_for(&self, plan: &StorePlan) -> Result<Option<Store>, StoreError> {
         match plan.read_urls.as_deref() {
-            Some(urls) if !urls.is_empty() => {
-                self.store_for_url(urls, &plan.pool, Role::Read).map(Some)
-            }
+            Some(urls) if !urls.is_empty() => self
+                .store_for_url(urls, &plan.tls, &plan.pool, Role::Read)
+                .map(Some),
             _ => Ok(None),
         }
     }
@@ -69,16 +72,19 @@ impl Pools {
     fn store_for_url(
         &self,
         urls: &[String],
+        tls: &TlsPlan,
         sizes: &PoolPlan,
         role: Role,
     ) -> Result<Store, StoreError> {
         let url = urls.first().cloned().unwrap_or_default();
         // The lock only guards the map; no await happens under it.
         let mut stores = self.stores.locked();
-        if let Some(s) = stores.get(&url) {
+        let key = (url, tls.clone());
+        if let Some(s) = stores.get(&key) {
             return Ok(s.clone());
         }
-        let opts = PgConnectOptions::from_str(&url).map_err(StoreError::Database)?;
+        let url = &key.0;
+        let opts = connect_options(url, tls).map_err(StoreError::Database)?;
         let pool: PgPool = PgPoolOptions::new()
             .max_connections(sizes.max_connections.max(1))
             .min_connections(sizes.size.min(sizes.max_connections))
@@ -86,7 +92,7 @@ impl Pools {
             .acquire_timeout(sizes.connect_timeout)
             .test_before_acquire(false)
             .connect_lazy_with(opts.clone());
-        let label = pool_label(&url);
+        let label = pool_label(url);
         let store = match &self.metrics {
             Some(m) => {
                 let stats = Arc::new(PoolStats {
@@ -101,7 +107,7 @@ impl Pools {
                     .insert(label.clone(), (server.clone(), sizes.max_connections));
                 let targets = urls
                     .iter()
-                    .map(|u| PgConnectOptions::from_str(u))
+                    .map(|u| connect_options(u, tls))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(StoreError::Database)?;
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -123,7 +129,7 @@ impl Pools {
             }
             None => Store::new(pool),
         };
-        stores.insert(url, store.clone());
+        stores.insert(key, store.clone());
         Ok(store)
     }
 
@@ -143,7 +149,7 @@ impl Pools {
         let stores = self.stores.locked();
         stores
             .iter()
-            .map(|(url, s)| (pool_label(url), s.pool().clone()))
+            .map(|((url, _), s)| (pool_label(url), s.pool().clone()))
             .collect()
     }
 }
@@ -230,7 +236,12 @@ async fn health(store: Store, c: Check) {
                     }
                 }
             }
-            Ok(Err(e)) => Err(e.to_string()),
+            // A failed handshake names the connection: "certificate verification failed" on
+            // its own would not say which of a stream's URLs, or with which sslmode.
+            Ok(Err(e)) => {
+                Err(tls_failure(&store.pool().connect_options(), &e)
+                    .unwrap_or_else(|| e.to_string()))
+            }
             Err(_) => Err("no connection within the connect timeout".to_string()),
         };
         // A pool whose every connection is busy could not lend one to the check: that says

@@ -173,14 +173,11 @@ pub(super) fn postgres_urls(
         .map(str::to_string)
         .collect();
     for (i, url) in urls.iter().enumerate() {
-        if let Some(option) = unsupported_tls_option(url) {
+        if let Err(why) = crate::data::store::tls::url_tls(url) {
             cx.invalid(
                 path,
                 format!(
-                    "Secret {} key {:?}: URL {} of {}: {option} asks for TLS to PostgreSQL, \
-                     which is not supported yet: this build has no TLS for PostgreSQL and \
-                     would refuse to connect or connect in plain text. Remove it and run on a \
-                     trusted network (sslmode=prefer and disable connect without TLS)",
+                    "Secret {} key {:?}: URL {} of {}: {why}",
                     cx.key(&r.name),
                     r.key,
                     i + 1,
@@ -209,24 +206,6 @@ pub(super) fn postgres_urls(
 /// connect in plain text, credentials included). The connection layer refuses it too.
 const AMQPS_UNSUPPORTED: &str = "amqps:// (TLS to RabbitMQ) is not supported yet: this build \
      would connect in plain text, credentials included; use amqp:// on a trusted network";
-
-/// A query parameter of a PostgreSQL URL that asks for TLS this build cannot give:
-/// `sslmode=require|verify-ca|verify-full`, or a certificate option.
-fn unsupported_tls_option(url: &str) -> Option<String> {
-    let query = url.split_once('?')?.1;
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = k.to_ascii_lowercase();
-        let v = v.to_ascii_lowercase();
-        match k.as_str() {
-            "sslmode" if ["require", "verify-ca", "verify-full"].contains(&v.as_str()) => {
-                Some(format!("sslmode={v}"))
-            }
-            "sslrootcert" | "sslcert" | "sslkey" => Some(k),
-            _ => None,
-        }
-    })
-}
 
 pub(super) fn pool_plan(cx: &mut Cx<'_>, pool: Option<&api::eventstream::PoolSpec>) -> PoolPlan {
     let d = PoolPlan::default();
@@ -431,26 +410,3 @@ pub(super) fn check_ingest(cx: &mut Cx<'_>, spec: &EventStreamSpec) {
 
 // ----------------------------------------------------------------------------------------------
 // Subscription
-
-#[cfg(test)]
-mod tls_tests {
-    use super::unsupported_tls_option;
-
-    #[test]
-    fn tls_options_that_cannot_be_honoured_are_named() {
-        let cases = [
-            ("postgres://u@h/db", None),
-            ("postgres://u@h/db?sslmode=disable", None),
-            ("postgres://u@h/db?sslmode=prefer", None),
-            ("postgres://u@h/db?sslmode=require", Some("sslmode=require")),
-            (
-                "postgres://u@h/db?application_name=x&sslmode=verify-full",
-                Some("sslmode=verify-full"),
-            ),
-            ("postgres://u@h/db?sslrootcert=/ca.pem", Some("sslrootcert")),
-        ];
-        for (url, want) in cases {
-            assert_eq!(unsupported_tls_option(url).as_deref(), want, "{url}");
-        }
-    }
-}

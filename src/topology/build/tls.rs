@@ -39,35 +39,43 @@ pub(super) fn store_tls(cx: &mut Cx<'_>, spec: Option<&TlsSpec>, urls: &[&String
         return plan;
     }
     for (i, url) in urls.iter().enumerate() {
-        let mode = sslmode(url).unwrap_or_else(|| "prefer".to_string());
-        if !["require", "verify-ca", "verify-full"].contains(&mode.as_str()) {
+        // A URL that cannot be read is reported by the URL check.
+        let Ok(url_tls) = crate::data::store::tls::url_tls(url) else {
+            continue;
+        };
+        let n = urls.len();
+        if !url_tls.insists() {
+            let mode = url_tls.mode.as_deref().unwrap_or("prefer (the default)");
             cx.invalid(
                 "spec.store.tls",
                 format!(
-                    "set, but store URL {} of {} has sslmode={mode}{}, which may connect in \
+                    "set, but store URL {} of {n} has sslmode={mode}, which may connect in \
                      plain text: use sslmode=verify-full (or require/verify-ca) with tls",
-                    i + 1,
-                    urls.len(),
-                    if sslmode(url).is_none() {
-                        " (the default)"
-                    } else {
-                        ""
-                    }
+                    i + 1
+                ),
+            );
+        }
+        // One CA and one client certificate per connection: two would leave one ignored.
+        if plan.ca_pem.is_some() && url_tls.root_cert {
+            cx.invalid(
+                "spec.store.tls.caSecretRef",
+                format!(
+                    "set, and store URL {} of {n} names sslrootcert too: keep one of them",
+                    i + 1
+                ),
+            );
+        }
+        if plan.client.is_some() && url_tls.cert {
+            cx.invalid(
+                "spec.store.tls.clientCertSecretRef",
+                format!(
+                    "set, and store URL {} of {n} names sslcert/sslkey too: keep one of them",
+                    i + 1
                 ),
             );
         }
     }
     plan
-}
-
-/// The `sslmode` query parameter of a PostgreSQL URL, lower-cased.
-pub(super) fn sslmode(url: &str) -> Option<String> {
-    let query = url.split_once('?')?.1;
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        k.eq_ignore_ascii_case("sslmode")
-            .then(|| v.to_ascii_lowercase())
-    })
 }
 
 fn tls_plan(cx: &mut Cx<'_>, spec: &TlsSpec, path: &str) -> TlsPlan {
@@ -130,19 +138,4 @@ fn tls_plan(cx: &mut Cx<'_>, spec: &TlsSpec, path: &str) -> TlsPlan {
         ok.then_some(ClientCertPlan { cert_pem, key_pem })
     });
     TlsPlan { ca_pem, client }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::sslmode;
-
-    #[test]
-    fn sslmode_is_read_case_insensitively() {
-        assert_eq!(
-            sslmode("postgres://h/db?application_name=x&SSLMode=Verify-Full").as_deref(),
-            Some("verify-full")
-        );
-        assert_eq!(sslmode("postgres://h/db"), None);
-        assert_eq!(sslmode("postgres://h/db?sslmode"), None);
-    }
 }

@@ -26,8 +26,11 @@ const IDLE_PER_HOST: usize = 512;
 ///   the guard's checks included).
 /// - No proxy from the environment (`HTTP_PROXY`...): through a proxy the guard would check the
 ///   proxy's address, not the sink's.
+///
+/// TLS: rustls on ring, trusting the system's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR`
+/// honoured); no OpenSSL.
 pub(super) fn client(inner: Arc<Inner>, own_port: Option<u16>) -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
+    crate::tls_provider::http_client_builder()
         .pool_max_idle_per_host(IDLE_PER_HOST)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
