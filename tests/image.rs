@@ -145,7 +145,7 @@ async fn image_runs_as_non_root_on_a_read_only_root_and_serves_events() {
     )
     .await;
 
-    let page: serde_json::Value = reqwest::get(format!(
+    let page: serde_json::Value = common::http_get(format!(
         "{base}/v1/namespaces/test/streams/boxed/events?from=1"
     ))
     .await

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 /// How many resources the replica runs (its admin summary, which needs no token).
 async fn running(op: &Operator) -> Option<u64> {
-    let v: Value = reqwest::get(format!("{}/v1/status", op.admin))
+    let v: Value = common::http_get(format!("{}/v1/status", op.admin))
         .await
         .ok()?
         .json()
