@@ -39,6 +39,76 @@ rabbit_up() {
 if [ ! -f /etc/security/limits.d/weir-rabbitmq.conf ]; then
   printf 'rabbitmq soft nofile 20000\nrabbitmq hard nofile 20000\n' > /etc/security/limits.d/weir-rabbitmq.conf
 fi
+# TLS listener on 127.0.0.1:5671 for tests/broker_tls.rs. The test PKI lives in $TLS_DIR (made
+# once, kept across runs so a running node and the tests agree on it):
+#   ca.pem/ca.key              test CA, signs the server and client certificates
+#   server.pem/server.key      server certificate for localhost and 127.0.0.1
+#   client.pem/client.key      client certificate (CN=weir-test-client) for mutual TLS
+#   other-ca.pem/other-ca.key  an unrelated CA (the "wrong CA" case)
+# The listener verifies a client certificate when one is presented (verify_peer) but does not
+# require one (fail_if_no_peer_cert=false), so CA-only and mutual-TLS clients both connect.
+# The management API also answers HTTPS on 127.0.0.1:15671 (what Weir uses for an amqps://
+# broker), beside plain HTTP on 15672 (naming the TLS port alone would turn 15672 off).
+TLS_DIR=/var/lib/weir-test-tls
+tls_pki() {
+  local d=$TLS_DIR
+  install -d -m 0755 "$d"
+  if [ ! -s "$d/ca.pem" ] || [ ! -s "$d/other-ca.pem" ] || [ ! -s "$d/server.pem" ] || [ ! -s "$d/client.pem" ]; then
+    log "generating the test TLS CA and certificates in $d"
+    local t
+    t=$(mktemp -d)
+    for ca in ca other-ca; do
+      openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=weir test $ca" \
+        -keyout "$t/$ca.key" -out "$t/$ca.pem" \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+        2>/dev/null
+    done
+    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$t/server.ext"
+    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > "$t/client.ext"
+    for leaf in server:localhost client:weir-test-client; do
+      local name=${leaf%%:*} cn=${leaf#*:}
+      openssl req -new -newkey rsa:2048 -nodes -subj "/CN=$cn/O=weir test" \
+        -keyout "$t/$name.key" -out "$t/$name.csr" 2>/dev/null
+      openssl x509 -req -in "$t/$name.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+        -days 3650 -extfile "$t/$name.ext" -out "$t/$name.pem" 2>/dev/null
+    done
+    install -m 0644 "$t"/ca.pem "$t"/other-ca.pem "$t"/server.pem "$t"/client.pem "$d/"
+    # Keys: readable by the rabbitmq user (the server key) and by the test runner; test-only.
+    install -m 0640 -g rabbitmq "$t"/ca.key "$t"/other-ca.key "$t"/server.key "$t"/client.key "$d/"
+    rm -rf "$t"
+  fi
+}
+tls_pki
+# The listener settings live between markers in rabbitmq.conf; the rest of the file is kept.
+rabbit_conf=/etc/rabbitmq/rabbitmq.conf
+tls_conf="# weir-test-tls begin (scripts/services.sh)
+listeners.ssl.local = 127.0.0.1:5671
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/server.pem
+ssl_options.keyfile = $TLS_DIR/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+management.tcp.port = 15672
+management.ssl.ip = 127.0.0.1
+management.ssl.port = 15671
+management.ssl.cacertfile = $TLS_DIR/ca.pem
+management.ssl.certfile = $TLS_DIR/server.pem
+management.ssl.keyfile = $TLS_DIR/server.key
+# weir-test-tls end"
+touch "$rabbit_conf"
+wanted=$(sed '/^# weir-test-tls begin/,/^# weir-test-tls end/d' "$rabbit_conf"; printf '%s\n' "$tls_conf")
+rabbit_conf_changed=0
+if [ "$wanted" != "$(cat "$rabbit_conf")" ]; then
+  log "writing the TLS listener (5671) into $rabbit_conf"
+  printf '%s\n' "$wanted" > "$rabbit_conf"
+  rabbit_conf_changed=1
+fi
+if [ "$rabbit_conf_changed" = 1 ] && rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+  # The node reads rabbitmq.conf only at boot: stop it here, the start below picks the file up.
+  log "restarting RabbitMQ for the TLS listener"
+  timeout 60 rabbitmqctl stop >/dev/null 2>&1 || pkill -9 -f 'beam.smp.*rabbit' || true
+  sleep 2
+fi
 beam=$(pgrep -f 'beam.smp.*rabbit' | head -n1 || true)
 if [ -n "$beam" ] && [ "$(awk '/Max open files/ {print $4}' "/proc/$beam/limits")" -lt 20000 ]; then
   log "restarting RabbitMQ with a higher open-files limit"
@@ -67,6 +137,11 @@ if ! rabbit_up; then
   fi
 fi
 rabbitmq-diagnostics -q check_running
+for _ in $(seq 1 60); do
+  rabbitmq-diagnostics -q check_port_listener 5671 >/dev/null 2>&1 && break
+  sleep 1
+done
+rabbitmq-diagnostics -q check_port_listener 5671
 # Subscriptions with `ordering: perKey` hash keys over partition queues with this plugin
 # (it ships with RabbitMQ; enabling it is idempotent and works while the node runs).
 rabbitmq-plugins -q enable rabbitmq_consistent_hash_exchange
@@ -78,6 +153,11 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 curl -fsS -u guest:guest -o /dev/null http://127.0.0.1:15672/api/overview
+for _ in $(seq 1 60); do
+  curl -fsS --cacert "$TLS_DIR/ca.pem" -u guest:guest https://127.0.0.1:15671/api/overview >/dev/null 2>&1 && break
+  sleep 1
+done
+curl -fsS --cacert "$TLS_DIR/ca.pem" -u guest:guest -o /dev/null https://127.0.0.1:15671/api/overview
 
 # Queues left behind by earlier runs (tests use unique names and most delete theirs; a test
 # that failed or was killed may not have). Thousands of idle quorum queues slow the node.

@@ -70,8 +70,9 @@ pub struct EventStreamSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BrokerSpec {
-    /// Secret key holding the broker URL (`amqp://`). Required. `amqps://` (TLS) is refused
-    /// until TLS support lands: this build would connect in plain text.
+    /// Secret key holding the broker URL: `amqp://` (plain text) or `amqps://` (TLS, verified
+    /// against the system's roots plus `tls.caSecretRef`; a failed verification is an error,
+    /// never a plain-text fallback). Required.
     pub url_secret_ref: SecretKeyRef,
     /// Name of the topic exchange the stream publishes to. Default `weir.<namespace>.<name>`.
     /// Must start with `weir.<namespace>.` unless the operator allows custom exchanges

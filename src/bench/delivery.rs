@@ -161,9 +161,9 @@ pub async fn e2e(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     }
     .await;
     stop_pipeline(pipe, &sub).await?;
-    let conn = lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
+    let conn = crate::data::broker::connect(&args.amqp_url, "weir-bench")
         .await
-        .map_err(broker_err)?;
+        .map_err(|e| BenchError::Broker(e.to_string()))?;
     if let Ok(ch) = conn.create_channel().await {
         let _ = ch
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
@@ -212,9 +212,9 @@ async fn e2e_runs(
     sink.wait_for(w.events, STALL).await;
 
     // The raw loop's own exchange and quorum queue (the subscription's queue type).
-    let conn = lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
+    let conn = crate::data::broker::connect(&args.amqp_url, "weir-bench")
         .await
-        .map_err(broker_err)?;
+        .map_err(|e| BenchError::Broker(e.to_string()))?;
     let setup = conn.create_channel().await.map_err(broker_err)?;
     let raw_exchange = format!("weir.bench.e2e-raw-{suffix}");
     let raw_queue = format!("weir-bench-e2e-raw-{suffix}");
@@ -572,9 +572,9 @@ pub async fn replay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     .await;
     pool.close().await;
     stop_pipeline(pipe, &sub).await?;
-    let conn = lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
+    let conn = crate::data::broker::connect(&args.amqp_url, "weir-bench")
         .await
-        .map_err(broker_err)?;
+        .map_err(|e| BenchError::Broker(e.to_string()))?;
     if let Ok(ch) = conn.create_channel().await {
         let _ = ch
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())

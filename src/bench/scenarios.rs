@@ -427,7 +427,7 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     .await?;
     pipe.wait_ready(&["fanout"]).await?;
     let exchange = format!("weir.bench.fanout-{}", pipe.suffix);
-    let conn = lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
+    let conn = crate::data::broker::connect(&args.amqp_url, "weir-bench")
         .await
         .map_err(|e| BenchError::Broker(e.to_string()))?;
     let ch = conn
@@ -552,7 +552,7 @@ pub async fn relay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     store.migrate().await.map_err(pe)?;
     let stream_id = store.ensure_stream("bench", "orders").await.map_err(pe)?;
     store_events(&store, stream_id, args.events, args.payload, "relay").await?;
-    let conn = lapin::Connection::connect(&args.amqp_url, lapin::ConnectionProperties::default())
+    let conn = crate::data::broker::connect(&args.amqp_url, "weir-bench")
         .await
         .map_err(|e| BenchError::Broker(e.to_string()))?;
     let ch = conn

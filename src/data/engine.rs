@@ -304,7 +304,9 @@ impl BatchObserver for Observer {
 pub struct Engine {
     streams: RwLock<HashMap<Key, Arc<StreamRuntime>>>,
     pools: Pools,
-    brokers: Mutex<HashMap<String, Broker>>,
+    /// One broker handle (and so one set of connections) per URL and TLS plan: two streams
+    /// with the same URL but different CAs or client certificates must not share one.
+    brokers: Mutex<HashMap<(String, crate::topology::TlsPlan), Broker>>,
     pub metrics: Metrics,
     pub limits: batcher::Limits,
     /// The read side's caches (CachePolicies).
@@ -368,11 +370,17 @@ impl Engine {
         out
     }
 
-    fn broker_for(&self, url: &str) -> Broker {
+    fn broker_for(&self, plan: &crate::topology::BrokerPlan) -> Broker {
         let mut brokers = self.brokers.locked();
         brokers
-            .entry(url.to_string())
-            .or_insert_with(|| Broker::new(url.to_string()))
+            .entry((plan.url.clone(), plan.tls.clone()))
+            .or_insert_with(|| {
+                Broker::with_tls(
+                    plan.url.clone(),
+                    plan.tls.clone(),
+                    crate::data::broker::DEFAULT_CONNECTION_NAME,
+                )
+            })
             .clone()
     }
 
@@ -465,7 +473,7 @@ impl Engine {
             key: key.clone(),
             message: e.to_string(),
         })?;
-        let broker = self.broker_for(&plan.broker.url);
+        let broker = self.broker_for(&plan.broker);
         let cancel = CancellationToken::new();
         let health = Arc::new(Health::default());
         let mut tasks = Vec::new();

@@ -181,6 +181,10 @@ impl Management {
         let base = match std::env::var("WEIR_RABBITMQ_MANAGEMENT_URL") {
             Ok(v) if v == "off" => return None,
             Ok(v) => v.trim_end_matches('/').to_string(),
+            // Like the broker's own lookups (data::broker::Management): HTTPS for amqps://.
+            Err(_) if uri.scheme == lapin::uri::AMQPScheme::AMQPS => {
+                format!("https://{}:15671", uri.authority.host)
+            }
             Err(_) => format!("http://{}:15672", uri.authority.host),
         };
         let client = crate::tls_provider::http_client_builder()

@@ -12,6 +12,12 @@ pub enum BrokerError {
     /// password).
     #[error("invalid AMQP URL: {0}")]
     InvalidUrl(String),
+    /// An `amqps://` connection could not be set up or its TLS handshake failed (the server's
+    /// certificate did not verify, the port does not speak TLS, the client certificate was
+    /// refused). The text names the URL without its password. Never answered by falling back
+    /// to plain text; retried like a connection failure, since the server side may be fixed.
+    #[error("TLS to RabbitMQ failed: {0}")]
+    Tls(String),
     /// RabbitMQ could not be reached, the connection or channel broke, or no confirm arrived
     /// before the deadline. Nothing can be assumed about the messages concerned.
     #[error("RabbitMQ is unavailable: {0}")]
@@ -40,7 +46,7 @@ impl BrokerError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            BrokerError::Unavailable(_) | BrokerError::Nacked { .. }
+            BrokerError::Unavailable(_) | BrokerError::Nacked { .. } | BrokerError::Tls(_)
         )
     }
 
@@ -70,21 +76,8 @@ pub fn validate_url(url: &str) -> Result<(), BrokerError> {
     parse_url(url).map(|_| ())
 }
 
-/// Why an `amqps://` URL is refused: Weir's AMQP client is built without a TLS backend, and
-/// lapin would then connect in plain text, credentials included. Refusing is the only honest
-/// answer until TLS support lands.
-pub const AMQPS_UNSUPPORTED: &str = "amqps:// (TLS to RabbitMQ) is not supported yet: this \
-     build would connect in plain text, credentials included; use amqp:// on a trusted network";
-
+/// Parses an `amqp://` or `amqps://` URL (TLS is set up by [`super::tls::Transport`]).
 pub(crate) fn parse_url(url: &str) -> Result<lapin::uri::AMQPUri, BrokerError> {
-    let uri = parse_any(url)?;
-    if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
-        return Err(BrokerError::InvalidUrl(AMQPS_UNSUPPORTED.into()));
-    }
-    Ok(uri)
-}
-
-fn parse_any(url: &str) -> Result<lapin::uri::AMQPUri, BrokerError> {
     url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
         // The parser sometimes quotes its input; the URL carries credentials.
         let reason = if e.contains(url) {
@@ -111,10 +104,8 @@ mod tests {
     }
 
     #[test]
-    fn amqps_is_refused_not_downgraded() {
-        let err = validate_url("amqps://guest:secret@broker.example:5671/%2f").unwrap_err();
-        assert!(err.to_string().contains("not supported yet"), "{err}");
-        assert!(!err.to_string().contains("secret"), "{err}");
+    fn amqps_urls_are_accepted() {
+        assert!(validate_url("amqps://guest:secret@broker.example:5671/%2f").is_ok());
     }
 
     #[test]
@@ -127,6 +118,7 @@ mod tests {
         };
         assert!(!protocol.is_transient());
         assert!(!BrokerError::InvalidUrl("x".into()).is_transient());
+        assert!(BrokerError::Tls("x".into()).is_transient());
     }
 
     #[test]

@@ -16,6 +16,8 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::time::Instant;
 
 use super::error::{BrokerError, classify, parse_url};
+use super::tls::{Transport, redacted};
+use crate::topology::TlsPlan;
 
 /// First delay after a failed connection attempt.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -55,9 +57,14 @@ struct State {
     opened: u64,
 }
 
-/// The connection to one broker URL.
+/// The connection to one broker URL with one TLS plan.
 pub(crate) struct Link {
     url: String,
+    /// Extra trust and client certificate for `amqps://` (`spec.broker.tls`).
+    tls: Arc<TlsPlan>,
+    /// How the connection is made (plain TCP or TLS), built on the first attempt: building it
+    /// reads the system's CA roots, which is not worth repeating on every reconnect.
+    transport: Mutex<Option<Transport>>,
     name: String,
     /// Serialises connection attempts, so that many tasks noticing a broken connection at
     /// once open one new connection rather than one each.
@@ -72,9 +79,11 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn new(url: String, name: String) -> Link {
+    pub(crate) fn new(url: String, tls: Arc<TlsPlan>, name: String) -> Link {
         Link {
             url,
+            tls,
+            transport: Mutex::new(None),
             name,
             state: tokio::sync::Mutex::new(State {
                 conn: None,
@@ -146,9 +155,18 @@ impl Link {
                 .unwrap_or_else(|| BrokerError::Unavailable("reconnecting".into())));
         }
         let uri = parse_url(&self.url)?;
+        let target = redacted(&uri);
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
-        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props));
-        let err = match attempt.await {
+        let attempt = match self.transport(&uri) {
+            Ok(transport) => {
+                tokio::time::timeout(CONNECT_TIMEOUT, transport.connect(uri, props)).await
+            }
+            // A URL that cannot work is not worth retrying; a TLS set-up that failed (no CA
+            // roots readable) is retried with backoff like any connection failure.
+            Err(e @ BrokerError::InvalidUrl(_)) => return Err(e),
+            Err(e) => Ok(Err(e)),
+        };
+        let err = match attempt {
             Ok(Ok(conn)) => {
                 if st.failures > 0 {
                     tracing::info!(connection = %self.name, "RabbitMQ connection re-established");
@@ -173,9 +191,9 @@ impl Link {
                 *self.last_error.locked() = None;
                 return Ok(cur);
             }
-            Ok(Err(e)) => classify("connect", &e),
+            Ok(Err(e)) => e,
             Err(_) => BrokerError::Unavailable(format!(
-                "connect: no answer within {}s",
+                "connect to {target}: no answer within {}s",
                 CONNECT_TIMEOUT.as_secs()
             )),
         };
@@ -189,6 +207,17 @@ impl Link {
             "cannot connect to RabbitMQ"
         );
         Err(err)
+    }
+
+    /// The transport for `uri`, built on first use and kept.
+    fn transport(&self, uri: &lapin::uri::AMQPUri) -> Result<Transport, BrokerError> {
+        let mut cached = self.transport.locked();
+        if let Some(t) = cached.as_ref() {
+            return Ok(t.clone());
+        }
+        let t = Transport::new(uri, &self.tls)?;
+        *cached = Some(t.clone());
+        Ok(t)
     }
 
     /// Starts a connection attempt on a separate task unless one is already under way.
@@ -294,7 +323,11 @@ mod tests {
     #[tokio::test]
     async fn refused_connection_backs_off_and_reports_the_cause() {
         // Port 1 on loopback: nothing listens there, the connect fails at once.
-        let link = Link::new("amqp://guest:guest@127.0.0.1:1/%2f".into(), "test".into());
+        let link = Link::new(
+            "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+            Arc::default(),
+            "test".into(),
+        );
         let err = link.connection().await.unwrap_err();
         assert!(err.is_transient(), "{err}");
         assert!(!link.is_connected());
@@ -309,7 +342,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_url_is_not_transient() {
-        let link = Link::new("amqp:nope".into(), "test".into());
+        let link = Link::new("amqp:nope".into(), Arc::default(), "test".into());
         let err = link.connection().await.unwrap_err();
         assert!(matches!(err, BrokerError::InvalidUrl(_)), "{err}");
         assert!(!err.is_transient());

@@ -4,8 +4,12 @@
 //! delivered but not yet acknowledged — by every consumer, on every replica — is known only
 //! to the management plugin (`rabbitmq_management`). Weir asks it for that number when it
 //! can. The API's address is `WEIR_RABBITMQ_MANAGEMENT_URL` if set (`off` turns the lookups
-//! off), else `http://<AMQP host>:15672`; the AMQP URL's user, password and vhost are used.
-//! When the plugin does not answer, callers fall back to what AMQP can tell.
+//! off), else `http://<AMQP host>:15672` for `amqp://` and `https://<AMQP host>:15671` (the
+//! management plugin's usual TLS port) for `amqps://`; the AMQP URL's user, password and
+//! vhost are used. With `amqps://` the API is only asked over HTTPS, trusting the system's
+//! roots plus `spec.broker.tls.caSecretRef`: the password that is protected on the AMQP
+//! connection is never sent in plain text (an `http://` override turns the lookups off, with
+//! a warning). When the plugin does not answer, callers fall back to what AMQP can tell.
 //!
 //! The plugin refreshes its queue statistics every `collect_statistics_interval` (5 s by
 //! default), so the numbers are samples a few seconds old, which is what a backlog needs.
@@ -19,6 +23,7 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::time::Instant;
 
 use super::error::{BrokerError, parse_url};
+use crate::topology::TlsPlan;
 
 /// One lookup may take this long: the API is local to the broker and answers in
 /// milliseconds; a firewall that drops the port must not stall a sampling loop.
@@ -63,20 +68,56 @@ const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(2);
 
 impl Management {
     /// The management API of the broker at `amqp_url`, or `None` when turned off (or the
-    /// URLs cannot be used).
-    pub fn for_amqp_url(amqp_url: &str) -> Option<Management> {
+    /// URLs cannot be used). `tls` is the AMQP connection's extra trust, also trusted for the
+    /// API's HTTPS.
+    pub fn for_amqp_url(amqp_url: &str, tls: &TlsPlan) -> Option<Management> {
         let base = match std::env::var("WEIR_RABBITMQ_MANAGEMENT_URL") {
             Ok(v) if v == "off" => return None,
             Ok(v) => Some(v.trim_end_matches('/').to_string()),
             Err(_) => None,
         };
         let uri = parse_url(amqp_url).ok()?;
+        let amqps = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
         let auth = &uri.authority;
-        let base = base.unwrap_or_else(|| format!("http://{}:15672", auth.host));
-        let client = crate::tls_provider::http_client_builder()
-            .timeout(REQUEST_TIMEOUT)
-            .build()
-            .ok()?;
+        let host = if auth.host.contains(':') {
+            format!("[{}]", auth.host)
+        } else {
+            auth.host.clone()
+        };
+        let base = base.unwrap_or_else(|| {
+            if amqps {
+                format!("https://{host}:15671")
+            } else {
+                format!("http://{host}:15672")
+            }
+        });
+        if amqps
+            && !base
+                .get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        {
+            tracing::warn!(
+                "WEIR_RABBITMQ_MANAGEMENT_URL is not https:// but the broker URL is amqps://: \
+                 the management API is not asked (the broker password would travel in plain \
+                 text); backlogs count only this worker's unacknowledged messages"
+            );
+            return None;
+        }
+        let mut client = crate::tls_provider::http_client_builder().timeout(REQUEST_TIMEOUT);
+        if let Some(pem) = &tls.ca_pem {
+            match reqwest::Certificate::from_pem_bundle(pem) {
+                Ok(certs) => {
+                    for cert in certs {
+                        client = client.add_root_certificate(cert);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "spec.broker.tls.caSecretRef unusable for the management API; not asking it");
+                    return None;
+                }
+            }
+        }
+        let client = client.build().ok()?;
         Some(Management {
             client,
             queues: format!(

@@ -19,6 +19,7 @@ mod error;
 mod link;
 mod management;
 mod publisher;
+mod tls;
 
 use crate::poison::MutexExt;
 use std::fmt;
@@ -42,7 +43,7 @@ pub use error::{BrokerError, validate_url};
 pub use lapin::types::{AMQPValue, FieldTable};
 pub use management::{ManagedCounts, Management, QueueTable};
 
-use crate::topology::QueueType;
+use crate::topology::{QueueType, TlsPlan};
 use error::classify;
 use link::Link;
 use publisher::Publisher;
@@ -67,7 +68,7 @@ const TOPOLOGY_OPS: usize = 16;
 const TOPOLOGY_WAIT: Duration = Duration::from_secs(60);
 
 /// The name a connection shows in RabbitMQ's management UI unless told otherwise.
-const DEFAULT_CONNECTION_NAME: &str = "weir";
+pub const DEFAULT_CONNECTION_NAME: &str = "weir";
 
 /// One message to publish.
 #[derive(Clone, Debug, PartialEq)]
@@ -171,6 +172,16 @@ impl Topology {
     }
 }
 
+/// One AMQP connection outside a [`Broker`] (the bench tools' own consumers), made the same
+/// way: `amqps://` is TLS with the system's roots (`SSL_CERT_FILE`/`SSL_CERT_DIR` honoured),
+/// never plain text.
+pub async fn connect(url: &str, connection_name: &str) -> Result<lapin::Connection, BrokerError> {
+    let uri = error::parse_url(url)?;
+    let transport = tls::Transport::new(&uri, &TlsPlan::default())?;
+    let props = lapin::ConnectionProperties::default().with_connection_name(connection_name.into());
+    transport.connect(uri, props).await
+}
+
 impl fmt::Debug for Broker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The URL holds a password: it is never printed.
@@ -190,15 +201,28 @@ impl Broker {
     /// Like [`Broker::new`], with the connection name RabbitMQ shows for this handle's
     /// connection.
     pub fn with_name(url: String, connection_name: &str) -> Broker {
+        Broker::with_tls(url, TlsPlan::default(), connection_name)
+    }
+
+    /// Like [`Broker::with_name`], with extra trust and a client certificate for an
+    /// `amqps://` URL (`spec.broker.tls`). Every connection of the handle (data, topology)
+    /// and its management API lookups use them. With an `amqp://` URL, `tls` must be empty
+    /// (the first operation fails otherwise: certificates are never silently unused).
+    pub fn with_tls(url: String, tls: TlsPlan, connection_name: &str) -> Broker {
+        let tls = Arc::new(tls);
         Broker {
             inner: Arc::new(Inner {
-                management: Management::for_amqp_url(&url),
+                management: Management::for_amqp_url(&url, &tls),
                 topology: Topology {
-                    link: Link::new(url.clone(), format!("{connection_name} (topology)")),
+                    link: Link::new(
+                        url.clone(),
+                        tls.clone(),
+                        format!("{connection_name} (topology)"),
+                    ),
                     permits: tokio::sync::Semaphore::new(TOPOLOGY_OPS),
                     idle: std::sync::Mutex::new(Vec::new()),
                 },
-                link: Arc::new(Link::new(url, connection_name.to_string())),
+                link: Arc::new(Link::new(url, tls, connection_name.to_string())),
                 publisher: OnceLock::new(),
             }),
         }

@@ -699,7 +699,11 @@ mod tests {
 
     fn worker() -> (Worker, mpsc::Sender<Job>) {
         let (tx, rx) = mpsc::channel(JOB_QUEUE);
-        let link = Arc::new(Link::new("amqp://127.0.0.1:1/%2f".into(), "t".into()));
+        let link = Arc::new(Link::new(
+            "amqp://127.0.0.1:1/%2f".into(),
+            Arc::default(),
+            "t".into(),
+        ));
         let w = Worker {
             id: 0,
             link,

@@ -13,20 +13,8 @@ pub(super) fn stream_plan(
     let url = cx
         .secret_text(&spec.broker.url_secret_ref, "spec.broker.urlSecretRef")
         .unwrap_or_default();
-    if url
-        .get(..8)
-        .is_some_and(|s| s.eq_ignore_ascii_case("amqps://"))
-    {
-        let r = &spec.broker.url_secret_ref;
-        cx.invalid(
-            "spec.broker.urlSecretRef",
-            format!(
-                "Secret {} key {:?}: {AMQPS_UNSUPPORTED}",
-                cx.key(&r.name),
-                r.key
-            ),
-        );
-    } else if !url.is_empty() && !check_url(&url, &["amqp", "amqps"]) {
+    // amqps:// is TLS on rustls (data::broker::tls), with spec.broker.tls for extra trust.
+    if !url.is_empty() && !check_url(&url, &["amqp", "amqps"]) {
         // The URL holds a password: name where it came from, never the value.
         let r = &spec.broker.url_secret_ref;
         cx.invalid(
@@ -202,10 +190,6 @@ pub(super) fn postgres_urls(
     urls
 }
 
-/// Why an `amqps://` broker URL is refused (the AMQP client has no TLS backend yet; it would
-/// connect in plain text, credentials included). The connection layer refuses it too.
-const AMQPS_UNSUPPORTED: &str = "amqps:// (TLS to RabbitMQ) is not supported yet: this build \
-     would connect in plain text, credentials included; use amqp:// on a trusted network";
 
 pub(super) fn pool_plan(cx: &mut Cx<'_>, pool: Option<&api::eventstream::PoolSpec>) -> PoolPlan {
     let d = PoolPlan::default();
