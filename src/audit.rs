@@ -34,6 +34,10 @@ pub enum Action {
     DeadLettersPurge,
     ArchiveRun,
     ArchiveDeleteAfter,
+    /// A subject's personal-data key deleted (`weir forget`).
+    SubjectForget,
+    /// Subject keys re-wrapped with the newest key id (`weir keys rotate`).
+    KeysRotate,
 }
 
 impl Action {
@@ -43,6 +47,8 @@ impl Action {
             Action::DeadLettersPurge => "deadletters.purge",
             Action::ArchiveRun => "archive.run",
             Action::ArchiveDeleteAfter => "archive.deleteAfter",
+            Action::SubjectForget => "subject.forget",
+            Action::KeysRotate => "keys.rotate",
         }
     }
 }
