@@ -203,10 +203,13 @@ async fn personal_data_is_ciphertext_at_rest_plaintext_for_readers_and_forgettab
     let (sealed_url, sealed) = recording_sink().await;
     m.write("keys.yaml", &keys_secret(&[key_line("k1", 1)]));
     m.write("orders.yaml", &stream_yaml(STREAM, &exchange, PII));
-    m.write("live.yaml", &subscription("live", &live_url, ""));
+    // Names of this run only: a queue left by an earlier run would make a subscription
+    // count as existing (and skip its catch-up).
+    let (live_sub, sealed_sub, replay_sub) = (unique("live"), unique("sealed"), unique("replay"));
+    m.write("live.yaml", &subscription(&live_sub, &live_url, ""));
     m.write(
         "sealed.yaml",
-        &subscription("sealed", &sealed_url, "  delivery: {pii: Envelope}\n"),
+        &subscription(&sealed_sub, &sealed_url, "  delivery: {pii: Envelope}\n"),
     );
     // Runs only when asked (`weir archive run`): the schedule is an hour.
     m.write(
@@ -222,7 +225,7 @@ async fn personal_data_is_ciphertext_at_rest_plaintext_for_readers_and_forgettab
     let mut w = Weir::start(m.path());
     w.wait_readable(NS, STREAM).await;
     // Both subscriptions consume before anything is published.
-    for sub in ["live", "sealed"] {
+    for sub in [&live_sub, &sealed_sub] {
         eventually(
             30,
             &format!("subscription {sub} ready"),
@@ -232,7 +235,11 @@ async fn personal_data_is_ciphertext_at_rest_plaintext_for_readers_and_forgettab
                 s["resources"]
                     .as_array()?
                     .iter()
-                    .any(|r| r["kind"] == "Subscription" && r["name"] == sub && r["ready"] == true)
+                    .any(|r| {
+                        r["kind"] == "Subscription"
+                            && r["name"] == sub.as_str()
+                            && r["ready"] == true
+                    })
                     .then_some(())
             },
         )
@@ -448,7 +455,7 @@ async fn personal_data_is_ciphertext_at_rest_plaintext_for_readers_and_forgettab
     let (replay_url, replay) = recording_sink().await;
     m.write(
         "replay.yaml",
-        &subscription("replay", &replay_url, "  startFrom: earliest\n"),
+        &subscription(&replay_sub, &replay_url, "  startFrom: earliest\n"),
     );
     let seen = || format!("{:?}\n{}", replay.lock().unwrap(), w.log_text());
     eventually(60, "11 replayed deliveries", seen, || async {
