@@ -65,9 +65,11 @@ pub struct Record<'a> {
     /// (standalone without a token file, loopback only) or [`ARCHIVER`].
     pub who: &'a str,
     pub action: &'static str,
-    /// `namespace/name` of the subscription or stream.
+    /// `namespace/name` of the subscription or stream (`namespace/name/subjects/<subject>`
+    /// for a forget).
     pub target: &'a str,
-    /// Dead letters redriven or purged, events archived or removed.
+    /// Dead letters redriven or purged, events archived or removed, subject keys deleted or
+    /// re-wrapped.
     pub count: u64,
     /// `success` or `failure`.
     pub outcome: &'static str,

@@ -556,6 +556,43 @@ async fn rotation_lets_old_keys_go_and_a_missing_key_fails_clearly() {
         problem["detail"].as_str().unwrap().contains("\"k1\""),
         "{problem}"
     );
+    // A replay meanwhile cannot decrypt: each attempt fails with that reason and, without
+    // retries, the events are dead-lettered with it (keeping their envelopes).
+    let (sink, got) = recording_sink().await;
+    let sub = unique("replay");
+    m.write(
+        "replay.yaml",
+        &subscription(
+            &sub,
+            &sink,
+            "  startFrom: earliest\n  delivery: {retry: 0}\n",
+        ),
+    );
+    let dead = eventually(
+        60,
+        "20 dead letters",
+        || w.log_text(),
+        || async {
+            let (_, list) = get_json(&format!(
+                "{}/v1/namespaces/{NS}/subscriptions/{sub}/deadletters?limit=100",
+                w.admin
+            ))
+            .await;
+            let dl = list["deadLetters"].as_array().cloned().unwrap_or_default();
+            (dl.len() >= 20).then_some(dl)
+        },
+    )
+    .await;
+    for d in &dead {
+        assert_eq!(d["errorCode"], "pii-key-missing", "{d}");
+        assert!(d["errorData"].as_str().unwrap().contains("\"k1\""), "{d}");
+        let email = d["event"]["data"]["customer"]["email"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(email.starts_with("weir:pii:v1:"), "{d}");
+    }
+    assert!(got.lock().unwrap().is_empty(), "delivered without its key");
+    m.remove("replay.yaml");
     assert!(w.child.try_wait().unwrap().is_none(), "weir exited");
 
     // The old keys back, k2 newest (new keys wrapped by k2 show the reload): readable again;
