@@ -37,6 +37,9 @@ macro_rules! authorize {
     };
 }
 
+// After `authorize!`, which it uses.
+mod pii;
+
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -67,6 +70,14 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/v1/namespaces/{ns}/streams/{name}/archive/verify",
             axum::routing::post(archive_verify),
+        )
+        .route(
+            "/v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key",
+            axum::routing::delete(pii::forget),
+        )
+        .route(
+            "/v1/namespaces/{ns}/streams/{name}/keys/rotate",
+            axum::routing::post(pii::rotate),
         )
         .with_state(state)
 }

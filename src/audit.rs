@@ -34,6 +34,10 @@ pub enum Action {
     DeadLettersPurge,
     ArchiveRun,
     ArchiveDeleteAfter,
+    /// A subject's personal-data key deleted (`weir forget`).
+    SubjectForget,
+    /// Subject keys re-wrapped with the newest key id (`weir keys rotate`).
+    KeysRotate,
 }
 
 impl Action {
@@ -43,6 +47,8 @@ impl Action {
             Action::DeadLettersPurge => "deadletters.purge",
             Action::ArchiveRun => "archive.run",
             Action::ArchiveDeleteAfter => "archive.deleteAfter",
+            Action::SubjectForget => "subject.forget",
+            Action::KeysRotate => "keys.rotate",
         }
     }
 }
@@ -59,9 +65,11 @@ pub struct Record<'a> {
     /// (standalone without a token file, loopback only) or [`ARCHIVER`].
     pub who: &'a str,
     pub action: &'static str,
-    /// `namespace/name` of the subscription or stream.
+    /// `namespace/name` of the subscription or stream (`namespace/name/subjects/<subject>`
+    /// for a forget).
     pub target: &'a str,
-    /// Dead letters redriven or purged, events archived or removed.
+    /// Dead letters redriven or purged, events archived or removed, subject keys deleted or
+    /// re-wrapped.
     pub count: u64,
     /// `success` or `failure`.
     pub outcome: &'static str,

@@ -270,26 +270,58 @@ fn the_setting_is_read_from_the_environment() {
 }
 
 #[test]
-fn pii_fields_are_refused_until_encryption_exists() {
-    let yaml = format!(
-        "{SECRET}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: pii, namespace: shop}}\n\
-         stringData: {{key: k}}\n{}",
-        stream(
-            "orders",
-            "2024-01-01T00:00:00Z",
-            "  pii: {fields: [/customer/email], keySecretRef: {name: pii, key: key}}\n"
+fn pii_fields_need_a_store_and_a_valid_key_ring() {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    let with_keys = |keys: &str, spec: &str| {
+        format!(
+            "{SECRET}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: pii, namespace: shop}}\n\
+             stringData: {{key: {keys:?}}}\n---\napiVersion: v1\nkind: Secret\n\
+             metadata: {{name: pg, namespace: shop}}\nstringData: {{url: \"postgres://u@h/db\"}}\n{}",
+            stream("orders", "2024-01-01T00:00:00Z", spec)
         )
-    );
+    };
+    let spec = "  pii: {fields: [/customer/email], keySecretRef: {name: pii, key: key}}\n";
+    let stored = format!("  store: {{urlSecretRef: {{name: pg, key: url}}}}\n{spec}");
+    let problems = |yaml: &str| {
+        let built = build(&index(yaml), &Defaults::default());
+        built
+            .report(Kind::EventStream, &Key::new("shop", "orders"))
+            .unwrap()
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect::<Vec<_>>()
+    };
+    // With a store and a good key ring: planned, key bytes nowhere in the plan's Debug.
+    let yaml = with_keys(&format!("k1:{key}"), &stored);
     let built = build(&index(&yaml), &Defaults::default());
-    let report = built
-        .report(Kind::EventStream, &Key::new("shop", "orders"))
-        .unwrap();
-    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
-    let p = &report.problems[0];
-    assert_eq!(p.path, "spec.pii.fields");
-    assert_eq!(p.reason, Reason::InvalidSpec);
-    assert!(p.message.contains("not supported yet"), "{}", p.message);
-    assert!(built.topology.streams.is_empty());
+    assert!(built.is_valid(), "{:?}", problems(&yaml));
+    let plan = built.topology.streams.values().next().unwrap();
+    let pii = plan.pii.as_ref().unwrap();
+    assert_eq!(pii.fields, ["/customer/email"]);
+    assert_eq!(pii.keys.newest().0, "k1");
+    assert!(!format!("{plan:?}").contains(&key));
+
+    // Broker-only: refused (the keys live in the store).
+    let got = problems(&with_keys(&format!("k1:{key}"), spec));
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("spec.pii.fields: personal-data encryption needs spec.store")),
+        "{got:?}"
+    );
+    // A bad line is named by number, never by content.
+    let got = problems(&with_keys(&format!("k1:{key}\nk2:c2hvcnQ="), &stored));
+    assert!(
+        got.iter().any(|p| p.starts_with("spec.pii.keySecretRef:")
+            && p.contains("line 2: the key is 5 bytes long")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .all(|p| !p.contains(&key) && !p.contains("c2hvcnQ")),
+        "{got:?}"
+    );
 
     // An empty list promises nothing and stays accepted.
     let yaml = format!(
@@ -431,7 +463,7 @@ fn weir_validate_names_every_refused_field() {
         has(
             &out,
             10,
-            "spec.pii.fields: PII field encryption is not supported yet"
+            "spec.pii.fields: personal-data encryption needs spec.store"
         ),
         "{out}"
     );

@@ -581,7 +581,6 @@ spec:
         "spec.validation.schemas[4]: a second schema for type \"c\"",
         "spec.validation.maxEventBytes: must be greater than zero",
         "spec.compression.level: zstd level 30 is outside 1..=22",
-        "spec.pii.fields: PII field encryption is not supported yet",
         "spec.pii.fields[0]: \"customer/email\" is not a JSON pointer",
         "spec.pii.keySecretRef: required when fields are listed",
     ];

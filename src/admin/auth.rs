@@ -114,6 +114,10 @@ pub enum Need {
     ReadArchive,
     /// Run or verify an archive (work on the store): `create` `eventstreams/archive`.
     RunArchive,
+    /// Forget a subject's personal data: `delete` `eventstreams/subjects`.
+    ForgetSubject,
+    /// Re-wrap a stream's subject keys: `update` `eventstreams/keys`.
+    RotateKeys,
 }
 
 impl Need {
@@ -126,6 +130,8 @@ impl Need {
             Need::PurgeDeadLetters => ("delete", "subscriptions", "deadletters"),
             Need::ReadArchive => ("get", "eventstreams", "archive"),
             Need::RunArchive => ("create", "eventstreams", "archive"),
+            Need::ForgetSubject => ("delete", "eventstreams", "subjects"),
+            Need::RotateKeys => ("update", "eventstreams", "keys"),
         };
         AccessCheck {
             namespace: namespace.into(),

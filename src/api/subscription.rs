@@ -175,6 +175,22 @@ pub struct DeliverySpec {
     /// dead-letter queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_sink: Option<DeadLetterSinkSpec>,
+    /// What the sink receives of the stream's personal-data fields (`spec.pii.fields` of the
+    /// EventStream): `Decrypt` (default) sends the plaintext, or the redaction marker
+    /// `weir:pii:forgotten` for a forgotten subject; `Envelope` sends the encrypted
+    /// envelopes as stored, for a sink that must never hold personal data. No effect on a
+    /// stream without pii fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pii: Option<PiiDelivery>,
+}
+
+/// What a sink receives of personal-data fields.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PiiDelivery {
+    /// The plaintext values (the redaction marker for a forgotten subject).
+    Decrypt,
+    /// The encrypted envelopes, as stored.
+    Envelope,
 }
 
 /// Backoff between delivery attempts.

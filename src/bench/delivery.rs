@@ -207,6 +207,7 @@ async fn e2e_runs(
         max_duration: None,
         show_progress: false,
         stamp: true,
+        customer: false,
     })
     .await?;
     sink.wait_for(w.events, STALL).await;
@@ -248,6 +249,7 @@ async fn e2e_runs(
                 max_duration: args.duration,
                 show_progress: true,
                 stamp: true,
+                customer: false,
             })
             .await?;
             // Accepted (201) means stored; the backlog is what the sink still lacks then.

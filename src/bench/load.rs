@@ -46,6 +46,9 @@ pub struct LoadSpec<'a> {
     /// time in the [`super::sink::SENT_EXTENSION`] extension, for latency taken at a sink:
     /// the due time of a paced request, else the moment it is built.
     pub stamp: bool,
+    /// Add `customer: {email, phone}` to every payload: the two fields the `ingest --pii`
+    /// run encrypts (its plain stream gets them too, so both runs send the same bytes).
+    pub customer: bool,
 }
 
 pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
@@ -60,6 +63,7 @@ pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
         max_duration,
         show_progress,
         stamp,
+        customer,
     } = spec;
     let batch = batch.max(1);
     let requests = events.div_ceil(batch);
@@ -72,7 +76,10 @@ pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
     let started = Instant::now();
     let deadline = max_duration.map(|d| started + d);
     let interval = rate.map(|r| Duration::from_secs_f64(batch as f64 / r.max(1) as f64));
-    let body_template = payload(payload_bytes, 0);
+    let mut body_template = payload(payload_bytes, 0);
+    if customer {
+        body_template["customer"] = json!({"email": "someone@example.com", "phone": "+1 555 0100"});
+    }
     let mut tasks = Vec::new();
     for _ in 0..concurrency.max(1) {
         let (client, next, done_events) = (client.clone(), next.clone(), done_events.clone());

@@ -7,6 +7,7 @@
 mod archive;
 mod delivery;
 mod load;
+mod pii;
 mod pipeline;
 mod report;
 mod scale;
@@ -74,6 +75,9 @@ pub struct BenchArgs {
     pub subjects: usize,
     /// `cache`: each policy's `maxItems`.
     pub cache_items: u64,
+    /// `ingest`: measure a stream with two personal-data fields (`spec.pii`) beside the same
+    /// stream without, in the same run.
+    pub pii: bool,
     /// `scale`: EventStreams (one Subscription each) of the measured pipeline.
     pub streams: usize,
     /// `scale`: EventStreams (one Subscription each) of the baseline pipeline.
@@ -104,6 +108,7 @@ pub enum BenchError {
 /// Runs one scenario, prints its table, and writes `--json`/`--plot` if asked.
 pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
     let reports = match args.scenario {
+        Scenario::Ingest if args.pii => pii::ingest_pii(&args).await?,
         Scenario::Ingest => scenarios::ingest(&args).await?,
         Scenario::Broker => scenarios::broker(&args).await?,
         Scenario::Relay => scenarios::relay(&args).await?,

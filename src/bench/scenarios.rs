@@ -202,6 +202,7 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             max_duration: None,
             show_progress: false,
             stamp: false,
+            customer: false,
         })
         .await?;
         for rate in &rates {
@@ -221,6 +222,7 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
                 max_duration: args.duration,
                 show_progress: true,
                 stamp: false,
+                customer: false,
             })
             .await?;
             let after = batch_stats(pipe.as_ref()).await;
@@ -452,6 +454,7 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             max_duration: None,
             show_progress: false,
             stamp: false,
+            customer: false,
         })
         .await?;
         eprintln!("broker batch={batch}: weir");
@@ -466,6 +469,7 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             max_duration: args.duration,
             show_progress: true,
             stamp: false,
+            customer: false,
         })
         .await?;
         let weir = Measurement::from_load(

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 mod archive;
 mod client;
 mod delivery;
+mod keys;
 mod output;
 mod status;
 mod trace;
@@ -177,6 +178,20 @@ pub enum Command {
         #[command(subcommand)]
         action: archive::ArchiveAction,
     },
+    /// Forget a subject of a stream with personal-data fields (`spec.pii`): deletes its data
+    /// key, so its fields read, deliver and replay as "weir:pii:forgotten" (audited; through
+    /// the admin API).
+    Forget {
+        /// `<namespace>/<stream>`.
+        target: String,
+        /// The event `subject` to forget.
+        subject: String,
+    },
+    /// Personal-data key operations (through the admin API).
+    Keys {
+        #[command(subcommand)]
+        action: keys::KeysAction,
+    },
     /// Print events as they are stored in a stream, following new ones (Ctrl-C stops).
     Tail {
         /// `<namespace>/<stream>`.
@@ -279,6 +294,10 @@ pub struct BenchCmd {
     /// `cache`: `maxItems` of each strategy's CachePolicy.
     #[arg(long, default_value_t = 100)]
     cache_items: u64,
+    /// `ingest`: also run a stream encrypting two personal-data fields (`spec.pii`) beside
+    /// the same stream without, and report their ratio.
+    #[arg(long)]
+    pii: bool,
     /// `scale`: EventStreams in the measured pipeline, each with store, broker and one
     /// Subscription (`--rate` defaults to 100 ev/s over all of them, `--duration` to 30s).
     #[arg(long, default_value_t = 1000)]
@@ -476,6 +495,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 action,
             ))
         }
+        Command::Forget { target, subject } => {
+            let token = client::read_token(cli.token_file.as_deref())?;
+            runtime()?.block_on(keys::forget(
+                &cli.admin,
+                token.as_deref(),
+                cli.output,
+                &target,
+                &subject,
+            ))
+        }
+        Command::Keys { action } => {
+            let token = client::read_token(cli.token_file.as_deref())?;
+            runtime()?.block_on(keys::keys(&cli.admin, token.as_deref(), cli.output, action))
+        }
         Command::Tail { target, from } => {
             let token = client::read_token(cli.token_file.as_deref())?;
             runtime()?.block_on(delivery::tail(
@@ -520,6 +553,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 amqp_url: b.amqp,
                 subjects: b.subjects,
                 cache_items: b.cache_items,
+                pii: b.pii,
                 streams: b.streams,
                 baseline_streams: b.baseline_streams,
                 idle: b.idle,

@@ -107,8 +107,20 @@ pub struct StreamRuntime {
     /// `spec.ingest.rateLimit`'s bucket on this worker; rebuilt (full) with the runtime
     /// whenever the plan changes.
     pub rate_limit: Option<crate::data::ingest::limit::RateLimit>,
+    /// `spec.pii`: encryption of personal-data fields (stored streams only).
+    pub pii: Option<Arc<crate::data::pii::Pii>>,
     cancel: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Backend {
+    /// The stream's store (`None` for a broker-only stream).
+    pub fn store(&self) -> Option<&Store> {
+        match self {
+            Backend::Stored { store, .. } => Some(store),
+            Backend::BrokerOnly { .. } => None,
+        }
+    }
 }
 
 impl StreamRuntime {
@@ -173,10 +185,7 @@ impl StreamRuntime {
     }
 
     pub fn store(&self) -> Option<&Store> {
-        match &self.backend {
-            Backend::Stored { store, .. } => Some(store),
-            Backend::BrokerOnly { .. } => None,
-        }
+        self.backend.store()
     }
 
     /// Stops background work and drains the batcher: every queued request is answered.
@@ -311,6 +320,8 @@ pub struct Engine {
     pub limits: batcher::Limits,
     /// The read side's caches (CachePolicies).
     pub caches: crate::data::cache::Caches,
+    /// Unwrapped personal-data keys of every stream of this worker (bounded, short-lived).
+    pub deks: crate::data::pii::DekCache,
 }
 
 impl Engine {
@@ -320,6 +331,7 @@ impl Engine {
             pools: Pools::new(metrics.clone()),
             brokers: Mutex::new(HashMap::new()),
             caches: crate::data::cache::Caches::new(metrics.clone()),
+            deks: crate::data::pii::dek_cache(),
             metrics,
             limits: batcher::Limits::default(),
         }
@@ -552,6 +564,9 @@ impl Engine {
                 }
             }
         };
+        let pii =
+            crate::data::pii::Pii::for_stream(&key, plan.pii.as_ref(), backend.store(), &self.deks)
+                .map_err(|message| EngineError::Invalid { key, message })?;
         tasks.push(tokio::spawn(watch_broker(
             broker.clone(),
             health.clone(),
@@ -568,6 +583,7 @@ impl Engine {
             broker,
             backend,
             health,
+            pii,
             cancel,
             tasks: Mutex::new(tasks),
         }))

@@ -252,6 +252,7 @@ async fn publish_inner(
             Err((HttpProblem::foreign_id(index, &source, &id), 0))
         }
         Err(AppendError::Failed(e)) => Err((HttpProblem::internal(e), 0)),
+        Err(AppendError::Problem(p)) => Err((p, 0)),
         Err(AppendError::NotFound(_)) => Err((HttpProblem::stream_not_found(ns, stream), 0)),
         Err(AppendError::Unavailable(why)) => Err((unavailable(&why), 0)),
     }
@@ -316,6 +317,33 @@ fn store_problem(e: crate::data::store::StoreError) -> HttpProblem {
     } else {
         HttpProblem::internal(e.to_string())
     }
+}
+
+/// Decrypts the personal-data fields of events the caller may read (`spec.pii`).
+pub(crate) async fn reveal(
+    rt: &StreamRuntime,
+    stream_id: i64,
+    events: &mut [StoredEvent],
+) -> Result<(), HttpProblem> {
+    if let Some(pii) = &rt.pii {
+        pii.reveal(stream_id, events.iter_mut().map(|e| &mut e.event))
+            .await
+            .map_err(|e| e.problem())?;
+    }
+    Ok(())
+}
+
+/// The stream's read cache, if it has one. Streams with personal-data fields are never
+/// cached: a cache would hold plaintext, and a forgotten subject must stop reading back at
+/// once.
+pub(crate) fn read_cache(
+    st: &HttpState,
+    rt: &StreamRuntime,
+) -> Option<Arc<crate::data::cache::PolicyCache>> {
+    if rt.pii.is_some() {
+        return None;
+    }
+    st.engine.caches.route(&rt.plan.key)
 }
 
 fn batch_body(events: &[StoredEvent]) -> Bytes {
@@ -409,7 +437,7 @@ async fn read_range(
     let (store, _) = read_store(&st, &rt, q.consistency.as_deref())?;
     let store = &store;
     // Full pages and stored events never change, so a replica's answer caches as well.
-    let cache = st.engine.caches.route(&rt.plan.key);
+    let cache = read_cache(&st, &rt);
     let key = CacheKey::Range {
         stream: rt.plan.key.clone(),
         stream_id: id,
@@ -417,10 +445,11 @@ async fn read_range(
         limit,
     };
     let page = read_through(cache.as_deref(), key, || async {
-        let events = store
+        let mut events = store
             .read_range(id, from, limit)
             .await
             .map_err(store_problem)?;
+        reveal(&rt, id, &mut events).await?;
         // Only a full page is final: a short one grows with the next append.
         let full = events.len() as i64 == limit;
         Ok::<_, HttpProblem>((
@@ -445,7 +474,7 @@ async fn read_one(
     let (rt, id) = readable(&st, &ns, &stream, &headers).await?;
     let (store, _) = read_store(&st, &rt, q.consistency.as_deref())?;
     let store = &store;
-    let cache = st.engine.caches.route(&rt.plan.key);
+    let cache = read_cache(&st, &rt);
     let key = CacheKey::One {
         stream: rt.plan.key.clone(),
         stream_id: id,
@@ -453,7 +482,7 @@ async fn read_one(
     };
     // A stored event never changes; a missing one is an error, never cached.
     let one = read_through(cache.as_deref(), key, || async {
-        let ev = store
+        let mut ev = store
             .read_one(id, position)
             .await
             .map_err(store_problem)?
@@ -462,6 +491,7 @@ async fn read_one(
                     "stream {ns}/{stream} has no event at position {position}"
                 ))
             })?;
+        reveal(&rt, id, std::slice::from_mut(&mut ev)).await?;
         let body = Bytes::from(to_structured_json(&ev.to_cloud_event()));
         Ok::<_, HttpProblem>((Cached { body, events: None }, true))
     })
@@ -530,7 +560,7 @@ async fn trace_handler(
     let every = readable_streams.len() == stored.len();
     // Only the default (whole) trace over every stream is cached: one entry per id, one key
     // to invalidate; a partial view is read each time.
-    let cache = if q.limit.is_none() && every {
+    let cache = if q.limit.is_none() && every && stored.iter().all(|rt| rt.pii.is_none()) {
         let streams: Vec<crate::topology::Key> =
             stored.iter().map(|rt| rt.plan.key.clone()).collect();
         st.engine.caches.trace_cache(&streams)
@@ -545,13 +575,7 @@ async fn trace_handler(
     let answer = read_through(cache.as_deref(), key, || async {
         let trace = crate::data::trace::correlation(&st.engine, &ns, &id, limit, only)
             .await
-            .map_err(|e| {
-                if e.is_transient() {
-                    HttpProblem::unavailable(e.to_string(), 1)
-                } else {
-                    HttpProblem::internal(e.to_string())
-                }
-            })?;
+            .map_err(|e| e.problem())?;
         let body = serde_json::to_vec(&trace).map_err(|e| HttpProblem::internal(e.to_string()))?;
         Ok::<_, HttpProblem>((
             Cached {

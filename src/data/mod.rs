@@ -13,6 +13,7 @@ pub mod engine;
 pub mod event;
 pub mod http;
 pub mod ingest;
+pub mod pii;
 pub mod plane;
 pub mod problem;
 pub mod relay;

@@ -30,9 +30,11 @@
 //! | `https://weir.dev/problems/schema-violation` | 422 | `data` breaks the type's JSON Schema |
 //! | `https://weir.dev/problems/unknown-type` | 422 | no schema for the type, unknown types refused |
 //! | `https://weir.dev/problems/validation-failed` | 422 | several of the three above at once |
+//! | `https://weir.dev/problems/pii-refused` | 422 | a personal-data field cannot be encrypted: non-JSON data, or no `subject` |
 //! | `https://weir.dev/problems/rate-limited` | 429 | the stream's rate limit (with `Retry-After`) |
 //! | `https://weir.dev/problems/internal` | 500 | a fault inside Weir |
 //! | `https://weir.dev/problems/unavailable` | 503 | the stream's broker or store is down |
+//! | `https://weir.dev/problems/pii-key-missing` | 503 | a subject's data key is wrapped by a key id `spec.pii.keySecretRef` no longer holds |
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
@@ -67,14 +69,16 @@ pub enum ProblemKind {
     SchemaViolation,
     UnknownType,
     ValidationFailed,
+    PiiRefused,
     RateLimited,
     Internal,
     Unavailable,
+    PiiKeyMissing,
 }
 
 impl ProblemKind {
     /// Every kind (for the docs' table and tests).
-    pub const ALL: [ProblemKind; 22] = [
+    pub const ALL: [ProblemKind; 24] = [
         ProblemKind::BadRequest,
         ProblemKind::UnreadableBody,
         ProblemKind::MalformedJson,
@@ -97,6 +101,8 @@ impl ProblemKind {
         ProblemKind::RateLimited,
         ProblemKind::Internal,
         ProblemKind::Unavailable,
+        ProblemKind::PiiRefused,
+        ProblemKind::PiiKeyMissing,
     ];
 
     /// The `type` URI of this kind.
@@ -124,6 +130,8 @@ impl ProblemKind {
             ProblemKind::RateLimited => "https://weir.dev/problems/rate-limited",
             ProblemKind::Internal => "https://weir.dev/problems/internal",
             ProblemKind::Unavailable => "https://weir.dev/problems/unavailable",
+            ProblemKind::PiiRefused => "https://weir.dev/problems/pii-refused",
+            ProblemKind::PiiKeyMissing => "https://weir.dev/problems/pii-key-missing",
         }
     }
 
@@ -152,6 +160,8 @@ impl ProblemKind {
             ProblemKind::RateLimited => "Rate limited",
             ProblemKind::Internal => "Internal error",
             ProblemKind::Unavailable => "Service unavailable",
+            ProblemKind::PiiRefused => "Personal data cannot be encrypted",
+            ProblemKind::PiiKeyMissing => "Personal-data key missing",
         }
     }
 
@@ -172,10 +182,11 @@ impl ProblemKind {
             ProblemKind::MissingExtension
             | ProblemKind::SchemaViolation
             | ProblemKind::UnknownType
-            | ProblemKind::ValidationFailed => 422,
+            | ProblemKind::ValidationFailed
+            | ProblemKind::PiiRefused => 422,
             ProblemKind::RateLimited => 429,
             ProblemKind::Internal => 500,
-            ProblemKind::Unavailable => 503,
+            ProblemKind::Unavailable | ProblemKind::PiiKeyMissing => 503,
         }
     }
 }

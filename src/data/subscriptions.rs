@@ -167,6 +167,7 @@ impl Subscriptions {
                 broker: rt.broker.clone(),
                 store: rt.store().cloned(),
                 stream_id: Arc::new(move || rt2.stream_id()),
+                pii: rt.pii.clone(),
             };
             match Runner::start(
                 plan.clone(),

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use crate::data::engine::Engine;
 use crate::data::event::{EXT_CAUSATION_ID, StoredEvent, to_structured_json};
-use crate::data::store::{Store, StoreError};
+use crate::data::store::Store;
 
 /// Most events one trace answer holds; a saga longer than this is cut (and says so).
 pub const MAX_TRACE: usize = 1000;
@@ -65,14 +65,15 @@ fn entry(stream: String, ev: &StoredEvent) -> TraceEntry {
 
 /// The trace of `correlation_id` over the running streams of `namespace` that have a store
 /// (only those named in `only`, when given: the streams the caller may read). Streams in
-/// different databases are queried concurrently and merged by commit time.
+/// different databases are queried concurrently and merged by commit time. Personal-data
+/// fields (`spec.pii`) are decrypted: the caller may read every stream asked for.
 pub async fn correlation(
     engine: &Engine,
     namespace: &str,
     correlation_id: &str,
     limit: usize,
     only: Option<&std::collections::BTreeSet<String>>,
-) -> Result<Trace, StoreError> {
+) -> Result<Trace, crate::data::pii::PiiError> {
     let limit = limit.clamp(1, MAX_TRACE);
     // Streams grouped by database, so each database is asked once.
     let mut by_db: BTreeMap<String, (Store, Vec<String>)> = BTreeMap::new();
@@ -107,6 +108,19 @@ pub async fn correlation(
     });
     let truncated = all.len() > limit;
     all.truncate(limit);
+    for rt in engine.streams() {
+        if rt.plan.key.namespace != namespace {
+            continue;
+        }
+        if let (Some(pii), Some(id)) = (&rt.pii, rt.stream_id()) {
+            let name = &rt.plan.key.name;
+            let events = all
+                .iter_mut()
+                .filter(|(s, _)| s == name)
+                .map(|(_, e)| &mut e.event);
+            pii.reveal(id, events).await?;
+        }
+    }
     Ok(Trace {
         correlationid: correlation_id.to_string(),
         events: all.into_iter().map(|(s, e)| entry(s, &e)).collect(),

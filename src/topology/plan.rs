@@ -221,6 +221,8 @@ pub struct StreamPlan {
     /// Who may publish and read. A change of it alone (a rotated token) is applied to the
     /// running stream in place, without restarting it.
     pub access: AccessPlan,
+    /// `spec.pii`: fields encrypted per subject; `None` when none are listed.
+    pub pii: Option<crate::topology::pii::PiiPlan>,
 }
 
 impl StreamPlan {
@@ -356,6 +358,8 @@ pub struct DeliveryPlan {
     /// Longest honoured `Retry-After`.
     pub retry_after_max: Duration,
     pub dead_letter: Option<DeadLetterPlan>,
+    /// `spec.delivery.pii: Envelope`: personal-data fields are delivered encrypted.
+    pub pii_envelope: bool,
 }
 
 impl Default for DeliveryPlan {
@@ -368,6 +372,7 @@ impl Default for DeliveryPlan {
             backoff_max: Duration::from_secs(300),
             retry_after_max: Duration::from_secs(120),
             dead_letter: None,
+            pii_envelope: false,
         }
     }
 }

@@ -97,7 +97,7 @@ pub(super) async fn read_subject_page(
     let store = &store;
     // Invalidations come from the primary; a lagging replica could refill the cache with a
     // subject older than the invalidation, so subjects read from a replica are not cached.
-    let cache = st.engine.caches.route(&rt.plan.key).filter(|_| !replica);
+    let cache = super::read_cache(st, &rt).filter(|_| !replica);
     // A first page without filters, through a cache, reads one page's worth more than asked:
     // if that is the whole subject, it is cached whole and later pages come from memory.
     let whole = cache.is_some() && sel.from == 1 && sel.unfiltered();
@@ -108,10 +108,11 @@ pub(super) async fn read_subject_page(
     };
     let got = read_through(cache.as_deref(), key, || async {
         if whole {
-            let events = store
+            let mut events = store
                 .read_subject(id, subject, 1, MAX_PAGE + 1, None, None)
                 .await
                 .map_err(store_problem)?;
+            super::reveal(&rt, id, &mut events).await?;
             if events.len() as i64 <= MAX_PAGE {
                 let body = batch_body(&events);
                 return Ok::<_, HttpProblem>((
@@ -131,10 +132,11 @@ pub(super) async fn read_subject_page(
             ));
         }
         // One more than the page, to learn whether a next page exists.
-        let events = store
+        let mut events = store
             .read_subject(id, subject, sel.from, sel.limit + 1, sel.version, sel.as_of)
             .await
             .map_err(store_problem)?;
+        super::reveal(&rt, id, &mut events).await?;
         Ok((
             Cached {
                 body: Bytes::new(),

@@ -55,6 +55,10 @@ pub enum AppendError {
     /// The store refused the write for a reason retrying will not change.
     #[error("storing the events failed: {0}")]
     Failed(String),
+    /// Personal-data encryption could not be done (a key missing from the Secret, the
+    /// key store unavailable): answered with this problem.
+    #[error("{}", .0.detail)]
+    Problem(HttpProblem),
 }
 
 fn conflict_text(c: &Conflict) -> String {
@@ -106,7 +110,7 @@ impl Appends {
     async fn store(
         &self,
         rt: &StreamRuntime,
-        events: Vec<CloudEvent>,
+        mut events: Vec<CloudEvent>,
         deadline: Instant,
         joining: Option<Joining>,
     ) -> Result<AppendOutcome, AppendError> {
@@ -120,6 +124,23 @@ impl Appends {
                 .error()
                 .unwrap_or_else(|| "the event store is not provisioned yet".into());
             return Err(AppendError::Unavailable(why));
+        }
+        // Personal-data fields are encrypted here, after validation saw the plaintext and
+        // before anything is stored, relayed or archived.
+        if let (Some(pii), Some(id)) = (&rt.pii, rt.stream_id()) {
+            let sealed = tokio::time::timeout_at(deadline, pii.seal(id, &mut events)).await;
+            match sealed {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let p = e.problem();
+                    return Err(if p.status == 422 {
+                        AppendError::Invalid(p)
+                    } else {
+                        AppendError::Problem(p)
+                    });
+                }
+                Err(_) => return Err(unavailable("the subjects' data keys were not read in time")),
+            }
         }
         // Subjects and correlations whose cached reads this append makes stale (only
         // collected when a cache serves the stream).

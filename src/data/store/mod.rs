@@ -4,6 +4,8 @@
 mod append;
 pub(crate) mod archived;
 mod codec;
+mod keys;
+pub use keys::SubjectKey;
 pub mod locks;
 pub mod notify;
 pub mod pools;

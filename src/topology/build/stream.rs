@@ -2,6 +2,7 @@
 //! limits and auth.
 
 use super::*;
+use crate::topology::pii::PiiPlan;
 
 pub(super) fn stream_plan(
     cx: &mut Cx<'_>,
@@ -120,7 +121,7 @@ pub(super) fn stream_plan(
         level: zstd_level(cx, c.level, dc.level, "spec.compression.level"),
     };
 
-    check_ingest(cx, spec);
+    let pii = pii_plan(cx, spec);
     let access = super::access::access_plan(cx, spec);
     let rate_limit = super::rate_limit::rate_limit_plan(cx, spec);
 
@@ -144,6 +145,7 @@ pub(super) fn stream_plan(
         },
         access,
         rate_limit,
+        pii,
     }
 }
 
@@ -359,37 +361,61 @@ pub(super) fn parse_json_or_yaml(text: &str) -> Result<serde_json::Value, String
     }
 }
 
-/// The PII settings are not planned yet (they have no runtime), but their references are
-/// checked now so that a manifest that will not work says so today.
-pub(super) fn check_ingest(cx: &mut Cx<'_>, spec: &EventStreamSpec) {
-    if let Some(pii) = &spec.pii {
-        let fields = pii.fields.as_deref().unwrap_or_default();
-        // Accepting the fields would promise encryption that nothing performs.
-        if !fields.is_empty() {
+/// `spec.pii`: the fields (JSON pointers into `data`) and the key ring from
+/// `spec.pii.keySecretRef`. Keys live with the subjects' data keys in the store, so a
+/// broker-only stream cannot encrypt and is refused. `None`: nothing to encrypt.
+pub(super) fn pii_plan(cx: &mut Cx<'_>, spec: &EventStreamSpec) -> Option<PiiPlan> {
+    let pii = spec.pii.as_ref()?;
+    let fields = pii.fields.clone().unwrap_or_default();
+    let mut ok = true;
+    for (i, f) in fields.iter().enumerate() {
+        if !f.starts_with('/') {
+            ok = false;
             cx.invalid(
-                "spec.pii.fields",
-                "PII field encryption is not supported yet: these fields would be stored and \
-                 delivered in clear. Remove spec.pii.fields (it comes with field encryption)",
+                format!("spec.pii.fields[{i}]"),
+                format!("{f:?} is not a JSON pointer into data (it must start with '/')"),
+            );
+        } else if fields[..i].contains(f) {
+            ok = false;
+            cx.invalid(
+                format!("spec.pii.fields[{i}]"),
+                format!("{f:?} is listed twice"),
             );
         }
-        for (i, f) in fields.iter().enumerate() {
-            if !f.starts_with('/') {
-                cx.invalid(
-                    format!("spec.pii.fields[{i}]"),
-                    format!("{f:?} is not a JSON pointer into data (it must start with '/')"),
-                );
-            }
-        }
-        match &pii.key_secret_ref {
-            Some(r) => {
-                cx.secret(r, "spec.pii.keySecretRef");
-            }
-            None if !fields.is_empty() => {
-                cx.invalid("spec.pii.keySecretRef", "required when fields are listed")
-            }
-            None => {}
-        }
     }
+    if !fields.is_empty() && spec.store.is_none() {
+        ok = false;
+        cx.invalid(
+            "spec.pii.fields",
+            "personal-data encryption needs spec.store: the subjects' data keys are kept in \
+             the event store (a broker-only stream would publish these fields in clear)",
+        );
+    }
+    let keys = match &pii.key_secret_ref {
+        Some(r) => cx.secret_text(r, "spec.pii.keySecretRef").and_then(|text| {
+            match crate::topology::pii::KeyRing::parse(&text) {
+                Ok(ring) => Some(ring),
+                Err(e) => {
+                    // The error names a line number, never key bytes.
+                    cx.invalid(
+                        "spec.pii.keySecretRef",
+                        format!("Secret {} key {:?}: {e}", cx.key(&r.name), r.key),
+                    );
+                    None
+                }
+            }
+        }),
+        None if !fields.is_empty() => {
+            cx.invalid("spec.pii.keySecretRef", "required when fields are listed");
+            None
+        }
+        None => None,
+    };
+    if fields.is_empty() {
+        return None;
+    }
+    let keys = keys?;
+    ok.then_some(PiiPlan { fields, keys })
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ pub(super) fn subscription_plan(
             .dead_letter_sink
             .as_ref()
             .and_then(|dls| dead_letter_plan(cx, dls)),
+        pii_envelope: dl.pii == Some(api::subscription::PiiDelivery::Envelope),
     };
     if delivery.backoff_delay > delivery.backoff_max {
         cx.invalid(

@@ -37,7 +37,10 @@ impl Inner {
             attempt += 1;
             self.state.inflight.fetch_add(1, Ordering::AcqRel);
             inflight.inc();
-            let (outcome, took) = self.sender.send(&ev).await;
+            let (outcome, took) = match self.for_sink(&ev).await {
+                Ok(out) => self.sender.send(&out).await,
+                Err(f) => (Outcome::Failed(f), Duration::ZERO),
+            };
             self.state.inflight.fetch_sub(1, Ordering::AcqRel);
             inflight.dec();
             self.metrics
@@ -104,6 +107,44 @@ impl Inner {
                     self.note_position(&ev);
                     return Ok(());
                 }
+            }
+        }
+    }
+
+    /// The event as the sink gets it: personal-data fields decrypted (or the redaction
+    /// marker), unless the subscription asked for the envelopes. The broker message, retries
+    /// and dead letters keep the envelopes. A key that cannot be read is a failed attempt
+    /// (`pii-key-missing`, retried, then dead-lettered with that code), never a crash.
+    async fn for_sink<'e>(
+        &self,
+        ev: &'e CloudEvent,
+    ) -> Result<std::borrow::Cow<'e, CloudEvent>, Failure> {
+        let Some(pii) = &self.stream.pii else {
+            return Ok(std::borrow::Cow::Borrowed(ev));
+        };
+        if self.plan.delivery.pii_envelope {
+            return Ok(std::borrow::Cow::Borrowed(ev));
+        }
+        let fail = |code: &str, data: String, retryable: bool| Failure {
+            retryable,
+            code: code.to_string(),
+            data,
+            retry_after: None,
+        };
+        let Some(id) = (self.stream.stream_id)() else {
+            return Err(fail(
+                "pii-store",
+                "the stream's store is not set up yet".into(),
+                true,
+            ));
+        };
+        let mut out = ev.clone();
+        match pii.reveal(id, std::iter::once(&mut out)).await {
+            Ok(()) => Ok(std::borrow::Cow::Owned(out)),
+            Err(e) => {
+                let retryable = !matches!(e, crate::data::pii::PiiError::Tampered { .. });
+                tracing::warn!(subscription = %self.plan.key, error = %e, "personal-data fields not decrypted");
+                Err(fail(e.code(), e.to_string(), retryable))
             }
         }
     }

@@ -212,6 +212,9 @@ pub struct StreamSide {
     pub store: Option<Store>,
     /// The stream's id in its store, once provisioned.
     pub stream_id: Arc<dyn Fn() -> Option<i64> + Send + Sync>,
+    /// The stream's personal-data encryption, if it has pii fields: events are decrypted
+    /// just before they are sent (unless the subscription asks for the envelopes).
+    pub pii: Option<Arc<crate::data::pii::Pii>>,
 }
 
 /// One running subscription.
