@@ -204,7 +204,9 @@ async fn publishes_and_delivers_over_tls() {
     let log = w.log.clone();
     let ctx = || std::fs::read_to_string(&log).unwrap_or_default();
     eventually(60, "subscription tail ready", ctx, || async {
-        let r = common::http_get(format!("{}/v1/status", w.admin)).await.ok()?;
+        let r = common::http_get(format!("{}/v1/status", w.admin))
+            .await
+            .ok()?;
         let v: Value = r.json().await.ok()?;
         v["resources"]
             .as_array()?

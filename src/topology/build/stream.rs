@@ -192,7 +192,6 @@ pub(super) fn postgres_urls(
     urls
 }
 
-
 pub(super) fn pool_plan(cx: &mut Cx<'_>, pool: Option<&api::eventstream::PoolSpec>) -> PoolPlan {
     let d = PoolPlan::default();
     let Some(p) = pool else { return d };
