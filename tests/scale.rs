@@ -96,6 +96,13 @@ fn watch_admin(
             .build()
             .unwrap();
         let mut w = AdminWatch::default();
+        // The process may not listen yet: failures count from its first answer on.
+        while client.get(format!("{admin}/healthz")).send().await.is_err() {
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                return w;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
             for path in ["/v1/status", "/healthz"] {
                 let t = Instant::now();
@@ -109,7 +116,7 @@ fn watch_admin(
                         let _ = r.bytes().await;
                     }
                     Ok(r) => w.failures.push(format!("{path}: {}", r.status())),
-                    Err(e) => w.failures.push(format!("{path}: {e}")),
+                    Err(e) => w.failures.push(format!("{path} after {took:?}: {e:?}")),
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
