@@ -1120,21 +1120,20 @@ impl TlsSink {
     fn start() -> TlsSink {
         use std::io::BufRead as _;
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        let ok = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args(["-subj", "/CN=localhost"])
-            .args(["-addext", "subjectAltName=DNS:localhost"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "openssl req failed");
+        // A CA (trusted through SSL_CERT_FILE) and the server's certificate for `localhost`.
+        common::certs::make_ca(dir.path(), "ca");
+        common::certs::make_leaf(
+            dir.path(),
+            "ca",
+            "server",
+            "localhost",
+            "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth",
+        );
+        let (cert, key, ca) = (
+            dir.path().join("server.crt"),
+            dir.path().join("server.key"),
+            dir.path().join("ca.crt"),
+        );
         let server = r#"
 import http.server, ssl, sys, threading
 # print() writes the text and the newline as two writes: from concurrent handler threads
@@ -1190,7 +1189,7 @@ srv.serve_forever()
             url: format!("https://localhost:{}/", port.trim()),
             ids,
             _dir: dir,
-            cert,
+            cert: ca,
         }
     }
 }
