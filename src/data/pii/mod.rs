@@ -325,8 +325,17 @@ impl Pii {
         Ok(())
     }
 
-    /// Unwraps stored keys; fails naming a key id the Secret no longer holds.
+    /// Unwraps a stored key; fails naming a key id the Secret no longer holds.
     fn unwrap_key(&self, k: &SubjectKey) -> Result<Arc<Dek>, PiiError> {
+        let bytes = self.unwrap_bytes(k)?;
+        Ok(Arc::new(Dek::new(k.dek_id.clone(), &bytes)?))
+    }
+
+    /// The raw bytes of a stored key, unwrapped with the key id it names.
+    fn unwrap_bytes(
+        &self,
+        k: &SubjectKey,
+    ) -> Result<[u8; crate::topology::pii::KEY_LEN], PiiError> {
         let kek = self
             .plan
             .keys
@@ -335,14 +344,13 @@ impl Pii {
                 subject: k.subject.clone(),
                 kek_id: k.kek_id.clone(),
             })?;
-        let bytes = envelope::unwrap(
+        Ok(envelope::unwrap(
             kek,
             &k.kek_id,
             self.scope(&k.subject),
             &k.dek_id,
             &k.wrapped,
-        )?;
-        Ok(Arc::new(Dek::new(k.dek_id.clone(), &bytes)?))
+        )?)
     }
 
     /// The keys of `subjects` that exist (a forgotten subject has none).
@@ -429,21 +437,7 @@ impl Pii {
             .await?;
         let mut rewrapped = 0u64;
         for k in &old {
-            let kek = self
-                .plan
-                .keys
-                .get(&k.kek_id)
-                .ok_or_else(|| PiiError::KeyMissing {
-                    subject: k.subject.clone(),
-                    kek_id: k.kek_id.clone(),
-                })?;
-            let bytes = envelope::unwrap(
-                kek,
-                &k.kek_id,
-                self.scope(&k.subject),
-                &k.dek_id,
-                &k.wrapped,
-            )?;
+            let bytes = self.unwrap_bytes(k)?;
             let wrapped = envelope::wrap(
                 new_kek,
                 new_id,
