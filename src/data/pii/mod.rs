@@ -344,13 +344,13 @@ impl Pii {
                 subject: k.subject.clone(),
                 kek_id: k.kek_id.clone(),
             })?;
-        Ok(envelope::unwrap(
+        envelope::unwrap(
             kek,
             &k.kek_id,
             self.scope(&k.subject),
             &k.dek_id,
             &k.wrapped,
-        )?)
+        )
     }
 
     /// The keys of `subjects` that exist (a forgotten subject has none).
