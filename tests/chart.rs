@@ -282,3 +282,21 @@ fn chart_version_follows_the_crate() {
     );
     assert_eq!(chart["name"].as_str(), Some("weir"));
 }
+
+#[test]
+fn the_service_monitor_keeps_weirs_namespace_label() {
+    // The dashboard and the KEDA query select on Weir's own `namespace` label; a scrape
+    // without honorLabels would rename it `exported_namespace`.
+    let (_, text) = templates()
+        .into_iter()
+        .find(|(name, _)| name == "servicemonitor.yaml")
+        .expect("the ServiceMonitor template");
+    let endpoint = text
+        .split("endpoints:")
+        .nth(1)
+        .expect("an endpoints list");
+    assert!(
+        endpoint.lines().any(|l| l.trim() == "honorLabels: true"),
+        "{endpoint}"
+    );
+}
