@@ -291,10 +291,7 @@ fn the_service_monitor_keeps_weirs_namespace_label() {
         .into_iter()
         .find(|(name, _)| name == "servicemonitor.yaml")
         .expect("the ServiceMonitor template");
-    let endpoint = text
-        .split("endpoints:")
-        .nth(1)
-        .expect("an endpoints list");
+    let endpoint = text.split("endpoints:").nth(1).expect("an endpoints list");
     assert!(
         endpoint.lines().any(|l| l.trim() == "honorLabels: true"),
         "{endpoint}"
