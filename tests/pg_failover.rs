@@ -72,13 +72,7 @@ impl Drop for Pair {
     fn drop(&mut self) {
         for node in [&self.primary, &self.standby] {
             if node.data.join("postmaster.pid").exists() {
-                let _ = self
-                    .pg
-                    .command("pg_ctl")
-                    .arg("-D")
-                    .arg(&node.data)
-                    .args(["-m", "immediate", "-w", "stop"])
-                    .output();
+                self.pg.stop_now(&node.data);
             }
         }
     }

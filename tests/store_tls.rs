@@ -42,13 +42,7 @@ struct TlsPostgres {
 
 impl Drop for TlsPostgres {
     fn drop(&mut self) {
-        let _ = self
-            .pg
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"])
-            .output();
+        self.pg.stop_now(&self.data);
     }
 }
 

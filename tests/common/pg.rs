@@ -54,6 +54,17 @@ impl PgRunner {
         cmd
     }
 
+    /// Stops the cluster in `data` at once (`pg_ctl -m immediate`), ignoring failures: for
+    /// `Drop`, where the cluster may already be gone.
+    pub fn stop_now(&self, data: &std::path::Path) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+
     /// Runs `program args`, failing the test with its output if it fails.
     pub fn run(&self, program: &str, args: &[&str]) -> Output {
         let out = self

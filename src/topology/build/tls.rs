@@ -2,8 +2,8 @@
 //! connection, read from Secrets and checked to be PEM here, so that a broken certificate is an
 //! InvalidSpec naming the Secret rather than a connection that fails later for no clear reason.
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::*;
 use crate::api::common::TlsSpec;
