@@ -1,12 +1,18 @@
-//! Consistency of the Helm chart `charts/weir`, checked without `helm`: its CRDs are the
-//! generated ones, its values match values.schema.json (and typos are rejected), every value a
-//! template reads exists, the templates' actions are balanced, the Pod runs under the
-//! `restricted` Pod Security Standard, and its RBAC grants exactly what the operator calls.
+//! The Helm chart `charts/weir`, rendered by the real `helm` (scripts/install-helm.sh): it
+//! passes `helm lint --strict`; its CRDs are the generated ones; values.schema.json refuses
+//! typos (in the file and through `helm template`); every value a template reads exists; the
+//! rendered Pod runs under the `restricted` Pod Security Standard, shuts down in order and adapts
+//! to platforms that assign user ids; the PodDisruptionBudget never blocks a drain; the archive
+//! volume, dashboard ConfigMap, PrometheusRule and ServiceMonitor render as documented; and the
+//! rendered RBAC grants exactly what the operator calls.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
+
+#[path = "common/helm.rs"]
+mod helm;
 
 fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/weir")
@@ -163,112 +169,316 @@ fn every_value_a_template_reads_exists_and_every_value_is_read() {
     assert!(unused.is_empty(), "values no template reads: {unused:?}");
 }
 
-#[test]
-fn template_actions_are_balanced() {
-    for (name, text) in templates() {
-        let mut depth: i32 = 0;
-        let mut rest = text.as_str();
-        while let Some(i) = rest.find("{{") {
-            let after = &rest[i + 2..];
-            let close = after
-                .find("}}")
-                .unwrap_or_else(|| panic!("{name}: unclosed {{{{"));
-            let action = after[..close]
-                .trim_start_matches('-')
-                .trim_end_matches('-')
-                .trim();
-            let word = action.split_whitespace().next().unwrap_or("");
-            match word {
-                "if" | "range" | "with" | "define" | "block" => depth += 1,
-                "end" => depth -= 1,
-                _ => {}
-            }
-            assert!(depth >= 0, "{name}: `end` without an opening action");
-            rest = &after[close + 2..];
-        }
-        assert_eq!(depth, 0, "{name}: unbalanced if/range/with/define");
-    }
+fn render(args: &[&str]) -> Vec<Value> {
+    helm::render(args).unwrap_or_else(|e| panic!("helm template {args:?}: {e}"))
+}
+
+fn pod_spec(objects: &[Value]) -> &Value {
+    &helm::one(objects, "Deployment")["spec"]["template"]["spec"]
+}
+
+fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .map(|e| &e["value"])
 }
 
 #[test]
-fn the_pod_is_restricted() {
-    let deployment = read(&chart().join("templates/deployment.yaml"));
-    for needle in [
-        "runAsNonRoot: true",
-        "readOnlyRootFilesystem: true",
-        "allowPrivilegeEscalation: false",
-        "drop: [\"ALL\"]",
-        "type: RuntimeDefault",
-        "path: /readyz",
-        "path: /healthz",
-        "topologySpreadConstraints",
-        "- operator",
+fn helm_lint_strict_passes_with_every_option() {
+    let dir = helm::chart_dir();
+    let dir = dir.to_str().unwrap();
+    helm::run(&["lint", "--strict", dir]).unwrap_or_else(|e| panic!("helm lint: {e}"));
+    let all_on = [
+        "--set=keda.enabled=true",
+        "--set=serviceMonitor.enabled=true",
+        "--set=networkPolicy.enabled=true",
+        "--set=grafanaDashboard.enabled=true",
+        "--set=prometheusRule.enabled=true",
+        "--set=archiveVolume.enabled=true",
+        "--set=watchNamespaces={shop,billing}",
+    ];
+    let mut args = vec!["lint", "--strict", dir];
+    args.extend(all_on);
+    helm::run(&args).unwrap_or_else(|e| panic!("helm lint with every option: {e}"));
+}
+
+#[test]
+fn helm_refuses_typos_and_wrong_types_in_values() {
+    for (set, names) in [
+        ("--set=replicas=3", "replicas"),
+        ("--set=autoscaling.enable=true", "enable"),
+        (
+            "--set=podSecurityContext.adaptToPlatform=sometimes",
+            "adaptToPlatform",
+        ),
+        (
+            "--set=shutdown.preStopSleepSeconds=-1",
+            "preStopSleepSeconds",
+        ),
     ] {
-        assert!(deployment.contains(needle), "deployment lacks {needle}");
+        let err = helm::render(&[set]).expect_err(set);
+        assert!(
+            err.contains("values don't meet the specifications of the schema")
+                && err.contains(names),
+            "{set}: {err}"
+        );
     }
-    let helpers = read(&chart().join("templates/_helpers.tpl"));
-    for label in [
-        "app.kubernetes.io/name",
-        "app.kubernetes.io/instance",
-        "app.kubernetes.io/version",
-        "app.kubernetes.io/managed-by",
-    ] {
-        assert!(helpers.contains(label), "helpers lack {label}");
-    }
-    let values = values();
-    assert_eq!(values["replicaCount"], 2);
-    assert_eq!(values["autoscaling"]["enabled"], true);
-}
-
-/// The rules of one `define` block of `_helpers.tpl` (plain YAML by convention).
-fn rules(helpers: &str, define: &str) -> Vec<Value> {
-    let start = helpers
-        .find(&format!("define \"{define}\""))
-        .unwrap_or_else(|| panic!("no define {define}"));
-    let body = &helpers[start..];
-    let body = &body[body.find("}}").unwrap() + 2..];
-    let body = &body[..body.find("{{- end }}").unwrap()];
-    let y: Value = weir::yaml::from_str(body).unwrap();
-    y.as_array().unwrap().clone()
 }
 
 #[test]
-fn rbac_grants_exactly_the_calls_the_operator_makes() {
-    let helpers = read(&chart().join("templates/_helpers.tpl"));
-    let mut granted: BTreeSet<(String, String, String)> = BTreeSet::new();
-    for define in ["weir.resourceRules", "weir.clusterRules", "weir.leaseRules"] {
-        for rule in rules(&helpers, define) {
-            for g in rule["apiGroups"].as_array().unwrap() {
-                for r in rule["resources"].as_array().unwrap() {
-                    for v in rule["verbs"].as_array().unwrap() {
-                        let t = (
-                            g.as_str().unwrap().to_string(),
-                            r.as_str().unwrap().to_string(),
-                            v.as_str().unwrap().to_string(),
-                        );
-                        assert!(t.2 != "*", "wildcard verb in {define}");
-                        granted.insert(t);
-                    }
+fn the_rendered_pod_is_restricted() {
+    let objects = render(&[]);
+    let pod = pod_spec(&objects);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    let containers = pod["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(c["args"][0], "operator");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(pod["topologySpreadConstraints"].is_array());
+    // The Deployment's selector is what the operator reports as the subscriptions' `/scale`
+    // selector (an HPA on a Subscription reads these Pods' metrics).
+    let deployment = helm::one(&objects, "Deployment");
+    let labels = deployment["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap();
+    let selector = env_value(c, "WEIR_POD_SELECTOR").unwrap().as_str().unwrap();
+    let mut pairs: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+        .collect();
+    let mut given: Vec<String> = selector.split(',').map(String::from).collect();
+    pairs.sort();
+    given.sort();
+    assert_eq!(given, pairs);
+    for (k, v) in labels {
+        assert_eq!(&deployment["spec"]["template"]["metadata"]["labels"][k], v);
+    }
+}
+
+#[test]
+fn the_pod_shuts_down_in_order() {
+    let objects = render(&[]);
+    let pod = pod_spec(&objects);
+    let c = &pod["containers"][0];
+    let sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(sleep, 5);
+    assert_eq!(env_value(c, "WEIR_DRAIN_TIMEOUT"), Some(&json!("15s")));
+    let grace = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
+    assert!(grace >= sleep + 15 + 10, "grace {grace}");
+
+    // No preStop on clusters without the sleep action.
+    let objects = render(&["--set=shutdown.preStopSleepSeconds=0"]);
+    assert!(pod_spec(&objects)["containers"][0]["lifecycle"].is_null());
+
+    // A grace period the drain cannot fit in is refused at render time.
+    let err = helm::render(&[
+        "--set=terminationGracePeriodSeconds=20",
+        "--set=shutdown.drainTimeoutSeconds=30",
+    ])
+    .expect_err("a grace period shorter than the drain");
+    assert!(
+        err.contains("terminationGracePeriodSeconds (20) must be at least") && err.contains("(45)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_disruption_budget_never_blocks_a_drain() {
+    let pdb = |args: &[&str]| -> Option<Value> {
+        helm::of_kind(&render(args), "PodDisruptionBudget")
+            .first()
+            .map(|p| p["spec"].clone())
+    };
+    // Default: one worker at a time, whatever the replica count.
+    let spec = pdb(&[]).expect("a PDB by default");
+    assert_eq!(spec["maxUnavailable"], 1);
+    assert!(spec.get("minAvailable").is_none());
+    let spec = pdb(&["--set=autoscaling.enabled=false", "--set=replicaCount=1"]).unwrap();
+    assert_eq!(spec["maxUnavailable"], 1);
+
+    let min1 = [
+        "--set=podDisruptionBudget.maxUnavailable=null",
+        "--set=podDisruptionBudget.minAvailable=1",
+    ];
+    // minAvailable 1 with a single replica would block every drain: not rendered.
+    let mut args = min1.to_vec();
+    args.extend(["--set=autoscaling.enabled=false", "--set=replicaCount=1"]);
+    assert_eq!(pdb(&args), None);
+    // ... nor with an autoscaler that may go down to one.
+    let mut args = min1.to_vec();
+    args.push("--set=autoscaling.minReplicas=1");
+    assert_eq!(pdb(&args), None);
+    // With two replicas at least, it is.
+    let mut args = min1.to_vec();
+    args.extend(["--set=autoscaling.enabled=false", "--set=replicaCount=2"]);
+    let spec = pdb(&args).expect("minAvailable 1 of 2");
+    assert_eq!(spec["minAvailable"], 1);
+    assert!(spec.get("maxUnavailable").is_none());
+    let mut args = min1.to_vec();
+    args.extend(["--set=keda.enabled=true", "--set=keda.minReplicaCount=3"]);
+    assert!(pdb(&args).is_some());
+    assert_eq!(pdb(&["--set=podDisruptionBudget.enabled=false"]), None);
+}
+
+#[test]
+fn platforms_that_assign_user_ids_get_none_from_the_chart() {
+    let ids = |args: &[&str]| -> Vec<String> {
+        let objects = render(args);
+        let sc = pod_spec(&objects)["securityContext"].clone();
+        assert_eq!(sc["runAsNonRoot"], true, "{sc}");
+        ["runAsUser", "runAsGroup", "fsGroup"]
+            .into_iter()
+            .filter(|k| sc.get(*k).is_some())
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(ids(&[]).len(), 3);
+    // OpenShift (restricted-v2 assigns the ids): detected from the served API groups.
+    assert!(ids(&["--api-versions=security.openshift.io/v1"]).is_empty());
+    assert!(ids(&["--set=podSecurityContext.adaptToPlatform=force"]).is_empty());
+    assert_eq!(
+        ids(&[
+            "--api-versions=security.openshift.io/v1",
+            "--set=podSecurityContext.adaptToPlatform=disabled"
+        ])
+        .len(),
+        3
+    );
+}
+
+#[test]
+fn the_archive_volume_is_a_claim_mounted_where_policies_write() {
+    let objects = render(&[]);
+    assert!(helm::of_kind(&objects, "PersistentVolumeClaim").is_empty());
+
+    let objects = render(&[
+        "--set=archiveVolume.enabled=true",
+        "--set=archiveVolume.size=50Gi",
+    ]);
+    let pvc = helm::one(&objects, "PersistentVolumeClaim");
+    assert_eq!(pvc["metadata"]["name"], "weir-archive");
+    assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "50Gi");
+    assert_eq!(pvc["spec"]["accessModes"], json!(["ReadWriteMany"]));
+    assert_eq!(
+        pvc["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    let pod = pod_spec(&objects);
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "archive")
+        .expect("an archive volume");
+    assert_eq!(volume["persistentVolumeClaim"]["claimName"], "weir-archive");
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "archive")
+        .expect("an archive mount");
+    assert_eq!(mount["mountPath"], "/var/lib/weir/archive");
+
+    let objects = render(&[
+        "--set=archiveVolume.enabled=true",
+        "--set=archiveVolume.existingClaim=archives",
+    ]);
+    assert!(helm::of_kind(&objects, "PersistentVolumeClaim").is_empty());
+    let pod = pod_spec(&objects);
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["persistentVolumeClaim"]["claimName"] == "archives")
+    );
+}
+
+/// (apiGroup, resource, verb) triples a list of PolicyRules grants.
+fn granted(rules: &Value) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in rules.as_array().unwrap() {
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    assert_ne!(v, "*", "wildcard verb in {rule}");
+                    assert_ne!(r, "*", "wildcard resource in {rule}");
+                    out.insert((
+                        g.as_str().unwrap().to_string(),
+                        r.as_str().unwrap().to_string(),
+                        v.as_str().unwrap().to_string(),
+                    ));
                 }
             }
         }
     }
+    out
+}
+
+#[test]
+fn rendered_rbac_grants_exactly_the_calls_the_operator_makes() {
     let used: BTreeSet<(String, String, String)> = weir::control::API_CALLS
         .iter()
         .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
         .collect();
-    let missing: Vec<_> = used.difference(&granted).collect();
-    let extra: Vec<_> = granted.difference(&used).collect();
-    assert!(
-        missing.is_empty(),
-        "calls the chart does not allow: {missing:?}"
-    );
-    assert!(
-        extra.is_empty(),
-        "rules for calls the code never makes: {extra:?}"
-    );
-    // No list/watch of Secrets anywhere.
-    assert!(!granted.iter().any(|(_, r, v)| r == "secrets" && v != "get"));
+    let check = |objects: &[Value]| {
+        let mut all = BTreeSet::new();
+        for kind in ["ClusterRole", "Role"] {
+            for role in helm::of_kind(objects, kind) {
+                all.extend(granted(&role["rules"]));
+            }
+        }
+        let missing: Vec<_> = used.difference(&all).collect();
+        let extra: Vec<_> = all.difference(&used).collect();
+        assert!(
+            missing.is_empty(),
+            "calls the chart does not allow: {missing:?}"
+        );
+        assert!(
+            extra.is_empty(),
+            "rules for calls the code never makes: {extra:?}"
+        );
+        // No list/watch of Secrets anywhere.
+        assert!(!all.iter().any(|(_, r, v)| r == "secrets" && v != "get"));
+    };
+    // All namespaces: one ClusterRole holds the resource rules.
+    let objects = render(&[]);
+    check(&objects);
+    let cluster = granted(&helm::one(&objects, "ClusterRole")["rules"]);
+    assert!(cluster.contains(&("weir.dev".into(), "eventstreams".into(), "watch".into())));
+    // Listed namespaces: the resource rules only in a Role per namespace.
+    let objects = render(&["--set=watchNamespaces={shop,billing}"]);
+    check(&objects);
+    let cluster = granted(&helm::one(&objects, "ClusterRole")["rules"]);
+    assert!(!cluster.iter().any(|(g, _, _)| g == "weir.dev"));
+    let namespaces: BTreeSet<&str> = helm::of_kind(&objects, "Role")
+        .iter()
+        .filter(|r| {
+            r["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["apiGroups"][0] == "weir.dev")
+        })
+        .map(|r| r["metadata"]["namespace"].as_str().unwrap())
+        .collect();
+    assert_eq!(namespaces, BTreeSet::from(["shop", "billing"]));
 }
 
 #[test]
@@ -287,13 +497,77 @@ fn chart_version_follows_the_crate() {
 fn the_service_monitor_keeps_weirs_namespace_label() {
     // The dashboard and the KEDA query select on Weir's own `namespace` label; a scrape
     // without honorLabels would rename it `exported_namespace`.
-    let (_, text) = templates()
-        .into_iter()
-        .find(|(name, _)| name == "servicemonitor.yaml")
-        .expect("the ServiceMonitor template");
-    let endpoint = text.split("endpoints:").nth(1).expect("an endpoints list");
+    let objects = render(&["--set=serviceMonitor.enabled=true"]);
+    let monitor = helm::one(&objects, "ServiceMonitor");
+    let endpoints = monitor["spec"]["endpoints"].as_array().unwrap();
+    assert!(!endpoints.is_empty());
+    for e in endpoints {
+        assert_eq!(e["honorLabels"], true, "{e}");
+    }
+    assert!(helm::of_kind(&render(&[]), "ServiceMonitor").is_empty());
+}
+
+#[test]
+fn the_dashboard_ships_as_a_configmap_for_grafanas_sidecar() {
+    assert!(helm::of_kind(&render(&[]), "ConfigMap").is_empty());
+    let objects = render(&[
+        "--set=grafanaDashboard.enabled=true",
+        "--set=grafanaDashboard.namespace=monitoring",
+    ]);
+    let cm = helm::one(&objects, "ConfigMap");
+    assert_eq!(cm["metadata"]["namespace"], "monitoring");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["metadata"]["annotations"]["grafana_folder"], "Weir");
+    let shipped: Value = serde_json::from_str(cm["data"]["weir.json"].as_str().unwrap()).unwrap();
+    let file: Value = serde_json::from_str(&read(&chart().join("dashboards/weir.json"))).unwrap();
+    assert_eq!(shipped, file);
+}
+
+#[test]
+fn the_prometheus_rule_is_the_checked_rule_file() {
+    let path = chart().join("rules/weir.rules.yaml");
+    // The rule file is valid for Prometheus itself.
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .expect("promtool (Debian package prometheus; scripts/services.sh installs it)");
     assert!(
-        endpoint.lines().any(|l| l.trim() == "honorLabels: true"),
-        "{endpoint}"
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
+    assert!(helm::of_kind(&render(&[]), "PrometheusRule").is_empty());
+    let objects = render(&[
+        "--set=prometheusRule.enabled=true",
+        "--set=prometheusRule.labels.release=kube-prometheus-stack",
+    ]);
+    let rule = helm::one(&objects, "PrometheusRule");
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    let file: Value = weir::yaml::from_str(&read(&path)).unwrap();
+    assert_eq!(
+        rule["spec"], file,
+        "the PrometheusRule's spec is the rule file"
+    );
+    let alerts: BTreeSet<&str> = file["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap())
+        .collect();
+    for wanted in [
+        "WeirRelayLagGrowing",
+        "WeirDeadLettersGrowing",
+        "WeirStoreUnavailable",
+        "WeirBrokerPublishFailing",
+        "WeirIngestErrors",
+        "WeirArchiveFailing",
+        "WeirPoolExhausted",
+    ] {
+        assert!(alerts.contains(wanted), "{wanted} missing: {alerts:?}");
+    }
 }

@@ -1,7 +1,7 @@
 //! Performance monitoring: after a mixed workload (stored and broker-only publishes, a
 //! rejected event, cached reads, a trace, a delivered and a dead-lettered subscription) the
 //! `/metrics` scrape passes `promtool check metrics`, holds every metric the Grafana dashboard
-//! queries, and warns when the pools exceed the server's `max_connections`.
+//! and the chart's alerting rules query, and warns when the pools exceed the server's `max_connections`.
 
 mod common;
 
@@ -36,6 +36,23 @@ fn dashboard_metrics(dashboard: &Value) -> BTreeSet<String> {
         for token in q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
             if token.starts_with("weir_") || token.starts_with("process_") {
                 names.insert(token.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Every `weir_*` / `process_*` metric name the chart's alerting rules use.
+fn rule_metrics(rules: &Value) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for group in rules["groups"].as_array().unwrap() {
+        for rule in group["rules"].as_array().unwrap() {
+            let expr = rule["expr"].as_str().unwrap();
+            for token in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            {
+                if token.starts_with("weir_") || token.starts_with("process_") {
+                    names.insert(token.to_string());
+                }
             }
         }
     }
@@ -150,8 +167,15 @@ async fn metrics_pass_promtool_and_cover_the_dashboard_after_a_mixed_workload() 
     let dashboard: Value =
         serde_json::from_str(&std::fs::read_to_string("charts/weir/dashboards/weir.json").unwrap())
             .unwrap();
-    let wanted = dashboard_metrics(&dashboard);
+    let mut wanted = dashboard_metrics(&dashboard);
     assert!(wanted.len() >= 20, "{wanted:?}");
+    let rules: Value = weir::yaml::from_str(
+        &std::fs::read_to_string("charts/weir/rules/weir.rules.yaml").unwrap(),
+    )
+    .unwrap();
+    let alerting = rule_metrics(&rules);
+    assert!(alerting.len() >= 7, "{alerting:?}");
+    wanted.extend(alerting);
     // Values that show the workload, not just names. Deliveries, the dead letter and the
     // archive run happen in the background on their own schedules, so the scrape is retried
     // until every one of them has shown up (or the deadline passes) instead of being read once:
@@ -174,7 +198,7 @@ async fn metrics_pass_promtool_and_cover_the_dashboard_after_a_mixed_workload() 
         }
         assert!(
             Instant::now() < deadline,
-            "the dashboard queries metrics missing from /metrics: {missing:?}; \
+            "the dashboard or the alerting rules query metrics missing from /metrics: {missing:?}; \
              workload samples absent: {absent:?}\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;

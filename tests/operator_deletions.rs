@@ -97,3 +97,101 @@ async fn deletions_take_effect_on_every_replica() {
     assert!(out.success, "{}", out.stderr);
     wait_running(&[&a, &b], 1, "the deleted Subscription stopped").await;
 }
+
+async fn queue_exists(name: &str) -> bool {
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running");
+    let ch = conn.create_channel().await.unwrap();
+    let ok = ch
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .is_ok();
+    common::close_amqp(conn).await;
+    ok
+}
+
+/// A deleted Subscription's queue stays deleted. The holder's cleanup deletes the queues; a
+/// resync that runs before the finalizer's removal reaches the caches, or the other replica's
+/// consumers (cancelled by the queue's deletion, then reconnecting), used to declare it again,
+/// leaving an orphan queue that collected the stream's events forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_subscriptions_queues_stay_deleted() {
+    let server = TestApiServer::start().await;
+    let ns = unique("delq");
+    let lease = unique("weir-");
+    let db = fresh_database().await;
+    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
+    assert!(out.success, "{}", out.stderr);
+    let subs = 6;
+    let mut manifests = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{url: \"{AMQP_URL}\"}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\nstringData: {{url: \"{db}\"}}\n---\n\
+         apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: orders, namespace: {ns}}}\n\
+         spec: {{broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}, store: {{urlSecretRef: {{name: pg, key: url}}}}, deletionPolicy: Delete}}\n"
+    );
+    for i in 0..subs {
+        manifests.push_str(&format!(
+            "---\napiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: s{i}, namespace: {ns}}}\n\
+             spec: {{stream: orders, sink: {{uri: \"http://127.0.0.1:9/\"}}, consumers: 4}}\n"
+        ));
+    }
+    let out = server
+        .kubectl_with_input(&["apply", "-f", "-"], &manifests)
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    // Frequent resyncs widen the window between the cleanup and the finalizer's removal.
+    let quick = ["--refresh", "300ms"];
+    let a = Operator::start(server.kubeconfig(), "op-a", &lease, &quick);
+    wait_running(&[&a], 1 + subs, "all applied").await;
+    let b = Operator::start(server.kubeconfig(), "op-b", &lease, &quick);
+    wait_running(&[&a, &b], 1 + subs, "both replicas run everything").await;
+    let queues: Vec<String> = (0..subs)
+        .map(|i| format!("weir.{ns}.orders.s{i}"))
+        .collect();
+    for q in &queues {
+        common::eventually(
+            20,
+            &format!("{q} declared"),
+            || a.log_text(),
+            || async { queue_exists(q).await.then_some(()) },
+        )
+        .await;
+    }
+
+    for i in 0..subs {
+        let out = server
+            .kubectl(&[
+                "delete",
+                "-n",
+                &ns,
+                "subscription",
+                &format!("s{i}"),
+                "--timeout=60s",
+            ])
+            .await;
+        assert!(out.success, "{}", out.stderr);
+    }
+    wait_running(&[&a, &b], 1, "the deleted Subscriptions stopped").await;
+    // Several resync periods later, none has come back.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        for q in &queues {
+            assert!(
+                !queue_exists(q).await,
+                "{q} exists again after its Subscription was deleted\nop-a:\n{}\nop-b:\n{}",
+                a.log_text(),
+                b.log_text()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}

@@ -8,8 +8,10 @@
 //! the Lease over when the holder is killed, `kubectl delete` under each deletionPolicy, and
 //! finally the chart's RBAC compared with every call the operators made.
 //!
-//! Where the test API server differs from a real one (no authorization: calls are recorded
-//! and compared with the chart's rules instead), see `tests/apiserver/mod.rs`.
+//! The operators authenticate as the chart's service account and the test API server enforces
+//! the RBAC objects `helm template` renders, so a verb missing from the chart fails here as it
+//! would fail a rollout. Where the test API server differs from a real one, see
+//! `tests/apiserver/mod.rs`.
 
 mod apiserver;
 mod common;
@@ -208,7 +210,12 @@ async fn operator_end_to_end_with_kubectl() {
         .await;
     assert!(out.success, "{}", out.stderr);
 
-    let mut a = Operator::start(server.kubeconfig(), "op-a", &lease, &[]);
+    // The operators run as the chart's service account (release namespace `default`, where
+    // Operator::start puts the Lease) under the chart's rendered RBAC.
+    let chart = common::helm::render_in("default", &[]).unwrap_or_else(|e| panic!("helm: {e}"));
+    server.enforce_rbac(&chart);
+    let op_kubeconfig = server.kubeconfig_with_token(&server.issue_token("default", "weir", &[]));
+    let mut a = Operator::start(&op_kubeconfig, "op-a", &lease, &[]);
     let (sink_url, delivered) = sink().await;
     let out = server
         .kubectl_with_input(&["apply", "-f", "-"], &quickstart(&ns, &sink_url))
@@ -413,7 +420,7 @@ async fn operator_end_to_end_with_kubectl() {
     // A second operator: serves ingest too; A holds the Lease.
     // It watches only the test's namespace (`--namespaces`, the chart's `watchNamespaces`);
     // op-a watches all namespaces.
-    let b = Operator::start(server.kubeconfig(), "op-b", &lease, &["--namespaces", &ns]);
+    let b = Operator::start(&op_kubeconfig, "op-b", &lease, &["--namespaces", &ns]);
     eventually(60, "op-b serving ingest", &[&a, &b], || async {
         publish(&b.url, &ns, "orders", "e2")
             .await
@@ -531,7 +538,7 @@ async fn operator_end_to_end_with_kubectl() {
     assert_eq!(r.status(), 403);
 
     // The chart's RBAC against every call the operators made.
-    let rules = chart_rules();
+    let rules = chart_rules(&chart);
     let used: BTreeSet<(String, String, String)> = server
         .calls()
         .into_iter()
@@ -573,19 +580,14 @@ async fn holder(server: &TestApiServer, lease: &str) -> String {
 }
 
 /// The (group, resource, verb) triples the chart's rules grant.
-fn chart_rules() -> BTreeSet<(String, String, String)> {
-    let helpers = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/weir/templates/_helpers.tpl"),
-    )
-    .unwrap();
+/// (group, resource, verb) of every rule in the rendered chart's Roles and ClusterRoles.
+fn chart_rules(chart: &[Value]) -> BTreeSet<(String, String, String)> {
     let mut out = BTreeSet::new();
-    for define in ["weir.resourceRules", "weir.clusterRules", "weir.leaseRules"] {
-        let start = helpers.find(&format!("define \"{define}\"")).unwrap();
-        let body = &helpers[start..];
-        let body = &body[body.find("}}").unwrap() + 2..];
-        let body = &body[..body.find("{{- end }}").unwrap()];
-        let rules: Vec<Value> = weir::yaml::from_str(body).unwrap();
-        for r in rules {
+    for role in chart
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+    {
+        for r in role["rules"].as_array().unwrap() {
             let list = |k: &str| -> Vec<String> {
                 r[k].as_array()
                     .unwrap()
@@ -618,8 +620,14 @@ async fn http_status(url: &str) -> Option<u16> {
 async fn operator_waits_for_crds_and_releases_the_lease_on_sigterm() {
     let server = TestApiServer::start().await;
     let lease = unique("weir-");
+    // The chart's per-namespace Roles (watchNamespaces) are enough for a scoped operator.
+    let chart =
+        common::helm::render_in("default", &["--set=watchNamespaces={default,kube-public}"])
+            .unwrap_or_else(|e| panic!("helm: {e}"));
+    server.enforce_rbac(&chart);
+    let op_kubeconfig = server.kubeconfig_with_token(&server.issue_token("default", "weir", &[]));
     let mut op = Operator::start(
-        server.kubeconfig(),
+        &op_kubeconfig,
         "op-solo",
         &lease,
         &["--namespaces", "default,kube-public"],

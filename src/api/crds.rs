@@ -30,6 +30,11 @@ pub enum CrdError {
 /// manifests and the Helm chart's copy (Helm installs `crds/` before the templates).
 pub const CRD_DIRS: [&str; 2] = ["crds", "charts/weir/crds"];
 
+/// The four CRDs in one file (what [`to_yaml`] prints), relative to the repository root: the
+/// release artifact for `kubectl apply --server-side -f`, since `helm upgrade` never updates
+/// CRDs (docs/upgrading.md).
+pub const CRD_BUNDLE: &str = "deploy/weir-crds.yaml";
+
 /// The four CRDs, in a stable order: EventStream, Subscription, ArchivePolicy, CachePolicy.
 pub fn all() -> Vec<CustomResourceDefinition> {
     vec![
@@ -112,7 +117,8 @@ pub fn to_yaml() -> Result<String, CrdError> {
 }
 
 /// Writes every CRD to its [`file_name`] in each of [`CRD_DIRS`] under `root` (creating the
-/// directories), and returns the paths written. This is what `weir crds --write` does.
+/// directories) and all of them to [`CRD_BUNDLE`], and returns the paths written. This is
+/// what `weir crds --write` does.
 pub fn write_files(root: &Path) -> Result<Vec<PathBuf>, CrdError> {
     let mut written = Vec::new();
     for dir in CRD_DIRS {
@@ -130,5 +136,17 @@ pub fn write_files(root: &Path) -> Result<Vec<PathBuf>, CrdError> {
             written.push(path);
         }
     }
+    let bundle = root.join(CRD_BUNDLE);
+    if let Some(dir) = bundle.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| CrdError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    std::fs::write(&bundle, to_yaml()?).map_err(|source| CrdError::Io {
+        path: bundle.clone(),
+        source,
+    })?;
+    written.push(bundle);
     Ok(written)
 }

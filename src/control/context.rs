@@ -2,7 +2,7 @@
 //! status queue and the leadership flag.
 
 use crate::poison::MutexExt;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -83,11 +83,24 @@ fn deleting<K: Resource>(obj: &K) -> bool {
     obj.meta().deletion_timestamp.is_some()
 }
 
+/// What a sync keeps of the objects being deleted.
+pub struct Deleting<'a> {
+    /// The object whose cleanup this sync is (it leaves the topology now, and is pruned).
+    pub cleaning: Option<(Kind, &'a Key)>,
+    /// Whether this replica holds the Lease. Only the holder runs cleanups, so only the holder
+    /// keeps a deleting object running until its cleanup: a replica that kept its consumers
+    /// would declare the queues again right after the holder's cleanup deleted them.
+    pub leader: bool,
+    /// uids whose cleanup finished here. The finalizer's removal reaches the cache a moment
+    /// later; a sync in between must not start the object again (and re-declare its queues).
+    pub cleaned: &'a HashSet<String>,
+}
+
 /// Whether a deleted object must leave the topology now: it is being deleted and either has
-/// no cleanup finalizer left (its cleanup is done, or it never needed one) or is the object
-/// being cleaned up. Until then it keeps running, so that its cleanup finds it and can honour
-/// its deletionPolicy.
-fn gone<K: Resource>(obj: &K, key: &Key, kind: Kind, cleaning: Option<(Kind, &Key)>) -> bool {
+/// no cleanup finalizer left (its cleanup is done, or it never needed one), is being or has
+/// been cleaned up here, or this replica does not hold the Lease. Until then it keeps running
+/// on the holder, so that its cleanup finds it and can honour its deletionPolicy.
+fn gone<K: Resource>(obj: &K, key: &Key, kind: Kind, d: &Deleting<'_>) -> bool {
     if !deleting(obj) {
         return false;
     }
@@ -97,7 +110,12 @@ fn gone<K: Resource>(obj: &K, key: &Key, kind: Kind, cleaning: Option<(Kind, &Ke
         .iter()
         .flatten()
         .any(|f| f == FINALIZER);
-    !finalized || cleaning == Some((kind, key))
+    let cleaned = obj
+        .meta()
+        .uid
+        .as_ref()
+        .is_some_and(|uid| d.cleaned.contains(uid));
+    !finalized || !d.leader || cleaned || d.cleaning == Some((kind, key))
 }
 
 impl Stores {
@@ -145,6 +163,26 @@ impl Stores {
             .collect()
     }
 
+    /// The uids of every cached object being deleted.
+    pub fn deleting_uids(&self) -> HashSet<String> {
+        fn uids<K>(stores: &[Store<K>]) -> Vec<String>
+        where
+            K: Resource<DynamicType = ()> + Clone + 'static,
+        {
+            stores
+                .iter()
+                .flat_map(Store::state)
+                .filter(|o| deleting(o.as_ref()))
+                .filter_map(|o| o.meta().uid.clone())
+                .collect()
+        }
+        let mut out: HashSet<String> = uids(&self.streams).into_iter().collect();
+        out.extend(uids(&self.subscriptions));
+        out.extend(uids(&self.archive_policies));
+        out.extend(uids(&self.cache_policies));
+        out
+    }
+
     /// The EventStreams being deleted.
     pub fn deleting_streams(&self) -> BTreeSet<Key> {
         self.streams()
@@ -158,7 +196,7 @@ impl Stores {
     /// reference (to be filled in by the caller). Objects being deleted are left out once
     /// their cleanup is done, or when `cleaning` names them; an EventStream that still has
     /// live Subscriptions keeps running under them regardless.
-    pub fn index(&self, cleaning: Option<(Kind, &Key)>) -> (Index, Refs) {
+    pub fn index(&self, d: &Deleting<'_>) -> (Index, Refs) {
         let mut index = Index::default();
         let mut refs = Refs::default();
         let live_subs: BTreeSet<Key> = self
@@ -176,7 +214,7 @@ impl Stores {
             let Some(key) = key_of(s.as_ref()) else {
                 continue;
             };
-            if gone(s.as_ref(), &key, Kind::EventStream, cleaning) && !live_subs.contains(&key) {
+            if gone(s.as_ref(), &key, Kind::EventStream, d) && !live_subs.contains(&key) {
                 continue;
             }
             if let Ok(spec) = serde_json::to_value(&s.spec) {
@@ -188,7 +226,7 @@ impl Stores {
             let Some(key) = key_of(s.as_ref()) else {
                 continue;
             };
-            if gone(s.as_ref(), &key, Kind::Subscription, cleaning) {
+            if gone(s.as_ref(), &key, Kind::Subscription, d) {
                 continue;
             }
             if let Ok(spec) = serde_json::to_value(&s.spec) {
@@ -198,14 +236,14 @@ impl Stores {
         }
         for p in self.archive_policies.iter().flat_map(Store::state) {
             if let Some(key) = key_of(p.as_ref())
-                && !gone(p.as_ref(), &key, Kind::ArchivePolicy, cleaning)
+                && !gone(p.as_ref(), &key, Kind::ArchivePolicy, d)
             {
                 index.archive_policies.insert(key, (*p).clone());
             }
         }
         for p in self.cache_policies.iter().flat_map(Store::state) {
             if let Some(key) = key_of(p.as_ref())
-                && !gone(p.as_ref(), &key, Kind::CachePolicy, cleaning)
+                && !gone(p.as_ref(), &key, Kind::CachePolicy, d)
             {
                 index.cache_policies.insert(key, (*p).clone());
             }
@@ -228,6 +266,10 @@ pub struct Context {
     pub leader: Arc<AtomicBool>,
     /// Serialises topology applies: the data plane moves from one whole topology to the next.
     pub apply_lock: tokio::sync::Mutex<()>,
+    /// uids of deleting objects whose cleanup finished on this replica (see [`Deleting`]);
+    /// entries leave once their object has left the caches, so it holds at most the objects
+    /// being deleted.
+    pub cleaned: Mutex<HashSet<String>>,
     /// Consecutive failures per resource, for the exponential backoff of transient errors.
     /// Keyed by kind too: a stream and a subscription may share a name, not a backoff.
     pub failures: Mutex<HashMap<(Kind, Key), u32>>,
@@ -261,6 +303,7 @@ impl Context {
             settings: Settings::default(),
             leader: Arc::new(AtomicBool::new(true)),
             apply_lock: tokio::sync::Mutex::new(()),
+            cleaned: Mutex::new(HashSet::new()),
             failures: Mutex::new(HashMap::new()),
         };
         (Arc::new(ctx), rx)
@@ -290,5 +333,78 @@ pub fn reporter(instance: Option<String>) -> Reporter {
     Reporter {
         controller: CONTROLLER_NAME.to_string(),
         instance,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn subscription(deleting: bool, finalized: bool) -> Subscription {
+        let mut s: Subscription = serde_json::from_value(serde_json::json!({
+            "apiVersion": "weir.dev/v1alpha1",
+            "kind": "Subscription",
+            "metadata": {"name": "audit", "namespace": "shop", "uid": "u-1"},
+            "spec": {"stream": "orders", "sink": {"uri": "http://sink/"}},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        if deleting {
+            s.metadata.deletion_timestamp = Some(Time(
+                "2026-01-01T00:00:00Z"
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ));
+        }
+        if finalized {
+            s.metadata.finalizers = Some(vec![FINALIZER.to_string()]);
+        }
+        s
+    }
+
+    #[test]
+    fn who_keeps_a_deleting_object_running() {
+        let key = Key::new("shop", "audit");
+        let none = HashSet::new();
+        let cleaned = HashSet::from(["u-1".to_string()]);
+        let d = |leader, cleaned, cleaning| Deleting {
+            cleaning,
+            leader,
+            cleaned,
+        };
+        let sub = Kind::Subscription;
+        // Not being deleted: runs everywhere.
+        assert!(!gone(
+            &subscription(false, true),
+            &key,
+            sub,
+            &d(false, &none, None)
+        ));
+        // Being deleted, cleanup pending: only the Lease holder keeps it (for the cleanup).
+        let pending = subscription(true, true);
+        assert!(!gone(&pending, &key, sub, &d(true, &none, None)));
+        assert!(gone(&pending, &key, sub, &d(false, &none, None)));
+        // Its own cleanup, and every sync after it until the finalizer's removal is cached.
+        assert!(gone(
+            &pending,
+            &key,
+            sub,
+            &d(true, &none, Some((sub, &key)))
+        ));
+        assert!(gone(&pending, &key, sub, &d(true, &cleaned, None)));
+        // Another kind with the same name is not the one being cleaned.
+        assert!(!gone(
+            &pending,
+            &key,
+            sub,
+            &d(true, &none, Some((Kind::EventStream, &key)))
+        ));
+        // Finalizer gone: gone everywhere.
+        assert!(gone(
+            &subscription(true, false),
+            &key,
+            sub,
+            &d(true, &none, None)
+        ));
     }
 }

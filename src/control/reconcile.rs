@@ -27,12 +27,13 @@ use crate::api::{
     ArchivePolicy, ArchivePolicyStatus, CachePolicy, CachePolicyStatus, EventStream,
     EventStreamStatus, Subscription, SubscriptionStatus,
 };
-use crate::control::context::Context;
+use crate::control::context::{Context, Deleting};
 use crate::control::refs::refs_of;
 use crate::control::status_body;
 use crate::control::status_writer::StatusUpdate;
 use crate::control::{ControlError, FINALIZER};
 use crate::data::plane::{ApplyReport, Desired, Fields, ResourceStatus};
+use crate::poison::MutexExt;
 use crate::topology::{Key, Kind, Reason};
 
 /// Longest wait between retries of a failing resource.
@@ -141,7 +142,18 @@ pub async fn sync(
     // The index is read and applied under one lock, so that an older snapshot of the caches
     // is never applied after a newer one.
     let _guard = ctx.apply_lock.lock().await;
-    let (mut index, refs) = ctx.stores.index(cleaning);
+    let cleaned = {
+        let mut cleaned = ctx.cleaned.locked();
+        // Forget the objects that have left the caches (their deletion completed).
+        let deleting = ctx.stores.deleting_uids();
+        cleaned.retain(|uid| deleting.contains(uid));
+        cleaned.clone()
+    };
+    let (mut index, refs) = ctx.stores.index(&Deleting {
+        cleaning,
+        leader: ctx.is_leader(),
+        cleaned: &cleaned,
+    });
     ctx.refs
         .refresh(&ctx.client, &refs, ctx.settings.refresh)
         .await?;
@@ -344,8 +356,27 @@ async fn cleanup<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, 
             return Err(ControlError::StreamInUse(key.to_string(), subs.join(", ")));
         }
     }
-    let applied = sync(ctx, Some((K::KIND, &key))).await?;
+    // Marked cleaned before the sync: a sync of another reconcile that runs after this one
+    // (before the finalizer's removal reaches the cache) must not start the object again.
+    let uid = obj.meta().uid.clone();
+    if let Some(uid) = &uid {
+        ctx.cleaned.locked().insert(uid.clone());
+    }
+    let unmark = || {
+        if let Some(uid) = &uid {
+            ctx.cleaned.locked().remove(uid);
+        }
+    };
+    let applied = match sync(ctx, Some((K::KIND, &key))).await {
+        Ok(applied) => applied,
+        Err(e) => {
+            // Retried: until then it runs again, so the retry's sync finds it to prune.
+            unmark();
+            return Err(e);
+        }
+    };
     if let Some(message) = applied.stream_errors.get(&key) {
+        unmark();
         return Err(ControlError::DataPlane(message.clone()));
     }
     let value = serde_json::to_value(obj.as_ref())?;

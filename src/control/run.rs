@@ -83,8 +83,11 @@ pub async fn run_with_client(
 ) -> anyhow::Result<()> {
     // The API server authenticates service account tokens (TokenReview) for
     // `ingest.auth.mode: ServiceAccounts`.
+    // Archive `volume` destinations must be volumes mounted into the Pod (the mount table
+    // does not change during a Pod's life: read once).
     let defaults = Defaults {
         token_review: true,
+        archive_mounts: Some(Arc::new(crate::topology::mounts::Mounts::read())),
         ..defaults
     };
     // One reviewer (and so one pair of caches) for the ingest and admin APIs.
@@ -197,6 +200,7 @@ pub async fn run_with_client(
         },
         leader: leader_flag,
         apply_lock: tokio::sync::Mutex::new(()),
+        cleaned: std::sync::Mutex::new(Default::default()),
         failures: std::sync::Mutex::new(Default::default()),
     });
 

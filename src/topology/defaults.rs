@@ -31,6 +31,10 @@ pub struct Defaults {
     /// `--allow-loopback-sinks`); set from the command line, not the environment variables
     /// read here.
     pub sinks: crate::data::delivery::SinkPolicy,
+    /// The mount table ArchivePolicy `volume` destinations are checked against: in operator
+    /// mode a destination must be a mounted volume that outlives the Pod. `None` (standalone
+    /// `weir run`): any directory will do.
+    pub archive_mounts: Option<std::sync::Arc<crate::topology::mounts::Mounts>>,
 }
 
 impl Default for Defaults {
@@ -45,6 +49,7 @@ impl Default for Defaults {
             token_review: false,
             allow_custom_exchanges: false,
             sinks: Default::default(),
+            archive_mounts: None,
         }
     }
 }

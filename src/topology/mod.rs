@@ -8,6 +8,7 @@ pub mod build;
 pub mod defaults;
 pub mod filter;
 pub mod index;
+pub mod mounts;
 pub mod pii;
 pub mod plan;
 pub mod report;

@@ -38,6 +38,9 @@ pub struct Shared {
     /// Issued service-account tokens and granted permissions (TokenReview,
     /// SubjectAccessReview).
     pub reviews: Mutex<Reviews>,
+    /// When set, requests with a bearer token are authorized by these rules (requests without
+    /// one are the test's own admin calls and always allowed).
+    pub rbac: Mutex<Option<super::rbac::Rbac>>,
 }
 
 impl Shared {
@@ -194,7 +197,10 @@ pub async fn handle(
             field_manager: None,
         },
     };
-    shared.lock().calls.push(call);
+    shared.lock().calls.push(call.clone());
+    if let Some(denied) = authorize(&shared, &headers, &call) {
+        return denied;
+    }
     let response = route(
         &shared,
         method,
@@ -217,6 +223,56 @@ pub async fn handle(
         );
     }
     response
+}
+
+/// With RBAC enforced: 401 for an unknown bearer token, 403 for a call its rules do not
+/// allow; `None` lets the request through. The caller is the bearer token's account, or the
+/// user an unrestricted caller impersonates (`Impersonate-User`/`Impersonate-Group`, what
+/// `kubectl --as` sends: client-go sends no credentials over plain HTTP, impersonation
+/// headers it does).
+fn authorize(shared: &Shared, headers: &HeaderMap, call: &Call) -> Option<Response> {
+    let rbac = shared
+        .rbac
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()?;
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let impersonated = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok());
+    let (user, groups) = match (token, impersonated) {
+        (Some(token), _) => match shared.reviews().identity(token) {
+            Some(identity) => identity,
+            None => return Some(json_response(401, &super::rbac::unauthorized())),
+        },
+        (None, Some(user)) => {
+            let mut groups: Vec<String> = headers
+                .get_all("impersonate-group")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(String::from)
+                .collect();
+            // As the real server does for an impersonated service account.
+            if let Some(ns) = user
+                .strip_prefix("system:serviceaccount:")
+                .and_then(|rest| rest.split(':').next())
+            {
+                groups.push("system:serviceaccounts".into());
+                groups.push(format!("system:serviceaccounts:{ns}"));
+            }
+            groups.push("system:authenticated".into());
+            (user.to_string(), groups)
+        }
+        (None, None) => return None,
+    };
+    if rbac.allows(&user, &groups, call) {
+        None
+    } else {
+        Some(json_response(403, &super::rbac::forbidden(&user, call)))
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -27,6 +27,9 @@
 //! server.grant("system:serviceaccount:shop:ops", "update", "weir.dev",
 //!              "subscriptions", "deadletters", "shop"); // SubjectAccessReview allows this
 //! server.revoke_grants("system:serviceaccount:shop:ops");
+//! server.enforce_rbac(&common::helm::render(&[]).unwrap()); // authorize token holders by the chart's Roles
+//! server.kubeconfig_with_token(&token);              // a kubeconfig that authenticates as `token`'s account
+//! server.kubectl(&["--as", "system:serviceaccount:weir-system:weir", "get", "wes"]); // kubectl as that account (impersonation)
 //! ```
 //!
 //! The server lives until the `TestApiServer` is dropped. It starts with the namespaces
@@ -78,10 +81,13 @@
 //! # Not supported (differences from a real server)
 //!
 //! No other kinds (Pods, Deployments, Services, HPAs, ServiceAccounts, ... are not served);
-//! the server itself authenticates and authorizes no caller (every call is allowed and
-//! recorded instead, so tests compare the calls with RBAC rules; the reviews above only
-//! answer questions); no discovery for the review groups; no `TokenRequest` (tests issue
-//! tokens with `issue_token`); no RBAC objects (grants are set with `grant`); no protobuf, CBOR or aggregated discovery; no
+//! RBAC is enforced only after `enforce_rbac`, only for callers with a bearer token (requests
+//! without one, the test's own kubectl and clients, are allowed and recorded like a cluster
+//! admin's), from RBAC objects handed to it rather than stored through the API, and without
+//! aggregated ClusterRoles or `nonResourceURLs` rules (non-resource paths are allowed to every
+//! caller); no discovery for the review groups; no `TokenRequest` (tests issue
+//! tokens with `issue_token`); SubjectAccessReview answers from `grant`s, not from the enforced
+//! RBAC objects; no protobuf, CBOR or aggregated discovery; no
 //! `/openapi/v2`; no admission webhooks, CEL validation rules or schema defaults; no
 //! garbage collection by `ownerReferences`; no conversion between CRD versions (every
 //! served version shows the same stored object); server-side apply owns lists as a whole
@@ -102,6 +108,7 @@
 
 mod http;
 mod openapi;
+mod rbac;
 mod registry;
 mod review;
 mod schema;
@@ -189,6 +196,7 @@ impl TestApiServer {
             store: Mutex::new(store::Store::new()),
             address: addr.to_string(),
             reviews: Mutex::new(review::Reviews::default()),
+            rbac: Mutex::new(None),
         });
         let dir = tempfile::tempdir()?;
         let kubeconfig = dir.path().join("kubeconfig");
@@ -399,6 +407,29 @@ impl TestApiServer {
             subresource: subresource.into(),
             namespace: namespace.into(),
         });
+    }
+
+    /// Enforces RBAC from now on: a request carrying a bearer token from [`Self::issue_token`]
+    /// is allowed only if the Roles/ClusterRoles bound to its service account among `objects`
+    /// (e.g. the chart as `helm template` renders it) allow it, else answered 403 with the real
+    /// server's Status; an unknown token gets 401. Requests without a token (the test's own
+    /// kubectl and kube clients) stay unrestricted, like a cluster admin's.
+    pub fn enforce_rbac(&self, objects: &[Value]) {
+        *self.shared.rbac.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(rbac::Rbac::from_objects(objects));
+    }
+
+    /// A kubeconfig like [`Self::kubeconfig`] whose user authenticates with `token`.
+    pub fn kubeconfig_with_token(&self, token: &str) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join(format!("kubeconfig-{}", uuid::Uuid::now_v7().simple()));
+        let text = std::fs::read_to_string(&self.kubeconfig)
+            .unwrap_or_else(|e| panic!("{}: {e}", self.kubeconfig.display()))
+            .replace("  user: {}", &format!("  user: {{token: \"{token}\"}}"));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        path
     }
 
     /// Removes every grant to `subject` (as deleting its RoleBindings would).

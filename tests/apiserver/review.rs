@@ -84,6 +84,21 @@ impl Reviews {
         token
     }
 
+    /// The user and groups a bearer token authenticates as (any audience: the API server's
+    /// own authenticator accepts its default audience, which every issued token has unless a
+    /// test chose others).
+    pub fn identity(&self, token: &str) -> Option<(String, Vec<String>)> {
+        let issued = self.tokens.get(token)?;
+        Some((
+            format!("system:serviceaccount:{}:{}", issued.namespace, issued.name),
+            vec![
+                "system:serviceaccounts".to_string(),
+                format!("system:serviceaccounts:{}", issued.namespace),
+                "system:authenticated".to_string(),
+            ],
+        ))
+    }
+
     pub fn revoke(&mut self, token: &str) {
         self.tokens.remove(token);
     }

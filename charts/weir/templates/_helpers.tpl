@@ -36,6 +36,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end }}
 
+{{/*
+"true" when the platform assigns the Pod's user and group ids (OpenShift's restricted-v2 SCC
+refuses a fixed runAsUser outside the namespace's range); empty otherwise.
+*/}}
+{{- define "weir.platformAssignsUser" -}}
+{{- $mode := .Values.podSecurityContext.adaptToPlatform }}
+{{- if or (eq $mode "force") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "security.openshift.io/v1")) }}true{{- end }}
+{{- end }}
+
 {{- define "weir.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "weir.fullname" .) .Values.serviceAccount.name }}

@@ -155,6 +155,11 @@ pub(super) fn archive_plan(
                         format!("{:?} must be an absolute path", v.path),
                     );
                 }
+                if let Some(mounts) = &cx.defaults.archive_mounts
+                    && let Err(why) = mounts.check_durable(std::path::Path::new(&v.path))
+                {
+                    cx.invalid("spec.destination.volume.path", why);
+                }
                 ArchiveDestinationPlan::Volume(PathBuf::from(&v.path))
             }
             _ => {
