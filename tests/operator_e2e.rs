@@ -666,3 +666,123 @@ async fn operator_waits_for_crds_and_releases_the_lease_on_sigterm() {
     // Released, not left to expire.
     assert_eq!(holder(&server, &lease).await, "");
 }
+
+/// `kubectl scale wsub/NAME --replicas=0` (what KEDA writes through `/scale` for an idle
+/// subscription): the operator accepts it, stops delivering, keeps the queue bound and reports
+/// the accumulating backlog and `ScaledToZero`; `--replicas=2` delivers what accumulated, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_scale_to_zero_parks_a_subscription_and_scaling_up_delivers_what_accumulated() {
+    let server = TestApiServer::start().await;
+    let db = common::fresh_database().await;
+    // Namespace `test`, so that the stream's exchange is `weir.test.<stream>`.
+    let ns = "test";
+    let stream = unique("orders-");
+    let sub = unique("zero-");
+    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
+    assert!(out.success, "{}", out.stderr);
+    let (sink_url, delivered) = sink().await;
+    let manifests = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\n\
+         stringData: {{url: \"{amqp}\"}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\n\
+         stringData: {{url: \"{db}\"}}\n---\n\
+         apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: {stream}, namespace: {ns}}}\n\
+         spec:\n  broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}\n\
+         \x20 store: {{urlSecretRef: {{name: pg, key: url}}}}\n  deletionPolicy: Delete\n---\n\
+         apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {sub}, namespace: {ns}}}\n\
+         spec:\n  stream: {stream}\n  sink: {{uri: \"{sink_url}\"}}\n  consumers: 2\n",
+        amqp = common::AMQP_URL,
+    );
+    let lease = unique("weir-");
+    let op = Operator::start(server.kubeconfig(), "op-zero", &lease, &[]);
+    let out = server
+        .kubectl_with_input(&["apply", "-f", "-"], &manifests)
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    let wsub = format!("wsub/{sub}");
+    wait_condition(&server, ns, &wsub, "True", "Ready", &[&op]).await;
+    assert!(publish(&op.url, ns, &stream, "e0").await.is_success());
+    eventually(30, "delivery of e0", &[&op], || async {
+        delivered
+            .lock()
+            .unwrap()
+            .contains(&"e0".to_string())
+            .then_some(())
+    })
+    .await;
+
+    // To zero through `/scale`: accepted by the schema and by validation, reported as such.
+    let out = server
+        .kubectl(&["scale", "-n", ns, &wsub, "--replicas=0"])
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    wait_condition(&server, ns, &wsub, "True", "ScaledToZero", &[&op]).await;
+    let v = get_json(&server, &["-n", ns, &wsub]).await.unwrap();
+    assert_eq!(v["spec"]["consumers"], 0, "{v}");
+    assert_eq!(v["status"]["consumers"], 0, "{v}");
+    let caught = v["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "CaughtUp")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&caught["status"], &caught["reason"]),
+        (&json!("False"), &json!("ScaledToZero"))
+    );
+    let queue = format!("weir.{ns}.{stream}.{sub}");
+    assert!(
+        queue_exists(&queue).await,
+        "the queue stays while scaled to zero"
+    );
+
+    let ids: Vec<String> = (1..=20).map(|i| format!("z{i}")).collect();
+    for id in &ids {
+        assert!(publish(&op.url, ns, &stream, id).await.is_success());
+    }
+    // The backlog keeps being reported (KEDA's signal to wake it up) while nothing is
+    // delivered.
+    eventually(60, "status.backlog = 20", &[&op], || async {
+        let v = get_json(&server, &["-n", ns, &wsub]).await?;
+        (v["status"]["backlog"] == 20).then_some(())
+    })
+    .await;
+    assert_eq!(*delivered.lock().unwrap(), vec!["e0".to_string()]);
+
+    // Back up: everything that accumulated is delivered, once.
+    let out = server
+        .kubectl(&["scale", "-n", ns, &wsub, "--replicas=2"])
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    eventually(
+        60,
+        "the 20 accumulated events delivered",
+        &[&op],
+        || async {
+            let d = delivered.lock().unwrap().clone();
+            ids.iter().all(|id| d.contains(id)).then_some(())
+        },
+    )
+    .await;
+    wait_condition(&server, ns, &wsub, "True", "Ready", &[&op]).await;
+    eventually(60, "status.consumers = 2, backlog 0", &[&op], || async {
+        let v = get_json(&server, &["-n", ns, &wsub]).await?;
+        (v["status"]["consumers"] == 2 && v["status"]["backlog"] == 0).then_some(())
+    })
+    .await;
+    let d = delivered.lock().unwrap().clone();
+    assert_eq!(d.len(), 21, "each event once: {d:?}");
+
+    // Clean up the broker side (deletionPolicy Delete on both).
+    let out = server
+        .kubectl(&["delete", "-n", ns, &wsub, &format!("wes/{stream}")])
+        .await;
+    assert!(out.success, "{}", out.stderr);
+    eventually(60, "queue and exchange deleted", &[&op], || async {
+        (!queue_exists(&queue).await && !exchange_exists(&format!("weir.{ns}.{stream}")).await)
+            .then_some(())
+    })
+    .await;
+}

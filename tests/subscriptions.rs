@@ -1440,3 +1440,144 @@ async fn backlog_counts_unacknowledged_deliveries_of_every_replica_and_waiting_r
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// The `Ready` condition of a subscription's status (`/v1/status`).
+fn ready_condition(st: &Value) -> Value {
+    condition(st, "Ready")
+}
+
+fn condition(st: &Value, ty: &str) -> Value {
+    st["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == ty))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// `consumers: 0` (what KEDA writes through `/scale`): the queues stay bound and the catch-up
+/// stays pending, so nothing is delivered while events accumulate and are counted in the
+/// backlog; `consumers: 2` then delivers all of them once, in order per key under perKey.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scaled_to_zero_delivers_nothing_counts_the_backlog_and_loses_nothing_when_scaled_up() {
+    let _shared = MACHINE.read().await;
+    let m = orders_stream().await;
+    let mut weir = Weir::start(m.path());
+    weir.wait_ready("test", "orders").await;
+    let url = weir.events_url("test", "orders");
+    // Stored before the subscriptions exist: only `replay` (startFrom earliest) wants them.
+    publish(&url, &events("h", 50, 10)).await;
+
+    let (replay_sink, keyed_sink) = (Sink::start(Mode::Ok).await, Sink::start(Mode::Ok).await);
+    let (replay, keyed) = (unique("s"), unique("s"));
+    let replay_yaml = |consumers: u32| {
+        subscription_yaml(
+            &replay,
+            &replay_sink.url,
+            &format!("  startFrom: earliest\n  consumers: {consumers}\n"),
+        )
+    };
+    let keyed_yaml = |consumers: u32| {
+        subscription_yaml(
+            &keyed,
+            &keyed_sink.url,
+            &format!("  ordering: perKey\n  partitions: 3\n  consumers: {consumers}\n"),
+        )
+    };
+    m.write("replay.yaml", &replay_yaml(0));
+    m.write("keyed.yaml", &keyed_yaml(0));
+    for sub in [&replay, &keyed] {
+        let st = wait_subscription(&weir, sub).await;
+        assert_eq!(ready_condition(&st)["reason"], "ScaledToZero", "{st}");
+        let caught = condition(&st, "CaughtUp");
+        assert_eq!(caught["status"], "False", "{st}");
+        assert_eq!(caught["reason"], "ScaledToZero", "{st}");
+        assert_eq!(st["fields"]["consumers"], 0, "{st}");
+    }
+
+    publish(&url, &events("p", 300, 10)).await;
+    // Counted while parked: `keyed` holds the 300 in its lanes; `replay` waits for the 350
+    // stored events its catch-up will replay (its queue holds the newest 300 of them). The
+    // metric KEDA reads says the same.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let (r, k) = (
+            status_of(&weir, &replay).await["fields"]["backlog"].as_i64(),
+            status_of(&weir, &keyed).await["fields"]["backlog"].as_i64(),
+        );
+        if r == Some(350) && k == Some(300) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog replay {r:?} keyed {k:?}; log:\n{}",
+            tail(&weir.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let metrics = weir.metrics().await;
+    for (sub, n) in [(&replay, 350), (&keyed, 300)] {
+        let line = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("weir_subscription_backlog_messages{")
+                    && l.contains(&format!("subscription=\"{sub}\""))
+            })
+            .unwrap_or_else(|| panic!("no backlog metric of {sub} in:\n{metrics}"));
+        assert!(line.ends_with(&format!(" {n}")), "{line}");
+    }
+    assert_eq!(
+        queue_len(&format!("weir.test.orders.{replay}")).await,
+        Some(300)
+    );
+    // Nothing was delivered, and nothing consumes: the queues are untouched.
+    assert!(replay_sink.got().is_empty(), "{:?}", replay_sink.got());
+    assert!(keyed_sink.got().is_empty(), "{:?}", keyed_sink.got());
+
+    // Scaled up: everything that accumulated is delivered, once.
+    m.write("replay.yaml", &replay_yaml(2));
+    m.write("keyed.yaml", &keyed_yaml(2));
+    replay_sink
+        .wait_delivered(350, Duration::from_secs(60), &weir)
+        .await;
+    keyed_sink
+        .wait_delivered(300, Duration::from_secs(60), &weir)
+        .await;
+    // Settled: both queues empty and the status live, so any repeat would have arrived.
+    for sub in [&replay, &keyed] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = status_of(&weir, sub).await;
+            if ready_condition(&st)["reason"] == "Ready"
+                && condition(&st, "CaughtUp")["reason"] == "Live"
+                && st["fields"]["consumers"] == 2
+                && st["fields"]["backlog"] == 0
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{st}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let got = replay_sink.got();
+    let positions: Vec<i64> = got.iter().map(|g| g.position).collect();
+    assert_eq!(got.len(), 350, "each stored event once: {positions:?}");
+    assert_eq!(
+        positions.iter().copied().collect::<BTreeSet<i64>>(),
+        (1..=350).collect::<BTreeSet<i64>>()
+    );
+    let got = keyed_sink.got();
+    assert_eq!(got.len(), 300, "each event once");
+    assert!(got.iter().all(|g| g.id.starts_with("p-")));
+    let mut per_key: HashMap<&str, Vec<i64>> = HashMap::new();
+    for g in &got {
+        per_key
+            .entry(g.subject.as_str())
+            .or_default()
+            .push(g.position);
+    }
+    assert_eq!(per_key.len(), 10);
+    for (k, v) in &per_key {
+        assert_eq!(v.len(), 30, "{k}");
+        assert!(v.windows(2).all(|w| w[0] < w[1]), "{k} out of order: {v:?}");
+    }
+}

@@ -633,7 +633,6 @@ spec:
     deadLetterSink: {uri: "ftp://dead/", stream: orders}
   startFrom: yesterday
   partitionKey: Subject
-  consumers: 0
 ---
 apiVersion: weir.dev/v1alpha1
 kind: Subscription
@@ -716,15 +715,7 @@ spec:
         InvalidSpec,
         "\"Subject\"",
     );
-    assert_problem(
-        &built,
-        Subscription,
-        "bad",
-        "spec.consumers",
-        InvalidSpec,
-        "at least 1",
-    );
-    assert_eq!(problems(&built, Subscription, "shop", "bad").len(), 8);
+    assert_eq!(problems(&built, Subscription, "shop", "bad").len(), 7);
 
     assert_problem(
         &built,
@@ -1176,4 +1167,42 @@ spec:
     assert_eq!(built.topology.streams.len(), 2);
     assert_eq!(built.topology.subscriptions.len(), 1);
     assert!(built.topology.cache_policies.is_empty());
+}
+
+/// `consumers: 0` is how `/scale` (KEDA) parks a subscription: valid in both modes (the same
+/// build serves `weir run -f`, `weir validate` and the operator), kept as 0 in the plan, with
+/// or without ordering and replay.
+#[test]
+fn consumers_zero_is_valid() {
+    let yaml = format!(
+        "{BASE}---\n{}",
+        r#"
+apiVersion: weir.dev/v1alpha1
+kind: Subscription
+metadata: {name: parked, namespace: shop}
+spec:
+  stream: orders
+  sink: {uri: "http://notifier.shop.svc:8080/hooks"}
+  consumers: 0
+---
+apiVersion: weir.dev/v1alpha1
+kind: Subscription
+metadata: {name: parked-ordered, namespace: shop}
+spec:
+  stream: orders
+  sink: {uri: "http://notifier.shop.svc:8080/hooks"}
+  ordering: perKey
+  startFrom: earliest
+  consumers: 0
+"#
+    );
+    let built = build(&index(&yaml), &defaults());
+    assert!(built.is_valid(), "{:#?}", built.reports);
+    for name in ["parked", "parked-ordered"] {
+        assert!(problems(&built, Kind::Subscription, "shop", name).is_empty());
+        assert_eq!(
+            built.topology.subscriptions[&Key::new("shop", name)].consumers,
+            0
+        );
+    }
 }

@@ -75,9 +75,16 @@ pub struct SubscriptionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub partitions: Option<u32>,
-    /// Deliveries in flight at once per worker (the `/scale` subresource). Default 4.
+    /// Deliveries in flight at once in each worker Pod (the `/scale` subresource's replicas;
+    /// `status.selector` selects the worker Pods, and every worker runs every subscription).
+    /// With `ordering: none` each worker consumes the queue with this prefetch, so up to
+    /// `consumers` times the number of workers are in flight across the cluster; with
+    /// `perKey` each lane delivers one event at a time in one worker, so this caps the lanes
+    /// a worker delivers at once and `partitions` caps the cluster. `0` scales the
+    /// subscription to zero: no worker consumes or catches up, while its queues stay bound
+    /// (events accumulate, `status.backlog` keeps counting them) until it is scaled up again.
+    /// Default 4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
     pub consumers: Option<u32>,
     /// Delivery rate limit per worker. Default unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -257,7 +264,8 @@ pub struct SubscriptionStatus {
     /// Name of the RabbitMQ queue holding dead-lettered events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_queue: Option<String>,
-    /// Deliveries in flight at once per worker, as applied (the `/scale` status replicas).
+    /// Deliveries in flight at once per worker, as applied (the `/scale` status replicas); 0
+    /// when scaled to zero.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumers: Option<u32>,
     /// Label selector of the subscription's workers (the `/scale` label selector).
@@ -266,7 +274,8 @@ pub struct SubscriptionStatus {
     /// Events accepted for the subscription and not yet settled, sampled every few seconds:
     /// messages ready or unacknowledged in its queues (every worker's deliveries in flight,
     /// as RabbitMQ's management API reports them; without that API, this worker's only),
-    /// plus retries waiting in its delay queues.
+    /// plus retries waiting in its delay queues. Scaled to zero before its catch-up ran, the
+    /// stored events the catch-up will replay count instead of its queue when they are more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backlog: Option<u64>,
     /// Last delivered stream position, as a string of digits (replay progress).

@@ -73,6 +73,9 @@ pub mod reason {
     pub const LIVE: &str = "Live";
     /// CaughtUp=False: queues being provisioned or stored events replayed.
     pub const CATCHING_UP: &str = "CatchingUp";
+    /// Ready=True and CaughtUp=False of a Subscription with `consumers: 0`: provisioned, no
+    /// consumer runs, events accumulate in its queues.
+    pub const SCALED_TO_ZERO: &str = "ScaledToZero";
     /// Ordering: no order between events.
     pub const UNORDERED: &str = "Unordered";
     /// Ordering: `perKey` with one partition, every event in order.

@@ -3,7 +3,8 @@
 //! `rateLimit`), and the dead-letter operations the admin API offers.
 //!
 //! `consumers` and `rateLimit` are per worker (per replica): with three replicas and
-//! `consumers: 4`, up to twelve deliveries run at once.
+//! `consumers: 4`, up to twelve deliveries run at once. `consumers: 0` keeps the subscription
+//! provisioned with no consumer (scaled to zero); moving to or from 0 restarts its runner.
 
 use crate::poison::RwLockExt;
 use std::collections::{BTreeMap, BTreeSet};
@@ -69,8 +70,14 @@ pub struct DeadLetter {
     pub event: serde_json::Value,
 }
 
-/// Two plans that differ at most in `consumers` and `rateLimit` (applied live).
+/// Two plans that differ at most in `consumers` and `rateLimit` (applied live). Scaling to
+/// or from zero is not live: a runner scaled to zero runs no consumer at all, so the change
+/// restarts it (a graceful stop, then a start that resumes from the queues and the recorded
+/// progress).
 fn same_but_live(a: &SubscriptionPlan, b: &SubscriptionPlan) -> bool {
+    if (a.consumers == 0) != (b.consumers == 0) {
+        return false;
+    }
     let mut b = b.clone();
     b.consumers = a.consumers;
     b.rate_limit = a.rate_limit;

@@ -416,7 +416,8 @@ pub struct SubscriptionPlan {
     pub delivery: DeliveryPlan,
     pub start_from: StartFrom,
     pub ordering: OrderingPlan,
-    /// Deliveries in flight per worker, at least 1.
+    /// Deliveries in flight per worker; 0: scaled to zero (queues provisioned, nothing
+    /// consumed).
     pub consumers: u32,
     /// Deliveries started per second per worker; `None`: unlimited.
     pub rate_limit: Option<u32>,

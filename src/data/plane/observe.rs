@@ -147,6 +147,9 @@ struct Observed {
     gates: Vec<ConditionType>,
     /// Why a valid resource is not ready when no gating condition says it (reason, message).
     not_ready: Option<(String, String)>,
+    /// The reason and message of `Ready=True` when it is not plain `Ready` (a subscription
+    /// scaled to zero).
+    ready_as: Option<(&'static str, String)>,
     fields: Fields,
 }
 
@@ -198,7 +201,12 @@ impl Plane {
                 (None, Some(bad)) => {
                     StatusCondition::new(ConditionType::Ready, false, &bad.reason, &bad.message)
                 }
-                (None, None) => StatusCondition::new(ConditionType::Ready, true, reason::READY, ""),
+                (None, None) => match &o.ready_as {
+                    Some((reason, message)) => {
+                        StatusCondition::new(ConditionType::Ready, true, *reason, message)
+                    }
+                    None => StatusCondition::new(ConditionType::Ready, true, reason::READY, ""),
+                },
             },
         };
         let mut conditions = o.conditions;
@@ -248,6 +256,7 @@ impl Plane {
             conditions,
             gates: vec![ConditionType::BrokerReady, ConditionType::StoreReady],
             not_ready,
+            ready_as: None,
             fields: Fields::EventStream(fields),
         }
     }
@@ -257,6 +266,8 @@ impl Plane {
         let mut fields = SubscriptionFields::default();
         let mut conditions = Vec::new();
         let mut not_ready = None;
+        let mut ready_as = None;
+        let mut gates = vec![ConditionType::CaughtUp];
         let plan = view.built.topology.subscriptions.get(key);
         if let Some(plan) = plan
             && view.deleting_streams.contains(&plan.stream)
@@ -283,20 +294,35 @@ impl Plane {
                     sink_msg,
                 ));
                 let caught_up = st.caught_up.load(Ordering::Acquire);
-                conditions.push(StatusCondition::new(
-                    ConditionType::CaughtUp,
-                    caught_up,
-                    if caught_up {
-                        reason::LIVE
-                    } else {
-                        reason::CATCHING_UP
-                    },
-                    if caught_up {
-                        String::new()
-                    } else {
-                        "provisioning its queues or replaying stored events".to_string()
-                    },
-                ));
+                if st.scaled_to_zero.load(Ordering::Acquire) {
+                    // Provisioned and parked on purpose: ready (nothing is lost, events
+                    // accumulate), but not live, so CaughtUp says so without gating Ready.
+                    let message = "consumers is 0: no consumer runs; events accumulate in \
+                                   the subscription's queues until it is scaled up";
+                    conditions.push(StatusCondition::new(
+                        ConditionType::CaughtUp,
+                        false,
+                        reason::SCALED_TO_ZERO,
+                        message,
+                    ));
+                    gates.clear();
+                    ready_as = Some((reason::SCALED_TO_ZERO, message.to_string()));
+                } else {
+                    conditions.push(StatusCondition::new(
+                        ConditionType::CaughtUp,
+                        caught_up,
+                        if caught_up {
+                            reason::LIVE
+                        } else {
+                            reason::CATCHING_UP
+                        },
+                        if caught_up {
+                            String::new()
+                        } else {
+                            "provisioning its queues or replaying stored events".to_string()
+                        },
+                    ));
+                }
                 let (ordering_reason, ordering_msg) = match &plan.ordering {
                     OrderingPlan::None => (reason::UNORDERED, String::new()),
                     OrderingPlan::PerKey {
@@ -353,8 +379,9 @@ impl Plane {
         }
         Observed {
             conditions,
-            gates: vec![ConditionType::CaughtUp],
+            gates,
             not_ready,
+            ready_as,
             fields: Fields::Subscription(fields),
         }
     }
@@ -378,6 +405,7 @@ impl Plane {
             conditions: vec![healthy],
             gates: vec![ConditionType::ArchiveHealthy],
             not_ready: None,
+            ready_as: None,
             fields: Fields::ArchivePolicy(ArchiveFields {
                 last_run: totals
                     .last_run
@@ -401,6 +429,7 @@ impl Plane {
             conditions: Vec::new(),
             gates: Vec::new(),
             not_ready: None,
+            ready_as: None,
             fields: Fields::CachePolicy(fields),
         }
     }

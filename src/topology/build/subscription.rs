@@ -132,10 +132,9 @@ pub(super) fn subscription_plan(
         },
         Some(api::subscription::DeliveryOrdering::None) | None => OrderingPlan::None,
     };
+    // 0 is valid: the subscription is scaled to zero (provisioned, nothing consumed), which
+    // is how an autoscaler such as KEDA parks an idle one through `/scale`.
     let consumers = spec.consumers.unwrap_or(4);
-    if consumers == 0 {
-        cx.invalid("spec.consumers", "must be at least 1");
-    }
     let reply = spec
         .reply
         .as_ref()

@@ -72,6 +72,17 @@ impl BacklogSampler {
             // What is in flight here is all that can be known of the unacknowledged ones.
             total += inner.state.inflight.load(Ordering::Acquire);
         }
+        let pending = inner.pending_catchup.load(Ordering::Acquire);
+        if pending > 0
+            && let (Some(store), Some(id)) = (&inner.stream.store, (inner.stream.stream_id)())
+        {
+            // Scaled to zero before its catch-up ran: the catch-up will replay the stored events
+            // from `pending` to the head, and the queue holds the newest of them (those
+            // committed since it was declared), so the larger of the two counts what waits
+            // (before filters: an upper bound). One primary-key read, only in this rare state.
+            let head = store.head(id).await.ok()?;
+            total = total.max(head - pending + 1);
+        }
         if matches!(inner.plan.ordering, OrderingPlan::None) {
             if let Some(t) = &table {
                 for d in all_buckets(&inner.plan.delivery) {

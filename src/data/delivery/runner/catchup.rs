@@ -94,6 +94,13 @@ impl Inner {
             self.hwm.store(hwm, Ordering::Release);
             return Ok(());
         }
+        if self.scaled_to_zero() {
+            // The start is recorded and the queue collects every event committed from now on:
+            // the catch-up runs from `next_position` once the subscription is scaled up.
+            self.pending_catchup
+                .store(row.next_position, Ordering::Release);
+            return Ok(());
+        }
         let mut next = row.next_position;
         tracing::info!(subscription = %self.plan.key, from = next, "catching up from the store");
         loop {

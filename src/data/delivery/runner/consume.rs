@@ -125,8 +125,10 @@ async fn open_consumer(
     let amqp = |e: lapin::Error| {
         DeliveryError::Broker(BrokerError::Unavailable(format!("consume {queue}: {e}")))
     };
-    // Prefetch bounds the messages held by this worker: one per delivery in flight.
-    let prefetch = u16::try_from(prefetch).unwrap_or(u16::MAX);
+    // Prefetch bounds the messages held by this worker: one per delivery in flight. AMQP reads
+    // a prefetch of 0 as unlimited, so it is never sent (a subscription scaled to zero opens
+    // no consumer in the first place).
+    let prefetch = u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX);
     ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(amqp)?;

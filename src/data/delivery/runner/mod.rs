@@ -23,6 +23,14 @@
 //! settled (delivered or dead-lettered) the hold queue is purged, then the message is acked.
 //! Only the lane's active consumer touches its hold queue, so nobody else races for it.
 //!
+//! # Scaled to zero (`consumers: 0`)
+//! The runner provisions as usual (queues, bindings, the recorded start in the progress table)
+//! and unbinds queues of an earlier shape, then only samples the backlog: no consumer, no
+//! catch-up, no drain, so nothing is delivered while events accumulate in the bound queues.
+//! A catch-up not yet run (or interrupted) stays recorded as pending. Scaling up restarts the
+//! runner ([`crate::data::subscriptions`]), which catches up from the recorded page, then
+//! consumes what accumulated, in queue order (per lane under `perKey`).
+//!
 //! # Graceful stop
 //! The consumers are cancelled (`basic.cancel`), deliveries already started finish (each
 //! bounded by `delivery.timeout`; a perKey retry waiting for its next attempt stops waiting and
@@ -144,6 +152,8 @@ pub struct SubState {
     pub position: AtomicI64,
     pub caught_up: AtomicBool,
     pub provisioned: AtomicBool,
+    /// Provisioned and scaled to zero (`consumers: 0`): no consumer runs.
+    pub scaled_to_zero: AtomicBool,
     pub inflight: AtomicI64,
     /// Ready and unacknowledged messages of the subscription's queues plus retries waiting
     /// in delay queues (see [`BacklogSampler`]); -1 before the first sample.
@@ -165,6 +175,7 @@ impl Default for SubState {
             position: AtomicI64::new(0),
             caught_up: AtomicBool::new(false),
             provisioned: AtomicBool::new(false),
+            scaled_to_zero: AtomicBool::new(false),
             inflight: AtomicI64::new(0),
             backlog: AtomicI64::new(-1),
             sink: Mutex::new(None),
@@ -245,6 +256,10 @@ struct Inner {
     pacer: Pacer,
     /// First-attempt messages at or below this position were delivered by the catch-up.
     hwm: AtomicI64,
+    /// Scaled to zero with a catch-up pending: the stream position it starts from (0: none).
+    /// The backlog counts the stored events from there, so that an autoscaler watching it
+    /// wakes a subscription whose queue is still empty.
+    pending_catchup: AtomicI64,
     declared_delays: Mutex<HashSet<Duration>>,
     lane_refresh: Duration,
     /// The position last written to the progress table: an idle subscription writes nothing
@@ -271,7 +286,8 @@ impl Runner {
         metrics: Metrics,
         guard: &super::SinkGuard,
     ) -> Result<Runner, DeliveryError> {
-        let consumers = plan.consumers.max(1);
+        // 0 (scaled to zero) leaves the in-flight cap at no permit: nothing may deliver.
+        let consumers = plan.consumers;
         let sender = Sender::new(&plan.sink, plan.delivery.timeout, guard)?;
         let dl_sender = match &plan.delivery.dead_letter {
             Some(DeadLetterPlan::Sink(url)) => Some(Sender::to_url(
@@ -304,6 +320,7 @@ impl Runner {
             limit_size: Mutex::new(consumers),
             pacer: Pacer::default(),
             hwm: AtomicI64::new(0),
+            pending_catchup: AtomicI64::new(0),
             declared_delays: Mutex::new(HashSet::new()),
             lane_refresh: lane_refresh(),
             flushed: AtomicI64::new(0),
@@ -322,10 +339,11 @@ impl Runner {
         })
     }
 
-    /// Applies `consumers` and `rateLimit` without stopping deliveries.
+    /// Applies `consumers` and `rateLimit` without stopping deliveries. Not for a move to or
+    /// from `consumers: 0`: that restarts the runner (see the module documentation).
     pub fn update(&self, plan: &SubscriptionPlan) {
         let s = Settings {
-            consumers: plan.consumers.max(1),
+            consumers: plan.consumers,
             rate_limit: plan.rate_limit.filter(|r| *r > 0),
         };
         self.inner.resize(s.consumers);
@@ -412,6 +430,18 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
         tracing::info!(subscription = %inner.plan.key, "subscription ready");
     }
     inner.state.set_error(None);
+    if inner.scaled_to_zero() {
+        // Queues of an earlier shape are unbound now, so that nothing new reaches them; they
+        // are drained once the subscription is scaled up (the next runner finds them again).
+        if let Err(e) = inner.retire_stale().await {
+            tracing::warn!(subscription = %inner.plan.key, error = %e, "looking for stale queues");
+        }
+        inner.state.scaled_to_zero.store(true, Ordering::Release);
+        tracing::info!(subscription = %inner.plan.key,
+            "subscription scaled to zero: queues provisioned, no consumer runs");
+        background(inner.clone(), cancel.clone()).await;
+        return;
+    }
     inner.state.caught_up.store(true, Ordering::Release);
     let side = tokio::spawn(background(inner.clone(), cancel.clone()));
     let drains = match inner.retire_stale().await {
@@ -459,6 +489,11 @@ impl Inner {
             self.plan.key.namespace.as_str(),
             self.plan.key.name.as_str(),
         ]
+    }
+
+    /// `consumers: 0`: provisioned, nothing consumed or caught up.
+    fn scaled_to_zero(&self) -> bool {
+        self.settings.borrow().consumers == 0
     }
 
     fn resize(&self, new: u32) {
