@@ -30,12 +30,12 @@ spec:
 apiVersion: weir.dev/v1alpha1
 kind: CachePolicy
 metadata: {name: hot, namespace: shop}
-spec: {}
+spec: {streamNames: [orders]}
 ---
 apiVersion: weir.dev/v1alpha1
 kind: ArchivePolicy
 metadata: {name: nightly, namespace: shop}
-spec: {}
+spec: {streamNames: [orders]}
 "#;
 
 fn ok(out: KubectlOutput) -> String {
@@ -908,10 +908,12 @@ async fn conflicts_server_side_apply_leases_and_events() {
 
     // Status through server-side apply under the manager `weir`.
     let apply = PatchParams::apply("weir").force();
-    let status = |message: Option<&str>| {
-        let mut cond = json!({"type": "Ready", "status": "True", "reason": "Provisioned", "lastTransitionTime": "2026-01-01T00:00:00Z"});
-        if let Some(m) = message {
-            cond["message"] = json!(m);
+    // `message` is required in a condition; `observedGeneration` is the optional field a
+    // later apply stops setting.
+    let status = |observed: Option<i64>| {
+        let mut cond = json!({"type": "Ready", "status": "True", "reason": "Provisioned", "message": "ok", "lastTransitionTime": "2026-01-01T00:00:00Z"});
+        if let Some(g) = observed {
+            cond["observedGeneration"] = json!(g);
         }
         json!({
             "apiVersion": "weir.dev/v1alpha1",
@@ -920,7 +922,7 @@ async fn conflicts_server_side_apply_leases_and_events() {
         })
     };
     let before = es(&server, "orders");
-    api.patch_status("orders", &apply, &Patch::Apply(status(Some("ok"))))
+    api.patch_status("orders", &apply, &Patch::Apply(status(Some(1))))
         .await
         .unwrap_or_else(|e| panic!("apply status: {e}"));
     let after = es(&server, "orders");
@@ -941,7 +943,7 @@ async fn conflicts_server_side_apply_leases_and_events() {
         "{managed:?}"
     );
     // The same apply again is a no-op: no new resourceVersion.
-    api.patch_status("orders", &apply, &Patch::Apply(status(Some("ok"))))
+    api.patch_status("orders", &apply, &Patch::Apply(status(Some(1))))
         .await
         .unwrap_or_else(|e| panic!("apply status: {e}"));
     assert_eq!(
@@ -959,7 +961,9 @@ async fn conflicts_server_side_apply_leases_and_events() {
     let last = es(&server, "orders");
     assert!(last["status"].get("endpoint").is_none(), "{last}");
     assert!(
-        last["status"]["conditions"][0].get("message").is_none(),
+        last["status"]["conditions"][0]
+            .get("observedGeneration")
+            .is_none(),
         "{last}"
     );
     assert!(server.calls().iter().any(|c| c.verb == "patch"

@@ -122,9 +122,12 @@ pub struct StoreSpec {
 /// A connection pool. `size` must not exceed `maxConnections`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+// The message is the one `weir validate` and the operator give for the same mistake.
 #[x_kube(validation = Rule::new(
     "(has(self.size) ? self.size : 2) <= (has(self.maxConnections) ? self.maxConnections : 10)"
-).message("pool.size must not exceed pool.maxConnections (defaults 2 and 10)"))]
+).message(Message::Expression(
+    "'size (' + string(has(self.size) ? self.size : 2) + ') must not exceed maxConnections (' + string(has(self.maxConnections) ? self.maxConnections : 10) + ')'".into()
+)))]
 pub struct PoolSpec {
     /// Connections kept open (warm) per worker. Default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -32,6 +32,7 @@ use crate::control::refs::refs_of;
 use crate::control::status_body;
 use crate::control::status_writer::StatusUpdate;
 use crate::control::{ControlError, FINALIZER};
+use crate::data::conditions::ConditionType;
 use crate::data::plane::{ApplyReport, Desired, Fields, ResourceStatus};
 use crate::poison::MutexExt;
 use crate::topology::{Key, Kind, Reason};
@@ -57,8 +58,10 @@ pub trait WeirResource:
     type Status: Serialize + PartialEq + Clone + Send + Sync;
     /// The conditions currently in `status`.
     fn conditions(&self) -> Vec<Condition>;
-    /// The status currently written.
-    fn current_status(&self) -> Option<&Self::Status>;
+    /// Whether the written status is `desired` as far as Weir writes it: conditions other
+    /// controllers set are theirs (server-side apply keeps them), and the order of the
+    /// conditions is the API server's merge order, not a difference.
+    fn status_is(&self, desired: &Self::Status) -> bool;
     /// The status to write for what the data plane observes.
     fn desired_status(rs: &ResourceStatus, conditions: Vec<Condition>) -> Self::Status;
 }
@@ -75,8 +78,18 @@ macro_rules! weir_resource {
                     .and_then(|s| s.conditions.clone())
                     .unwrap_or_default()
             }
-            fn current_status(&self) -> Option<&$status> {
-                self.status.as_ref()
+            fn status_is(&self, desired: &$status) -> bool {
+                let weirs = |s: &$status| {
+                    let mut s = s.clone();
+                    if let Some(c) = s.conditions.as_mut() {
+                        c.retain(|c| ConditionType::is_weir(&c.type_));
+                        c.sort_by(|a, b| a.type_.cmp(&b.type_));
+                    }
+                    s
+                };
+                self.status
+                    .as_ref()
+                    .is_some_and(|s| weirs(s) == weirs(desired))
             }
             fn desired_status(rs: &ResourceStatus, conditions: Vec<Condition>) -> $status {
                 $build(rs, conditions)
@@ -316,7 +329,7 @@ async fn write_status<K: WeirResource>(
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let conditions = status_body::conditions(observed, &previous, &now);
     let desired = K::desired_status(observed, conditions.clone());
-    if obj.current_status() != Some(&desired) {
+    if !obj.status_is(&desired) {
         ctx.status.push(StatusUpdate {
             kind: K::KIND,
             key: key.clone(),

@@ -26,6 +26,22 @@ pub enum ConditionType {
 }
 
 impl ConditionType {
+    /// Every type Weir reports.
+    pub const ALL: [ConditionType; 7] = [
+        ConditionType::Ready,
+        ConditionType::BrokerReady,
+        ConditionType::StoreReady,
+        ConditionType::SinkReachable,
+        ConditionType::CaughtUp,
+        ConditionType::Ordering,
+        ConditionType::ArchiveHealthy,
+    ];
+
+    /// Whether `type_` is one Weir reports (rather than one another controller set).
+    pub fn is_weir(type_: &str) -> bool {
+        Self::ALL.iter().any(|t| t.as_str() == type_)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ConditionType::Ready => "Ready",

@@ -53,16 +53,30 @@
 //!   `timeoutSeconds`, `ERROR` 410 for a compacted version; with a selector, an object that
 //!   starts or stops matching is ADDED or DELETED; bookmarks every 2 s), create (`generateName`),
 //!   update (409 on a stale `resourceVersion`), patch (JSON patch, merge patch, strategic
-//!   merge treated as merge, server-side apply treated as merge plus removal of fields the
-//!   manager stopped applying, `managedFields` per manager, 409 when an apply changes a
-//!   field another manager owns unless `force=true`; updates take over the fields they
-//!   change, so kube-lease-manager's locking works), delete (finalizers:
+//!   merge treated as merge, server-side apply: a merge that takes
+//!   `x-kubernetes-list-type: map` lists item by item by their keys, e.g. `conditions` by
+//!   `type`, plus removal of the fields and items the manager stopped applying unless
+//!   another manager owns them, `managedFields` per manager with `k:{...}` item keys, 409
+//!   when an apply changes a field another manager owns unless `force=true`; updates take
+//!   over the fields they change, so kube-lease-manager's locking works), delete (finalizers:
 //!   `deletionTimestamp` first, removal with the last finalizer; preconditions),
 //!   deletecollection; `dryRun=All`; `fieldValidation=Strict`.
-//! - Custom resources: unknown fields pruned (or rejected when Strict), the object validated
-//!   against the CRD's `openAPIV3Schema`, `metadata.generation` bumped on changes outside
-//!   `metadata` and `status`, `status` only written through `/status`, `/scale` read and
-//!   written through the CRD's `specReplicasPath`/`statusReplicasPath`/`labelSelectorPath`.
+//! - Validation with the real server's `422 Invalid` Status (`Kind.group "name" is invalid:
+//!   ...`, `details.causes` with `FieldValueInvalid`, `FieldValueTypeInvalid`,
+//!   `FieldValueRequired`, `FieldValueNotSupported`, `FieldValueDuplicate`, ...; kubectl
+//!   prints `The Kind "name" is invalid: ...`): metadata names on create (a DNS-1123
+//!   subdomain; Namespaces a DNS-1123 label, Services a DNS-1035 label, CRDs
+//!   `plural.group`; `generateName` prefixes too).
+//! - Custom resources: unknown fields pruned (or a 400 `strict decoding error` when Strict),
+//!   the object validated against the CRD's `openAPIV3Schema` (types, `enum`, bounds,
+//!   lengths, `pattern`, item counts, `required`, `date-time`, unique list-map keys) and then
+//!   its `x-kubernetes-validations` CEL rules (`message`, `messageExpression`, `fieldPath`,
+//!   `reason`; `oldSelf` transition rules on updates; skipped, with the real notice, after
+//!   a type, enum, required, length or item-count error) on create, update, patch and
+//!   status writes (validated like any write; they change nothing but `status`);
+//!   `metadata.generation` bumped on changes outside `metadata` and `status`, `status` only
+//!   written through `/status`, `/scale` read and written through the CRD's
+//!   `specReplicasPath`/`statusReplicasPath`/`labelSelectorPath`.
 //! - Server-side printing: `Accept: application/json;as=Table;v=v1;g=meta.k8s.io` gets a
 //!   `Table` built from the printer columns (lists, gets and watches).
 //! - `/openapi/v3` and `/openapi/v3/{api/v1 | apis/{group}/{version}}` from the CRD schemas
@@ -81,18 +95,23 @@
 //! # Not supported (differences from a real server)
 //!
 //! No other kinds (Pods, Deployments, Services, HPAs, ServiceAccounts, ... are not served);
-//! RBAC is enforced only after `enforce_rbac`, only for callers with a bearer token (requests
-//! without one, the test's own kubectl and clients, are allowed and recorded like a cluster
-//! admin's), from RBAC objects handed to it rather than stored through the API, and without
-//! aggregated ClusterRoles or `nonResourceURLs` rules (non-resource paths are allowed to every
-//! caller); no discovery for the review groups; no `TokenRequest` (tests issue
-//! tokens with `issue_token`); SubjectAccessReview answers from `grant`s, not from the enforced
-//! RBAC objects; no protobuf, CBOR or aggregated discovery; no
-//! `/openapi/v2`; no admission webhooks, CEL validation rules or schema defaults; no
+//! RBAC is enforced only after `enforce_rbac`, only for callers with a bearer token or an
+//! `Impersonate-User` header (requests with neither, the test's own kubectl and clients, are
+//! allowed and recorded like a cluster admin's), from RBAC objects handed to it rather than
+//! stored through the API, and without aggregated ClusterRoles or `nonResourceURLs` rules
+//! (non-resource paths are allowed to every caller); no discovery for the review groups; no
+//! `TokenRequest` (tests issue tokens with `issue_token`); SubjectAccessReview answers from
+//! `grant`s, not from the enforced RBAC objects; no protobuf, CBOR or aggregated discovery; no
+//! `/openapi/v2`; no admission webhooks or schema defaults; CEL rules run without a
+//! cost budget or the Kubernetes CEL libraries (`quantity`, `url`, `ip`, ...), with
+//! `date-time`/`duration` strings as plain strings; no validation ratcheting (an unchanged
+//! invalid field still fails); no built-in kinds' own field validation (only their names);
+//! no unknown-field warnings (`fieldValidation=Warn` prunes silently); no
 //! garbage collection by `ownerReferences`; no conversion between CRD versions (every
-//! served version shows the same stored object); server-side apply owns lists as a whole
-//! (no merging of `listType: map` items by key, so two managers applying different items
-//! of one list conflict or replace each other); core and `events.k8s.io` Events are separate
+//! served version shows the same stored object); server-side apply merges only
+//! `listType: map` lists by key (`listType: set` lists and `metadata.finalizers` are owned
+//! whole), keeps live order with new items appended, and does not prune ownership of
+//! fields another write removed; core and `events.k8s.io` Events are separate
 //! stores; a namespace is removed at once after deleting its contents, and contents held by
 //! finalizers stay, marked, in the deleted namespace (a real one stays `Terminating` until
 //! they are gone); lists are served from the current state
@@ -106,6 +125,8 @@
 
 #![allow(dead_code)]
 
+mod cel;
+mod field;
 mod http;
 mod openapi;
 mod rbac;

@@ -9,8 +9,18 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
+use super::field::{self, ErrorType, FieldError, NameRule};
 use super::registry::{Registry, ResourceType};
 use super::{Call, schema};
+
+/// `Kind.group` (or `Kind` for the core group), as errors name a kind.
+fn group_kind(rt: &ResourceType) -> String {
+    if rt.group.is_empty() {
+        rt.kind.clone()
+    } else {
+        format!("{}.{}", rt.kind, rt.group)
+    }
+}
 
 /// How many watch events are kept for watches resuming from an older `resourceVersion`.
 /// A real server keeps a few minutes of history (etcd compaction); watches from before the
@@ -67,18 +77,68 @@ impl ApiError {
         .with_details(rt, name)
     }
 
+    /// A 422 `Invalid` from `field: Type: ...` texts (see [`ApiError::invalid_fields`]).
     pub fn invalid(rt: &ResourceType, name: &str, causes: &[String]) -> Self {
-        Self::new(
+        let errors: Vec<FieldError> = causes
+            .iter()
+            .map(|c| {
+                let (field, body) = c.split_once(": ").unwrap_or(("", c.as_str()));
+                let type_ = if body.starts_with("Required value") {
+                    ErrorType::Required
+                } else {
+                    ErrorType::Invalid
+                };
+                // The text is already formatted: keep it whole as the detail.
+                let mut e = FieldError::new(type_, field, Value::Null, "");
+                e.detail = body.to_string();
+                e
+            })
+            .collect();
+        let mut err = Self::invalid_fields(rt, name, &errors);
+        // The causes' messages are the given texts, not re-rendered.
+        if let Some(list) = err.details["causes"].as_array_mut() {
+            for (cause, e) in list.iter_mut().zip(&errors) {
+                cause["message"] = json!(e.detail);
+            }
+        }
+        let texts: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.detail))
+            .collect();
+        err.message = format!(
+            "{} \"{name}\" is invalid: {}",
+            group_kind(rt),
+            if texts.len() == 1 {
+                texts[0].clone()
+            } else {
+                format!("[{}]", texts.join(", "))
+            }
+        );
+        err
+    }
+
+    /// A 422 `Invalid` as the real server answers it: `Kind.group "name" is invalid: ...`
+    /// with `details.kind` the kind and one cause per field error.
+    pub fn invalid_fields(rt: &ResourceType, name: &str, errors: &[FieldError]) -> Self {
+        let mut err = Self::new(
             422,
             "Invalid",
             format!(
-                "{}.{} \"{name}\" is invalid: {}",
-                rt.kind,
-                rt.group,
-                causes.join(", ")
+                "{} \"{name}\" is invalid: {}",
+                group_kind(rt),
+                field::aggregate(errors)
             ),
-        )
-        .with_details(rt, name)
+        );
+        let mut details = json!({
+            "name": name,
+            "kind": rt.kind,
+            "causes": errors.iter().map(FieldError::cause).collect::<Vec<_>>(),
+        });
+        if !rt.group.is_empty() {
+            details["group"] = json!(rt.group);
+        }
+        err.details = details;
+        err
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -156,10 +216,10 @@ pub enum Patch {
     /// as a merge patch (exact for custom resources, which do not support strategic merge;
     /// for built-in kinds list merge keys are ignored, which Weir's kinds do not need).
     Merge(Value),
-    /// `application/apply-patch+yaml`: server-side apply, treated as a merge patch plus
-    /// removal of the fields the same manager applied before and no longer applies, with
-    /// 409 conflicts when it changes a field another manager owns (unless `force=true`).
-    /// Lists are owned as a whole (no `listType: map` merging by key).
+    /// `application/apply-patch+yaml`: server-side apply, a merge (`listType: map` lists item
+    /// by item, by key) plus removal of the fields and items the same manager applied before
+    /// and no longer applies, with 409 conflicts when it changes a field another manager
+    /// owns (unless `force=true`). Other lists are owned as a whole.
     Apply(Value),
 }
 
@@ -303,8 +363,23 @@ pub fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// `metadata.managedFields`-style field set of an applied or written body.
-fn fields_of(value: &Value, root: bool) -> Value {
+/// Whether `schema` declares a list whose items merge by key (`x-kubernetes-list-type: map`).
+fn is_map_list(schema: Option<&Value>) -> bool {
+    schema.is_some_and(|s| {
+        s["x-kubernetes-list-type"].as_str() == Some("map")
+            && s["x-kubernetes-list-map-keys"].is_array()
+    })
+}
+
+/// The `k:{...}` field-set key of a map-list item.
+fn item_key(item: &Value, schema: &Value) -> Option<String> {
+    schema::map_key(item, schema).map(|k| format!("k:{k}"))
+}
+
+/// `metadata.managedFields`-style field set of an applied or written body. With the
+/// object's schema, items of `x-kubernetes-list-type: map` lists are owned one by one
+/// (`k:{"type":"Ready"}` with `.` for the item itself); other lists are owned whole.
+fn fields_of(value: &Value, root: bool, schema: Option<&Value>) -> Value {
     match value {
         Value::Object(map) => {
             let mut out = Map::new();
@@ -316,7 +391,7 @@ fn fields_of(value: &Value, root: bool) -> Value {
                     let mut meta = Map::new();
                     for mk in ["labels", "annotations", "finalizers", "ownerReferences"] {
                         if let Some(mv) = v.get(mk) {
-                            meta.insert(format!("f:{mk}"), fields_of(mv, false));
+                            meta.insert(format!("f:{mk}"), fields_of(mv, false, None));
                         }
                     }
                     if !meta.is_empty() {
@@ -330,20 +405,41 @@ fn fields_of(value: &Value, root: bool) -> Value {
                 } else {
                     k.as_str()
                 };
-                out.insert(format!("f:{name}"), fields_of(v, false));
+                let child = schema.and_then(|s| schema::property_schema(s, k));
+                out.insert(format!("f:{name}"), fields_of(v, false, child));
             }
             Value::Object(out)
         }
-        // Lists and scalars are owned as a whole.
+        Value::Array(items) if is_map_list(schema) => {
+            let Some(schema) = schema else {
+                return json!({});
+            };
+            let item_schema = schema.get("items");
+            let mut out = Map::new();
+            for item in items {
+                let Some(key) = item_key(item, schema) else {
+                    continue;
+                };
+                let mut fields = match fields_of(item, false, item_schema) {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                };
+                fields.insert(".".into(), json!({}));
+                out.insert(key, Value::Object(fields));
+            }
+            Value::Object(out)
+        }
+        // Other lists and scalars are owned as a whole.
         _ => json!({}),
     }
 }
 
+/// The paths (field-set keys: `f:name`, `k:{...}`, `.`) of the leaves of a field set.
 fn leaf_paths(fields: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
     match fields.as_object() {
         Some(map) if !map.is_empty() => {
             for (k, v) in map {
-                prefix.push(k.trim_start_matches("f:").to_string());
+                prefix.push(k.clone());
                 leaf_paths(v, prefix, out);
                 prefix.pop();
             }
@@ -355,7 +451,7 @@ fn leaf_paths(fields: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String
 fn has_path(fields: &Value, path: &[String]) -> bool {
     let mut v = fields;
     for p in path {
-        match v.get(format!("f:{p}")) {
+        match v.get(p) {
             Some(next) => v = next,
             None => return false,
         }
@@ -363,19 +459,76 @@ fn has_path(fields: &Value, path: &[String]) -> bool {
     true
 }
 
+/// Whether a field set has `path` as a member (a leaf), not only as the parent of what
+/// it owns (a manager owning some items of a list does not own the list).
+fn owns(fields: &Value, path: &[String]) -> bool {
+    let mut v = fields;
+    for p in path {
+        match v.get(p) {
+            Some(next) => v = next,
+            None => return false,
+        }
+    }
+    v.as_object().is_none_or(|m| m.is_empty())
+}
+
+/// Whether a `k:{...}` key names `item`.
+fn key_matches(seg: &str, item: &Value) -> bool {
+    let Some(key) = seg
+        .strip_prefix("k:")
+        .and_then(|k| serde_json::from_str::<Value>(k).ok())
+    else {
+        return false;
+    };
+    key.as_object()
+        .is_some_and(|m| m.iter().all(|(k, v)| item.get(k) == Some(v)))
+}
+
+/// One step of a field path into a value.
+fn step<'a>(v: &'a Value, seg: &str) -> Option<&'a Value> {
+    if seg == "." {
+        return Some(v);
+    }
+    if let Some(name) = seg.strip_prefix("f:") {
+        return v.get(name);
+    }
+    v.as_array()?.iter().find(|item| key_matches(seg, item))
+}
+
+fn step_mut<'a>(v: &'a mut Value, seg: &str) -> Option<&'a mut Value> {
+    if seg == "." {
+        return Some(v);
+    }
+    if let Some(name) = seg.strip_prefix("f:") {
+        return v.get_mut(name);
+    }
+    v.as_array_mut()?
+        .iter_mut()
+        .find(|item| key_matches(seg, item))
+}
+
+/// Removes the value at a field path (a `.` path removes the list item).
 fn remove_path(object: &mut Value, path: &[String]) {
+    let path = match path.split_last() {
+        Some((last, rest)) if last == "." => rest,
+        _ => path,
+    };
     let Some((last, parents)) = path.split_last() else {
         return;
     };
     let mut v = object;
     for p in parents {
-        match v.get_mut(p) {
+        match step_mut(v, p) {
             Some(next) => v = next,
             None => return,
         }
     }
-    if let Some(map) = v.as_object_mut() {
-        map.remove(last);
+    if let Some(name) = last.strip_prefix("f:") {
+        if let Some(map) = v.as_object_mut() {
+            map.remove(name);
+        }
+    } else if let Some(list) = v.as_array_mut() {
+        list.retain(|item| !key_matches(last, item));
     }
 }
 
@@ -383,9 +536,37 @@ fn remove_path(object: &mut Value, path: &[String]) {
 fn value_at<'a>(object: &'a Value, path: &[String]) -> Option<&'a Value> {
     let mut v = object;
     for p in path {
-        v = v.get(p)?;
+        v = step(v, p)?;
     }
     Some(v)
+}
+
+/// Whether a write changed what a field path owns: a value, or (`.`) an item's presence.
+fn differs(old: &Value, new: &Value, path: &[String]) -> bool {
+    if path.last().is_some_and(|l| l == ".") {
+        value_at(old, path).is_some() != value_at(new, path).is_some()
+    } else {
+        value_at(old, path) != value_at(new, path)
+    }
+}
+
+/// A field path as conflict messages print it: `.status.conditions[type="Ready"].message`.
+fn display_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        if let Some(name) = seg.strip_prefix("f:") {
+            out.push('.');
+            out.push_str(name);
+        } else if let Some(key) = seg
+            .strip_prefix("k:")
+            .and_then(|k| serde_json::from_str::<Value>(k).ok())
+            .and_then(|k| k.as_object().cloned())
+        {
+            let parts: Vec<String> = key.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push_str(&format!("[{}]", parts.join(",")));
+        }
+    }
+    out
 }
 
 /// Removes a path from a `fieldsV1` set, and the parents it leaves empty.
@@ -393,19 +574,18 @@ fn remove_field(fields: &mut Value, path: &[String]) -> bool {
     let Some((first, rest)) = path.split_first() else {
         return false;
     };
-    let key = format!("f:{first}");
     let Some(map) = fields.as_object_mut() else {
         return false;
     };
     if rest.is_empty() {
-        return map.remove(&key).is_some();
+        return map.remove(first).is_some();
     }
-    let Some(child) = map.get_mut(&key) else {
+    let Some(child) = map.get_mut(first) else {
         return false;
     };
     let removed = remove_field(child, rest);
     if child.as_object().is_some_and(|c| c.is_empty()) {
-        map.remove(&key);
+        map.remove(first);
     }
     removed
 }
@@ -416,11 +596,15 @@ fn retain_present(fields: &mut Value, object: &Value) {
         return;
     };
     map.retain(|k, child| {
-        let key = k.trim_start_matches("f:");
-        match object.get(key) {
+        if k == "." {
+            return true;
+        }
+        match step(object, k) {
             None | Some(Value::Null) => false,
             Some(v) => {
-                if v.is_object() && child.as_object().is_some_and(|c| !c.is_empty()) {
+                if (v.is_object() || v.is_array())
+                    && child.as_object().is_some_and(|c| !c.is_empty())
+                {
                     retain_present(child, v);
                     child.as_object().is_some_and(|c| !c.is_empty())
                 } else {
@@ -443,15 +627,15 @@ fn apply_conflicts(
     leaf_paths(fields, &mut Vec::new(), &mut leaves);
     let mut conflicts = Vec::new();
     for path in leaves {
-        if value_at(base, &path) == value_at(patched, &path) {
+        if !differs(base, patched, &path) {
             continue;
         }
         for other in managers.iter().filter(|e| e["manager"] != manager) {
-            if has_path(&other["fieldsV1"], &path) {
+            if owns(&other["fieldsV1"], &path) {
                 conflicts.push(format!(
-                    "conflict with \"{}\": .{}",
+                    "conflict with \"{}\": {}",
                     other["manager"].as_str().unwrap_or_default(),
-                    path.join(".")
+                    display_path(&path)
                 ));
             }
         }
@@ -466,19 +650,94 @@ fn transfer_ownership(new: &mut Value, old: &Value, fields: &Value, manager: &st
     leaf_paths(fields, &mut Vec::new(), &mut leaves);
     let changed: Vec<Vec<String>> = leaves
         .into_iter()
-        .filter(|p| value_at(old, p) != value_at(new, p))
+        .filter(|p| differs(old, new, p))
         .collect();
     let Some(list) = new["metadata"]["managedFields"].as_array_mut() else {
         return;
     };
     for entry in list.iter_mut().filter(|e| e["manager"] != manager) {
         for path in &changed {
-            remove_field(&mut entry["fieldsV1"], path);
+            if owns(&entry["fieldsV1"], path) {
+                remove_field(&mut entry["fieldsV1"], path);
+            }
         }
     }
     list.retain(|e| {
         e["manager"] == manager || e["fieldsV1"].as_object().is_some_and(|f| !f.is_empty())
     });
+}
+
+/// The part of a field set whose values differ between `old` and `new`.
+fn changed_fields(fields: &Value, old: &Value, new: &Value) -> Value {
+    let mut leaves = Vec::new();
+    leaf_paths(fields, &mut Vec::new(), &mut leaves);
+    let mut out = json!({});
+    for path in leaves
+        .iter()
+        .filter(|p| !p.is_empty() && differs(old, new, p))
+    {
+        let mut v = &mut out;
+        for seg in path {
+            if !v.is_object() {
+                *v = json!({});
+            }
+            let Some(map) = v.as_object_mut() else { break };
+            v = map.entry(seg.clone()).or_insert_with(|| json!({}));
+        }
+    }
+    out
+}
+
+/// Adds the fields of `other` to `fields`.
+fn union_fields(fields: &mut Value, other: &Value) {
+    let (Some(into), Some(from)) = (fields.as_object_mut(), other.as_object()) else {
+        return;
+    };
+    for (k, v) in from {
+        match into.get_mut(k) {
+            Some(existing) => union_fields(existing, v),
+            None => {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Server-side apply's merge of an applied body into the object: objects field by field,
+/// `x-kubernetes-list-type: map` lists item by item (by key, new items appended), other
+/// lists and scalars replaced; `null` removes a field.
+fn apply_merge(target: &mut Value, applied: &Value, schema: Option<&Value>) {
+    match applied {
+        Value::Object(fields) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let Some(map) = target.as_object_mut() else {
+                return;
+            };
+            for (k, v) in fields {
+                if v.is_null() {
+                    map.remove(k);
+                    continue;
+                }
+                let child = schema.and_then(|s| schema::property_schema(s, k));
+                apply_merge(map.entry(k.clone()).or_insert(Value::Null), v, child);
+            }
+        }
+        Value::Array(items) if is_map_list(schema) => {
+            let Some(schema) = schema else { return };
+            let mut list = target.as_array().cloned().unwrap_or_default();
+            for item in items {
+                let key = schema::map_key(item, schema);
+                match list.iter_mut().find(|l| schema::map_key(l, schema) == key) {
+                    Some(existing) => apply_merge(existing, item, schema.get("items")),
+                    None => list.push(item.clone()),
+                }
+            }
+            *target = Value::Array(list);
+        }
+        other => *target = other.clone(),
+    }
 }
 
 /// Removes `$`-directives of strategic merge patches (e.g. `$setElementOrder/...`), which a
@@ -759,16 +1018,18 @@ impl Store {
         Ok(())
     }
 
-    /// Prunes, validates and fixes the type of a custom resource about to be stored.
+    /// Prunes and validates a custom resource about to be stored (`old`: the stored object,
+    /// on updates), returning its field errors; unknown fields under
+    /// `fieldValidation=Strict` are a 400, as on a real server.
     fn admit(
         &self,
         rt: &ResourceType,
-        name: &str,
         object: &mut Value,
+        old: Option<&Value>,
         ctx: &WriteCtx,
-    ) -> Result<()> {
+    ) -> Result<Vec<FieldError>> {
         let Some(schema) = rt.schema.as_ref().filter(|_| rt.custom) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let unknown = schema::prune_object(object, schema);
         if ctx.strict && !unknown.is_empty() {
@@ -777,17 +1038,56 @@ impl Store {
                 .map(|f| format!("unknown field \"{f}\""))
                 .collect();
             return Err(ApiError::bad_request(format!(
-                "{}.{} \"{name}\" is invalid: strict decoding error: {}",
-                rt.kind,
-                rt.group,
-                msgs.join(", ")
+                "{kind} in version \"{}\" cannot be handled as a {kind}: strict decoding error: {}",
+                rt.version,
+                msgs.join(", "),
+                kind = rt.kind,
             )));
         }
-        let violations = schema::validate(object, schema);
-        if !violations.is_empty() {
-            return Err(ApiError::invalid(rt, name, &violations));
+        Ok(schema::validate(object, old, schema))
+    }
+
+    /// The naming rule of a kind's objects.
+    fn name_rule(rt: &ResourceType) -> NameRule {
+        match (rt.group.as_str(), rt.plural.as_str()) {
+            ("", "namespaces") => NameRule::Label,
+            ("", "services") => NameRule::Dns1035,
+            _ => NameRule::Subdomain,
         }
-        Ok(())
+    }
+
+    /// The `metadata.name`/`generateName` errors of an object about to be created.
+    fn name_errors(rt: &ResourceType, body: &Value, name: &str) -> Vec<FieldError> {
+        let mut errs = Vec::new();
+        if Self::is_crd(rt) {
+            let want = format!(
+                "{}.{}",
+                body["spec"]["names"]["plural"].as_str().unwrap_or_default(),
+                body["spec"]["group"].as_str().unwrap_or_default()
+            );
+            if name != want {
+                errs.push(FieldError::invalid(
+                    "metadata.name",
+                    json!(name),
+                    "must be spec.names.plural+\".\"+spec.group",
+                ));
+            }
+            return errs;
+        }
+        let rule = Self::name_rule(rt);
+        if let Some(prefix) = body["metadata"]["generateName"].as_str() {
+            for msg in field::name_problems(rule, prefix, true) {
+                errs.push(FieldError::invalid(
+                    "metadata.generateName",
+                    json!(prefix),
+                    msg,
+                ));
+            }
+        }
+        for msg in field::name_problems(rule, name, false) {
+            errs.push(FieldError::invalid("metadata.name", json!(name), msg));
+        }
+        errs
     }
 
     /// A Secret's `stringData` is merged into `data` (base64) and never stored, and its
@@ -905,7 +1205,7 @@ impl Store {
         if !body["metadata"].is_object() {
             body["metadata"] = json!({});
         }
-        let fields = fields_of(body, true);
+        let fields = fields_of(body, true, rt.schema.as_ref());
         let mut name = body["metadata"]["name"]
             .as_str()
             .unwrap_or_default()
@@ -951,7 +1251,11 @@ impl Store {
         {
             map.remove("status");
         }
-        self.admit(rt, &name, body, ctx)?;
+        let mut errors = Self::name_errors(rt, body, &name);
+        errors.extend(self.admit(rt, body, None, ctx)?);
+        if !errors.is_empty() {
+            return Err(ApiError::invalid_fields(rt, &name, &errors));
+        }
         Self::normalize_secret(rt, body);
         *body = Self::with_type_meta(rt, body.take());
         let meta = &mut body["metadata"];
@@ -1006,10 +1310,10 @@ impl Store {
     ) -> Result<Value> {
         let old = self.get(rt, ns, name)?;
         let (body, fields) = if sub == Sub::Scale {
-            let fields = fields_of(&body, false);
+            let fields = fields_of(&body, false, None);
             (self.object_with_scale(rt, &old, &body)?, fields)
         } else {
-            let fields = fields_of(&body, true);
+            let fields = fields_of(&body, true, rt.schema.as_ref());
             (body, fields)
         };
         match body["metadata"]["resourceVersion"].as_str() {
@@ -1068,6 +1372,8 @@ impl Store {
             old.clone()
         };
         let mut patched = base.clone();
+        // The Scale view has no schema of its own.
+        let schema = rt.schema.as_ref().filter(|_| sub != Sub::Scale);
         let (operation, fields) = match &patch {
             Patch::Json(ops) => {
                 // As on the real API server (evanphx/json-patch), `test` of a missing path
@@ -1094,17 +1400,17 @@ impl Store {
                         format!("the JSON patch cannot be applied: {e}"),
                     )
                 })?;
-                ("Update", fields_of(&patched, sub != Sub::Scale))
+                ("Update", fields_of(&patched, sub != Sub::Scale, schema))
             }
             Patch::Merge(body) => {
                 let mut body = body.clone();
                 strip_directives(&mut body);
                 json_patch::merge(&mut patched, &body);
-                ("Update", fields_of(&body, sub != Sub::Scale))
+                ("Update", fields_of(&body, sub != Sub::Scale, schema))
             }
             Patch::Apply(body) => {
-                json_patch::merge(&mut patched, body);
-                let fields = fields_of(body, sub != Sub::Scale);
+                apply_merge(&mut patched, body, schema);
+                let fields = fields_of(body, sub != Sub::Scale, schema);
                 // Fields this manager applied before and no longer applies are removed,
                 // unless another manager also owns them.
                 let managers: Vec<Value> = old["metadata"]["managedFields"]
@@ -1121,10 +1427,15 @@ impl Store {
                     let mut leaves = Vec::new();
                     leaf_paths(&prev["fieldsV1"], &mut Vec::new(), &mut leaves);
                     for path in leaves {
+                        // A list item stays while another manager owns anything in it.
+                        let owned = match path.split_last() {
+                            Some((last, item)) if last == "." => item,
+                            _ => path.as_slice(),
+                        };
                         let owned_elsewhere = managers
                             .iter()
                             .filter(|e| !mine(e))
-                            .any(|e| has_path(&e["fieldsV1"], &path));
+                            .any(|e| has_path(&e["fieldsV1"], owned));
                         if !has_path(&fields, &path) && !owned_elsewhere {
                             remove_path(&mut patched, &path);
                         }
@@ -1298,8 +1609,12 @@ impl Store {
                 }
             }
         }
+        // Status writes are validated too (the whole object, so spec rules still hold).
+        let errors = self.admit(rt, &mut new, Some(&old), ctx)?;
+        if !errors.is_empty() {
+            return Err(ApiError::invalid_fields(rt, name, &errors));
+        }
         if sub != Sub::Status {
-            self.admit(rt, name, &mut new, ctx)?;
             Self::normalize_secret(rt, &mut new);
         }
         new = Self::with_type_meta(rt, new);
@@ -1314,13 +1629,34 @@ impl Store {
                 new["status"] = old["status"].clone();
             }
         }
-        transfer_ownership(&mut new, &old, &entry["fieldsV1"], &ctx.manager);
         let mut entry = entry;
+        let update = entry["operation"] == "Update";
+        if update {
+            // An update (PUT or patch) owns the fields it changed, besides those it owned
+            // before; restating a value another manager set does not take it over.
+            let mut fields = changed_fields(&entry["fieldsV1"], &old, &new);
+            let same = |e: &&Value| {
+                e["manager"] == entry["manager"]
+                    && e["operation"] == "Update"
+                    && e["subresource"] == entry["subresource"]
+            };
+            if let Some(prev) = old["metadata"]["managedFields"]
+                .as_array()
+                .and_then(|l| l.iter().find(same))
+            {
+                union_fields(&mut fields, &prev["fieldsV1"]);
+            }
+            entry["fieldsV1"] = fields;
+        }
+        transfer_ownership(&mut new, &old, &entry["fieldsV1"], &ctx.manager);
         // An update owns what it set, not what it removed.
-        if entry["operation"] == "Update" {
+        if update {
             retain_present(&mut entry["fieldsV1"], &new);
         }
-        Self::record_manager(&mut new, entry);
+        // An update that owns nothing has no entry, as on a real server.
+        if !(update && entry["fieldsV1"].as_object().is_some_and(|f| f.is_empty())) {
+            Self::record_manager(&mut new, entry);
+        }
         if comparable(&new) == comparable(&old) {
             // A no-op write changes nothing, not even the resourceVersion.
             return Ok(old);

@@ -61,10 +61,8 @@ pub(super) fn access_plan(cx: &mut Cx<'_>, spec: &EventStreamSpec) -> AccessPlan
         AuthMode::Tokens => {
             let publishers = match &auth.tokens_secret_ref {
                 None => {
-                    cx.invalid(
-                        "spec.ingest.auth.tokensSecretRef",
-                        "required with mode Tokens",
-                    );
+                    // The CRD's validation rule says the same at the same path.
+                    cx.invalid("spec.ingest.auth", "mode Tokens requires tokensSecretRef");
                     Vec::new()
                 }
                 Some(r) => tokens(cx, &r.name, "spec.ingest.auth.tokensSecretRef"),
