@@ -293,7 +293,21 @@ async fn a_follower_gets_history_then_live_events_and_resumes_without_gap_or_rep
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    w.terminate();
+
+    // A stopping worker ends its follows with a last message, and still exits cleanly.
+    let mut f = Follow::open(&follow_url(&w, 200), None).await;
+    assert_eq!(futures_take(&mut f, 10).await, vec![200, 201, 202, 203]);
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &w.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let m = f.next(30).await.expect("a last message");
+    assert_eq!(m.event, "error", "{m:?}");
+    let problem: Value = serde_json::from_str(&m.data).unwrap();
+    assert_eq!(problem["lastEventId"], 203, "{problem}");
+    assert!(f.next(30).await.is_none(), "the follow ends");
+    assert!(w.terminate().success());
 }
 
 /// The ids of the next `n` event messages, or of those that come until the stream goes quiet
