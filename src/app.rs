@@ -143,6 +143,8 @@ impl Serving {
             body_budget: Arc::new(crate::data::ingest::budget::BodyBudget::new(
                 self.server.body_memory,
             )),
+            followers: Arc::new(http::Followers::new(self.server.follow)),
+            shutdown: shutdown.clone(),
         });
         let listener = self.ingest_listener;
         let server = self.server;

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub archive_runs: IntCounterVec,
     pub archive_run_duration: HistogramVec,
     pub archive_deleted_events: IntCounterVec,
+    pub followers: IntGaugeVec,
+    pub follow_ends: IntCounterVec,
 }
 
 /// Latency buckets from 0.5 ms to 10 s: ingest answers in milliseconds when healthy and the
@@ -318,6 +320,19 @@ impl Metrics {
                 "weir_archive_deleted_events_total",
                 "Archived events deleted by deleteAfter.",
                 ns,
+            ),
+            followers: gauge(
+                &r,
+                "weir_followers",
+                "Live followers (follow=true, Server-Sent Events) being served.",
+                ns,
+            ),
+            follow_ends: counter(
+                &r,
+                "weir_follow_ends_total",
+                "Live follows ended by the worker, by reason: stalled (the client stopped \
+                 reading), shutdown, error (the store could not be read).",
+                &["namespace", "stream", "reason"],
             ),
             registry: r,
         }

@@ -57,6 +57,32 @@ pub struct ServerLimits {
     pub drain_timeout: Duration,
     /// Bytes of publish bodies in flight beyond each one's free part (ingest port).
     pub body_memory: usize,
+    /// Live followers (`follow=true`) of the ingest port.
+    pub follow: FollowLimits,
+}
+
+/// The bounds of live follows (`?follow=true`, Server-Sent Events) on the ingest port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FollowLimits {
+    /// Followers the worker serves at once; more are answered 503.
+    pub max_followers: usize,
+    /// Bytes of events waiting for one follower's connection.
+    pub buffer: usize,
+    /// How long a follower's buffer may stay full before it is disconnected.
+    pub stall_timeout: Duration,
+    /// Interval of the `: keep-alive` comments sent while no event comes.
+    pub heartbeat: Duration,
+}
+
+impl Default for FollowLimits {
+    fn default() -> Self {
+        FollowLimits {
+            max_followers: 256,
+            buffer: 256 * 1024,
+            stall_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(15),
+        }
+    }
 }
 
 impl Default for ServerLimits {
@@ -67,6 +93,7 @@ impl Default for ServerLimits {
             max_connections: 4096,
             drain_timeout: Duration::from_secs(15),
             body_memory: 32 * 1024 * 1024,
+            follow: FollowLimits::default(),
         }
     }
 }
@@ -101,6 +128,27 @@ pub struct ServerArgs {
     /// the chart's 512 MiB memory limit.
     #[arg(long, env = "WEIR_BODY_MEMORY", default_value = "32MiB", value_parser = parse_size)]
     pub body_memory: usize,
+    /// Live followers (`follow=true`) served at once per worker; more are answered 503 with
+    /// `Retry-After`. Each may hold `--follow-buffer` of events and hyper's 64 KiB write
+    /// buffer, so 256 of them hold at most ~80 MiB, a sixth of the chart's 512 MiB memory
+    /// limit; each also reads the store once per append it is woken for.
+    #[arg(long, env = "WEIR_MAX_FOLLOWERS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_followers: u32,
+    /// Events waiting for one follower's connection, in bytes. 256 KiB is hundreds of
+    /// typical events: a reader that keeps up never fills it, one that stalls is found out
+    /// before it holds much.
+    #[arg(long, env = "WEIR_FOLLOW_BUFFER", default_value = "256KiB", value_parser = parse_size)]
+    pub follow_buffer: usize,
+    /// A follower whose buffer stays full this long is disconnected (with a last message
+    /// telling it to reconnect with `Last-Event-ID`). 30 s outlasts a client's pauses (a
+    /// garbage collection, a slow disk) but not a client that stopped reading.
+    #[arg(long, env = "WEIR_FOLLOW_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub follow_stall_timeout: Duration,
+    /// Interval of the `: keep-alive` comments sent to a follower while no event comes. 15 s
+    /// is half the shortest idle timeout common proxies and load balancers use (30 s; nginx
+    /// and cloud load balancers default to 60 s), so an idle follow is never closed by one.
+    #[arg(long, env = "WEIR_FOLLOW_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    pub follow_heartbeat: Duration,
 }
 
 impl ServerArgs {
@@ -111,6 +159,12 @@ impl ServerArgs {
             max_connections: self.max_connections as usize,
             drain_timeout: self.drain_timeout,
             body_memory: self.body_memory,
+            follow: FollowLimits {
+                max_followers: self.max_followers as usize,
+                buffer: self.follow_buffer,
+                stall_timeout: self.follow_stall_timeout,
+                heartbeat: self.follow_heartbeat,
+            },
         }
     }
 }
@@ -211,6 +265,12 @@ async fn accept_error(name: &str, e: &std::io::Error, shutdown: &CancellationTok
     }
 }
 
+/// Put in every request's extensions: cancelling it closes the request's connection at once,
+/// whatever is being written. A response that must end a client that stopped reading (a
+/// stalled follower) uses it: hyper would otherwise wait for ever to write the rest.
+#[derive(Clone, Debug, Default)]
+pub struct CloseConnection(pub CancellationToken);
+
 /// Counts the requests of a connection that are being handled or answered.
 struct InProgress(Arc<AtomicUsize>);
 
@@ -238,7 +298,10 @@ async fn connection(
 ) {
     let in_progress = Arc::new(AtomicUsize::new(0));
     let counter = in_progress.clone();
-    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+    let close = CloseConnection::default();
+    let closer = close.clone();
+    let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+        req.extensions_mut().insert(closer.clone());
         // From the complete headers until the response body is written (the guard rides
         // in the body): a shutdown lets exactly these finish.
         let guard = InProgress::start(&counter);
@@ -260,6 +323,8 @@ async fn connection(
     let finished = tokio::select! {
         r = conn.as_mut() => Some(r),
         _ = shutdown.cancelled() => None,
+        // Dropping the connection closes it.
+        _ = close.0.cancelled() => return,
     };
     if let Some(Err(e)) = &finished {
         // Header timeouts, resets and malformed requests: the client's doing.

@@ -149,9 +149,17 @@ pub async fn dlq(
     Ok(ExitCode::SUCCESS)
 }
 
-/// How often `tail` asks for new events once it reached the head.
-const TAIL_POLL: Duration = Duration::from_millis(500);
+/// Reconnect backoff of `tail`: from 200 ms, doubling, capped at 5 s (a worker restarting
+/// is back within seconds; a dead one is not hammered).
+const TAIL_RETRY_BASE: Duration = Duration::from_millis(200);
+const TAIL_RETRY_MAX: Duration = Duration::from_secs(5);
+/// The longest SSE line `tail` holds while it waits for the rest of it: an event is at most
+/// the stream's maxEventBytes (a few MiB), encoded as JSON.
+const TAIL_MAX_LINE: usize = 64 * 1024 * 1024;
 
+/// Prints a stream's events from `from`, then follows new ones over Server-Sent Events
+/// (`?follow=true`). A dropped connection, or a worker that ends the follow, is reconnected
+/// with `Last-Event-ID`: nothing is printed twice, nothing is skipped.
 pub async fn tail(
     url: &str,
     token: Option<&str>,
@@ -161,27 +169,170 @@ pub async fn tail(
 ) -> anyhow::Result<ExitCode> {
     let (ns, stream) = split(target, "stream")?;
     let client = client::http_client(token)?;
-    let mut next = from.max(1);
+    let u = format!(
+        "{}/v1/namespaces/{ns}/streams/{stream}/events?from={}&follow=true",
+        url.trim_end_matches('/'),
+        from.max(1)
+    );
+    let mut last: Option<i64> = None;
+    let mut connected = false;
+    let mut failures = 0u32;
     loop {
-        let u = format!(
-            "{}/v1/namespaces/{ns}/streams/{stream}/events?from={next}&limit=500",
-            url.trim_end_matches('/')
-        );
-        let body = answer(client.get(&u), &format!("GET {u}")).await?;
-        let empty = vec![];
-        let events = body.as_array().unwrap_or(&empty);
-        for ev in events {
-            print_event(ev, output);
-            if let Some(p) = ev["weirposition"]
-                .as_str()
-                .and_then(|p| p.parse::<i64>().ok())
-            {
-                next = next.max(p + 1);
+        let mut rb = client
+            .get(&u)
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        if let Some(l) = last {
+            rb = rb.header("last-event-id", l.to_string());
+        }
+        let mut wait = None;
+        match rb.send().await {
+            // The first connection must work: a wrong URL is said, not retried for ever.
+            Err(e) if !connected => return Err(e).with_context(|| format!("GET {u}")),
+            Err(e) => eprintln!("tail: {e}; reconnecting"),
+            Ok(r) if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                wait = r
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                eprintln!(
+                    "tail: 503: {}; retrying",
+                    body["detail"].as_str().unwrap_or("")
+                );
+            }
+            Ok(r) if !r.status().is_success() => {
+                let status = r.status().as_u16();
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                return Err(client::failed(status, &body));
+            }
+            Ok(r) => {
+                connected = true;
+                let printed = follow_events(r, output, &mut last).await;
+                if printed > 0 {
+                    failures = 0;
+                }
             }
         }
-        if events.is_empty() {
-            tokio::time::sleep(TAIL_POLL).await;
+        failures = failures.saturating_add(1);
+        let delay =
+            wait.unwrap_or_else(|| crate::data::backoff(TAIL_RETRY_BASE, TAIL_RETRY_MAX, failures));
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Prints the events of one follow response until it ends; `last` follows the ids. Returns
+/// how many were printed.
+async fn follow_events(mut r: reqwest::Response, output: Output, last: &mut Option<i64>) -> usize {
+    let mut parser = SseParser::default();
+    let mut printed = 0;
+    loop {
+        let chunk = match r.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                eprintln!("tail: the connection ended; reconnecting");
+                return printed;
+            }
+            Err(e) => {
+                eprintln!("tail: {e}; reconnecting");
+                return printed;
+            }
+        };
+        for msg in parser.feed(&chunk) {
+            match msg {
+                Ok(m) if m.event == "error" => {
+                    let v: serde_json::Value = serde_json::from_str(&m.data).unwrap_or_default();
+                    eprintln!(
+                        "tail: {}; reconnecting",
+                        v["detail"].as_str().unwrap_or(&m.data)
+                    );
+                    return printed;
+                }
+                Ok(m) => match serde_json::from_str::<serde_json::Value>(&m.data) {
+                    Ok(ev) => {
+                        print_event(&ev, output);
+                        printed += 1;
+                        if let Some(id) = m.id.and_then(|i| i.parse::<i64>().ok()) {
+                            *last = Some(id);
+                        }
+                    }
+                    Err(e) => eprintln!("tail: an event that is not JSON: {e}"),
+                },
+                Err(e) => {
+                    eprintln!("tail: {e}; reconnecting");
+                    return printed;
+                }
+            }
         }
+    }
+}
+
+/// One Server-Sent Events message.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct SseMessage {
+    event: String,
+    id: Option<String>,
+    data: String,
+}
+
+/// The Server-Sent Events wire format, as far as Weir uses it: `event:`, `id:`, `data:`
+/// (several joined by `\n`), comments, and a blank line ending each message.
+#[derive(Default)]
+struct SseParser {
+    line: Vec<u8>,
+    current: SseMessage,
+    has_data: bool,
+}
+
+impl SseParser {
+    fn feed(&mut self, bytes: &[u8]) -> Vec<anyhow::Result<SseMessage>> {
+        let mut out = vec![];
+        for &b in bytes {
+            if b != b'\n' {
+                if self.line.len() >= TAIL_MAX_LINE {
+                    out.push(Err(anyhow::anyhow!(
+                        "an event line over {TAIL_MAX_LINE} bytes"
+                    )));
+                    self.line.clear();
+                    return out;
+                }
+                self.line.push(b);
+                continue;
+            }
+            let mut line = std::mem::take(&mut self.line);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let line = String::from_utf8_lossy(&line);
+            if line.is_empty() {
+                let m = std::mem::take(&mut self.current);
+                if std::mem::take(&mut self.has_data) {
+                    out.push(Ok(m));
+                }
+                continue;
+            }
+            if line.starts_with(':') {
+                continue;
+            }
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (&*line, ""),
+            };
+            match field {
+                "event" => self.current.event = value.to_string(),
+                "id" => self.current.id = Some(value.to_string()),
+                "data" => {
+                    if self.has_data {
+                        self.current.data.push('\n');
+                    }
+                    self.current.data.push_str(value);
+                    self.has_data = true;
+                }
+                _ => {}
+            }
+        }
+        out
     }
 }
 
@@ -266,4 +417,35 @@ pub async fn sink(listen: SocketAddr, output: Output) -> anyhow::Result<ExitCode
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_messages_are_cut_on_blank_lines_across_chunks() {
+        let mut p = SseParser::default();
+        assert!(p.feed(b": keep-alive\n\nid: 3\nda").is_empty());
+        let got: Vec<_> = p
+            .feed(b"ta: {\"a\":\r\ndata: 1}\n\nevent: error\ndata: {}\n\n")
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                SseMessage {
+                    event: String::new(),
+                    id: Some("3".into()),
+                    data: "{\"a\":\n1}".into()
+                },
+                SseMessage {
+                    event: "error".into(),
+                    id: None,
+                    data: "{}".into()
+                }
+            ]
+        );
+    }
 }

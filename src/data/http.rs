@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
@@ -24,8 +24,12 @@ use crate::data::plane::{AppendError, AppendOutcome, Plane};
 use crate::data::problem::HttpProblem;
 use crate::data::store::{Appended, Conflict};
 use crate::data::trace::MAX_TRACE;
+use crate::server::CloseConnection;
 
+mod follow;
 mod subject;
+
+pub use follow::Followers;
 
 /// Largest page the read API returns; a client pages on with `from`.
 const MAX_PAGE: i64 = 1000;
@@ -48,6 +52,10 @@ pub struct HttpState {
     pub body_read_timeout: Duration,
     /// The worker's memory for publish bodies in flight (`--body-memory`).
     pub body_budget: Arc<crate::data::ingest::budget::BodyBudget>,
+    /// The live follows (`?follow=true`) and their bounds.
+    pub followers: Arc<Followers>,
+    /// Cancelled when the worker stops: live follows end then.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -365,6 +373,7 @@ struct RangeQuery {
     from: Option<String>,
     limit: Option<String>,
     consistency: Option<String>,
+    follow: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -430,8 +439,16 @@ async fn read_range(
     Path((ns, stream)): Path<(String, String)>,
     Query(q): Query<RangeQuery>,
     headers: HeaderMap,
+    close: Option<Extension<CloseConnection>>,
 ) -> Result<Response, HttpProblem> {
     let from = parse_param("from", q.from.as_deref(), 1, 1, i64::MAX)?;
+    if follow::wants_follow(q.follow.as_deref())? {
+        no_follow_params(&[("limit", &q.limit)])?;
+        let resume = follow::last_event_id(&headers)?;
+        let (rt, id) = readable(&st, &ns, &stream, &headers).await?;
+        let target = follow::Target::Stream { from };
+        return follow::follow(&st, rt, id, target, resume, close.map(|c| c.0)).await;
+    }
     let limit = parse_param("limit", q.limit.as_deref(), DEFAULT_PAGE, 1, MAX_PAGE)?;
     let (rt, id) = readable(&st, &ns, &stream, &headers).await?;
     let (store, _) = read_store(&st, &rt, q.consistency.as_deref())?;
@@ -510,8 +527,32 @@ async fn read_subject(
     Path((ns, stream, subject)): Path<(String, String, String)>,
     Query(q): Query<subject::SubjectQuery>,
     headers: HeaderMap,
+    close: Option<Extension<CloseConnection>>,
 ) -> Result<Response, HttpProblem> {
+    if follow::wants_follow(q.follow.as_deref())? {
+        let from = parse_param("from", q.from.as_deref(), 1, 1, i64::MAX)?;
+        no_follow_params(&[
+            ("limit", &q.limit),
+            ("version", &q.version),
+            ("asOf", &q.as_of),
+        ])?;
+        let resume = follow::last_event_id(&headers)?;
+        let (rt, id) = readable(&st, &ns, &stream, &headers).await?;
+        let target = follow::Target::Subject { subject, from };
+        return follow::follow(&st, rt, id, target, resume, close.map(|c| c.0)).await;
+    }
     subject::read_subject_page(&st, &ns, &stream, &subject, &q, &headers).await
+}
+
+/// A follow has no page and no end: it refuses the parameters that bound one.
+fn no_follow_params(params: &[(&str, &Option<String>)]) -> Result<(), HttpProblem> {
+    match params.iter().find(|(_, v)| v.is_some()) {
+        Some((name, _)) => Err(HttpProblem::bad_request(format!(
+            "query parameter {name} does not apply to follow=true (a follow has no page and \
+             no end)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 #[derive(Deserialize)]

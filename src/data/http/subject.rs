@@ -25,13 +25,15 @@ use axum::response::Response;
 #[derive(Deserialize)]
 pub(super) struct SubjectQuery {
     /// First version of the page (default 1).
-    from: Option<String>,
+    pub(super) from: Option<String>,
     /// Events per page (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
-    limit: Option<String>,
+    pub(super) limit: Option<String>,
     #[serde(rename = "asOf")]
-    as_of: Option<String>,
-    version: Option<String>,
+    pub(super) as_of: Option<String>,
+    pub(super) version: Option<String>,
     consistency: Option<String>,
+    /// `true`: a live follow (see `follow`).
+    pub(super) follow: Option<String>,
 }
 
 /// The request's selection: versions `from..=version`, recorded at or before `as_of`.
@@ -220,6 +222,7 @@ mod tests {
             as_of: Some("2024-05-01T00:00:00+02:00".into()),
             version: Some("9".into()),
             consistency: None,
+            follow: None,
         };
         let sel = Selection::parse(&q).unwrap();
         assert_eq!(
@@ -237,6 +240,7 @@ mod tests {
             as_of: None,
             version: None,
             consistency: None,
+            follow: None,
         };
         assert!(Selection::parse(&q("1", "1000")).is_ok());
         assert!(Selection::parse(&q("1", "1001")).is_err());
