@@ -511,7 +511,19 @@ async fn read_subject(
     Query(q): Query<subject::SubjectQuery>,
     headers: HeaderMap,
 ) -> Result<Response, HttpProblem> {
+    no_nul("subject", &subject)?;
     subject::read_subject_page(&st, &ns, &stream, &subject, &q, &headers).await
+}
+
+/// Refuses a path parameter holding U+0000 (`%00`): ingest refuses it in attributes, so no
+/// stored event has one, and PostgreSQL refuses it in a query (which was answered 500).
+fn no_nul(name: &str, value: &str) -> Result<(), HttpProblem> {
+    if value.contains('\0') {
+        return Err(HttpProblem::bad_request(format!(
+            "{name} must not contain the NUL character (U+0000)"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -526,6 +538,7 @@ async fn trace_handler(
     Query(q): Query<TraceQuery>,
     headers: HeaderMap,
 ) -> Result<Response, HttpProblem> {
+    no_nul("correlation id", &id)?;
     let limit = match q.limit.as_deref() {
         None => MAX_TRACE,
         Some(s) => match s.parse::<usize>() {
