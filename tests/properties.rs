@@ -545,6 +545,32 @@ proptest! {
     }
 }
 
+/// Regression (found by the fuzz corpus test): a binary-mode JSON body with invalid UTF-8
+/// inside a string was accepted as JSON data, which the structured mode (the read API,
+/// structured sinks) then left out. It is a 400 now.
+#[test]
+fn binary_json_with_invalid_utf8_is_refused() {
+    for body in [&b"{\"\xff\": 1}"[..], b"[\"a\xc3\"]", b"\"\xed\xa0\x80\""] {
+        let mut headers = content_type("application/json");
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "e"),
+            ("ce-source", "/s"),
+            ("ce-type", "t"),
+        ] {
+            headers.insert(k, HeaderValue::from_static(v));
+        }
+        let p = parse_request(&headers, body, &ctx()).expect_err("invalid UTF-8 is not JSON");
+        assert_eq!(p.status, 400, "{p:?}");
+        assert!(
+            p.errors
+                .iter()
+                .any(|e| e.pointer.as_deref() == Some("/data")),
+            "{p:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // AMQP codec
 
