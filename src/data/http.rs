@@ -529,6 +529,7 @@ async fn read_subject(
     headers: HeaderMap,
     close: Option<Extension<CloseConnection>>,
 ) -> Result<Response, HttpProblem> {
+    no_nul("subject", &subject)?;
     if follow::wants_follow(q.follow.as_deref())? {
         let from = parse_param("from", q.from.as_deref(), 1, 1, i64::MAX)?;
         no_follow_params(&[
@@ -555,6 +556,17 @@ fn no_follow_params(params: &[(&str, &Option<String>)]) -> Result<(), HttpProble
     }
 }
 
+/// Refuses a path parameter holding U+0000 (`%00`): ingest refuses it in attributes, so no
+/// stored event has one, and PostgreSQL refuses it in a query (which was answered 500).
+fn no_nul(name: &str, value: &str) -> Result<(), HttpProblem> {
+    if value.contains('\0') {
+        return Err(HttpProblem::bad_request(format!(
+            "{name} must not contain the NUL character (U+0000)"
+        )));
+    }
+    Ok(())
+}
+
 #[derive(Deserialize)]
 struct TraceQuery {
     limit: Option<String>,
@@ -567,6 +579,7 @@ async fn trace_handler(
     Query(q): Query<TraceQuery>,
     headers: HeaderMap,
 ) -> Result<Response, HttpProblem> {
+    no_nul("correlation id", &id)?;
     let limit = match q.limit.as_deref() {
         None => MAX_TRACE,
         Some(s) => match s.parse::<usize>() {

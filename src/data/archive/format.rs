@@ -62,8 +62,19 @@ pub struct BlockEntry {
 }
 
 impl BlockEntry {
+    /// Saturating: an index read back from a damaged segment may hold any numbers, and
+    /// checking it must not overflow.
     pub fn last_position(&self) -> i64 {
-        self.first_position + i64::from(self.count) - 1
+        self.first_position
+            .saturating_add(i64::from(self.count))
+            .saturating_sub(1)
+    }
+
+    /// The block's frame within `body`, or `None` when the entry points past its end
+    /// (a damaged index: its numbers are not to be trusted with plain arithmetic).
+    pub fn frame<'b>(&self, body: &'b [u8]) -> Option<&'b [u8]> {
+        let start = usize::try_from(self.offset).ok()?;
+        body.get(start..start.checked_add(self.len as usize)?)
     }
     pub fn holds(&self, position: i64) -> bool {
         position >= self.first_position && position <= self.last_position()
@@ -346,7 +357,9 @@ pub fn decode_block(raw: &[u8], first_position: i64) -> Result<Vec<StoredEvent>,
     while cur.at < raw.len() {
         let at = cur.at;
         let body = cur.bytes()?;
-        let position = first_position + out.len() as i64;
+        let position = first_position
+            .checked_add(out.len() as i64)
+            .ok_or_else(|| format!("record at byte {at}: position out of range"))?;
         let ev = decode_record(body, position, &mut block)
             .map_err(|e| format!("record at byte {at}: {e}"))?;
         out.push(ev);
@@ -518,12 +531,12 @@ pub fn build_segment(
     let mut block_first = first.position;
     let mut count = 0u32;
     for (i, ev) in events.iter().enumerate() {
-        let expected = first.position + i as i64;
-        if ev.position != expected {
+        if Some(ev.position) != first.position.checked_add(i as i64) {
             return Err(ArchiveError::Encode(format!(
                 "positions are not consecutive: {} follows {}",
                 ev.position,
-                expected - 1
+                // i > 0: the first event always matches.
+                events[i - 1].position
             )));
         }
         let block = index.len() as i32;
@@ -563,7 +576,8 @@ pub fn build_segment(
             body.extend_from_slice(&frame);
             raw.clear();
             encoder = BlockEncoder::default();
-            block_first = ev.position + 1;
+            // Saturating: after the last position there is no next block to number.
+            block_first = ev.position.saturating_add(1);
             count = 0;
         }
     }
@@ -647,8 +661,7 @@ fn first_bad_block(body: &[u8], index_offset: u64, index_len: u64) -> Option<u64
     let index: Vec<BlockEntry> =
         serde_json::from_slice(body.get(usize::try_from(index_offset).ok()?..end)?).ok()?;
     index.iter().find_map(|b| {
-        let start = usize::try_from(b.offset).ok()?;
-        let frame = body.get(start..start + b.len as usize)?;
+        let frame = b.frame(body)?;
         (crc32fast::hash(frame) != b.crc32).then_some(b.offset)
     })
 }
@@ -689,7 +702,7 @@ pub fn decompress_block(
         || events
             .iter()
             .enumerate()
-            .any(|(i, e)| e.position != entry.first_position + i as i64)
+            .any(|(i, e)| Some(e.position) != entry.first_position.checked_add(i as i64))
     {
         return Err(format!(
             "block holds {} events not numbered {}..={}",

@@ -127,9 +127,8 @@ pub async fn verify(
                     b.offset, b.first_position
                 ));
             }
-            next = b.last_position() + 1;
-            let start = b.offset as usize;
-            let Some(frame) = body.get(start..start + b.len as usize) else {
+            next = b.last_position().saturating_add(1);
+            let Some(frame) = b.frame(&body) else {
                 r.problems.push(format!(
                     "{name}: byte {}: block runs past the end of the segment",
                     b.offset

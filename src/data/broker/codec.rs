@@ -18,7 +18,12 @@
 //! anything ending in `+json`) give [`Data::Json`]; `text/*` gives [`Data::Text`] when the
 //! body is UTF-8; anything else gives [`Data::Binary`]. Without a content type, a body that
 //! parses as JSON is JSON (as in the CloudEvents JSON format), else UTF-8 is text, else
-//! binary. An empty body decodes as "no data".
+//! binary. An empty body decodes as "no data". Where the event's kind of data is not the one
+//! its content type gives (a `data_base64` payload declared `application/json`, a structured
+//! JSON string declared `text/plain; charset=latin1`), the message carries the header
+//! [`DATA_KIND_HEADER`] with the kind's code, so that decoding gives the event back exactly:
+//! without it, arbitrary bytes came back as JSON data, which the structured mode could not
+//! write, and a sink got the event without its data.
 
 use bytes::Bytes;
 use lapin::BasicProperties;
@@ -35,6 +40,9 @@ const HEADER_PREFIX_ALT: &str = "cloudEvents_";
 /// AMQP short strings (routing keys, header names, most properties) hold at most this many
 /// bytes.
 pub const MAX_SHORT_STRING: usize = 255;
+/// Header carrying the kind of data ([`Data::kind_code`]) when it differs from the kind the
+/// content type gives. Not a `cloudEvents:` header: it is no attribute of the event.
+pub const DATA_KIND_HEADER: &str = "weir-datakind";
 
 /// The AMQP message for an event, following the CloudEvents AMQP binding (binary mode):
 ///
@@ -95,6 +103,15 @@ pub fn to_message(ev: &CloudEvent) -> OutMessage {
         };
         put(name, value);
     }
+    if let Some(d) = &ev.data {
+        let derived = data_for(ev.datacontenttype.as_deref(), d.bytes().clone());
+        if derived.kind_code() != d.kind_code() {
+            headers.insert(
+                ShortString::from(DATA_KIND_HEADER),
+                AMQPValue::ShortInt(d.kind_code()),
+            );
+        }
+    }
     let timestamp = ev
         .time
         .as_deref()
@@ -124,8 +141,18 @@ pub fn from_delivery(
     let empty = FieldTable::default();
     let headers = headers.unwrap_or(&empty);
     let mut attrs = std::collections::BTreeMap::new();
+    let mut kind = None;
     for (key, value) in headers {
         let key = key.as_str();
+        if key == DATA_KIND_HEADER {
+            kind = match value {
+                AMQPValue::ShortInt(k) => Some(*k),
+                AMQPValue::LongInt(k) => i16::try_from(*k).ok(),
+                AMQPValue::LongLongInt(k) => i16::try_from(*k).ok(),
+                _ => None,
+            };
+            continue;
+        }
         let Some(name) = key
             .strip_prefix(HEADER_PREFIX)
             .or_else(|| key.strip_prefix(HEADER_PREFIX_ALT))
@@ -197,10 +224,15 @@ pub fn from_delivery(
     let data = if body.is_empty() {
         None
     } else {
-        Some(data_for(
-            datacontenttype.as_deref(),
-            Bytes::copy_from_slice(body),
-        ))
+        let bytes = Bytes::copy_from_slice(body);
+        // An unknown code (a newer writer) falls back to what the content type says.
+        Some(match kind {
+            Some(k) => match Data::from_kind_code(k, bytes.clone()) {
+                Some(d) => d,
+                None => data_for(datacontenttype.as_deref(), bytes),
+            },
+            None => data_for(datacontenttype.as_deref(), bytes),
+        })
     };
 
     Ok(CloudEvent {

@@ -292,7 +292,16 @@ pub(crate) fn json_string(raw: &str) -> Result<Cow<'_, str>, serde_json::Error> 
 
 /// Checks that `bytes` is one JSON value, without building it.
 pub(crate) fn check_json(bytes: &[u8]) -> Result<(), serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
+    // JSON is UTF-8 (RFC 8259), and skipping a value does not look inside its strings: the
+    // bytes are checked first. Invalid UTF-8 taken as JSON data could not be written out as
+    // JSON again, and the structured mode (reads, sinks) left such data out without a word.
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        <serde_json::Error as de::Error>::custom(format!(
+            "invalid UTF-8 at byte {}",
+            e.valid_up_to()
+        ))
+    })?;
+    let mut de = serde_json::Deserializer::from_str(text);
     (&mut de).deserialize_ignored_any(IgnoredAny)?;
     de.end()
 }
