@@ -279,37 +279,28 @@ async fn operator_end_to_end_with_kubectl() {
     server.apply(&broken).await;
     let msg = wait_condition(&server, &ns, "wes/broken", "False", "InvalidSpec", &[&a]).await;
     assert!(msg.contains("spec.batching.maxDelay"), "{msg}");
-    let out = server
-        .kubectl(&[
-            "patch",
-            "-n",
-            &ns,
-            "wes",
-            "broken",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"batching":{"maxDelay":"5ms"}}}"#,
-        ])
-        .await;
-    assert!(out.success, "{}", out.stderr);
-    wait_condition(&server, &ns, "wes/broken", "True", "Ready", &[&a]).await;
+    // Patching in a valid delay makes it ready again.
+    let fix = async || {
+        let out = server
+            .kubectl(&[
+                "patch",
+                "-n",
+                &ns,
+                "wes",
+                "broken",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"batching":{"maxDelay":"5ms"}}}"#,
+            ])
+            .await;
+        assert!(out.success, "{}", out.stderr);
+        wait_condition(&server, &ns, "wes/broken", "True", "Ready", &[&a]).await;
+    };
+    fix().await;
     // The same mistake again: the recorder patches the existing Warning's series.
     server.apply(&broken).await;
     wait_condition(&server, &ns, "wes/broken", "False", "InvalidSpec", &[&a]).await;
-    let out = server
-        .kubectl(&[
-            "patch",
-            "-n",
-            &ns,
-            "wes",
-            "broken",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"batching":{"maxDelay":"5ms"}}}"#,
-        ])
-        .await;
-    assert!(out.success, "{}", out.stderr);
-    wait_condition(&server, &ns, "wes/broken", "True", "Ready", &[&a]).await;
+    fix().await;
 
     // A missing Secret names the Secret; creating it makes the stream ready.
     let secret = unique("late-");

@@ -581,43 +581,42 @@ pub async fn stored_ids(db: &sqlx::PgPool) -> std::collections::BTreeSet<String>
 
 /// Whether RabbitMQ has queue `name` (a passive declare).
 pub async fn queue_exists(name: &str) -> bool {
-    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be running");
-    let ch = conn.create_channel().await.expect("channel");
-    let ok = ch
-        .queue_declare(
-            name.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .is_ok();
-    close_amqp(conn).await;
-    ok
+    declared(name, false).await
 }
 
 /// Whether RabbitMQ has exchange `name` (a passive declare).
 pub async fn exchange_exists(name: &str) -> bool {
+    declared(name, true).await
+}
+
+/// A passive declare of exchange or queue `name` on a connection of its own.
+async fn declared(name: &str, exchange: bool) -> bool {
     let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
         .await
         .expect("RabbitMQ must be running");
     let ch = conn.create_channel().await.expect("channel");
-    let ok = ch
-        .exchange_declare(
+    let ok = if exchange {
+        let passive = lapin::options::ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
             name.into(),
             lapin::ExchangeKind::Topic,
-            lapin::options::ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
+            passive,
             Default::default(),
         )
         .await
-        .is_ok();
+        .is_ok()
+    } else {
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.queue_declare(name.into(), passive, Default::default())
+            .await
+            .is_ok()
+    };
     close_amqp(conn).await;
     ok
 }
