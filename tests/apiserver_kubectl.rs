@@ -8,7 +8,7 @@ mod apiserver;
 
 use std::time::Duration;
 
-use apiserver::{KubectlOutput, TestApiServer};
+use apiserver::{TestApiServer, ok};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
@@ -37,15 +37,6 @@ kind: ArchivePolicy
 metadata: {name: nightly, namespace: shop}
 spec: {streamNames: [orders]}
 "#;
-
-fn ok(out: KubectlOutput) -> String {
-    assert!(
-        out.success,
-        "kubectl failed:\nstdout: {}\nstderr: {}",
-        out.stdout, out.stderr
-    );
-    out.stdout
-}
 
 /// Creates the namespace `shop` (with `apply`: `kubectl create namespace` sends protobuf,
 /// which the test server does not read).

@@ -15,20 +15,13 @@ const SA: &str = "system:serviceaccount:weir-system:weir";
 
 async fn setup(chart_args: &[&str]) -> (TestApiServer, String) {
     let server = TestApiServer::start().await;
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
-    let out = server
-        .kubectl_with_input(
-            &["apply", "-f", "-"],
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
+    server.apply_crds().await;
+    server.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
              apiVersion: v1\nkind: Namespace\nmetadata: {name: weir-system}\n---\n\
              apiVersion: v1\nkind: Namespace\nmetadata: {name: billing}\n---\n\
              apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {name: orders, namespace: shop}\n\
              spec: {broker: {urlSecretRef: {name: rabbitmq, key: url}}}\n---\n\
-             apiVersion: v1\nkind: Secret\nmetadata: {name: rabbitmq, namespace: shop}\nstringData: {url: amqp://x}\n",
-        )
-        .await;
-    assert!(out.success, "{}", out.stderr);
+             apiVersion: v1\nkind: Secret\nmetadata: {name: rabbitmq, namespace: shop}\nstringData: {url: amqp://x}\n").await;
     let chart =
         common::helm::render_in("weir-system", chart_args).unwrap_or_else(|e| panic!("helm: {e}"));
     server.enforce_rbac(&chart);

@@ -8,20 +8,11 @@
 mod apiserver;
 mod common;
 
-use apiserver::{KubectlOutput, TestApiServer};
+use apiserver::{TestApiServer, ok};
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
 use serde_json::{Value, json};
-
-fn ok(out: KubectlOutput) -> String {
-    assert!(
-        out.success,
-        "kubectl failed:\nstdout: {}\nstderr: {}",
-        out.stdout, out.stderr
-    );
-    out.stdout
-}
 
 /// A server with the CRDs and the namespace `shop`.
 async fn server() -> TestApiServer {

@@ -789,12 +789,7 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_answered() {
         "memory grew by {} bytes",
         during - before
     );
-    let stored: BTreeSet<String> = sqlx::query_scalar("SELECT id FROM weir_events")
-        .fetch_all(&db)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let stored = common::stored_ids(&db).await;
     for id in &ok_ids {
         assert!(stored.contains(id), "answered {id} not stored");
     }
@@ -848,12 +843,7 @@ async fn sigterm_answers_in_flight_publishes_and_exits_cleanly() {
     }
     assert!(!ok_ids.is_empty());
     let db = sqlx::PgPool::connect(&db_url).await.unwrap();
-    let stored: BTreeSet<String> = sqlx::query_scalar("SELECT id FROM weir_events")
-        .fetch_all(&db)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let stored = common::stored_ids(&db).await;
     for id in &ok_ids {
         assert!(stored.contains(id), "answered {id} not stored");
     }
@@ -920,25 +910,9 @@ async fn a_deleted_manifest_removes_data_only_under_prune_and_delete_policy() {
         // Pruning happens right after the stop; give it a moment.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(count(name).await > 0, kept, "prune={prune} policy={policy}");
-        let exchange_exists = {
-            let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-                .await
-                .unwrap();
-            let ch = conn.create_channel().await.unwrap();
-            ch.exchange_declare(
-                ex.as_str().into(),
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .is_ok()
-        };
         assert_eq!(
-            exchange_exists, kept,
+            exchange_exists(&ex).await,
+            kept,
             "exchange kept? prune={prune} policy={policy}"
         );
     }

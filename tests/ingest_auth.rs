@@ -372,8 +372,7 @@ async fn service_accounts_through_token_review() {
     let server = apiserver::TestApiServer::start().await;
     let ns = unique("sa");
     let db = fresh_database().await;
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply_crds().await;
     let manifests = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\n\
@@ -391,10 +390,7 @@ async fn service_accounts_through_token_review() {
          store: {{urlSecretRef: {{name: pg, key: url}}}}\n{AUTH}",
         secrets_yaml(CHECKOUT).replace("namespace: test", &format!("namespace: {ns}"))
     );
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &manifests)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&manifests).await;
     let op = Operator::start(server.kubeconfig(), "op-auth", &unique("weir-"), &[]);
     let c = Client {
         http: common::http(),
@@ -469,13 +465,9 @@ async fn service_accounts_through_token_review() {
     )
     .await;
     assert_eq!(c.get(&tokened, Some(CHECKOUT)).await.0, StatusCode::OK);
-    let out = server
-        .kubectl_with_input(
-            &["apply", "-f", "-"],
-            &secrets_yaml(ROTATED).replace("namespace: test", &format!("namespace: {ns}")),
-        )
+    server
+        .apply(&secrets_yaml(ROTATED).replace("namespace: test", &format!("namespace: {ns}")))
         .await;
-    assert!(out.success, "{}", out.stderr);
     eventually(
         30,
         "the rotated token to take over under the operator",

@@ -81,41 +81,6 @@ fn manifests(ns: &str, sink: &str) -> String {
     .concat()
 }
 
-async fn amqp_exists(queue: Option<&str>, exchange: Option<&str>) -> bool {
-    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be running");
-    let ch = conn.create_channel().await.expect("channel");
-    let ok = match (queue, exchange) {
-        (Some(q), _) => ch
-            .queue_declare(
-                q.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .is_ok(),
-        (None, Some(x)) => ch
-            .exchange_declare(
-                x.into(),
-                lapin::ExchangeKind::Topic,
-                lapin::options::ExchangeDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .is_ok(),
-        (None, None) => false,
-    };
-    common::close_amqp(conn).await;
-    ok
-}
-
 /// The broker objects of namespace `ns`: the valid resources' exist, distinct; the refused
 /// ones' do not.
 async fn assert_broker_objects(ns: &str, mode: &str) {
@@ -126,10 +91,7 @@ async fn assert_broker_objects(ns: &str, mode: &str) {
         format!("weir.{ns}.s.x.p1"),
         format!("weir-dlq.{ns}.x"),
     ] {
-        assert!(
-            amqp_exists(Some(&q), None).await,
-            "{mode}: queue {q} missing"
-        );
+        assert!(common::queue_exists(&q).await, "{mode}: queue {q} missing");
     }
     for q in [
         // b.c on a; d on a.b.
@@ -139,20 +101,17 @@ async fn assert_broker_objects(ns: &str, mode: &str) {
         format!("weir-dlq.{ns}.x.p0"),
         format!("weir-dlq.{ns}.b.c"),
     ] {
-        assert!(
-            !amqp_exists(Some(&q), None).await,
-            "{mode}: queue {q} exists"
-        );
+        assert!(!common::queue_exists(&q).await, "{mode}: queue {q} exists");
     }
     for x in [format!("weir.{ns}.a"), format!("weir.{ns}.a-b")] {
         assert!(
-            amqp_exists(None, Some(&x)).await,
+            common::exchange_exists(&x).await,
             "{mode}: exchange {x} missing"
         );
     }
     for x in [format!("weir.{ns}.a.b"), format!("legacy-{ns}")] {
         assert!(
-            !amqp_exists(None, Some(&x)).await,
+            !common::exchange_exists(&x).await,
             "{mode}: exchange {x} exists"
         );
     }
@@ -332,21 +291,11 @@ async fn operator_refuses_colliding_names_and_keeps_the_others_apart() {
     let sink = status_sink(200).await;
     let server = TestApiServer::start().await;
     let ns = unique("nmo");
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
-    let out = server
-        .kubectl_with_input(
-            &["apply", "-f", "-"],
-            &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"),
-        )
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply_crds().await;
+    server.apply_namespace(&ns).await;
     // The API server takes dotted names (a DNS subdomain is a valid object name): the
     // operator is what must refuse them.
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &manifests(&ns, &sink))
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&manifests(&ns, &sink)).await;
     let op = Operator::start(server.kubeconfig(), "op-names", &unique("weir-"), &[]);
     wait_settled(
         "operator",
@@ -395,7 +344,7 @@ async fn standalone_allows_custom_exchanges_with_the_setting() {
     let mut w = Weir::start_with_args(dir.path(), &["--allow-custom-exchanges"]);
     w.wait_ready(&ns, "custom").await;
     assert!(
-        amqp_exists(None, Some(&format!("legacy-{ns}"))).await,
+        common::exchange_exists(&format!("legacy-{ns}")).await,
         "exchange legacy-{ns} was not declared; log:\n{}",
         w.log_text()
     );

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 
 use apiserver::TestApiServer;
-use common::{AMQP_URL, Operator, fresh_database, unique};
+use common::{Operator, fresh_database, namespace_with_secrets, unique};
 use serde_json::Value;
 
 /// A bind mount of a fresh directory, unmounted on drop.
@@ -72,13 +72,10 @@ async fn volume_destinations_must_be_mounted_volumes() {
     let mount = BindMount::new(&dir.path().join("disk"), &dir.path().join("mnt"));
     let mounted = dir.path().join("mnt/archive");
 
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
-    let manifests = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{url: \"{AMQP_URL}\"}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\nstringData: {{url: \"{db}\"}}\n---\n\
-         apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: orders, namespace: {ns}}}\n\
+    server.apply_crds().await;
+    let manifests = namespace_with_secrets(&ns, &db)
+        + &format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: orders, namespace: {ns}}}\n\
          spec: {{broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}, store: {{urlSecretRef: {{name: pg, key: url}}}}}}\n---\n\
          apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: payments, namespace: {ns}}}\n\
          spec: {{broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}, store: {{urlSecretRef: {{name: pg, key: url}}}}}}\n---\n\
@@ -86,13 +83,10 @@ async fn volume_destinations_must_be_mounted_volumes() {
          spec: {{streamNames: [orders], destination: {{volume: {{path: \"{}\"}}}}}}\n---\n\
          apiVersion: weir.dev/v1alpha1\nkind: ArchivePolicy\nmetadata: {{name: durable, namespace: {ns}}}\n\
          spec: {{streamNames: [payments], destination: {{volume: {{path: \"{}\"}}}}}}\n",
-        unmounted.display(),
-        mounted.display()
-    );
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &manifests)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+            unmounted.display(),
+            mounted.display()
+        );
+    server.apply(&manifests).await;
     let op = Operator::start(server.kubeconfig(), "op", &unique("weir-"), &[]);
 
     let (status, reason, message) = common::eventually(

@@ -7,7 +7,7 @@ mod apiserver;
 mod common;
 
 use apiserver::TestApiServer;
-use common::{AMQP_URL, Operator, fresh_database, unique};
+use common::{Operator, fresh_database, namespace_with_secrets, unique};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use serde_json::{Value, json};
 
@@ -49,18 +49,9 @@ async fn a_condition_no_longer_produced_is_removed_and_others_conditions_stay() 
     let server = TestApiServer::start().await;
     let ns = unique("cond");
     let db = fresh_database().await;
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
-    let setup = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{url: \"{AMQP_URL}\"}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\nstringData: {{url: \"{db}\"}}\n---\n{}",
-        stream_yaml(&ns, true)
-    );
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &setup)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply_crds().await;
+    let setup = namespace_with_secrets(&ns, &db) + &stream_yaml(&ns, true);
+    server.apply(&setup).await;
     let op = Operator::start(server.kubeconfig(), "op-a", &unique("weir-"), &[]);
 
     // With a store, the stream reports StoreReady.
@@ -99,10 +90,7 @@ async fn a_condition_no_longer_produced_is_removed_and_others_conditions_stay() 
 
     // Without a store there is no StoreReady any more: the operator's next status drops it,
     // and the other controller's condition is still there.
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &stream_yaml(&ns, false))
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&stream_yaml(&ns, false)).await;
     let conditions = common::eventually(
         60,
         "the status of the store-less generation without StoreReady",

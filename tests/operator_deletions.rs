@@ -10,7 +10,7 @@ mod apiserver;
 mod common;
 
 use apiserver::TestApiServer;
-use common::{AMQP_URL, Operator, fresh_database, unique};
+use common::{Operator, fresh_database, namespace_with_secrets, queue_exists, unique};
 use serde_json::Value;
 
 /// How many resources the replica runs (its admin summary, which needs no token).
@@ -42,13 +42,10 @@ async fn deletions_take_effect_on_every_replica() {
     let ns = unique("del");
     let lease = unique("weir-");
     let db = fresh_database().await;
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
-    let manifests = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{url: \"{AMQP_URL}\"}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\nstringData: {{url: \"{db}\"}}\n---\n\
-         apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: orders, namespace: {ns}}}\n\
+    server.apply_crds().await;
+    let manifests = namespace_with_secrets(&ns, &db)
+        + &format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: orders, namespace: {ns}}}\n\
          spec: {{broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}, store: {{urlSecretRef: {{name: pg, key: url}}}}, deletionPolicy: Delete}}\n---\n\
          apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: audit, namespace: {ns}}}\n\
          spec: {{stream: orders, sink: {{uri: \"http://127.0.0.1:9/\"}}, deletionPolicy: Delete}}\n---\n\
@@ -56,11 +53,8 @@ async fn deletions_take_effect_on_every_replica() {
          spec: {{streamNames: [orders]}}\n---\n\
          apiVersion: weir.dev/v1alpha1\nkind: ArchivePolicy\nmetadata: {{name: nightly, namespace: {ns}}}\n\
          spec: {{streamNames: [orders]}}\n"
-    );
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &manifests)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+        );
+    server.apply(&manifests).await;
 
     // A holds the Lease (it starts first and is seen running everything); B joins after. No
     // periodic resync within the test (it would re-apply the topology and hide the bug).
@@ -98,26 +92,6 @@ async fn deletions_take_effect_on_every_replica() {
     wait_running(&[&a, &b], 1, "the deleted Subscription stopped").await;
 }
 
-async fn queue_exists(name: &str) -> bool {
-    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be running");
-    let ch = conn.create_channel().await.unwrap();
-    let ok = ch
-        .queue_declare(
-            name.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .is_ok();
-    common::close_amqp(conn).await;
-    ok
-}
-
 /// A deleted Subscription's queue stays deleted. The holder's cleanup deletes the queues; a
 /// resync that runs before the finalizer's removal reaches the caches, or the other replica's
 /// consumers (cancelled by the queue's deletion, then reconnecting), used to declare it again,
@@ -128,26 +102,20 @@ async fn a_deleted_subscriptions_queues_stay_deleted() {
     let ns = unique("delq");
     let lease = unique("weir-");
     let db = fresh_database().await;
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply_crds().await;
     let subs = 6;
-    let mut manifests = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{url: \"{AMQP_URL}\"}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\nstringData: {{url: \"{db}\"}}\n---\n\
-         apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: orders, namespace: {ns}}}\n\
+    let mut manifests = namespace_with_secrets(&ns, &db)
+        + &format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: orders, namespace: {ns}}}\n\
          spec: {{broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}, store: {{urlSecretRef: {{name: pg, key: url}}}}, deletionPolicy: Delete}}\n"
-    );
+        );
     for i in 0..subs {
         manifests.push_str(&format!(
             "---\napiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: s{i}, namespace: {ns}}}\n\
              spec: {{stream: orders, sink: {{uri: \"http://127.0.0.1:9/\"}}, consumers: 4}}\n"
         ));
     }
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &manifests)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&manifests).await;
     // Frequent resyncs widen the window between the cleanup and the finalizer's removal.
     let quick = ["--refresh", "300ms"];
     let a = Operator::start(server.kubeconfig(), "op-a", &lease, &quick);

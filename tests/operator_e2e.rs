@@ -24,7 +24,7 @@ use std::time::Duration;
 use apiserver::TestApiServer;
 use axum::Router;
 use axum::routing::post;
-use common::{Operator, unique};
+use common::{Operator, exchange_exists, queue_exists, unique};
 use serde_json::{Value, json};
 
 /// The quickstart manifests, moved to namespace `ns` and pointed at `sink`.
@@ -104,47 +104,6 @@ async fn wait_condition(
     .await
 }
 
-async fn exchange_exists(name: &str) -> bool {
-    let conn = lapin::Connection::connect(common::AMQP_URL, lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be running");
-    let ch = conn.create_channel().await.unwrap();
-    let ok = ch
-        .exchange_declare(
-            name.into(),
-            lapin::ExchangeKind::Topic,
-            lapin::options::ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .is_ok();
-    common::close_amqp(conn).await;
-    ok
-}
-
-async fn queue_exists(name: &str) -> bool {
-    let conn = lapin::Connection::connect(common::AMQP_URL, lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ must be running");
-    let ch = conn.create_channel().await.unwrap();
-    let ok = ch
-        .queue_declare(
-            name.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
-        .await
-        .is_ok();
-    common::close_amqp(conn).await;
-    ok
-}
-
 fn event(id: &str) -> Value {
     json!({"specversion": "1.0", "id": id, "source": "/e2e", "type": "order.created",
            "data": {"orderId": id, "amount": 3}})
@@ -198,17 +157,10 @@ async fn operator_end_to_end_with_kubectl() {
     let server = TestApiServer::start().await;
     let ns = unique("e2e");
     let lease = unique("weir-");
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply_crds().await;
     // kubectl's typed `create` subcommands send protobuf, which the test server does not
     // read: everything is created with `apply -f -`.
-    let out = server
-        .kubectl_with_input(
-            &["apply", "-f", "-"],
-            &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"),
-        )
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply_namespace(&ns).await;
 
     // The operators run as the chart's service account (release namespace `default`, where
     // Operator::start puts the Lease) under the chart's rendered RBAC.
@@ -217,10 +169,7 @@ async fn operator_end_to_end_with_kubectl() {
     let op_kubeconfig = server.kubeconfig_with_token(&server.issue_token("default", "weir", &[]));
     let mut a = Operator::start(&op_kubeconfig, "op-a", &lease, &[]);
     let (sink_url, delivered) = sink().await;
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &quickstart(&ns, &sink_url))
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&quickstart(&ns, &sink_url)).await;
 
     // One of each of the other two kinds, so that `kubectl get weir` shows all four.
     let policies = format!(
@@ -229,10 +178,7 @@ async fn operator_end_to_end_with_kubectl() {
          apiVersion: weir.dev/v1alpha1\nkind: ArchivePolicy\nmetadata: {{name: nightly, namespace: {ns}}}\n\
          spec: {{streamNames: [orders]}}\n"
     );
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &policies)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&policies).await;
 
     // Every resource becomes ready.
     wait_ready(&server, &ns, "eventstreams", &[&a]).await;
@@ -330,46 +276,31 @@ async fn operator_end_to_end_with_kubectl() {
         "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: broken, namespace: {ns}}}\n\
          spec:\n  broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}\n  batching: {{maxDelay: soon}}\n"
     );
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &broken)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&broken).await;
     let msg = wait_condition(&server, &ns, "wes/broken", "False", "InvalidSpec", &[&a]).await;
     assert!(msg.contains("spec.batching.maxDelay"), "{msg}");
-    let out = server
-        .kubectl(&[
-            "patch",
-            "-n",
-            &ns,
-            "wes",
-            "broken",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"batching":{"maxDelay":"5ms"}}}"#,
-        ])
-        .await;
-    assert!(out.success, "{}", out.stderr);
-    wait_condition(&server, &ns, "wes/broken", "True", "Ready", &[&a]).await;
+    // Patching in a valid delay makes it ready again.
+    let fix = async || {
+        let out = server
+            .kubectl(&[
+                "patch",
+                "-n",
+                &ns,
+                "wes",
+                "broken",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"batching":{"maxDelay":"5ms"}}}"#,
+            ])
+            .await;
+        assert!(out.success, "{}", out.stderr);
+        wait_condition(&server, &ns, "wes/broken", "True", "Ready", &[&a]).await;
+    };
+    fix().await;
     // The same mistake again: the recorder patches the existing Warning's series.
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &broken)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&broken).await;
     wait_condition(&server, &ns, "wes/broken", "False", "InvalidSpec", &[&a]).await;
-    let out = server
-        .kubectl(&[
-            "patch",
-            "-n",
-            &ns,
-            "wes",
-            "broken",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"batching":{"maxDelay":"5ms"}}}"#,
-        ])
-        .await;
-    assert!(out.success, "{}", out.stderr);
-    wait_condition(&server, &ns, "wes/broken", "True", "Ready", &[&a]).await;
+    fix().await;
 
     // A missing Secret names the Secret; creating it makes the stream ready.
     let secret = unique("late-");
@@ -377,10 +308,7 @@ async fn operator_end_to_end_with_kubectl() {
         "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: nosecret, namespace: {ns}}}\n\
          spec:\n  broker: {{urlSecretRef: {{name: {secret}, key: url}}}}\n  deletionPolicy: Delete\n"
     );
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &nosecret)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&nosecret).await;
     let msg = wait_condition(
         &server,
         &ns,
@@ -391,16 +319,10 @@ async fn operator_end_to_end_with_kubectl() {
     )
     .await;
     assert!(msg.contains(&secret), "{msg}");
-    let out = server
-        .kubectl_with_input(
-            &["apply", "-f", "-"],
-            &format!(
+    server.apply(&format!(
                 "apiVersion: v1\nkind: Secret\nmetadata: {{name: {secret}, namespace: {ns}}}\nstringData: {{url: \"{}\"}}\n",
                 common::AMQP_URL
-            ),
-        )
-        .await;
-    assert!(out.success, "{}", out.stderr);
+            )).await;
     wait_condition(&server, &ns, "wes/nosecret", "True", "Ready", &[&a]).await;
 
     // A schema kept in a ConfigMap (`schemaFrom`) is read with `get`, like Secrets.
@@ -411,10 +333,7 @@ async fn operator_end_to_end_with_kubectl() {
          spec:\n  broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}\n  deletionPolicy: Delete\n  validation:\n    \
          schemas:\n      - type: order.created\n        schemaFrom: {{configMapKeyRef: {{name: order-schemas, key: created.json}}}}\n"
     );
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &schemas)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&schemas).await;
     wait_condition(&server, &ns, "wes/schemed", "True", "Ready", &[&a]).await;
 
     // A second operator: serves ingest too; A holds the Lease.
@@ -643,8 +562,7 @@ async fn operator_waits_for_crds_and_releases_the_lease_on_sigterm() {
     assert_eq!(http_status(&readyz).await, Some(503));
     assert_eq!(holder(&server, &lease).await, "");
 
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply_crds().await;
     eventually(
         30,
         "readyz once the CRDs are established",
@@ -678,28 +596,19 @@ async fn kubectl_scale_to_zero_parks_a_subscription_and_scaling_up_delivers_what
     let ns = "test";
     let stream = unique("orders-");
     let sub = unique("zero-");
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply_crds().await;
     let (sink_url, delivered) = sink().await;
-    let manifests = format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\n\
-         stringData: {{url: \"{amqp}\"}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\n\
-         stringData: {{url: \"{db}\"}}\n---\n\
-         apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: {stream}, namespace: {ns}}}\n\
+    let manifests = common::namespace_with_secrets(ns, &db)
+        + &format!(
+            "apiVersion: weir.dev/v1alpha1\nkind: EventStream\nmetadata: {{name: {stream}, namespace: {ns}}}\n\
          spec:\n  broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}\n\
          \x20 store: {{urlSecretRef: {{name: pg, key: url}}}}\n  deletionPolicy: Delete\n---\n\
          apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {sub}, namespace: {ns}}}\n\
          spec:\n  stream: {stream}\n  sink: {{uri: \"{sink_url}\"}}\n  consumers: 2\n",
-        amqp = common::AMQP_URL,
-    );
+        );
     let lease = unique("weir-");
     let op = Operator::start(server.kubeconfig(), "op-zero", &lease, &[]);
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &manifests)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&manifests).await;
     let wsub = format!("wsub/{sub}");
     wait_condition(&server, ns, &wsub, "True", "Ready", &[&op]).await;
     assert!(publish(&op.url, ns, &stream, "e0").await.is_success());

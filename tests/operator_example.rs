@@ -49,8 +49,7 @@ fn ready(obj: &Value) -> Option<(String, String)> {
 async fn the_kubernetes_example_applies_and_every_resource_becomes_ready() {
     let server = TestApiServer::start().await;
     let ns = unique("kex");
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply_crds().await;
 
     let out = server
         .kubectl_with_input(&["apply", "-f", "-"], &example(&ns))
@@ -77,10 +76,7 @@ async fn the_kubernetes_example_applies_and_every_resource_becomes_ready() {
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{url: \"{AMQP_URL}\"}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\nstringData: {{url: \"{db}\"}}\n"
     );
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &secrets)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&secrets).await;
 
     let op = Operator::start(server.kubeconfig(), "op-ex", &unique("weir-"), &[]);
     // The last conditions seen, shown if they never turn ready.

@@ -126,12 +126,7 @@ async fn a_store_outage_answers_503_and_recovers_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let db = sqlx::PgPool::connect(&direct).await.unwrap();
-    let stored: BTreeSet<String> = sqlx::query_scalar("SELECT id FROM weir_events")
-        .fetch_all(&db)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let stored = common::stored_ids(&db).await;
     assert!(
         answered.is_subset(&stored),
         "answered {answered:?}, stored {stored:?}"

@@ -15,7 +15,6 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -89,19 +88,7 @@ impl Pair {
             .prefix("weir-pgfo-")
             .tempdir()
             .expect("tempdir");
-        if as_postgres {
-            let st = Command::new("chown")
-                .arg("postgres:")
-                .arg(root.path())
-                .status()
-                .expect("chown");
-            assert!(st.success(), "chown the temporary folder to postgres");
-        }
-        let pg = PgRunner {
-            bin,
-            as_postgres,
-            cwd: root.path().to_path_buf(),
-        };
+        let pg = PgRunner::in_dir(bin, as_postgres, root.path());
         let node = |name: &str| Node {
             data: root.path().join(name),
             port: free_port(),

@@ -267,22 +267,11 @@ async fn standalone_and_operator_report_identical_conditions() {
     let server = TestApiServer::start().await;
     let op_ns = unique("op");
     let op_db = fresh_database().await;
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
-    let out = server
-        .kubectl_with_input(
-            &["apply", "-f", "-"],
-            &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {op_ns}}}\n"),
-        )
+    server.apply_crds().await;
+    server.apply_namespace(&op_ns).await;
+    server
+        .apply(&manifests(&op_ns, &op_db, &ok_sink, &bad_sink))
         .await;
-    assert!(out.success, "{}", out.stderr);
-    let out = server
-        .kubectl_with_input(
-            &["apply", "-f", "-"],
-            &manifests(&op_ns, &op_db, &ok_sink, &bad_sink),
-        )
-        .await;
-    assert!(out.success, "{}", out.stderr);
     let op = Operator::start(server.kubeconfig(), "op-status", &unique("weir-"), &[]);
 
     publish_until_accepted(&w.url, &solo_ns, "standalone", || w.log_text()).await;

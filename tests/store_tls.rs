@@ -72,19 +72,7 @@ impl TlsPostgres {
             CERT_USER,
             "extendedKeyUsage=clientAuth",
         );
-        if as_postgres {
-            let st = Command::new("chown")
-                .args(["-R", "postgres:"])
-                .arg(dir)
-                .status()
-                .expect("chown");
-            assert!(st.success(), "chown the temporary folder to postgres");
-        }
-        let pg = PgRunner {
-            bin,
-            as_postgres,
-            cwd: dir.to_path_buf(),
-        };
+        let pg = PgRunner::in_dir(bin, as_postgres, dir);
         let data = dir.join("data");
         let log = dir.join("pg.log");
         let port = free_port();

@@ -3,32 +3,33 @@
 //! streams), relay and health. `apply` moves the running set to a new topology; a stream
 //! whose plan did not change keeps running untouched.
 
-use crate::poison::{MutexExt, RwLockExt};
+mod provision;
+mod runtime;
+mod writer;
+
+pub use runtime::{Backend, Health, StreamRuntime};
+
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::data::batcher::{self, BatchObserver, BatchWriter, Batcher};
+use crate::data::batcher::{self, Batcher};
 use crate::data::broker::Broker;
-use crate::data::event::{CloudEvent, StoredEvent};
 use crate::data::ingest::Validator;
-use crate::data::relay::{self, Handoff, Relay};
+use crate::data::relay::{self, Relay};
+use crate::data::store::StoreError;
 use crate::data::store::pools::Pools;
-use crate::data::store::{RequestOutcome, Store, StoreError};
-use crate::data::{Trouble, sleep_or_cancel};
 use crate::metrics::Metrics;
-use crate::topology::{AccessPlan, DeletionPolicy, Key, StreamPlan};
+use crate::poison::{MutexExt, RwLockExt};
+use crate::topology::{DeletionPolicy, Key, StreamPlan};
+use provision::{provision_exchange, provision_store, watch_broker};
+use writer::{Observer, StoreWriter};
 
 /// Publishes in flight per broker-only stream and process. 256 concurrent confirm waits
 /// keep RabbitMQ's confirm pipeline full; beyond that callers get 503 rather than queueing.
 const BROKER_INFLIGHT: usize = 256;
-/// How long `stop` waits for a stream's batcher to drain.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -43,272 +44,8 @@ pub enum EngineError {
     },
 }
 
-use crate::data::conditions::Dependency;
 /// Reasons of the dependency conditions (kept here too for the runtime parts that set them).
 pub use crate::data::conditions::reason;
-
-/// Health of a stream's dependencies, as last observed by this process.
-#[derive(Default)]
-pub struct Health {
-    /// The stream's rows exist in its store (set-up done). Whether the database answers now
-    /// is the pool's health ([`Store::unavailable`]), shared by every stream of it.
-    pub store_ready: AtomicBool,
-    pub broker_ready: AtomicBool,
-    /// Why the store side is not ready (set-up), if it is not.
-    pub last_error: Mutex<Option<String>>,
-    /// Why the exchange could not be declared, if it could not.
-    broker_error: Mutex<Option<String>>,
-    /// The last append failed with a transient error (said once per change).
-    pub append_failing: AtomicBool,
-    /// The highest position this process knows to be committed (its appends, its relay,
-    /// the set-up's read): status shows it without asking the database.
-    pub head: Arc<std::sync::atomic::AtomicI64>,
-}
-
-impl Health {
-    fn set_error(&self, e: Option<String>) {
-        *self.last_error.locked() = e;
-    }
-    fn set_broker_error(&self, e: Option<String>) {
-        *self.broker_error.locked() = e;
-    }
-    fn broker_error(&self) -> Option<String> {
-        self.broker_error.locked().clone()
-    }
-    pub fn error(&self) -> Option<String> {
-        self.last_error.locked().clone()
-    }
-}
-
-pub enum Backend {
-    Stored {
-        store: Store,
-        /// Set once the stream's rows exist (provisioning may wait for the database).
-        stream_id: Arc<OnceLock<i64>>,
-        batcher: Mutex<Option<Batcher>>,
-        batcher_task: Mutex<Option<JoinHandle<()>>>,
-    },
-    BrokerOnly {
-        inflight: Arc<Semaphore>,
-    },
-}
-
-pub struct StreamRuntime {
-    /// The plan the stream was started with. Its `access` is the one at start: read the
-    /// current one with [`StreamRuntime::access`].
-    pub plan: StreamPlan,
-    /// Who may publish and read now (replaced in place when only it changes, e.g. a rotated
-    /// token, so that a rotation does not restart the stream).
-    access: RwLock<Arc<AccessPlan>>,
-    pub validator: Validator,
-    pub broker: Broker,
-    pub backend: Backend,
-    pub health: Arc<Health>,
-    /// `spec.ingest.rateLimit`'s bucket on this worker; rebuilt (full) with the runtime
-    /// whenever the plan changes.
-    pub rate_limit: Option<crate::data::ingest::limit::RateLimit>,
-    /// `spec.pii`: encryption of personal-data fields (stored streams only).
-    pub pii: Option<Arc<crate::data::pii::Pii>>,
-    cancel: CancellationToken,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
-}
-
-impl Backend {
-    /// The stream's store (`None` for a broker-only stream).
-    pub fn store(&self) -> Option<&Store> {
-        match self {
-            Backend::Stored { store, .. } => Some(store),
-            Backend::BrokerOnly { .. } => None,
-        }
-    }
-}
-
-impl StreamRuntime {
-    pub fn key(&self) -> &Key {
-        &self.plan.key
-    }
-
-    /// Who may publish to and read from the stream now.
-    pub fn access(&self) -> Arc<AccessPlan> {
-        self.access.reading().clone()
-    }
-
-    /// The plan the stream runs, with its current access.
-    fn current_plan(&self) -> StreamPlan {
-        let mut plan = self.plan.clone();
-        plan.access = (*self.access()).clone();
-        plan
-    }
-
-    /// The batcher while the stream runs (`None` once stopping or for broker-only streams).
-    pub fn batcher(&self) -> Option<Batcher> {
-        match &self.backend {
-            Backend::Stored { batcher, .. } => batcher.locked().clone(),
-            Backend::BrokerOnly { .. } => None,
-        }
-    }
-
-    pub fn stream_id(&self) -> Option<i64> {
-        match &self.backend {
-            Backend::Stored { stream_id, .. } => stream_id.get().copied(),
-            Backend::BrokerOnly { .. } => None,
-        }
-    }
-
-    /// The StoreReady condition as this process sees it: `(ready, reason, message)`;
-    /// `None` for a broker-only stream.
-    pub fn store_condition(&self) -> Option<Dependency> {
-        let store = self.store()?;
-        Some(if let Some(e) = store.unavailable() {
-            Dependency::down(reason::STORE_UNAVAILABLE, format!("store: {e}"))
-        } else if !self.health.store_ready.load(Ordering::Acquire) {
-            match self.health.error() {
-                Some(e) => Dependency::down(reason::STORE_UNAVAILABLE, e),
-                None => Dependency::down(reason::PROVISIONING, "creating the stream's rows"),
-            }
-        } else {
-            Dependency::up(reason::CONNECTED)
-        })
-    }
-
-    /// The BrokerReady condition as this process sees it.
-    pub fn broker_condition(&self) -> Dependency {
-        let connected = self.health.broker_ready.load(Ordering::Acquire);
-        match self.health.broker_error() {
-            Some(e) => Dependency::down(reason::BROKER_UNAVAILABLE, e),
-            None if !connected => Dependency::down(
-                reason::BROKER_UNAVAILABLE,
-                "broker: not connected (reconnecting with backoff)",
-            ),
-            None => Dependency::up(reason::CONNECTED),
-        }
-    }
-
-    pub fn store(&self) -> Option<&Store> {
-        self.backend.store()
-    }
-
-    /// Stops background work and drains the batcher: every queued request is answered.
-    async fn stop(&self) {
-        self.cancel.cancel();
-        if let Backend::Stored {
-            batcher,
-            batcher_task,
-            ..
-        } = &self.backend
-        {
-            drop(batcher.locked().take());
-            let task = batcher_task.locked().take();
-            if let Some(task) = task
-                && tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err()
-            {
-                tracing::warn!(stream = %self.plan.key, "batcher did not drain in time");
-            }
-        }
-        let tasks: Vec<_> = std::mem::take(&mut *self.tasks.locked());
-        for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-        }
-    }
-}
-
-struct StoreWriter {
-    store: Store,
-    health: Arc<Health>,
-    stream_id: Arc<OnceLock<i64>>,
-    compression: crate::topology::CompressionPlan,
-    /// This stream's batches in flight, so the next one is decided while the previous commits.
-    chain: crate::data::store::AppendChain,
-    /// `weir_store_appends_total{path}` of this stream, and its namespace and name.
-    paths: prometheus::IntCounterVec,
-    labels: [String; 2],
-    /// Committed batches for this process's relay.
-    handoff: Handoff,
-    /// `weir_store_payload_bytes_total{kind="raw"|"stored"}` of this stream.
-    payload_raw: prometheus::IntCounter,
-    payload_stored: prometheus::IntCounter,
-}
-
-impl BatchWriter for StoreWriter {
-    fn write<'a>(
-        &'a self,
-        requests: &'a [Vec<CloudEvent>],
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Vec<RequestOutcome>, StoreError>> + Send + 'a>,
-    > {
-        Box::pin(async move {
-            let Some(id) = self.stream_id.get().copied() else {
-                return Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut));
-            };
-            let inputs: Vec<_> = requests
-                .iter()
-                .map(|r| crate::data::store::AppendInput { events: r })
-                .collect();
-            let (outcomes, report) = self
-                .store
-                .append_chained(id, &inputs, &self.compression, &self.chain)
-                .await?;
-            self.paths
-                .with_label_values(&[&self.labels[0], &self.labels[1], report.path.label()])
-                .inc();
-            if let Some(last) = report.written.iter().map(|w| w.2).max() {
-                self.health.head.fetch_max(last, Ordering::AcqRel);
-            }
-            self.payload_raw.inc_by(report.bytes.raw);
-            self.payload_stored.inc_by(report.bytes.stored);
-            if let Some(recorded_time) = report.recorded_at
-                && self.handoff.wanted()
-            {
-                // Exactly what reading these rows back would give.
-                let events = report
-                    .written
-                    .iter()
-                    .map(|&(r, e, position, version)| StoredEvent {
-                        position,
-                        version,
-                        recorded_time,
-                        event: requests[r][e].clone(),
-                    })
-                    .collect();
-                self.handoff.offer(events);
-            }
-            Ok(outcomes)
-        })
-    }
-}
-
-struct Observer {
-    metrics: Metrics,
-    key: Key,
-    /// An append that failed is said once per change (the store's health is the pool's).
-    health: Arc<Health>,
-}
-
-impl BatchObserver for Observer {
-    fn batch_written(&self, events: usize, elapsed: Duration) {
-        if self.health.append_failing.swap(false, Ordering::AcqRel) {
-            tracing::info!(stream = %self.key, "appends succeed again");
-        }
-        let l = [self.key.namespace.as_str(), self.key.name.as_str()];
-        self.metrics
-            .batch_events
-            .with_label_values(&l)
-            .observe(events as f64);
-        self.metrics
-            .store_append_duration
-            .with_label_values(&l)
-            .observe(elapsed.as_secs_f64());
-    }
-    fn retried(&self) {
-        if !self.health.append_failing.swap(true, Ordering::AcqRel) {
-            tracing::warn!(stream = %self.key, "store unavailable: an append failed and is retried");
-        }
-        self.metrics
-            .store_append_retries
-            .with_label_values(&[self.key.namespace.as_str(), self.key.name.as_str()])
-            .inc();
-    }
-}
 
 pub struct Engine {
     streams: RwLock<HashMap<Key, Arc<StreamRuntime>>>,
@@ -601,115 +338,5 @@ impl Engine {
         }
         self.caches.shutdown();
         self.pools.close_all().await;
-    }
-}
-
-/// Backoff of a stream's set-up after a failure: from 200 ms, doubling, capped at 30 s, with
-/// jitter (a thousand streams of a database that refuses retry a few times a minute each).
-const SETUP_RETRY_BASE: Duration = Duration::from_millis(200);
-const SETUP_RETRY_MAX: Duration = Duration::from_secs(30);
-
-/// Migrates the database (once per database), creates the stream's rows, then runs the relay.
-/// Set-ups of one database run a few at a time ([`Store::provision_slot`]); while the pool's
-/// health check says the database is down, a set-up waits for it to come back instead of
-/// trying. The stream answers 503 meanwhile and its StoreReady condition says why.
-async fn provision_store(
-    key: Key,
-    store: Store,
-    stream_id: Arc<OnceLock<i64>>,
-    health: Arc<Health>,
-    cancel: CancellationToken,
-    mut relay: Relay,
-) {
-    let mut trouble = Trouble::new(SETUP_RETRY_BASE, SETUP_RETRY_MAX);
-    let mut db = store.health();
-    let id = loop {
-        if let Some(e) = store.unavailable() {
-            health.set_error(Some(format!("store: {e}")));
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = db.changed() => if r.is_err() { return },
-            }
-            continue;
-        }
-        let r = async {
-            let _slot = store.provision_slot().await;
-            store.migrate().await?;
-            let id = store.ensure_stream(&key.namespace, &key.name).await?;
-            let head = store.head(id).await?;
-            Ok::<_, StoreError>((id, head))
-        };
-        let r = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = r => r,
-        };
-        match r {
-            Ok((id, head)) => {
-                health.head.fetch_max(head, Ordering::AcqRel);
-                break id;
-            }
-            Err(e) => {
-                let msg = format!("store: {e}");
-                let (delay, say) = trouble.failed(&msg);
-                if say {
-                    tracing::warn!(stream = %key, error = %e, "store not ready");
-                }
-                health.set_error(Some(msg));
-                if !sleep_or_cancel(&cancel, delay).await {
-                    return;
-                }
-            }
-        }
-    };
-    if trouble.ok() {
-        tracing::info!(stream = %key, "store ready");
-    }
-    let _ = stream_id.set(id);
-    health.store_ready.store(true, Ordering::Release);
-    health.set_error(None);
-    relay.stream_id = id;
-    relay.run(cancel).await;
-}
-
-async fn provision_exchange(
-    key: Key,
-    broker: Broker,
-    exchange: String,
-    health: Arc<Health>,
-    cancel: CancellationToken,
-) {
-    let mut trouble = Trouble::new(SETUP_RETRY_BASE, SETUP_RETRY_MAX);
-    loop {
-        match broker.declare_exchange(&exchange).await {
-            Ok(()) => {
-                if trouble.ok() {
-                    tracing::info!(stream = %key, "exchange declared");
-                }
-                health.set_broker_error(None);
-                return;
-            }
-            Err(e) => {
-                let msg = format!("broker: {e}");
-                let (delay, say) = trouble.failed(&msg);
-                if say {
-                    tracing::warn!(stream = %key, error = %e, "exchange not declared yet");
-                }
-                health.set_broker_error(Some(msg));
-                if !sleep_or_cancel(&cancel, delay).await {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Samples the broker connection's health for status and readiness.
-async fn watch_broker(broker: Broker, health: Arc<Health>, cancel: CancellationToken) {
-    loop {
-        let ok = broker.healthy().await;
-        health.broker_ready.store(ok, Ordering::Release);
-        if !sleep_or_cancel(&cancel, Duration::from_secs(2)).await {
-            return;
-        }
     }
 }

@@ -13,8 +13,7 @@ use super::{audit_records, bearer, rabbitmqctl_messages, refusing_sink, wait_que
 async fn operator_admin_is_decided_by_rbac() {
     let server = TestApiServer::start().await;
     let ns = unique("adm");
-    let out = server.kubectl(&["apply", "-f", "crds/"]).await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply_crds().await;
     let sub = "refused";
     let sink = refusing_sink().await;
     let manifests = format!(
@@ -26,10 +25,7 @@ async fn operator_admin_is_decided_by_rbac() {
          apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {sub}, namespace: {ns}}}\n\
          spec: {{stream: orders, sink: {{uri: \"{sink}\"}}, deletionPolicy: Delete}}\n"
     );
-    let out = server
-        .kubectl_with_input(&["apply", "-f", "-"], &manifests)
-        .await;
-    assert!(out.success, "{}", out.stderr);
+    server.apply(&manifests).await;
     let op = Operator::start(server.kubeconfig(), "op-admin", &unique("weir-"), &[]);
 
     // Published once the subscription's queue is bound (202 from a broker-only stream).

@@ -12,9 +12,12 @@
 //! server.url();                                      // "http://127.0.0.1:PORT"
 //! server.kubeconfig();                               // path of a kubeconfig for it (context "test", namespace "default")
 //! let client: kube::Client = server.client();        // a kube-rs client for it
-//! let out = server.kubectl(&["apply", "-f", "crds/"]).await; // the real kubectl against it
+//! let out = server.kubectl(&["get", "wes", "-A"]).await; // the real kubectl against it
 //! assert!(out.success, "{}", out.stderr);
 //! server.kubectl_with_input(&["apply", "-f", "-"], yaml).await;
+//! server.apply_crds().await;                          // `kubectl apply -f crds/`, asserted to succeed
+//! server.apply(yaml).await;                           // `kubectl apply -f -`, asserted to succeed
+//! server.apply_namespace("shop").await;               // a Namespace, through `apply`
 //! server.kubectl_command();                          // a std::process::Command with --kubeconfig/--cache-dir set
 //! server.calls();                                    // every request served, as `Call`s (verb, group, resource, ...)
 //! server.permissions_used(|c| !c.is_kubectl());      // {(group, "resource[/sub]", verb)} for RBAC checks
@@ -188,6 +191,16 @@ pub struct KubectlOutput {
     pub stderr: String,
 }
 
+/// The output of a kubectl run that must have succeeded; panics with both streams if not.
+pub fn ok(out: KubectlOutput) -> String {
+    assert!(
+        out.success,
+        "kubectl failed:\nstdout: {}\nstderr: {}",
+        out.stdout, out.stderr
+    );
+    out.stdout
+}
+
 /// A running test API server; stopped when dropped.
 pub struct TestApiServer {
     url: String,
@@ -345,6 +358,26 @@ impl TestApiServer {
             },
             Err(e) => panic!("kubectl cannot be run: {e}"),
         }
+    }
+
+    /// `kubectl apply -f -` of `yaml`; panics with kubectl's error output if it fails.
+    pub async fn apply(&self, yaml: &str) {
+        let out = self.kubectl_with_input(&["apply", "-f", "-"], yaml).await;
+        assert!(out.success, "kubectl apply: {}", out.stderr);
+    }
+
+    /// Creates namespace `name` (through `kubectl apply`, asserted to succeed).
+    pub async fn apply_namespace(&self, name: &str) {
+        self.apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n"
+        ))
+        .await;
+    }
+
+    /// `kubectl apply -f crds/` (Weir's CRDs); panics with kubectl's error output if it fails.
+    pub async fn apply_crds(&self) {
+        let out = self.kubectl(&["apply", "-f", "crds/"]).await;
+        assert!(out.success, "kubectl apply -f crds/: {}", out.stderr);
     }
 
     /// Every call served so far, in order.

@@ -569,6 +569,68 @@ pub async fn close_amqp(conn: lapin::Connection) {
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "OK".into())).await;
 }
 
+/// The ids of every event stored in the database behind `db`.
+pub async fn stored_ids(db: &sqlx::PgPool) -> std::collections::BTreeSet<String> {
+    sqlx::query_scalar("SELECT id FROM weir_events")
+        .fetch_all(db)
+        .await
+        .expect("read the stored ids")
+        .into_iter()
+        .collect()
+}
+
+/// Whether RabbitMQ has queue `name` (a passive declare).
+pub async fn queue_exists(name: &str) -> bool {
+    declared(name, false).await
+}
+
+/// Whether RabbitMQ has exchange `name` (a passive declare).
+pub async fn exchange_exists(name: &str) -> bool {
+    declared(name, true).await
+}
+
+/// A passive declare of exchange or queue `name` on a connection of its own.
+async fn declared(name: &str, exchange: bool) -> bool {
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be running");
+    let ch = conn.create_channel().await.expect("channel");
+    let ok = if exchange {
+        let passive = lapin::options::ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Topic,
+            passive,
+            Default::default(),
+        )
+        .await
+        .is_ok()
+    } else {
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.queue_declare(name.into(), passive, Default::default())
+            .await
+            .is_ok()
+    };
+    close_amqp(conn).await;
+    ok
+}
+
+/// Namespace `ns` with the Secrets `rabbitmq` (the local RabbitMQ) and `pg` (`db_url`), as
+/// YAML documents ending in a separator: a test appends its own resources.
+pub fn namespace_with_secrets(ns: &str, db_url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitmq, namespace: {ns}}}\nstringData: {{url: \"{AMQP_URL}\"}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {{name: pg, namespace: {ns}}}\nstringData: {{url: \"{db_url}\"}}\n---\n"
+    )
+}
+
 /// An index from a multi-document YAML text (a tiny stand-in for the manifest folder): the four
 /// Weir kinds, Secrets (`stringData`) and ConfigMaps (`data`); namespace `default` if unset.
 pub fn index_from_yaml(yaml: &str) -> weir::topology::Index {

@@ -41,6 +41,24 @@ pub struct PgRunner {
 }
 
 impl PgRunner {
+    /// A runner working in `dir`, which is given (with everything in it) to `postgres` when
+    /// the programs run as that user.
+    pub fn in_dir(bin: PathBuf, as_postgres: bool, dir: &std::path::Path) -> PgRunner {
+        if as_postgres {
+            let st = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(dir)
+                .status()
+                .expect("chown");
+            assert!(st.success(), "chown the temporary folder to postgres");
+        }
+        PgRunner {
+            bin,
+            as_postgres,
+            cwd: dir.to_path_buf(),
+        }
+    }
+
     pub fn command(&self, program: &str) -> Command {
         let exe = self.bin.join(program);
         let mut cmd = if self.as_postgres {

@@ -13,19 +13,15 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::types::Json;
 use sqlx::{ConnectOptions as _, Connection as _, PgConnection};
 
 use super::ArchiveError;
 use super::format::{self, BuiltSegment};
 use crate::audit::{self, ARCHIVER, Action};
 use crate::data::event::StoredEvent;
-use crate::data::store::Store;
+use crate::data::store::{Store, segments};
 use crate::topology::Key;
 
-/// First key of the two-key advisory lock space used for archivers (relays use
-/// `0x5745_4951`).
-const ARCHIVE_LOCK_CLASS: i32 = 0x5745_4953;
 /// Hot rows read per query while filling a segment: bounds a run's memory by page rather
 /// than by the segment limit when events are large.
 const PAGE: i64 = 2000;
@@ -80,12 +76,7 @@ fn fault(point: &str) {
 /// A dedicated connection holding the stream's archive lock; dropping it releases the lock.
 async fn lock(store: &Store, stream_id: i64) -> Result<PgConnection, ArchiveError> {
     let mut conn = store.pool().connect_options().connect().await?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, ($2 % 2147483647)::int4)")
-        .bind(ARCHIVE_LOCK_CLASS)
-        .bind(stream_id)
-        .fetch_one(&mut conn)
-        .await?;
-    if !got {
+    if !segments::try_archive_lock(&mut conn, stream_id).await? {
         let _ = conn.close().await;
         return Err(ArchiveError::Busy);
     }
@@ -137,17 +128,8 @@ async fn run_locked(
     if let Some(dir) = &settings.volume {
         remove_orphans(conn, stream_id, &stream_dir(dir, key)).await?;
     }
-    let cutoff: DateTime<Utc> = sqlx::query_scalar("SELECT now() - make_interval(secs => $1)")
-        .bind(settings.archive_after.as_secs_f64())
-        .fetch_one(&mut *conn)
-        .await?;
-    let eligible: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM weir_events WHERE stream_id = $1 AND recorded_at < $2",
-    )
-    .bind(stream_id)
-    .bind(cutoff)
-    .fetch_one(&mut *conn)
-    .await?;
+    let cutoff = segments::archive_cutoff(conn, settings.archive_after).await?;
+    let eligible = segments::count_hot_before(conn, stream_id, cutoff).await?;
     let eligible = eligible.max(0) as u64;
     progress(0, eligible);
     loop {
@@ -201,13 +183,7 @@ async fn run_locked(
             }
         }
     }
-    sqlx::query(
-        "INSERT INTO weir_archive_state (stream_id, last_run) VALUES ($1, now())
-         ON CONFLICT (stream_id) DO UPDATE SET last_run = now()",
-    )
-    .bind(stream_id)
-    .execute(&mut *conn)
-    .await?;
+    segments::mark_archive_run(conn, stream_id).await?;
     Ok(report)
 }
 
@@ -225,7 +201,7 @@ async fn eligible_events(
     let mut next = 0i64;
     loop {
         let want = (settings.segment_max_events - out.len()).min(PAGE as usize) as i64;
-        let page = store_page(conn, stream_id, next, cutoff, want).await?;
+        let page = segments::hot_page_before(conn, stream_id, next, cutoff, want).await?;
         let n = page.len() as i64;
         for ev in page {
             if out.last().is_some_and(|l| l.position + 1 != ev.position) {
@@ -246,31 +222,6 @@ async fn eligible_events(
     }
 }
 
-async fn store_page(
-    conn: &mut PgConnection,
-    stream_id: i64,
-    from: i64,
-    cutoff: DateTime<Utc>,
-    limit: i64,
-) -> Result<Vec<StoredEvent>, ArchiveError> {
-    let rows = sqlx::query(concat!(
-        "SELECT ",
-        crate::data::store::event_columns!(),
-        " FROM weir_events WHERE stream_id = $1 AND position >= $2 AND recorded_at < $3
-         ORDER BY position LIMIT $4"
-    ))
-    .bind(stream_id)
-    .bind(from)
-    .bind(cutoff)
-    .bind(limit)
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(crate::data::store::decode_row)
-        .collect::<Result<_, _>>()?)
-}
-
 fn approx_size(ev: &StoredEvent) -> usize {
     let e = &ev.event;
     96 + e.id.len()
@@ -288,16 +239,7 @@ async fn dictionary_for(
     stream_id: i64,
     events: &[StoredEvent],
 ) -> Result<Option<(i32, Vec<u8>)>, ArchiveError> {
-    let latest: Option<(i32, Vec<u8>, i64)> = sqlx::query_as(
-        "SELECT d.dict_id, d.dict,
-                (SELECT count(*) FROM weir_archive_segments s
-                 WHERE s.stream_id = d.stream_id AND s.dict_id = d.dict_id)
-         FROM weir_archive_dictionaries d WHERE d.stream_id = $1
-         ORDER BY d.dict_id DESC LIMIT 1",
-    )
-    .bind(stream_id)
-    .fetch_optional(&mut *conn)
-    .await?;
+    let latest = segments::latest_dictionary(conn, stream_id).await?;
     if let Some((id, dict, uses)) = &latest
         && *uses < RETRAIN_AFTER_SEGMENTS
     {
@@ -313,16 +255,7 @@ async fn dictionary_for(
         return Ok(latest.map(|(id, d, _)| (id, d)));
     };
     let id = latest.as_ref().map_or(1, |(id, _, _)| id + 1);
-    sqlx::query(
-        "INSERT INTO weir_archive_dictionaries (stream_id, dict_id, dict, samples)
-         VALUES ($1, $2, $3, $4)",
-    )
-    .bind(stream_id)
-    .bind(id)
-    .bind(&dict)
-    .bind(events.len() as i32)
-    .execute(&mut *conn)
-    .await?;
+    segments::insert_dictionary(conn, stream_id, id, &dict, events.len() as i32).await?;
     tracing::info!(
         stream_id,
         dict_id = id,
@@ -376,13 +309,7 @@ async fn remove_orphans(
     stream_id: i64,
     dir: &Path,
 ) -> Result<(), ArchiveError> {
-    let known: Vec<String> = sqlx::query_scalar(
-        "SELECT file_path FROM weir_archive_segments
-         WHERE stream_id = $1 AND file_path IS NOT NULL",
-    )
-    .bind(stream_id)
-    .fetch_all(&mut *conn)
-    .await?;
+    let known = segments::segment_files(conn, stream_id).await?;
     let dir = dir.to_path_buf();
     let removed = tokio::task::spawn_blocking(move || {
         let mut removed = Vec::new();
@@ -422,61 +349,7 @@ async fn move_segment(
     file: Option<String>,
 ) -> Result<(), ArchiveError> {
     let mut tx = conn.begin().await?;
-    let body = if file.is_none() {
-        Some(seg.body.as_slice())
-    } else {
-        None
-    };
-    sqlx::query(
-        "INSERT INTO weir_archive_segments
-           (stream_id, first_position, last_position, event_count, raw_bytes, stored_bytes,
-            block_count, dict_id, first_recorded, last_recorded, block_index, checksum,
-            file_path, body)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-    )
-    .bind(stream_id)
-    .bind(seg.first_position)
-    .bind(seg.last_position)
-    .bind(seg.event_count)
-    .bind(seg.raw_bytes as i64)
-    .bind(seg.body.len() as i64)
-    .bind(seg.index.len() as i32)
-    .bind(dict_id)
-    .bind(seg.first_recorded)
-    .bind(seg.last_recorded)
-    .bind(Json(&seg.index))
-    .bind(i64::from(seg.checksum))
-    .bind(&file)
-    .bind(body)
-    .execute(&mut *tx)
-    .await?;
-    let (subjects, blocks): (Vec<&str>, Vec<i32>) =
-        seg.subjects.iter().map(|(s, b)| (s.as_str(), *b)).unzip();
-    sqlx::query(
-        "INSERT INTO weir_archive_subjects (stream_id, subject, first_position, block)
-         SELECT $1, s, $2, b FROM UNNEST($3::text[], $4::int4[]) AS t(s, b)",
-    )
-    .bind(stream_id)
-    .bind(seg.first_position)
-    .bind(&subjects)
-    .bind(&blocks)
-    .execute(&mut *tx)
-    .await?;
-    let (ids, blocks): (Vec<&str>, Vec<i32>) = seg
-        .correlations
-        .iter()
-        .map(|(s, b)| (s.as_str(), *b))
-        .unzip();
-    sqlx::query(
-        "INSERT INTO weir_archive_correlations (correlation_id, stream_id, first_position, block)
-         SELECT c, $1, $2, b FROM UNNEST($3::text[], $4::int4[]) AS t(c, b)",
-    )
-    .bind(stream_id)
-    .bind(seg.first_position)
-    .bind(&ids)
-    .bind(&blocks)
-    .execute(&mut *tx)
-    .await?;
+    segments::insert_segment(&mut tx, stream_id, seg, dict_id, file.as_deref()).await?;
     fault("before-hot-delete");
     // Two statements, so that a crash between them (the "mid-delete" fault) is a real case.
     let mid = seg.first_position + (seg.last_position - seg.first_position) / 2;
@@ -485,15 +358,7 @@ async fn move_segment(
         if from > to {
             continue;
         }
-        deleted += sqlx::query(
-            "DELETE FROM weir_events WHERE stream_id = $1 AND position BETWEEN $2 AND $3",
-        )
-        .bind(stream_id)
-        .bind(from)
-        .bind(to)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        deleted += segments::delete_hot_range(&mut tx, stream_id, from, to).await?;
         if from == seg.first_position {
             fault("mid-delete");
         }
@@ -518,50 +383,15 @@ async fn delete_expired(
     key: &Key,
     after: Duration,
 ) -> Result<(u64, u64), ArchiveError> {
-    let mut tx = conn.begin().await?;
-    let gone: Vec<(i64, i64, i64, Option<String>)> = sqlx::query_as(
-        "DELETE FROM weir_archive_segments
-         WHERE stream_id = $1 AND last_recorded < now() - make_interval(secs => $2)
-         RETURNING first_position, last_position, event_count, file_path",
-    )
-    .bind(stream_id)
-    .bind(after.as_secs_f64())
-    .fetch_all(&mut *tx)
-    .await?;
+    let gone = segments::delete_expired_segments(conn, stream_id, after).await?;
     if gone.is_empty() {
-        tx.rollback().await?;
         return Ok((0, 0));
     }
-    for (first, last, count, file) in &gone {
-        sqlx::query(
-            "INSERT INTO weir_archive_audit
-               (stream_id, action, first_position, last_position, event_count, file_path)
-             VALUES ($1, 'deleteAfter', $2, $3, $4, $5)",
-        )
-        .bind(stream_id)
-        .bind(first)
-        .bind(last)
-        .bind(count)
-        .bind(file)
-        .execute(&mut *tx)
-        .await?;
-    }
-    let deleted_to = gone.iter().map(|g| g.1).max().unwrap_or(0);
-    sqlx::query(
-        "INSERT INTO weir_archive_state (stream_id, deleted_to) VALUES ($1, $2)
-         ON CONFLICT (stream_id) DO UPDATE
-         SET deleted_to = greatest(weir_archive_state.deleted_to, EXCLUDED.deleted_to)",
-    )
-    .bind(stream_id)
-    .bind(deleted_to)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
     store.archive.forget_stream(stream_id);
     let mut events = 0u64;
-    for (first, last, count, file) in &gone {
-        events += *count as u64;
-        if let Some(path) = file
+    for g in &gone {
+        events += g.event_count as u64;
+        if let Some(path) = &g.file_path
             && let Err(e) = tokio::fs::remove_file(path).await
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -571,10 +401,10 @@ async fn delete_expired(
         // in `weir_archive_audit`.
         tracing::info!(
             stream = %key,
-            first_position = first,
-            last_position = last,
-            events = count,
-            file = file.as_deref().unwrap_or("(store)"),
+            first_position = g.first_position,
+            last_position = g.last_position,
+            events = g.event_count,
+            file = g.file_path.as_deref().unwrap_or("(store)"),
             "deleteAfter: archived segment deleted"
         );
     }

@@ -48,20 +48,12 @@ struct Totals {
 
 /// Reads a stream's archive totals (after each run, for status).
 async fn read_totals(store: &Store, id: i64) -> Result<Totals, ArchiveError> {
-    let (events, raw, stored, last_run): (i64, i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(
-        "SELECT coalesce(sum(event_count), 0)::bigint,
-                    coalesce(sum(raw_bytes), 0)::bigint, coalesce(sum(stored_bytes), 0)::bigint,
-                    (SELECT last_run FROM weir_archive_state WHERE stream_id = $1)
-             FROM weir_archive_segments WHERE stream_id = $1",
-    )
-    .bind(id)
-    .fetch_one(&mut *store.acquire().await?)
-    .await?;
+    let t = store.archive_totals(id).await?;
     Ok(Totals {
-        events,
-        raw,
-        stored,
-        last_run,
+        events: t.events,
+        raw: t.raw_bytes,
+        stored: t.stored_bytes,
+        last_run: t.last_run,
     })
 }
 
@@ -260,25 +252,15 @@ impl Archives {
             )
         };
         let (store, id) = self.store_of(stream)?;
-        let (segments, events, raw, stored, last_run, hot_from, head): (
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<DateTime<Utc>>,
-            Option<i64>,
-            i64,
-        ) = sqlx::query_as(
-            "SELECT count(*), coalesce(sum(event_count), 0)::bigint,
-                    coalesce(sum(raw_bytes), 0)::bigint, coalesce(sum(stored_bytes), 0)::bigint,
-                    (SELECT last_run FROM weir_archive_state WHERE stream_id = $1),
-                    (SELECT min(position) FROM weir_events WHERE stream_id = $1),
-                    (SELECT head FROM weir_streams WHERE stream_id = $1)
-             FROM weir_archive_segments WHERE stream_id = $1",
-        )
-        .bind(id)
-        .fetch_one(&mut *store.acquire().await?)
-        .await?;
+        let summary = store.archive_summary(id).await?;
+        let (segments, events, raw, stored, last_run) = (
+            summary.totals.segments,
+            summary.totals.events,
+            summary.totals.raw_bytes,
+            summary.totals.stored_bytes,
+            summary.totals.last_run,
+        );
+        let (hot_from, head) = (summary.hot_from, summary.head);
         Ok(StreamArchive {
             stream: stream.to_string(),
             policy: policy.to_string(),

@@ -2,10 +2,12 @@
 //! readable through the same read paths.
 //!
 //! - [`format`]: the segment bytes (blocks, index, checksums) and dictionary training.
-//! - [`reader`]: reads of archived events, used by the store's read functions.
 //! - [`archiver`]: one archive run of one stream, and `deleteAfter`.
 //! - [`verify`]: reading every segment of a stream back and checking it.
 //! - [`manager`]: the schedule of every (policy, stream) pair of this process.
+//!
+//! Their SQL is in the store: `store::segments` (a run's statements, the totals, what verify
+//! reads) and `store::archived` (reads of archived events).
 
 pub mod archiver;
 pub mod format;

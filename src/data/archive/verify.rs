@@ -3,12 +3,10 @@
 //! with the hot table), each problem named by segment and byte offset.
 
 use serde::Serialize;
-use sqlx::Row as _;
-use sqlx::types::Json;
 
 use super::ArchiveError;
 use super::archiver::Progress;
-use super::format::{self, BlockEntry};
+use super::format;
 use crate::data::store::Store;
 
 /// What `verify` found for one stream.
@@ -34,37 +32,18 @@ pub async fn verify(
     stream_id: i64,
     progress: Progress<'_>,
 ) -> Result<VerifyReport, ArchiveError> {
-    let mut conn = store.acquire().await.map_err(ArchiveError::Store)?;
-    let segments = sqlx::query(
-        "SELECT first_position, last_position, event_count, block_index, checksum, dict_id,
-                file_path
-         FROM weir_archive_segments WHERE stream_id = $1 ORDER BY first_position",
-    )
-    .bind(stream_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    let deleted_to: i64 =
-        sqlx::query_scalar("SELECT deleted_to FROM weir_archive_state WHERE stream_id = $1")
-            .bind(stream_id)
-            .fetch_optional(&mut *conn)
-            .await?
-            .unwrap_or(0);
-    drop(conn);
+    let (segments, deleted_to) = store.segment_records(stream_id).await?;
     let mut r = VerifyReport {
         deleted_to,
         ..Default::default()
     };
     let total = segments.len() as u64;
     let mut expected = deleted_to + 1;
-    for (n, row) in segments.iter().enumerate() {
-        let first: i64 = row.try_get("first_position")?;
-        let last: i64 = row.try_get("last_position")?;
-        let count: i64 = row.try_get("event_count")?;
-        let index: Json<Vec<BlockEntry>> = row.try_get("block_index")?;
-        let checksum: i64 = row.try_get("checksum")?;
-        let dict_id: Option<i32> = row.try_get("dict_id")?;
-        let file: Option<String> = row.try_get("file_path")?;
-        let name = match &file {
+    for (n, seg) in segments.iter().enumerate() {
+        let (first, last, count) = (seg.first_position, seg.last_position, seg.event_count);
+        let (index, checksum, dict_id, file) =
+            (&seg.index, seg.checksum, seg.dict_id, &seg.file_path);
+        let name = match file {
             Some(p) => format!("segment {first}-{last} ({p})"),
             None => format!("segment {first}-{last} (store)"),
         };
@@ -98,7 +77,7 @@ pub async fn verify(
                         checksum
                     ));
                 }
-                if body_index != index.0 {
+                if body_index != *index {
                     r.problems.push(format!(
                         "{name}: the body's block index differs from the recorded one"
                     ));
@@ -119,7 +98,7 @@ pub async fn verify(
         };
         let mut next = first;
         let mut events = 0i64;
-        for b in &index.0 {
+        for b in index {
             r.blocks += 1;
             if b.first_position != next {
                 r.problems.push(format!(
@@ -150,15 +129,8 @@ pub async fn verify(
         progress(n as u64 + 1, total);
     }
     // Continuity with the hot table: no position both archived and hot, none in neither.
-    let (hot_from, overlap, head): (Option<i64>, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT min(position) FROM weir_events WHERE stream_id = $1),
-                (SELECT count(*) FROM weir_events WHERE stream_id = $1 AND position < $2),
-                (SELECT head FROM weir_streams WHERE stream_id = $1)",
-    )
-    .bind(stream_id)
-    .bind(expected)
-    .fetch_one(&mut *store.acquire().await.map_err(ArchiveError::Store)?)
-    .await?;
+    let hot = store.hot_continuity(stream_id, expected).await?;
+    let (hot_from, overlap, head) = (hot.hot_from, hot.overlap, hot.head);
     r.hot_from = hot_from;
     r.head = head;
     if overlap > 0 {
@@ -189,17 +161,10 @@ async fn segment_body(
         Some(path) => tokio::fs::read(path)
             .await
             .map_err(|e| format!("reading {path}: {e}")),
-        None => {
-            let mut conn = store.acquire().await.map_err(|e| e.to_string())?;
-            sqlx::query_scalar::<_, Option<Vec<u8>>>(
-                "SELECT body FROM weir_archive_segments WHERE stream_id = $1 AND first_position = $2",
-            )
-            .bind(stream_id)
-            .bind(first)
-            .fetch_one(&mut *conn)
+        None => store
+            .segment_body(stream_id, first)
             .await
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| "segment body missing".to_string())
-        }
+            .ok_or_else(|| "segment body missing".to_string()),
     }
 }

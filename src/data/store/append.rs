@@ -12,29 +12,25 @@
 //! process appended), the guard writes nothing and the batch is decided again under the
 //! stream's lock.
 
-use crate::poison::MutexExt;
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+mod chain;
+mod decide;
 
-use tokio::sync::watch;
+pub use chain::AppendChain;
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::codec::{encode_data, encode_extensions};
 use super::{Store, StoreError};
-use crate::data::event::{CloudEvent, EXT_EXPECTED_VERSION, EXT_PUBLISHER, ExtValue};
+use crate::data::event::{CloudEvent, EXT_PUBLISHER};
 use crate::topology::CompressionPlan;
+use decide::{Decided, Known, decide};
 
 /// Budget for the subject list of a `weir_subjects` notification: PostgreSQL caps a payload
 /// at 8000 bytes and the rest of it (stream id, namespace, name) takes under 300.
 const NOTIFY_SUBJECTS_BYTES: usize = 7000;
-
-/// Committed links an [`AppendChain`] keeps after they commit. A lookup whose snapshot was
-/// taken before some of them committed still finds its place in the chain; the batcher has at
-/// most a few batches in flight, so eight covers any lookup that is not badly delayed (one
-/// that is simply takes the locked path).
-const CHAIN_HISTORY: usize = 8;
 
 /// One publish request's events.
 pub struct AppendInput<'a> {
@@ -117,15 +113,6 @@ pub struct AppendReport {
     pub recorded_at: Option<DateTime<Utc>>,
 }
 
-/// `expectedversion` as a number. Ingest has already rejected malformed values.
-fn expected_version(ev: &CloudEvent) -> Option<i64> {
-    match ev.extensions.get(EXT_EXPECTED_VERSION)? {
-        ExtValue::Integer(i) => Some(*i),
-        ExtValue::String(s) => s.parse().ok(),
-        ExtValue::Bool(_) => None,
-    }
-}
-
 /// Column vectors for the UNNEST insert.
 #[derive(Default)]
 struct Rows {
@@ -177,30 +164,6 @@ impl Rows {
             }
         }
     }
-}
-
-/// What the store held for a batch when it was looked at: the stream's head, and for the
-/// batch's events their dedup keys and subjects' versions.
-struct Known {
-    head: i64,
-    /// By `(source, id)`: where it is, and who published it (`None`: not authenticated).
-    ids: HashMap<(String, String), (Appended, Option<String>)>,
-    versions: HashMap<String, i64>,
-}
-
-/// One batch decided in memory against [`Known`].
-struct Decided {
-    /// One outcome per request.
-    out: Vec<RequestOutcome>,
-    /// `(request, event, position, version)` of every event to write, in position order.
-    accepted: Vec<(usize, usize, i64, Option<i64>)>,
-    /// Dedup keys this batch writes (as later batches will see them: duplicates), with
-    /// their publisher.
-    ids: HashMap<(String, String), (Appended, Option<String>)>,
-    /// Each subject's version after this batch.
-    versions: HashMap<String, i64>,
-    /// The head position after this batch.
-    next: i64,
 }
 
 /// The lookup of a batch's dedup keys, subjects' versions and the stream's head
@@ -284,242 +247,6 @@ async fn look_up(
         }
     }
     Ok(known)
-}
-
-/// Decides every request of a batch in memory; a failing request leaves no trace.
-fn decide(known: &Known, requests: &[AppendInput<'_>]) -> Decided {
-    let mut d = Decided {
-        out: Vec::with_capacity(requests.len()),
-        accepted: Vec::new(),
-        ids: HashMap::new(),
-        versions: HashMap::new(),
-        next: known.head,
-    };
-    for (ri, r) in requests.iter().enumerate() {
-        // This request's own effects, applied to the batch's only if it succeeds.
-        let mut req_ids: HashMap<(&str, &str), (Appended, Option<String>)> = HashMap::new();
-        let mut req_versions: HashMap<&str, i64> = HashMap::new();
-        let mut results = Vec::with_capacity(r.events.len());
-        let mut accepted = Vec::new();
-        let mut conflict = None;
-        let mut pos = d.next;
-        for (index, ev) in r.events.iter().enumerate() {
-            let key = (ev.source.as_str(), ev.id.as_str());
-            let publisher = ev.extension_str(EXT_PUBLISHER);
-            let prior = req_ids.get(&key).cloned().or_else(|| {
-                let owned = (ev.source.clone(), ev.id.clone());
-                d.ids.get(&owned).or_else(|| known.ids.get(&owned)).cloned()
-            });
-            if let Some((orig, by)) = prior {
-                // Two authenticated publishers: the id is taken, not repeated. Unauthenticated
-                // events on either side cannot be told apart and count as duplicates.
-                if let (Some(by), Some(this)) = (&by, &publisher)
-                    && by != this
-                {
-                    conflict = Some(Conflict::ForeignId {
-                        index,
-                        source: ev.source.clone(),
-                        id: ev.id.clone(),
-                    });
-                    break;
-                }
-                results.push(Appended {
-                    duplicate: true,
-                    ..orig
-                });
-                continue;
-            }
-            let version = match &ev.subject {
-                Some(subject) => {
-                    let current = req_versions
-                        .get(subject.as_str())
-                        .or_else(|| d.versions.get(subject))
-                        .or_else(|| known.versions.get(subject))
-                        .copied()
-                        .unwrap_or(0);
-                    if let Some(expected) = expected_version(ev)
-                        && expected != current
-                    {
-                        conflict = Some(Conflict::Version {
-                            index,
-                            subject: subject.clone(),
-                            expected,
-                            actual: current,
-                        });
-                        break;
-                    }
-                    req_versions.insert(subject.as_str(), current + 1);
-                    Some(current + 1)
-                }
-                None => None,
-            };
-            pos += 1;
-            let appended = Appended {
-                position: pos,
-                version,
-                duplicate: false,
-            };
-            req_ids.insert(key, (appended, publisher));
-            results.push(appended);
-            accepted.push((ri, index, pos, version));
-        }
-        match conflict {
-            Some(c) => d.out.push(Err(c)),
-            None => {
-                d.next = pos;
-                for ((source, id), (a, by)) in req_ids {
-                    d.ids.insert(
-                        (source.to_string(), id.to_string()),
-                        (
-                            Appended {
-                                duplicate: true,
-                                ..a
-                            },
-                            by,
-                        ),
-                    );
-                }
-                for (subject, v) in req_versions {
-                    d.versions.insert(subject.to_string(), v);
-                }
-                d.accepted.extend(accepted);
-                d.out.push(Ok(results));
-            }
-        }
-    }
-    d
-}
-
-/// A batch this process decided and is writing (or wrote): the head it was decided on, the
-/// head it leaves, and what it writes, so the next batch can be decided on top of it before
-/// it commits.
-struct Link {
-    seq: u64,
-    base: i64,
-    next: i64,
-    ids: HashMap<(String, String), (Appended, Option<String>)>,
-    versions: HashMap<String, i64>,
-    /// `Some(applied)` once its write has ended; dropped (closed) when the link leaves the
-    /// chain unsettled, which its followers take as "did not apply".
-    settled: watch::Sender<Option<bool>>,
-}
-
-impl Link {
-    fn committed(&self) -> bool {
-        *self.settled.borrow() == Some(true)
-    }
-}
-
-#[derive(Default)]
-struct ChainState {
-    stream_id: i64,
-    links: VecDeque<Link>,
-    seq: u64,
-}
-
-/// The batches of one stream this process has decided, in head order: pending ones (being
-/// written, not yet known to have committed) and a few committed ones. One per stream and
-/// process (the batcher's writer owns it); [`Store::append`] uses a fresh one per call.
-#[derive(Default)]
-pub struct AppendChain {
-    state: Mutex<ChainState>,
-}
-
-/// A batch decided on the chain.
-struct Placed {
-    decided: Decided,
-    /// The head the write is guarded by.
-    base: i64,
-    /// The link, when the batch writes something.
-    seq: Option<u64>,
-    /// The decision relied on links that had not committed when it was made.
-    on_pending: bool,
-    /// How the link this batch was decided on top of ends, when it was still pending.
-    prev: Option<watch::Receiver<Option<bool>>>,
-}
-
-impl AppendChain {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ChainState> {
-        // The state is a cache of this process's own writes: a panic elsewhere while it was
-        // held leaves it consistent enough (a wrong guess only fails a guard).
-        self.state.locked()
-    }
-
-    /// Lays the links the lookup did not see over it, decides the batch on top, and (when it
-    /// writes something) appends its link. Atomic, so two batches never claim the same head.
-    fn place(&self, stream_id: i64, mut known: Known, requests: &[AppendInput<'_>]) -> Placed {
-        let mut st = self.lock();
-        if st.stream_id != stream_id {
-            st.links.clear();
-            st.stream_id = stream_id;
-        }
-        let mut on_pending = false;
-        let mut prev = None;
-        match st.links.iter().position(|l| l.base == known.head) {
-            Some(i) => {
-                for l in st.links.range(i..) {
-                    on_pending |= !l.committed();
-                    known
-                        .ids
-                        .extend(l.ids.iter().map(|(k, v)| (k.clone(), v.clone())));
-                    known
-                        .versions
-                        .extend(l.versions.iter().map(|(k, v)| (k.clone(), *v)));
-                    known.head = l.next;
-                }
-                prev = st
-                    .links
-                    .back()
-                    .filter(|l| !l.committed())
-                    .map(|l| l.settled.subscribe());
-            }
-            // The lookup saw every link, or something this chain does not know about
-            // happened: start the chain again from what the lookup saw.
-            None if st.links.back().is_some_and(|l| l.next == known.head) => {}
-            None => st.links.clear(),
-        }
-        let mut decided = decide(&known, requests);
-        let mut seq = None;
-        if !decided.accepted.is_empty() {
-            st.seq += 1;
-            seq = Some(st.seq);
-            let link = Link {
-                seq: st.seq,
-                base: known.head,
-                next: decided.next,
-                // Only the link needs them from here on.
-                ids: std::mem::take(&mut decided.ids),
-                versions: std::mem::take(&mut decided.versions),
-                settled: watch::channel(None).0,
-            };
-            st.links.push_back(link);
-        }
-        Placed {
-            decided,
-            base: known.head,
-            seq,
-            on_pending,
-            prev,
-        }
-    }
-
-    /// Records how a link's write ended. A link that did not apply takes every later link
-    /// with it: they were decided on top of it, are never sent, and are decided again under
-    /// the lock.
-    fn settle(&self, seq: u64, applied: bool) {
-        let mut st = self.lock();
-        let Some(i) = st.links.iter().position(|l| l.seq == seq) else {
-            return;
-        };
-        st.links[i].settled.send_replace(Some(applied));
-        if applied {
-            while st.links.len() > CHAIN_HISTORY && st.links.front().is_some_and(Link::committed) {
-                st.links.pop_front();
-            }
-        } else {
-            st.links.truncate(i);
-        }
-    }
 }
 
 /// How [`write`] makes sure nobody appended since the batch was decided.

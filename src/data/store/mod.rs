@@ -13,6 +13,7 @@ mod progress;
 pub mod tls;
 pub use progress::Progress;
 mod read;
+pub mod segments;
 
 pub use append::{
     AppendChain, AppendInput, AppendPath, AppendReport, Appended, Conflict, LOOKUP_SQL,
