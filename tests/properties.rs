@@ -169,23 +169,16 @@ fn json_text() -> impl Strategy<Value = String> {
 /// Extension names: CloudEvents' `a-z0-9`, none of the names Weir reserves or reads itself.
 fn extension_name() -> impl Strategy<Value = String> {
     "[a-z0-9]{1,24}".prop_filter("not reserved", |n| {
-        ![
-            "specversion",
-            "id",
-            "source",
-            "type",
-            "datacontenttype",
-            "dataschema",
-            "subject",
-            "time",
-            "data",
-            "weirposition",
-            "weirversion",
-            "weirrecordedtime",
-            "weirpublisher",
-            "expectedversion",
-        ]
-        .contains(&n.as_str())
+        !weir::data::event::CONTEXT_ATTRIBUTES.contains(&n.as_str())
+            && ![
+                "data",
+                "weirposition",
+                "weirversion",
+                "weirrecordedtime",
+                "weirpublisher",
+                "expectedversion",
+            ]
+            .contains(&n.as_str())
     })
 }
 
