@@ -25,10 +25,17 @@ use crate::topology::Defaults;
 pub struct RunConfig {
     pub dir: PathBuf,
     pub prune: bool,
-    pub listen: SocketAddr,
+    pub worker: WorkerConfig,
     pub admin_listen: SocketAddr,
     /// The admin API's bearer token file (`--admin-token-file`); `None`: open, loopback only.
     pub admin_token_file: Option<PathBuf>,
+}
+
+/// The worker's ingest side, configured alike in both modes.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub listen: SocketAddr,
+    /// How long a publish may wait for durability before it is answered 503.
     pub request_timeout: Duration,
     /// Base URL shown as the streams' endpoint in status.
     pub public_url: Option<String>,
@@ -212,16 +219,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let admin_auth = standalone_admin_auth(cfg.admin_token_file.as_deref(), cfg.admin_listen)?;
     let serving = Serving::start(ServeConfig {
-        batch_queue: cfg.batch_queue,
-        listen: cfg.listen,
+        batch_queue: cfg.worker.batch_queue,
+        listen: cfg.worker.listen,
         admin_listen: cfg.admin_listen,
-        public_url: cfg.public_url.clone(),
+        public_url: cfg.worker.public_url.clone(),
         // Standalone has no API server to review tokens with: modes that need one are refused
         // at validation.
         reviewer: None,
         sinks: defaults.sinks.clone(),
         admin_auth,
-        server: cfg.server,
+        server: cfg.worker.server,
     })
     .await?;
 
@@ -238,7 +245,7 @@ pub async fn run(
                 .context(format!("loading manifests from {}", cfg.dir.display())));
         }
     };
-    let (running, ingest) = serving.serve_ingest(cfg.request_timeout, shutdown.clone());
+    let (running, ingest) = serving.serve_ingest(cfg.worker.request_timeout, shutdown.clone());
 
     loop {
         let loaded = rx.borrow_and_update().clone();

@@ -5,6 +5,7 @@
 //! fresh database and fresh exchanges, warms up, measures, and cleans up.
 
 mod archive;
+mod cache;
 mod delivery;
 mod load;
 mod pii;
@@ -113,7 +114,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         Scenario::Broker => scenarios::broker(&args).await?,
         Scenario::Relay => scenarios::relay(&args).await?,
         Scenario::Archive => archive::archive(&args).await?,
-        Scenario::Cache => scenarios::cache(&args).await?,
+        Scenario::Cache => cache::cache(&args).await?,
         Scenario::E2e => delivery::e2e(&args).await?,
         Scenario::Replay => delivery::replay(&args).await?,
         Scenario::Scale => scale::scale(&args).await?,

@@ -70,9 +70,8 @@ pub enum Command {
         /// its deletionPolicy is Delete. Without it, data is always kept.
         #[arg(long)]
         prune: bool,
-        /// Ingest/read listen address.
-        #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:8080")]
-        listen: SocketAddr,
+        #[command(flatten)]
+        worker: WorkerArgs,
         /// Admin (health, metrics, status, dead letters, archive) listen address. Loopback by
         /// default: another address needs --admin-token-file.
         #[arg(long, env = "WEIR_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
@@ -82,23 +81,12 @@ pub enum Command {
         /// empty) and again on every protected request, so a rotated token applies at once.
         #[arg(long, env = "WEIR_ADMIN_TOKEN_FILE")]
         admin_token_file: Option<PathBuf>,
-        /// How long a publish may wait for durability before it is answered 503.
-        #[arg(long, env = "WEIR_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-        request_timeout: Duration,
-        /// Base URL shown as stream endpoints in status (default: the listen address).
-        #[arg(long, env = "WEIR_PUBLIC_URL")]
-        public_url: Option<String>,
-        /// Publish requests each stream may queue for its batcher; beyond that, 503.
-        #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
-        batch_queue: usize,
         #[command(flatten)]
         policy: PolicyArgs,
         /// Let sinks on loopback (127.0.0.0/8, ::1) be delivered to, for local development
         /// (the quickstart's sink). This worker's own ports stay refused.
         #[arg(long)]
         allow_loopback_sinks: bool,
-        #[command(flatten)]
-        server: crate::server::ServerArgs,
     },
     /// Run as the in-cluster controller and worker: watch the resources through the
     /// Kubernetes API and run their pipelines.
@@ -106,9 +94,8 @@ pub enum Command {
         /// Namespaces to watch, comma-separated; default all.
         #[arg(long, env = "WEIR_NAMESPACES", value_delimiter = ',')]
         namespaces: Vec<String>,
-        /// Ingest/read listen address.
-        #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:8080")]
-        listen: SocketAddr,
+        #[command(flatten)]
+        worker: WorkerArgs,
         /// Admin (health, metrics, status, dead letters, archive) listen address. Loopback by
         /// default, as standalone; the chart sets the Pod's address explicitly so that probes
         /// and Prometheus reach it. Its protected endpoints always need a Kubernetes token.
@@ -118,17 +105,6 @@ pub enum Command {
         /// weir`).
         #[arg(long, env = "WEIR_ADMIN_TOKEN_AUDIENCE", default_value = crate::admin::auth::DEFAULT_AUDIENCE)]
         admin_token_audience: String,
-        /// How long a publish may wait for durability before it is answered 503.
-        #[arg(long, env = "WEIR_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-        request_timeout: Duration,
-        /// Base URL shown as stream endpoints in status (e.g. the ingest Service's URL).
-        #[arg(long, env = "WEIR_PUBLIC_URL")]
-        public_url: Option<String>,
-        /// Publish requests each stream may queue for its batcher; beyond that, 503.
-        #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
-        batch_queue: usize,
-        #[command(flatten)]
-        server: crate::server::ServerArgs,
         /// Namespace of the leader-election Lease (the Pod's own namespace in a cluster).
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
@@ -212,6 +188,38 @@ pub enum Command {
         #[arg(long, default_value = "127.0.0.1:8888")]
         listen: SocketAddr,
     },
+}
+
+/// What both `weir run` and `weir operator` serve with: the ingest port and its limits.
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// Ingest/read listen address.
+    #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// How long a publish may wait for durability before it is answered 503.
+    #[arg(long, env = "WEIR_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// Base URL shown as stream endpoints in status (default: the listen address; in a
+    /// cluster, e.g. the ingest Service's URL).
+    #[arg(long, env = "WEIR_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Publish requests each stream may queue for its batcher; beyond that, 503.
+    #[arg(long, env = "WEIR_BATCH_QUEUE", default_value_t = 1024)]
+    batch_queue: usize,
+    #[command(flatten)]
+    server: crate::server::ServerArgs,
+}
+
+impl WorkerArgs {
+    fn config(self) -> crate::app::WorkerConfig {
+        crate::app::WorkerConfig {
+            listen: self.listen,
+            request_timeout: self.request_timeout,
+            public_url: self.public_url,
+            batch_queue: self.batch_queue,
+            server: self.server.limits(),
+        }
+    }
 }
 
 /// Operator-wide limits on what manifests may ask for, shared by `run`, `operator` and
@@ -361,15 +369,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             dir,
             prune,
-            listen,
+            worker,
             admin_listen,
             admin_token_file,
-            request_timeout,
-            public_url,
-            batch_queue,
             policy,
             allow_loopback_sinks,
-            server,
         } => {
             let mut defaults = crate::topology::Defaults::from_env()?;
             policy.apply(&mut defaults, allow_loopback_sinks);
@@ -380,13 +384,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     crate::app::RunConfig {
                         dir,
                         prune,
-                        listen,
+                        worker: worker.config(),
                         admin_listen,
                         admin_token_file,
-                        request_timeout,
-                        public_url,
-                        batch_queue,
-                        server: server.limits(),
                     },
                     defaults,
                     shutdown,
@@ -397,13 +397,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Operator {
             namespaces,
-            listen,
+            worker,
             admin_listen,
             admin_token_audience,
-            request_timeout,
-            public_url,
-            batch_queue,
-            server,
             lease_namespace,
             lease_name,
             identity,
@@ -422,13 +418,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 crate::control::run(
                     crate::control::OperatorConfig {
                         namespaces: namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
-                        listen,
+                        worker: worker.config(),
                         admin_listen,
                         admin_token_audience,
-                        request_timeout,
-                        public_url,
-                        batch_queue,
-                        server: server.limits(),
                         lease: crate::control::leader::LeaseConfig {
                             namespace: lease_namespace,
                             name: lease_name,

@@ -38,17 +38,10 @@ use crate::topology::Defaults;
 pub struct OperatorConfig {
     /// Namespaces to watch; empty: all.
     pub namespaces: Vec<String>,
-    pub listen: SocketAddr,
+    pub worker: crate::app::WorkerConfig,
     pub admin_listen: SocketAddr,
     /// TokenReview audience of admin API bearer tokens.
     pub admin_token_audience: String,
-    pub request_timeout: Duration,
-    /// Base URL shown as the streams' endpoint in status.
-    pub public_url: Option<String>,
-    /// Requests each stream's batcher may queue.
-    pub batch_queue: usize,
-    /// Timeouts and connection cap of both HTTP servers.
-    pub server: crate::server::ServerLimits,
     pub lease: LeaseConfig,
     /// Resync of valid resources and maximum age of cached Secrets.
     pub refresh: Duration,
@@ -95,17 +88,17 @@ pub async fn run_with_client(
         Arc::new(crate::control::review::KubeReviewer::new(client.clone()));
     // Admin first: liveness answers while the CRDs are awaited, readiness does not.
     let serving = crate::app::Serving::start(crate::app::ServeConfig {
-        batch_queue: cfg.batch_queue,
-        listen: cfg.listen,
+        batch_queue: cfg.worker.batch_queue,
+        listen: cfg.worker.listen,
         admin_listen: cfg.admin_listen,
-        public_url: cfg.public_url.clone(),
+        public_url: cfg.worker.public_url.clone(),
         reviewer: Some(reviewer.clone()),
         sinks: defaults.sinks.clone(),
         admin_auth: crate::admin::auth::AdminAuth::Kube {
             reviewer,
             audience: cfg.admin_token_audience.clone(),
         },
-        server: cfg.server,
+        server: cfg.worker.server,
     })
     .await?;
 
@@ -131,7 +124,7 @@ pub async fn run_with_client(
     .await?;
 
     let endpoint_base = serving.endpoint_base.clone();
-    let (running, ingest) = serving.serve_ingest(cfg.request_timeout, shutdown.clone());
+    let (running, ingest) = serving.serve_ingest(cfg.worker.request_timeout, shutdown.clone());
     let plane = running.plane.clone();
     let (status, status_rx) = StatusQueue::new(cfg.status_queue, &plane.engine.metrics.registry);
     let writer_stop = CancellationToken::new();

@@ -254,12 +254,9 @@ impl Subscriptions {
         // Messages taken with basic.get stay unacked on this channel; closing it returns
         // them all, in order.
         while out.len() < limit.min(MAX_LIST) {
-            let got = ch
-                .basic_get(q.as_str().into(), BasicGetOptions::default())
-                .await
-                .map_err(|e| DeliveryError::Other(format!("basic.get {q}: {e}")))?;
-            let Some(m) = got else { break };
-            let d = m.delivery;
+            let Some(d) = take_one(&ch, &q).await? else {
+                break;
+            };
             match from_properties(&d.properties, &d.data) {
                 Ok(ev) => out.push(dead_letter_view(&ev)),
                 Err(e) => out.push(DeadLetter {
@@ -302,12 +299,9 @@ impl Subscriptions {
             l.min(u64::from(counts.messages))
         });
         while moved < todo {
-            let got = ch
-                .basic_get(q.as_str().into(), BasicGetOptions::default())
-                .await
-                .map_err(|e| DeliveryError::Other(format!("basic.get {q}: {e}")))?;
-            let Some(m) = got else { break };
-            let d = m.delivery;
+            let Some(d) = take_one(&ch, &q).await? else {
+                break;
+            };
             let mut ev = from_properties(&d.properties, &d.data)?;
             for k in [EXT_ERROR_DEST, EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ATTEMPTS] {
                 ev.extensions.remove(k);
@@ -357,6 +351,18 @@ impl Subscriptions {
         let _ = ch.close(200, "OK".into()).await;
         Ok(u64::from(n))
     }
+}
+
+/// Takes the next message of `queue` unacknowledged (basic.get); `None` when it is empty.
+async fn take_one(
+    ch: &lapin::Channel,
+    queue: &str,
+) -> Result<Option<lapin::message::Delivery>, DeliveryError> {
+    let got = ch
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .map_err(|e| DeliveryError::Other(format!("basic.get {queue}: {e}")))?;
+    Ok(got.map(|m| m.delivery))
 }
 
 fn dead_letter_view(ev: &CloudEvent) -> DeadLetter {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
-use super::Shared;
+use super::registry::Shared;
 
 /// The payload of a `weir_subjects` notification (built in the append's SQL).
 #[derive(serde::Deserialize)]

@@ -1,6 +1,7 @@
 //! Eviction order of each strategy on a scripted access sequence, and the invalidation rules.
 
 use super::*;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 fn plan(

@@ -32,6 +32,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::StoreError;
+use sql::{claim, try_lock, unlock, write_checkpoints};
+
+mod sql;
 
 /// How often keys held elsewhere are tried again: the takeover time after an owner dies.
 pub const LOCK_POLL: Duration = Duration::from_secs(1);
@@ -501,60 +504,6 @@ async fn grant(
     Ok(())
 }
 
-fn split(keys: &[LockKey]) -> (Vec<i32>, Vec<i32>, Vec<String>) {
-    let (mut a, mut b, mut n) = (Vec::new(), Vec::new(), Vec::new());
-    for k in keys {
-        match k {
-            LockKey::Pair(x, y) => {
-                a.push(*x);
-                b.push(*y);
-            }
-            LockKey::Named(s) => n.push(s.clone()),
-        }
-    }
-    (a, b, n)
-}
-
-/// Tries every key in one round trip; answers those now held.
-async fn try_lock(conn: &mut PgConnection, keys: &[LockKey]) -> Result<Vec<LockKey>, sqlx::Error> {
-    let (a, b, n) = split(keys);
-    let rows: Vec<(Option<i32>, Option<i32>, Option<String>)> = sqlx::query_as(
-        "SELECT a, b, NULL::text FROM unnest($1::int4[], $2::int4[]) AS t(a, b)
-           WHERE pg_try_advisory_lock(a, b)
-         UNION ALL
-         SELECT NULL, NULL, n FROM unnest($3::text[]) AS t(n)
-           WHERE pg_try_advisory_lock(hashtextextended(n, 0))",
-    )
-    .bind(a)
-    .bind(b)
-    .bind(n)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|r| match r {
-            (Some(a), Some(b), _) => Some(LockKey::Pair(a, b)),
-            (_, _, Some(n)) => Some(LockKey::Named(n)),
-            _ => None,
-        })
-        .collect())
-}
-
-async fn unlock(conn: &mut PgConnection, keys: &[LockKey]) -> Result<(), sqlx::Error> {
-    let (a, b, n) = split(keys);
-    sqlx::query(
-        "SELECT pg_advisory_unlock(a, b) FROM unnest($1::int4[], $2::int4[]) AS t(a, b)
-         UNION ALL
-         SELECT pg_advisory_unlock(hashtextextended(n, 0)) FROM unnest($3::text[]) AS t(n)",
-    )
-    .bind(a)
-    .bind(b)
-    .bind(n)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Answers claims one by one (rare) and checkpoint writes as one statement. A request of an
 /// older session is fenced without asking the database.
 async fn requests_round(
@@ -602,19 +551,7 @@ async fn requests_round(
     let ids: Vec<i64> = writes.iter().map(|w| w.0).collect();
     let epochs: Vec<i64> = writes.iter().map(|w| w.1).collect();
     let positions: Vec<i64> = writes.iter().map(|w| w.2).collect();
-    let moved = timed(
-        sqlx::query_scalar::<_, i64>(
-            "UPDATE weir_relay_checkpoints c SET position = v.p, updated_at = now()
-             FROM unnest($1::int8[], $2::int8[], $3::int8[]) AS v(id, e, p)
-             WHERE c.stream_id = v.id AND c.epoch = v.e
-             RETURNING c.stream_id",
-        )
-        .bind(ids)
-        .bind(epochs)
-        .bind(positions)
-        .fetch_all(&mut *conn),
-    )
-    .await;
+    let moved = timed(write_checkpoints(conn, ids, epochs, positions)).await;
     match moved {
         Ok(moved) => {
             for (id, _, _, reply) in writes {
@@ -629,21 +566,4 @@ async fn requests_round(
             Err(e)
         }
     }
-}
-
-/// Bumps the epoch durably: a later owner must never get the same epoch back after a crash.
-async fn claim(conn: &mut PgConnection, stream_id: i64) -> Result<(i64, i64), sqlx::Error> {
-    let mut tx = conn.begin().await?;
-    sqlx::query("SET LOCAL synchronous_commit = on")
-        .execute(&mut *tx)
-        .await?;
-    let row: (i64, i64) = sqlx::query_as(
-        "UPDATE weir_relay_checkpoints SET epoch = epoch + 1, updated_at = now()
-         WHERE stream_id = $1 RETURNING epoch, position",
-    )
-    .bind(stream_id)
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(row)
 }
