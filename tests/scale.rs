@@ -5,57 +5,12 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::counting::{CountingSink as Sink, delete_queues};
 use common::*;
 use serde_json::{Value, json};
-
-/// A sink that counts deliveries by CloudEvent id.
-struct Sink {
-    url: String,
-    got: Arc<Mutex<HashMap<String, u32>>>,
-}
-
-impl Sink {
-    async fn start() -> Sink {
-        let got = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
-        let g = got.clone();
-        let app = axum::Router::new().route(
-            "/",
-            axum::routing::post(move |h: http::HeaderMap| {
-                let g = g.clone();
-                async move {
-                    let id = h
-                        .get("ce-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string();
-                    *g.lock().unwrap().entry(id).or_insert(0) += 1;
-                    http::StatusCode::OK
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Sink { url, got }
-    }
-
-    fn delivered(&self, ids: &[String]) -> usize {
-        let got = self.got.lock().unwrap();
-        ids.iter().filter(|i| got.contains_key(*i)).count()
-    }
-
-    /// Ids delivered that were never published (sent by nobody).
-    fn unexpected(&self, ids: &[String]) -> Vec<String> {
-        let got = self.got.lock().unwrap();
-        got.keys().filter(|k| !ids.contains(k)).cloned().collect()
-    }
-}
 
 /// `n` streams (`s0000`…), each with a store and its own exchange, and one subscription per
 /// stream delivering to `sink`, in one manifest file. Subscription names carry a tag of the
@@ -230,37 +185,6 @@ async fn publish_each(weir: &Weir, n: usize, round: &str) -> (Vec<String>, Vec<S
         }
     }
     (acked, refused)
-}
-
-/// Deletes the queues of a run's subscriptions (the process was killed, so nothing else
-/// will): a few hundred idle quorum queues left behind weigh on RabbitMQ for the rest of the
-/// suite.
-async fn delete_queues(tag: &str) {
-    let client = common::http();
-    let api = "http://127.0.0.1:15672/api/queues/%2F";
-    let Ok(r) = client
-        .get(api)
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await
-    else {
-        return;
-    };
-    let Ok(qs) = r.json::<Vec<Value>>().await else {
-        return;
-    };
-    for q in qs {
-        let Some(name) = q["name"].as_str() else {
-            continue;
-        };
-        if name.contains(tag) {
-            let _ = client
-                .delete(format!("{api}/{}", name.replace('/', "%2F")))
-                .basic_auth("guest", Some("guest"))
-                .send()
-                .await;
-        }
-    }
 }
 
 async fn wait_delivered(sink: &Sink, ids: &[String], within: Duration, weir: &Weir) {

@@ -3,6 +3,7 @@
 
 use crate::poison::MutexExt;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,12 +12,13 @@ use kube::Client;
 use kube::Resource;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
+use prometheus::IntCounterVec;
 
 use crate::api::{ArchivePolicy, CachePolicy, EventStream, Subscription};
 use crate::control::refs::{RefCache, Refs, refs_of};
 use crate::control::status_writer::StatusQueue;
 use crate::control::{CONTROLLER_NAME, ControlError, FINALIZER};
-use crate::data::plane::Plane;
+use crate::data::plane::{ApplyReport, Plane};
 use crate::metrics::Metrics;
 use crate::topology::{Defaults, Index, Key, Kind};
 
@@ -77,6 +79,27 @@ fn key_of<K: Resource>(obj: &K) -> Option<Key> {
         obj.meta().namespace.clone()?,
         obj.meta().name.clone()?,
     ))
+}
+
+/// What of `obj` the topology is built from, hashed: identity, spec (through `generation`,
+/// which the API server bumps on every spec change and never on a status write), labels
+/// (policy selectors) and what decides its deletion. Status writes leave it unchanged.
+fn fingerprint<K: Resource>(kind: Kind, obj: &K) -> u64 {
+    let m = obj.meta();
+    let mut h = std::hash::DefaultHasher::new();
+    (
+        kind,
+        &m.namespace,
+        &m.name,
+        &m.uid,
+        m.generation,
+        // Finalizers matter only once deleting (see `gone`): the one every object gets on its
+        // first reconcile must not make every other reconcile build again.
+        m.deletion_timestamp.is_some().then_some(&m.finalizers),
+        &m.labels,
+    )
+        .hash(&mut h);
+    h.finish()
 }
 
 fn deleting<K: Resource>(obj: &K) -> bool {
@@ -196,6 +219,31 @@ impl Stores {
     /// reference (to be filled in by the caller). Objects being deleted are left out once
     /// their cleanup is done, or when `cleaning` names them; an EventStream that still has
     /// live Subscriptions keeps running under them regardless.
+    /// The objects the topology is built from, summarised: equal fingerprints mean the same
+    /// objects in the same state as far as a build is concerned (a sum of per-object hashes,
+    /// so the caches' iteration order does not matter). O(objects), without cloning them.
+    pub fn fingerprint(&self) -> (usize, u64) {
+        let mut n = 0;
+        let mut sum = 0u64;
+        let mut add = |h: u64| {
+            n += 1;
+            sum = sum.wrapping_add(h);
+        };
+        for o in self.streams.iter().flat_map(Store::state) {
+            add(fingerprint(Kind::EventStream, o.as_ref()));
+        }
+        for o in self.subscriptions.iter().flat_map(Store::state) {
+            add(fingerprint(Kind::Subscription, o.as_ref()));
+        }
+        for o in self.archive_policies.iter().flat_map(Store::state) {
+            add(fingerprint(Kind::ArchivePolicy, o.as_ref()));
+        }
+        for o in self.cache_policies.iter().flat_map(Store::state) {
+            add(fingerprint(Kind::CachePolicy, o.as_ref()));
+        }
+        (n, sum)
+    }
+
     pub fn index(&self, d: &Deleting<'_>) -> (Index, Refs) {
         let mut index = Index::default();
         let mut refs = Refs::default();
@@ -273,6 +321,55 @@ pub struct Context {
     /// Consecutive failures per resource, for the exponential backoff of transient errors.
     /// Keyed by kind too: a stream and a subscription may share a name, not a backoff.
     pub failures: Mutex<HashMap<(Kind, Key), u32>>,
+    /// Since when each valid resource that is not Ready yet has been found so, for the
+    /// spacing of its re-checks.
+    pub settling: Mutex<HashMap<(Kind, Key), std::time::Instant>>,
+    /// The last sync that applied cleanly (see [`SyncStamp`]).
+    pub last_sync: Mutex<Option<LastSync>>,
+    /// `weir_operator_syncs_total{outcome}`: `applied` (built and applied) or `unchanged`
+    /// (the inputs were those of the last clean apply: nothing built).
+    pub syncs: IntCounterVec,
+}
+
+/// A sync that applied cleanly: what it was built from and what it reported.
+#[derive(Clone, Debug)]
+pub struct LastSync {
+    pub stamp: SyncStamp,
+    /// The Secrets and ConfigMaps its objects reference.
+    pub refs: Refs,
+    pub report: ApplyReport,
+}
+
+/// Everything a sync's topology depends on. Each reconcile syncs the whole topology, so N
+/// objects reconciled after one change (a start, a relist, the Lease changing hands) would
+/// build and apply N times, O(N) each; with an unchanged stamp the topology running is already
+/// the one a build would give, and the sync costs one pass over the caches instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncStamp {
+    /// [`Stores::fingerprint`].
+    pub objects: (usize, u64),
+    /// [`RefCache::version`].
+    pub refs: u64,
+    pub leader: bool,
+    /// [`Context::cleaned`] (it decides which deleting objects still run).
+    pub cleaned: HashSet<String>,
+}
+
+/// The `weir_operator_syncs_total` counter, registered on `registry` (a second registration
+/// on the same registry is ignored).
+pub fn syncs_counter(registry: &prometheus::Registry) -> IntCounterVec {
+    // The metric name and label are static and valid: construction cannot fail.
+    let c = IntCounterVec::new(
+        prometheus::Opts::new(
+            "weir_operator_syncs_total",
+            "Topology syncs of the operator's reconciles by outcome: applied, or unchanged \
+             (nothing changed since the last clean apply: no build)",
+        ),
+        &["outcome"],
+    )
+    .expect("static metric definition");
+    let _ = registry.register(Box::new(c.clone()));
+    c
 }
 
 impl Context {
@@ -292,6 +389,7 @@ impl Context {
             crate::data::delivery::SinkGuard::new(Default::default(), &[]),
         ));
         let (status, rx) = StatusQueue::new(64, &plane.engine.metrics.registry);
+        let plane_registry = plane.engine.metrics.registry.clone();
         let ctx = Context {
             recorder: Recorder::new(client.clone(), reporter(None)),
             client,
@@ -305,6 +403,9 @@ impl Context {
             apply_lock: tokio::sync::Mutex::new(()),
             cleaned: Mutex::new(HashSet::new()),
             failures: Mutex::new(HashMap::new()),
+            settling: Mutex::new(HashMap::new()),
+            last_sync: Mutex::new(None),
+            syncs: syncs_counter(&plane_registry),
         };
         (Arc::new(ctx), rx)
     }

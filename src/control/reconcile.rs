@@ -27,7 +27,7 @@ use crate::api::{
     ArchivePolicy, ArchivePolicyStatus, CachePolicy, CachePolicyStatus, EventStream,
     EventStreamStatus, Subscription, SubscriptionStatus,
 };
-use crate::control::context::{Context, Deleting};
+use crate::control::context::{Context, Deleting, LastSync, SyncStamp};
 use crate::control::refs::refs_of;
 use crate::control::status_body;
 use crate::control::status_writer::StatusUpdate;
@@ -39,6 +39,10 @@ use crate::topology::{Key, Kind, Reason};
 
 /// Longest wait between retries of a failing resource.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How soon a valid resource that is not Ready yet is looked at again at first (later, half the
+/// time it has been so, up to the refresh interval): streams and consumers usually start
+/// within a second or two, and the look costs no build.
+const SETTLING_RECHECK: Duration = Duration::from_secs(2);
 
 /// What the reconcilers need to know about a Weir kind.
 pub trait WeirResource:
@@ -162,14 +166,43 @@ pub async fn sync(
         cleaned.retain(|uid| deleting.contains(uid));
         cleaned.clone()
     };
+    let leader = ctx.is_leader();
+    // Before the index: an object changing in between makes the stamp older than what is
+    // applied (the next sync builds again), never newer.
+    let objects = ctx.stores.fingerprint();
+    let last = ctx.last_sync.locked().clone();
+    if cleaning.is_none()
+        && let Some(last) = last
+        && last.stamp.objects == objects
+        && last.stamp.leader == leader
+        && last.stamp.cleaned == cleaned
+    {
+        // The same objects reference the same Secrets and ConfigMaps: read those that are
+        // due, and if none changed, the running topology is what a build would give.
+        ctx.refs
+            .refresh(&ctx.client, &last.refs, ctx.settings.refresh)
+            .await?;
+        if ctx.refs.version() == last.stamp.refs {
+            ctx.syncs.with_label_values(&["unchanged"]).inc();
+            return Ok(last.report);
+        }
+    }
     let (mut index, refs) = ctx.stores.index(&Deleting {
         cleaning,
-        leader: ctx.is_leader(),
+        leader,
         cleaned: &cleaned,
     });
     ctx.refs
         .refresh(&ctx.client, &refs, ctx.settings.refresh)
         .await?;
+    // Before the cached copies are read: a change landing in between makes the stamp older
+    // than what is applied, never newer.
+    let stamp = SyncStamp {
+        objects,
+        refs: ctx.refs.version(),
+        leader,
+        cleaned: cleaned.clone(),
+    };
     let (secrets, config_maps) = ctx.refs.resolved(&refs);
     index.secrets = secrets;
     index.config_maps = config_maps;
@@ -179,7 +212,17 @@ pub async fn sync(
         deleting_streams: ctx.stores.deleting_streams(),
         source_problems: Vec::new(),
     };
-    Ok(ctx.plane.apply(desired, prune).await)
+    let report = ctx.plane.apply(desired, prune).await;
+    ctx.syncs.with_label_values(&["applied"]).inc();
+    // Only a clean apply may stand in for the next one: a failed stream or subscription
+    // start is retried by applying again.
+    *ctx.last_sync.locked() =
+        (report.stream_errors.is_empty() && report.errors.is_empty()).then(|| LastSync {
+            stamp,
+            refs,
+            report: report.clone(),
+        });
+    Ok(report)
 }
 
 /// Reconciles one object of kind `K` (see the module docs).
@@ -293,9 +336,12 @@ async fn apply<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, Co
         // Every worker Pod runs every subscription's consumers: `/scale` selects them all.
         f.selector = Some(ctx.settings.pod_selector.clone());
     }
-    if ctx.is_leader() {
-        write_status(obj.as_ref(), &key, &observed, ctx).await?;
-    }
+    // Only the holder writes status, so only the holder needs to look again soon.
+    let settling = if ctx.is_leader() {
+        !write_status(obj.as_ref(), &key, &observed, ctx).await?
+    } else {
+        false
+    };
     if let Some(message) = applied.stream_errors.get(&key) {
         return Err(ControlError::DataPlane(message.clone()));
     }
@@ -314,17 +360,37 @@ async fn apply<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, Co
             ctx.settings.refresh.min(Duration::from_secs(10)),
         ));
     }
+    let settling_for = {
+        let mut since = ctx.settling.locked();
+        if settling {
+            let first = *since
+                .entry((K::KIND, key.clone()))
+                .or_insert_with(std::time::Instant::now);
+            Some(first.elapsed())
+        } else {
+            since.remove(&(K::KIND, key.clone()));
+            None
+        }
+    };
+    if let Some(d) = settling_for {
+        // Valid but not Ready yet (a stream connecting, a consumer starting): nothing else
+        // wakes this reconcile when the data plane gets there, so look again soon rather than
+        // a refresh interval later, less often the longer it lasts (a broker down for long).
+        // Cheap: the sync finds the topology unchanged.
+        let delay = SETTLING_RECHECK.max(d / 2).min(ctx.settings.refresh);
+        return Ok(Action::requeue(delay));
+    }
     Ok(Action::requeue(ctx.settings.refresh))
 }
 
 /// Queues the object's new status when it differs from the written one, and records an Event
-/// when `Ready` changes.
+/// when `Ready` changes. Answers whether the object is `Ready=True`.
 async fn write_status<K: WeirResource>(
     obj: &K,
     key: &Key,
     observed: &ResourceStatus,
     ctx: &Context,
-) -> Result<(), ControlError> {
+) -> Result<bool, ControlError> {
     let previous = obj.conditions();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let conditions = status_body::conditions(observed, &previous, &now);
@@ -337,7 +403,7 @@ async fn write_status<K: WeirResource>(
         });
     }
     let Some(ready) = conditions.iter().find(|c| c.type_ == READY) else {
-        return Ok(());
+        return Ok(true);
     };
     let before = previous.iter().find(|c| c.type_ == READY);
     if before.is_none_or(|b| b.status != ready.status || b.reason != ready.reason) {
@@ -356,11 +422,12 @@ async fn write_status<K: WeirResource>(
         )
         .await;
     }
-    Ok(())
+    Ok(ready.status == "True")
 }
 
 async fn cleanup<K: WeirResource>(obj: Arc<K>, ctx: &Context) -> Result<Action, ControlError> {
     let key = key_of(obj.as_ref())?;
+    ctx.settling.locked().remove(&(K::KIND, key.clone()));
     if K::KIND == Kind::EventStream {
         let subs = ctx.stores.subscriptions_of(&key);
         if !subs.is_empty() {

@@ -7,6 +7,7 @@
 use crate::poison::MutexExt;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -82,6 +83,9 @@ pub type ConfigMapData = BTreeMap<String, String>;
 pub struct RefCache {
     secrets: Mutex<HashMap<Key, Cached<SecretData>>>,
     config_maps: Mutex<HashMap<Key, Cached<ConfigMapData>>>,
+    /// Bumped whenever a read finds an object different from its cached copy (or one not
+    /// cached before): a sync whose objects and references are unchanged can skip its build.
+    version: AtomicU64,
 }
 
 /// Decoded `data` of a Secret, with `stringData` on top (as the API server would merge it).
@@ -131,13 +135,7 @@ impl RefCache {
         for key in secrets {
             let api: Api<Secret> = Api::namespaced(client.clone(), &key.namespace);
             let value = api.get_opt(&key.name).await?.map(|s| decode_secret(&s));
-            self.secrets.locked().insert(
-                key,
-                Cached {
-                    fetched: Instant::now(),
-                    value,
-                },
-            );
+            self.store(&self.secrets, key, value);
         }
         let config_maps = due(&self.config_maps, &refs.config_maps, max_age);
         for key in config_maps {
@@ -146,15 +144,34 @@ impl RefCache {
                 .get_opt(&key.name)
                 .await?
                 .map(|c| c.data.unwrap_or_default());
-            self.config_maps.locked().insert(
-                key,
-                Cached {
-                    fetched: Instant::now(),
-                    value,
-                },
-            );
+            self.store(&self.config_maps, key, value);
         }
         Ok(())
+    }
+
+    /// Caches `value` as just read, counting a change when it differs from the cached copy.
+    fn store<T: PartialEq>(
+        &self,
+        cache: &Mutex<HashMap<Key, Cached<T>>>,
+        key: Key,
+        value: Option<T>,
+    ) {
+        let mut cache = cache.locked();
+        if cache.get(&key).is_none_or(|c| c.value != value) {
+            self.version.fetch_add(1, Ordering::AcqRel);
+        }
+        cache.insert(
+            key,
+            Cached {
+                fetched: Instant::now(),
+                value,
+            },
+        );
+    }
+
+    /// Counts the changes reads have found (see the field).
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     /// The cached Secrets and ConfigMaps among `refs` that exist, as the index holds them.

@@ -177,6 +177,7 @@ pub async fn run_with_client(
         cp_ctls.push(cp);
     }
 
+    let syncs = crate::control::context::syncs_counter(&plane.engine.metrics.registry);
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter(Some(cfg.lease.identity.clone()))),
         client: client.clone(),
@@ -195,6 +196,9 @@ pub async fn run_with_client(
         apply_lock: tokio::sync::Mutex::new(()),
         cleaned: std::sync::Mutex::new(Default::default()),
         failures: std::sync::Mutex::new(Default::default()),
+        settling: std::sync::Mutex::new(Default::default()),
+        last_sync: std::sync::Mutex::new(None),
+        syncs,
     });
 
     // With no resource at all no reconcile runs: apply the (empty) topology once the caches

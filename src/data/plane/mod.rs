@@ -47,7 +47,7 @@ pub struct Desired {
 }
 
 /// What an apply did.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct ApplyReport {
     /// Streams the engine could not start or stop cleanly, with why.
     pub stream_errors: BTreeMap<Key, String>,
