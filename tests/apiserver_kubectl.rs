@@ -100,6 +100,43 @@ fn api_code(err: kube::Error) -> u16 {
     }
 }
 
+/// The output of a background kubectl, which must exit within 30 s.
+async fn exited(child: tokio::process::Child, what: &str) -> std::process::Output {
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not return"))
+        .unwrap_or_else(|e| panic!("kubectl: {e}"))
+}
+
+/// [`exited`], and successfully.
+async fn finished(child: tokio::process::Child, what: &str) -> std::process::Output {
+    let out = exited(child, what).await;
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `kubectl patch KIND NAME -n shop [--subresource SUB] --type TYPE -p BODY`, asserted to
+/// succeed.
+async fn patch(
+    server: &TestApiServer,
+    kind: &str,
+    name: &str,
+    subresource: Option<&str>,
+    type_: &str,
+    body: &str,
+) {
+    let mut args = vec!["patch", kind, name, "-n", "shop"];
+    if let Some(sub) = subresource {
+        args.extend(["--subresource", sub]);
+    }
+    args.extend(["--type", type_, "-p", body]);
+    ok(server.kubectl(&args).await);
+}
+
 #[tokio::test]
 async fn kubectl_applies_crds_and_quickstart_and_prints_weir_columns() {
     let server = TestApiServer::start().await;
@@ -277,19 +314,15 @@ async fn patches_bump_generation_on_spec_changes_only() {
     let generation = |s: &TestApiServer| es(s, "orders")["metadata"]["generation"].as_i64();
     assert_eq!(generation(&server), Some(1));
 
-    ok(server
-        .kubectl(&[
-            "patch",
-            "wes",
-            "orders",
-            "-n",
-            "shop",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"batching":{"maxEvents":50}}}"#,
-        ])
-        .await);
+    patch(
+        &server,
+        "wes",
+        "orders",
+        None,
+        "merge",
+        r#"{"spec":{"batching":{"maxEvents":50}}}"#,
+    )
+    .await;
     assert_eq!(generation(&server), Some(2));
     assert_eq!(es(&server, "orders")["spec"]["batching"]["maxEvents"], 50);
 
@@ -303,54 +336,32 @@ async fn patches_bump_generation_on_spec_changes_only() {
         "payments"
     );
 
-    ok(server
-        .kubectl(&[
-            "patch",
-            "wes",
-            "orders",
-            "-n",
-            "shop",
-            "--type",
-            "json",
-            "-p",
-            r#"[{"op":"replace","path":"/spec/batching/maxEvents","value":75}]"#,
-        ])
-        .await);
+    patch(
+        &server,
+        "wes",
+        "orders",
+        None,
+        "json",
+        r#"[{"op":"replace","path":"/spec/batching/maxEvents","value":75}]"#,
+    )
+    .await;
     assert_eq!(generation(&server), Some(3));
 
     // Status goes through /status only, without a generation bump.
     let status = r#"{"status":{"observedGeneration":3,"conditions":[{"type":"Ready","status":"True","reason":"Provisioned","message":"ok","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
-    ok(server
-        .kubectl(&[
-            "patch",
-            "wes",
-            "orders",
-            "-n",
-            "shop",
-            "--subresource",
-            "status",
-            "--type",
-            "merge",
-            "-p",
-            status,
-        ])
-        .await);
+    patch(&server, "wes", "orders", Some("status"), "merge", status).await;
     assert_eq!(generation(&server), Some(3));
     assert_eq!(es(&server, "orders")["status"]["observedGeneration"], 3);
     // A status change through the main resource is ignored.
-    ok(server
-        .kubectl(&[
-            "patch",
-            "wes",
-            "orders",
-            "-n",
-            "shop",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"status":{"observedGeneration":99}}"#,
-        ])
-        .await);
+    patch(
+        &server,
+        "wes",
+        "orders",
+        None,
+        "merge",
+        r#"{"status":{"observedGeneration":99}}"#,
+    )
+    .await;
     assert_eq!(es(&server, "orders")["status"]["observedGeneration"], 3);
     let out = ok(server
         .kubectl(&["get", "wes", "orders", "-n", "shop"])
@@ -410,19 +421,15 @@ spec:
 #[tokio::test]
 async fn kubectl_delete_waits_for_finalizers() {
     let server = with_quickstart().await;
-    ok(server
-        .kubectl(&[
-            "patch",
-            "wes",
-            "notifications",
-            "-n",
-            "shop",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"metadata":{"finalizers":["weir.dev/cleanup"]}}"#,
-        ])
-        .await);
+    patch(
+        &server,
+        "wes",
+        "notifications",
+        None,
+        "merge",
+        r#"{"metadata":{"finalizers":["weir.dev/cleanup"]}}"#,
+    )
+    .await;
     ok(server
         .kubectl(&[
             "delete",
@@ -468,15 +475,7 @@ async fn kubectl_delete_waits_for_finalizers() {
         )
         .await
         .unwrap_or_else(|e| panic!("removing the finalizer: {e}"));
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("kubectl delete did not return"))
-        .unwrap_or_else(|e| panic!("kubectl: {e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    finished(child, "kubectl delete").await;
     assert!(
         server
             .object("weir.dev", "eventstreams", "shop", "notifications")
@@ -515,21 +514,15 @@ async fn kubectl_scale_writes_the_subscription_consumers() {
         && c.resource == "subscriptions"
         && c.subresource.as_deref() == Some("scale")));
 
-    ok(server
-        .kubectl(&[
-            "patch",
-            "wsub",
-            "mailer",
-            "-n",
-            "shop",
-            "--subresource",
-            "status",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"status":{"consumers":8,"selector":"app.kubernetes.io/name=weir"}}"#,
-        ])
-        .await);
+    patch(
+        &server,
+        "wsub",
+        "mailer",
+        Some("status"),
+        "merge",
+        r#"{"status":{"consumers":8,"selector":"app.kubernetes.io/name=weir"}}"#,
+    )
+    .await;
     let scale = ok(server
         .kubectl(&[
             "get",
@@ -1091,15 +1084,7 @@ async fn kubectl_wait_server_side_apply_watch_and_namespace_delete() {
         )
         .await
         .unwrap_or_else(|e| panic!("status: {e}"));
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("kubectl wait did not return"))
-        .unwrap_or_else(|e| panic!("kubectl: {e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = finished(child, "kubectl wait").await;
     assert!(String::from_utf8_lossy(&out.stdout).contains("condition met"));
 
     // `kubectl get -w` prints the rows of Table watch events.
@@ -1113,10 +1098,7 @@ async fn kubectl_wait_server_side_apply_watch_and_namespace_delete() {
     ok(server
         .kubectl(&["label", "wes", "notifications", "-n", "shop", "w=1"])
         .await);
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("kubectl get -w did not return"))
-        .unwrap_or_else(|e| panic!("kubectl: {e}"));
+    let out = exited(child, "kubectl get -w").await;
     let printed = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         printed
