@@ -59,6 +59,14 @@ fn status_of<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> Value {
     }
 }
 
+/// The Status of creating `kind` `name` with `spec` through `api`, which must be refused.
+async fn refused(api: &Api<DynamicObject>, kind: &str, name: &str, spec: Value) -> Value {
+    status_of(
+        api.create(&PostParams::default(), &object(kind, name, spec))
+            .await,
+    )
+}
+
 /// Asserts a 422 `Invalid` Status with exactly these causes `(reason, field, message)`; the
 /// message is `Kind.group "name" is invalid: ` and the causes as Go aggregates them.
 fn assert_invalid(status: &Value, kind: &str, name: &str, causes: &[(&str, &str, &str)]) {
@@ -222,13 +230,14 @@ async fn cel_rules_refuse_with_the_real_status_and_kubectl_message() {
     );
 
     // Rules on list items (path with the index), and the `filter` macro with `size()`.
-    let schemas = object(
+    let status = refused(
+        &streams,
         "EventStream",
         "typed",
         json!({"broker": {"urlSecretRef": {"name": "rabbitmq", "key": "url"}},
                "validation": {"schemas": [{"type": "a", "schema": {}}, {"type": "b"}]}}),
-    );
-    let status = status_of(streams.create(&PostParams::default(), &schemas).await);
+    )
+    .await;
     assert_invalid(
         &status,
         "EventStream",
@@ -261,13 +270,14 @@ async fn cel_rules_refuse_with_the_real_status_and_kubectl_message() {
         )],
     );
     // Two rules failing at once: both causes, in brackets.
-    let both = object(
+    let status = refused(
+        &subs,
         "Subscription",
         "mailer",
         json!({"stream": "orders", "sink": {},
                "delivery": {"deadLetterSink": {}}}),
-    );
-    let status = status_of(subs.create(&PostParams::default(), &both).await);
+    )
+    .await;
     let fields: Vec<&str> = status["details"]["causes"]
         .as_array()
         .map(|c| c.iter().filter_map(|c| c["field"].as_str()).collect())
@@ -334,12 +344,13 @@ async fn schema_errors_have_the_real_shapes() {
     let blocked_cause = format!("Invalid value: \"null\": {blocked}");
 
     // Wrong type: FieldValueTypeInvalid, and the CEL rules are not run.
-    let wrong_type = object(
+    let status = refused(
+        &subs,
         "Subscription",
         "typed",
         json!({"stream": "orders", "sink": {"uri": "http://127.0.0.1:9/"}, "consumers": "lots"}),
-    );
-    let status = status_of(subs.create(&PostParams::default(), &wrong_type).await);
+    )
+    .await;
     assert_invalid(
         &status,
         "Subscription",
@@ -355,12 +366,13 @@ async fn schema_errors_have_the_real_shapes() {
     );
 
     // Enum: FieldValueNotSupported with the supported values (null included, as declared).
-    let bad_enum = object(
+    let status = refused(
+        &subs,
         "Subscription",
         "ordered",
         json!({"stream": "orders", "sink": {"uri": "http://127.0.0.1:9/"}, "ordering": "random"}),
-    );
-    let status = status_of(subs.create(&PostParams::default(), &bad_enum).await);
+    )
+    .await;
     assert_invalid(
         &status,
         "Subscription",
@@ -376,13 +388,14 @@ async fn schema_errors_have_the_real_shapes() {
     );
 
     // Bounds (Go's float formatting of the limits) and `required`.
-    let out_of_bounds = object(
+    let status = refused(
+        &subs,
         "Subscription",
         "bounded",
         json!({"sink": {"ref": {"name": "svc", "port": 70000}},
                "partitions": 0, "delivery": {"retry": 5_000_000_000u64}}),
-    );
-    let status = status_of(subs.create(&PostParams::default(), &out_of_bounds).await);
+    )
+    .await;
     let mut causes: Vec<(String, String, String)> = status["details"]["causes"]
         .as_array()
         .map(|list| {
