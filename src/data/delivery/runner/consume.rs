@@ -82,6 +82,10 @@ pub(super) async fn finish(ch: &Channel, tag: ShortString, tasks: &mut JoinSet<(
     let _ = ch.close(200, "OK".into()).await;
 }
 
+/// How long basic.qos and basic.consume together may take on an open channel: an answer takes
+/// milliseconds, a loaded broker a few seconds.
+const CONSUME_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// What [`open_or_wait`] came to.
 pub(super) enum Opened {
     Yes(Box<(Channel, lapin::Consumer, ShortString)>),
@@ -129,20 +133,34 @@ async fn open_consumer(
     // a prefetch of 0 as unlimited, so it is never sent (a subscription scaled to zero opens
     // no consumer in the first place).
     let prefetch = u16::try_from(prefetch.max(1)).unwrap_or(u16::MAX);
-    ch.basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(amqp)?;
     let tag: ShortString = format!("weir-{}", uuid::Uuid::now_v7()).into();
-    let consumer = ch
-        .basic_consume(
+    let open = async {
+        ch.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp)?;
+        ch.basic_consume(
             queue.into(),
             tag.clone(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
-        .map_err(amqp)?;
-    Ok((ch, consumer, tag))
+        .map_err(amqp)
+    };
+    // Bounded: a channel opened just before its connection died (a broker killed while a
+    // thousand consumers reopen) was seen to leave basic.qos/basic.consume unanswered for
+    // good, and the subscription then never consumed again.
+    match tokio::time::timeout(CONSUME_OPEN_TIMEOUT, open).await {
+        Ok(Ok(consumer)) => Ok((ch, consumer, tag)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            // Whatever state the channel is in, it is not used again.
+            let _ = tokio::time::timeout(CONSUME_OPEN_TIMEOUT, ch.close(200, "OK".into())).await;
+            Err(DeliveryError::Broker(BrokerError::Unavailable(format!(
+                "consume {queue}: no answer within {CONSUME_OPEN_TIMEOUT:?}"
+            ))))
+        }
+    }
 }
 
 /// Delivers what is left in a queue of an earlier shape (one message at a time, in queue
