@@ -72,23 +72,10 @@ impl Settings {
     /// Reads the `OTEL_*` variables through `var` (the process environment in [`Settings::from_env`]).
     pub fn read(var: impl Fn(&str) -> Option<String>) -> Result<Settings, OtelError> {
         let set = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let timeout = match [
-            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
-            "OTEL_EXPORTER_OTLP_TIMEOUT",
-        ]
-        .into_iter()
-        .find_map(|name| set(name).map(|v| (name, v)))
-        {
-            None => DEFAULT_TIMEOUT,
-            Some((var, value)) => value
-                .trim()
-                .parse()
-                .map(Duration::from_millis)
-                .map_err(|_| OtelError::Timeout { var, value })?,
-        };
+        // The protocol and timeout are read (and refused) only when spans are exported.
         let off = Settings {
             export: false,
-            timeout,
+            timeout: DEFAULT_TIMEOUT,
         };
         if set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
             return Ok(off);
@@ -116,6 +103,20 @@ impl Settings {
                 return Err(OtelError::Protocol { var, value });
             }
         }
+        let timeout = match [
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ]
+        .into_iter()
+        .find_map(|name| set(name).map(|v| (name, v)))
+        {
+            None => DEFAULT_TIMEOUT,
+            Some((var, value)) => value
+                .trim()
+                .parse()
+                .map(Duration::from_millis)
+                .map_err(|_| OtelError::Timeout { var, value })?,
+        };
         Ok(Settings {
             export: true,
             timeout,
@@ -354,17 +355,25 @@ mod tests {
 
     #[test]
     fn the_timeout_is_milliseconds() {
-        assert_eq!(read(&[]).unwrap().timeout, DEFAULT_TIMEOUT);
-        let t = read(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "2500")]).unwrap();
+        let ep = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+        assert_eq!(read(&[ep]).unwrap().timeout, DEFAULT_TIMEOUT);
+        let t = read(&[ep, ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500")]).unwrap();
         assert_eq!(t.timeout, Duration::from_millis(2500));
         let t = read(&[
+            ep,
             ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "100"),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
         ])
         .unwrap();
         assert_eq!(t.timeout, Duration::from_millis(100));
-        let e = read(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")]).unwrap_err();
+        let e = read(&[ep, ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")]).unwrap_err();
         assert!(e.to_string().contains("milliseconds"), "{e}");
+        // Export off: not read, so not refused.
+        assert!(
+            !read(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")])
+                .unwrap()
+                .export
+        );
     }
 
     #[test]
