@@ -35,6 +35,15 @@ use crate::data::tracecontext::{self, SPAN_TARGET};
 pub const DEFAULT_SERVICE_NAME: &str = "weir";
 /// The only OTLP protocol Weir sends.
 const PROTOCOL: &str = "http/protobuf";
+/// `OTEL_TRACES_SAMPLER` values the SDK implements.
+const SAMPLERS: &[&str] = &[
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+];
 /// Default of `OTEL_EXPORTER_OTLP_TIMEOUT` (the OTLP specification's).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest collector answer read: an OTLP export answer is a few bytes (a partial-success
@@ -53,6 +62,13 @@ pub enum OtelError {
     Exporter(String),
     #[error("{var}={value:?}: not a number of milliseconds")]
     Timeout { var: &'static str, value: String },
+    #[error(
+        "OTEL_TRACES_SAMPLER={0:?}: Weir samples with always_on, always_off, traceidratio, \
+         parentbased_always_on, parentbased_always_off or parentbased_traceidratio"
+    )]
+    Sampler(String),
+    #[error("OTEL_TRACES_SAMPLER_ARG={0:?}: the sampling ratio is a number from 0 to 1")]
+    SamplerArg(String),
     #[error("the OTLP trace exporter: {0}")]
     Build(#[from] opentelemetry_otlp::ExporterBuildError),
     #[error("the OTLP exporter's HTTP client: {0}")]
@@ -101,6 +117,23 @@ impl Settings {
                     break; // The traces-specific one wins over the general one.
                 }
                 return Err(OtelError::Protocol { var, value });
+            }
+        }
+        // The SDK reads the sampler itself but falls back to its default on a value it does
+        // not know: refused here instead, so a sampler that is set is the one in force.
+        if let Some(sampler) = set("OTEL_TRACES_SAMPLER") {
+            let sampler = sampler.trim().to_ascii_lowercase();
+            if !SAMPLERS.contains(&sampler.as_str()) {
+                return Err(OtelError::Sampler(sampler));
+            }
+            if sampler.ends_with("traceidratio")
+                && let Some(arg) = set("OTEL_TRACES_SAMPLER_ARG")
+                && !arg
+                    .trim()
+                    .parse::<f64>()
+                    .is_ok_and(|r| (0.0..=1.0).contains(&r))
+            {
+                return Err(OtelError::SamplerArg(arg));
             }
         }
         let timeout = match [
@@ -209,6 +242,9 @@ struct OtlpClient {
     client: reqwest::Client,
     timeout: Duration,
     runtime: Option<tokio::runtime::Runtime>,
+    /// The last export failed: said once when exports start failing and once when they
+    /// work again, not every few seconds while a collector is away.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl OtlpClient {
@@ -229,7 +265,25 @@ impl OtlpClient {
             client,
             timeout,
             runtime: Some(runtime),
+            failing: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Logs a change between exports working and failing.
+    fn outcome(&self, endpoint: &str, failure: Option<String>) {
+        use std::sync::atomic::Ordering;
+        match failure {
+            Some(why) => {
+                if !self.failing.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(endpoint, error = %why, "span export failing; spans are dropped while it does");
+                }
+            }
+            None => {
+                if self.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!(endpoint, "span export works again");
+                }
+            }
+        }
     }
 }
 
@@ -251,6 +305,7 @@ impl HttpClient for OtlpClient {
             .as_ref()
             .ok_or_else(|| HttpError::from("the OTLP client is shut down"))?;
         let request = reqwest::Request::try_from(request)?;
+        let endpoint = request.url().to_string();
         let client = self.client.clone();
         let timeout = self.timeout;
         let answer = rt.spawn(async move {
@@ -272,7 +327,13 @@ impl HttpClient for OtlpClient {
             .await
             .map_err(|_| HttpError::from(format!("no answer within {timeout:?}")))?
         });
-        answer.await?
+        let answer = answer.await.map_err(HttpError::from).and_then(|a| a);
+        match &answer {
+            Ok(r) if r.status().is_success() => self.outcome(&endpoint, None),
+            Ok(r) => self.outcome(&endpoint, Some(format!("answered {}", r.status()))),
+            Err(e) => self.outcome(&endpoint, Some(e.to_string())),
+        }
+        answer
     }
 }
 
@@ -351,6 +412,28 @@ mod tests {
                 .unwrap()
                 .export
         );
+    }
+
+    #[test]
+    fn a_sampler_the_sdk_lacks_or_a_bad_ratio_is_refused() {
+        let ep = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+        for ok in ["always_on", "PARENTBASED_TRACEIDRATIO", "always_off"] {
+            assert!(
+                read(&[ep, ("OTEL_TRACES_SAMPLER", ok)]).unwrap().export,
+                "{ok}"
+            );
+        }
+        let e = read(&[ep, ("OTEL_TRACES_SAMPLER", "jaeger_remote")]).unwrap_err();
+        assert!(e.to_string().contains("jaeger_remote"), "{e}");
+        let ratio = ("OTEL_TRACES_SAMPLER", "traceidratio");
+        assert!(read(&[ep, ratio, ("OTEL_TRACES_SAMPLER_ARG", "0.25")]).is_ok());
+        for bad in ["1.5", "-0.1", "half"] {
+            let e = read(&[ep, ratio, ("OTEL_TRACES_SAMPLER_ARG", bad)]).unwrap_err();
+            assert!(e.to_string().contains("from 0 to 1"), "{bad}: {e}");
+        }
+        // The argument of a sampler that takes none is not looked at.
+        let on = ("OTEL_TRACES_SAMPLER", "always_on");
+        assert!(read(&[ep, on, ("OTEL_TRACES_SAMPLER_ARG", "half")]).is_ok());
     }
 
     #[test]

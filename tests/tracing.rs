@@ -413,6 +413,35 @@ async fn without_an_otlp_endpoint_nothing_is_exported_and_contexts_still_flow() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_collector_that_is_away_drops_spans_not_events() {
+    // Nothing listens on that port.
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    let p = pipeline(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+    ])
+    .await;
+    for id in ["away-1", "away-2"] {
+        publish(&p.weir, event(id), &[]).await;
+        let h = delivered(&p.received, id, &p.weir).await;
+        fields(&header(&h, "traceparent"));
+    }
+    // Said once, not once per export.
+    let said = eventually(
+        60,
+        "the failing export in the log",
+        || p.weir.log_text(),
+        || async {
+            let log = p.weir.log_text();
+            log.contains("span export failing").then_some(log)
+        },
+    )
+    .await;
+    assert_eq!(said.matches("span export failing").count(), 1, "{said}");
+}
+
 #[tokio::test]
 async fn an_otlp_protocol_weir_cannot_send_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
