@@ -177,8 +177,18 @@ fn event(id: &str) -> String {
 }
 
 async fn publish(weir: &Weir, body: String, headers: &[(&str, &str)]) -> Value {
+    publish_to(weir, "orders", 201, body, headers).await
+}
+
+async fn publish_to(
+    weir: &Weir,
+    stream: &str,
+    want: u16,
+    body: String,
+    headers: &[(&str, &str)],
+) -> Value {
     let mut req = http()
-        .post(weir.events_url("test", "orders"))
+        .post(weir.events_url("test", stream))
         .header("content-type", "application/cloudevents+json");
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -186,7 +196,7 @@ async fn publish(weir: &Weir, body: String, headers: &[(&str, &str)]) -> Value {
     let r = req.body(body).send().await.unwrap();
     let status = r.status();
     let v: Value = r.json().await.unwrap_or_default();
-    assert_eq!(status, 201, "{v}");
+    assert_eq!(status, want, "{v}");
     v
 }
 
@@ -218,7 +228,7 @@ struct Pipeline {
     received: Received,
     sub: String,
     exchange: String,
-    _m: Manifests,
+    m: Manifests,
 }
 
 /// A stream with a store and a subscription delivering to a recording sink, run by one
@@ -239,7 +249,7 @@ async fn pipeline(env: &[(&str, &str)]) -> Pipeline {
         received,
         sub,
         exchange,
-        _m: m,
+        m,
     }
 }
 
@@ -406,11 +416,29 @@ async fn without_an_otlp_endpoint_nothing_is_exported_and_contexts_still_flow() 
         assert_eq!(flags, "01");
         assert_eq!(header(&h, "ce-traceparent"), header(&h, "traceparent"));
     }
-    assert!(
-        !p.weir.log_text().contains("ERROR"),
-        "{}",
-        p.weir.log_text()
+    // A broker-only stream publishes the event with its context among the AMQP headers.
+    let notes = unique("weir.test.tracing.notes.");
+    p.m.write("notes.yaml", &broker_only_yaml("notes", &notes));
+    let mut weir = p.weir;
+    weir.wait_ready("test", "notes").await;
+    let (conn, ch, queue) = bind_test_queue(&notes).await;
+    publish_to(
+        &weir,
+        "notes",
+        202,
+        event("note"),
+        &[("traceparent", &publisher), ("tracestate", "a=1")],
+    )
+    .await;
+    let headers = drain_queue_headers(&ch, &queue, 1, Duration::from_secs(30)).await;
+    let h = headers.first().expect("the published message");
+    assert_eq!(h.get("cloudEvents:traceparent"), Some(&publisher), "{h:?}");
+    assert_eq!(
+        h.get("cloudEvents:tracestate").map(String::as_str),
+        Some("a=1")
     );
+    close_amqp(conn).await;
+    assert!(!weir.log_text().contains("ERROR"), "{}", weir.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
