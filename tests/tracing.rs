@@ -100,7 +100,8 @@ async fn otlp_receiver() -> (String, Spans) {
 
 type Received = Arc<Mutex<Vec<http::HeaderMap>>>;
 
-/// A sink answering 200 and keeping the headers of every POST.
+/// A sink keeping the headers of every POST and answering 200 with a reply (binary mode,
+/// id `reply-<id>`, no trace context of its own).
 async fn recording_sink() -> (String, Received) {
     let received: Received = Arc::default();
     let got = received.clone();
@@ -109,8 +110,18 @@ async fn recording_sink() -> (String, Received) {
         axum::routing::post(move |h: http::HeaderMap| {
             let got = got.clone();
             async move {
+                let id = format!("reply-{}", h["ce-id"].to_str().unwrap());
                 got.lock().unwrap().push(h);
-                http::StatusCode::OK
+                (
+                    [
+                        ("ce-specversion", "1.0".to_string()),
+                        ("ce-id", id),
+                        ("ce-source", "/sink".to_string()),
+                        ("ce-type", "order.replied".to_string()),
+                        ("content-type", "application/json".to_string()),
+                    ],
+                    "{}",
+                )
             }
         }),
     );
@@ -166,7 +177,7 @@ fn fields(traceparent: &str) -> (String, String, String) {
 fn subscription_yaml(name: &str, sink: &str) -> String {
     format!(
         "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}, namespace: test}}\n\
-         spec:\n  stream: orders\n  sink: {{uri: \"{sink}\"}}\n"
+         spec:\n  stream: orders\n  sink: {{uri: \"{sink}\"}}\n  reply: {{stream: replies}}\n"
     )
 }
 
@@ -200,6 +211,22 @@ async fn publish_to(
     v
 }
 
+/// The reply the sink gave to the event `id`, once appended to the stream `replies`.
+async fn reply_of(weir: &Weir, id: &str) -> Value {
+    let url = format!("{}?from=1&limit=1000", weir.events_url("test", "replies"));
+    let want = format!("reply-{id}");
+    eventually(
+        60,
+        &format!("the reply {want} stored"),
+        || weir.log_text(),
+        || async {
+            let page: Value = http_get(&url).await.ok()?.json().await.ok()?;
+            page.as_array()?.iter().find(|e| e["id"] == want).cloned()
+        },
+    )
+    .await
+}
+
 /// The four spans of one event's journey, once all are exported.
 async fn journey(spans: &Spans, trace: &str, weir: &Weir) -> BTreeMap<String, Exported> {
     eventually(
@@ -211,7 +238,13 @@ async fn journey(spans: &Spans, trace: &str, weir: &Weir) -> BTreeMap<String, Ex
                 .lock()
                 .unwrap()
                 .iter()
-                .filter(|s| s.trace == trace)
+                // The reply's commit and relay (stream `replies`) are in the trace too.
+                .filter(|s| {
+                    s.trace == trace
+                        && s.attributes
+                            .get("weir.stream")
+                            .is_none_or(|st| st == "orders")
+                })
                 .map(|s| (s.name.clone(), s.clone()))
                 .collect();
             ["weir.ingest", "weir.commit", "weir.relay", "weir.deliver"]
@@ -239,10 +272,15 @@ async fn pipeline(env: &[(&str, &str)]) -> Pipeline {
     let m = Manifests::new(&db);
     let exchange = unique("weir.test.tracing.");
     m.write("stream.yaml", &stream_yaml("orders", &exchange, ""));
+    m.write(
+        "replies.yaml",
+        &stream_yaml("replies", &unique("weir.test.tracing.replies."), ""),
+    );
     let sub = unique("s");
     m.write("sub.yaml", &subscription_yaml(&sub, &sink));
     let mut weir = Weir::start_with(m.path(), env);
     weir.wait_ready("test", "orders").await;
+    weir.wait_readable("test", "replies").await;
     wait_subscription(&weir, &sub).await;
     Pipeline {
         weir,
@@ -309,6 +347,29 @@ async fn one_trace_spans_publisher_weir_and_sink() {
     assert_eq!(ingest.attributes["weir.stream"], "orders");
     assert_eq!(ingest.attributes["http.response.status_code"], "201");
     assert_eq!(spans_of["weir.commit"].attributes["weir.events"], "1");
+    // The sink's reply, appended to `replies` without a context of its own, continues the
+    // trace as a child of the delivery, and its commit span says so.
+    let reply = reply_of(&p.weir, "traced").await;
+    assert_eq!(reply["traceparent"], format!("00-{TRACE}-{parent}-01"));
+    eventually(
+        60,
+        "the reply's commit span under the delivery span",
+        || format!("{:#?}", spans.lock().unwrap()),
+        || async {
+            spans
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| {
+                    s.name == "weir.commit"
+                        && s.trace == TRACE
+                        && s.parent == parent
+                        && s.attributes["weir.stream"] == "replies"
+                })
+                .then_some(())
+        },
+    )
+    .await;
 
     // The relayed AMQP message carries the event's context among its CloudEvents headers.
     let headers = drain_queue_headers(&ch, &queue, 1, Duration::from_secs(30)).await;
@@ -402,6 +463,11 @@ async fn without_an_otlp_endpoint_nothing_is_exported_and_contexts_still_flow() 
     let h = delivered(&p.received, "passed-on", &p.weir).await;
     assert_eq!(header(&h, "traceparent"), publisher);
     assert_eq!(header(&h, "ce-traceparent"), publisher);
+    // The sink's reply continues that trace.
+    assert_eq!(
+        reply_of(&p.weir, "passed-on").await["traceparent"],
+        publisher.as_str()
+    );
 
     // Without one (or with a malformed one) an event still gets a new trace id, which reaches
     // the sink.
