@@ -435,6 +435,20 @@ async fn one_trace_spans_publisher_weir_and_sink() {
     let h = delivered(&p.received, "bad-attribute", &p.weir).await;
     assert_eq!(header(&h, "ce-traceparent"), publisher);
     assert!(h.get("ce-tracestate").is_none(), "{h:?}");
+
+    // Only the journey's spans are exported, none of the libraries' (sqlx, hyper, lapin).
+    let names: std::collections::BTreeSet<String> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        ["weir.commit", "weir.deliver", "weir.ingest", "weir.relay"]
+            .map(String::from)
+            .into(),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
