@@ -2,7 +2,7 @@
 //!
 //! Layers (see `docs/architecture.md`): `api` (CRD structs) → `source` (manifest folder or
 //! Kubernetes watch) → `topology` (validated kube-free model) → `data` (the data plane).
-//! `app`, `cli`, `admin`, `server` and `status` are wiring; `metrics`, `telemetry` and
+//! `app`, `cli`, `admin`, `server`, `status` and `otel` are wiring; `metrics`, `telemetry` and
 //! `shutdown` are shared leaves.
 
 pub mod admin;
@@ -14,6 +14,7 @@ pub mod cli;
 pub mod control;
 pub mod data;
 pub mod metrics;
+pub mod otel;
 pub mod poison;
 pub mod server;
 pub mod shutdown;

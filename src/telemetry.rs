@@ -184,7 +184,8 @@ pub fn directives(rust_log: Option<&str>) -> String {
     out
 }
 
-pub fn init() {
+/// Installs the log (and, given `otel`, the exporter of the journey spans: `crate::otel`).
+pub fn init(otel: Option<crate::otel::OtelLayer>) {
     let rust_log = std::env::var("RUST_LOG").ok();
     let (filter, invalid) = match EnvFilter::try_new(directives(rust_log.as_deref())) {
         Ok(f) => (f, None),
@@ -197,8 +198,9 @@ pub fn init() {
     use tracing_subscriber::filter::FilterExt as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
+    // The journey spans are for the exporter only: in the log they would only prefix lines.
     let log_filter = filter.and(tracing_subscriber::filter::filter_fn(|m| {
-        !crate::audit::is_audit(m)
+        !crate::audit::is_audit(m) && m.target() != crate::data::tracecontext::SPAN_TARGET
     }));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -209,6 +211,7 @@ pub fn init() {
         fmt.with_filter(log_filter).boxed()
     };
     let _ = tracing_subscriber::registry()
+        .with(otel)
         .with(log)
         .with(crate::audit::layer())
         .try_init();

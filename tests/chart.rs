@@ -3,7 +3,8 @@
 //! typos (in the file and through `helm template`); every value a template reads exists; the
 //! rendered Pod runs under the `restricted` Pod Security Standard, shuts down in order and adapts
 //! to platforms that assign user ids; the PodDisruptionBudget never blocks a drain; the archive
-//! volume, dashboard ConfigMap, PrometheusRule and ServiceMonitor render as documented; and the
+//! volume, dashboard ConfigMap, PrometheusRule and ServiceMonitor render as documented; the
+//! `tracing` values set the `OTEL_*` variables the worker accepts (none by default); and the
 //! rendered RBAC grants exactly what the operator calls.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -198,6 +199,8 @@ fn helm_lint_strict_passes_with_every_option() {
         "--set=prometheusRule.enabled=true",
         "--set=archiveVolume.enabled=true",
         "--set=watchNamespaces={shop,billing}",
+        "--set=tracing.otlpEndpoint=http://otel-collector.observability:4318",
+        "--set=tracing.headersSecret.name=otlp-auth",
     ];
     let mut args = vec!["lint", "--strict", dir];
     args.extend(all_on);
@@ -217,6 +220,8 @@ fn helm_refuses_typos_and_wrong_types_in_values() {
             "--set=shutdown.preStopSleepSeconds=-1",
             "preStopSleepSeconds",
         ),
+        ("--set=tracing.sampler=sometimes", "sampler"),
+        ("--set=tracing.otlpEndpoint=collector:4318", "otlpEndpoint"),
     ] {
         let err = helm::render(&[set]).expect_err(set);
         assert!(
@@ -225,6 +230,47 @@ fn helm_refuses_typos_and_wrong_types_in_values() {
             "{set}: {err}"
         );
     }
+}
+
+#[test]
+fn span_export_is_off_by_default_and_the_tracing_values_turn_it_on() {
+    let otel_env = |objects: &[Value]| -> BTreeMap<String, Value> {
+        pod_spec(objects)["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"].as_str().unwrap().starts_with("OTEL_"))
+            .map(|e| (e["name"].as_str().unwrap().to_string(), e.clone()))
+            .collect()
+    };
+    assert!(otel_env(&render(&[])).is_empty());
+    let objects = render(&[
+        "--set=tracing.otlpEndpoint=http://otel-collector.observability:4318",
+        "--set=tracing.sampler=parentbased_traceidratio",
+        "--set-string=tracing.samplerArg=0.25",
+        "--set=tracing.headersSecret.name=otlp-auth",
+    ]);
+    let env = otel_env(&objects);
+    let value = |name: &str| env[name]["value"].as_str().unwrap().to_string();
+    assert_eq!(
+        value("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "http://otel-collector.observability:4318"
+    );
+    assert_eq!(value("OTEL_SERVICE_NAME"), "weir");
+    assert_eq!(value("OTEL_TRACES_SAMPLER"), "parentbased_traceidratio");
+    assert_eq!(value("OTEL_TRACES_SAMPLER_ARG"), "0.25");
+    assert_eq!(
+        env["OTEL_EXPORTER_OTLP_HEADERS"]["valueFrom"]["secretKeyRef"],
+        json!({"name": "otlp-auth", "key": "headers"})
+    );
+    // What the chart sets is what the worker accepts and exports with.
+    let settings = weir::otel::Settings::read(|name| {
+        env.get(name)
+            .and_then(|e| e["value"].as_str())
+            .map(String::from)
+    })
+    .expect("the rendered OTEL_* variables are accepted");
+    assert!(settings.export);
 }
 
 #[test]

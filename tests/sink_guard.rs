@@ -87,21 +87,6 @@ async fn publish_one(weir: &Weir) {
     assert_eq!(publish_event(&weir.url, "test", "orders", &ev).await, 201);
 }
 
-/// The subscription's entry in `/v1/status`.
-async fn status_of(weir: &Weir, name: &str) -> Option<Value> {
-    let v: Value = common::http_get(format!("{}/v1/status", weir.admin))
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    v["resources"]
-        .as_array()?
-        .iter()
-        .find(|r| r["kind"] == "Subscription" && r["name"] == name)
-        .cloned()
-}
-
 /// Waits for the subscription to report InvalidSpec; its message.
 async fn invalid_spec(weir: &Weir, name: &str) -> String {
     let name = &sub(name);
@@ -110,7 +95,7 @@ async fn invalid_spec(weir: &Weir, name: &str) -> String {
         &format!("{name} reported InvalidSpec"),
         || weir.log_text(),
         || async {
-            let s = status_of(weir, name).await?;
+            let s = Some(subscription_status(weir, name).await).filter(|s| !s.is_null())?;
             let ready = s["conditions"]
                 .as_array()?
                 .iter()

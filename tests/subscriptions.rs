@@ -244,39 +244,6 @@ async fn queue_len(name: &str) -> Option<u32> {
     r
 }
 
-async fn status_of(weir: &Weir, name: &str) -> Value {
-    let v: Value = common::http_get(format!("{}/v1/status", weir.admin))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["kind"] == "Subscription" && r["name"] == name)
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-/// Waits until the subscription reports Ready (queues declared, caught up).
-async fn wait_subscription(weir: &Weir, name: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = status_of(weir, name).await;
-        if s["ready"] == true {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "subscription {name} not ready: {s}; log:\n{}",
-            tail(&weir.log_text())
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 struct Setup {
     m: Manifests,
     weir: Weir,
@@ -318,7 +285,7 @@ async fn retries_are_exponential_capped_and_deliver_everything() {
         "  consumers: 64\n  delivery: {retry: 5, backoffDelay: 100ms, backoffMax: 300ms}\n",
     )
     .await;
-    let status = status_of(&s.weir, &s.sub).await;
+    let status = subscription_status(&s.weir, &s.sub).await;
     assert_eq!(
         status["fields"]["queue"],
         format!("weir.test.orders.{}", s.sub)
@@ -490,7 +457,7 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
             .iter()
             .all(|g| g.headers.get("ce-weirerrorcode").map(String::as_str) == Some("400"))
     );
-    let st = status_of(&s.weir, &s.sub).await;
+    let st = subscription_status(&s.weir, &s.sub).await;
     let reach = st["conditions"]
         .as_array()
         .unwrap()
@@ -675,7 +642,7 @@ async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
     assert_eq!(caught["status"], "True", "{st}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let st = status_of(&weir, &sub).await;
+        let st = subscription_status(&weir, &sub).await;
         if st["fields"]["position"] == "12000" {
             break;
         }
@@ -936,7 +903,7 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
         ),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while status_of(&s.weir, &s.sub).await["fields"]["consumers"] != 8 {
+    while subscription_status(&s.weir, &s.sub).await["fields"]["consumers"] != 8 {
         assert!(Instant::now() < deadline, "consumers not updated");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -956,7 +923,7 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
         ),
     );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while status_of(&s.weir, &s.sub).await["fields"]["partitionQueues"].is_null() {
+    while subscription_status(&s.weir, &s.sub).await["fields"]["partitionQueues"].is_null() {
         assert!(Instant::now() < deadline, "perKey not applied");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1432,8 +1399,8 @@ async fn backlog_counts_unacknowledged_deliveries_of_every_replica_and_waiting_r
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let (h, r) = (
-            status_of(&a, &held).await["fields"]["backlog"].as_i64(),
-            status_of(&a, &retrying).await["fields"]["backlog"].as_i64(),
+            subscription_status(&a, &held).await["fields"]["backlog"].as_i64(),
+            subscription_status(&a, &retrying).await["fields"]["backlog"].as_i64(),
         );
         if h == Some(20) && r == Some(20) {
             break;
@@ -1507,8 +1474,8 @@ async fn scaled_to_zero_delivers_nothing_counts_the_backlog_and_loses_nothing_wh
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let (r, k) = (
-            status_of(&weir, &replay).await["fields"]["backlog"].as_i64(),
-            status_of(&weir, &keyed).await["fields"]["backlog"].as_i64(),
+            subscription_status(&weir, &replay).await["fields"]["backlog"].as_i64(),
+            subscription_status(&weir, &keyed).await["fields"]["backlog"].as_i64(),
         );
         if r == Some(350) && k == Some(300) {
             break;
@@ -1552,7 +1519,7 @@ async fn scaled_to_zero_delivers_nothing_counts_the_backlog_and_loses_nothing_wh
     for sub in [&replay, &keyed] {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let st = status_of(&weir, sub).await;
+            let st = subscription_status(&weir, sub).await;
             if ready_condition(&st)["reason"] == "Ready"
                 && condition(&st, "CaughtUp")["reason"] == "Live"
                 && st["fields"]["consumers"] == 2

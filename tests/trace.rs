@@ -44,9 +44,12 @@ async fn a_saga_is_traced_across_streams_in_commit_order() {
         json!({"type": "other", "id": "x0", "correlationid": "unrelated"}),
     )
     .await;
+    // The saga's first event names its distributed trace (the CloudEvents tracing extension).
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     publish(
         "orders",
-        json!({"type": "order.created", "id": "o1", "correlationid": saga}),
+        json!({"type": "order.created", "id": "o1", "correlationid": saga,
+               "traceparent": format!("00-{trace_id}-00f067aa0ba902b7-01")}),
     )
     .await;
     publish("orders", json!({"type": "payment.completed", "id": "p1", "correlationid": saga, "causationid": "o1"})).await;
@@ -94,6 +97,15 @@ async fn a_saga_is_traced_across_streams_in_commit_order() {
     assert_eq!(v["truncated"], false);
     assert_eq!(v["events"][0]["event"]["correlationid"], saga.as_str());
     assert_eq!(v["events"][0]["event"]["weirposition"], "2");
+    // Each event shows the trace it carries: o1 its own, the others (published without one)
+    // each a new trace.
+    assert_eq!(v["events"][0]["traceId"], trace_id);
+    let others: std::collections::BTreeSet<&str> = v["events"].as_array().unwrap()[1..]
+        .iter()
+        .map(|e| e["traceId"].as_str().unwrap())
+        .collect();
+    assert_eq!(others.len(), 3, "{v}");
+    assert!(!others.contains(trace_id), "{v}");
 
     // limit cuts the trace and says so; an unknown id is an empty trace; a bad limit a 400.
     let v: Value = c
@@ -141,6 +153,7 @@ async fn a_saga_is_traced_across_streams_in_commit_order() {
         "{text}"
     );
     assert!(lines[1].starts_with("order.created o1  orders#2"), "{text}");
+    assert!(lines[1].ends_with(&format!("  trace {trace_id}")), "{text}");
     assert!(
         lines[2].starts_with("   └─ payment.completed p1  orders#3"),
         "{text}"

@@ -347,14 +347,30 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init();
-    match dispatch(cli) {
+    // Spans are exported by the commands that move events, when the OTEL_* environment asks.
+    let otel = match &cli.command {
+        Command::Run { .. } | Command::Operator { .. } => crate::otel::from_env(),
+        _ => Ok(None),
+    };
+    let (layer, exporter) = match otel {
+        Ok(o) => o.unzip(),
+        Err(e) => {
+            eprintln!("error: tracing export: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    crate::telemetry::init(layer);
+    let code = match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
     }
+    code
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -71,13 +71,17 @@ pub fn render_tree(body: &serde_json::Value) -> String {
         let indent = "   ".repeat(depth);
         let branch = if depth == 0 { "" } else { "└─ " };
         out.push_str(&format!(
-            "{indent}{branch}{} {}  {}#{}  {}\n",
+            "{indent}{branch}{} {}  {}#{}  {}",
             s(&e["type"]),
             s(&e["id"]),
             s(&e["stream"]),
             e["position"],
             s(&e["recordedTime"]),
         ));
+        if let Some(t) = e["traceId"].as_str() {
+            out.push_str(&format!("  trace {t}"));
+        }
+        out.push('\n');
     }
     if body["truncated"] == true {
         out.push_str("… more events carry this correlationid (the trace is cut)\n");
@@ -95,7 +99,7 @@ mod tests {
             "correlationid": "saga-1",
             "truncated": false,
             "events": [
-                {"stream": "orders", "position": 1, "id": "o1", "type": "order.created", "recordedTime": "t1"},
+                {"stream": "orders", "position": 1, "id": "o1", "type": "order.created", "recordedTime": "t1", "traceId": "4bf92f3577b34da6a3ce929d0e0e4736"},
                 {"stream": "orders", "position": 2, "id": "p1", "type": "payment.completed", "causationid": "o1", "recordedTime": "t2"},
                 {"stream": "shipping", "position": 1, "id": "s1", "type": "shipment.scheduled", "causationid": "p1", "recordedTime": "t3"},
             ]
@@ -104,6 +108,14 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "correlationid saga-1 (3 events)");
         assert!(lines[1].starts_with("order.created o1  orders#1"), "{text}");
+        assert!(
+            lines[1].ends_with("  trace 4bf92f3577b34da6a3ce929d0e0e4736"),
+            "{text}"
+        );
+        assert!(
+            !lines[2].contains("trace"),
+            "no trace id, none shown: {text}"
+        );
         assert!(lines[2].starts_with("   └─ payment.completed p1"), "{text}");
         assert!(
             lines[3].starts_with("      └─ shipment.scheduled s1  shipping#1"),

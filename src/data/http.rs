@@ -24,6 +24,7 @@ use crate::data::plane::{AppendError, AppendOutcome, Plane};
 use crate::data::problem::HttpProblem;
 use crate::data::store::{Appended, Conflict};
 use crate::data::trace::MAX_TRACE;
+use crate::data::tracecontext::Ingest;
 use crate::server::CloseConnection;
 
 mod follow;
@@ -133,7 +134,8 @@ async fn publish(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let result = publish_inner(&st, &ns, &stream, &headers, body).await;
+    let trace = Ingest::start(&ns, &stream, &headers);
+    let result = publish_inner(&st, &ns, &stream, &headers, body, &trace).await;
     let (response, outcome_events) = match result {
         Ok((resp, accepted, duplicates)) => (resp, Some((accepted, duplicates))),
         Err((p, rejected)) => {
@@ -147,6 +149,7 @@ async fn publish(
             (p.into_response(), None)
         }
     };
+    trace.answered(response.status().as_u16());
     // Only label known streams: an unknown stream name must not create label values.
     if st.engine.stream(&ns, &stream).is_some() {
         let m = &st.engine.metrics;
@@ -176,6 +179,7 @@ async fn publish_inner(
     stream: &str,
     headers: &HeaderMap,
     body: Body,
+    trace: &Ingest,
 ) -> PublishResult {
     let rt = stream_or_404(st, ns, stream).map_err(|p| (p, 0))?;
     // Who is publishing comes first: nothing of an unauthenticated request is read.
@@ -227,7 +231,7 @@ async fn publish_inner(
         .map(|e| (e.id.clone(), e.source.clone()))
         .collect();
     let deadline = started_deadline(st);
-    match st.plane.append(&rt, events, deadline, joining).await {
+    match st.plane.append(&rt, events, deadline, joining, trace).await {
         Ok(AppendOutcome::Stored(results)) => Ok(stored_response(&names, &results)),
         Ok(AppendOutcome::Published(routing)) => {
             let results: Vec<_> = names

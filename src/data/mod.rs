@@ -20,6 +20,7 @@ pub mod relay;
 pub mod store;
 pub mod subscriptions;
 pub mod trace;
+pub mod tracecontext;
 
 use std::time::Duration;
 

@@ -28,6 +28,7 @@ use crate::data::event::StoredEvent;
 use crate::data::store::Store;
 use crate::data::store::locks::{Lease, LockKey};
 use crate::data::store::notify::Announced;
+use crate::data::tracecontext::{Round, Stage};
 use crate::data::{Trouble, sleep_or_cancel};
 use crate::metrics::Metrics;
 use crate::topology::Key;
@@ -322,13 +323,20 @@ impl Relay {
                 .map(|e| to_message(&e.to_cloud_event()))
                 .collect();
             let deadline = Instant::now() + PUBLISH_DEADLINE;
+            // Ended once the round is confirmed (or failed).
+            let spans = Round::start(Stage::Relay, labels, events.iter().map(|e| &e.event));
             let routing = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 r = self.broker.publish(&self.exchange, &msgs, deadline) => r,
             };
             let routing = match routing {
-                Ok(r) => r,
+                Ok(r) => {
+                    drop(spans);
+                    r
+                }
                 Err(e) => {
+                    spans.failed(&e);
+                    drop(spans);
                     // Not confirmed: the checkpoint stays, the same events go out again.
                     let delay = broker_trouble(&mut trouble, &e, "publishing");
                     tokio::select! {

@@ -29,6 +29,10 @@ pub struct TraceEntry {
     /// The id of the event that caused this one, if it says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub causationid: Option<String>,
+    /// The W3C trace id of the context the event carries (`traceparent`), if any: the
+    /// distributed trace of its journey (publisher → Weir → sinks) in a tracing backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     pub recorded_time: String,
     /// The whole event, as the read API returns it (structured CloudEvent).
     pub event: Box<RawValue>,
@@ -54,6 +58,7 @@ fn entry(stream: String, ev: &StoredEvent) -> TraceEntry {
         source: ev.event.source.clone(),
         subject: ev.event.subject.clone(),
         causationid: ev.event.extension_str(EXT_CAUSATION_ID),
+        trace_id: crate::data::tracecontext::trace_id(&ev.event),
         recorded_time: ev
             .recorded_time
             .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),

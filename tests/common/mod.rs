@@ -386,6 +386,26 @@ pub async fn drain_queue(
     want: usize,
     idle: Duration,
 ) -> Vec<String> {
+    drain_queue_headers(ch, queue, want, idle)
+        .await
+        .into_iter()
+        .map(|h| {
+            h.get("cloudEvents:weirposition")
+                .or_else(|| h.get("cloudEvents:id"))
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Drains up to `want` messages from `queue`, returning each one's string headers in arrival
+/// order. Stops after `idle` without a message.
+pub async fn drain_queue_headers(
+    ch: &lapin::Channel,
+    queue: &str,
+    want: usize,
+    idle: Duration,
+) -> Vec<std::collections::BTreeMap<String, String>> {
     use futures::StreamExt;
     use lapin::options::*;
     use lapin::types::{AMQPValue, FieldTable};
@@ -406,17 +426,16 @@ pub async fn drain_queue(
         let next = tokio::time::timeout(idle, consumer.next()).await;
         let Ok(Some(Ok(d))) = next else { break };
         let headers = d.properties.headers().clone().unwrap_or_default();
-        let get = |k: &str| {
-            headers.inner().get(k).and_then(|v| match v {
-                AMQPValue::LongString(s) => Some(s.to_string()),
-                AMQPValue::ShortString(s) => Some(s.to_string()),
+        let strings = headers
+            .inner()
+            .iter()
+            .filter_map(|(k, v)| match v {
+                AMQPValue::LongString(s) => Some((k.to_string(), s.to_string())),
+                AMQPValue::ShortString(s) => Some((k.to_string(), s.to_string())),
                 _ => None,
             })
-        };
-        let v = get("cloudEvents:weirposition")
-            .or_else(|| get("cloudEvents:id"))
-            .unwrap_or_default();
-        out.push(v);
+            .collect();
+        out.push(strings);
         d.ack(BasicAckOptions::default()).await.expect("ack");
     }
     out
@@ -515,6 +534,43 @@ where
             panic!("timed out after {secs} s waiting for {what}\n{}", context());
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The subscription `name`'s entry in the worker's `/v1/status` (null while it is not listed
+/// or the admin API does not answer).
+pub async fn subscription_status(weir: &Weir, name: &str) -> serde_json::Value {
+    let Ok(r) = http_get(format!("{}/v1/status", weir.admin)).await else {
+        return serde_json::Value::Null;
+    };
+    let v: serde_json::Value = r.json().await.unwrap_or_default();
+    v["resources"]
+        .as_array()
+        .and_then(|rs| {
+            rs.iter()
+                .find(|r| r["kind"] == "Subscription" && r["name"] == name)
+                .cloned()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the subscription reports Ready (queues declared, caught up); its status.
+pub async fn wait_subscription(weir: &Weir, name: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = subscription_status(weir, name).await;
+        if s["ready"] == true {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let log = weir.log_text();
+            let mut from = log.len().saturating_sub(4000);
+            while !log.is_char_boundary(from) {
+                from += 1;
+            }
+            panic!("subscription {name} not ready: {s}; log:\n{}", &log[from..]);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

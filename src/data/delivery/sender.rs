@@ -19,6 +19,7 @@ use super::DeliveryError;
 use super::guard::{Refused, SinkGuard};
 use crate::data::event::{CloudEvent, Data, SPEC_VERSION, to_structured_json};
 use crate::data::ingest::{IngestContext, parse_request};
+use crate::data::tracecontext::Outgoing;
 use crate::topology::{SinkFormat, SinkPlan};
 
 /// `weirerrorcode` of a delivery the sink guard refused.
@@ -132,8 +133,9 @@ impl Sender {
         &self.url
     }
 
-    /// One attempt; never errors: every failure is an [`Outcome::Failed`].
-    pub async fn send(&self, ev: &CloudEvent) -> (Outcome, Duration) {
+    /// One attempt; never errors: every failure is an [`Outcome::Failed`]. `trace` is sent
+    /// as the W3C `traceparent`/`tracestate` headers.
+    pub async fn send(&self, ev: &CloudEvent, trace: &Outgoing) -> (Outcome, Duration) {
         let started = Instant::now();
         if let Some(r) = &self.refused {
             return (Outcome::Failed(refused(r)), started.elapsed());
@@ -154,6 +156,11 @@ impl Sender {
         }
         if let Some(t) = &self.auth {
             req = req.bearer_auth(t);
+        }
+        let mut headers = HeaderMap::new();
+        trace.apply(&mut headers);
+        if !headers.is_empty() {
+            req = req.headers(headers);
         }
         let outcome = match req.send().await {
             Err(e) => Outcome::Failed(match find_refused(&e) {
@@ -434,7 +441,9 @@ mod tests {
     #[tokio::test]
     async fn binary_mode_sends_ce_headers_and_the_data() {
         let (url, mut rx) = sink(202, vec![], "").await;
-        let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
+        let (out, _) = sender(&url, SinkFormat::Binary)
+            .send(&event(), &Outgoing::default())
+            .await;
         assert!(
             matches!(
                 out,
@@ -457,7 +466,9 @@ mod tests {
     #[tokio::test]
     async fn structured_mode_sends_the_json_format() {
         let (url, mut rx) = sink(200, vec![], "").await;
-        sender(&url, SinkFormat::Structured).send(&event()).await;
+        sender(&url, SinkFormat::Structured)
+            .send(&event(), &Outgoing::default())
+            .await;
         let (h, b) = rx.recv().await.unwrap();
         assert_eq!(h["content-type"], "application/cloudevents+json");
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
@@ -477,7 +488,9 @@ mod tests {
             (503, true),
         ] {
             let (url, _rx) = sink(status, vec![("retry-after", "3")], "nope").await;
-            let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
+            let (out, _) = sender(&url, SinkFormat::Binary)
+                .send(&event(), &Outgoing::default())
+                .await;
             let Outcome::Failed(f) = out else {
                 panic!("{status}: delivered")
             };
@@ -489,7 +502,7 @@ mod tests {
         }
         // Nothing listens on port 1.
         let (out, _) = sender("http://127.0.0.1:1/", SinkFormat::Binary)
-            .send(&event())
+            .send(&event(), &Outgoing::default())
             .await;
         let Outcome::Failed(f) = out else {
             panic!("delivered")
@@ -512,7 +525,9 @@ mod tests {
             "{\"ok\":true}",
         )
         .await;
-        let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
+        let (out, _) = sender(&url, SinkFormat::Binary)
+            .send(&event(), &Outgoing::default())
+            .await;
         let Outcome::Delivered { reply: Some(r), .. } = out else {
             panic!("{out:?}")
         };
@@ -525,7 +540,9 @@ mod tests {
             "{\"type\":\"x\"}",
         )
         .await;
-        let (out, _) = sender(&url, SinkFormat::Binary).send(&event()).await;
+        let (out, _) = sender(&url, SinkFormat::Binary)
+            .send(&event(), &Outgoing::default())
+            .await;
         assert!(
             matches!(out, Outcome::Delivered { reply: None, .. }),
             "{out:?}"
@@ -552,7 +569,7 @@ mod tests {
             &local(),
         )
         .unwrap();
-        let (out, took) = s.send(&event()).await;
+        let (out, took) = s.send(&event(), &Outgoing::default()).await;
         let Outcome::Failed(f) = out else {
             panic!("delivered")
         };
@@ -599,7 +616,7 @@ mod tests {
             &local(),
         )
         .unwrap();
-        let (out, _) = s.send(&event()).await;
+        let (out, _) = s.send(&event(), &Outgoing::default()).await;
         let Outcome::Failed(f) = out else {
             panic!("delivered")
         };

@@ -10,6 +10,7 @@ use crate::data::batcher::{BatchObserver, BatchWriter};
 use crate::data::event::{CloudEvent, StoredEvent};
 use crate::data::relay::Handoff;
 use crate::data::store::{RequestOutcome, Store, StoreError};
+use crate::data::tracecontext::{Round, Stage};
 use crate::metrics::Metrics;
 use crate::topology::Key;
 
@@ -45,10 +46,17 @@ impl BatchWriter for StoreWriter {
                 .iter()
                 .map(|r| crate::data::store::AppendInput { events: r })
                 .collect();
+            // Ended when this write returns, committed or not.
+            let spans = Round::start(
+                Stage::Commit,
+                [&self.labels[0], &self.labels[1]],
+                requests.iter().flatten(),
+            );
             let (outcomes, report) = self
                 .store
                 .append_chained(id, &inputs, &self.compression, &self.chain)
-                .await?;
+                .await
+                .inspect_err(|e| spans.failed(e))?;
             self.paths
                 .with_label_values(&[&self.labels[0], &self.labels[1], report.path.label()])
                 .inc();

@@ -18,6 +18,7 @@ use crate::data::engine::{Backend, Engine, StreamRuntime};
 use crate::data::event::CloudEvent;
 use crate::data::problem::HttpProblem;
 use crate::data::store::{Appended, Conflict};
+use crate::data::tracecontext::Ingest;
 use crate::topology::Key;
 
 /// How long an append of a reply or a failed event may wait for durability (a publisher's
@@ -82,17 +83,21 @@ impl Appends {
 
     /// Appends `events` to the running stream `rt`, durably, before `deadline`. `joining`
     /// is the publisher's announcement to the stream's batcher (taken before its body was
-    /// read, so a forming batch waits for it): it ends once the events are queued.
+    /// read, so a forming batch waits for it): it ends once the events are queued. `trace`
+    /// gives each event the trace context it carries from here on (after validation, so
+    /// `requiredExtensions: [traceparent]` still asks the publisher for one).
     pub async fn append(
         &self,
         rt: &StreamRuntime,
-        events: Vec<CloudEvent>,
+        mut events: Vec<CloudEvent>,
         deadline: Instant,
         joining: Option<Joining>,
+        trace: &Ingest,
     ) -> Result<AppendOutcome, AppendError> {
         if let Err(p) = rt.validator.check(&events) {
             return Err(AppendError::Invalid(p));
         }
+        trace.stamp(&mut events);
         match &rt.backend {
             Backend::Stored { .. } => self.store(rt, events, deadline, joining).await,
             Backend::BrokerOnly { inflight } => {
@@ -239,7 +244,7 @@ impl Appender for Appends {
                 .stream(&stream.namespace, &stream.name)
                 .ok_or_else(|| err("the stream is not running".into()))?;
             let deadline = Instant::now() + INTERNAL_APPEND_TIMEOUT;
-            match Appends::append(self, &rt, events, deadline, None).await {
+            match Appends::append(self, &rt, events, deadline, None, &Ingest::internal()).await {
                 Ok(_) => Ok(()),
                 Err(AppendError::Invalid(p)) => Err(DeliveryError::Rejected(format!(
                     "stream {stream} refuses the event: {}",

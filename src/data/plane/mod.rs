@@ -24,6 +24,7 @@ use crate::data::delivery::SinkGuard;
 use crate::data::engine::{Engine, EngineError, StreamRuntime};
 use crate::data::event::CloudEvent;
 use crate::data::subscriptions::Subscriptions;
+use crate::data::tracecontext::Ingest;
 use crate::metrics::Metrics;
 use crate::poison::RwLockExt;
 use crate::topology::{Built, Key, Kind, Report};
@@ -205,8 +206,11 @@ impl Plane {
         events: Vec<CloudEvent>,
         deadline: Instant,
         joining: Option<Joining>,
+        trace: &Ingest,
     ) -> Result<AppendOutcome, AppendError> {
-        self.appends.append(rt, events, deadline, joining).await
+        self.appends
+            .append(rt, events, deadline, joining, trace)
+            .await
     }
 
     /// Appends to the stream `key` (see [`Plane::append`]).
@@ -220,7 +224,8 @@ impl Plane {
             .engine
             .stream(&key.namespace, &key.name)
             .ok_or_else(|| AppendError::NotFound(key.clone()))?;
-        self.append(&rt, events, deadline, None).await
+        self.append(&rt, events, deadline, None, &Ingest::internal())
+            .await
     }
 
     /// Stops everything, in the order that loses nothing: subscriptions stop taking messages

@@ -1,6 +1,7 @@
 //! The address classification and the policy, row by row.
 
 use super::*;
+use crate::data::tracecontext::Outgoing;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -258,7 +259,7 @@ async fn a_redirect_is_a_final_failure_and_is_not_followed() {
         &loopback_allowed(&[]),
     )
     .unwrap();
-    let (out, _) = s.send(&event()).await;
+    let (out, _) = s.send(&event(), &Outgoing::default()).await;
     let Outcome::Failed(f) = out else {
         panic!("{out:?}")
     };
@@ -275,7 +276,7 @@ async fn refused_addresses_fail_at_once_and_say_why() {
     let port = reqwest::Url::parse(&url).unwrap().port().unwrap();
     let send = |u: String, g: Arc<SinkGuard>| async move {
         let s = Sender::to_url(&u, SinkFormat::Binary, None, Duration::from_secs(2), &g).unwrap();
-        match s.send(&event()).await.0 {
+        match s.send(&event(), &Outgoing::default()).await.0 {
             Outcome::Failed(f) => f,
             o => panic!("{u}: {o:?}"),
         }
@@ -320,7 +321,7 @@ async fn refused_addresses_fail_at_once_and_say_why() {
         &loopback_allowed(&[port.wrapping_add(1)]),
     )
     .unwrap()
-    .send(&event())
+    .send(&event(), &Outgoing::default())
     .await;
     assert!(
         matches!(out, Outcome::Delivered { status: 200, .. }),

@@ -6,6 +6,7 @@ use super::lane::now_ms;
 use super::*;
 use crate::data::delivery::backoff::JITTER;
 use crate::data::delivery::step::{Step, next_step};
+use crate::data::tracecontext::{Attempt, Outgoing, carry_if_missing};
 
 impl Inner {
     /// Delivers an event until it is settled: delivered, handed to a durable retry, or
@@ -37,10 +38,18 @@ impl Inner {
             attempt += 1;
             self.state.inflight.fetch_add(1, Ordering::AcqRel);
             inflight.inc();
+            let trace = Attempt::start(&ev, &self.plan.key, attempt);
             let (outcome, took) = match self.for_sink(&ev).await {
-                Ok(out) => self.sender.send(&out).await,
+                Ok(out) => self.sender.send(&out, trace.outgoing()).await,
                 Err(f) => (Outcome::Failed(f), Duration::ZERO),
             };
+            match &outcome {
+                Outcome::Delivered { status, .. } => trace.answered(Some(*status), None),
+                Outcome::Failed(f) => trace.answered(f.code.parse().ok(), Some(&f.code)),
+            }
+            // The attempt's span ends here; a reply continues its trace.
+            let delivered_in = trace.outgoing().context().cloned();
+            drop(trace);
             self.state.inflight.fetch_sub(1, Ordering::AcqRel);
             inflight.dec();
             self.metrics
@@ -55,7 +64,8 @@ impl Inner {
                     *self.state.sink.locked() =
                         Some((true, format!("last delivery answered {status}")));
                     if let (Some(r), Some(stream)) = (reply, &self.plan.reply) {
-                        let r = reply_event(r, &ev);
+                        let mut r = reply_event(r, &ev);
+                        carry_if_missing(&mut r, delivered_in.as_ref());
                         match self.appender.append(stream, vec![r]).await {
                             Ok(()) => {}
                             Err(DeliveryError::Rejected(why)) => {
@@ -260,7 +270,7 @@ impl Inner {
             None => {}
             Some(DeadLetterPlan::Sink(_)) => {
                 if let Some(s) = &self.dl_sender
-                    && let (Outcome::Failed(e), _) = s.send(&dead).await
+                    && let (Outcome::Failed(e), _) = s.send(&dead, &Outgoing::of_event(&dead)).await
                 {
                     // The dead-letter queue holds the event; the sink is a notification.
                     tracing::warn!(subscription = %self.plan.key, code = %e.code,
