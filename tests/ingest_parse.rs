@@ -1,6 +1,10 @@
 //! Ingest parsing and validation, black-box: every content mode with byte-for-byte data round
 //! trips, every refusal with its status, index and pointer, and the stream validation rules.
 
+#[path = "common/binary.rs"]
+mod binary;
+
+use binary::to_binary;
 use bytes::Bytes;
 use chrono::{TimeZone, Utc};
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -55,41 +59,6 @@ fn assert_structured_round_trip(ev: &CloudEvent) {
         "{}",
         String::from_utf8_lossy(&text)
     );
-}
-
-/// The binary-mode encoding of an event (percent-encoding values as the HTTP binding asks).
-fn to_binary(ev: &CloudEvent) -> (HeaderMap, Vec<u8>) {
-    const SET: &percent_encoding::AsciiSet =
-        &percent_encoding::CONTROLS.add(b' ').add(b'"').add(b'%');
-    let mut h = HeaderMap::new();
-    let mut put = |name: &str, value: &str| {
-        let v = percent_encoding::utf8_percent_encode(value, SET).to_string();
-        h.insert(
-            HeaderName::from_bytes(format!("ce-{name}").as_bytes()).unwrap(),
-            HeaderValue::from_str(&v).unwrap(),
-        );
-    };
-    put("specversion", "1.0");
-    put("id", &ev.id);
-    put("source", &ev.source);
-    put("type", &ev.ty);
-    for (name, v) in [
-        ("dataschema", &ev.dataschema),
-        ("subject", &ev.subject),
-        ("time", &ev.time),
-    ] {
-        if let Some(v) = v {
-            put(name, v);
-        }
-    }
-    for (name, v) in &ev.extensions {
-        put(name, &v.as_string());
-    }
-    if let Some(ct) = &ev.datacontenttype {
-        h.insert("content-type", HeaderValue::from_str(ct).unwrap());
-    }
-    let body = ev.data.as_ref().map_or(Vec::new(), |d| d.bytes().to_vec());
-    (h, body)
 }
 
 fn problem(result: Result<Vec<CloudEvent>, HttpProblem>) -> HttpProblem {

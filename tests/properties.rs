@@ -31,8 +31,11 @@ use weir::data::problem::HttpProblem;
 use weir::topology::filter::{Filter, parse_filters};
 use weir::topology::units::{parse_duration, parse_size};
 
+#[path = "common/binary.rs"]
+mod binary;
 #[path = "../fuzz/harness.rs"]
 mod harness;
+use binary::to_binary;
 
 // ---------------------------------------------------------------------------------------------
 // Allocation watch: the largest single allocation made by the current thread, so a decoder fed
@@ -276,41 +279,6 @@ fn cloud_event() -> impl Strategy<Value = CloudEvent> {
                 }
             },
         )
-}
-
-/// The HTTP binding's binary mode: `ce-` headers (percent-encoded), the body is the data.
-fn to_binary(ev: &CloudEvent) -> (HeaderMap, Vec<u8>) {
-    const SET: &percent_encoding::AsciiSet =
-        &percent_encoding::CONTROLS.add(b' ').add(b'"').add(b'%');
-    let mut h = HeaderMap::new();
-    let mut put = |name: &str, value: &str| {
-        let v = percent_encoding::utf8_percent_encode(value, SET).to_string();
-        h.insert(
-            HeaderName::from_bytes(format!("ce-{name}").as_bytes()).unwrap(),
-            HeaderValue::from_str(&v).unwrap(),
-        );
-    };
-    put("specversion", "1.0");
-    put("id", &ev.id);
-    put("source", &ev.source);
-    put("type", &ev.ty);
-    for (name, v) in [
-        ("dataschema", &ev.dataschema),
-        ("subject", &ev.subject),
-        ("time", &ev.time),
-    ] {
-        if let Some(v) = v {
-            put(name, v);
-        }
-    }
-    for (name, v) in &ev.extensions {
-        put(name, &v.as_string());
-    }
-    if let Some(ct) = &ev.datacontenttype {
-        h.insert("content-type", HeaderValue::from_str(ct).unwrap());
-    }
-    let body = ev.data.as_ref().map_or(Vec::new(), |d| d.bytes().to_vec());
-    (h, body)
 }
 
 fn content_type(ct: &str) -> HeaderMap {
