@@ -17,9 +17,9 @@ use utoipa_axum::routes;
 use crate::audit::{self, Action};
 use auth::{AdminAuth, Need};
 
+use crate::data::archive::{RunReport, StreamArchive, VerifyReport};
 use crate::data::engine::Engine;
 use crate::data::plane::Plane;
-use crate::data::archive::{RunReport, StreamArchive, VerifyReport};
 use crate::data::plane::ResourceStatus;
 use crate::data::problem::{HttpProblem, ProblemKind};
 use crate::data::subscriptions::DeadLetter;

@@ -50,49 +50,213 @@ fn committed_documents_match_the_code() {
 /// all, or that no longer is documented, fails the test, so the list cannot go stale.
 const NOT_PROVOKED: &[(&str, &str, u16, &str)] = &[
     // 500 is a fault inside Weir: no well-formed request provokes it on purpose.
-    ("post", "/v1/namespaces/{ns}/streams/{stream}/events", 500, "fault"),
-    ("get", "/v1/namespaces/{ns}/streams/{stream}/events", 500, "fault"),
-    ("get", "/v1/namespaces/{ns}/streams/{stream}/events/{position}", 500, "fault"),
-    ("get", "/v1/namespaces/{ns}/streams/{stream}/subjects/{subject}/events", 500, "fault"),
-    ("get", "/v1/namespaces/{ns}/correlations/{id}/events", 500, "fault"),
-    ("post", "/v1/namespaces/{ns}/streams/{name}/archive/run", 500, "fault"),
-    ("post", "/v1/namespaces/{ns}/streams/{name}/archive/verify", 500, "fault"),
-    ("delete", "/v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key", 500, "fault"),
-    ("post", "/v1/namespaces/{ns}/streams/{name}/keys/rotate", 500, "fault"),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{stream}/events",
+        500,
+        "fault",
+    ),
+    (
+        "get",
+        "/v1/namespaces/{ns}/streams/{stream}/events",
+        500,
+        "fault",
+    ),
+    (
+        "get",
+        "/v1/namespaces/{ns}/streams/{stream}/events/{position}",
+        500,
+        "fault",
+    ),
+    (
+        "get",
+        "/v1/namespaces/{ns}/streams/{stream}/subjects/{subject}/events",
+        500,
+        "fault",
+    ),
+    (
+        "get",
+        "/v1/namespaces/{ns}/correlations/{id}/events",
+        500,
+        "fault",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/archive/run",
+        500,
+        "fault",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/archive/verify",
+        500,
+        "fault",
+    ),
+    (
+        "delete",
+        "/v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key",
+        500,
+        "fault",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/keys/rotate",
+        500,
+        "fault",
+    ),
     // Slow bodies: tests/ingest_limits.rs.
-    ("post", "/v1/namespaces/{ns}/streams/{stream}/events", 408, "slow body"),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{stream}/events",
+        408,
+        "slow body",
+    ),
     // Service-account readers exist with the operator only (tests/operator_*, admin_access).
-    ("get", "/v1/namespaces/{ns}/streams/{stream}/events", 403, "operator"),
-    ("get", "/v1/namespaces/{ns}/streams/{stream}/events/{position}", 403, "operator"),
-    ("get", "/v1/namespaces/{ns}/streams/{stream}/subjects/{subject}/events", 403, "operator"),
+    (
+        "get",
+        "/v1/namespaces/{ns}/streams/{stream}/events",
+        403,
+        "operator",
+    ),
+    (
+        "get",
+        "/v1/namespaces/{ns}/streams/{stream}/events/{position}",
+        403,
+        "operator",
+    ),
+    (
+        "get",
+        "/v1/namespaces/{ns}/streams/{stream}/subjects/{subject}/events",
+        403,
+        "operator",
+    ),
     // Token reviews and RBAC of the admin API exist with the operator only.
     ("get", "/v1/status", 503, "operator"),
     ("get", "/v1/archive", 403, "operator"),
     ("get", "/v1/archive", 503, "operator"),
-    ("delete", "/v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key", 403, "operator"),
-    ("post", "/v1/namespaces/{ns}/streams/{name}/keys/rotate", 403, "operator"),
-    ("get", "/v1/namespaces/{ns}/streams/{name}/archive", 403, "operator"),
-    ("post", "/v1/namespaces/{ns}/streams/{name}/archive/run", 403, "operator"),
-    ("post", "/v1/namespaces/{ns}/streams/{name}/archive/verify", 403, "operator"),
-    ("get", "/v1/namespaces/{ns}/subscriptions/{name}/deadletters", 403, "operator"),
-    ("delete", "/v1/namespaces/{ns}/subscriptions/{name}/deadletters", 403, "operator"),
-    ("post", "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/redrive", 403, "operator"),
-    ("get", "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/{id}", 403, "operator"),
+    (
+        "delete",
+        "/v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key",
+        403,
+        "operator",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/keys/rotate",
+        403,
+        "operator",
+    ),
+    (
+        "get",
+        "/v1/namespaces/{ns}/streams/{name}/archive",
+        403,
+        "operator",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/archive/run",
+        403,
+        "operator",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/archive/verify",
+        403,
+        "operator",
+    ),
+    (
+        "get",
+        "/v1/namespaces/{ns}/subscriptions/{name}/deadletters",
+        403,
+        "operator",
+    ),
+    (
+        "delete",
+        "/v1/namespaces/{ns}/subscriptions/{name}/deadletters",
+        403,
+        "operator",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/redrive",
+        403,
+        "operator",
+    ),
+    (
+        "get",
+        "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/{id}",
+        403,
+        "operator",
+    ),
     // A broker that goes away under a running subscription: tests/outage.rs.
-    ("get", "/v1/namespaces/{ns}/subscriptions/{name}/deadletters", 503, "broker outage"),
-    ("delete", "/v1/namespaces/{ns}/subscriptions/{name}/deadletters", 503, "broker outage"),
-    ("post", "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/redrive", 503, "broker outage"),
-    ("get", "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/{id}", 503, "broker outage"),
+    (
+        "get",
+        "/v1/namespaces/{ns}/subscriptions/{name}/deadletters",
+        503,
+        "broker outage",
+    ),
+    (
+        "delete",
+        "/v1/namespaces/{ns}/subscriptions/{name}/deadletters",
+        503,
+        "broker outage",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/redrive",
+        503,
+        "broker outage",
+    ),
+    (
+        "get",
+        "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/{id}",
+        503,
+        "broker outage",
+    ),
     // A store that goes away under a running archiver: tests/archive.rs.
-    ("get", "/v1/namespaces/{ns}/streams/{name}/archive", 503, "store outage"),
-    ("post", "/v1/namespaces/{ns}/streams/{name}/archive/run", 503, "store outage"),
-    ("post", "/v1/namespaces/{ns}/streams/{name}/archive/verify", 503, "store outage"),
-    ("delete", "/v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key", 503, "store outage"),
-    ("post", "/v1/namespaces/{ns}/streams/{name}/keys/rotate", 503, "store outage"),
-    ("get", "/v1/namespaces/{ns}/correlations/{id}/events", 503, "store outage"),
+    (
+        "get",
+        "/v1/namespaces/{ns}/streams/{name}/archive",
+        503,
+        "store outage",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/archive/run",
+        503,
+        "store outage",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/archive/verify",
+        503,
+        "store outage",
+    ),
+    (
+        "delete",
+        "/v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key",
+        503,
+        "store outage",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/keys/rotate",
+        503,
+        "store outage",
+    ),
     // Two archive runs at once: tests/archive.rs.
-    ("post", "/v1/namespaces/{ns}/streams/{name}/archive/run", 409, "concurrent run"),
-    ("post", "/v1/namespaces/{ns}/streams/{name}/archive/verify", 409, "concurrent run"),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/archive/run",
+        409,
+        "concurrent run",
+    ),
+    (
+        "post",
+        "/v1/namespaces/{ns}/streams/{name}/archive/verify",
+        409,
+        "concurrent run",
+    ),
 ];
 
 const PUBLISHER: &str = "tok-publisher-0123456789abcdef";
@@ -250,7 +414,10 @@ impl Contract {
         for (name, _) in documented["headers"].as_object().into_iter().flatten() {
             // `Link` is sent only while a page follows; the others always.
             if name != "Link" {
-                assert!(headers.contains_key(name.as_str()), "{what}: no {name} header");
+                assert!(
+                    headers.contains_key(name.as_str()),
+                    "{what}: no {name} header"
+                );
             }
         }
         self.seen.insert((req.method.clone(), t, status));
@@ -320,12 +487,9 @@ async fn the_running_server_keeps_its_documented_contract() {
             "  pii: {fields: [/email], keySecretRef: {name: pii-keys, key: keys}}\n",
         ),
     );
-    m.write("news.yaml", &broker_only_yaml("news", &format!("{ex}.news")));
-    // A stream whose database never answers: its publishes and reads are 503, /readyz too.
     m.write(
-        "down.yaml",
-        &stream_yaml("down", &format!("{ex}.down"), "")
-            .replace("urlSecretRef: {name: pg, key: url}", "urlSecretRef: {name: pgdown, key: url}"),
+        "news.yaml",
+        &broker_only_yaml("news", &format!("{ex}.news")),
     );
     m.write(
         "archive.yaml",
@@ -357,22 +521,27 @@ async fn the_running_server_keeps_its_documented_contract() {
     let client = common::http();
     // Status details need the admin token here; `Weir::wait_ready` asks without one.
     let status_url = format!("{}/v1/status", weir.admin);
-    common::eventually(60, "every stream but `down` ready", || weir.log_text(), || {
-        let req = client.get(&status_url).bearer_auth(ADMIN_TOKEN);
-        async move {
-            let v: Value = req.send().await.ok()?.json().await.ok()?;
-            let ready: BTreeSet<&str> = v["resources"]
-                .as_array()?
-                .iter()
-                .filter(|r| r["ready"] == true)
-                .filter_map(|r| r["name"].as_str())
-                .collect();
-            ["orders", "secured", "private", "news", "mail"]
-                .iter()
-                .all(|s| ready.contains(s))
-                .then_some(())
-        }
-    })
+    common::eventually(
+        60,
+        "every resource ready",
+        || weir.log_text(),
+        || {
+            let req = client.get(&status_url).bearer_auth(ADMIN_TOKEN);
+            async move {
+                let v: Value = req.send().await.ok()?.json().await.ok()?;
+                let ready: BTreeSet<&str> = v["resources"]
+                    .as_array()?
+                    .iter()
+                    .filter(|r| r["ready"] == true)
+                    .filter_map(|r| r["name"].as_str())
+                    .collect();
+                ["orders", "secured", "private", "news", "mail"]
+                    .iter()
+                    .all(|s| ready.contains(s))
+                    .then_some(())
+            }
+        },
+    )
     .await;
     let mut c = Contract {
         ingest: client
@@ -395,11 +564,18 @@ async fn the_running_server_keeps_its_documented_contract() {
         client: client.clone(),
     };
     // What each port serves is what the code generates (and so the committed files).
-    assert_eq!(c.ingest, serde_json::to_value(weir::openapi::ingest()).unwrap());
-    assert_eq!(c.admin, serde_json::to_value(weir::openapi::admin()).unwrap());
+    assert_eq!(
+        c.ingest,
+        serde_json::to_value(weir::openapi::ingest()).unwrap()
+    );
+    assert_eq!(
+        c.admin,
+        serde_json::to_value(weir::openapi::admin()).unwrap()
+    );
 
     ingest_contract(&mut c, &weir).await;
     admin_contract(&mut c, &weir).await;
+    outage_contract(&mut c, &weir, &m, &ex).await;
     coverage(&c);
     undocumented_routes(&c, &weir).await;
     drop(weir);
@@ -411,7 +587,8 @@ async fn ingest_contract(c: &mut Contract, weir: &Weir) {
     let orders = format!("{u}/v1/namespaces/test/streams/orders/events");
     let secured = format!("{u}/v1/namespaces/test/streams/secured/events");
     let ce = "application/cloudevents+json";
-    c.check(false, cl.get(format!("{u}/openapi.json")), 200).await;
+    c.check(false, cl.get(format!("{u}/openapi.json")), 200)
+        .await;
 
     // The four content modes.
     let structured = event("o1", "order.created", json!({"orderId": "a"}));
@@ -428,8 +605,12 @@ async fn ingest_contract(c: &mut Contract, weir: &Weir) {
         event("o2", "order.created", json!({"orderId": "b"})),
         event("o3", "order.created", json!({"orderId": "c"}))
     ]);
-    c.check(false, send(&batch, "application/cloudevents-batch+json"), 201)
-        .await;
+    c.check(
+        false,
+        send(&batch, "application/cloudevents-batch+json"),
+        201,
+    )
+    .await;
     let binary = cl
         .post(&orders)
         .header("content-type", "application/json")
@@ -445,8 +626,12 @@ async fn ingest_contract(c: &mut Contract, weir: &Weir) {
     c.check(false, send(&simple, "application/json"), 201).await;
     // The refusals, each with its status.
     c.check(false, send(&json!("x"), "text/plain"), 415).await;
-    c.check(false, cl.post(&orders).header("content-type", ce).body("{\"id\":"), 400)
-        .await;
+    c.check(
+        false,
+        cl.post(&orders).header("content-type", ce).body("{\"id\":"),
+        400,
+    )
+    .await;
     let big = event("big", "order.created", json!({"orderId": "x".repeat(9000)}));
     c.check(false, send(&big, ce), 413).await;
     let broken = event("bad", "order.created", json!({"orderId": 5}));
@@ -456,21 +641,36 @@ async fn ingest_contract(c: &mut Contract, weir: &Weir) {
     stale["expectedversion"] = json!("1");
     c.check(false, send(&stale, ce), 409).await;
     let nowhere = format!("{u}/v1/namespaces/test/streams/nowhere/events");
-    c.check(false, cl.post(&nowhere).header("content-type", ce).body(structured.to_string()), 404)
-        .await;
+    c.check(
+        false,
+        cl.post(&nowhere)
+            .header("content-type", ce)
+            .body(structured.to_string()),
+        404,
+    )
+    .await;
     let news = format!("{u}/v1/namespaces/test/streams/news/events");
     let n1 = event("n1", "news.posted", json!({}));
-    c.check(false, cl.post(&news).header("content-type", ce).body(n1.to_string()), 202)
-        .await;
-    let down = format!("{u}/v1/namespaces/test/streams/down/events");
-    c.check(false, cl.post(&down).header("content-type", ce).body(n1.to_string()), 503)
-        .await;
+    c.check(
+        false,
+        cl.post(&news)
+            .header("content-type", ce)
+            .body(n1.to_string()),
+        202,
+    )
+    .await;
     // Pii: data that is not JSON cannot be encrypted.
     let private = format!("{u}/v1/namespaces/test/streams/private/events");
     let mut p1 = event("p1", "signup", json!({"email": "a@example.com"}));
     p1["subject"] = json!("alice");
-    c.check(false, cl.post(&private).header("content-type", ce).body(p1.to_string()), 201)
-        .await;
+    c.check(
+        false,
+        cl.post(&private)
+            .header("content-type", ce)
+            .body(p1.to_string()),
+        201,
+    )
+    .await;
     let text = cl
         .post(&private)
         .header("content-type", "text/plain")
@@ -484,10 +684,17 @@ async fn ingest_contract(c: &mut Contract, weir: &Weir) {
 
     // A stream with tokens and a rate limit.
     let two = json!([event("t1", "a", json!({})), event("t2", "a", json!({}))]);
-    let three = json!([event("t3", "a", json!({})), event("t4", "a", json!({})), event("t5", "a", json!({}))]);
+    let three = json!([
+        event("t3", "a", json!({})),
+        event("t4", "a", json!({})),
+        event("t5", "a", json!({}))
+    ]);
     let batch_ct = "application/cloudevents-batch+json";
     let sec = |body: &Value, token: Option<&str>| {
-        let r = cl.post(&secured).header("content-type", batch_ct).body(body.to_string());
+        let r = cl
+            .post(&secured)
+            .header("content-type", batch_ct)
+            .body(body.to_string());
         match token {
             Some(t) => r.bearer_auth(t),
             None => r,
@@ -501,9 +708,13 @@ async fn ingest_contract(c: &mut Contract, weir: &Weir) {
     let mut limited = false;
     for i in 0..10 {
         for half in ["a", "b"] {
-            let body = json!([event(&format!("r{i}{half}1"), "a", json!({})),
-                              event(&format!("r{i}{half}2"), "a", json!({}))]);
-            let (status, _, _) = c.check_any(false, sec(&body, Some(PUBLISHER)), &[201, 429]).await;
+            let body = json!([
+                event(&format!("r{i}{half}1"), "a", json!({})),
+                event(&format!("r{i}{half}2"), "a", json!({}))
+            ]);
+            let (status, _, _) = c
+                .check_any(false, sec(&body, Some(PUBLISHER)), &[201, 429])
+                .await;
             limited |= status == 429;
         }
         if limited {
@@ -513,32 +724,51 @@ async fn ingest_contract(c: &mut Contract, weir: &Weir) {
     assert!(limited, "no publish was rate limited");
 
     // Reads.
-    c.check(false, cl.get(format!("{orders}?from=1&limit=10")), 200).await;
-    c.check(false, cl.get(format!("{orders}?limit=0")), 400).await;
+    c.check(false, cl.get(format!("{orders}?from=1&limit=10")), 200)
+        .await;
+    c.check(false, cl.get(format!("{orders}?limit=0")), 400)
+        .await;
     c.check(false, cl.get(format!("{orders}/1")), 200).await;
     c.check(false, cl.get(format!("{orders}/999")), 404).await;
     c.check(false, cl.get(format!("{orders}/x")), 400).await;
     c.check(false, cl.get(format!("{news}")), 404).await;
     c.check(false, cl.get(format!("{news}/1")), 404).await;
-    c.check(false, cl.get(format!("{down}")), 503).await;
-    c.check(false, cl.get(format!("{down}/1")), 503).await;
     c.check(false, cl.get(format!("{secured}")), 401).await;
-    c.check(false, cl.get(format!("{secured}")).bearer_auth(READER), 200).await;
+    c.check(false, cl.get(format!("{secured}")).bearer_auth(READER), 200)
+        .await;
     c.check(false, cl.get(format!("{secured}/1")), 401).await;
-    c.check(false, cl.get(format!("{secured}/1")).bearer_auth(READER), 200).await;
+    c.check(
+        false,
+        cl.get(format!("{secured}/1")).bearer_auth(READER),
+        200,
+    )
+    .await;
     let subject = format!("{u}/v1/namespaces/test/streams/orders/subjects/s1/events");
-    let (h, _) = c.check(false, cl.get(format!("{subject}?limit=1")), 200).await;
-    assert!(h.contains_key("link"), "a first page of one of three events links the next");
-    c.check(false, cl.get(format!("{subject}?asOf=yesterday")), 400).await;
-    let sub_of = |stream: &str| format!("{u}/v1/namespaces/test/streams/{stream}/subjects/s1/events");
+    let (h, _) = c
+        .check(false, cl.get(format!("{subject}?limit=1")), 200)
+        .await;
+    assert!(
+        h.contains_key("link"),
+        "a first page of one of three events links the next"
+    );
+    c.check(false, cl.get(format!("{subject}?asOf=yesterday")), 400)
+        .await;
+    let sub_of =
+        |stream: &str| format!("{u}/v1/namespaces/test/streams/{stream}/subjects/s1/events");
     c.check(false, cl.get(sub_of("news")), 404).await;
-    c.check(false, cl.get(sub_of("down")), 503).await;
+
     c.check(false, cl.get(sub_of("secured")), 401).await;
     // Follows: the first holds the only place (--max-followers 1), the second is refused.
     let range_follow = format!("{orders}?follow=true");
     let subject_follow = format!("{subject}?follow=true");
-    let held = c.follow(cl.get(&range_follow)).await.expect("the first follow is served");
-    assert!(c.follow(cl.get(&subject_follow)).await.is_none(), "a second follow over the cap");
+    let held = c
+        .follow(cl.get(&range_follow))
+        .await
+        .expect("the first follow is served");
+    assert!(
+        c.follow(cl.get(&subject_follow)).await.is_none(),
+        "a second follow over the cap"
+    );
     drop(held);
     // The worker notices the closed connection at its next heartbeat (--follow-heartbeat);
     // until then the place is taken.
@@ -547,15 +777,22 @@ async fn ingest_contract(c: &mut Contract, weir: &Weir) {
         if let Some(r) = c.follow(cl.get(&subject_follow)).await {
             break r;
         }
-        assert!(std::time::Instant::now() < deadline, "the follow place was never freed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follow place was never freed"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
-    assert!(c.follow(cl.get(&range_follow)).await.is_none(), "a second follow over the cap");
+    assert!(
+        c.follow(cl.get(&range_follow)).await.is_none(),
+        "a second follow over the cap"
+    );
     drop(held);
     let trace = format!("{u}/v1/namespaces/test/correlations/saga-1/events");
     let (_, body) = c.check(false, cl.get(&trace), 200).await;
     assert_eq!(body["events"].as_array().map(Vec::len), Some(2), "{body}");
-    c.check(false, cl.get(format!("{trace}?limit=0")), 400).await;
+    c.check(false, cl.get(format!("{trace}?limit=0")), 400)
+        .await;
 }
 
 async fn admin_contract(c: &mut Contract, weir: &Weir) {
@@ -572,14 +809,13 @@ async fn admin_contract(c: &mut Contract, weir: &Weir) {
     c.check(true, get("/openapi.json", None), 200).await;
     c.check(true, get("/healthz", None), 200).await;
     c.check(true, get("/metrics", None), 200).await;
-    // The stream whose database never answers keeps the worker not ready.
-    let (_, body) = c.check(true, get("/readyz", None), 503).await;
-    assert!(body.as_str().is_some_and(|b| b.contains("test/down")), "{body}");
+    c.check(true, get("/readyz", None), 200).await;
     let (_, body) = c.check(true, get("/v1/status", None), 200).await;
     assert_eq!(body["details"], false, "{body}");
     let (_, body) = c.check(true, get("/v1/status", t), 200).await;
     assert_eq!(body["details"], true, "{body}");
-    c.check(true, get("/v1/status", Some("wrong-token-0123456789")), 401).await;
+    c.check(true, get("/v1/status", Some("wrong-token-0123456789")), 401)
+        .await;
 
     // Dead letters: the sink answers 400, so the subscription's deliveries are dead letters.
     let dlq = "/v1/namespaces/test/subscriptions/mail/deadletters";
@@ -592,21 +828,41 @@ async fn admin_contract(c: &mut Contract, weir: &Weir) {
         }
         // Publish one the subscription (bound after start) certainly sees.
         if i % 50 == 0 {
-            let ev = event(&format!("late{i}"), "order.created", json!({"orderId": "z"}));
+            let ev = event(
+                &format!("late{i}"),
+                "order.created",
+                json!({"orderId": "z"}),
+            );
             let url = format!("{}/v1/namespaces/test/streams/orders/events", weir.url);
-            let r = cl.post(url).header("content-type", "application/cloudevents+json")
-                .body(ev.to_string()).send().await.unwrap();
+            let r = cl
+                .post(url)
+                .header("content-type", "application/cloudevents+json")
+                .body(ev.to_string())
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 201);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let id = found.pop().expect("a dead letter within 60 s");
     c.check(true, get(dlq, None), 401).await;
-    c.check(true, get("/v1/namespaces/test/subscriptions/nobody/deadletters", t), 404).await;
+    c.check(
+        true,
+        get("/v1/namespaces/test/subscriptions/nobody/deadletters", t),
+        404,
+    )
+    .await;
     c.check(true, get(&format!("{dlq}/{id}"), t), 200).await;
-    c.check(true, get(&format!("{dlq}/no-such-id"), t), 404).await;
+    c.check(true, get(&format!("{dlq}/no-such-id"), t), 404)
+        .await;
     c.check(true, get(&format!("{dlq}/{id}"), None), 401).await;
-    c.check(true, get("/v1/namespaces/test/subscriptions/nobody/deadletters/x", t), 404).await;
+    c.check(
+        true,
+        get("/v1/namespaces/test/subscriptions/nobody/deadletters/x", t),
+        404,
+    )
+    .await;
     let post = |path: &str, token: Option<&str>| {
         let r = cl.post(format!("{a}{path}"));
         match token {
@@ -623,10 +879,24 @@ async fn admin_contract(c: &mut Contract, weir: &Weir) {
     };
     let redrive = format!("{dlq}/redrive");
     c.check(true, post(&redrive, None), 401).await;
-    c.check(true, post("/v1/namespaces/test/subscriptions/nobody/deadletters/redrive", t), 404).await;
-    c.check(true, post(&format!("{redrive}?limit=1"), t), 200).await;
+    c.check(
+        true,
+        post(
+            "/v1/namespaces/test/subscriptions/nobody/deadletters/redrive",
+            t,
+        ),
+        404,
+    )
+    .await;
+    c.check(true, post(&format!("{redrive}?limit=1"), t), 200)
+        .await;
     c.check(true, delete(dlq, None), 401).await;
-    c.check(true, delete("/v1/namespaces/test/subscriptions/nobody/deadletters", t), 404).await;
+    c.check(
+        true,
+        delete("/v1/namespaces/test/subscriptions/nobody/deadletters", t),
+        404,
+    )
+    .await;
     c.check(true, delete(dlq, t), 200).await;
 
     // Archives.
@@ -636,29 +906,99 @@ async fn admin_contract(c: &mut Contract, weir: &Weir) {
     assert_eq!(body["streams"][0]["stream"], "test/orders", "{body}");
     c.check(true, get(archive, t), 200).await;
     c.check(true, get(archive, None), 401).await;
-    c.check(true, get("/v1/namespaces/test/streams/news/archive", t), 404).await;
+    c.check(
+        true,
+        get("/v1/namespaces/test/streams/news/archive", t),
+        404,
+    )
+    .await;
     for op in ["run?maxSegments=1", "verify"] {
-        c.check(true, post(&format!("{archive}/{op}"), t), 200).await;
-        c.check(true, post(&format!("{archive}/{op}"), None), 401).await;
-        c.check(true, post(&format!("/v1/namespaces/test/streams/news/archive/{op}"), t), 404)
+        c.check(true, post(&format!("{archive}/{op}"), t), 200)
             .await;
+        c.check(true, post(&format!("{archive}/{op}"), None), 401)
+            .await;
+        c.check(
+            true,
+            post(&format!("/v1/namespaces/test/streams/news/archive/{op}"), t),
+            404,
+        )
+        .await;
     }
 
     // Personal-data keys.
     let forget = "/v1/namespaces/test/streams/private/subjects/alice/key";
     c.check(true, delete(forget, None), 401).await;
-    c.check(true, delete("/v1/namespaces/test/streams/orders/subjects/alice/key", t), 404).await;
+    c.check(
+        true,
+        delete("/v1/namespaces/test/streams/orders/subjects/alice/key", t),
+        404,
+    )
+    .await;
     let (_, body) = c.check(true, delete(forget, t), 200).await;
     assert_eq!(body["forgotten"], true, "{body}");
     let rotate = "/v1/namespaces/test/streams/private/keys/rotate";
     c.check(true, post(rotate, None), 401).await;
-    c.check(true, post(&format!("{rotate}?limit=0"), t), 400).await;
-    c.check(true, post("/v1/namespaces/test/streams/orders/keys/rotate", t), 404).await;
+    c.check(true, post(&format!("{rotate}?limit=0"), t), 400)
+        .await;
+    c.check(
+        true,
+        post("/v1/namespaces/test/streams/orders/keys/rotate", t),
+        404,
+    )
+    .await;
     c.check(true, post(rotate, t), 200).await;
     // Reading the forgotten subject back is still a 200 (its fields are marked).
     let private = format!("{}/v1/namespaces/test/streams/private/events/1", weir.url);
     let (_, body) = c.check(false, cl.get(private), 200).await;
     assert_eq!(body["data"]["email"], "weir:pii:forgotten", "{body}");
+}
+
+/// A stream whose database never answers, added last (its namespace's traces meet it too):
+/// its publishes and reads are 503, and so is `/readyz`.
+async fn outage_contract(c: &mut Contract, weir: &Weir, m: &Manifests, ex: &str) {
+    m.write(
+        "down.yaml",
+        &stream_yaml("down", &format!("{ex}.down"), "").replace(
+            "urlSecretRef: {name: pg, key: url}",
+            "urlSecretRef: {name: pgdown, key: url}",
+        ),
+    );
+    let readyz = format!("{}/readyz", weir.admin);
+    let cl = c.client.clone();
+    common::eventually(
+        60,
+        "/readyz naming the stream test/down",
+        || weir.log_text(),
+        || {
+            let req = cl.get(&readyz);
+            async move {
+                let text = req.send().await.ok()?.text().await.ok()?;
+                text.contains("test/down").then_some(())
+            }
+        },
+    )
+    .await;
+    let (_, body) = c.check(true, cl.get(&readyz), 503).await;
+    assert!(
+        body.as_str().is_some_and(|b| b.contains("test/down")),
+        "{body}"
+    );
+    let down = format!("{}/v1/namespaces/test/streams/down/events", weir.url);
+    let ev = event("d1", "a", json!({}));
+    let publish = cl
+        .post(&down)
+        .header("content-type", "application/cloudevents+json")
+        .body(ev.to_string());
+    c.check(false, publish, 503).await;
+    c.check(false, cl.get(&down), 503).await;
+    c.check(false, cl.get(format!("{down}/1")), 503).await;
+    let subject = format!(
+        "{}/v1/namespaces/test/streams/down/subjects/s1/events",
+        weir.url
+    );
+    c.check(false, cl.get(subject), 503).await;
+    let trace = format!("{}/v1/namespaces/test/correlations/saga-1/events", weir.url);
+    c.check(false, cl.get(trace), 503).await;
 }
 
 /// Every documented status of every operation was answered here or is in [`NOT_PROVOKED`].
@@ -668,7 +1008,11 @@ fn coverage(c: &Contract) {
         for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
                 for status in op["responses"].as_object().unwrap().keys() {
-                    documented.insert((method.clone(), path.clone(), status.parse::<u16>().unwrap()));
+                    documented.insert((
+                        method.clone(),
+                        path.clone(),
+                        status.parse::<u16>().unwrap(),
+                    ));
                 }
             }
         }
@@ -681,12 +1025,18 @@ fn coverage(c: &Contract) {
         .iter()
         .filter(|k| !c.seen.contains(*k) && !exempt.contains_key(*k))
         .collect();
-    assert!(missing.is_empty(), "documented but never answered: {missing:#?}");
+    assert!(
+        missing.is_empty(),
+        "documented but never answered: {missing:#?}"
+    );
     let stale: Vec<_> = exempt
         .keys()
         .filter(|k| c.seen.contains(*k) || !documented.contains(*k))
         .collect();
-    assert!(stale.is_empty(), "NOT_PROVOKED entries answered here or not documented: {stale:#?}");
+    assert!(
+        stale.is_empty(),
+        "NOT_PROVOKED entries answered here or not documented: {stale:#?}"
+    );
 }
 
 /// The reverse: every path docs/http-api.md names is documented, and no method a document
@@ -719,9 +1069,15 @@ async fn undocumented_routes(c: &Contract, weir: &Weir) {
             named.insert(normalise(&path));
         }
     }
-    assert!(named.len() >= 15, "paths found in docs/http-api.md: {named:?}");
+    assert!(
+        named.len() >= 15,
+        "paths found in docs/http-api.md: {named:?}"
+    );
     let absent: Vec<_> = named.difference(&documented).collect();
-    assert!(absent.is_empty(), "docs/http-api.md names paths the documents lack: {absent:?}");
+    assert!(
+        absent.is_empty(),
+        "docs/http-api.md names paths the documents lack: {absent:?}"
+    );
 
     for (base, doc) in [(&weir.url, &c.ingest), (&weir.admin, &c.admin)] {
         for (path, item) in doc["paths"].as_object().unwrap() {
@@ -735,7 +1091,12 @@ async fn undocumented_routes(c: &Contract, weir: &Weir) {
                     continue;
                 }
                 let m = http::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-                let r = c.client.request(m, format!("{base}{concrete}")).send().await.unwrap();
+                let r = c
+                    .client
+                    .request(m, format!("{base}{concrete}"))
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(
                     r.status(),
                     405,
@@ -745,4 +1106,22 @@ async fn undocumented_routes(c: &Contract, weir: &Weir) {
             }
         }
     }
+}
+
+/// The schemas bite: an answer the code never sends breaks them (so the contract test's
+/// validations can fail).
+#[test]
+fn schemas_refuse_answers_the_code_never_sends() {
+    let ingest = serde_json::to_value(weir::openapi::ingest()).unwrap();
+    let publish = &ingest["paths"]["/v1/namespaces/{ns}/streams/{stream}/events"]["post"];
+    let created = &publish["responses"]["201"]["content"]["application/json"]["schema"];
+    let good = json!({"results": [{"id": "a", "source": "/s", "position": 1, "duplicate": false}]});
+    validate(&ingest, created, &good).unwrap();
+    let bad =
+        json!({"results": [{"id": "a", "source": "/s", "position": "1", "duplicate": false}]});
+    assert!(validate(&ingest, created, &bad).is_err());
+    let problem = &publish["responses"]["422"]["content"]["application/problem+json"]["schema"];
+    let unknown = json!({"type": "https://weir.dev/problems/nope", "title": "t", "status": 422,
+                         "detail": "d", "errors": []});
+    assert!(validate(&ingest, problem, &unknown).is_err());
 }

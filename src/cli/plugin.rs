@@ -45,9 +45,11 @@ pub struct KubeFlags {
 /// Whether the program was started as `kubectl-weir` (argv[0]'s file name, as kubectl runs
 /// plugins, possibly through a symbolic link).
 pub fn invoked_as_plugin() -> bool {
-    std::env::args_os()
-        .next()
-        .is_some_and(|a| Path::new(&a).file_name().is_some_and(|n| n == PLUGIN_BINARY))
+    std::env::args_os().next().is_some_and(|a| {
+        Path::new(&a)
+            .file_name()
+            .is_some_and(|n| n == PLUGIN_BINARY)
+    })
 }
 
 /// The command line of `kubectl weir`: Weir's own, plus kubectl's cluster flags.

@@ -240,7 +240,6 @@ fn started_deadline(st: &HttpState) -> Instant {
     Instant::now() + st.request_timeout
 }
 
-
 fn stored_response(names: &[(String, String)], results: &[Appended]) -> (Response, usize, usize) {
     let out: Vec<_> = names
         .iter()
@@ -261,4 +260,3 @@ fn stored_response(names: &[(String, String)], results: &[Appended]) -> (Respons
         dups,
     )
 }
-
