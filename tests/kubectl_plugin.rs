@@ -26,8 +26,7 @@ struct PluginPath {
 impl PluginPath {
     fn new() -> PluginPath {
         let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(common::weir_binary(), dir.path().join("kubectl-weir"))
-            .unwrap();
+        std::os::unix::fs::symlink(common::weir_binary(), dir.path().join("kubectl-weir")).unwrap();
         let path = format!(
             "{}:{}",
             dir.path().display(),
@@ -81,12 +80,32 @@ fn ready_status(ready: &str, reason: &str, message: &str) -> String {
     )
 }
 
+/// Writes an EventStream's status through `/status`, as the operator does.
+async fn patch_status(server: &TestApiServer, name: &str, ns: &str, body: String) {
+    let args = [
+        "patch",
+        "wes",
+        name,
+        "-n",
+        ns,
+        "--subresource",
+        "status",
+        "--type",
+        "merge",
+        "-p",
+        &body,
+    ];
+    ok(server.kubectl(&args).await);
+}
+
 #[tokio::test]
 async fn kubectl_runs_weir_as_a_plugin() {
     let server = TestApiServer::start().await;
     for ns in ["shop", "billing"] {
         let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n");
-        ok(server.kubectl_with_input(&["apply", "-f", "-"], &yaml).await);
+        ok(server
+            .kubectl_with_input(&["apply", "-f", "-"], &yaml)
+            .await);
     }
     ok(server.kubectl(&["apply", "-f", "crds/"]).await);
     ok(server
@@ -99,35 +118,27 @@ async fn kubectl_runs_weir_as_a_plugin() {
         )
         .await;
     // The conditions as the operator writes them.
-    let patch = |name: &str, ns: &str, body: String| {
-        let args = [
-            "patch",
-            "wes",
-            name,
-            "-n",
-            ns,
-            "--subresource",
-            "status",
-            "--type",
-            "merge",
-            "-p",
-        ];
-        let server = &server;
-        async move {
-            let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-            args.push(body);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            ok(server.kubectl(&args).await);
-        }
-    };
-    patch("orders", "shop", ready_status("True", "Provisioned", "ok")).await;
-    patch(
+    patch_status(
+        &server,
+        "orders",
+        "shop",
+        ready_status("True", "Provisioned", "ok"),
+    )
+    .await;
+    patch_status(
+        &server,
         "notifications",
         "shop",
         ready_status("False", "BrokerUnavailable", "broker: connection refused"),
     )
     .await;
-    patch("invoices", "billing", ready_status("True", "Provisioned", "ok")).await;
+    patch_status(
+        &server,
+        "invoices",
+        "billing",
+        ready_status("True", "Provisioned", "ok"),
+    )
+    .await;
 
     let p = PluginPath::new();
     let kubeconfig = server.kubeconfig().to_str().unwrap().to_string();

@@ -567,10 +567,10 @@ async fn ingest_contract(c: &mut Contract, weir: &Weir) {
     c.check(false, cl.get(format!("{orders}/1")), 200).await;
     c.check(false, cl.get(format!("{orders}/999")), 404).await;
     c.check(false, cl.get(format!("{orders}/x")), 400).await;
-    c.check(false, cl.get(format!("{news}")), 404).await;
+    c.check(false, cl.get(&news), 404).await;
     c.check(false, cl.get(format!("{news}/1")), 404).await;
-    c.check(false, cl.get(format!("{secured}")), 401).await;
-    c.check(false, cl.get(format!("{secured}")).bearer_auth(READER), 200)
+    c.check(false, cl.get(&secured), 401).await;
+    c.check(false, cl.get(&secured).bearer_auth(READER), 200)
         .await;
     c.check(false, cl.get(format!("{secured}/1")), 401).await;
     c.check(

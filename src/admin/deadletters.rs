@@ -31,7 +31,7 @@ struct Purged {
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-struct ListQuery {
+pub(super) struct ListQuery {
     /// At most this many (default 100, at most 1000).
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
@@ -124,7 +124,7 @@ pub(super) async fn dlq_show(
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-struct RedriveQuery {
+pub(super) struct RedriveQuery {
     /// Redrive at most this many (the CLI works in chunks to show progress).
     limit: Option<u64>,
 }
@@ -216,4 +216,3 @@ pub(super) async fn dlq_purge(
         }
     }
 }
-
