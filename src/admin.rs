@@ -8,17 +8,21 @@ pub mod auth;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use http::{HeaderMap, StatusCode, header};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::audit::{self, Action};
 use auth::{AdminAuth, Need};
 
+use crate::data::archive::{RunReport, StreamArchive, VerifyReport};
 use crate::data::engine::Engine;
 use crate::data::plane::Plane;
+use crate::data::plane::ResourceStatus;
 use crate::data::problem::{HttpProblem, ProblemKind};
+use crate::openapi::{BearerScheme, Text};
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -37,49 +41,104 @@ macro_rules! authorize {
     };
 }
 
-// After `authorize!`, which it uses.
+// After `authorize!`, which they use.
+mod deadletters;
 mod pii;
 
+/// The admin API's general description; the operations come from the handlers.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Weir admin API",
+        description = "Health, readiness, metrics, status, dead letters, archives and \
+                       personal-data keys. `/healthz`, `/readyz`, `/metrics` and \
+                       `/openapi.json` are open; the rest need a bearer token (see \
+                       docs/security-admin.md). Every error is an RFC 7807 problem \
+                       (`application/problem+json`). See docs/http-api.md.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "health", description = "Probes and metrics (open)"),
+        (name = "status", description = "Every resource and its conditions"),
+        (name = "deadletters", description = "Dead letters of a subscription (`weir dlq`)"),
+        (name = "archive", description = "Archive operations (`weir archive`)"),
+        (name = "keys", description = "Personal-data keys (`weir forget`, `weir keys`)"),
+        (name = "meta", description = "This document"),
+    ),
+)]
+struct AdminApi;
+
+/// Every route of the admin API with its operation, and the document they make.
+pub(crate) fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::with_openapi(<AdminApi as utoipa::OpenApi>::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(status))
+        .routes(routes!(deadletters::dlq_list, deadletters::dlq_purge))
+        .routes(routes!(deadletters::dlq_redrive))
+        .routes(routes!(deadletters::dlq_show))
+        .routes(routes!(archive_list))
+        .routes(routes!(archive_status))
+        .routes(routes!(archive_run))
+        .routes(routes!(archive_verify))
+        .routes(routes!(pii::forget))
+        .routes(routes!(pii::rotate))
+        .routes(routes!(crate::openapi::openapi_json))
+}
+
 pub fn router(state: AdminState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/status", get(status))
-        .route(
-            "/v1/namespaces/{ns}/subscriptions/{name}/deadletters",
-            get(dlq_list).delete(dlq_purge),
-        )
-        .route(
-            "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/redrive",
-            axum::routing::post(dlq_redrive),
-        )
-        .route(
-            "/v1/namespaces/{ns}/subscriptions/{name}/deadletters/{id}",
-            get(dlq_show),
-        )
-        .route("/v1/archive", get(archive_list))
-        .route(
-            "/v1/namespaces/{ns}/streams/{name}/archive",
-            get(archive_status),
-        )
-        .route(
-            "/v1/namespaces/{ns}/streams/{name}/archive/run",
-            axum::routing::post(archive_run),
-        )
-        .route(
-            "/v1/namespaces/{ns}/streams/{name}/archive/verify",
-            axum::routing::post(archive_verify),
-        )
-        .route(
-            "/v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key",
-            axum::routing::delete(pii::forget),
-        )
-        .route(
-            "/v1/namespaces/{ns}/streams/{name}/keys/rotate",
-            axum::routing::post(pii::rotate),
-        )
+    let (router, doc) = routes().split_for_parts();
+    router
+        .layer(Extension(crate::openapi::Document::new(&doc)))
         .with_state(state)
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "healthz",
+    responses((status = 200, description = "The process runs", body = Text, content_type = "text/plain")),
+)]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The resource counts every `/v1/status` answer holds.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct Summary {
+    resources: usize,
+    ready: usize,
+    not_ready: usize,
+}
+
+/// `/v1/status`: the summary, and the details for a caller who may see them.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct StatusAnswer {
+    summary: Summary,
+    /// `false`: a caller without a token got the counts only.
+    details: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resources: Option<Vec<ResourceStatus>>,
+    /// Problems of the manifest folder (standalone; empty for operator users).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problems: Option<Vec<String>>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ArchiveList {
+    streams: Vec<ArchiveListEntry>,
+}
+
+/// One stream of `GET /v1/archive`: its totals, or why they could not be read.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum ArchiveListEntry {
+    Status(StreamArchive),
+    Failed { stream: String, error: String },
 }
 
 /// Lines of reasons a not-ready answer lists (then a count): enough to name the trouble,
@@ -91,6 +150,16 @@ const READYZ_REASONS: usize = 20;
 /// connected). Not ready says why in the body, one line per stream. A store-backed stream
 /// whose broker is down still takes publishes (they are stored and relayed later), so it
 /// keeps the worker ready. Answered from memory, never waiting for a backend.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "The manifests are loaded and applied and every stream can take a publish", body = Text, content_type = "text/plain"),
+        (status = 503, description = "Not ready: one line per stream that cannot take a publish and why (at most 20, then a count)", body = Text, content_type = "text/plain"),
+    ),
+)]
 async fn readyz(State(st): State<AdminState>) -> Response {
     if !st.plane.loaded() {
         return (StatusCode::SERVICE_UNAVAILABLE, "topology not loaded yet").into_response();
@@ -107,6 +176,15 @@ async fn readyz(State(st): State<AdminState>) -> Response {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    operation_id = "metrics",
+    responses(
+        (status = 200, description = "Prometheus text format", body = Text, content_type = "text/plain"),
+    ),
+)]
 async fn metrics(State(st): State<AdminState>) -> Response {
     let engine = &st.plane.engine;
     sample_pools(engine);
@@ -137,19 +215,38 @@ fn sample_pools(engine: &Engine) {
 /// may see them (open mode and the admin token: all; operator: the resources whose object
 /// the caller may `get`). Without a token, only the summary (counts), which reveals no
 /// names, messages or payloads; a wrong token is 401 as everywhere.
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "status",
+    operation_id = "status",
+    responses(
+        (status = 200, description = "Without a token where one is needed: the summary only (`details: false`). With one: the resources the caller may `get`, their conditions and fields", body = StatusAnswer),
+        (status = 401, description = "A wrong or unknown bearer token", body = HttpProblem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
+        (status = 503, description = "The API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn status(State(st): State<AdminState>, headers: HeaderMap) -> Response {
     let resources = st.plane.resources();
     let ready = resources.iter().filter(|r| r.ready).count();
-    let summary = serde_json::json!({
-        "resources": resources.len(),
-        "ready": ready,
-        "notReady": resources.len() - ready,
-    });
+    let summary = Summary {
+        resources: resources.len(),
+        ready,
+        not_ready: resources.len() - ready,
+    };
     let caller = match st.auth.authenticate(&headers).await {
         Ok(Some(c)) => c,
         Ok(None) => {
-            return axum::Json(serde_json::json!({ "summary": summary, "details": false }))
-                .into_response();
+            return axum::Json(StatusAnswer {
+                summary,
+                details: false,
+                resources: None,
+                problems: None,
+            })
+            .into_response();
         }
         Err(denied) => return denied.into_response(),
     };
@@ -167,110 +264,13 @@ async fn status(State(st): State<AdminState>, headers: HeaderMap) -> Response {
         auth::Caller::User(_) => Vec::new(),
         _ => st.plane.source_problems(),
     };
-    axum::Json(serde_json::json!({
-        "summary": summary,
-        "details": true,
-        "resources": shown,
-        "problems": problems,
-    }))
+    axum::Json(StatusAnswer {
+        summary,
+        details: true,
+        resources: Some(shown),
+        problems: Some(problems),
+    })
     .into_response()
-}
-
-#[derive(serde::Deserialize)]
-struct ListQuery {
-    limit: Option<usize>,
-}
-
-/// The answer to a dead-letter operation that failed: 404 when the subscription does not run
-/// here, 503 when the broker cannot be reached.
-fn dlq_error(e: crate::data::delivery::DeliveryError) -> Response {
-    use crate::data::delivery::DeliveryError;
-    let kind = match &e {
-        DeliveryError::NotRunning(_) => ProblemKind::NotFound,
-        _ => ProblemKind::Unavailable,
-    };
-    HttpProblem::new(kind, e.to_string()).into_response()
-}
-
-async fn dlq_list(
-    State(st): State<AdminState>,
-    headers: HeaderMap,
-    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
-    axum::extract::Query(q): axum::extract::Query<ListQuery>,
-) -> Response {
-    authorize!(st, headers, Need::ReadDeadLetters, ns, name);
-    let key = crate::topology::Key::new(ns, name);
-    let limit = q.limit.unwrap_or(100);
-    match st.plane.subscriptions.dead_letters(&key, limit).await {
-        Ok(list) => axum::Json(serde_json::json!({ "deadLetters": list })).into_response(),
-        Err(e) => dlq_error(e),
-    }
-}
-
-async fn dlq_show(
-    State(st): State<AdminState>,
-    headers: HeaderMap,
-    axum::extract::Path((ns, name, id)): axum::extract::Path<(String, String, String)>,
-) -> Response {
-    authorize!(st, headers, Need::ReadDeadLetters, ns, name);
-    let key = crate::topology::Key::new(ns, name);
-    let max = crate::data::subscriptions::MAX_LIST;
-    match st.plane.subscriptions.dead_letters(&key, max).await {
-        Ok(list) => match list.into_iter().find(|d| d.id == id) {
-            Some(d) => axum::Json(d).into_response(),
-            None => HttpProblem::not_found(format!("no dead letter {id} in {key}")).into_response(),
-        },
-        Err(e) => dlq_error(e),
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct RedriveQuery {
-    /// Redrive at most this many (the CLI works in chunks to show progress).
-    limit: Option<u64>,
-}
-
-async fn dlq_redrive(
-    State(st): State<AdminState>,
-    headers: HeaderMap,
-    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
-    axum::extract::Query(q): axum::extract::Query<RedriveQuery>,
-) -> Response {
-    let caller = authorize!(st, headers, Need::RedriveDeadLetters, ns, name);
-    let key = crate::topology::Key::new(ns, name);
-    let target = key.to_string();
-    match st.plane.subscriptions.redrive(&key, q.limit, &|_| {}).await {
-        Ok((n, remaining)) => {
-            audit::record(caller.who(), Action::DeadLettersRedrive, &target, Ok(n));
-            axum::Json(serde_json::json!({ "redriven": n, "remaining": remaining })).into_response()
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            audit::record(caller.who(), Action::DeadLettersRedrive, &target, Err(&msg));
-            dlq_error(e)
-        }
-    }
-}
-
-async fn dlq_purge(
-    State(st): State<AdminState>,
-    headers: HeaderMap,
-    axum::extract::Path((ns, name)): axum::extract::Path<(String, String)>,
-) -> Response {
-    let caller = authorize!(st, headers, Need::PurgeDeadLetters, ns, name);
-    let key = crate::topology::Key::new(ns, name);
-    let target = key.to_string();
-    match st.plane.subscriptions.purge(&key).await {
-        Ok(n) => {
-            audit::record(caller.who(), Action::DeadLettersPurge, &target, Ok(n));
-            axum::Json(serde_json::json!({ "purged": n })).into_response()
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            audit::record(caller.who(), Action::DeadLettersPurge, &target, Err(&msg));
-            dlq_error(e)
-        }
-    }
 }
 
 /// The answer to an archive operation that failed: 404 when no ArchivePolicy selects the
@@ -288,6 +288,21 @@ fn archive_error(e: crate::data::archive::ArchiveError) -> Response {
 
 /// Every stream archived by this process that the caller may see (`get`
 /// `eventstreams/archive` in its namespace), with its totals.
+#[utoipa::path(
+    get,
+    path = "/v1/archive",
+    tag = "archive",
+    operation_id = "listArchives",
+    responses(
+        (status = 200, description = "Every stream archived by this process that the caller may `get`", body = ArchiveList),
+        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
+        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 503, description = "The API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 async fn archive_list(State(st): State<AdminState>, headers: HeaderMap) -> Response {
     let caller = match st.auth.require(&headers).await {
         Ok(c) => c,
@@ -304,16 +319,37 @@ async fn archive_list(State(st): State<AdminState>, headers: HeaderMap) -> Respo
             Ok(false) => continue,
             Err(denied) => return denied.into_response(),
         }
-        match st.plane.archives.stream_status(&key).await {
-            Ok(s) => out.push(serde_json::to_value(s).unwrap_or_default()),
-            Err(e) => {
-                out.push(serde_json::json!({ "stream": key.to_string(), "error": e.to_string() }))
-            }
-        }
+        out.push(match st.plane.archives.stream_status(&key).await {
+            Ok(s) => ArchiveListEntry::Status(s),
+            Err(e) => ArchiveListEntry::Failed {
+                stream: key.to_string(),
+                error: e.to_string(),
+            },
+        });
     }
-    axum::Json(serde_json::json!({ "streams": out })).into_response()
+    axum::Json(ArchiveList { streams: out }).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/namespaces/{ns}/streams/{name}/archive",
+    tag = "archive",
+    operation_id = "archiveStatus",
+    params(
+        ("ns" = String, Path, description = "The stream's namespace"),
+        ("name" = String, Path, description = "The EventStream's name"),
+    ),
+    responses(
+        (status = 200, description = "The stream's archive totals", body = StreamArchive),
+        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
+        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 404, description = "No ArchivePolicy selects the stream in this process", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 503, description = "The stream's store is unreachable, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 async fn archive_status(
     State(st): State<AdminState>,
     headers: HeaderMap,
@@ -327,13 +363,37 @@ async fn archive_status(
     }
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 #[serde(rename_all = "camelCase")]
 struct RunQuery {
     /// Archive at most this many segments (the CLI works in steps to show progress).
     max_segments: Option<usize>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/namespaces/{ns}/streams/{name}/archive/run",
+    tag = "archive",
+    operation_id = "runArchive",
+    params(
+        ("ns" = String, Path, description = "The stream's namespace"),
+        ("name" = String, Path, description = "The EventStream's name"),
+        RunQuery,
+    ),
+    responses(
+        (status = 200, description = "What the run archived and deleted", body = RunReport),
+        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
+        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 404, description = "No ArchivePolicy selects the stream in this process", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 409, description = "Another run (scheduled, or another replica's) holds the stream", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 500, description = "A fault inside Weir", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 503, description = "The stream's store is unreachable, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 async fn archive_run(
     State(st): State<AdminState>,
     headers: HeaderMap,
@@ -356,6 +416,28 @@ async fn archive_run(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/namespaces/{ns}/streams/{name}/archive/verify",
+    tag = "archive",
+    operation_id = "verifyArchive",
+    params(
+        ("ns" = String, Path, description = "The stream's namespace"),
+        ("name" = String, Path, description = "The EventStream's name"),
+    ),
+    responses(
+        (status = 200, description = "Every segment read back and checked; `problems` names each fault by segment and byte offset", body = VerifyReport),
+        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
+        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 404, description = "No ArchivePolicy selects the stream in this process", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 409, description = "Another run holds the stream", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 500, description = "A fault inside Weir", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 503, description = "The stream's store is unreachable, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 async fn archive_verify(
     State(st): State<AdminState>,
     headers: HeaderMap,

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod control;
 pub mod data;
 pub mod metrics;
+pub mod openapi;
 pub mod otel;
 pub mod poison;
 pub mod server;

@@ -9,7 +9,7 @@ use super::AdminState;
 use super::auth::Need;
 use crate::audit::{self, Action};
 use crate::data::engine::StreamRuntime;
-use crate::data::pii::Pii;
+use crate::data::pii::{Pii, Rotated};
 use crate::data::problem::{HttpProblem, ProblemKind};
 
 /// Subject keys re-wrapped per rotation request by default, and at most: one request stays
@@ -39,7 +39,42 @@ fn pii_of(
     Ok((rt, pii, id))
 }
 
+/// The answer of a forget.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Forgotten {
+    /// `<namespace>/<stream>`.
+    stream: String,
+    subject: String,
+    /// Whether the subject had a data key.
+    forgotten: bool,
+    /// Other workers stop decrypting the subject within this many seconds (their key cache).
+    other_workers_within_seconds: u64,
+}
+
 /// `DELETE /v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key`: forgets the subject.
+#[utoipa::path(
+    delete,
+    path = "/v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key",
+    tag = "keys",
+    operation_id = "forgetSubject",
+    params(
+        ("ns" = String, Path, description = "The stream's namespace"),
+        ("name" = String, Path, description = "The EventStream's name"),
+        ("subject" = String, Path, description = "The event `subject` to forget"),
+    ),
+    responses(
+        (status = 200, description = "The subject's data key is deleted (`forgotten: false`: there was none)", body = Forgotten),
+        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
+        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream, or a stream without personal-data fields", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 500, description = "A fault inside Weir", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 503, description = "The store is unreachable or not provisioned yet, a key id is missing from the Secret, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 pub(super) async fn forget(
     State(st): State<AdminState>,
     headers: HeaderMap,
@@ -59,12 +94,12 @@ pub(super) async fn forget(
                 &target,
                 Ok(u64::from(existed)),
             );
-            axum::Json(serde_json::json!({
-                "stream": format!("{ns}/{name}"),
-                "subject": subject,
-                "forgotten": existed,
-                "otherWorkersWithinSeconds": crate::data::pii::DEK_TTL.as_secs(),
-            }))
+            axum::Json(Forgotten {
+                stream: format!("{ns}/{name}"),
+                subject,
+                forgotten: existed,
+                other_workers_within_seconds: crate::data::pii::DEK_TTL.as_secs(),
+            })
             .into_response()
         }
         Err(e) => {
@@ -75,14 +110,40 @@ pub(super) async fn forget(
     }
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct RotateQuery {
-    /// Re-wrap at most this many keys (the CLI works in steps to show progress).
+    /// Re-wrap at most this many keys (default 500, at most 10,000; the CLI works in steps to
+    /// show progress).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<i64>,
 }
 
 /// `POST /v1/namespaces/{ns}/streams/{name}/keys/rotate[?limit=N]`: re-wraps up to `limit`
 /// subject keys with the newest key id; answers what remains.
+#[utoipa::path(
+    post,
+    path = "/v1/namespaces/{ns}/streams/{name}/keys/rotate",
+    tag = "keys",
+    operation_id = "rotateKeys",
+    params(
+        ("ns" = String, Path, description = "The stream's namespace"),
+        ("name" = String, Path, description = "The EventStream's name"),
+        RotateQuery,
+    ),
+    responses(
+        (status = 200, description = "Up to `limit` subject keys re-wrapped with the newest key id", body = Rotated),
+        (status = 400, description = "A bad `limit`", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
+        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream, or a stream without personal-data fields", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 500, description = "A fault inside Weir", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 503, description = "The store is unreachable or not provisioned yet, a key id is missing from the Secret, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security(("bearer" = [])),
+)]
 pub(super) async fn rotate(
     State(st): State<AdminState>,
     headers: HeaderMap,

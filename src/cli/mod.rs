@@ -14,6 +14,7 @@ mod client;
 mod delivery;
 mod keys;
 mod output;
+mod plugin;
 mod status;
 mod trace;
 
@@ -140,7 +141,8 @@ pub enum Command {
     },
     /// Print the CustomResourceDefinitions as multi-document YAML.
     Crds,
-    /// Show every resource and its conditions (like `kubectl get weir`).
+    /// Show every resource and its conditions (like `kubectl get weir`). As `kubectl weir
+    /// status`, read from the cluster (`--kubeconfig`, `--context`, `-n`, `-A`).
     Status,
     /// Measure throughput and latency beside a raw baseline in the same run.
     Bench(BenchCmd),
@@ -346,7 +348,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Run as `kubectl-weir` (a kubectl plugin), the command line also takes kubectl's
+    // cluster flags; see `plugin`.
+    let (cli, kube) = if plugin::invoked_as_plugin() {
+        let (cli, flags) = plugin::parse();
+        (cli, Some(flags))
+    } else {
+        (Cli::parse(), None)
+    };
     // Spans are exported by the commands that move events, when the OTEL_* environment asks.
     let otel = match &cli.command {
         Command::Run { .. } | Command::Operator { .. } => crate::otel::from_env(),
@@ -360,7 +369,7 @@ pub fn main() -> ExitCode {
         }
     };
     crate::telemetry::init(layer);
-    let code = match dispatch(cli) {
+    let code = match dispatch(cli, kube) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -380,7 +389,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+fn dispatch(cli: Cli, kube: Option<plugin::KubeFlags>) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run {
             dir,
@@ -482,6 +491,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
+            if let Some(flags) = kube {
+                return runtime()?.block_on(plugin::status(&flags, cli.output));
+            }
             let token = client::read_token(cli.token_file.as_deref())?;
             runtime()?.block_on(status::status(&cli.admin, token.as_deref(), cli.output))
         }

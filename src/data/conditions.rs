@@ -7,7 +7,7 @@ use std::fmt;
 use serde::Serialize;
 
 /// The type of a condition.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, utoipa::ToSchema)]
 pub enum ConditionType {
     /// Every kind: the resource is valid and runs.
     Ready,
@@ -106,11 +106,12 @@ pub mod reason {
 
 /// One condition, as both modes show it (the operator adds `lastTransitionTime` and
 /// `observedGeneration`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct StatusCondition {
     #[serde(rename = "type")]
     pub type_: ConditionType,
     /// `"True"` or `"False"`.
+    #[schema(value_type = String)]
     pub status: &'static str,
     pub reason: String,
     pub message: String,

@@ -5,29 +5,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, header};
 use serde::Deserialize;
-use tokio::time::Instant;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::data::access::{self, Right};
-use crate::data::broker::Routing;
 use crate::data::cache::{CacheKey, Cached, read_through};
 use crate::data::engine::{Engine, StreamRuntime};
-use crate::data::event::{EXT_PUBLISHER, ExtValue, StoredEvent, to_batch_json, to_structured_json};
-use crate::data::ingest::{IngestContext, parse_request_bytes};
-use crate::data::plane::{AppendError, AppendOutcome, Plane};
+use crate::data::event::{StoredEvent, to_batch_json, to_structured_json};
+use crate::data::plane::Plane;
 use crate::data::problem::HttpProblem;
-use crate::data::store::{Appended, Conflict};
-use crate::data::trace::MAX_TRACE;
-use crate::data::tracecontext::Ingest;
+use crate::data::trace::{MAX_TRACE, Trace};
+use crate::openapi::{BearerScheme, CloudEventJson, Text};
 use crate::server::CloseConnection;
 
 mod follow;
+mod publish;
 mod subject;
 
 pub use follow::Followers;
@@ -59,27 +56,53 @@ pub struct HttpState {
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
+/// The ingest/read API's general description; the operations come from the handlers.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Weir ingest/read API",
+        description = "Publish CloudEvents to a stream and read them back (by position, range, \
+                       subject or correlation id, or followed live). Every error is an RFC 7807 \
+                       problem (`application/problem+json`). See docs/http-api.md.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "publish", description = "Publish events in one of four content modes"),
+        (name = "read", description = "Read stored events (streams with a store)"),
+        (name = "meta", description = "This document"),
+    ),
+)]
+struct IngestApi;
+
+/// Every route of the ingest/read API with its operation, and the document they make.
+pub(crate) fn routes() -> OpenApiRouter<HttpState> {
+    OpenApiRouter::with_openapi(<IngestApi as utoipa::OpenApi>::openapi())
+        .routes(routes!(read_range, publish::publish))
+        .routes(routes!(read_one))
+        .routes(routes!(read_subject))
+        .routes(routes!(trace_handler))
+        .routes(routes!(crate::openapi::openapi_json))
+}
+
 pub fn router(state: HttpState) -> Router {
-    Router::new()
-        .route(
-            "/v1/namespaces/{ns}/streams/{stream}/events",
-            get(read_range).post(publish),
-        )
-        .route(
-            "/v1/namespaces/{ns}/streams/{stream}/events/{position}",
-            get(read_one),
-        )
-        .route(
-            "/v1/namespaces/{ns}/streams/{stream}/subjects/{subject}/events",
-            get(read_subject),
-        )
-        .route(
-            "/v1/namespaces/{ns}/correlations/{id}/events",
-            get(trace_handler),
-        )
+    let (router, doc) = routes().split_for_parts();
+    router
+        .layer(Extension(crate::openapi::Document::new(&doc)))
         // Each stream enforces its own maxRequestBytes; axum's global 2 MB default must not.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The path parameters naming a stream.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // Parameters only: the handlers take the path as a tuple.
+pub(crate) struct StreamPath {
+    /// The stream's namespace.
+    ns: String,
+    /// The EventStream's name.
+    stream: String,
 }
 
 /// The caller's name if it may do `right` on the stream (`None`: an open stream).
@@ -110,193 +133,8 @@ fn stream_or_404(
         .ok_or_else(|| HttpProblem::stream_not_found(ns, stream))
 }
 
-#[derive(serde::Serialize)]
-struct StoredResult<'a> {
-    id: &'a str,
-    source: &'a str,
-    position: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version: Option<i64>,
-    duplicate: bool,
-}
-
-#[derive(serde::Serialize)]
-struct RoutedResult<'a> {
-    id: &'a str,
-    source: &'a str,
-    routed: bool,
-}
-
-async fn publish(
-    State(st): State<HttpState>,
-    Path((ns, stream)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let started = Instant::now();
-    let trace = Ingest::start(&ns, &stream, &headers);
-    let result = publish_inner(&st, &ns, &stream, &headers, body, &trace).await;
-    let (response, outcome_events) = match result {
-        Ok((resp, accepted, duplicates)) => (resp, Some((accepted, duplicates))),
-        Err((p, rejected)) => {
-            if rejected > 0 {
-                st.engine
-                    .metrics
-                    .ingest_events
-                    .with_label_values(&[&ns, &stream, "rejected"])
-                    .inc_by(rejected as u64);
-            }
-            (p.into_response(), None)
-        }
-    };
-    trace.answered(response.status().as_u16());
-    // Only label known streams: an unknown stream name must not create label values.
-    if st.engine.stream(&ns, &stream).is_some() {
-        let m = &st.engine.metrics;
-        m.ingest_requests
-            .with_label_values(&[&ns, &stream, response.status().as_str()])
-            .inc();
-        m.ingest_request_duration
-            .with_label_values(&[&ns, &stream])
-            .observe(started.elapsed().as_secs_f64());
-        if let Some((accepted, duplicates)) = outcome_events {
-            m.ingest_events
-                .with_label_values(&[&ns, &stream, "accepted"])
-                .inc_by(accepted as u64);
-            m.ingest_events
-                .with_label_values(&[&ns, &stream, "duplicate"])
-                .inc_by(duplicates as u64);
-        }
-    }
-    response
-}
-
-type PublishResult = Result<(Response, usize, usize), (HttpProblem, usize)>;
-
-async fn publish_inner(
-    st: &HttpState,
-    ns: &str,
-    stream: &str,
-    headers: &HeaderMap,
-    body: Body,
-    trace: &Ingest,
-) -> PublishResult {
-    let rt = stream_or_404(st, ns, stream).map_err(|p| (p, 0))?;
-    // Who is publishing comes first: nothing of an unauthenticated request is read.
-    let publisher = authorize(st, &rt, headers, Right::Publish)
-        .await
-        .map_err(|p| (p, 0))?;
-    crate::data::ingest::check_content_type(headers).map_err(|p| (p, 0))?;
-    let limit = rt.plan.validation.max_request_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if let Some(n) = declared.filter(|n| *n > limit) {
-        return Err((HttpProblem::payload_too_large(Some(n), limit), 0));
-    }
-    // Held until the request is answered: its bytes live that long.
-    let mut hold = st.body_budget.hold();
-    let bytes = crate::data::ingest::body::read_body(
-        body,
-        limit,
-        Instant::now() + st.body_read_timeout,
-        &mut hold,
-    )
-    .await
-    .map_err(|e| (e.problem(limit), 0))?;
-    // Announce the request to the batcher while it is parsed, so a batch being formed waits
-    // for it (up to maxDelay) instead of leaving without it. Only once the body is in: a
-    // body still on the network may take up to the body read timeout, and while it was
-    // announced every batch of the stream waited its full maxDelay for it.
-    let joining = rt.batcher().as_ref().map(|b| b.joining());
-    let ctx = IngestContext {
-        namespace: ns.to_string(),
-        stream: stream.to_string(),
-        now: chrono::Utc::now(),
-    };
-    let mut events = parse_request_bytes(headers, &bytes, &ctx).map_err(|p| (p, 0))?;
-    if let Some(name) = publisher {
-        // Parsing refused a `weirpublisher` sent by the client: this one is Weir's.
-        for ev in &mut events {
-            ev.extensions
-                .insert(EXT_PUBLISHER.into(), ExtValue::String(name.clone()));
-        }
-    }
-    let n = events.len();
-    crate::data::ingest::limit::admit(&st.engine.metrics, &rt, None, n).map_err(|p| (p, n))?;
-    // The response names each event; keep just that, the events move to the append.
-    let names: Vec<(String, String)> = events
-        .iter()
-        .map(|e| (e.id.clone(), e.source.clone()))
-        .collect();
-    let deadline = started_deadline(st);
-    match st.plane.append(&rt, events, deadline, joining, trace).await {
-        Ok(AppendOutcome::Stored(results)) => Ok(stored_response(&names, &results)),
-        Ok(AppendOutcome::Published(routing)) => {
-            let results: Vec<_> = names
-                .iter()
-                .zip(&routing)
-                .map(|((id, source), r)| RoutedResult {
-                    id,
-                    source,
-                    routed: matches!(r, Routing::Routed),
-                })
-                .collect();
-            let body = serde_json::json!({ "results": results });
-            Ok((
-                (StatusCode::ACCEPTED, axum::Json(body)).into_response(),
-                n,
-                0,
-            ))
-        }
-        Err(AppendError::Invalid(p)) => Err((p, n)),
-        Err(AppendError::Conflict(Conflict::Version {
-            index,
-            subject,
-            expected,
-            actual,
-        })) => Err((
-            HttpProblem::version_conflict(index, &subject, expected, actual),
-            0,
-        )),
-        Err(AppendError::Conflict(Conflict::ForeignId { index, source, id })) => {
-            Err((HttpProblem::foreign_id(index, &source, &id), 0))
-        }
-        Err(AppendError::Failed(e)) => Err((HttpProblem::internal(e), 0)),
-        Err(AppendError::Problem(p)) => Err((p, 0)),
-        Err(AppendError::NotFound(_)) => Err((HttpProblem::stream_not_found(ns, stream), 0)),
-        Err(AppendError::Unavailable(why)) => Err((unavailable(&why), 0)),
-    }
-}
-
-fn started_deadline(st: &HttpState) -> Instant {
-    Instant::now() + st.request_timeout
-}
-
 fn unavailable(detail: &str) -> HttpProblem {
     HttpProblem::unavailable(detail.to_string(), RETRY_AFTER_SECS)
-}
-
-fn stored_response(names: &[(String, String)], results: &[Appended]) -> (Response, usize, usize) {
-    let out: Vec<_> = names
-        .iter()
-        .zip(results)
-        .map(|((id, source), r)| StoredResult {
-            id,
-            source,
-            position: r.position,
-            version: r.version,
-            duplicate: r.duplicate,
-        })
-        .collect();
-    let dups = results.iter().filter(|r| r.duplicate).count();
-    let body = serde_json::json!({ "results": out });
-    (
-        (StatusCode::CREATED, axum::Json(body)).into_response(),
-        results.len() - dups,
-        dups,
-    )
 }
 
 /// The stream to read and its store id, once the caller may read it.
@@ -372,16 +210,37 @@ fn batch_response(body: Bytes) -> Response {
     resp
 }
 
-#[derive(Deserialize)]
+/// The query of a range read. Numbers are parsed by the handler, which names a bad one.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RangeQuery {
+    /// First position (default 1); with `follow=true`, where the follow starts.
+    #[param(value_type = Option<i64>, minimum = 1)]
     from: Option<String>,
+    /// Events in the page (default 100, at most 1000); refused with `follow=true`.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
+    #[param(value_type = Option<Consistency>)]
     consistency: Option<String>,
+    /// `true`: a live follow (Server-Sent Events) instead of a page.
+    #[param(value_type = Option<bool>)]
     follow: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// Which copy a read goes to: `eventual` (the default) reads the stream's read replica if it
+/// has one, `strong` the primary.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // A schema only: the handler reads the parameter as text.
+pub(crate) enum Consistency {
+    Eventual,
+    Strong,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct OneQuery {
+    #[param(value_type = Option<Consistency>)]
     consistency: Option<String>,
 }
 
@@ -438,6 +297,33 @@ fn parse_param(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/namespaces/{ns}/streams/{stream}/events",
+    tag = "read",
+    operation_id = "readRange",
+    params(
+        StreamPath,
+        RangeQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "Follow only: resume after this position (wins over `from`)"),
+    ),
+    responses(
+        (status = 200, description = "A page of events in position order; with `follow=true` a Server-Sent Events stream without end: each message's `id` is the event's position and its `data` the event as structured JSON, `: keep-alive` comments between, and `event: error` with a problem as `data` when the worker ends the follow",
+            content(
+                (Vec<CloudEventJson> = "application/cloudevents-batch+json"),
+                (Text = "text/event-stream"),
+            )),
+        (status = 400, description = "A bad `from`, `limit`, `consistency` or `follow`, `limit` with `follow=true`, or a bad `Last-Event-ID`", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 401, description = "The stream has `ingest.auth` and the request has no bearer token, or one it does not know", body = HttpProblem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
+        (status = 403, description = "An authenticated service account that is not a publisher or reader of the stream", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream, or a broker-only stream (it keeps no events)", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 500, description = "A fault inside Weir, or a damaged archive segment (named with its byte offset)", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 503, description = "The store is unreachable or not provisioned yet, a personal-data key id is missing, or (follow) too many follows", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn read_range(
     State(st): State<HttpState>,
     Path((ns, stream)): Path<(String, String)>,
@@ -485,6 +371,29 @@ async fn read_range(
     Ok(batch_response(page.body.clone()))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/namespaces/{ns}/streams/{stream}/events/{position}",
+    tag = "read",
+    operation_id = "readOne",
+    params(
+        StreamPath,
+        ("position" = i64, Path, minimum = 1, description = "The event's position in the stream"),
+        OneQuery,
+    ),
+    responses(
+        (status = 200, description = "The event", body = CloudEventJson, content_type = "application/cloudevents+json"),
+        (status = 400, description = "A bad `position` or `consistency`", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 401, description = "The stream has `ingest.auth` and the request has no bearer token, or one it does not know", body = HttpProblem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
+        (status = 403, description = "An authenticated service account that is not a publisher or reader of the stream", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream, a broker-only stream, or no event at that position (never stored, or removed by `deleteAfter`)", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 500, description = "A fault inside Weir, or a damaged archive segment (named with its byte offset)", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 503, description = "The store is unreachable or not provisioned yet, a personal-data key id is missing, or (follow) too many follows", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn read_one(
     State(st): State<HttpState>,
     Path((ns, stream, position)): Path<(String, String, String)>,
@@ -526,6 +435,35 @@ async fn read_one(
 }
 
 /// One page of a subject's events; see [`subject`].
+#[utoipa::path(
+    get,
+    path = "/v1/namespaces/{ns}/streams/{stream}/subjects/{subject}/events",
+    tag = "read",
+    operation_id = "readSubject",
+    params(
+        StreamPath,
+        ("subject" = String, Path, description = "The events' `subject`"),
+        subject::SubjectQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "Follow only: resume after this position (one of the subject's events)"),
+    ),
+    responses(
+        (status = 200, description = "One page of the subject's events in version order; with `follow=true` a Server-Sent Events stream without end (see readRange)",
+            headers(("Link" = Option<String>, description = "`<…?from=…>; rel=\"next\"` while more events follow; absent on the last page")),
+            content(
+                (Vec<CloudEventJson> = "application/cloudevents-batch+json"),
+                (Text = "text/event-stream"),
+            )),
+        (status = 400, description = "A bad `from`, `limit`, `version`, `asOf`, `consistency` or `follow`, a page parameter with `follow=true`, a bad `Last-Event-ID`, or a subject holding U+0000", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 401, description = "The stream has `ingest.auth` and the request has no bearer token, or one it does not know", body = HttpProblem, content_type = "application/problem+json",
+            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
+        (status = 403, description = "An authenticated service account that is not a publisher or reader of the stream", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 404, description = "No such stream, or a broker-only stream", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 500, description = "A fault inside Weir, or a damaged archive segment (named with its byte offset)", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 503, description = "The store is unreachable or not provisioned yet, a personal-data key id is missing, or (follow) too many follows", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn read_subject(
     State(st): State<HttpState>,
     Path((ns, stream, subject)): Path<(String, String, String)>,
@@ -571,12 +509,34 @@ fn no_nul(name: &str, value: &str) -> Result<(), HttpProblem> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TraceQuery {
+    /// At most this many events (default and maximum 1000); `truncated` says more exist.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     limit: Option<String>,
 }
 
 /// `GET /v1/namespaces/{ns}/correlations/{id}/events[?limit=N]`.
+#[utoipa::path(
+    get,
+    path = "/v1/namespaces/{ns}/correlations/{id}/events",
+    tag = "read",
+    operation_id = "trace",
+    params(
+        ("ns" = String, Path, description = "The namespace whose streams are searched"),
+        ("id" = String, Path, description = "The `correlationid`"),
+        TraceQuery,
+    ),
+    responses(
+        (status = 200, description = "Every stored event of the namespace's streams the caller may read (open ones, and those its bearer token opens; the others are left out without a mark) carrying this correlation id, in commit-time order", body = Trace),
+        (status = 400, description = "A bad `limit`, or an id holding U+0000", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 500, description = "A fault inside Weir", body = HttpProblem, content_type = "application/problem+json"),
+        (status = 503, description = "A store is unreachable, a personal-data key id is missing, or the API server could not review a token", body = HttpProblem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn trace_handler(
     State(st): State<HttpState>,
     Path((ns, id)): Path<(String, String)>,

@@ -192,7 +192,7 @@ impl ProblemKind {
 }
 
 /// What is wrong with one field of one event.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     /// 0-based position of the event in the request; `null` when the error is not about one
     /// event (e.g. malformed JSON).

@@ -54,7 +54,7 @@ pub struct Subscriptions {
 }
 
 /// One dead letter, as the admin API shows it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetter {
     pub id: String,
@@ -67,6 +67,7 @@ pub struct DeadLetter {
     pub error_dest: Option<String>,
     pub error_data: Option<String>,
     /// The whole event in the CloudEvents JSON format.
+    #[schema(value_type = crate::openapi::CloudEventJson)]
     pub event: serde_json::Value,
 }
 

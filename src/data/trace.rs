@@ -15,7 +15,7 @@ use crate::data::store::Store;
 pub const MAX_TRACE: usize = 1000;
 
 /// One event of a trace.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TraceEntry {
     pub stream: String,
@@ -35,11 +35,12 @@ pub struct TraceEntry {
     pub trace_id: Option<String>,
     pub recorded_time: String,
     /// The whole event, as the read API returns it (structured CloudEvent).
+    #[schema(value_type = crate::openapi::CloudEventJson)]
     pub event: Box<RawValue>,
 }
 
 /// A saga's timeline.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Trace {
     pub correlationid: String,
     pub events: Vec<TraceEntry>,

@@ -49,7 +49,7 @@ pub struct Settings {
 }
 
 /// What one run did.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunReport {
     pub segments: u64,

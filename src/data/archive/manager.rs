@@ -71,7 +71,7 @@ pub struct Archives {
 }
 
 /// Archive totals of one stream, read from its database (the same on every replica).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StreamArchive {
     pub stream: String,
@@ -83,6 +83,7 @@ pub struct StreamArchive {
     pub raw_bytes: i64,
     pub stored_bytes: i64,
     pub compression_ratio: Option<f64>,
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub last_run: Option<DateTime<Utc>>,
     /// The first position still in the hot table, if any.
     pub hot_from: Option<i64>,

@@ -15,7 +15,7 @@ pub mod manager;
 pub mod verify;
 
 pub use archiver::{RunReport, Settings};
-pub use manager::Archives;
+pub use manager::{Archives, StreamArchive};
 pub use verify::VerifyReport;
 
 use crate::data::store::StoreError;

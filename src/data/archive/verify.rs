@@ -10,7 +10,7 @@ use super::format;
 use crate::data::store::Store;
 
 /// What `verify` found for one stream.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VerifyReport {
     pub segments: u64,

@@ -22,17 +22,28 @@ use crate::data::event::StoredEvent;
 use crate::data::problem::HttpProblem;
 use axum::response::Response;
 
-#[derive(Deserialize)]
+/// The query of a subject read. Numbers and times are parsed by the handler, which names a
+/// bad one.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct SubjectQuery {
-    /// First version of the page (default 1).
+    /// First version of the page (default 1); with `follow=true`, where the follow starts.
+    #[param(value_type = Option<i64>, minimum = 1)]
     pub(super) from: Option<String>,
-    /// Events per page (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]).
+    /// Events per page (default 100, at most 1000).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]
     pub(super) limit: Option<String>,
+    /// Time travel: only events recorded at or before this time (RFC 3339).
     #[serde(rename = "asOf")]
+    #[param(rename = "asOf", value_type = Option<String>)]
     pub(super) as_of: Option<String>,
+    /// Stop at this version.
+    #[param(value_type = Option<i64>, minimum = 1)]
     pub(super) version: Option<String>,
+    #[param(value_type = Option<super::Consistency>)]
     consistency: Option<String>,
-    /// `true`: a live follow (see `follow`).
+    /// `true`: a live follow (Server-Sent Events; see `follow`).
+    #[param(value_type = Option<bool>)]
     pub(super) follow: Option<String>,
 }
 

@@ -469,7 +469,7 @@ impl Pii {
 }
 
 /// One step of a rotation.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Rotated {
     /// The newest key id, the one keys are re-wrapped with.
     #[serde(rename = "keyId")]

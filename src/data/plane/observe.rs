@@ -14,9 +14,11 @@ use crate::data::plane::{Plane, View};
 use crate::topology::{Key, Kind, OrderingPlan, Report};
 
 /// One resource as both modes report it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ResourceStatus {
+    /// `EventStream`, `Subscription`, `ArchivePolicy` or `CachePolicy`.
     #[serde(serialize_with = "kind_name")]
+    #[schema(value_type = String)]
     pub kind: Kind,
     pub namespace: String,
     pub name: String,
@@ -26,7 +28,8 @@ pub struct ResourceStatus {
     pub ready: bool,
     /// `Ready` first, then the others by type.
     pub conditions: Vec<StatusCondition>,
-    /// The kind's own status fields.
+    /// The kind's own status fields (each listed in docs/status.md).
+    #[schema(value_type = Object)]
     pub fields: Fields,
 }
 
