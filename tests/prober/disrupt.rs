@@ -123,7 +123,16 @@ impl Disruptor {
     async fn apply(&mut self, kind: Kind) -> String {
         match kind {
             Kind::KillRelayOwner => {
-                let (i, note) = match self.relay_owner().await {
+                // Right after another disruption the lock may be between owners: ask for 15 s.
+                let mut owner = None;
+                for _ in 0..30 {
+                    owner = self.relay_owner().await;
+                    if owner.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let (i, note) = match owner {
                     Some(i) => (i, format!("owner: worker {i}")),
                     None => (0, "owner not found: worker 0".to_string()),
                 };
