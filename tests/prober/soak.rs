@@ -32,14 +32,14 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 
 /// Reads while the load runs: a page from a random position (old positions come from the
 /// archive) and a key's subject page (served from the cache between its appends), 20 a
-/// second. Each read's end time and latency.
+/// second. Each read's end time, latency and success go to `out`.
 async fn read_load(
     rig_targets: load::Targets,
     ledger: Ledger,
+    out: Reads,
     stop: CancellationToken,
-) -> Vec<(Instant, Duration, bool)> {
+) {
     let client = crate::common::http();
-    let mut out = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     let mut i = 0u64;
     let mut stored = 0u64;
@@ -81,10 +81,26 @@ async fn read_load(
             .send()
             .await
             .is_ok_and(|r| r.status().is_success());
-        out.push((Instant::now(), t.elapsed(), ok));
+        out.lock().unwrap().push((Instant::now(), t.elapsed(), ok));
         i += 1;
     }
-    out
+}
+
+/// Every read: when it ended, how long it took, whether it was answered 2xx.
+type Reads = Arc<Mutex<Vec<(Instant, Duration, bool)>>>;
+
+/// The sum of metric `name`'s samples whose labels contain `label` over both workers.
+async fn metric_sum(rig: &Rig, name: &str, label: &str) -> f64 {
+    let mut sum = 0.0;
+    for w in &rig.workers {
+        let text = w.metrics().await;
+        sum += text
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    sum
 }
 
 pub async fn soak() {
@@ -112,12 +128,18 @@ pub async fn soak() {
         ledger.clone(),
         stop.clone(),
     ));
-    let reader = tokio::spawn(read_load(rig.targets.clone(), ledger.clone(), stop.clone()));
-    let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
+    let reads = Reads::default();
+    let reader = tokio::spawn(read_load(
+        rig.targets.clone(),
+        ledger.clone(),
+        reads.clone(),
+        stop.clone(),
+    ));
+    let mut samples = Vec::<Sample>::new();
     let sampler = rig.sampler();
     let mut minute = 0;
     eprintln!(
-        "[soak] | min | RSS MiB | fds | pg conns | channels | publish p50/p99 ms | delivered |"
+        "[soak] | min | RSS MiB | fds | pg conns | channels | publish p50/p99 ms | read p50/p99 ms | delivered |"
     );
     while started.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(every).await;
@@ -132,21 +154,31 @@ pub async fn soak() {
             .filter(|x| x.sent_at >= window_start)
             .filter_map(|x| x.answered_at.map(|a| a - x.sent_at))
             .collect();
+        let mut read_lat: Vec<Duration> = reads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.0 >= window_start)
+            .map(|r| r.1)
+            .collect();
         let (delivered, _) = rig.receiver.activity();
         eprintln!(
-            "[soak] | {minute} | {:.1} | {} | {} | {} | {:.1}/{:.1} | {delivered} |",
+            "[soak] | {minute} | {:.1} | {} | {} | {} | {:.1}/{:.1} | {:.1}/{:.1} | {delivered} |",
             s.rss_mib.unwrap_or(f64::NAN),
             s.fds.unwrap_or(0),
             s.pg_conns.unwrap_or(-1),
             s.channels.map_or(-1, |c| c as i64),
             pct(&mut lat, 50.0),
             pct(&mut lat, 99.0),
+            pct(&mut read_lat, 50.0),
+            pct(&mut read_lat, 99.0),
         );
-        samples.lock().unwrap().push(s);
+        samples.push(s);
     }
     stop.cancel();
     sender.await.unwrap();
-    let reads = reader.await.unwrap();
+    reader.await.unwrap();
+    let reads = reads.lock().unwrap().clone();
     let drained = rig.drain(&ledger, Duration::from_secs(300)).await;
     let tallies = rig.tallies(&ledger);
     let dlq = rig.dlq().await;
@@ -171,7 +203,10 @@ pub async fn soak() {
         pct(&mut read_lat, 99.0),
     );
     eprintln!("{}", report::counts_table(&l, &rig.subs, &tallies, &dlq));
-    let samples = samples.lock().unwrap().clone();
+    let cache_hits = metric_sum(&rig, "weir_cache_requests_total", "result=\"hit\"").await;
+    let cache_misses = metric_sum(&rig, "weir_cache_requests_total", "result=\"miss\"").await;
+    let archived = metric_sum(&rig, "weir_archive_events_total", "").await;
+    eprintln!("[soak] cache hits {cache_hits}, misses {cache_misses}; events archived {archived}");
     let verdict = growth(&samples, Duration::from_secs(seconds));
     eprintln!("[soak] {verdict:?}");
     for (s, t) in rig.subs.iter().zip(&tallies) {
@@ -185,6 +220,8 @@ pub async fn soak() {
         );
     }
     assert_eq!(read_failed, 0, "reads failed");
+    assert!(cache_hits > 0.0, "the reads never hit the cache");
+    assert!(archived > 0.0, "nothing was archived");
     assert!(verdict.is_ok(), "{verdict:?}");
 }
 
