@@ -7,65 +7,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use common::chaos::ChaosProxy;
 use common::*;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-
-/// A TCP proxy to `upstream` on a fixed local port that can be cut (listener closed and
-/// every connection dropped) and restored.
-struct Proxy {
-    port: u16,
-    upstream: String,
-    stop: CancellationToken,
-}
-
-impl Proxy {
-    async fn start(upstream: &str) -> Proxy {
-        let mut p = Proxy {
-            port: free_port(),
-            upstream: upstream.to_string(),
-            stop: CancellationToken::new(),
-        };
-        p.restore().await;
-        p
-    }
-
-    fn cut(&mut self) {
-        self.stop.cancel();
-    }
-
-    async fn restore(&mut self) {
-        self.stop = CancellationToken::new();
-        let listener = TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .expect("bind proxy");
-        let (stop, upstream) = (self.stop.clone(), self.upstream.clone());
-        tokio::spawn(async move {
-            loop {
-                let (mut inbound, _) = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    a = listener.accept() => match a { Ok(a) => a, Err(_) => return },
-                };
-                let (stop, upstream) = (stop.clone(), upstream.clone());
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = stop.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    }
-                });
-            }
-        });
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_store_outage_answers_503_and_recovers_without_a_restart() {
     let direct = fresh_database().await;
-    let mut proxy = Proxy::start("127.0.0.1:5432").await;
+    let mut proxy = ChaosProxy::start("127.0.0.1:5432").await;
     let db_name = direct.rsplit('/').next().unwrap().to_string();
     let via_proxy = format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port);
     let m = Manifests::new(&via_proxy);

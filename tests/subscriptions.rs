@@ -217,33 +217,6 @@ async fn publish(url: &str, evs: &[Value]) {
     }
 }
 
-/// Messages ready in a queue (None: no such queue).
-async fn queue_len(name: &str) -> Option<u32> {
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()),
-    )
-    .await
-    .expect("RabbitMQ accepts a connection within 10 s")
-    .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let declare = ch.queue_declare(
-        name.into(),
-        lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        lapin::types::FieldTable::default(),
-    );
-    let r = tokio::time::timeout(Duration::from_secs(10), declare)
-        .await
-        .expect("RabbitMQ answers a passive declare within 10 s")
-        .ok()
-        .map(|q| q.message_count());
-    close_amqp(conn).await;
-    r
-}
-
 struct Setup {
     m: Manifests,
     weir: Weir,

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod certs;
+pub mod chaos;
 pub mod counting;
 pub mod helm;
 pub mod pg;
@@ -227,8 +228,14 @@ impl Weir {
 
     /// Waits until the stream answers reads (store provisioned) or publishes can go out.
     pub async fn wait_ready(&mut self, ns: &str, stream: &str) {
+        self.wait_ready_within(ns, stream, 30).await
+    }
+
+    /// [`Weir::wait_ready`] with a deadline of `secs` (a worker started right after a RabbitMQ
+    /// restart on a loaded machine can need more than 30 s).
+    pub async fn wait_ready_within(&mut self, ns: &str, stream: &str, secs: u64) {
         let client = http();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let st = client
                 .get(format!("{}/v1/status", self.admin))
@@ -248,7 +255,7 @@ impl Weir {
             }
             assert!(
                 Instant::now() < deadline,
-                "stream {ns}/{stream} not ready in 30 s (process: {:?}, admin {}); log:\n{}",
+                "stream {ns}/{stream} not ready in {secs} s (process: {:?}, admin {}); log:\n{}",
                 self.child.try_wait(),
                 self.admin,
                 self.log_text()
@@ -634,6 +641,33 @@ pub async fn stored_ids(db: &sqlx::PgPool) -> std::collections::BTreeSet<String>
         .expect("read the stored ids")
         .into_iter()
         .collect()
+}
+
+/// Messages ready in queue `name` (None: no such queue), by a passive declare.
+pub async fn queue_len(name: &str) -> Option<u32> {
+    let conn = tokio::time::timeout(
+        Duration::from_secs(10),
+        lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()),
+    )
+    .await
+    .expect("RabbitMQ accepts a connection within 10 s")
+    .expect("RabbitMQ must be running");
+    let ch = conn.create_channel().await.expect("channel");
+    let declare = ch.queue_declare(
+        name.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        lapin::types::FieldTable::default(),
+    );
+    let r = tokio::time::timeout(Duration::from_secs(10), declare)
+        .await
+        .expect("RabbitMQ answers a passive declare within 10 s")
+        .ok()
+        .map(|q| q.message_count());
+    close_amqp(conn).await;
+    r
 }
 
 /// Whether RabbitMQ has queue `name` (a passive declare).
