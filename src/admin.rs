@@ -281,7 +281,11 @@ fn archive_error(e: crate::data::archive::ArchiveError) -> Response {
     let kind = match &e {
         ArchiveError::NotArchived(_) => ProblemKind::NotFound,
         ArchiveError::Busy => ProblemKind::Busy,
-        ArchiveError::NotRunning(_) | ArchiveError::Store(_) => ProblemKind::Unavailable,
+        // With `Retry-After`, as documented: the store may be back in a moment.
+        ArchiveError::NotRunning(_) | ArchiveError::Store(_) => {
+            let retry = crate::data::http::RETRY_AFTER_SECS;
+            return HttpProblem::unavailable(e.to_string(), retry).into_response();
+        }
         _ => ProblemKind::Internal,
     };
     HttpProblem::new(kind, e.to_string()).into_response()

@@ -79,17 +79,6 @@ const NOT_PROVOKED: &str = "\
     delete /v1/namespaces/{ns}/subscriptions/{name}/deadletters 403  operator
     post /v1/namespaces/{ns}/subscriptions/{name}/deadletters/redrive 403  operator
     get /v1/namespaces/{ns}/subscriptions/{name}/deadletters/{id} 403  operator
-    # The broker going away under a running subscription (not provoked anywhere yet).
-    get /v1/namespaces/{ns}/subscriptions/{name}/deadletters 503  broker outage
-    delete /v1/namespaces/{ns}/subscriptions/{name}/deadletters 503  broker outage
-    post /v1/namespaces/{ns}/subscriptions/{name}/deadletters/redrive 503  broker outage
-    get /v1/namespaces/{ns}/subscriptions/{name}/deadletters/{id} 503  broker outage
-    # The store going away under a running archiver or key operation (not provoked anywhere yet).
-    get /v1/namespaces/{ns}/streams/{name}/archive 503  store outage
-    post /v1/namespaces/{ns}/streams/{name}/archive/run 503  store outage
-    post /v1/namespaces/{ns}/streams/{name}/archive/verify 503  store outage
-    delete /v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key 503  store outage
-    post /v1/namespaces/{ns}/streams/{name}/keys/rotate 503  store outage
     # Two archive runs holding the stream at once (not provoked anywhere yet).
     post /v1/namespaces/{ns}/streams/{name}/archive/run 409  concurrent run
     post /v1/namespaces/{ns}/streams/{name}/archive/verify 409  concurrent run
@@ -787,12 +776,21 @@ async fn admin_contract(c: &mut Contract, weir: &Weir) {
 /// A stream whose database never answers, added last (its namespace's traces meet it too):
 /// its publishes and reads are 503, and so is `/readyz`.
 async fn outage_contract(c: &mut Contract, weir: &Weir, m: &Manifests, ex: &str) {
+    // A stream whose store never answers, with personal-data fields and an archive policy,
+    // so that the archive and key operations meet the outage too.
     m.write(
         "down.yaml",
-        &stream_yaml("down", &format!("{ex}.down"), "").replace(
+        &(stream_yaml(
+            "down",
+            &format!("{ex}.down"),
+            "  pii: {fields: [/email], keySecretRef: {name: pii-keys, key: keys}}\n",
+        )
+        .replace(
             "urlSecretRef: {name: pg, key: url}",
             "urlSecretRef: {name: pgdown, key: url}",
-        ),
+        ) + "---\napiVersion: weir.dev/v1alpha1\nkind: ArchivePolicy\n\
+             metadata: {name: colddown, namespace: test}\n\
+             spec:\n  streamNames: [down]\n  archiveAfter: 1s\n  schedule: 1h\n"),
     );
     let readyz = format!("{}/readyz", weir.admin);
     let cl = c.client.clone();
@@ -830,6 +828,70 @@ async fn outage_contract(c: &mut Contract, weir: &Weir, m: &Manifests, ex: &str)
     c.check(false, cl.get(subject), 503).await;
     let trace = format!("{}/v1/namespaces/test/correlations/saga-1/events", weir.url);
     c.check(false, cl.get(trace), 503).await;
+    let admin = |method: reqwest::Method, path: &str| {
+        cl.request(
+            method,
+            format!("{}/v1/namespaces/test/streams/down{path}", weir.admin),
+        )
+        .bearer_auth(ADMIN_TOKEN)
+    };
+    use reqwest::Method;
+    c.check(true, admin(Method::GET, "/archive"), 503).await;
+    c.check(true, admin(Method::POST, "/archive/run"), 503)
+        .await;
+    c.check(true, admin(Method::POST, "/archive/verify"), 503)
+        .await;
+    c.check(true, admin(Method::DELETE, "/subjects/alice/key"), 503)
+        .await;
+    c.check(true, admin(Method::POST, "/keys/rotate"), 503)
+        .await;
+    broker_outage_contract(c, weir, m, ex).await;
+}
+
+/// The dead-letter operations of a running subscription whose broker connection is then cut
+/// (a proxy between the stream and RabbitMQ).
+async fn broker_outage_contract(c: &mut Contract, weir: &Weir, m: &Manifests, ex: &str) {
+    let mut proxy = common::chaos::ChaosProxy::start("127.0.0.1:5672").await;
+    let port = proxy.port;
+    m.write(
+        "cut.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: rabbitcut, namespace: test}}\n\
+             stringData: {{url: \"amqp://guest:guest@127.0.0.1:{port}/%2f\"}}\n---\n{}---\n\
+             apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: cutmail, namespace: test}}\n\
+             spec:\n  stream: cut\n  sink: {{uri: \"http://127.0.0.1:9/\"}}\n",
+            stream_yaml("cut", &format!("{ex}.cut"), "").replace(
+                "urlSecretRef: {name: rabbitmq, key: url}",
+                "urlSecretRef: {name: rabbitcut, key: url}",
+            )
+        ),
+    );
+    let dlq = format!(
+        "{}/v1/namespaces/test/subscriptions/cutmail/deadletters",
+        weir.admin
+    );
+    let cl = c.client.clone();
+    common::eventually(
+        60,
+        "the subscription cutmail answering its dead letters",
+        || weir.log_text(),
+        || {
+            let req = cl.get(&dlq).bearer_auth(ADMIN_TOKEN);
+            async move { (req.send().await.ok()?.status() == 200).then_some(()) }
+        },
+    )
+    .await;
+    proxy.cut();
+    let req = |method: reqwest::Method, path: &str| {
+        cl.request(method, format!("{dlq}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
+    };
+    use reqwest::Method;
+    c.check(true, req(Method::GET, ""), 503).await;
+    c.check(true, req(Method::GET, "/some-id"), 503).await;
+    c.check(true, req(Method::POST, "/redrive"), 503).await;
+    c.check(true, req(Method::DELETE, ""), 503).await;
+    proxy.restore().await;
 }
 
 /// Every documented status of every operation was answered here or is in [`NOT_PROVOKED`].

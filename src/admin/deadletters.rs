@@ -42,11 +42,14 @@ pub(super) struct ListQuery {
 /// here, 503 when the broker cannot be reached.
 fn dlq_error(e: crate::data::delivery::DeliveryError) -> Response {
     use crate::data::delivery::DeliveryError;
-    let kind = match &e {
-        DeliveryError::NotRunning(_) => ProblemKind::NotFound,
-        _ => ProblemKind::Unavailable,
-    };
-    HttpProblem::new(kind, e.to_string()).into_response()
+    match &e {
+        DeliveryError::NotRunning(_) => {
+            HttpProblem::new(ProblemKind::NotFound, e.to_string()).into_response()
+        }
+        // With `Retry-After`, as documented: the broker may be back in a moment.
+        _ => HttpProblem::unavailable(e.to_string(), crate::data::http::RETRY_AFTER_SECS)
+            .into_response(),
+    }
 }
 
 #[utoipa::path(
