@@ -38,16 +38,18 @@
 //! prefetched message that was not started. Nothing is dead-lettered and no attempt is counted
 //! because of a stop.
 
-use crate::poison::MutexExt;
+use crate::poison::{MutexExt, RwLockExt};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicQosOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueuePurgeOptions,
+    BasicQosOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeUnbindOptions,
+    QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
@@ -64,11 +66,13 @@ mod lane;
 mod pacing;
 mod provision;
 mod replies;
+mod streams;
 
 use attempt::Settle;
 use backlog::background;
 use consume::{consume_shared, drain};
 use lane::{Lane, consume_lane};
+use streams::{Bound, HWM_PENDING};
 pub use pacing::Pacer;
 pub use replies::{failed_event, reply_event};
 
@@ -76,8 +80,8 @@ use super::backoff::all_buckets;
 use super::sender::{Failure, Outcome, Sender};
 use super::{
     ATTEMPTS_HEADER, Appender, DELIVERY_FAILED_TYPE, DUE_HEADER, DeliveryError, EXT_ATTEMPTS,
-    EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, HOLD_ID_HEADER, HOLD_SOURCE_HEADER, Names,
-    binding_keys,
+    EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, EXT_STREAM, HOLD_ID_HEADER,
+    HOLD_SOURCE_HEADER, Names, binding_keys,
 };
 use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
 use crate::data::event::{
@@ -231,7 +235,6 @@ pub struct StreamSide {
 /// One running subscription.
 pub struct Runner {
     pub plan: SubscriptionPlan,
-    pub stream_plan: StreamPlan,
     pub names: Names,
     pub state: Arc<SubState>,
     inner: Arc<Inner>,
@@ -245,7 +248,15 @@ struct Inner {
     names: Names,
     state: Arc<SubState>,
     metrics: Metrics,
+    /// The side the subscription's queues live on: the broker (shared by every stream read,
+    /// validation sees to it) and the queue type. For a single-stream subscription, its
+    /// stream, store included.
     stream: StreamSide,
+    /// Every stream read, by name (the namespace is the subscription's). One entry unless
+    /// the plan is `multi`; then it changes while the runner runs ([`Runner::rebind`]).
+    sides: RwLock<BTreeMap<String, Arc<Bound>>>,
+    /// Stopped with the runner; each stream's token is a child of it.
+    cancel: CancellationToken,
     sender: Sender,
     dl_sender: Option<Sender>,
     appender: Arc<dyn Appender>,
@@ -254,8 +265,6 @@ struct Inner {
     limit: Arc<Semaphore>,
     limit_size: Mutex<u32>,
     pacer: Pacer,
-    /// First-attempt messages at or below this position were delivered by the catch-up.
-    hwm: AtomicI64,
     /// Scaled to zero with a catch-up pending: the stream position it starts from (0: none).
     /// The backlog counts the stored events from there, so that an autoscaler watching it
     /// wakes a subscription whose queue is still empty.
@@ -278,10 +287,11 @@ enum Wait<'a> {
 }
 
 impl Runner {
-    /// Starts the subscription's tasks. Fails at once only for a sink that cannot work.
+    /// Starts the subscription's tasks over `sides` (one per stream of the plan, in its
+    /// order). Fails at once only for a sink that cannot work.
     pub fn start(
         plan: SubscriptionPlan,
-        stream: StreamSide,
+        sides: Vec<StreamSide>,
         appender: Arc<dyn Appender>,
         metrics: Metrics,
         guard: &super::SinkGuard,
@@ -299,6 +309,23 @@ impl Runner {
             )?),
             _ => None,
         };
+        let Some(stream) = sides.first().cloned() else {
+            return Err(DeliveryError::Other(format!(
+                "subscription {} reads no stream",
+                plan.key
+            )));
+        };
+        let cancel = CancellationToken::new();
+        // A single-stream subscription's consumers start after its catch-up, which sets the
+        // mark; a multi-stream one's streams are pending until theirs is known.
+        let first_mark = if plan.multi { HWM_PENDING } else { 0 };
+        let bound: BTreeMap<String, Arc<Bound>> = sides
+            .into_iter()
+            .map(|s| {
+                let b = Bound::new(s, first_mark, cancel.child_token());
+                (b.side.plan.key.name.clone(), Arc::new(b))
+            })
+            .collect();
         let names = super::Names::new(&plan);
         let state = Arc::new(SubState::default());
         let settings = Settings {
@@ -311,7 +338,9 @@ impl Runner {
             names: names.clone(),
             state: state.clone(),
             metrics,
-            stream: stream.clone(),
+            stream,
+            sides: RwLock::new(bound),
+            cancel: cancel.clone(),
             sender,
             dl_sender,
             appender,
@@ -319,17 +348,14 @@ impl Runner {
             limit: Arc::new(Semaphore::new(consumers as usize)),
             limit_size: Mutex::new(consumers),
             pacer: Pacer::default(),
-            hwm: AtomicI64::new(0),
             pending_catchup: AtomicI64::new(0),
             declared_delays: Mutex::new(HashSet::new()),
             lane_refresh: lane_refresh(),
             flushed: AtomicI64::new(0),
         });
-        let cancel = CancellationToken::new();
         let task = tokio::spawn(run(inner.clone(), cancel.clone()));
         Ok(Runner {
             plan,
-            stream_plan: stream.plan,
             names,
             state,
             inner,
@@ -388,10 +414,19 @@ impl Runner {
             broker.delete_queue(&self.names.retry_queue(d)).await?;
         }
         broker.delete_queue(&self.names.dead_letter_queue).await?;
-        if let Some(store) = &self.inner.stream.store {
-            store
-                .delete_progress(&self.plan.key.namespace, &self.plan.key.name)
-                .await?;
+        let ns = &self.plan.key.namespace;
+        if !self.plan.multi {
+            if let Some(store) = &self.inner.stream.store {
+                store.delete_progress(ns, &self.plan.key.name).await?;
+            }
+            return Ok(());
+        }
+        for b in self.inner.bounds() {
+            if let Some(store) = &b.side.store {
+                store
+                    .delete_progress(ns, &self.inner.progress_name(&b))
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -520,6 +555,9 @@ impl Inner {
     }
 
     fn note_position(&self, ev: &CloudEvent) {
+        if self.plan.multi {
+            return;
+        }
         if let Some(p) = ev
             .extension_str(EXT_POSITION)
             .and_then(|p| p.parse::<i64>().ok())
@@ -529,6 +567,11 @@ impl Inner {
     }
 
     async fn flush_position(&self) {
+        // Positions are per stream: a multi-stream subscription records each stream's
+        // progress in its replay rows, not one delivered position.
+        if self.plan.multi {
+            return;
+        }
         let (Some(store), Some(_)) = (&self.stream.store, (self.stream.stream_id)()) else {
             return;
         };
