@@ -322,8 +322,8 @@ impl Runner {
         let bound: BTreeMap<String, Arc<Bound>> = sides
             .into_iter()
             .map(|s| {
-                let b = Bound::new(s, first_mark, cancel.child_token());
-                (b.side.plan.key.name.clone(), Arc::new(b))
+                let name = s.plan.key.name.clone();
+                (name, Arc::new(Bound::new(s, first_mark, cancel.child_token())))
             })
             .collect();
         let names = super::Names::new(&plan);

@@ -24,6 +24,7 @@
 //! (counted as `unbound`). Its row stays: bound again later, it resumes with live events.
 
 use super::*;
+use crate::topology::Key;
 
 /// The mark of a stream whose replay row is not known yet.
 pub(super) const HWM_PENDING: i64 = i64::MAX;
