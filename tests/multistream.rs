@@ -47,7 +47,13 @@ fn shop_sub(name: &str, selection: &str) -> String {
 }
 
 #[track_caller]
-fn assert_problem(built: &weir::topology::Built, sub: &str, path: &str, reason: Reason, needle: &str) {
+fn assert_problem(
+    built: &weir::topology::Built,
+    sub: &str,
+    path: &str,
+    reason: Reason,
+    needle: &str,
+) {
     let report = built
         .report(Kind::Subscription, &Key::new("shop", sub))
         .unwrap_or_else(|| panic!("no report for {sub}"));
@@ -75,7 +81,10 @@ fn the_ways_of_naming_streams_are_checked_with_clear_messages() {
     yaml += &shop_sub("twice", "  streams: [a, a]\n");
     yaml += &shop_sub("mixed", "  streams: [a, far]\n");
     yaml += &shop_sub("unstored", "  streams: [a, bare]\n  startFrom: earliest\n");
-    yaml += &shop_sub("nomatch", "  streamSelector: {matchLabels: {tier: platinum}}\n");
+    yaml += &shop_sub(
+        "nomatch",
+        "  streamSelector: {matchLabels: {tier: platinum}}\n",
+    );
     yaml += &shop_sub(
         "badsel",
         "  streamSelector: {matchExpressions: [{key: tier, operator: Near, values: [x]}]}\n",
@@ -146,7 +155,12 @@ fn the_ways_of_naming_streams_are_checked_with_clear_messages() {
             .unwrap_or_else(|| panic!("{name} is valid: {:#?}", built.reports))
             .clone()
     };
-    let keys = |names: &[&str]| names.iter().map(|n| Key::new("shop", *n)).collect::<Vec<_>>();
+    let keys = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| Key::new("shop", *n))
+            .collect::<Vec<_>>()
+    };
     let gold = plan("gold");
     assert!(gold.multi);
     assert_eq!(gold.streams, keys(&["a", "b"]));
@@ -199,15 +213,23 @@ async fn publish(weir: &Weir, stream: &str, tag: &str, n: usize) -> Vec<EventKey
         .expect("publish");
     assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
     evs.iter()
-        .map(|e| (stream.to_string(), e["id"].as_str().unwrap_or_default().to_string()))
+        .map(|e| {
+            (
+                stream.to_string(),
+                e["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
         .collect()
 }
 
 /// Waits until every one of `expected` was received (by stream and id).
 async fn wait_received(sink: &RecordingSink, expected: &BTreeSet<EventKey>, weir: &Weir) {
-    eventually(120, "every expected event delivered", || weir.log_text(), || async {
-        sink.received_all(expected).then_some(())
-    })
+    eventually(
+        120,
+        "every expected event delivered",
+        || weir.log_text(),
+        || async { sink.received_all(expected).then_some(()) },
+    )
     .await;
 }
 
@@ -253,7 +275,11 @@ async fn two_streams_replay_merged_by_commit_time_then_live_exactly_once_in_key_
     // Anything late (a duplicate) shows up within this.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let got = sink.got();
-    assert_eq!(tally(&got, &expected), (0, 0, 0), "(lost, duplicated, unexpected)");
+    assert_eq!(
+        tally(&got, &expected),
+        (0, 0, 0),
+        "(lost, duplicated, unexpected)"
+    );
     // Each event names its stream, and events of one key of one stream came in position order.
     let mut per_key: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
     for g in &got {
@@ -265,7 +291,10 @@ async fn two_streams_replay_merged_by_commit_time_then_live_exactly_once_in_key_
     }
     assert_eq!(per_key.len(), 20);
     for (k, v) in &per_key {
-        assert!(v.windows(2).all(|w| w[0] < w[1]), "{k:?} out of order: {v:?}");
+        assert!(
+            v.windows(2).all(|w| w[0] < w[1]),
+            "{k:?} out of order: {v:?}"
+        );
     }
     // The histories were replayed merged by commit time (perKey replays one at a time).
     let history: Vec<&Got> = got.iter().filter(|g| g.id.contains("-h")).collect();
@@ -291,7 +320,10 @@ async fn a_stream_labelled_later_is_replayed_and_one_unlabelled_stops_arriving()
     m.write("a.yaml", &test_stream("a", &xa, true));
     m.write("b.yaml", &test_stream("b", &xb, false));
     // At info, the log says when a subscription starts and when its streams change.
-    let mut weir = Weir::start_with(m.path(), &[("RUST_LOG", "warn,weir=info,lapin::channel=off")]);
+    let mut weir = Weir::start_with(
+        m.path(),
+        &[("RUST_LOG", "warn,weir=info,lapin::channel=off")],
+    );
     weir.wait_ready("test", "a").await;
     weir.wait_ready("test", "b").await;
     let mut expected = BTreeSet::new();
@@ -322,9 +354,12 @@ async fn a_stream_labelled_later_is_replayed_and_one_unlabelled_stops_arriving()
 
     // b gains the label: bound live, its whole history replayed while a goes on.
     m.write("b.yaml", &test_stream("b", &xb, true));
-    eventually(60, "b bound", || weir.log_text(), || async {
-        (status_streams(&weir, &sub).await == json!(["a", "b"])).then_some(())
-    })
+    eventually(
+        60,
+        "b bound",
+        || weir.log_text(),
+        || async { (status_streams(&weir, &sub).await == json!(["a", "b"])).then_some(()) },
+    )
     .await;
     expected.extend(b_history);
     expected.extend(b_before);
@@ -336,9 +371,12 @@ async fn a_stream_labelled_later_is_replayed_and_one_unlabelled_stops_arriving()
 
     // a loses the label: unbound; what is published to it afterwards never arrives.
     m.write("a.yaml", &test_stream("a", &xa, false));
-    eventually(60, "a unbound", || weir.log_text(), || async {
-        (status_streams(&weir, &sub).await == json!(["b"])).then_some(())
-    })
+    eventually(
+        60,
+        "a unbound",
+        || weir.log_text(),
+        || async { (status_streams(&weir, &sub).await == json!(["b"])).then_some(()) },
+    )
     .await;
     let a_after = publish(&weir, "a", "l3", 50).await;
     expected.extend(publish(&weir, "b", "l3", 50).await);
@@ -360,5 +398,89 @@ async fn a_stream_labelled_later_is_replayed_and_one_unlabelled_stops_arriving()
     // streams changed twice in place.
     let log = weir.log_text();
     assert_eq!(log.matches("subscription started").count(), 1, "{log}");
-    assert_eq!(log.matches("subscription streams changed").count(), 2, "{log}");
+    assert_eq!(
+        log.matches("subscription streams changed").count(),
+        2,
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_and_dead_letters_keep_the_stream_of_their_event() {
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    m.write("a.yaml", &test_stream("a", &unique("weir.test.a."), false));
+    m.write("b.yaml", &test_stream("b", &unique("weir.test.b."), false));
+    // Every event fails once (503, retried through a delay queue and the default exchange);
+    // `poison` ones are refused (400, dead-lettered at once).
+    let sink = RecordingSink::start_failing(1).await;
+    let sub = unique("s");
+    m.write(
+        "sub.yaml",
+        &test_sub(
+            &sub,
+            &sink.url,
+            "  streams: [a, b]\n  delivery: {retry: 3, backoffDelay: 50ms, backoffMax: 100ms}\n",
+        ),
+    );
+    let mut weir = Weir::start(m.path());
+    weir.wait_ready("test", "a").await;
+    weir.wait_ready("test", "b").await;
+    wait_subscription(&weir, &sub).await;
+    let mut expected = BTreeSet::new();
+    expected.extend(publish(&weir, "a", "x", 30).await);
+    expected.extend(publish(&weir, "b", "x", 30).await);
+    publish(&weir, "a", "poison", 1).await;
+    publish(&weir, "b", "poison", 1).await;
+    wait_received(&sink, &expected, &weir).await;
+    let dlq = format!("weir-dlq.test.{sub}");
+    eventually(
+        30,
+        "two dead letters",
+        || weir.log_text(),
+        || async { (queue_len(&dlq).await == Some(2)).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = sink.got();
+    assert_eq!(
+        tally(&got, &expected),
+        (0, 0, 0),
+        "(lost, duplicated, unexpected)"
+    );
+    // Each retry reached the sink naming the same stream as the first attempt.
+    let requests = sink.requests();
+    assert_eq!(requests.iter().filter(|g| !g.ok).count(), 60 + 2);
+    assert!(
+        requests
+            .iter()
+            .all(|g| g.id.starts_with(&format!("{}-", g.stream))),
+        "every attempt names its event's stream"
+    );
+    let list: Value = http_get(format!(
+        "{}/v1/namespaces/test/subscriptions/{sub}/deadletters",
+        weir.admin
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let mut dead: Vec<(String, String)> = list["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let s = |k: &str| d["event"][k].as_str().unwrap_or_default().to_string();
+            (s("weirstream"), s("id"))
+        })
+        .collect();
+    dead.sort();
+    assert_eq!(
+        dead,
+        [
+            ("a".to_string(), "a-poison-0".to_string()),
+            ("b".to_string(), "b-poison-0".to_string())
+        ]
+    );
 }

@@ -30,13 +30,23 @@ async fn publish(op: &Operator, ns: &str, stream: &str, tag: &str, n: usize) -> 
         .map(|i| json!({"type": "order.created", "id": format!("{stream}-{tag}-{i}"), "data": {}}))
         .collect();
     let url = format!("{}/v1/namespaces/{ns}/streams/{stream}/events", op.url);
-    eventually(60, &format!("{stream} takes a publish"), || op.log_text(), || async {
-        let r = http().post(&url).json(&evs).send().await.ok()?;
-        (r.status().as_u16() == 201).then_some(())
-    })
+    eventually(
+        60,
+        &format!("{stream} takes a publish"),
+        || op.log_text(),
+        || async {
+            let r = http().post(&url).json(&evs).send().await.ok()?;
+            (r.status().as_u16() == 201).then_some(())
+        },
+    )
     .await;
     evs.iter()
-        .map(|e| (stream.to_string(), e["id"].as_str().unwrap_or_default().to_string()))
+        .map(|e| {
+            (
+                stream.to_string(),
+                e["id"].as_str().unwrap_or_default().to_string(),
+            )
+        })
         .collect()
 }
 
@@ -54,7 +64,9 @@ async fn a_selector_binds_a_stream_labelled_later_and_unbinds_one_unlabelled() {
     let db = fresh_database().await;
     server.apply_crds().await;
     let sink = RecordingSink::start().await;
-    let setup = namespace_with_secrets(&ns, &db) + &stream(&ns, "a", true) + "---\n"
+    let setup = namespace_with_secrets(&ns, &db)
+        + &stream(&ns, "a", true)
+        + "---\n"
         + &stream(&ns, "b", false);
     server.apply(&setup).await;
     let op = Operator::start(server.kubeconfig(), "op-a", &unique("weir-"), &[]);
@@ -118,7 +130,14 @@ async fn a_selector_binds_a_stream_labelled_later_and_unbinds_one_unlabelled() {
         .iter()
         .filter(|g| a_after.contains(&(g.stream.clone(), g.id.clone())))
         .count();
-    assert_eq!(late_a, 0, "events of a delivered after its label was removed");
-    assert_eq!(tally(&got, &expected), (0, 0, 0), "(lost, duplicated, unexpected)");
+    assert_eq!(
+        late_a, 0,
+        "events of a delivered after its label was removed"
+    );
+    assert_eq!(
+        tally(&got, &expected),
+        (0, 0, 0),
+        "(lost, duplicated, unexpected)"
+    );
     assert_eq!(expected.len(), 20 + 30 + 20 + 10);
 }

@@ -130,7 +130,6 @@ impl SubscriptionSpec {
             .chain(self.streams.iter().flatten())
             .map(String::as_str)
     }
-
 }
 
 /// The destination of deliveries: exactly one of `uri` or `ref`.

@@ -437,7 +437,6 @@ impl SubscriptionPlan {
         // Built with at least one stream (a plan without any is refused).
         &self.streams[0]
     }
-
 }
 
 /// Where archive segments are written.

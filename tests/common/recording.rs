@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 /// An event by stream and id.
 pub type EventKey = (String, String);
 
-/// One delivery the sink received.
+/// One request the sink received.
 #[derive(Clone, Debug)]
 pub struct Got {
+    /// Answered 200 (a delivery), not a failure it was told to answer.
+    pub ok: bool,
     pub stream: String,
     pub id: String,
     pub subject: String,
@@ -17,7 +19,8 @@ pub struct Got {
     pub recorded: chrono::DateTime<chrono::FixedOffset>,
 }
 
-/// A sink answering 200 to everything, recording what it received in order.
+/// A sink recording what it received in order: 200 to everything, or (see
+/// [`RecordingSink::start_failing`]) failures first.
 pub struct RecordingSink {
     pub url: String,
     got: Arc<Mutex<Vec<Got>>>,
@@ -25,12 +28,20 @@ pub struct RecordingSink {
 
 impl RecordingSink {
     pub async fn start() -> RecordingSink {
+        RecordingSink::start_failing(0).await
+    }
+
+    /// Answers 503 to the first `first` attempts of every event and 400 (not retryable) to
+    /// every event whose id contains `poison`.
+    pub async fn start_failing(first: u32) -> RecordingSink {
         let got = Arc::new(Mutex::new(Vec::new()));
+        let attempts = Arc::new(Mutex::new(BTreeMap::<EventKey, u32>::new()));
         let g2 = got.clone();
         let app = axum::Router::new().route(
             "/",
             axum::routing::post(move |h: http::HeaderMap| {
                 let got = g2.clone();
+                let attempts = attempts.clone();
                 async move {
                     let hv = |k: &str| {
                         h.get(k)
@@ -38,17 +49,31 @@ impl RecordingSink {
                             .unwrap_or_default()
                             .to_string()
                     };
-                    let recorded =
-                        chrono::DateTime::parse_from_rfc3339(&hv("ce-weirrecordedtime"))
-                            .unwrap_or_default();
+                    let recorded = chrono::DateTime::parse_from_rfc3339(&hv("ce-weirrecordedtime"))
+                        .unwrap_or_default();
+                    let (stream, id) = (hv("ce-weirstream"), hv("ce-id"));
+                    let n = {
+                        let mut a = attempts.lock().unwrap();
+                        let n = a.entry((stream.clone(), id.clone())).or_default();
+                        *n += 1;
+                        *n
+                    };
+                    let status = if id.contains("poison") {
+                        http::StatusCode::BAD_REQUEST
+                    } else if n <= first {
+                        http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        http::StatusCode::OK
+                    };
                     got.lock().unwrap().push(Got {
-                        stream: hv("ce-weirstream"),
-                        id: hv("ce-id"),
+                        ok: status == http::StatusCode::OK,
+                        stream,
+                        id,
                         subject: hv("ce-subject"),
                         position: hv("ce-weirposition").parse().unwrap_or(0),
                         recorded,
                     });
-                    http::StatusCode::OK
+                    status
                 }
             }),
         );
@@ -58,17 +83,26 @@ impl RecordingSink {
         RecordingSink { url, got }
     }
 
-    /// Everything received so far, in order.
+    /// The deliveries (requests answered 200) so far, in order.
     pub fn got(&self) -> Vec<Got> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|g| g.ok)
+            .cloned()
+            .collect()
+    }
+
+    /// Every request so far, failed ones included.
+    pub fn requests(&self) -> Vec<Got> {
         self.got.lock().unwrap().clone()
     }
 
-    /// Whether every one of `expected` was received.
+    /// Whether every one of `expected` was delivered.
     pub fn received_all(&self, expected: &BTreeSet<EventKey>) -> bool {
         let seen: BTreeSet<EventKey> = self
-            .got
-            .lock()
-            .unwrap()
+            .got()
             .iter()
             .map(|g| (g.stream.clone(), g.id.clone()))
             .collect();

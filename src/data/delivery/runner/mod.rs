@@ -39,9 +39,9 @@
 //! because of a stop.
 
 use crate::poison::{MutexExt, RwLockExt};
+use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -72,16 +72,16 @@ use attempt::Settle;
 use backlog::background;
 use consume::{consume_shared, drain};
 use lane::{Lane, consume_lane};
-use streams::{Bound, HWM_PENDING};
 pub use pacing::Pacer;
 pub use replies::{failed_event, reply_event};
+use streams::{Bound, HWM_PENDING};
 
 use super::backoff::all_buckets;
 use super::sender::{Failure, Outcome, Sender};
 use super::{
     ATTEMPTS_HEADER, Appender, DELIVERY_FAILED_TYPE, DUE_HEADER, DeliveryError, EXT_ATTEMPTS,
-    EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, EXT_STREAM, HOLD_ID_HEADER,
-    HOLD_SOURCE_HEADER, Names, binding_keys,
+    EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, EXT_STREAM, HOLD_ID_HEADER, HOLD_SOURCE_HEADER,
+    Names, binding_keys,
 };
 use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
 use crate::data::event::{
@@ -323,7 +323,10 @@ impl Runner {
             .into_iter()
             .map(|s| {
                 let name = s.plan.key.name.clone();
-                (name, Arc::new(Bound::new(s, first_mark, cancel.child_token())))
+                (
+                    name,
+                    Arc::new(Bound::new(s, first_mark, cancel.child_token())),
+                )
             })
             .collect();
         let names = super::Names::new(&plan);

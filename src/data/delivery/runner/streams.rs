@@ -389,7 +389,10 @@ impl Inner {
     ) -> Result<(), DeliveryError> {
         let ns = self.plan.key.namespace.clone();
         loop {
-            for p in parts.iter_mut().filter(|p| p.buf.is_empty() && !p.exhausted) {
+            for p in parts
+                .iter_mut()
+                .filter(|p| p.buf.is_empty() && !p.exhausted)
+            {
                 p.fill(self).await?;
             }
             let mut page = Vec::new();
