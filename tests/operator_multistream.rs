@@ -140,4 +140,13 @@ async fn a_selector_binds_a_stream_labelled_later_and_unbinds_one_unlabelled() {
         "(lost, duplicated, unexpected)"
     );
     assert_eq!(expected.len(), 20 + 30 + 20 + 10);
+    // Bound and unbound in place (resyncs every 2 s change nothing more): the subscription's
+    // consumers were started once.
+    let text = op.log_text();
+    assert_eq!(text.matches("subscription started").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("subscription streams changed").count(),
+        2,
+        "{text}"
+    );
 }

@@ -147,7 +147,11 @@ impl Subscriptions {
             let current = self.get(key);
             if let Some((runner, applied)) = &current {
                 let running = runner.stream_plans();
-                if running == wanted && same_but_live(&runner.plan, plan) {
+                // The runner's starting plan with the streams it reads now (they may have
+                // changed in place since it started).
+                let mut moved = runner.plan.clone();
+                moved.streams = running.keys().cloned().collect();
+                if running == wanted && same_but_live(&moved, plan) {
                     if applied != plan {
                         runner.update(plan);
                         if let Some(e) = self.running.writing().get_mut(key) {
@@ -161,7 +165,6 @@ impl Subscriptions {
                 // Another set of streams (a label added or removed, a stream created or
                 // deleted) is applied in place when the streams still read did not change:
                 // their consumers go on.
-                let mut moved = runner.plan.clone();
                 moved.streams = plan.streams.clone();
                 if plan.multi
                     && runner.settled()
