@@ -74,6 +74,8 @@ fn the_ways_of_naming_streams_are_checked_with_clear_messages() {
     yaml += &shop_stream("b", "rabbitmq", false, true);
     yaml += &shop_stream("far", "far", false, false);
     yaml += &shop_stream("bare", "rabbitmq", true, false);
+    // Selected by `tier: gold` but invalid (its broker Secret is missing): left out.
+    yaml += &shop_stream("broken", "missing", false, true);
     yaml += &shop_sub("both", "  stream: a\n  streams: [a, b]\n");
     yaml += &shop_sub("none", "");
     yaml += &shop_sub("empty", "  streams: []\n");
@@ -137,7 +139,7 @@ fn the_ways_of_naming_streams_are_checked_with_clear_messages() {
         "nomatch",
         "spec.streamSelector",
         Reason::StreamNotFound,
-        "selects no EventStream of namespace shop",
+        "selects no valid EventStream of namespace shop",
     );
     assert_problem(
         &built,
@@ -163,7 +165,7 @@ fn the_ways_of_naming_streams_are_checked_with_clear_messages() {
     };
     let gold = plan("gold");
     assert!(gold.multi);
-    assert_eq!(gold.streams, keys(&["a", "b"]));
+    assert_eq!(gold.streams, keys(&["a", "b"]), "broken is left out");
     // Sorted whatever the order written.
     assert_eq!(plan("pair").streams, keys(&["a", "b"]));
     // A broker-only stream is fine when nothing is replayed.

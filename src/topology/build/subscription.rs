@@ -212,18 +212,20 @@ fn read_streams(
                         refused = true;
                         break;
                     }
-                    Ok(true) => found.push((
+                    // A selected stream that is itself invalid does not run: it is left out
+                    // (status.streams shows what is read) rather than stopping the others.
+                    Ok(true) if plans.contains_key(key) => found.push((
                         key.clone(),
                         "spec.streamSelector".to_string(),
                         es.spec.store.is_none(),
                     )),
-                    Ok(false) => {}
+                    Ok(_) => {}
                 }
             }
             if found.is_empty() && !refused {
                 cx.push(
                     "spec.streamSelector",
-                    format!("selects no EventStream of namespace {ns}"),
+                    format!("selects no valid EventStream of namespace {ns}"),
                     Reason::StreamNotFound,
                 );
             }
