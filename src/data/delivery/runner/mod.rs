@@ -190,6 +190,8 @@ struct Inner {
     sides: RwLock<BTreeMap<String, Arc<Bound>>>,
     /// Stopped with the runner; each stream's token is a child of it.
     cancel: CancellationToken,
+    /// The hand-overs of streams bound while the consumers run ([`Runner::rebind`]).
+    hand_overs: Mutex<Vec<JoinHandle<()>>>,
     sender: Sender,
     dl_sender: Option<Sender>,
     appender: Arc<dyn Appender>,
@@ -288,6 +290,7 @@ impl Runner {
             declared_delays: Mutex::new(HashSet::new()),
             lane_refresh: lane_refresh(),
             flushed: AtomicI64::new(0),
+            hand_overs: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(run(inner.clone(), cancel.clone()));
         Ok(Runner {
@@ -450,6 +453,12 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
     let _ = side.await;
     for d in drains {
         let _ = d.await;
+    }
+    // Replays of streams bound later stop with the runner (their tokens are children of
+    // its own): waited for, so that no delivery of this runner outlives its stop.
+    let hand_overs = std::mem::take(&mut *inner.hand_overs.locked());
+    for h in hand_overs {
+        let _ = h.await;
     }
     inner.flush_position().await;
 }

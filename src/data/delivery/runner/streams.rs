@@ -132,7 +132,12 @@ impl Runner {
                 return Err(e);
             }
             tracing::info!(subscription = %inner.plan.key, stream = %name, "stream bound");
-            tokio::spawn(inner.clone().hand_over(b));
+            let task = tokio::spawn(inner.clone().hand_over(b));
+            {
+                let mut tasks = inner.hand_overs.locked();
+                tasks.retain(|t| !t.is_finished());
+                tasks.push(task);
+            }
         }
         Ok(())
     }
