@@ -486,3 +486,59 @@ async fn retries_and_dead_letters_keep_the_stream_of_their_event() {
         ]
     );
 }
+
+/// Two workers: whichever takes a new stream's lock replays it, the other learns the mark from
+/// its replay row; under perKey neither delivers a key's live event before its history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_workers_hand_a_stream_labelled_later_over_exactly_once_in_key_order() {
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    let xb = unique("weir.test.b.");
+    m.write("a.yaml", &test_stream("a", &unique("weir.test.a."), true));
+    m.write("b.yaml", &test_stream("b", &xb, false));
+    let sink = RecordingSink::start().await;
+    let sub = unique("s");
+    m.write(
+        "sub.yaml",
+        &test_sub(
+            &sub,
+            &sink.url,
+            "  streamSelector: {matchLabels: {tier: gold}}\n  startFrom: earliest\n  \
+             ordering: perKey\n  partitions: 2\n",
+        ),
+    );
+    let (w1, w2) = two_readable_workers(m.path(), "test", &["a", "b"]).await;
+    wait_subscription(&w1, &sub).await;
+    wait_subscription(&w2, &sub).await;
+    let mut expected = BTreeSet::new();
+    expected.extend(publish(&w1, "b", "h", 500).await);
+    m.write("b.yaml", &test_stream("b", &xb, true));
+    // Live events of both streams, through both workers, while b's history is replayed.
+    for r in 0..10 {
+        let w = if r % 2 == 0 { &w1 } else { &w2 };
+        expected.extend(publish(w, "b", &format!("l{r}"), 20).await);
+        expected.extend(publish(w, "a", &format!("l{r}"), 20).await);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    wait_received(&sink, &expected, &w1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = sink.got();
+    assert_eq!(
+        tally(&got, &expected),
+        (0, 0, 0),
+        "(lost, duplicated, unexpected)"
+    );
+    let mut per_key: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
+    for g in &got {
+        per_key
+            .entry((g.stream.clone(), g.subject.clone()))
+            .or_default()
+            .push(g.position);
+    }
+    for (k, v) in &per_key {
+        assert!(
+            v.windows(2).all(|w| w[0] < w[1]),
+            "{k:?} out of order: {v:?}"
+        );
+    }
+}
