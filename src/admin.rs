@@ -22,6 +22,7 @@ use crate::data::engine::Engine;
 use crate::data::plane::Plane;
 use crate::data::plane::ResourceStatus;
 use crate::data::problem::{HttpProblem, ProblemKind};
+use crate::openapi::AdminAuthFailures;
 use crate::openapi::{BearerScheme, Text};
 
 #[derive(Clone)]
@@ -295,9 +296,7 @@ fn archive_error(e: crate::data::archive::ArchiveError) -> Response {
     operation_id = "listArchives",
     responses(
         (status = 200, description = "Every stream archived by this process that the caller may `get`", body = ArchiveList),
-        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
-        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        AdminAuthFailures,
         (status = 503, description = "The API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     ),
@@ -341,9 +340,7 @@ async fn archive_list(State(st): State<AdminState>, headers: HeaderMap) -> Respo
     ),
     responses(
         (status = 200, description = "The stream's archive totals", body = StreamArchive),
-        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
-        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        AdminAuthFailures,
         (status = 404, description = "No ArchivePolicy selects the stream in this process", body = HttpProblem, content_type = "application/problem+json"),
         (status = 503, description = "The stream's store is unreachable, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -383,9 +380,7 @@ struct RunQuery {
     ),
     responses(
         (status = 200, description = "What the run archived and deleted", body = RunReport),
-        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
-        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        AdminAuthFailures,
         (status = 404, description = "No ArchivePolicy selects the stream in this process", body = HttpProblem, content_type = "application/problem+json"),
         (status = 409, description = "Another run (scheduled, or another replica's) holds the stream", body = HttpProblem, content_type = "application/problem+json"),
         (status = 500, description = "A fault inside Weir", body = HttpProblem, content_type = "application/problem+json"),
@@ -427,9 +422,7 @@ async fn archive_run(
     ),
     responses(
         (status = 200, description = "Every segment read back and checked; `problems` names each fault by segment and byte offset", body = VerifyReport),
-        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
-        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        AdminAuthFailures,
         (status = 404, description = "No ArchivePolicy selects the stream in this process", body = HttpProblem, content_type = "application/problem+json"),
         (status = 409, description = "Another run holds the stream", body = HttpProblem, content_type = "application/problem+json"),
         (status = 500, description = "A fault inside Weir", body = HttpProblem, content_type = "application/problem+json"),

@@ -66,6 +66,26 @@ impl Document {
     }
 }
 
+/// The 401 and 403 every admin operation answers (bearer token, then RBAC), documented once
+/// for all of them.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Documentation only: the handlers answer `HttpProblem`s.
+pub(crate) enum AdminAuthFailures {
+    #[response(
+        status = 401,
+        description = "No bearer token, or a wrong or unknown one",
+        content_type = "application/problem+json",
+        headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))
+    )]
+    Unauthorized(HttpProblem),
+    #[response(
+        status = 403,
+        description = "Authenticated, but RBAC does not allow this check",
+        content_type = "application/problem+json"
+    )]
+    Forbidden(HttpProblem),
+}
+
 /// `GET /openapi.json`: the document of the API this port serves.
 #[utoipa::path(
     get,

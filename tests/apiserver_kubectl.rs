@@ -448,19 +448,14 @@ async fn kubectl_delete_waits_for_finalizers() {
     assert_eq!(marked["metadata"]["generation"], 2);
 
     // A waiting `kubectl delete` returns once the finalizer is removed.
-    let mut waiting = tokio::process::Command::from(server.kubectl_command());
-    waiting
-        .args([
-            "delete",
-            "wes",
-            "notifications",
-            "-n",
-            "shop",
-            "--timeout=60s",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = waiting.spawn().unwrap_or_else(|e| panic!("kubectl: {e}"));
+    let child = server.kubectl_spawn(&[
+        "delete",
+        "wes",
+        "notifications",
+        "-n",
+        "shop",
+        "--timeout=60s",
+    ]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         server
@@ -1057,18 +1052,14 @@ async fn kubectl_wait_server_side_apply_watch_and_namespace_delete() {
     let server = with_quickstart().await;
 
     // `kubectl wait` (list + watch by name) returns once a controller sets Ready.
-    let mut wait = tokio::process::Command::from(server.kubectl_command());
-    wait.args([
+    let child = server.kubectl_spawn(&[
         "wait",
         "--for=condition=Ready",
         "wes/orders",
         "-n",
         "shop",
         "--timeout=30s",
-    ])
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped());
-    let child = wait.spawn().unwrap_or_else(|e| panic!("kubectl: {e}"));
+    ]);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let ready = json!({
         "apiVersion": "weir.dev/v1alpha1",
@@ -1088,12 +1079,7 @@ async fn kubectl_wait_server_side_apply_watch_and_namespace_delete() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("condition met"));
 
     // `kubectl get -w` prints the rows of Table watch events.
-    let mut watch = tokio::process::Command::from(server.kubectl_command());
-    watch
-        .args(["get", "wes", "-n", "shop", "-w", "--request-timeout=4s"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = watch.spawn().unwrap_or_else(|e| panic!("kubectl: {e}"));
+    let child = server.kubectl_spawn(&["get", "wes", "-n", "shop", "-w", "--request-timeout=4s"]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ok(server
         .kubectl(&["label", "wes", "notifications", "-n", "shop", "w=1"])

@@ -343,49 +343,36 @@ async fn schema_errors_have_the_real_shapes() {
     let blocked = "some validation rules were not checked because the object was invalid; correct the existing errors to complete validation";
     let blocked_cause = format!("Invalid value: \"null\": {blocked}");
 
-    // Wrong type: FieldValueTypeInvalid, and the CEL rules are not run.
-    let status = refused(
-        &subs,
-        "Subscription",
-        "typed",
-        json!({"stream": "orders", "sink": {"uri": "http://127.0.0.1:9/"}, "consumers": "lots"}),
-    )
-    .await;
-    assert_invalid(
-        &status,
-        "Subscription",
-        "typed",
-        &[
+    // Wrong type: FieldValueTypeInvalid; enum: FieldValueNotSupported with the supported
+    // values (null included, as declared). Either way the CEL rules are not run.
+    let sink = json!({"uri": "http://127.0.0.1:9/"});
+    for (name, field, value, cause) in [
+        (
+            "typed",
+            "consumers",
+            json!("lots"),
             (
                 "FieldValueTypeInvalid",
                 "spec.consumers",
                 "Invalid value: \"string\": spec.consumers in body must be of type integer: \"string\"",
             ),
-            ("FieldValueInvalid", "<nil>", blocked_cause.as_str()),
-        ],
-    );
-
-    // Enum: FieldValueNotSupported with the supported values (null included, as declared).
-    let status = refused(
-        &subs,
-        "Subscription",
-        "ordered",
-        json!({"stream": "orders", "sink": {"uri": "http://127.0.0.1:9/"}, "ordering": "random"}),
-    )
-    .await;
-    assert_invalid(
-        &status,
-        "Subscription",
-        "ordered",
-        &[
+        ),
+        (
+            "ordered",
+            "ordering",
+            json!("random"),
             (
                 "FieldValueNotSupported",
                 "spec.ordering",
                 "Unsupported value: \"random\": supported values: \"none\", \"perKey\", \"null\"",
             ),
-            ("FieldValueInvalid", "<nil>", blocked_cause.as_str()),
-        ],
-    );
+        ),
+    ] {
+        let spec = json!({"stream": "orders", "sink": sink, field: value});
+        let status = refused(&subs, "Subscription", name, spec).await;
+        let blocked = ("FieldValueInvalid", "<nil>", blocked_cause.as_str());
+        assert_invalid(&status, "Subscription", name, &[cause, blocked]);
+    }
 
     // Bounds (Go's float formatting of the limits) and `required`.
     let status = refused(

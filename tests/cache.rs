@@ -26,22 +26,27 @@ async fn publish(c: &reqwest::Client, url: &str, subject: &str, id: &str) {
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
 }
 
-async fn subject_ids(c: &reqwest::Client, w: &Weir, stream: &str, subject: &str) -> Vec<String> {
-    let r = c
-        .get(format!(
-            "{}/v1/namespaces/test/streams/{stream}/subjects/{subject}/events",
-            w.url
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    v.as_array()
-        .unwrap()
+/// The ids of the events in `v` (an array of events) in order.
+fn ids(v: &Value) -> Vec<String> {
+    let events = v
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list of events: {v}"));
+    events
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_string())
         .collect()
+}
+
+/// GETs `path` of the worker's read API, expecting a 200 with JSON.
+async fn read_json(c: &reqwest::Client, w: &Weir, path: &str) -> Value {
+    let r = c.get(format!("{}{path}", w.url)).send().await.unwrap();
+    assert_eq!(r.status(), 200, "GET {path}");
+    r.json().await.unwrap()
+}
+
+async fn subject_ids(c: &reqwest::Client, w: &Weir, stream: &str, subject: &str) -> Vec<String> {
+    let path = format!("/v1/namespaces/test/streams/{stream}/subjects/{subject}/events");
+    ids(&read_json(c, w, &path).await)
 }
 
 /// The value of one sample line of a `/metrics` scrape, 0 if absent.
@@ -277,22 +282,8 @@ async fn full_pages_and_events_are_cached_a_policy_edit_resizes_live() {
 }
 
 async fn trace_ids(c: &reqwest::Client, w: &Weir, id: &str) -> Vec<String> {
-    let r = c
-        .get(format!(
-            "{}/v1/namespaces/test/correlations/{id}/events",
-            w.url
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    v["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].as_str().unwrap().to_string())
-        .collect()
+    let path = format!("/v1/namespaces/test/correlations/{id}/events");
+    ids(&read_json(c, w, &path).await["events"])
 }
 
 /// Traces span a namespace's streams: cached while a policy covers each of them, and dropped

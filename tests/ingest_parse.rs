@@ -364,41 +364,26 @@ fn binary_mode_refusals() {
     let p = problem(parse_request(&with(&[]), b"", &ctx()));
     assert_error(&p, 400, Some(0), Some("/specversion"));
 
+    // Each header set and body, with the pointer of the one fault it has.
     let sv = ("ce-specversion", "1.0");
-    let p = problem(parse_request(
-        &with(&[sv, ("content-type", "application/json")]),
-        b"{not json",
-        &ctx(),
-    ));
-    assert_error(&p, 400, Some(0), Some("/data"));
-
-    let p = problem(parse_request(
-        &with(&[sv, ("ce-datacontenttype", "text/plain")]),
-        b"x",
-        &ctx(),
-    ));
-    assert_error(&p, 400, Some(0), Some("/datacontenttype"));
-
-    let p = problem(parse_request(
-        &with(&[sv, ("ce-foo_bar", "x")]),
-        b"",
-        &ctx(),
-    ));
-    assert_error(&p, 400, Some(0), Some("/foo_bar"));
-
-    let p = problem(parse_request(
-        &with(&[sv, ("ce-subject", "%FF%FE")]),
-        b"",
-        &ctx(),
-    ));
-    assert_error(&p, 400, Some(0), Some("/subject"));
-
-    let p = problem(parse_request(
-        &with(&[sv, ("ce-id", "second")]),
-        b"",
-        &ctx(),
-    ));
-    assert_error(&p, 400, Some(0), Some("/id"));
+    for (extra, body, pointer) in [
+        (
+            ("content-type", "application/json"),
+            &b"{not json"[..],
+            "/data",
+        ),
+        (
+            ("ce-datacontenttype", "text/plain"),
+            b"x",
+            "/datacontenttype",
+        ),
+        (("ce-foo_bar", "x"), b"", "/foo_bar"),
+        (("ce-subject", "%FF%FE"), b"", "/subject"),
+        (("ce-id", "second"), b"", "/id"),
+    ] {
+        let p = problem(parse_request(&with(&[sv, extra]), body, &ctx()));
+        assert_error(&p, 400, Some(0), Some(pointer));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

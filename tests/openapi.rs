@@ -291,6 +291,15 @@ fn base64_key() -> String {
     base64::engine::general_purpose::STANDARD.encode([7u8; 32])
 }
 
+/// The document a port serves at `/openapi.json`.
+async fn document(client: &reqwest::Client, base: &str) -> Value {
+    let resp = client.get(format!("{base}/openapi.json")).send().await;
+    let resp = resp.unwrap_or_else(|e| panic!("GET {base}/openapi.json: {e}"));
+    resp.json()
+        .await
+        .unwrap_or_else(|e| panic!("{base}/openapi.json is not JSON: {e}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_running_server_keeps_its_documented_contract() {
     let db = fresh_database().await;
@@ -380,22 +389,8 @@ async fn the_running_server_keeps_its_documented_contract() {
     )
     .await;
     let mut c = Contract {
-        ingest: client
-            .get(format!("{}/openapi.json", weir.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap(),
-        admin: client
-            .get(format!("{}/openapi.json", weir.admin))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap(),
+        ingest: document(&client, &weir.url).await,
+        admin: document(&client, &weir.admin).await,
         seen: BTreeSet::new(),
         client: client.clone(),
     };

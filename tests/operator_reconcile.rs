@@ -402,3 +402,35 @@ async fn a_stream_and_a_subscription_of_one_name_back_off_apart() {
     assert_eq!(ctx.failed(Kind::EventStream, &key), 4);
     assert_eq!(ctx.failed(Kind::Subscription, &key), 1);
 }
+
+/// Backoff and settling entries of objects that left the caches without a cleanup here (a
+/// policy has no finalizer; a replica without the Lease runs none) are dropped, so neither
+/// map grows with the objects a long-lived worker has seen come and go.
+#[tokio::test]
+async fn entries_of_departed_objects_are_forgotten() {
+    let (client, _handle) = mocked();
+    let (ctx, _rx) = Context::test(client, stores(vec![stream(true, false)], vec![]));
+    let orders = weir::topology::Key::new("shop", "orders");
+    let gone = weir::topology::Key::new("shop", "gone");
+    for kind in [Kind::EventStream, Kind::ArchivePolicy, Kind::CachePolicy] {
+        ctx.failed(kind, &orders);
+        ctx.failed(kind, &gone);
+        let now = std::time::Instant::now();
+        ctx.settling
+            .lock()
+            .unwrap()
+            .insert((kind, orders.clone()), now);
+        ctx.settling
+            .lock()
+            .unwrap()
+            .insert((kind, gone.clone()), now);
+    }
+    ctx.forget_departed();
+    let kept = [(Kind::EventStream, orders.clone())];
+    let failures: Vec<_> = ctx.failures.lock().unwrap().keys().cloned().collect();
+    let settling: Vec<_> = ctx.settling.lock().unwrap().keys().cloned().collect();
+    assert_eq!(failures, kept);
+    assert_eq!(settling, kept);
+    // The stream's count survived: its next failure is the second.
+    assert_eq!(ctx.failed(Kind::EventStream, &orders), 2);
+}

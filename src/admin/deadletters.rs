@@ -10,6 +10,7 @@ use super::auth::Need;
 use crate::audit::{self, Action};
 use crate::data::problem::{HttpProblem, ProblemKind};
 use crate::data::subscriptions::DeadLetter;
+use crate::openapi::AdminAuthFailures;
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -60,9 +61,7 @@ fn dlq_error(e: crate::data::delivery::DeliveryError) -> Response {
     ),
     responses(
         (status = 200, description = "The dead letters, oldest first; they stay in the queue", body = DeadLetterList),
-        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
-        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        AdminAuthFailures,
         (status = 404, description = "The subscription does not run in this process", body = HttpProblem, content_type = "application/problem+json"),
         (status = 503, description = "RabbitMQ cannot be reached, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -96,9 +95,7 @@ pub(super) async fn dlq_list(
     ),
     responses(
         (status = 200, description = "The dead letter (searched among the oldest 1000)", body = DeadLetter),
-        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
-        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        AdminAuthFailures,
         (status = 404, description = "The subscription does not run in this process, or no such dead letter", body = HttpProblem, content_type = "application/problem+json"),
         (status = 503, description = "RabbitMQ cannot be reached, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -141,9 +138,7 @@ pub(super) struct RedriveQuery {
     ),
     responses(
         (status = 200, description = "The dead letters present at the start (at most `limit`) were published back to the subscription's queue and removed from the dead-letter queue", body = Redriven),
-        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
-        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        AdminAuthFailures,
         (status = 404, description = "The subscription does not run in this process", body = HttpProblem, content_type = "application/problem+json"),
         (status = 503, description = "RabbitMQ cannot be reached, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -187,9 +182,7 @@ pub(super) async fn dlq_redrive(
     ),
     responses(
         (status = 200, description = "Every dead letter was removed", body = Purged),
-        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
-        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
+        AdminAuthFailures,
         (status = 404, description = "The subscription does not run in this process", body = HttpProblem, content_type = "application/problem+json"),
         (status = 503, description = "RabbitMQ cannot be reached, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),

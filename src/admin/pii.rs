@@ -11,6 +11,7 @@ use crate::audit::{self, Action};
 use crate::data::engine::StreamRuntime;
 use crate::data::pii::{Pii, Rotated};
 use crate::data::problem::{HttpProblem, ProblemKind};
+use crate::openapi::AdminAuthFailures;
 
 /// Subject keys re-wrapped per rotation request by default, and at most: one request stays
 /// well under a second (one UPDATE per key), and the CLI shows progress between requests.
@@ -52,6 +53,31 @@ pub(super) struct Forgotten {
     other_workers_within_seconds: u64,
 }
 
+/// The failures both key operations share, documented once.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Documentation only: the handlers answer `HttpProblem`s.
+enum KeyFailures {
+    #[response(
+        status = 404,
+        description = "No such stream, or a stream without personal-data fields",
+        content_type = "application/problem+json"
+    )]
+    NotFound(HttpProblem),
+    #[response(
+        status = 500,
+        description = "A fault inside Weir",
+        content_type = "application/problem+json"
+    )]
+    Internal(HttpProblem),
+    #[response(
+        status = 503,
+        description = "The store is unreachable or not provisioned yet, a key id is missing from the Secret, or the API server could not review the token",
+        content_type = "application/problem+json",
+        headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))
+    )]
+    Unavailable(HttpProblem),
+}
+
 /// `DELETE /v1/namespaces/{ns}/streams/{name}/subjects/{subject}/key`: forgets the subject.
 #[utoipa::path(
     delete,
@@ -65,13 +91,8 @@ pub(super) struct Forgotten {
     ),
     responses(
         (status = 200, description = "The subject's data key is deleted (`forgotten: false`: there was none)", body = Forgotten),
-        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
-        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
-        (status = 404, description = "No such stream, or a stream without personal-data fields", body = HttpProblem, content_type = "application/problem+json"),
-        (status = 500, description = "A fault inside Weir", body = HttpProblem, content_type = "application/problem+json"),
-        (status = 503, description = "The store is unreachable or not provisioned yet, a key id is missing from the Secret, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        AdminAuthFailures,
+        KeyFailures,
     ),
     security(("bearer" = [])),
 )]
@@ -134,13 +155,8 @@ pub(super) struct RotateQuery {
     responses(
         (status = 200, description = "Up to `limit` subject keys re-wrapped with the newest key id", body = Rotated),
         (status = 400, description = "A bad `limit`", body = HttpProblem, content_type = "application/problem+json"),
-        (status = 401, description = "No bearer token, or a wrong or unknown one", body = HttpProblem, content_type = "application/problem+json",
-            headers(("WWW-Authenticate" = String, description = "`Bearer realm=\"weir\"`"))),
-        (status = 403, description = "Authenticated, but RBAC does not allow this check", body = HttpProblem, content_type = "application/problem+json"),
-        (status = 404, description = "No such stream, or a stream without personal-data fields", body = HttpProblem, content_type = "application/problem+json"),
-        (status = 500, description = "A fault inside Weir", body = HttpProblem, content_type = "application/problem+json"),
-        (status = 503, description = "The store is unreachable or not provisioned yet, a key id is missing from the Secret, or the API server could not review the token", body = HttpProblem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        AdminAuthFailures,
+        KeyFailures,
     ),
     security(("bearer" = [])),
 )]

@@ -13,20 +13,19 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use sqlx::Row as _;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::broker::{bind_queue, c_await, delete_exchange, publish_event};
 use super::load::{self, payload};
 use super::pipeline::{Database, Pipeline};
 use super::report::{Measurement, Report, Versions};
-use super::scenarios::{PUBLISH_WINDOW, bind_queue, c_await, store_events, stream_yaml, versions};
+use super::scenarios::{PUBLISH_WINDOW, stream_yaml, versions};
 use super::sink::{self, Arrivals, RawEvent, Sink};
 use super::{BenchArgs, BenchError};
 
@@ -34,10 +33,10 @@ use super::{BenchArgs, BenchError};
 /// prefetch) and for the raw loops alike, so both sides get the same concurrency. 16 in
 /// flight sustain 20k events/s as long as a POST to the local sink takes under 0.8 ms; more
 /// would mostly add contention on a 2-core machine.
-const DELIVERY_CONSUMERS: usize = 16;
+pub(super) const DELIVERY_CONSUMERS: usize = 16;
 /// Stop waiting for deliveries after this long without a new one (the counts then show what
 /// is missing).
-const STALL: Duration = Duration::from_secs(30);
+pub(super) const STALL: Duration = Duration::from_secs(30);
 /// The offered rates of the e2e sweep; `None` is as fast as possible.
 const E2E_RATES: [Option<u64>; 4] = [Some(1_000), Some(5_000), Some(20_000), None];
 /// e2e runs send one event per request by default, and like the batch-1 ingest variants
@@ -51,7 +50,7 @@ const SINGLE_EVENT_CLIENTS: usize = 64;
 const WARM_UP: usize = 500;
 /// Rows the replay baseline keeps buffered between its `SELECT` and the POST loop: a page,
 /// like Weir's catch-up (500), so the reader never runs far ahead of the sink.
-const REPLAY_BUFFER: usize = 500;
+pub(super) const REPLAY_BUFFER: usize = 500;
 
 fn broker_err(e: lapin::Error) -> BenchError {
     BenchError::Broker(e.to_string())
@@ -59,7 +58,7 @@ fn broker_err(e: lapin::Error) -> BenchError {
 
 /// The Subscription delivering the bench stream to the sink. Retries are short so a hiccup
 /// does not stall a run for long; none are expected from the local sink.
-fn subscription_yaml(name: &str, sink_url: &str, start_from: &str) -> String {
+pub(super) fn subscription_yaml(name: &str, sink_url: &str, start_from: &str) -> String {
     format!(
         "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}, namespace: bench}}\n\
          spec:\n  stream: orders\n  sink: {{uri: \"{sink_url}\"}}\n  startFrom: {start_from}\n  \
@@ -69,7 +68,7 @@ fn subscription_yaml(name: &str, sink_url: &str, start_from: &str) -> String {
 }
 
 /// A stored stream `orders` publishing to `exchange`.
-fn stored_stream_yaml(exchange: &str) -> String {
+pub(super) fn stored_stream_yaml(exchange: &str) -> String {
     stream_yaml("orders", "  store: {urlSecretRef: {name: pg, key: url}}\n").replace(
         "queueType: quorum}",
         &format!("queueType: quorum, exchange: {exchange}}}"),
@@ -118,7 +117,7 @@ fn rate_tag(rate: Option<u64>) -> String {
 }
 
 /// Removes the subscription (so Weir deletes its queues) and stops the pipeline.
-async fn stop_pipeline(pipe: Pipeline, sub: &str) -> Result<(), BenchError> {
+pub(super) async fn stop_pipeline(pipe: Pipeline, sub: &str) -> Result<(), BenchError> {
     if pipe.remove_manifest("subscription.yaml").is_ok()
         && !pipe.wait_gone(sub, Duration::from_secs(15)).await
     {
@@ -161,14 +160,7 @@ pub async fn e2e(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     }
     .await;
     stop_pipeline(pipe, &sub).await?;
-    let conn = crate::data::broker::connect(&args.amqp_url, "weir-bench")
-        .await
-        .map_err(|e| BenchError::Broker(e.to_string()))?;
-    if let Ok(ch) = conn.create_channel().await {
-        let _ = ch
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
+    delete_exchange(&args.amqp_url, &exchange).await;
     result
 }
 
@@ -197,17 +189,8 @@ async fn e2e_runs(
     let label = format!("w{suffix}");
     sink.begin(&format!("{label}-"))?;
     let w = load::publish(&load::LoadSpec {
-        url: &url,
-        label: &label,
-        events: WARM_UP,
-        batch,
-        concurrency,
-        payload_bytes: args.payload,
-        rate: None,
-        max_duration: None,
-        show_progress: false,
         stamp: true,
-        customer: false,
+        ..load::LoadSpec::new(&url, &label, WARM_UP, batch, concurrency, args.payload)
     })
     .await?;
     sink.wait_for(w.events, STALL).await;
@@ -239,17 +222,11 @@ async fn e2e_runs(
             sink.begin(&format!("{label}-"))?;
             let started = Instant::now();
             let r = load::publish(&load::LoadSpec {
-                url: &url,
-                label: &label,
-                events,
-                batch,
-                concurrency,
-                payload_bytes: args.payload,
                 rate,
                 max_duration: args.duration,
                 show_progress: true,
                 stamp: true,
-                customer: false,
+                ..load::LoadSpec::new(&url, &label, events, batch, concurrency, args.payload)
             })
             .await?;
             // Accepted (201) means stored; the backlog is what the sink still lacks then.
@@ -360,32 +337,15 @@ impl RawLoop<'_> {
                 }
             }
             let sent = sink::stamp_of(due.unwrap_or_else(Instant::now));
-            let mut headers = FieldTable::default();
-            for (k, v) in [
+            let headers = [
                 ("cloudEvents:specversion", "1.0".to_string()),
                 ("cloudEvents:id", format!("{label}-{i}")),
                 ("cloudEvents:source", "/bench".into()),
                 ("cloudEvents:type", "order.created".into()),
                 ("cloudEvents:subject", format!("order-{}", i % 1000)),
                 ("cloudEvents:benchsent", sent.to_string()),
-            ] {
-                headers.insert(k.into(), AMQPValue::LongString(v.into()));
-            }
-            let props = lapin::BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_headers(headers);
-            let confirm = ch
-                .basic_publish(
-                    self.exchange.into(),
-                    "order.created".into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &body,
-                    props,
-                )
+            ];
+            let confirm = publish_event(&ch, self.exchange, &body, headers)
                 .await
                 .map_err(broker_err)?;
             window.push_back(confirm);
@@ -496,186 +456,4 @@ fn raw_event_of(props: &lapin::BasicProperties, body: &[u8]) -> RawEvent {
         headers,
         body: bytes::Bytes::copy_from_slice(body),
     }
-}
-
-pub async fn replay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
-    if args.url.is_some() {
-        return Err(BenchError::Pipeline(
-            "replay stores its own events and needs its own pipeline: drop --url".into(),
-        ));
-    }
-    let versions = versions(&args.pg_url).await;
-    let sink = Sink::start().await?;
-    // Store the events before weir runs, straight through the store.
-    let db = Database::create(&args.pg_url).await?;
-    let suffix = db.suffix.clone();
-    let exchange = format!("weir.bench.replay-{suffix}");
-    let pool = sqlx::PgPool::connect(&db.url).await?;
-    let store = crate::data::store::Store::new(pool.clone());
-    let pe = |e: crate::data::store::StoreError| BenchError::Pipeline(e.to_string());
-    store.migrate().await.map_err(pe)?;
-    let stream_id = store.ensure_stream("bench", "orders").await.map_err(pe)?;
-    let prefix = format!("p{suffix}");
-    store_events(&store, stream_id, args.events, args.payload, &prefix).await?;
-    eprintln!("starting weir; waiting for its relay to publish the stored events…");
-    let pipe = Pipeline::start_on(db, &args.pg_url, &args.amqp_url, |_| {
-        stored_stream_yaml(&exchange)
-    })
-    .await?;
-    let sub = format!("replay-{suffix}");
-    let result = async {
-        pipe.wait_ready(&["orders"]).await?;
-        // The relay's catch-up (to an exchange no queue is bound to yet) is not part of the
-        // replay: wait for it to finish before the subscription exists.
-        wait_relayed(&pool, stream_id, args.events).await?;
-        eprintln!("replay: weir subscription with startFrom: earliest");
-        sink.begin(&format!("{prefix}-"))?;
-        // Timed from the manifest write, so it includes the folder watch's debounce
-        // (300 ms) and the subscription's provisioning; that favours the baseline.
-        let started = Instant::now();
-        pipe.write_manifest(
-            "subscription.yaml",
-            &subscription_yaml(&sub, &sink.url, "earliest"),
-        )?;
-        sink.wait_for(args.events, STALL).await;
-        let a = sink.take()?;
-        let weir = from_arrivals(
-            "weir subscription (startFrom earliest)",
-            &a,
-            started,
-            args.events,
-            None,
-            None,
-            0,
-        );
-        eprintln!("replay: raw SELECT → POST loop");
-        sink.begin(&format!("{prefix}-"))?;
-        let started = Instant::now();
-        let errors = raw_replay(&pool, stream_id, &sink.url).await?;
-        sink.wait_for(args.events, STALL).await;
-        let a = sink.take()?;
-        let baseline = from_arrivals(
-            &format!("raw SELECT→POST ({DELIVERY_CONSUMERS} in flight)"),
-            &a,
-            started,
-            args.events,
-            None,
-            None,
-            errors,
-        );
-        Ok::<_, BenchError>(vec![Report::new(
-            "replay",
-            format!("events={} payload={}B", args.events, args.payload),
-            weir,
-            baseline,
-            versions,
-        )])
-    }
-    .await;
-    pool.close().await;
-    stop_pipeline(pipe, &sub).await?;
-    let conn = crate::data::broker::connect(&args.amqp_url, "weir-bench")
-        .await
-        .map_err(|e| BenchError::Broker(e.to_string()))?;
-    if let Ok(ch) = conn.create_channel().await {
-        let _ = ch
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
-    result
-}
-
-/// Waits until the relay's checkpoint reaches `events`.
-async fn wait_relayed(
-    pool: &sqlx::PgPool,
-    stream_id: i64,
-    events: usize,
-) -> Result<(), BenchError> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let cp: Option<i64> =
-            sqlx::query_scalar("SELECT position FROM weir_relay_checkpoints WHERE stream_id = $1")
-                .bind(stream_id)
-                .fetch_optional(pool)
-                .await?;
-        if cp.unwrap_or(0) as usize >= events {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(BenchError::Pipeline(
-                "the relay did not catch up in 10 minutes".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The replay baseline: one `SELECT` of the stream's rows in position order, streamed, each
-/// row POSTed in binary mode with [`DELIVERY_CONSUMERS`] in flight. Returns the failed POSTs
-/// (each is tried once: a local sink that answers 200 should fail none).
-async fn raw_replay(pool: &sqlx::PgPool, stream_id: i64, url: &str) -> Result<usize, BenchError> {
-    let client = sink::raw_client(DELIVERY_CONSUMERS)?;
-    let limit = Arc::new(Semaphore::new(DELIVERY_CONSUMERS));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<RawEvent>(REPLAY_BUFFER);
-    let pool = pool.clone();
-    let reader = tokio::spawn(async move {
-        let mut rows = sqlx::query(
-            "SELECT position, id, source, type, subject, data FROM weir_events
-             WHERE stream_id = $1 ORDER BY position",
-        )
-        .bind(stream_id)
-        .fetch(&pool);
-        while let Some(row) = rows.next().await {
-            let row = row?;
-            let mut headers = vec![("ce-specversion".to_string(), "1.0".to_string())];
-            for (h, col) in [
-                ("ce-id", "id"),
-                ("ce-source", "source"),
-                ("ce-type", "type"),
-            ] {
-                headers.push((h.to_string(), row.try_get::<String, _>(col)?));
-            }
-            if let Some(s) = row.try_get::<Option<String>, _>("subject")? {
-                headers.push(("ce-subject".into(), s));
-            }
-            headers.push((
-                "ce-weirposition".into(),
-                row.try_get::<i64, _>("position")?.to_string(),
-            ));
-            // The bytes as stored: payloads under the store's compression threshold (4 KiB,
-            // so the default 512-byte events) are the event's data as published.
-            let body = row
-                .try_get::<Option<Vec<u8>>, _>("data")?
-                .unwrap_or_default();
-            let ev = RawEvent {
-                headers,
-                body: body.into(),
-            };
-            if tx.send(ev).await.is_err() {
-                break;
-            }
-        }
-        Ok::<_, sqlx::Error>(())
-    });
-    let mut tasks = JoinSet::new();
-    let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    while let Some(ev) = rx.recv().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break;
-        };
-        let (client, url, failed) = (client.clone(), url.to_string(), failed.clone());
-        tasks.spawn(async move {
-            if !sink::raw_post(&client, &url, &ev).await {
-                failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            drop(permit);
-        });
-        // Reap finished tasks so the set stays as small as the concurrency.
-        while tasks.try_join_next().is_some() {}
-    }
-    while tasks.join_next().await.is_some() {}
-    reader
-        .await
-        .map_err(|e| BenchError::Pipeline(e.to_string()))??;
-    Ok(failed.load(std::sync::atomic::Ordering::Relaxed))
 }

@@ -51,6 +51,34 @@ pub struct LoadSpec<'a> {
     pub customer: bool,
 }
 
+impl<'a> LoadSpec<'a> {
+    /// `events` of `payload_bytes` each, `batch` per request, `concurrency` requests in flight,
+    /// as fast as the worker answers: no pacing, no time cap, no progress line, plain JSON
+    /// events without a sent stamp or customer fields. Set the rest with struct update syntax.
+    pub fn new(
+        url: &'a str,
+        label: &'a str,
+        events: usize,
+        batch: usize,
+        concurrency: usize,
+        payload_bytes: usize,
+    ) -> LoadSpec<'a> {
+        LoadSpec {
+            url,
+            label,
+            events,
+            batch,
+            concurrency,
+            payload_bytes,
+            rate: None,
+            max_duration: None,
+            show_progress: false,
+            stamp: false,
+            customer: false,
+        }
+    }
+}
+
 pub async fn publish(spec: &LoadSpec<'_>) -> Result<LoadResult, BenchError> {
     let &LoadSpec {
         url,

@@ -5,11 +5,13 @@
 //! fresh database and fresh exchanges, warms up, measures, and cleans up.
 
 mod archive;
+mod broker;
 mod cache;
 mod delivery;
 mod load;
 mod pii;
 mod pipeline;
+mod replay;
 mod report;
 mod scale;
 mod scenarios;
@@ -111,12 +113,12 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
     let reports = match args.scenario {
         Scenario::Ingest if args.pii => pii::ingest_pii(&args).await?,
         Scenario::Ingest => scenarios::ingest(&args).await?,
-        Scenario::Broker => scenarios::broker(&args).await?,
-        Scenario::Relay => scenarios::relay(&args).await?,
+        Scenario::Broker => broker::broker(&args).await?,
+        Scenario::Relay => broker::relay(&args).await?,
         Scenario::Archive => archive::archive(&args).await?,
         Scenario::Cache => cache::cache(&args).await?,
         Scenario::E2e => delivery::e2e(&args).await?,
-        Scenario::Replay => delivery::replay(&args).await?,
+        Scenario::Replay => replay::replay(&args).await?,
         Scenario::Scale => scale::scale(&args).await?,
     };
     println!("{}", report::table(&reports));

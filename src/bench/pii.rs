@@ -50,17 +50,11 @@ pub async fn ingest_pii(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             let url = pipe.events_url(stream);
             async move {
                 load::publish(&load::LoadSpec {
-                    url: &url,
-                    label: &label,
-                    events,
-                    batch,
-                    concurrency,
-                    payload_bytes: args.payload,
                     rate: args.rate,
                     max_duration: args.duration,
                     show_progress: progress,
-                    stamp: false,
                     customer: true,
+                    ..load::LoadSpec::new(&url, &label, events, batch, concurrency, args.payload)
                 })
                 .await
             }

@@ -1,19 +1,13 @@
 //! The scenarios and their baselines.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
 use sqlx::Connection as _;
 
 use super::load::{self, payload};
-use super::pipeline::{Database, Pipeline, with_database};
+use super::pipeline::{Pipeline, with_database};
 use super::report::{Measurement, Report, Versions};
 use super::{BenchArgs, BenchError};
 
@@ -33,7 +27,7 @@ pub(super) const PUBLISH_WINDOW: usize = 200;
 /// Events and concurrency of a run with `batch` events per request: single-event runs are
 /// capped at [`SINGLE_EVENT_CAP`] events and need at least 64 requests in flight to load the
 /// worker at all.
-fn batch_load(args: &BenchArgs, batch: usize) -> (usize, usize) {
+pub(super) fn batch_load(args: &BenchArgs, batch: usize) -> (usize, usize) {
     if batch == 1 {
         (args.events.min(SINGLE_EVENT_CAP), args.concurrency.max(64))
     } else {
@@ -191,19 +185,14 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     for batch in batches {
         let (events, concurrency) = batch_load(args, batch);
         eprintln!("ingest batch={batch}: warm-up");
-        load::publish(&load::LoadSpec {
-            url: &url,
-            label: &format!("w{run_id}-{batch}"),
-            events: (events / 20).clamp(100, 5_000),
+        load::publish(&load::LoadSpec::new(
+            &url,
+            &format!("w{run_id}-{batch}"),
+            (events / 20).clamp(100, 5_000),
             batch,
             concurrency,
-            payload_bytes: args.payload,
-            rate: None,
-            max_duration: None,
-            show_progress: false,
-            stamp: false,
-            customer: false,
-        })
+            args.payload,
+        ))
         .await?;
         for rate in &rates {
             eprintln!(
@@ -212,17 +201,17 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             );
             let before = batch_stats(pipe.as_ref()).await;
             let r = load::publish(&load::LoadSpec {
-                url: &url,
-                label: &format!("m{run_id}-{batch}-{}", rate.unwrap_or(0)),
-                events,
-                batch,
-                concurrency,
-                payload_bytes: args.payload,
                 rate: *rate,
                 max_duration: args.duration,
                 show_progress: true,
-                stamp: false,
-                customer: false,
+                ..load::LoadSpec::new(
+                    &url,
+                    &format!("m{run_id}-{batch}-{}", rate.unwrap_or(0)),
+                    events,
+                    batch,
+                    concurrency,
+                    args.payload,
+                )
             })
             .await?;
             let after = batch_stats(pipe.as_ref()).await;
@@ -295,330 +284,4 @@ fn rates(args: &BenchArgs) -> Vec<Option<u64>> {
         (None, Some(_)) => vec![Some(1_000), Some(5_000), Some(20_000), None],
         (None, None) => vec![None],
     }
-}
-
-/// Declares a quorum queue bound to `exchange` so published messages are routed and kept,
-/// as in production.
-pub(super) async fn bind_queue(
-    ch: &lapin::Channel,
-    exchange: &str,
-    queue: &str,
-) -> Result<(), BenchError> {
-    let b = |e: lapin::Error| BenchError::Broker(e.to_string());
-    ch.exchange_declare(
-        exchange.into(),
-        lapin::ExchangeKind::Topic,
-        lapin::options::ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map_err(b)?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .map_err(b)?;
-    ch.queue_bind(
-        queue.into(),
-        exchange.into(),
-        "#".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(b)?;
-    Ok(())
-}
-
-/// The raw publisher baseline: one lapin channel with confirms, `PUBLISH_WINDOW` messages
-/// unconfirmed at most, persistent and mandatory, the same body and headers Weir sends.
-async fn raw_publish(
-    ch: &lapin::Channel,
-    exchange: &str,
-    events: usize,
-    payload_bytes: usize,
-) -> Result<Measurement, BenchError> {
-    let b = |e: lapin::Error| BenchError::Broker(e.to_string());
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(b)?;
-    let body = serde_json::to_vec(&payload(payload_bytes, 0)).unwrap_or_default();
-    let mut window = VecDeque::with_capacity(PUBLISH_WINDOW);
-    let started = Instant::now();
-    for i in 0..events {
-        if window.len() >= PUBLISH_WINDOW
-            && let Some(c) = window.pop_front()
-        {
-            let _: lapin::Confirmation = c_await(c).await?;
-        }
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "cloudEvents:id".into(),
-            AMQPValue::LongString(format!("raw-{i}").into()),
-        );
-        headers.insert(
-            "cloudEvents:source".into(),
-            AMQPValue::LongString("/bench".into()),
-        );
-        headers.insert(
-            "cloudEvents:type".into(),
-            AMQPValue::LongString("order.created".into()),
-        );
-        headers.insert(
-            "cloudEvents:specversion".into(),
-            AMQPValue::LongString("1.0".into()),
-        );
-        let props = lapin::BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_headers(headers);
-        let confirm = ch
-            .basic_publish(
-                exchange.into(),
-                "order.created".into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &body,
-                props,
-            )
-            .await
-            .map_err(b)?;
-        window.push_back(confirm);
-    }
-    while let Some(c) = window.pop_front() {
-        c_await(c).await?;
-    }
-    Ok(Measurement::rate_only(
-        &format!("raw lapin publisher (window {PUBLISH_WINDOW})"),
-        events,
-        started.elapsed().as_secs_f64(),
-    ))
-}
-
-pub(super) async fn c_await(c: lapin::PublisherConfirm) -> Result<lapin::Confirmation, BenchError> {
-    c.await.map_err(|e| BenchError::Broker(e.to_string()))
-}
-
-pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
-    let versions = versions(&args.pg_url).await;
-    eprintln!("starting a weir pipeline…");
-    let pipe = Pipeline::start(&args.pg_url, &args.amqp_url, |s| {
-        format!(
-            "{}  deletionPolicy: Delete\n",
-            stream_yaml("fanout", "").replace(
-                "queueType: quorum}",
-                &format!("queueType: quorum, exchange: weir.bench.fanout-{s}}}")
-            )
-        )
-    })
-    .await?;
-    pipe.wait_ready(&["fanout"]).await?;
-    let exchange = format!("weir.bench.fanout-{}", pipe.suffix);
-    let conn = crate::data::broker::connect(&args.amqp_url, "weir-bench")
-        .await
-        .map_err(|e| BenchError::Broker(e.to_string()))?;
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| BenchError::Broker(e.to_string()))?;
-    let queue = format!("weir-bench-{}", pipe.suffix);
-    bind_queue(&ch, &exchange, &queue).await?;
-    let url = pipe.events_url("fanout");
-    let batches = args.batch.map_or_else(|| vec![1, 100], |b| vec![b]);
-    let mut reports = vec![];
-    for batch in batches {
-        let (events, concurrency) = batch_load(args, batch);
-        load::publish(&load::LoadSpec {
-            url: &url,
-            label: &format!("w{}", pipe.suffix),
-            events: (events / 20).clamp(100, 5_000),
-            batch,
-            concurrency,
-            payload_bytes: args.payload,
-            rate: None,
-            max_duration: None,
-            show_progress: false,
-            stamp: false,
-            customer: false,
-        })
-        .await?;
-        eprintln!("broker batch={batch}: weir");
-        let r = load::publish(&load::LoadSpec {
-            url: &url,
-            label: &format!("m{}-{batch}", pipe.suffix),
-            events,
-            batch,
-            concurrency,
-            payload_bytes: args.payload,
-            rate: args.rate,
-            max_duration: args.duration,
-            show_progress: true,
-            stamp: false,
-            customer: false,
-        })
-        .await?;
-        let weir = Measurement::from_load(
-            &format!("weir (HTTP, {concurrency} clients)"),
-            &r,
-            args.rate,
-        );
-        eprintln!("broker batch={batch}: raw publisher");
-        let raw_ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| BenchError::Broker(e.to_string()))?;
-        let baseline = raw_publish(&raw_ch, &exchange, r.events.max(1), args.payload).await?;
-        reports.push(Report::new(
-            "broker",
-            format!("batch={batch} c={concurrency} payload={}B", args.payload),
-            weir,
-            baseline,
-            versions.clone(),
-        ));
-    }
-    let _ = ch
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    pipe.stop().await?;
-    Ok(reports)
-}
-
-/// Appends `events` events straight through the store, 1000 per transaction, with ids
-/// `{id_prefix}-{i}`, showing progress.
-pub(super) async fn store_events(
-    store: &crate::data::store::Store,
-    stream_id: i64,
-    events: usize,
-    payload_bytes: usize,
-    id_prefix: &str,
-) -> Result<(), BenchError> {
-    let pe = |e: crate::data::store::StoreError| BenchError::Pipeline(e.to_string());
-    eprintln!("storing {events} events…");
-    let data =
-        bytes::Bytes::from(serde_json::to_vec(&payload(payload_bytes, 0)).unwrap_or_default());
-    let compression = crate::topology::CompressionPlan::default();
-    let mut last_print = Instant::now();
-    for start in (0..events).step_by(1000) {
-        let batch: Vec<_> = (start..events.min(start + 1000))
-            .map(|i| crate::data::event::CloudEvent {
-                id: format!("{id_prefix}-{i}"),
-                source: "/bench".into(),
-                ty: "order.created".into(),
-                datacontenttype: Some("application/json".into()),
-                dataschema: None,
-                subject: Some(format!("order-{}", i % 1000)),
-                time: None,
-                extensions: Default::default(),
-                data: Some(crate::data::event::Data::Json(data.clone())),
-            })
-            .collect();
-        store
-            .append(
-                stream_id,
-                &[crate::data::store::AppendInput { events: &batch }],
-                &compression,
-            )
-            .await
-            .map_err(pe)?;
-        if last_print.elapsed() > Duration::from_millis(500) {
-            eprint!("\r  stored {}/{events}   ", start + batch.len());
-            last_print = Instant::now();
-        }
-    }
-    eprintln!("\r  stored {events}/{events}   ");
-    Ok(())
-}
-
-pub async fn relay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
-    let versions = versions(&args.pg_url).await;
-    // Store the events first, straight through the store, before any weir runs; then start
-    // weir and time how long its relay takes to publish them all.
-    let db = Database::create(&args.pg_url).await?;
-    let exchange = format!("weir.bench.relay-{}", db.suffix);
-    let pool = sqlx::PgPool::connect(&db.url).await?;
-    let store = crate::data::store::Store::new(pool.clone());
-    let pe = |e: crate::data::store::StoreError| BenchError::Pipeline(e.to_string());
-    store.migrate().await.map_err(pe)?;
-    let stream_id = store.ensure_stream("bench", "orders").await.map_err(pe)?;
-    store_events(&store, stream_id, args.events, args.payload, "relay").await?;
-    let conn = crate::data::broker::connect(&args.amqp_url, "weir-bench")
-        .await
-        .map_err(|e| BenchError::Broker(e.to_string()))?;
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| BenchError::Broker(e.to_string()))?;
-    let queue = format!("weir-bench-relay-{}", db.suffix);
-    bind_queue(&ch, &exchange, &queue).await?;
-    eprintln!("starting weir; timing its relay…");
-    let started = Instant::now();
-    let pipe = Pipeline::start_on(db, &args.pg_url, &args.amqp_url, |_| {
-        stream_yaml("orders", "  store: {urlSecretRef: {name: pg, key: url}}\n").replace(
-            "queueType: quorum}",
-            &format!("queueType: quorum, exchange: {exchange}}}"),
-        )
-    })
-    .await?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut last_print = Instant::now();
-    loop {
-        let cp: i64 =
-            sqlx::query_scalar("SELECT position FROM weir_relay_checkpoints WHERE stream_id = $1")
-                .bind(stream_id)
-                .fetch_one(&pool)
-                .await?;
-        if cp as usize >= args.events {
-            break;
-        }
-        if last_print.elapsed() > Duration::from_millis(500) {
-            eprint!("\r  relayed {cp}/{}   ", args.events);
-            last_print = Instant::now();
-        }
-        if Instant::now() > deadline {
-            return Err(BenchError::Pipeline(
-                "the relay did not catch up in 10 minutes".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Includes weir's start-up (well under a second), which favours the baseline.
-    let relayed = started.elapsed();
-    eprintln!("\r  relayed {} events in {relayed:?}", args.events);
-    let weir = Measurement::rate_only(
-        "weir relay (store → exchange)",
-        args.events,
-        relayed.as_secs_f64(),
-    );
-    let raw_ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| BenchError::Broker(e.to_string()))?;
-    let baseline = raw_publish(&raw_ch, &exchange, args.events, args.payload).await?;
-    let _ = ch
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    pool.close().await;
-    pipe.stop().await?;
-    Ok(vec![Report::new(
-        "relay",
-        format!("events={} payload={}B", args.events, args.payload),
-        weir,
-        baseline,
-        versions,
-    )])
 }

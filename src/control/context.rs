@@ -215,10 +215,23 @@ impl Stores {
             .collect()
     }
 
-    /// The index of every resource that should run, and the Secrets/ConfigMaps they
-    /// reference (to be filled in by the caller). Objects being deleted are left out once
-    /// their cleanup is done, or when `cleaning` names them; an EventStream that still has
-    /// live Subscriptions keeps running under them regardless.
+    /// The kind and key of every cached object, those being deleted included.
+    pub fn keys(&self) -> HashSet<(Kind, Key)> {
+        fn add<K>(kind: Kind, stores: &[Store<K>], out: &mut HashSet<(Kind, Key)>)
+        where
+            K: Resource<DynamicType = ()> + Clone + 'static,
+        {
+            let keys = stores.iter().flat_map(Store::state);
+            out.extend(keys.filter_map(|o| key_of(o.as_ref())).map(|k| (kind, k)));
+        }
+        let mut out = HashSet::new();
+        add(Kind::EventStream, &self.streams, &mut out);
+        add(Kind::Subscription, &self.subscriptions, &mut out);
+        add(Kind::ArchivePolicy, &self.archive_policies, &mut out);
+        add(Kind::CachePolicy, &self.cache_policies, &mut out);
+        out
+    }
+
     /// The objects the topology is built from, summarised: equal fingerprints mean the same
     /// objects in the same state as far as a build is concerned (a sum of per-object hashes,
     /// so the caches' iteration order does not matter). O(objects), without cloning them.
@@ -244,6 +257,10 @@ impl Stores {
         (n, sum)
     }
 
+    /// The index of every resource that should run, and the Secrets/ConfigMaps they
+    /// reference (to be filled in by the caller). Objects being deleted are left out once
+    /// their cleanup is done, or when `cleaning` names them; an EventStream that still has
+    /// live Subscriptions keeps running under them regardless.
     pub fn index(&self, d: &Deleting<'_>) -> (Index, Refs) {
         let mut index = Index::default();
         let mut refs = Refs::default();
@@ -427,6 +444,16 @@ impl Context {
     /// Forgets the failures of the `kind` resource `key` after a successful reconcile.
     pub fn succeeded(&self, kind: Kind, key: &Key) {
         self.failures.locked().remove(&(kind, key.clone()));
+    }
+
+    /// Drops the backoff and settling entries of objects that have left the caches. A
+    /// finalized object's cleanup removes its own; a policy (no finalizer), or any object on
+    /// a replica that does not hold the Lease, leaves without a cleanup here, and its
+    /// entries would otherwise stay for the life of the process.
+    pub fn forget_departed(&self) {
+        let present = self.stores.keys();
+        self.failures.locked().retain(|k, _| present.contains(k));
+        self.settling.locked().retain(|k, _| present.contains(k));
     }
 }
 

@@ -214,6 +214,9 @@ pub async fn sync(
     };
     let report = ctx.plane.apply(desired, prune).await;
     ctx.syncs.with_label_values(&["applied"]).inc();
+    // Here rather than on every sync: objects leave the caches only through a change, and a
+    // change is what makes a sync build.
+    ctx.forget_departed();
     // Only a clean apply may stand in for the next one: a failed stream or subscription
     // start is retried by applying again.
     *ctx.last_sync.locked() =

@@ -333,6 +333,17 @@ impl TestApiServer {
         }
     }
 
+    /// Starts kubectl with `args` in the background (a waiting `delete`, `wait` or
+    /// `get -w`), its output piped for the caller to collect.
+    pub fn kubectl_spawn(&self, args: &[&str]) -> tokio::process::Child {
+        let mut cmd = tokio::process::Command::from(self.kubectl_command());
+        cmd.args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("kubectl cannot be run: {e}"))
+    }
+
     /// Runs kubectl with `args`, writing `input` to its standard input (for `-f -`).
     pub async fn kubectl_with_input(&self, args: &[&str], input: &str) -> KubectlOutput {
         use tokio::io::AsyncWriteExt;

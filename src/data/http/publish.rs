@@ -63,6 +63,8 @@ pub(crate) struct RoutedResult<'a> {
         ("ce-subject" = Option<String>, Header, description = "Binary mode: the event's subject"),
         ("ce-time" = Option<String>, Header, description = "Binary mode: the event's time (RFC 3339)"),
         ("ce-expectedversion" = Option<String>, Header, description = "Binary mode: the subject's current version must equal this (`0`: the subject must not exist); any other `ce-<name>` header is an extension"),
+        ("traceparent" = Option<String>, Header, description = "W3C Trace Context: the publisher's trace, kept with each event that does not carry its own `traceparent` extension and sent on to sinks; without a valid one (a malformed header is ignored, as W3C asks), each request starts a new trace"),
+        ("tracestate" = Option<String>, Header, description = "W3C Trace Context: vendor state that travels with `traceparent`"),
     ),
     request_body(
         description = "Structured (`application/cloudevents+json`), batched \

@@ -13,9 +13,9 @@ use http::{HeaderValue, header};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 
+use super::read::{parse_param, read_store};
 use super::{
-    DEFAULT_PAGE, HttpState, MAX_PAGE, batch_body, batch_response, parse_param, read_store,
-    readable, store_problem,
+    DEFAULT_PAGE, HttpState, MAX_PAGE, batch_body, batch_response, readable, store_problem,
 };
 use crate::data::cache::{CacheKey, Cached, read_through};
 use crate::data::event::StoredEvent;
@@ -40,7 +40,7 @@ pub(super) struct SubjectQuery {
     /// Stop at this version.
     #[param(value_type = Option<i64>, minimum = 1)]
     pub(super) version: Option<String>,
-    #[param(value_type = Option<super::Consistency>)]
+    #[param(value_type = Option<super::read::Consistency>)]
     consistency: Option<String>,
     /// `true`: a live follow (Server-Sent Events; see `follow`).
     #[param(value_type = Option<bool>)]

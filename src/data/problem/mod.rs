@@ -39,6 +39,10 @@
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
+mod fields;
+
+pub use fields::{FieldError, FieldErrors};
+
 /// The media type of a problem body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -188,101 +192,6 @@ impl ProblemKind {
             ProblemKind::Internal => 500,
             ProblemKind::Unavailable | ProblemKind::PiiKeyMissing => 503,
         }
-    }
-}
-
-/// What is wrong with one field of one event.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct FieldError {
-    /// 0-based position of the event in the request; `null` when the error is not about one
-    /// event (e.g. malformed JSON).
-    pub index: Option<usize>,
-    /// JSON pointer into the event (`/id`, `/data/orderId`); `null` for the event as a whole.
-    pub pointer: Option<String>,
-    /// The check that failed: a JSON Schema keyword (`required`, `type`, …) or Weir's own
-    /// check name.
-    pub keyword: Option<String>,
-    /// A sentence a person can act on.
-    pub message: String,
-}
-
-impl FieldError {
-    /// An error with only a message; add the rest with the builder methods.
-    pub fn new(message: impl Into<String>) -> FieldError {
-        FieldError {
-            index: None,
-            pointer: None,
-            keyword: None,
-            message: message.into(),
-        }
-    }
-
-    /// Sets the event index.
-    pub fn at(mut self, index: usize) -> FieldError {
-        self.index = Some(index);
-        self
-    }
-
-    /// Sets the event index when known.
-    pub fn at_opt(mut self, index: Option<usize>) -> FieldError {
-        self.index = index;
-        self
-    }
-
-    /// Sets the JSON pointer.
-    pub fn pointer(mut self, pointer: impl Into<String>) -> FieldError {
-        self.pointer = Some(pointer.into());
-        self
-    }
-
-    /// Sets the failing keyword.
-    pub fn keyword(mut self, keyword: impl Into<String>) -> FieldError {
-        self.keyword = Some(keyword.into());
-        self
-    }
-}
-
-/// Collects field errors, keeping the first [`MAX_REPORTED_ERRORS`] and counting the rest.
-#[derive(Clone, Debug, Default)]
-pub struct FieldErrors {
-    shown: Vec<FieldError>,
-    total: usize,
-}
-
-impl FieldErrors {
-    pub fn new() -> FieldErrors {
-        FieldErrors::default()
-    }
-
-    pub fn push(&mut self, error: FieldError) {
-        self.total += 1;
-        if self.shown.len() < MAX_REPORTED_ERRORS {
-            self.shown.push(error);
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
-    /// How many errors were pushed (shown or not).
-    pub fn total(&self) -> usize {
-        self.total
-    }
-
-    /// The problem of `kind` with these errors; `detail` gains a note when some were left out.
-    pub fn into_problem(self, kind: ProblemKind, detail: impl Into<String>) -> HttpProblem {
-        let mut detail = detail.into();
-        if self.total > self.shown.len() {
-            detail.push_str(&format!(
-                " (the first {} of {} errors are listed)",
-                self.shown.len(),
-                self.total
-            ));
-        }
-        let mut problem = HttpProblem::new(kind, detail);
-        problem.errors = self.shown;
-        problem
     }
 }
 
@@ -534,99 +443,4 @@ impl IntoResponse for HttpProblem {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn body_json(response: Response) -> serde_json::Value {
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .unwrap();
-        serde_json::from_slice(&bytes).unwrap()
-    }
-
-    #[tokio::test]
-    async fn response_has_problem_shape_and_headers() {
-        let problem = HttpProblem::new(ProblemKind::SchemaViolation, "bad data").with_error(
-            FieldError::new("\"orderId\" is a required property")
-                .at(2)
-                .pointer("/data/orderId")
-                .keyword("required"),
-        );
-        let response = problem.into_response();
-        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
-        assert!(response.headers().get(header::RETRY_AFTER).is_none());
-        let body = body_json(response).await;
-        assert_eq!(
-            body,
-            serde_json::json!({
-                "type": "https://weir.dev/problems/schema-violation",
-                "title": "Schema violation",
-                "status": 422,
-                "detail": "bad data",
-                "errors": [{
-                    "index": 2,
-                    "pointer": "/data/orderId",
-                    "keyword": "required",
-                    "message": "\"orderId\" is a required property"
-                }]
-            })
-        );
-    }
-
-    #[tokio::test]
-    async fn retry_after_is_a_header_not_a_member() {
-        let response = HttpProblem::rate_limited(7).into_response();
-        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
-        let body = body_json(response).await;
-        assert!(body.get("retry_after").is_none());
-        assert_eq!(body["errors"], serde_json::json!([]));
-    }
-
-    #[test]
-    fn field_errors_are_capped_and_counted() {
-        let mut errors = FieldErrors::new();
-        for i in 0..(MAX_REPORTED_ERRORS + 5) {
-            errors.push(FieldError::new("x").at(i));
-        }
-        let problem = errors.into_problem(ProblemKind::InvalidEvent, "bad");
-        assert_eq!(problem.errors.len(), MAX_REPORTED_ERRORS);
-        assert_eq!(problem.status, 400);
-        assert!(
-            problem
-                .detail
-                .contains(&format!("of {}", MAX_REPORTED_ERRORS + 5)),
-            "{}",
-            problem.detail
-        );
-    }
-
-    #[test]
-    fn every_kind_has_a_distinct_uri_and_an_error_status() {
-        let kinds = ProblemKind::ALL;
-        let uris: std::collections::HashSet<_> = kinds.iter().map(|k| k.uri()).collect();
-        assert_eq!(uris.len(), kinds.len());
-        assert!(kinds.iter().all(|k| (400..600).contains(&k.status())));
-    }
-
-    #[test]
-    fn payload_too_large_names_size_and_limit() {
-        let p = HttpProblem::payload_too_large(Some(5000), 4096);
-        assert_eq!(p.status, 413);
-        assert!(p.detail.contains("5000") && p.detail.contains("4096"));
-        let p = HttpProblem::payload_too_large(None, 4096);
-        assert!(p.detail.contains("4096"));
-    }
-
-    #[test]
-    fn an_unreadable_body_is_a_400_that_says_why() {
-        let p = HttpProblem::unreadable_body("invalid chunk size line");
-        assert_eq!(p.status, 400);
-        assert_eq!(p.kind, ProblemKind::UnreadableBody);
-        assert_eq!(
-            p.detail,
-            "the request body could not be read: invalid chunk size line"
-        );
-    }
-}
+mod tests;
