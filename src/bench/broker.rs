@@ -89,7 +89,7 @@ pub(super) async fn raw_publish(
             ("cloudEvents:type", "order.created".into()),
             ("cloudEvents:specversion", "1.0".into()),
         ];
-        let confirm = publish_event(&ch, exchange, &body, headers)
+        let confirm = publish_event(ch, exchange, &body, headers)
             .await
             .map_err(b)?;
         window.push_back(confirm);
