@@ -218,7 +218,7 @@ impl Metrics {
             deliveries: counter(
                 &r,
                 "weir_deliveries_total",
-                "Events settled by outcome (delivered, deadlettered, filtered, duplicate).",
+                "Events settled by outcome (delivered, deadlettered, filtered, duplicate, unbound).",
                 &["namespace", "subscription", "outcome"],
             ),
             delivery_retries: counter(

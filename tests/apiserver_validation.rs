@@ -379,7 +379,7 @@ async fn schema_errors_have_the_real_shapes() {
         &subs,
         "Subscription",
         "bounded",
-        json!({"sink": {"ref": {"name": "svc", "port": 70000}},
+        json!({"stream": "orders", "sink": {"ref": {"port": 70000}},
                "partitions": 0, "delivery": {"retry": 5_000_000_000u64}}),
     )
     .await;
@@ -411,7 +411,7 @@ async fn schema_errors_have_the_real_shapes() {
             "spec.sink.ref.port",
             "Invalid value: 70000: spec.sink.ref.port in body should be less than or equal to 65535",
         ),
-        ("FieldValueRequired", "spec.stream", "Required value"),
+        ("FieldValueRequired", "spec.sink.ref.name", "Required value"),
         // A missing required field is blocking: the rules are not run.
         ("FieldValueInvalid", "<nil>", blocked_cause.as_str()),
     ];
@@ -421,6 +421,27 @@ async fn schema_errors_have_the_real_shapes() {
         .map(|(a, b, c)| (a.into(), b.into(), c.into()))
         .collect();
     assert_eq!(causes, want, "{status:#}");
+
+    // None (or two) of stream, streams and streamSelector: the spec's CEL rule.
+    for (name, spec) in [
+        ("nostream", json!({"sink": {"uri": "http://127.0.0.1:9/"}})),
+        (
+            "twostreams",
+            json!({"stream": "orders", "streams": ["orders"], "sink": {"uri": "http://127.0.0.1:9/"}}),
+        ),
+    ] {
+        let status = refused(&subs, "Subscription", name, spec).await;
+        assert_invalid(
+            &status,
+            "Subscription",
+            name,
+            &[(
+                "FieldValueInvalid",
+                "spec",
+                "Invalid value: \"object\": exactly one of stream, streams or streamSelector must be set",
+            )],
+        );
+    }
 
     // kubectl prints each cause.
     let out = server

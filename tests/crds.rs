@@ -291,7 +291,7 @@ fn names_columns_and_subresources() {
             "Subscription",
             "subscriptions",
             "wsub",
-            &["Stream", "Ready", "Backlog", "Consumers", "Age"],
+            &["Stream", "Streams", "Ready", "Backlog", "Consumers", "Age"],
         ),
         (
             "ArchivePolicy",

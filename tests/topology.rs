@@ -123,7 +123,8 @@ spec:
 
     let sub = &built.topology.subscriptions[&Key::new("shop", "notify")];
     assert_eq!(sub.generation, 2);
-    assert_eq!(sub.stream, Key::new("shop", "orders"));
+    assert_eq!(sub.streams, vec![Key::new("shop", "orders")]);
+    assert!(!sub.multi);
     assert!(sub.filters.is_empty());
     assert_eq!(sub.sink.url, "http://notifier.shop.svc:8080/hooks");
     assert_eq!(sub.sink.format, SinkFormat::Binary);

@@ -5,14 +5,18 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
 use super::common::{DeletionPolicy, SecretKeyRef, free_form_object_list};
 
-/// A Subscription: delivers the events of one EventStream that match its filters to a sink, with
-/// retries, dead-lettering, optional per-key ordering and replay from the store.
+/// A Subscription: delivers the events of one EventStream (or of several, through one queue)
+/// that match its filters to a sink, with retries, dead-lettering, optional per-key ordering
+/// and replay from the store. Exactly one of `stream`, `streams` or `streamSelector` names the
+/// streams read.
 // Each `printcolumn(...)` repeats keys such as `type_`, which clippy takes for duplicated
 // attributes.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, KubeSchema)]
 #[kube(
     group = "weir.dev",
     version = "v1alpha1",
@@ -21,13 +25,14 @@ use super::common::{DeletionPolicy, SecretKeyRef, free_form_object_list};
     status = "SubscriptionStatus",
     shortname = "wsub",
     category = "weir",
-    doc = "A Subscription: delivers the events of one EventStream that match its filters to a sink, with retries, dead-lettering, optional per-key ordering and replay from the store.",
+    doc = "A Subscription: delivers the events of one EventStream (or of several, through one queue) that match its filters to a sink, with retries, dead-lettering, optional per-key ordering and replay from the store.",
     scale(
         spec_replicas_path = ".spec.consumers",
         status_replicas_path = ".status.consumers",
         label_selector_path = ".status.selector"
     ),
     printcolumn(name = "Stream", type_ = "string", json_path = ".spec.stream"),
+    printcolumn(name = "Streams", type_ = "string", json_path = ".status.streams"),
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -42,9 +47,27 @@ use super::common::{DeletionPolicy, SecretKeyRef, free_form_object_list};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "[has(self.stream), has(self.streams), has(self.streamSelector)].filter(x, x).size() == 1"
+).message("exactly one of stream, streams or streamSelector must be set"))]
 pub struct SubscriptionSpec {
     /// Name of the EventStream, in the same namespace, whose events this subscription receives.
-    pub stream: String,
+    /// Exactly one of `stream`, `streams` or `streamSelector` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// Names of several EventStreams of this namespace read through one queue. They must share
+    /// one broker (same URL and TLS settings, same `queueType`); `startFrom` other than
+    /// `latest` needs a store on each. Delivered events carry the extension `weirstream` (the
+    /// name of the stream they come from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub streams: Option<Vec<String>>,
+    /// Label selector over the EventStreams of this namespace read through one queue, as
+    /// `streams` but kept up to date: a stream that starts matching is bound (and its history
+    /// replayed from `startFrom`), one that stops matching is unbound. It must select at least
+    /// one stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_selector: Option<LabelSelector>,
     /// Filters in Knative's dialect; an event is delivered only if every filter matches. Each
     /// filter has exactly one operator: `exact`, `prefix` or `suffix` (a map of attribute name
     /// to value, all entries must match), `all` or `any` (a list of filters), or `not` (one
@@ -97,6 +120,16 @@ pub struct SubscriptionSpec {
     /// `Retain` keeps them. Default `Delete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_policy: Option<DeletionPolicy>,
+}
+
+impl SubscriptionSpec {
+    /// The streams named by `stream` or `streams` (not those `streamSelector` picks).
+    pub fn named_streams(&self) -> impl Iterator<Item = &str> {
+        self.stream
+            .iter()
+            .chain(self.streams.iter().flatten())
+            .map(String::as_str)
+    }
 }
 
 /// The destination of deliveries: exactly one of `uri` or `ref`.
@@ -281,6 +314,9 @@ pub struct SubscriptionStatus {
     /// Last delivered stream position, as a string of digits (replay progress).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<String>,
+    /// The EventStreams the subscription reads, by name, sorted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<Vec<String>>,
     /// Something to know that is not a failure, e.g. that a catch-up was skipped because the
     /// subscription's queue already existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -180,7 +180,7 @@ impl Stores {
             .filter(|s| !deleting(s.as_ref()))
             .filter(|s| {
                 s.metadata.namespace.as_deref() == Some(key.namespace.as_str())
-                    && s.spec.stream == key.name
+                    && s.spec.named_streams().any(|n| n == key.name)
             })
             .filter_map(|s| s.metadata.name.clone())
             .collect()
@@ -268,11 +268,12 @@ impl Stores {
             .subscriptions()
             .iter()
             .filter(|s| !deleting(s.as_ref()))
-            .filter_map(|s| {
-                Some(Key::new(
-                    s.metadata.namespace.clone()?,
-                    s.spec.stream.clone(),
-                ))
+            .flat_map(|s| {
+                let ns = s.metadata.namespace.clone().unwrap_or_default();
+                s.spec
+                    .named_streams()
+                    .map(|n| Key::new(ns.clone(), n))
+                    .collect::<Vec<_>>()
             })
             .collect();
         for s in self.streams() {

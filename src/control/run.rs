@@ -157,14 +157,20 @@ pub async fn run_with_client(
         let subs = controller(api::<Subscription>(&client, ns), &wc, &removed);
         let sub_store = subs.store();
         stores.subscriptions.push(sub_store.clone());
-        // A change of a stream (created, edited, being deleted) re-checks its subscriptions.
+        // A change of a stream (created, edited, being deleted) re-checks its subscriptions:
+        // those naming it, and every one with a selector (a label added or removed changes
+        // its set of streams either way).
         let subs = subs.watches(api::<EventStream>(&client, ns), wc.clone(), move |es| {
             let ns = es.namespace();
             let name = es.name_any();
             sub_store
                 .state()
                 .into_iter()
-                .filter(|s| s.namespace() == ns && s.spec.stream == name)
+                .filter(|s| {
+                    s.namespace() == ns
+                        && (s.spec.stream_selector.is_some()
+                            || s.spec.named_streams().any(|n| n == name))
+                })
                 .map(|s| ObjectRef::from_obj(s.as_ref()))
                 .collect::<Vec<_>>()
         });

@@ -56,6 +56,7 @@ pub fn subscription(rs: &ResourceStatus, conditions: Vec<Condition>) -> Subscrip
     if let Fields::Subscription(f) = &rs.fields {
         s.queue = f.queue.clone();
         s.partition_queues = f.partition_queues.clone();
+        s.streams = f.streams.clone();
         s.dead_letter_queue = f.dead_letter_queue.clone();
         s.consumers = f.consumers;
         s.selector = f.selector.clone();

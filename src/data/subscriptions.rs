@@ -25,7 +25,7 @@ use crate::data::delivery::{
 use crate::data::engine::Engine;
 use crate::data::event::{CloudEvent, to_structured_json};
 use crate::metrics::Metrics;
-use crate::topology::{DeletionPolicy, Key, SubscriptionPlan};
+use crate::topology::{DeletionPolicy, Key, StreamPlan, SubscriptionPlan};
 
 /// How long a redriven message may wait for the broker's confirm.
 const REDRIVE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -128,35 +128,66 @@ impl Subscriptions {
         let mut errors = Vec::new();
         let mut problems = BTreeMap::new();
         for (key, plan) in plans {
-            let Some(rt) = self
-                .engine
-                .stream(&plan.stream.namespace, &plan.stream.name)
-            else {
-                problems.insert(
-                    key.clone(),
-                    format!("EventStream {} is not running", plan.stream),
-                );
-                // Bound first: the lock guard must not live across the await (Send futures).
-                let old = self.running.writing().remove(key);
-                if let Some(e) = old {
-                    e.runner.stop().await;
-                }
-                continue;
-            };
-            let current = self.get(key);
-            if let Some((runner, applied)) = &current
-                && runner.stream_plan == rt.plan
-                && same_but_live(&runner.plan, plan)
-            {
-                if applied != plan {
-                    runner.update(plan);
-                    if let Some(e) = self.running.writing().get_mut(key) {
-                        e.plan = plan.clone();
+            let sides = match self.sides(plan) {
+                Ok(sides) => sides,
+                Err(missing) => {
+                    problems.insert(key.clone(), format!("EventStream {missing} is not running"));
+                    // Bound first: the lock guard must not live across the await (Send futures).
+                    let old = self.running.writing().remove(key);
+                    if let Some(e) = old {
+                        e.runner.stop().await;
                     }
-                    tracing::info!(subscription = %key, consumers = plan.consumers,
-                        rate = ?plan.rate_limit, "subscription settings updated");
+                    continue;
                 }
-                continue;
+            };
+            let wanted: BTreeMap<Key, StreamPlan> = sides
+                .iter()
+                .map(|s| (s.plan.key.clone(), s.plan.clone()))
+                .collect();
+            let current = self.get(key);
+            if let Some((runner, applied)) = &current {
+                let running = runner.stream_plans();
+                // The runner's starting plan with the streams it reads now (they may have
+                // changed in place since it started).
+                let mut moved = runner.plan.clone();
+                moved.streams = running.keys().cloned().collect();
+                if running == wanted && same_but_live(&moved, plan) {
+                    if applied != plan {
+                        runner.update(plan);
+                        if let Some(e) = self.running.writing().get_mut(key) {
+                            e.plan = plan.clone();
+                        }
+                        tracing::info!(subscription = %key, consumers = plan.consumers,
+                            rate = ?plan.rate_limit, "subscription settings updated");
+                    }
+                    continue;
+                }
+                // Another set of streams (a label added or removed, a stream created or
+                // deleted) is applied in place when the streams still read did not change:
+                // their consumers go on.
+                moved.streams = plan.streams.clone();
+                if plan.multi
+                    && runner.settled()
+                    && same_but_live(&moved, plan)
+                    && running
+                        .iter()
+                        .all(|(k, p)| wanted.get(k).is_none_or(|w| w == p))
+                {
+                    match runner.rebind(sides.clone()).await {
+                        Ok(()) => {
+                            runner.update(plan);
+                            if let Some(e) = self.running.writing().get_mut(key) {
+                                e.plan = plan.clone();
+                            }
+                            tracing::info!(subscription = %key, streams = ?plan.streams, "subscription streams changed");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(subscription = %key, error = %e,
+                                "binding streams in place failed; restarting the subscription");
+                        }
+                    }
+                }
             }
             // A changed spec: stop the old consumers first, so that no two versions deliver
             // at once, then start the new one.
@@ -169,17 +200,9 @@ impl Subscriptions {
             if let Some(e) = old {
                 e.runner.stop().await;
             }
-            let rt2 = rt.clone();
-            let side = StreamSide {
-                plan: rt.plan.clone(),
-                broker: rt.broker.clone(),
-                store: rt.store().cloned(),
-                stream_id: Arc::new(move || rt2.stream_id()),
-                pii: rt.pii.clone(),
-            };
             match Runner::start(
                 plan.clone(),
-                side,
+                sides,
                 self.appender.clone(),
                 self.metrics.clone(),
                 &self.guard,
@@ -223,6 +246,24 @@ impl Subscriptions {
         }
         *self.problems.writing() = problems;
         errors
+    }
+
+    /// The running streams a plan reads, in its order, or the first one not running.
+    fn sides(&self, plan: &SubscriptionPlan) -> Result<Vec<StreamSide>, Key> {
+        plan.streams
+            .iter()
+            .map(|k| {
+                let rt = self.engine.stream(&k.namespace, &k.name).ok_or(k.clone())?;
+                let rt2 = rt.clone();
+                Ok(StreamSide {
+                    plan: rt.plan.clone(),
+                    broker: rt.broker.clone(),
+                    store: rt.store().cloned(),
+                    stream_id: Arc::new(move || rt2.stream_id()),
+                    pii: rt.pii.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Stops every subscription gracefully (before the engine drains its batchers, so that

@@ -408,8 +408,13 @@ pub enum OrderingPlan {
 pub struct SubscriptionPlan {
     pub key: Key,
     pub generation: i64,
-    /// The EventStream (same namespace) whose events are delivered.
-    pub stream: Key,
+    /// The EventStreams (same namespace) whose events are delivered, sorted, at least one;
+    /// exactly one unless `multi`.
+    pub streams: Vec<Key>,
+    /// Named by `streams` or `streamSelector` (even if they name one stream): the queue is
+    /// named after the subscription alone, its set of streams may change while it runs, and
+    /// delivered events carry `weirstream`.
+    pub multi: bool,
     /// ANDed; empty: every event.
     pub filters: Vec<crate::topology::filter::Filter>,
     pub sink: SinkPlan,
@@ -424,6 +429,14 @@ pub struct SubscriptionPlan {
     /// Stream that 2xx CloudEvent replies are published into.
     pub reply: Option<Key>,
     pub deletion_policy: DeletionPolicy,
+}
+
+impl SubscriptionPlan {
+    /// The first of the streams read (the only one unless `multi`).
+    pub fn stream(&self) -> &Key {
+        // Built with at least one stream (a plan without any is refused).
+        &self.streams[0]
+    }
 }
 
 /// Where archive segments are written.

@@ -11,6 +11,7 @@ pub mod chaos;
 pub mod counting;
 pub mod helm;
 pub mod pg;
+pub mod recording;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 

@@ -2,7 +2,9 @@
 //!
 //! # Topology on RabbitMQ (names in [`Names`])
 //! - `weir.<ns>.<stream>.<subscription>`: the subscription's durable queue (type from the
-//!   stream, quorum by default), bound to the stream exchange with the narrowest topic
+//!   stream, quorum by default; `weir.<ns>._.<subscription>` for a subscription naming its
+//!   streams by `streams` or `streamSelector`, bound to each of them), bound to the stream
+//!   exchange with the narrowest topic
 //!   patterns its `type` filters allow (`#` otherwise). Other filters run in the consumer:
 //!   an event that does not match is acked and counted, never delivered.
 //! - `ordering: perKey`: instead, a consistent-hash exchange `weir-hash.<ns>.<subscription>`
@@ -56,6 +58,9 @@ pub const EXT_ERROR_DEST: &str = "weirerrordest";
 pub const EXT_ERROR_CODE: &str = "weirerrorcode";
 pub const EXT_ERROR_DATA: &str = "weirerrordata";
 pub const EXT_ATTEMPTS: &str = "weirattempts";
+/// Extension naming the stream an event of a multi-stream subscription (`streams`,
+/// `streamSelector`) comes from.
+pub const EXT_STREAM: &str = "weirstream";
 /// Type of the event appended to a `deadLetterSink: {stream}`.
 pub const DELIVERY_FAILED_TYPE: &str = "dev.weir.delivery.failed";
 
@@ -117,7 +122,14 @@ pub struct Names {
 
 impl Names {
     pub fn new(plan: &SubscriptionPlan) -> Names {
-        let (ns, sub, stream) = (&plan.key.namespace, &plan.key.name, &plan.stream.name);
+        let (ns, sub) = (&plan.key.namespace, &plan.key.name);
+        // A multi-stream subscription's queue is named after it alone: `_` cannot be a stream
+        // name (DNS labels), so it cannot collide with a single-stream one.
+        let stream = if plan.multi {
+            "_"
+        } else {
+            plan.stream().name.as_str()
+        };
         let queue = format!("weir.{ns}.{stream}.{sub}");
         let (hash_exchange, partitions, holds) = match &plan.ordering {
             OrderingPlan::None => (None, vec![], vec![]),
@@ -218,7 +230,8 @@ mod tests {
         SubscriptionPlan {
             key: Key::new("shop", "notify"),
             generation: 1,
-            stream: Key::new("shop", "orders"),
+            streams: vec![Key::new("shop", "orders")],
+            multi: false,
             filters: parse_filters(filters.as_array().unwrap(), "spec.filters").unwrap(),
             sink: crate::topology::SinkPlan {
                 url: "http://x/".into(),
@@ -261,7 +274,7 @@ mod tests {
     /// Every broker name of a subscription `sub` on stream `stream` of namespace `shop`.
     fn all_names(stream: &str, sub: &str, ordering: OrderingPlan) -> Vec<String> {
         let mut p = plan(serde_json::json!([]), ordering);
-        p.stream = Key::new("shop", stream);
+        p.streams = vec![Key::new("shop", stream)];
         p.key = Key::new("shop", sub);
         let n = Names::new(&p);
         let mut out = vec![

@@ -97,6 +97,9 @@ pub struct SubscriptionFields {
     /// Something a person should know that is not a failure (e.g. a catch-up skipped).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notice: Option<String>,
+    /// The streams read, by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streams: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -272,13 +275,16 @@ impl Plane {
         let mut ready_as = None;
         let mut gates = vec![ConditionType::CaughtUp];
         let plan = view.built.topology.subscriptions.get(key);
-        if let Some(plan) = plan
-            && view.deleting_streams.contains(&plan.stream)
-        {
-            not_ready = Some((
-                reason::STREAM_DELETED.to_string(),
-                format!("EventStream {} is being deleted", plan.stream),
-            ));
+        if let Some(plan) = plan {
+            fields.streams = Some(plan.streams.iter().map(|k| k.name.clone()).collect());
+            // A multi-stream subscription reads on while one of its streams goes: the
+            // stream leaves its set once deleted.
+            if !plan.multi && view.deleting_streams.contains(plan.stream()) {
+                not_ready = Some((
+                    reason::STREAM_DELETED.to_string(),
+                    format!("EventStream {} is being deleted", plan.stream()),
+                ));
+            }
         }
         match self.subscriptions.get(key) {
             Some((runner, plan)) => {
@@ -364,7 +370,10 @@ impl Plane {
                 fields.consumers = Some(runner.settings().consumers);
                 // Sampled from the broker's queue counts: the same for every worker.
                 fields.backlog = u64::try_from(st.backlog.load(Ordering::Acquire)).ok();
-                fields.position = Some(st.position.load(Ordering::Acquire).to_string());
+                // Positions are per stream: one number means nothing for several.
+                if !plan.multi {
+                    fields.position = Some(st.position.load(Ordering::Acquire).to_string());
+                }
                 fields.notice = st.notice();
             }
             None => {

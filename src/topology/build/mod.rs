@@ -120,7 +120,13 @@ pub fn build(index: &Index, defaults: &Defaults) -> Built {
 
     for (key, sub) in &index.subscriptions {
         let mut cx = Cx::new(index, defaults, key);
-        let plan = subscription_plan(&mut cx, key, &sub.metadata, &sub.spec);
+        let plan = subscription_plan(
+            &mut cx,
+            key,
+            &sub.metadata,
+            &sub.spec,
+            &built.topology.streams,
+        );
         let problems = cx.problems;
         finish(
             &mut built.reports,

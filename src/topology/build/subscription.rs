@@ -7,23 +7,9 @@ pub(super) fn subscription_plan(
     key: &Key,
     meta: &ObjectMeta,
     spec: &SubscriptionSpec,
+    plans: &BTreeMap<Key, StreamPlan>,
 ) -> SubscriptionPlan {
-    // The stream's name is part of the queue name: one that is not a DNS label could make two
-    // subscriptions share a queue (and no valid EventStream can carry it).
-    if !is_dns_label(&spec.stream) {
-        cx.invalid(
-            "spec.stream",
-            format!(
-                "{:?} is not a valid EventStream name (a DNS label)",
-                spec.stream
-            ),
-        );
-    }
-    let stream = cx.stream(&spec.stream, "spec.stream");
-    let broker_only = stream.as_ref().is_some_and(|(_, s)| s.spec.store.is_none());
-    let stream_key = stream
-        .map(|(k, _)| k)
-        .unwrap_or_else(|| cx.key(&spec.stream));
+    let (streams, multi, broker_only) = read_streams(cx, spec, plans);
 
     let filters = match parse_filters(spec.filters.as_deref().unwrap_or_default(), "spec.filters") {
         Ok(f) => f,
@@ -101,7 +87,9 @@ pub(super) fn subscription_plan(
             StartFrom::Latest
         }
     };
-    if start_from != StartFrom::Latest && broker_only {
+    if start_from != StartFrom::Latest
+        && let Some(stream_key) = broker_only
+    {
         cx.invalid(
             "spec.startFrom",
             format!(
@@ -144,7 +132,8 @@ pub(super) fn subscription_plan(
     SubscriptionPlan {
         key: key.clone(),
         generation: generation(meta),
-        stream: stream_key,
+        streams,
+        multi,
         filters,
         sink,
         delivery,
@@ -162,6 +151,130 @@ pub(super) fn subscription_plan(
             Some(api::DeletionPolicy::Delete) | None => DeletionPolicy::Delete,
         },
     }
+}
+
+/// The streams a subscription reads (sorted, never empty: a placeholder key stands in when
+/// none resolves, the plan being refused anyway), whether they were named by `streams` or
+/// `streamSelector`, and the first of them without a store.
+fn read_streams(
+    cx: &mut Cx<'_>,
+    spec: &SubscriptionSpec,
+    plans: &BTreeMap<Key, StreamPlan>,
+) -> (Vec<Key>, bool, Option<Key>) {
+    let mut found: Vec<(Key, String, bool)> = Vec::new();
+    let mut named = |cx: &mut Cx<'_>, name: &str, path: String| {
+        // The stream's name is part of the queue name of a single-stream subscription: one
+        // that is not a DNS label could make two subscriptions share a queue (and no valid
+        // EventStream can carry it).
+        if !is_dns_label(name) {
+            cx.invalid(
+                path.clone(),
+                format!("{name:?} is not a valid EventStream name (a DNS label)"),
+            );
+        }
+        if let Some((key, es)) = cx.stream(name, &path) {
+            if found.iter().any(|(k, _, _)| *k == key) {
+                cx.invalid(path, format!("EventStream {key} is listed twice"));
+            } else {
+                found.push((key, path, es.spec.store.is_none()));
+            }
+        }
+    };
+    let multi = match (&spec.stream, &spec.streams, &spec.stream_selector) {
+        (Some(name), None, None) => {
+            named(cx, name, "spec.stream".to_string());
+            false
+        }
+        (None, Some(names), None) => {
+            if names.is_empty() {
+                cx.invalid("spec.streams", "must name at least one EventStream");
+            }
+            for (i, name) in names.iter().enumerate() {
+                named(cx, name, format!("spec.streams[{i}]"));
+            }
+            true
+        }
+        (None, None, Some(sel)) => {
+            let ns = cx.namespace.to_string();
+            let mut refused = false;
+            for (key, es) in cx.index.streams.range(Key::new(ns.clone(), "")..) {
+                if key.namespace != ns {
+                    break;
+                }
+                let labels = es.metadata.labels.clone().unwrap_or_default();
+                match selector_matches(sel, &labels) {
+                    Err(e) => {
+                        cx.invalid(
+                            "spec.streamSelector",
+                            format!("invalid label selector: {e}"),
+                        );
+                        found.clear();
+                        refused = true;
+                        break;
+                    }
+                    // A selected stream that is itself invalid does not run: it is left out
+                    // (status.streams shows what is read) rather than stopping the others.
+                    Ok(true) if plans.contains_key(key) => found.push((
+                        key.clone(),
+                        "spec.streamSelector".to_string(),
+                        es.spec.store.is_none(),
+                    )),
+                    Ok(_) => {}
+                }
+            }
+            if found.is_empty() && !refused {
+                cx.push(
+                    "spec.streamSelector",
+                    format!("selects no valid EventStream of namespace {ns}"),
+                    Reason::StreamNotFound,
+                );
+            }
+            true
+        }
+        _ => {
+            cx.invalid(
+                "spec",
+                "exactly one of stream, streams or streamSelector must be set",
+            );
+            false
+        }
+    };
+    found.sort();
+    // One queue is bound to every stream's exchange, on one broker connection.
+    let mut first: Option<(&Key, &StreamPlan)> = None;
+    for (key, path, _) in &found {
+        let Some(p) = plans.get(key) else { continue };
+        let Some((k0, p0)) = first else {
+            first = Some((key, p));
+            continue;
+        };
+        if p.broker.url != p0.broker.url || p.broker.tls != p0.broker.tls {
+            cx.invalid(
+                path.clone(),
+                format!(
+                    "EventStream {key} is on another broker than {k0} (URL or TLS settings \
+                     differ): one queue cannot be bound to both; subscribe to them separately"
+                ),
+            );
+        } else if p.broker.queue_type != p0.broker.queue_type {
+            cx.invalid(
+                path.clone(),
+                format!(
+                    "EventStream {key} has queueType {}, {k0} {}: the subscription's one queue \
+                     has one type",
+                    p.broker.queue_type.as_arg(),
+                    p0.broker.queue_type.as_arg()
+                ),
+            );
+        }
+    }
+    let broker_only = found.iter().find(|f| f.2).map(|f| f.0.clone());
+    let mut keys: Vec<Key> = found.into_iter().map(|f| f.0).collect();
+    if keys.is_empty() {
+        let name = spec.stream.clone().unwrap_or_default();
+        keys.push(cx.key(&name));
+    }
+    (keys, multi, broker_only)
 }
 
 /// The URL of a sink given as exactly one of `uri` or `ref`.

@@ -129,7 +129,12 @@ impl Inner {
         &self,
         ev: &'e CloudEvent,
     ) -> Result<std::borrow::Cow<'e, CloudEvent>, Failure> {
-        let Some(pii) = &self.stream.pii else {
+        // The stream the event comes from decrypts it (an event of a stream unbound
+        // meanwhile keeps its envelopes).
+        let Some(side) = self.origin("", false, ev) else {
+            return Ok(std::borrow::Cow::Borrowed(ev));
+        };
+        let Some(pii) = &side.side.pii else {
             return Ok(std::borrow::Cow::Borrowed(ev));
         };
         if self.plan.delivery.pii_envelope {
@@ -141,7 +146,7 @@ impl Inner {
             data,
             retry_after: None,
         };
-        let Some(id) = (self.stream.stream_id)() else {
+        let Some(id) = (side.side.stream_id)() else {
             return Err(fail(
                 "pii-store",
                 "the stream's store is not set up yet".into(),
@@ -295,6 +300,7 @@ impl Inner {
     /// Handles one live message; says what to do with it.
     pub(super) async fn handle(
         &self,
+        exchange: &str,
         props: &lapin::BasicProperties,
         body: &[u8],
         wait: &Wait<'_>,
@@ -309,7 +315,7 @@ impl Inner {
             Some(AMQPValue::LongInt(n)) => Some(n.max(0) as u32),
             _ => None,
         };
-        let ev = match from_properties(props, body) {
+        let mut ev = match from_properties(props, body) {
             Ok(ev) => ev,
             Err(e) => {
                 // Not a CloudEvent: nothing can deliver it. Park it in the dead-letter queue,
@@ -336,15 +342,30 @@ impl Inner {
                 };
             }
         };
-        if attempts.is_none()
-            && let Some(p) = ev
+        let Some(origin) = self.origin(exchange, attempts.is_none(), &ev) else {
+            // A stream no longer read (see the streams module).
+            self.count("unbound");
+            return Settle::Ack;
+        };
+        self.stamp(&mut ev, &origin);
+        if attempts.is_none() {
+            let hwm = match self.await_hand_over(&origin, cancel).await {
+                Ok(streams::HandOver::Mark(hwm)) => hwm,
+                Ok(streams::HandOver::Unbound) => {
+                    self.count("unbound");
+                    return Settle::Ack;
+                }
+                Err(_) => return Settle::Return,
+            };
+            if let Some(p) = ev
                 .extension_str(EXT_POSITION)
                 .and_then(|p| p.parse::<i64>().ok())
-            && p <= self.hwm.load(Ordering::Acquire)
-        {
-            // Delivered by the catch-up already.
-            self.count("duplicate");
-            return Settle::Ack;
+                && p <= hwm
+            {
+                // Delivered by the catch-up already.
+                self.count("duplicate");
+                return Settle::Ack;
+            }
         }
         if !self.accepts(&ev) {
             self.count("filtered");

@@ -8,18 +8,14 @@ impl Inner {
     /// Provisions, then catches up from the store when the subscription is new and starts
     /// from the past (see the module documentation).
     pub(super) async fn prepare(&self, cancel: &CancellationToken) -> Result<(), DeliveryError> {
+        if self.plan.multi {
+            return self.prepare_multi(cancel).await;
+        }
         let Some(store) = self.stream.store.clone() else {
             self.provision().await?;
             return Ok(());
         };
-        let stream_id = loop {
-            if let Some(id) = (self.stream.stream_id)() {
-                break id;
-            }
-            if !sleep_or_cancel(cancel, Duration::from_millis(200)).await {
-                return Err(DeliveryError::Shutdown);
-            }
-        };
+        let stream_id = streams::wait_stream_id(&self.stream, cancel).await?;
         let (ns, name) = (&self.plan.key.namespace, &self.plan.key.name);
         // The lock is held by the database's lock session, not by a pool connection: a
         // thousand subscriptions waiting for their locks hold no connection.
@@ -91,7 +87,7 @@ impl Inner {
             .position
             .fetch_max(row.position, Ordering::AcqRel);
         if let Some(hwm) = row.caught_up_to {
-            self.hwm.store(hwm, Ordering::Release);
+            self.set_hwm(hwm);
             return Ok(());
         }
         if self.scaled_to_zero() {
@@ -109,26 +105,38 @@ impl Inner {
                 break;
             };
             let events: Vec<CloudEvent> = page.iter().map(|e| e.to_cloud_event()).collect();
-            self.deliver_page(events, cancel).await?;
+            self.deliver_page(events, false, cancel).await?;
             next = last + 1;
             store.set_next_position(ns, name, next).await?;
             self.flush_position().await;
         }
         let hwm = next - 1;
         store.set_caught_up(ns, name, hwm).await?;
-        self.hwm.store(hwm, Ordering::Release);
+        self.set_hwm(hwm);
         tracing::info!(subscription = %self.plan.key, to = hwm, "caught up");
         Ok(())
     }
 
+    /// The mark of a single-stream subscription's stream.
+    fn set_hwm(&self, hwm: i64) {
+        for b in self.bounds() {
+            b.hwm.store(hwm, Ordering::Release);
+        }
+    }
+
     /// Delivers one catch-up page: concurrently (ordering none, up to `consumers`) or one
-    /// event at a time (perKey, which keeps every key's order).
+    /// event at a time (perKey, which keeps every key's order). `live`: the consumers run
+    /// meanwhile (a stream bound later); under perKey their lanes may hold every delivery
+    /// permit while they wait for this replay to end, so it takes none (it delivers one event
+    /// at a time, one beyond `consumers` at most).
     pub(super) async fn deliver_page(
         &self,
         events: Vec<CloudEvent>,
+        live: bool,
         cancel: &CancellationToken,
     ) -> Result<(), DeliveryError> {
         let in_place = !matches!(self.plan.ordering, OrderingPlan::None);
+        let take_permit = !(live && in_place);
         let width = if in_place {
             1
         } else {
@@ -141,7 +149,11 @@ impl Inner {
                     self.note_position(&ev);
                     return Ok(());
                 }
-                let _permit = self.limit.acquire().await;
+                let _permit = if take_permit {
+                    Some(self.limit.acquire().await)
+                } else {
+                    None
+                };
                 // perKey catch-up retries wait here: the catch-up holds no message, and a
                 // crash resumes from its last recorded page.
                 let wait = if in_place {

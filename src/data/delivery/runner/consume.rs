@@ -48,7 +48,7 @@ pub(super) async fn consume_shared(inner: Arc<Inner>, cancel: CancellationToken)
                         let inner = inner.clone();
                         let cancel = cancel.clone();
                         tasks.spawn(async move {
-                            let settle = inner.handle(&d.properties, &d.data, &Wait::Delayed, &cancel).await;
+                            let settle = inner.handle(d.exchange.as_str(), &d.properties, &d.data, &Wait::Delayed, &cancel).await;
                             let _ = if settle == Settle::Ack {
                                 d.acker.ack(BasicAckOptions::default()).await
                             } else {
@@ -227,7 +227,13 @@ pub(super) async fn drain(inner: Arc<Inner>, queue: String, cancel: Cancellation
             empty_since = None;
             let d = m.delivery;
             let settle = inner
-                .handle(&d.properties, &d.data, &Wait::InPlace, &cancel)
+                .handle(
+                    d.exchange.as_str(),
+                    &d.properties,
+                    &d.data,
+                    &Wait::InPlace,
+                    &cancel,
+                )
                 .await;
             let _ = if settle == Settle::Ack {
                 d.acker.ack(BasicAckOptions::default()).await

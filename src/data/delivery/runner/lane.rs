@@ -210,7 +210,13 @@ pub(super) async fn consume_lane(
                     // order, so then it is left to the reconnect.
                     loop {
                         let s = inner
-                            .handle(&d.properties, &d.data, &Wait::Lane(&lane), &cancel)
+                            .handle(
+                                d.exchange.as_str(),
+                                &d.properties,
+                                &d.data,
+                                &Wait::Lane(&lane),
+                                &cancel,
+                            )
                             .await;
                         if s != Settle::Return || cancel.is_cancelled() || !ch.status().connected()
                         {

@@ -38,16 +38,18 @@
 //! prefetched message that was not started. Nothing is dead-lettered and no attempt is counted
 //! because of a stop.
 
-use crate::poison::MutexExt;
+use crate::poison::{MutexExt, RwLockExt};
+use std::collections::BTreeMap;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicQosOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueuePurgeOptions,
+    BasicQosOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeUnbindOptions,
+    QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
@@ -64,6 +66,8 @@ mod lane;
 mod pacing;
 mod provision;
 mod replies;
+mod state;
+mod streams;
 
 use attempt::Settle;
 use backlog::background;
@@ -71,13 +75,15 @@ use consume::{consume_shared, drain};
 use lane::{Lane, consume_lane};
 pub use pacing::Pacer;
 pub use replies::{failed_event, reply_event};
+pub use state::SubState;
+use streams::{Bound, HWM_PENDING};
 
 use super::backoff::all_buckets;
 use super::sender::{Failure, Outcome, Sender};
 use super::{
     ATTEMPTS_HEADER, Appender, DELIVERY_FAILED_TYPE, DUE_HEADER, DeliveryError, EXT_ATTEMPTS,
-    EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, HOLD_ID_HEADER, HOLD_SOURCE_HEADER, Names,
-    binding_keys,
+    EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, EXT_STREAM, HOLD_ID_HEADER, HOLD_SOURCE_HEADER,
+    Names, binding_keys,
 };
 use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
 use crate::data::event::{
@@ -146,75 +152,6 @@ pub struct Settings {
     pub rate_limit: Option<u32>,
 }
 
-/// What status shows about a running subscription.
-pub struct SubState {
-    /// Highest stream position delivered (or dead-lettered) so far.
-    pub position: AtomicI64,
-    pub caught_up: AtomicBool,
-    pub provisioned: AtomicBool,
-    /// Provisioned and scaled to zero (`consumers: 0`): no consumer runs.
-    pub scaled_to_zero: AtomicBool,
-    pub inflight: AtomicI64,
-    /// Ready and unacknowledged messages of the subscription's queues plus retries waiting
-    /// in delay queues (see [`BacklogSampler`]); -1 before the first sample.
-    pub backlog: AtomicI64,
-    /// Last attempt's outcome: reachable, and what happened.
-    pub sink: Mutex<Option<(bool, String)>>,
-    /// Why the subscription is not running, if it is not.
-    pub error: Mutex<Option<String>>,
-    /// The reason of `error` when set-up failed.
-    failure: Mutex<Option<&'static str>>,
-    /// Something the operator should know although it runs (a queue kept with old
-    /// arguments).
-    pub notice: Mutex<Option<String>>,
-}
-
-impl Default for SubState {
-    fn default() -> Self {
-        SubState {
-            position: AtomicI64::new(0),
-            caught_up: AtomicBool::new(false),
-            provisioned: AtomicBool::new(false),
-            scaled_to_zero: AtomicBool::new(false),
-            inflight: AtomicI64::new(0),
-            backlog: AtomicI64::new(-1),
-            sink: Mutex::new(None),
-            error: Mutex::new(None),
-            failure: Mutex::new(None),
-            notice: Mutex::new(None),
-        }
-    }
-}
-
-impl SubState {
-    fn set_error(&self, e: Option<String>) {
-        if e.is_none() {
-            *self.failure.locked() = None;
-        }
-        *self.error.locked() = e;
-    }
-    /// Records why the subscription does not run, with its condition reason.
-    fn set_failure(&self, reason: &'static str, e: String) {
-        *self.error.locked() = Some(e);
-        *self.failure.locked() = Some(reason);
-    }
-    /// Why set-up fails, as a condition reason (StoreUnavailable, BrokerUnavailable,
-    /// ProvisioningFailed) with the error, while it does.
-    pub fn failure(&self) -> Option<(&'static str, String)> {
-        let reason = (*self.failure.locked())?;
-        Some((reason, self.error().unwrap_or_default()))
-    }
-    pub fn error(&self) -> Option<String> {
-        self.error.locked().clone()
-    }
-    pub fn notice(&self) -> Option<String> {
-        self.notice.locked().clone()
-    }
-    pub fn sink(&self) -> Option<(bool, String)> {
-        self.sink.locked().clone()
-    }
-}
-
 /// The stream side a subscription reads from.
 #[derive(Clone)]
 pub struct StreamSide {
@@ -231,7 +168,6 @@ pub struct StreamSide {
 /// One running subscription.
 pub struct Runner {
     pub plan: SubscriptionPlan,
-    pub stream_plan: StreamPlan,
     pub names: Names,
     pub state: Arc<SubState>,
     inner: Arc<Inner>,
@@ -245,7 +181,17 @@ struct Inner {
     names: Names,
     state: Arc<SubState>,
     metrics: Metrics,
+    /// The side the subscription's queues live on: the broker (shared by every stream read,
+    /// validation sees to it) and the queue type. For a single-stream subscription, its
+    /// stream, store included.
     stream: StreamSide,
+    /// Every stream read, by name (the namespace is the subscription's). One entry unless
+    /// the plan is `multi`; then it changes while the runner runs ([`Runner::rebind`]).
+    sides: RwLock<BTreeMap<String, Arc<Bound>>>,
+    /// Stopped with the runner; each stream's token is a child of it.
+    cancel: CancellationToken,
+    /// The hand-overs of streams bound while the consumers run ([`Runner::rebind`]).
+    hand_overs: Mutex<Vec<JoinHandle<()>>>,
     sender: Sender,
     dl_sender: Option<Sender>,
     appender: Arc<dyn Appender>,
@@ -254,8 +200,6 @@ struct Inner {
     limit: Arc<Semaphore>,
     limit_size: Mutex<u32>,
     pacer: Pacer,
-    /// First-attempt messages at or below this position were delivered by the catch-up.
-    hwm: AtomicI64,
     /// Scaled to zero with a catch-up pending: the stream position it starts from (0: none).
     /// The backlog counts the stored events from there, so that an autoscaler watching it
     /// wakes a subscription whose queue is still empty.
@@ -278,10 +222,11 @@ enum Wait<'a> {
 }
 
 impl Runner {
-    /// Starts the subscription's tasks. Fails at once only for a sink that cannot work.
+    /// Starts the subscription's tasks over `sides` (one per stream of the plan, in its
+    /// order). Fails at once only for a sink that cannot work.
     pub fn start(
         plan: SubscriptionPlan,
-        stream: StreamSide,
+        sides: Vec<StreamSide>,
         appender: Arc<dyn Appender>,
         metrics: Metrics,
         guard: &super::SinkGuard,
@@ -299,6 +244,26 @@ impl Runner {
             )?),
             _ => None,
         };
+        let Some(stream) = sides.first().cloned() else {
+            return Err(DeliveryError::Other(format!(
+                "subscription {} reads no stream",
+                plan.key
+            )));
+        };
+        let cancel = CancellationToken::new();
+        // A single-stream subscription's consumers start after its catch-up, which sets the
+        // mark; a multi-stream one's streams are pending until theirs is known.
+        let first_mark = if plan.multi { HWM_PENDING } else { 0 };
+        let bound: BTreeMap<String, Arc<Bound>> = sides
+            .into_iter()
+            .map(|s| {
+                let name = s.plan.key.name.clone();
+                (
+                    name,
+                    Arc::new(Bound::new(s, first_mark, cancel.child_token())),
+                )
+            })
+            .collect();
         let names = super::Names::new(&plan);
         let state = Arc::new(SubState::default());
         let settings = Settings {
@@ -311,7 +276,9 @@ impl Runner {
             names: names.clone(),
             state: state.clone(),
             metrics,
-            stream: stream.clone(),
+            stream,
+            sides: RwLock::new(bound),
+            cancel: cancel.clone(),
             sender,
             dl_sender,
             appender,
@@ -319,17 +286,15 @@ impl Runner {
             limit: Arc::new(Semaphore::new(consumers as usize)),
             limit_size: Mutex::new(consumers),
             pacer: Pacer::default(),
-            hwm: AtomicI64::new(0),
             pending_catchup: AtomicI64::new(0),
             declared_delays: Mutex::new(HashSet::new()),
             lane_refresh: lane_refresh(),
             flushed: AtomicI64::new(0),
+            hand_overs: Mutex::new(Vec::new()),
         });
-        let cancel = CancellationToken::new();
         let task = tokio::spawn(run(inner.clone(), cancel.clone()));
         Ok(Runner {
             plan,
-            stream_plan: stream.plan,
             names,
             state,
             inner,
@@ -388,10 +353,19 @@ impl Runner {
             broker.delete_queue(&self.names.retry_queue(d)).await?;
         }
         broker.delete_queue(&self.names.dead_letter_queue).await?;
-        if let Some(store) = &self.inner.stream.store {
-            store
-                .delete_progress(&self.plan.key.namespace, &self.plan.key.name)
-                .await?;
+        let ns = &self.plan.key.namespace;
+        if !self.plan.multi {
+            if let Some(store) = &self.inner.stream.store {
+                store.delete_progress(ns, &self.plan.key.name).await?;
+            }
+            return Ok(());
+        }
+        for b in self.inner.bounds() {
+            if let Some(store) = &b.side.store {
+                store
+                    .delete_progress(ns, &self.inner.progress_name(&b))
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -480,6 +454,12 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
     for d in drains {
         let _ = d.await;
     }
+    // Replays of streams bound later stop with the runner (their tokens are children of
+    // its own): waited for, so that no delivery of this runner outlives its stop.
+    let hand_overs = std::mem::take(&mut *inner.hand_overs.locked());
+    for h in hand_overs {
+        let _ = h.await;
+    }
     inner.flush_position().await;
 }
 
@@ -520,6 +500,9 @@ impl Inner {
     }
 
     fn note_position(&self, ev: &CloudEvent) {
+        if self.plan.multi {
+            return;
+        }
         if let Some(p) = ev
             .extension_str(EXT_POSITION)
             .and_then(|p| p.parse::<i64>().ok())
@@ -529,6 +512,11 @@ impl Inner {
     }
 
     async fn flush_position(&self) {
+        // Positions are per stream: a multi-stream subscription records each stream's
+        // progress in its replay rows, not one delivered position.
+        if self.plan.multi {
+            return;
+        }
         let (Some(store), Some(_)) = (&self.stream.store, (self.stream.stream_id)()) else {
             return;
         };

@@ -7,20 +7,14 @@ impl Inner {
     /// Declares the queues and bindings; true if the subscription's queue did not exist.
     pub(super) async fn provision(&self) -> Result<bool, DeliveryError> {
         let broker = &self.stream.broker;
-        let exchange = &self.stream.plan.broker.exchange;
-        broker.declare_exchange(exchange).await?;
         let first = self.names.consumed()[0].clone();
         let fresh = broker.queue_counts(&first).await?.is_none();
         self.declare_or_keep(&self.names.dead_letter_queue, FieldTable::default())
             .await?;
-        let keys = binding_keys(&self.plan);
         match &self.names.hash_exchange {
             None => {
                 self.declare_or_keep(&self.names.queue, FieldTable::default())
                     .await?;
-                for k in &keys {
-                    broker.bind_queue(&self.names.queue, exchange, k).await?;
-                }
             }
             Some(hx) => {
                 let OrderingPlan::PerKey { partition_key, .. } = &self.plan.ordering else {
@@ -36,27 +30,14 @@ impl Inner {
                     durable: true,
                     ..ExchangeDeclareOptions::default()
                 };
-                let r = async {
-                    ch.exchange_declare(
+                let r = ch
+                    .exchange_declare(
                         hx.as_str().into(),
                         ExchangeKind::Custom("x-consistent-hash".into()),
                         durable,
                         args,
                     )
-                    .await?;
-                    for k in &keys {
-                        ch.exchange_bind(
-                            hx.as_str().into(),
-                            exchange.as_str().into(),
-                            k.as_str().into(),
-                            ExchangeBindOptions::default(),
-                            FieldTable::default(),
-                        )
-                        .await?;
-                    }
-                    lapin::Result::Ok(())
-                }
-                .await;
+                    .await;
                 let _ = ch.close(200, "OK".into()).await;
                 r.map_err(|e| {
                     DeliveryError::Other(format!(
@@ -76,8 +57,71 @@ impl Inner {
                 }
             }
         }
+        for exchange in self.exchanges() {
+            self.bind_exchange(&exchange).await?;
+        }
         self.state.provisioned.store(true, Ordering::Release);
         Ok(fresh)
+    }
+
+    /// Binds the subscription's queue (or, under perKey, its consistent-hash exchange) to a
+    /// stream's exchange, with the topic patterns its filters allow.
+    pub(super) async fn bind_exchange(&self, exchange: &str) -> Result<(), DeliveryError> {
+        let broker = &self.stream.broker;
+        broker.declare_exchange(exchange).await?;
+        let keys = binding_keys(&self.plan);
+        let Some(hx) = &self.names.hash_exchange else {
+            for k in &keys {
+                broker.bind_queue(&self.names.queue, exchange, k).await?;
+            }
+            return Ok(());
+        };
+        let ch = broker.open_channel().await?;
+        let r = async {
+            for k in &keys {
+                ch.exchange_bind(
+                    hx.as_str().into(),
+                    exchange.into(),
+                    k.as_str().into(),
+                    ExchangeBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            }
+            lapin::Result::Ok(())
+        }
+        .await;
+        let _ = ch.close(200, "OK".into()).await;
+        r.map_err(|e| DeliveryError::Other(format!("binding {hx} to {exchange}: {e}")))
+    }
+
+    /// Undoes [`Inner::bind_exchange`].
+    pub(super) async fn unbind_exchange(&self, exchange: &str) -> Result<(), DeliveryError> {
+        let broker = &self.stream.broker;
+        let keys = binding_keys(&self.plan);
+        let Some(hx) = &self.names.hash_exchange else {
+            for k in &keys {
+                broker.unbind_queue(&self.names.queue, exchange, k).await?;
+            }
+            return Ok(());
+        };
+        let ch = broker.open_channel().await?;
+        let r = async {
+            for k in &keys {
+                ch.exchange_unbind(
+                    hx.as_str().into(),
+                    exchange.into(),
+                    k.as_str().into(),
+                    ExchangeUnbindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            }
+            lapin::Result::Ok(())
+        }
+        .await;
+        let _ = ch.close(200, "OK".into()).await;
+        r.map_err(|e| DeliveryError::Other(format!("unbinding {hx} from {exchange}: {e}")))
     }
 
     pub(super) async fn declare_delay_queue(
@@ -147,7 +191,6 @@ impl Inner {
     /// drained by [`drain`].
     pub(super) async fn retire_stale(&self) -> Result<Vec<String>, DeliveryError> {
         let broker = &self.stream.broker;
-        let exchange = &self.stream.plan.broker.exchange;
         let (mut stale, first_lane) = match &self.plan.ordering {
             OrderingPlan::None => (vec![], 0),
             OrderingPlan::PerKey { partitions, .. } => {
@@ -188,8 +231,10 @@ impl Inner {
             let mut keys = binding_keys(&self.plan);
             keys.push("#".into());
             keys.dedup();
-            for k in keys {
-                broker.unbind_queue(&self.names.queue, exchange, &k).await?;
+            for exchange in self.exchanges() {
+                for k in &keys {
+                    broker.unbind_queue(&self.names.queue, &exchange, k).await?;
+                }
             }
         }
         tracing::info!(subscription = %self.plan.key, queues = ?stale, "draining queues of an earlier shape");
