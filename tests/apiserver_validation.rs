@@ -438,7 +438,7 @@ async fn schema_errors_have_the_real_shapes() {
             &[(
                 "FieldValueInvalid",
                 "spec",
-                "Invalid value: \"object\": exactly one of stream, streams or streamSelector must be set",
+                "Invalid value: \"object\": either stream, or streams and/or streamSelector must be set",
             )],
         );
     }

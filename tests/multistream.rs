@@ -96,7 +96,7 @@ fn the_ways_of_naming_streams_are_checked_with_clear_messages() {
     yaml += &shop_sub("live", "  streams: [a, bare]\n");
     let built = build(&index_from_yaml(&yaml), &Defaults::default());
 
-    let exactly_one = "exactly one of stream, streams or streamSelector must be set";
+    let exactly_one = "either stream, or streams and/or streamSelector must be set";
     assert_problem(&built, "both", "spec", Reason::InvalidSpec, exactly_one);
     assert_problem(&built, "none", "spec", Reason::InvalidSpec, exactly_one);
     assert_problem(
@@ -405,6 +405,79 @@ async fn a_stream_labelled_later_is_replayed_and_one_unlabelled_stops_arriving()
         2,
         "{log}"
     );
+}
+
+/// `streams` and `streamSelector` together: one stream by name, one added later by label.
+/// `startFrom: earliest` covers both histories; the labelled one stops arriving when its label
+/// goes, the named one keeps arriving whatever its labels; a stream both named and selected is
+/// read once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_stream_by_name_and_one_added_later_by_label_exactly_once() {
+    let db = fresh_database().await;
+    let m = Manifests::new(&db);
+    let (xa, xb) = (unique("weir.test.a."), unique("weir.test.b."));
+    m.write("a.yaml", &test_stream("a", &xa, false));
+    m.write("b.yaml", &test_stream("b", &xb, false));
+    let mut weir = Weir::start(m.path());
+    weir.wait_ready("test", "a").await;
+    weir.wait_ready("test", "b").await;
+    let mut expected = BTreeSet::new();
+    expected.extend(publish(&weir, "a", "h", 60).await);
+    let b_history = publish(&weir, "b", "h", 60).await;
+
+    let sink = RecordingSink::start().await;
+    let sub = unique("s");
+    let spec =
+        "  streams: [a]\n  streamSelector: {matchLabels: {tier: gold}}\n  startFrom: earliest\n";
+    m.write("sub.yaml", &test_sub(&sub, &sink.url, spec));
+    wait_subscription(&weir, &sub).await;
+    // The selector matches nothing yet: the list alone is read.
+    assert_eq!(status_streams(&weir, &sub).await, json!(["a"]));
+    expected.extend(publish(&weir, "a", "l1", 30).await);
+    wait_received(&sink, &expected, &weir).await;
+    let b_before = publish(&weir, "b", "l1", 30).await;
+
+    // b gains the label: bound, its history and what it got meanwhile delivered.
+    m.write("b.yaml", &test_stream("b", &xb, true));
+    eventually(
+        60,
+        "b bound",
+        || weir.log_text(),
+        || async { (status_streams(&weir, &sub).await == json!(["a", "b"])).then_some(()) },
+    )
+    .await;
+    expected.extend(b_history);
+    expected.extend(b_before);
+    expected.extend(publish(&weir, "a", "l2", 30).await);
+    expected.extend(publish(&weir, "b", "l2", 30).await);
+    wait_received(&sink, &expected, &weir).await;
+
+    // a gains the label too: named and selected, still read once.
+    m.write("a.yaml", &test_stream("a", &xa, true));
+    // b loses it: unbound, while a stays (named).
+    m.write("b.yaml", &test_stream("b", &xb, false));
+    eventually(
+        60,
+        "b unbound",
+        || weir.log_text(),
+        || async { (status_streams(&weir, &sub).await == json!(["a"])).then_some(()) },
+    )
+    .await;
+    let b_after = publish(&weir, "b", "l3", 30).await;
+    expected.extend(publish(&weir, "a", "l3", 30).await);
+    wait_received(&sink, &expected, &weir).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = sink.got();
+    let (lost, duplicated, unexpected) = tally(&got, &expected);
+    assert_eq!(
+        (lost, duplicated, unexpected),
+        (0, 0, 0),
+        "(lost, duplicated, unexpected); of b after its label went: {}",
+        got.iter()
+            .filter(|g| b_after.contains(&(g.stream.clone(), g.id.clone())))
+            .count()
+    );
+    assert_eq!(expected.len(), 60 + 30 + 60 + 30 + 30 + 30 + 30);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

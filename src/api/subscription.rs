@@ -11,8 +11,8 @@ use super::common::{DeletionPolicy, SecretKeyRef, free_form_object_list};
 
 /// A Subscription: delivers the events of one EventStream (or of several, through one queue)
 /// that match its filters to a sink, with retries, dead-lettering, optional per-key ordering
-/// and replay from the store. Exactly one of `stream`, `streams` or `streamSelector` names the
-/// streams read.
+/// and replay from the store. `stream`, or `streams` and/or `streamSelector`, name the streams
+/// read.
 // Each `printcolumn(...)` repeats keys such as `type_`, which clippy takes for duplicated
 // attributes.
 #[allow(clippy::duplicated_attributes)]
@@ -48,11 +48,11 @@ use super::common::{DeletionPolicy, SecretKeyRef, free_form_object_list};
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(
-    "[has(self.stream), has(self.streams), has(self.streamSelector)].filter(x, x).size() == 1"
-).message("exactly one of stream, streams or streamSelector must be set"))]
+    "has(self.stream) != (has(self.streams) || has(self.streamSelector))"
+).message("either stream, or streams and/or streamSelector must be set"))]
 pub struct SubscriptionSpec {
     /// Name of the EventStream, in the same namespace, whose events this subscription receives.
-    /// Exactly one of `stream`, `streams` or `streamSelector` is set.
+    /// Set either `stream`, or `streams` and/or `streamSelector`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<String>,
     /// Names of several EventStreams of this namespace read through one queue. They must share
@@ -64,8 +64,9 @@ pub struct SubscriptionSpec {
     pub streams: Option<Vec<String>>,
     /// Label selector over the EventStreams of this namespace read through one queue, as
     /// `streams` but kept up to date: a stream that starts matching is bound (and its history
-    /// replayed from `startFrom`), one that stops matching is unbound. It must select at least
-    /// one stream.
+    /// replayed from `startFrom`), one that stops matching is unbound. Alone, it must select at
+    /// least one stream. With `streams` beside it, the subscription reads the listed streams and
+    /// every selected one (a stream both listed and selected once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_selector: Option<LabelSelector>,
     /// Filters in Knative's dialect; an event is delivered only if every filter matches. Each

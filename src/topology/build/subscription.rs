@@ -185,56 +185,24 @@ fn read_streams(
             named(cx, name, "spec.stream".to_string());
             false
         }
-        (None, Some(names), None) => {
-            if names.is_empty() {
-                cx.invalid("spec.streams", "must name at least one EventStream");
-            }
-            for (i, name) in names.iter().enumerate() {
-                named(cx, name, format!("spec.streams[{i}]"));
-            }
-            true
-        }
-        (None, None, Some(sel)) => {
-            let ns = cx.namespace.to_string();
-            let mut refused = false;
-            for (key, es) in cx.index.streams.range(Key::new(ns.clone(), "")..) {
-                if key.namespace != ns {
-                    break;
+        (None, names, selector) if names.is_some() || selector.is_some() => {
+            if let Some(names) = names {
+                if names.is_empty() {
+                    cx.invalid("spec.streams", "must name at least one EventStream");
                 }
-                let labels = es.metadata.labels.clone().unwrap_or_default();
-                match selector_matches(sel, &labels) {
-                    Err(e) => {
-                        cx.invalid(
-                            "spec.streamSelector",
-                            format!("invalid label selector: {e}"),
-                        );
-                        found.clear();
-                        refused = true;
-                        break;
-                    }
-                    // A selected stream that is itself invalid does not run: it is left out
-                    // (status.streams shows what is read) rather than stopping the others.
-                    Ok(true) if plans.contains_key(key) => found.push((
-                        key.clone(),
-                        "spec.streamSelector".to_string(),
-                        es.spec.store.is_none(),
-                    )),
-                    Ok(_) => {}
+                for (i, name) in names.iter().enumerate() {
+                    named(cx, name, format!("spec.streams[{i}]"));
                 }
             }
-            if found.is_empty() && !refused {
-                cx.push(
-                    "spec.streamSelector",
-                    format!("selects no valid EventStream of namespace {ns}"),
-                    Reason::StreamNotFound,
-                );
+            if let Some(sel) = selector {
+                select(cx, sel, plans, &mut found, names.is_some());
             }
             true
         }
         _ => {
             cx.invalid(
                 "spec",
-                "exactly one of stream, streams or streamSelector must be set",
+                "either stream, or streams and/or streamSelector must be set",
             );
             false
         }
@@ -275,6 +243,52 @@ fn read_streams(
         keys.push(cx.key(&name));
     }
     (keys, multi, broker_only)
+}
+
+/// Adds the streams `sel` selects to `found` (those already named by `streams` once). With
+/// no list beside it, a selector that selects nothing is reported: the subscription would
+/// read nothing.
+fn select(
+    cx: &mut Cx<'_>,
+    sel: &LabelSelector,
+    plans: &BTreeMap<Key, StreamPlan>,
+    found: &mut Vec<(Key, String, bool)>,
+    with_list: bool,
+) {
+    let ns = cx.namespace.to_string();
+    let before = found.len();
+    for (key, es) in cx.index.streams.range(Key::new(ns.clone(), "")..) {
+        if key.namespace != ns {
+            break;
+        }
+        let labels = es.metadata.labels.clone().unwrap_or_default();
+        match selector_matches(sel, &labels) {
+            Err(e) => {
+                cx.invalid(
+                    "spec.streamSelector",
+                    format!("invalid label selector: {e}"),
+                );
+                found.truncate(before);
+                return;
+            }
+            // A selected stream that is itself invalid does not run: it is left out
+            // (status.streams shows what is read) rather than stopping the others.
+            Ok(true) if plans.contains_key(key) && !found.iter().any(|f| f.0 == *key) => found
+                .push((
+                    key.clone(),
+                    "spec.streamSelector".to_string(),
+                    es.spec.store.is_none(),
+                )),
+            Ok(_) => {}
+        }
+    }
+    if found.is_empty() && !with_list {
+        cx.push(
+            "spec.streamSelector",
+            format!("selects no valid EventStream of namespace {ns}"),
+            Reason::StreamNotFound,
+        );
+    }
 }
 
 /// The URL of a sink given as exactly one of `uri` or `ref`.

@@ -377,7 +377,14 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
     // said once per state change.
     let mut trouble = Trouble::new(RECONNECT_DELAY, SETUP_RETRY_MAX);
     loop {
-        match inner.prepare(&cancel).await {
+        // A stop ends the set-up wherever it is: a runner stopped because its subscription is
+        // being deleted must not declare the queue again after the Lease holder deleted it
+        // (an abandoned catch-up resumes from its last recorded page elsewhere).
+        let prepared = tokio::select! {
+            r = inner.prepare(&cancel) => r,
+            _ = cancel.cancelled() => Err(DeliveryError::Shutdown),
+        };
+        match prepared {
             Ok(()) => break,
             Err(DeliveryError::Shutdown) => return,
             Err(e) => {
