@@ -65,6 +65,28 @@ pub fn block_weight(events: &[StoredEvent], capacity: usize) -> u32 {
     u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
+/// Which of a subject's events a page takes: versions from `from`, up to `version`, recorded
+/// up to `as_of`.
+pub(crate) struct SubjectWindow {
+    pub from: i64,
+    pub version: Option<i64>,
+    pub as_of: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl SubjectWindow {
+    /// `Some(true)` to take `e`, `Some(false)` to pass over it (before the window), `None` when
+    /// it is past the window and so is every later event of the subject: versions and
+    /// recorded times only grow along a subject's positions.
+    fn takes(&self, e: &StoredEvent) -> Option<bool> {
+        let past_version = |v: i64| e.version.is_some_and(|ev| ev > v);
+        if self.version.is_some_and(past_version) || self.as_of.is_some_and(|t| e.recorded_time > t)
+        {
+            return None;
+        }
+        Some(e.version.is_some_and(|ev| ev >= self.from))
+    }
+}
+
 impl Default for ArchiveReader {
     fn default() -> Self {
         ArchiveReader {
@@ -337,11 +359,16 @@ impl Store {
         Ok(events.iter().find(|e| e.position == position).cloned())
     }
 
-    /// Archived events of a subject, in position order.
+    /// At most `limit` archived events of a subject that `window` takes, in position order.
+    /// Blocks are read in order and no further than the page needs: with few subjects every
+    /// block holds each of them, and reading them all made a subject's first page cost the
+    /// whole archive (every block decoded, cached and cloned, per read).
     pub(crate) async fn archived_subject(
         &self,
         stream_id: i64,
         subject: &str,
+        window: &SubjectWindow,
+        limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let blocks: Vec<(i64, i32)> = sqlx::query_as(
             "SELECT first_position, block FROM weir_archive_subjects
@@ -357,12 +384,19 @@ impl Store {
                 continue;
             };
             let events = self.block(&seg, block as usize).await?;
-            out.extend(
-                events
-                    .iter()
-                    .filter(|e| e.event.subject.as_deref() == Some(subject))
-                    .cloned(),
-            );
+            for e in events
+                .iter()
+                .filter(|e| e.event.subject.as_deref() == Some(subject))
+            {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                match window.takes(e) {
+                    Some(true) => out.push(e.clone()),
+                    Some(false) => {}
+                    None => return Ok(out),
+                }
+            }
         }
         Ok(out)
     }
