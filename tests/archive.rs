@@ -612,6 +612,26 @@ async fn a_damaged_segment_fails_verify_and_the_others_stay_readable() {
         assert_eq!(status, 200, "position {p}: {one}");
         assert_eq!(one, before[p - 1]);
     }
+    // Every block holds events of every subject (one in 97 events each): a subject's first
+    // page reads the blocks it needs, not all of the subject's. The whole subject needs the
+    // damaged block.
+    let subject_url = |q: &str| {
+        format!(
+            "{}/v1/namespaces/{NS}/streams/{STREAM}/subjects/order-5/events?{q}",
+            w.url
+        )
+    };
+    let (status, page) = get_json(&subject_url("limit=5")).await;
+    assert_eq!(status, 200, "{page}");
+    let expected: Vec<Value> = before
+        .iter()
+        .filter(|e| e["subject"] == "order-5")
+        .take(5)
+        .cloned()
+        .collect();
+    assert_eq!(page, Value::Array(expected));
+    let (status, problem) = get_json(&subject_url("limit=1000")).await;
+    assert_eq!(status, 500, "{problem}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -139,7 +139,7 @@ pub async fn soak() {
     let sampler = rig.sampler();
     let mut minute = 0;
     eprintln!(
-        "[soak] | min | RSS MiB | fds | pg conns | channels | publish p50/p99 ms | read p50/p99 ms | delivered |"
+        "[soak] | min | RSS MiB (each) | fds | pg conns | channels | publish p50/p99 ms | read p50/p99 ms | delivered |"
     );
     while started.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep(every).await;
@@ -162,9 +162,22 @@ pub async fn soak() {
             .map(|r| r.1)
             .collect();
         let (delivered, _) = rig.receiver.activity();
+        // Each worker's share: a growth in one only (its cache, its subscriptions' lanes)
+        // reads differently from one in both.
+        let each: Vec<String> = rig
+            .pids
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                crate::common::chaos::rss_kib(*p)
+                    .map_or("–".into(), |k| format!("{:.0}", k as f64 / 1024.0))
+            })
+            .collect();
         eprintln!(
-            "[soak] | {minute} | {:.1} | {} | {} | {} | {:.1}/{:.1} | {:.1}/{:.1} | {delivered} |",
+            "[soak] | {minute} | {:.1} ({}) | {} | {} | {} | {:.1}/{:.1} | {:.1}/{:.1} | {delivered} |",
             s.rss_mib.unwrap_or(f64::NAN),
+            each.join(" + "),
             s.fds.unwrap_or(0),
             s.pg_conns.unwrap_or(-1),
             s.channels.map_or(-1, |c| c as i64),

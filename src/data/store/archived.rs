@@ -49,9 +49,43 @@ impl std::fmt::Debug for ArchiveReader {
     }
 }
 
-/// Decoded blocks kept per database: 32 MiB of events (weighed by their decompressed size)
-/// is ~500 blocks, enough for catch-ups and hot subjects without growing a worker much.
+/// Decoded blocks kept per database: 32 MiB of decoded events, weighed by the memory they
+/// hold ([`block_weight`]), enough for catch-ups and hot subjects without growing a worker
+/// much. Weighed by their text instead (256 bytes an event plus the payload), small events
+/// held nearly four times what they were counted as: the cache grew a worker by ~120 MiB
+/// before it evicted anything.
 const BLOCK_CACHE_BYTES: u64 = 32 << 20;
+
+/// What a cached block holds: its events ([`StoredEvent::footprint`]), the vector's spare
+/// capacity and the entry itself (key, `Arc`, the cache's own bookkeeping, ~200 bytes).
+pub fn block_weight(events: &[StoredEvent], capacity: usize) -> u32 {
+    let bytes = 256
+        + capacity.saturating_sub(events.len()) * std::mem::size_of::<StoredEvent>()
+        + events.iter().map(StoredEvent::footprint).sum::<usize>();
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
+/// Which of a subject's events a page takes: versions from `from`, up to `version`, recorded
+/// up to `as_of`.
+pub(crate) struct SubjectWindow {
+    pub from: i64,
+    pub version: Option<i64>,
+    pub as_of: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl SubjectWindow {
+    /// `Some(true)` to take `e`, `Some(false)` to pass over it (before the window), `None` when
+    /// it is past the window and so is every later event of the subject: versions and
+    /// recorded times only grow along a subject's positions.
+    fn takes(&self, e: &StoredEvent) -> Option<bool> {
+        let past_version = |v: i64| e.version.is_some_and(|ev| ev > v);
+        if self.version.is_some_and(past_version) || self.as_of.is_some_and(|t| e.recorded_time > t)
+        {
+            return None;
+        }
+        Some(e.version.is_some_and(|ev| ev >= self.from))
+    }
+}
 
 impl Default for ArchiveReader {
     fn default() -> Self {
@@ -66,13 +100,7 @@ impl Default for ArchiveReader {
             dictionaries: moka::sync::Cache::builder().max_capacity(64).build(),
             blocks: moka::sync::Cache::builder()
                 .max_capacity(BLOCK_CACHE_BYTES)
-                .weigher(|_, v: &Arc<Vec<StoredEvent>>| {
-                    let bytes: usize = v
-                        .iter()
-                        .map(|e| 256 + e.event.data.as_ref().map_or(0, |d| d.bytes().len()))
-                        .sum();
-                    u32::try_from(bytes).unwrap_or(u32::MAX)
-                })
+                .weigher(|_, v: &Arc<Vec<StoredEvent>>| block_weight(v, v.capacity()))
                 .build(),
         }
     }
@@ -261,13 +289,16 @@ impl Store {
             Some(id) => Some(self.dictionary(meta.stream_id, id).await?),
             None => None,
         };
-        let events = decompress_block(&frame, entry, dict.as_deref()).map_err(|message| {
+        let mut events = decompress_block(&frame, entry, dict.as_deref()).map_err(|message| {
             StoreError::ArchiveCorrupt {
                 segment: meta.name(),
                 offset: entry.offset,
                 message,
             }
         })?;
+        // Decoding grows the vector by doubling: up to half of it would sit unused for as
+        // long as the block is cached.
+        events.shrink_to_fit();
         let events = Arc::new(events);
         self.archive.blocks.insert(key, events.clone());
         Ok(events)
@@ -328,11 +359,16 @@ impl Store {
         Ok(events.iter().find(|e| e.position == position).cloned())
     }
 
-    /// Archived events of a subject, in position order.
+    /// At most `limit` archived events of a subject that `window` takes, in position order.
+    /// Blocks are read in order and no further than the page needs: with few subjects every
+    /// block holds each of them, and reading them all made a subject's first page cost the
+    /// whole archive (every block decoded, cached and cloned, per read).
     pub(crate) async fn archived_subject(
         &self,
         stream_id: i64,
         subject: &str,
+        window: &SubjectWindow,
+        limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let blocks: Vec<(i64, i32)> = sqlx::query_as(
             "SELECT first_position, block FROM weir_archive_subjects
@@ -348,12 +384,19 @@ impl Store {
                 continue;
             };
             let events = self.block(&seg, block as usize).await?;
-            out.extend(
-                events
-                    .iter()
-                    .filter(|e| e.event.subject.as_deref() == Some(subject))
-                    .cloned(),
-            );
+            for e in events
+                .iter()
+                .filter(|e| e.event.subject.as_deref() == Some(subject))
+            {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                match window.takes(e) {
+                    Some(true) => out.push(e.clone()),
+                    Some(false) => {}
+                    None => return Ok(out),
+                }
+            }
         }
         Ok(out)
     }

@@ -3,6 +3,7 @@
 
 mod append;
 pub(crate) mod archived;
+pub use archived::block_weight;
 mod codec;
 mod keys;
 pub use keys::SubjectKey;

@@ -9,6 +9,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::archived::SubjectWindow;
 use super::codec::{decode_row, event_columns};
 use super::{Store, StoreError};
 use crate::data::event::StoredEvent;
@@ -99,19 +100,16 @@ impl Store {
         if hot.first().is_some_and(|e| e.version == Some(from.max(1))) {
             return Ok(hot);
         }
-        let archived: Vec<StoredEvent> = self
-            .archived_subject(stream_id, subject)
-            .await?
-            .into_iter()
-            .filter(|e| e.version.is_some_and(|ev| ev >= from))
-            .filter(|e| version.is_none_or(|v| e.version.is_some_and(|ev| ev <= v)))
-            .filter(|e| as_of.is_none_or(|t| e.recorded_time <= t))
-            .collect();
-        Ok(merge_by_position(
-            archived,
-            hot,
-            usize::try_from(limit).unwrap_or(0),
-        ))
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let window = SubjectWindow {
+            from,
+            version,
+            as_of,
+        };
+        let archived = self
+            .archived_subject(stream_id, subject, &window, limit)
+            .await?;
+        Ok(merge_by_position(archived, hot, limit))
     }
 }
 
