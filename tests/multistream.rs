@@ -240,6 +240,68 @@ async fn status_streams(weir: &Weir, sub: &str) -> Value {
     subscription_status(weir, sub).await["fields"]["streams"].clone()
 }
 
+/// A subscription `spec` (its streams and options) delivering to a new recording sink,
+/// written as `sub.yaml`; answers the sink and the subscription's name.
+async fn subscribe(m: &Manifests, spec: &str) -> (RecordingSink, String) {
+    let sink = RecordingSink::start().await;
+    let sub = unique("s");
+    m.write("sub.yaml", &test_sub(&sub, &sink.url, spec));
+    (sink, sub)
+}
+
+/// Waits until the subscription's `status.streams` is `streams`.
+async fn wait_streams(weir: &Weir, sub: &str, streams: Value) {
+    let what = format!("subscription {sub} reading {streams}");
+    eventually(
+        60,
+        &what,
+        || weir.log_text(),
+        || async { (status_streams(weir, sub).await == streams).then_some(()) },
+    )
+    .await;
+}
+
+/// After a quiet moment: every expected event arrived exactly once and nothing else did,
+/// `silenced` (published to a stream after it stopped being read) included.
+async fn assert_exactly_once(
+    sink: &RecordingSink,
+    expected: &BTreeSet<EventKey>,
+    silenced: &[EventKey],
+) -> Vec<Got> {
+    // Anything late (a duplicate) shows up within this.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = sink.got();
+    let (lost, duplicated, unexpected) = tally(&got, expected);
+    let late = got
+        .iter()
+        .filter(|g| silenced.contains(&(g.stream.clone(), g.id.clone())))
+        .count();
+    assert_eq!(
+        (lost, duplicated, unexpected),
+        (0, 0, 0),
+        "(lost, duplicated, unexpected); {late} delivered after their stream stopped being read"
+    );
+    got
+}
+
+/// Events of one key of one stream arrived in position order; answers how many such keys.
+fn assert_key_order(got: &[Got]) -> usize {
+    let mut per_key: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
+    for g in got {
+        per_key
+            .entry((g.stream.clone(), g.subject.clone()))
+            .or_default()
+            .push(g.position);
+    }
+    for (k, v) in &per_key {
+        assert!(
+            v.windows(2).all(|w| w[0] < w[1]),
+            "{k:?} out of order: {v:?}"
+        );
+    }
+    per_key.len()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_streams_replay_merged_by_commit_time_then_live_exactly_once_in_key_order() {
     let db = fresh_database().await;
@@ -255,17 +317,11 @@ async fn two_streams_replay_merged_by_commit_time_then_live_exactly_once_in_key_
         expected.extend(publish(&weir, "a", &format!("h{r}"), 50).await);
         expected.extend(publish(&weir, "b", &format!("h{r}"), 50).await);
     }
-    let sink = RecordingSink::start().await;
-    let url = sink.url.clone();
-    let sub = unique("s");
-    m.write(
-        "sub.yaml",
-        &test_sub(
-            &sub,
-            &url,
-            "  streams: [b, a]\n  startFrom: earliest\n  ordering: perKey\n  partitions: 4\n",
-        ),
-    );
+    let (sink, sub) = subscribe(
+        &m,
+        "  streams: [b, a]\n  startFrom: earliest\n  ordering: perKey\n  partitions: 4\n",
+    )
+    .await;
     // Live events while the replay runs.
     for r in 0..10 {
         expected.extend(publish(&weir, "a", &format!("l{r}"), 20).await);
@@ -274,30 +330,12 @@ async fn two_streams_replay_merged_by_commit_time_then_live_exactly_once_in_key_
     }
     assert_eq!(expected.len(), 1000);
     wait_received(&sink, &expected, &weir).await;
-    // Anything late (a duplicate) shows up within this.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let got = sink.got();
-    assert_eq!(
-        tally(&got, &expected),
-        (0, 0, 0),
-        "(lost, duplicated, unexpected)"
-    );
+    let got = assert_exactly_once(&sink, &expected, &[]).await;
     // Each event names its stream, and events of one key of one stream came in position order.
-    let mut per_key: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
     for g in &got {
         assert!(g.id.starts_with(&format!("{}-", g.stream)), "{g:?}");
-        per_key
-            .entry((g.stream.clone(), g.subject.clone()))
-            .or_default()
-            .push(g.position);
     }
-    assert_eq!(per_key.len(), 20);
-    for (k, v) in &per_key {
-        assert!(
-            v.windows(2).all(|w| w[0] < w[1]),
-            "{k:?} out of order: {v:?}"
-        );
-    }
+    assert_eq!(assert_key_order(&got), 20);
     // The histories were replayed merged by commit time (perKey replays one at a time).
     let history: Vec<&Got> = got.iter().filter(|g| g.id.contains("-h")).collect();
     assert_eq!(history.len(), 600);
@@ -333,17 +371,11 @@ async fn a_stream_labelled_later_is_replayed_and_one_unlabelled_stops_arriving()
     // b's history: delivered only once b is selected (startFrom earliest covers it).
     let b_history = publish(&weir, "b", "h", 100).await;
 
-    let sink = RecordingSink::start().await;
-    let url = sink.url.clone();
-    let sub = unique("s");
-    m.write(
-        "sub.yaml",
-        &test_sub(
-            &sub,
-            &url,
-            "  streamSelector: {matchLabels: {tier: gold}}\n  startFrom: earliest\n",
-        ),
-    );
+    let (sink, sub) = subscribe(
+        &m,
+        "  streamSelector: {matchLabels: {tier: gold}}\n  startFrom: earliest\n",
+    )
+    .await;
     wait_subscription(&weir, &sub).await;
     assert_eq!(status_streams(&weir, &sub).await, json!(["a"]));
     expected.extend(publish(&weir, "a", "l1", 50).await);
@@ -356,13 +388,7 @@ async fn a_stream_labelled_later_is_replayed_and_one_unlabelled_stops_arriving()
 
     // b gains the label: bound live, its whole history replayed while a goes on.
     m.write("b.yaml", &test_stream("b", &xb, true));
-    eventually(
-        60,
-        "b bound",
-        || weir.log_text(),
-        || async { (status_streams(&weir, &sub).await == json!(["a", "b"])).then_some(()) },
-    )
-    .await;
+    wait_streams(&weir, &sub, json!(["a", "b"])).await;
     expected.extend(b_history);
     expected.extend(b_before);
     for r in 0..5 {
@@ -373,28 +399,11 @@ async fn a_stream_labelled_later_is_replayed_and_one_unlabelled_stops_arriving()
 
     // a loses the label: unbound; what is published to it afterwards never arrives.
     m.write("a.yaml", &test_stream("a", &xa, false));
-    eventually(
-        60,
-        "a unbound",
-        || weir.log_text(),
-        || async { (status_streams(&weir, &sub).await == json!(["b"])).then_some(()) },
-    )
-    .await;
+    wait_streams(&weir, &sub, json!(["b"])).await;
     let a_after = publish(&weir, "a", "l3", 50).await;
     expected.extend(publish(&weir, "b", "l3", 50).await);
     wait_received(&sink, &expected, &weir).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let got = sink.got();
-    let (lost, duplicated, unexpected) = tally(&got, &expected);
-    assert_eq!((lost, duplicated), (0, 0), "(lost, duplicated)");
-    assert_eq!(
-        unexpected,
-        0,
-        "events of a after its label was removed: {:?}",
-        got.iter()
-            .filter(|g| a_after.contains(&(g.stream.clone(), g.id.clone())))
-            .count()
-    );
+    assert_exactly_once(&sink, &expected, &a_after).await;
     assert_eq!(expected.len(), 100 + 50 + 100 + 50 + 200 + 50);
     // The other stream's deliveries went on: the subscription was started once, and its
     // streams changed twice in place.
@@ -425,11 +434,9 @@ async fn one_stream_by_name_and_one_added_later_by_label_exactly_once() {
     expected.extend(publish(&weir, "a", "h", 60).await);
     let b_history = publish(&weir, "b", "h", 60).await;
 
-    let sink = RecordingSink::start().await;
-    let sub = unique("s");
     let spec =
         "  streams: [a]\n  streamSelector: {matchLabels: {tier: gold}}\n  startFrom: earliest\n";
-    m.write("sub.yaml", &test_sub(&sub, &sink.url, spec));
+    let (sink, sub) = subscribe(&m, spec).await;
     wait_subscription(&weir, &sub).await;
     // The selector matches nothing yet: the list alone is read.
     assert_eq!(status_streams(&weir, &sub).await, json!(["a"]));
@@ -439,13 +446,7 @@ async fn one_stream_by_name_and_one_added_later_by_label_exactly_once() {
 
     // b gains the label: bound, its history and what it got meanwhile delivered.
     m.write("b.yaml", &test_stream("b", &xb, true));
-    eventually(
-        60,
-        "b bound",
-        || weir.log_text(),
-        || async { (status_streams(&weir, &sub).await == json!(["a", "b"])).then_some(()) },
-    )
-    .await;
+    wait_streams(&weir, &sub, json!(["a", "b"])).await;
     expected.extend(b_history);
     expected.extend(b_before);
     expected.extend(publish(&weir, "a", "l2", 30).await);
@@ -456,27 +457,11 @@ async fn one_stream_by_name_and_one_added_later_by_label_exactly_once() {
     m.write("a.yaml", &test_stream("a", &xa, true));
     // b loses it: unbound, while a stays (named).
     m.write("b.yaml", &test_stream("b", &xb, false));
-    eventually(
-        60,
-        "b unbound",
-        || weir.log_text(),
-        || async { (status_streams(&weir, &sub).await == json!(["a"])).then_some(()) },
-    )
-    .await;
+    wait_streams(&weir, &sub, json!(["a"])).await;
     let b_after = publish(&weir, "b", "l3", 30).await;
     expected.extend(publish(&weir, "a", "l3", 30).await);
     wait_received(&sink, &expected, &weir).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let got = sink.got();
-    let (lost, duplicated, unexpected) = tally(&got, &expected);
-    assert_eq!(
-        (lost, duplicated, unexpected),
-        (0, 0, 0),
-        "(lost, duplicated, unexpected); of b after its label went: {}",
-        got.iter()
-            .filter(|g| b_after.contains(&(g.stream.clone(), g.id.clone())))
-            .count()
-    );
+    assert_exactly_once(&sink, &expected, &b_after).await;
     assert_eq!(expected.len(), 60 + 30 + 60 + 30 + 30 + 30 + 30);
 }
 
@@ -594,24 +579,6 @@ async fn two_workers_hand_a_stream_labelled_later_over_exactly_once_in_key_order
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     wait_received(&sink, &expected, &w1).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let got = sink.got();
-    assert_eq!(
-        tally(&got, &expected),
-        (0, 0, 0),
-        "(lost, duplicated, unexpected)"
-    );
-    let mut per_key: BTreeMap<(String, String), Vec<i64>> = BTreeMap::new();
-    for g in &got {
-        per_key
-            .entry((g.stream.clone(), g.subject.clone()))
-            .or_default()
-            .push(g.position);
-    }
-    for (k, v) in &per_key {
-        assert!(
-            v.windows(2).all(|w| w[0] < w[1]),
-            "{k:?} out of order: {v:?}"
-        );
-    }
+    let got = assert_exactly_once(&sink, &expected, &[]).await;
+    assert_key_order(&got);
 }
