@@ -379,15 +379,7 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
         assert_eq!(r.status(), 201);
     }
     let dlq = format!("weir-dlq.test.{}", s.sub);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while queue_len(&dlq).await != Some(20) {
-        assert!(
-            Instant::now() < deadline,
-            "DLQ has {:?}",
-            queue_len(&dlq).await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_dead_letters(&s.weir, &s.sub, 20, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = sink.got();
     assert_eq!(
@@ -441,15 +433,7 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
     assert_eq!(reach["status"], "False", "{st}");
     assert!(reach["message"].as_str().unwrap().contains("400"), "{st}");
     // Listing leaves them in the queue (they return as the listing's channel closes).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while queue_len(&dlq).await != Some(20) {
-        assert!(
-            Instant::now() < deadline,
-            "DLQ has {:?}",
-            queue_len(&dlq).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_dead_letters(&s.weir, &s.sub, 20, Duration::from_secs(5)).await;
 
     // A fixed sink, then redrive through the CLI.
     sink.set_mode(Mode::Ok);
@@ -1048,15 +1032,7 @@ async fn cli_sink_tail_and_dlq_list_show_purge() {
     drop(tail);
 
     let dlq = format!("weir-dlq.test.{sub2}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while queue_len(&dlq).await != Some(4) {
-        assert!(
-            Instant::now() < deadline,
-            "DLQ: {:?}",
-            queue_len(&dlq).await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_dead_letters(&s.weir, &sub2, 4, Duration::from_secs(30)).await;
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(weir_binary())
             .arg("--admin")
@@ -1227,17 +1203,7 @@ async fn an_https_sink_is_verified_and_delivered_to() {
     }
     // Each event reached the server once: the untrusted subscription never got through.
     assert_eq!(tls.ids.lock().unwrap().len(), 20);
-    let dlq = format!("weir-dlq.test.{untrusted}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while queue_len(&dlq).await != Some(20) {
-        assert!(
-            Instant::now() < deadline,
-            "dead letters: {:?}; log:\n{}",
-            queue_len(&dlq).await,
-            tail(&weir.log_text())
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_dead_letters(&weir, &untrusted, 20, Duration::from_secs(30)).await;
     let out = std::process::Command::new(weir_binary())
         .args(["--admin", &weir.admin, "dlq", "show"])
         .args([&format!("test/{untrusted}"), "t-0"])
