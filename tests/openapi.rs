@@ -79,8 +79,6 @@ const NOT_PROVOKED: &str = "\
     delete /v1/namespaces/{ns}/subscriptions/{name}/deadletters 403  operator
     post /v1/namespaces/{ns}/subscriptions/{name}/deadletters/redrive 403  operator
     get /v1/namespaces/{ns}/subscriptions/{name}/deadletters/{id} 403  operator
-    # Two archive runs holding the stream at once (not provoked anywhere yet).
-    post /v1/namespaces/{ns}/streams/{name}/archive/run 409  concurrent run
     post /v1/namespaces/{ns}/streams/{name}/archive/verify 409  concurrent run
 ";
 
@@ -394,7 +392,7 @@ async fn the_running_server_keeps_its_documented_contract() {
     );
 
     ingest_contract(&mut c, &weir).await;
-    admin_contract(&mut c, &weir).await;
+    admin_contract(&mut c, &weir, &db).await;
     outage_contract(&mut c, &weir, &m, &ex).await;
     coverage(&c);
     undocumented_routes(&c, &weir).await;
@@ -615,7 +613,7 @@ async fn ingest_contract(c: &mut Contract, weir: &Weir) {
         .await;
 }
 
-async fn admin_contract(c: &mut Contract, weir: &Weir) {
+async fn admin_contract(c: &mut Contract, weir: &Weir, db: &str) {
     let a = weir.admin.clone();
     let cl = c.client.clone();
     let get = |path: &str, token: Option<&str>| {
@@ -743,6 +741,22 @@ async fn admin_contract(c: &mut Contract, weir: &Weir) {
             404,
         )
         .await;
+    }
+    // Another run holding the stream (its advisory lock, taken here as another worker's run
+    // would hold it): 409.
+    {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(db).await.unwrap();
+        let id: i64 = sqlx::query_scalar(
+            "SELECT stream_id FROM weir_streams WHERE namespace = 'test' AND name = 'orders'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let held = weir::data::store::segments::try_archive_lock(&mut conn, id).await;
+        assert!(held.unwrap(), "the archive lock of test/orders is free");
+        c.check(true, post(&format!("{archive}/run"), t), 409).await;
+        conn.close().await.unwrap();
     }
 
     // Personal-data keys.
