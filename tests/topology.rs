@@ -1207,3 +1207,28 @@ spec:
         );
     }
 }
+
+/// A label change keeps the stream running (labels only decide what selects it); a spec
+/// change still restarts it.
+#[test]
+fn a_label_change_keeps_the_stream_running() {
+    let yaml = |labels: &str, max_events: u32| {
+        format!(
+            "{BASE}---\napiVersion: weir.dev/v1alpha1\nkind: EventStream\n\
+             metadata: {{name: orders, namespace: shop, labels: {{{labels}}}}}\nspec:\n  \
+             broker: {{urlSecretRef: {{name: rabbitmq, key: url}}}}\n  \
+             store: {{urlSecretRef: {{name: pg, key: url}}}}\n  \
+             batching: {{maxEvents: {max_events}}}\n"
+        )
+    };
+    let plan = |labels: &str, max_events: u32| {
+        let built = build(&index(&yaml(labels, max_events)), &defaults());
+        assert!(built.is_valid(), "{:#?}", built.reports);
+        built.topology.streams[&Key::new("shop", "orders")].clone()
+    };
+    let gold = plan("tier: gold", 10);
+    let lead = plan("tier: lead", 10);
+    assert_ne!(gold.labels, lead.labels);
+    assert!(gold.same_runtime(&lead));
+    assert!(!gold.same_runtime(&plan("tier: gold", 20)));
+}

@@ -226,10 +226,14 @@ pub struct StreamPlan {
 }
 
 impl StreamPlan {
-    /// Whether `other` differs from this plan only in what can change while the stream runs.
+    /// Whether `other` differs from this plan only in what can change while the stream runs:
+    /// who may publish and read (swapped in place) and the labels (they decide, at build
+    /// time, which policies and subscriptions select the stream; restarting the stream for
+    /// them would refuse its publishes while it reconnects).
     pub fn same_runtime(&self, other: &StreamPlan) -> bool {
         let mut a = self.clone();
         a.access = other.access.clone();
+        a.labels = other.labels.clone();
         a == *other
     }
 }
