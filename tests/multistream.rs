@@ -349,7 +349,11 @@ async fn two_streams_replay_merged_by_commit_time_then_live_exactly_once_in_key_
 
     let st = wait_subscription(&weir, &sub).await;
     assert_eq!(st["fields"]["streams"], json!(["a", "b"]), "{st}");
-    assert_eq!(st["fields"]["queue"], format!("weir.test._.{sub}"), "{st}");
+    assert_eq!(
+        st["fields"]["queue"],
+        format!("weir.test._.{sub}.intake"),
+        "{st}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

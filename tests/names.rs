@@ -64,12 +64,10 @@ fn assert_names_distinct(built: &Built) {
             .into_iter()
             .chain(n.partitions.clone())
             .chain(n.holds.clone())
+            .chain(n.intake.clone())
             .chain([n.retry_queue(std::time::Duration::from_millis(100))])
         {
             claim(format!("queue {q}"), who.clone());
-        }
-        if let Some(x) = &n.hash_exchange {
-            claim(format!("exchange {x}"), who.clone());
         }
     }
 }

@@ -89,6 +89,7 @@ async fn assert_broker_objects(ns: &str, mode: &str) {
         format!("weir.{ns}.a.b-c"),
         format!("weir.{ns}.s.x.p0"),
         format!("weir.{ns}.s.x.p1"),
+        format!("weir.{ns}.s.x.intake"),
         format!("weir-dlq.{ns}.x"),
     ] {
         assert!(common::queue_exists(&q).await, "{mode}: queue {q} missing");
@@ -128,6 +129,7 @@ async fn delete_broker_objects(ns: &str) {
         format!("weir.{ns}.a.b-c"),
         format!("weir.{ns}.s.x.p0"),
         format!("weir.{ns}.s.x.p1"),
+        format!("weir.{ns}.s.x.intake"),
         format!("weir-dlq.{ns}.x"),
         format!("weir-dlq.{ns}.c"),
         format!("weir-dlq.{ns}.b-c"),

@@ -931,6 +931,36 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(queue_len(&format!("{old}.p0")).await, Some(0));
+    assert_eq!(queue_len(&format!("{old}.intake")).await, Some(0));
+
+    // And back to ordering none: the intake and the lanes are drained, then deleted.
+    s.m.write(
+        "sub.yaml",
+        &subscription_yaml(&s.sub, &sink.url, &format!("  consumers: 4\n{delivery}")),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !subscription_status(&s.weir, &s.sub).await["fields"]["partitionQueues"].is_null() {
+        assert!(Instant::now() < deadline, "ordering none not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    publish(&url, &events("c", 20, 4)).await;
+    sink.wait_delivered(120, Duration::from_secs(30), &s.weir)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for q in [
+        format!("{old}.intake"),
+        format!("{old}.p0"),
+        format!("{old}.p1"),
+    ] {
+        while queue_len(&q).await.is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "{q} not deleted; log:\n{}",
+                tail(&s.weir.log_text())
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -288,8 +288,9 @@ pub struct SubscriptionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Option<Vec<Condition>>,
-    /// Name of the RabbitMQ queue the subscription consumes (`ordering: none`), or the prefix
-    /// of its partition queues (`ordering: perKey`).
+    /// Name of the RabbitMQ queue the streams publish the subscription's events into: the
+    /// queue it consumes (`ordering: none`), or its intake queue, whose events one worker at
+    /// a time moves to the partition queues (`ordering: perKey`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
     /// The partition queues consumed under `ordering: perKey`, one lane each.

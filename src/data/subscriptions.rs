@@ -352,15 +352,11 @@ impl Subscriptions {
             // Present (0): the live consumer must not take it for a catch-up duplicate.
             msg.headers
                 .insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(0));
-            let exchange = match &r.names.hash_exchange {
-                Some(hx) => hx.clone(),
-                None => {
-                    msg.routing_key = r.names.queue.clone();
-                    String::new()
-                }
-            };
+            // Into the queue the streams publish to (under perKey, the intake: the event
+            // joins its key's lane behind what is already there).
+            msg.routing_key = r.names.bound().to_string();
             let deadline = Instant::now() + REDRIVE_CONFIRM_TIMEOUT;
-            let routing = broker.publish(&exchange, &[msg], deadline).await?;
+            let routing = broker.publish("", &[msg], deadline).await?;
             if routing.first() != Some(&Routing::Routed) {
                 return Err(DeliveryError::Other(format!(
                     "the subscription's queue took no message (is it deleted?); {moved} redriven"

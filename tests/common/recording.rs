@@ -24,6 +24,8 @@ pub struct Got {
 pub struct RecordingSink {
     pub url: String,
     got: Arc<Mutex<Vec<Got>>>,
+    /// Ids starting with this are answered 503 until [`RecordingSink::release`].
+    held: Arc<Mutex<Option<String>>>,
 }
 
 impl RecordingSink {
@@ -34,6 +36,23 @@ impl RecordingSink {
     /// Answers 503 to the first `first` attempts of every event and 400 (not retryable) to
     /// every event whose id contains `poison`.
     pub async fn start_failing(first: u32) -> RecordingSink {
+        RecordingSink::start_inner(first, None).await
+    }
+
+    /// Answers 503 to every event whose id starts with `prefix` until
+    /// [`RecordingSink::release`], 200 to the others.
+    pub async fn start_holding(prefix: &str) -> RecordingSink {
+        RecordingSink::start_inner(0, Some(prefix.to_string())).await
+    }
+
+    /// Answers 200 to the held events from now on.
+    pub fn release(&self) {
+        *self.held.lock().unwrap() = None;
+    }
+
+    async fn start_inner(first: u32, held: Option<String>) -> RecordingSink {
+        let held = Arc::new(Mutex::new(held));
+        let h2 = held.clone();
         let got = Arc::new(Mutex::new(Vec::new()));
         let attempts = Arc::new(Mutex::new(BTreeMap::<EventKey, u32>::new()));
         let g2 = got.clone();
@@ -42,6 +61,7 @@ impl RecordingSink {
             axum::routing::post(move |h: http::HeaderMap| {
                 let got = g2.clone();
                 let attempts = attempts.clone();
+                let held = h2.clone();
                 async move {
                     let hv = |k: &str| {
                         h.get(k)
@@ -58,9 +78,14 @@ impl RecordingSink {
                         *n += 1;
                         *n
                     };
+                    let is_held = held
+                        .lock()
+                        .unwrap()
+                        .as_ref()
+                        .is_some_and(|p| id.starts_with(p.as_str()));
                     let status = if id.contains("poison") {
                         http::StatusCode::BAD_REQUEST
-                    } else if n <= first {
+                    } else if n <= first || is_held {
                         http::StatusCode::SERVICE_UNAVAILABLE
                     } else {
                         http::StatusCode::OK
@@ -80,7 +105,7 @@ impl RecordingSink {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await });
-        RecordingSink { url, got }
+        RecordingSink { url, got, held }
     }
 
     /// The deliveries (requests answered 200) so far, in order.

@@ -7,9 +7,14 @@
 //!   exchange with the narrowest topic
 //!   patterns its `type` filters allow (`#` otherwise). Other filters run in the consumer:
 //!   an event that does not match is acked and counted, never delivered.
-//! - `ordering: perKey`: instead, a consistent-hash exchange `weir-hash.<ns>.<subscription>`
-//!   (hashing the `cloudEvents:<partitionKey>` header) bound to the stream exchange, and one
-//!   single-active-consumer queue `weir.<ns>.<stream>.<subscription>.p<i>` per partition.
+//! - `ordering: perKey`: instead, the single-active-consumer intake queue
+//!   `weir.<ns>.<stream>.<subscription>.intake`, bound to the stream exchange like the queue
+//!   above, and one single-active-consumer queue `weir.<ns>.<stream>.<subscription>.p<i>` per
+//!   partition (a *lane*). The worker holding the intake moves its messages, in order and
+//!   confirmed, to lane `crc32(partition key) mod partitions` (see [`lane_of`]). Weir picks
+//!   the lane itself because RabbitMQ's consistent-hash exchange (used before) rebuilds its
+//!   ring in an arbitrary order when the broker restarts: keys then moved to other lanes while
+//!   their earlier events still waited in the old ones, and were delivered out of order.
 //! - `weir-retry.<ns>.<subscription>.<ms>ms`: one delay queue per delay bucket (see
 //!   [`backoff`]), whose `x-message-ttl` dead-letters back to the subscription's queue through
 //!   the default exchange. A retry is published there (confirmed) before the original is
@@ -39,6 +44,8 @@ pub mod step;
 use std::future::Future;
 use std::pin::Pin;
 
+use lapin::types::AMQPValue;
+
 use crate::data::event::CloudEvent;
 use crate::topology::{Key, OrderingPlan, SubscriptionPlan};
 
@@ -48,6 +55,9 @@ pub use sender::{Failure, Outcome, Sender};
 
 /// Header holding the number of attempts already made (an AMQP long).
 pub const ATTEMPTS_HEADER: &str = "weir-attempts";
+/// The stream exchange a perKey event was published to, kept when it is moved from the
+/// intake to its lane (through the default exchange).
+pub const EXCHANGE_HEADER: &str = "weir-exchange";
 /// Hold records (perKey): when the next attempt is due, in Unix milliseconds (an AMQP long).
 pub const DUE_HEADER: &str = "weir-due";
 /// Hold records (perKey): the `id` and `source` of the event the record is about.
@@ -110,8 +120,9 @@ pub struct Names {
     /// The queue consumed (`ordering: none`), or the prefix of the partition queues.
     pub queue: String,
     pub dead_letter_queue: String,
-    /// Consistent-hash exchange (`ordering: perKey` only).
-    pub hash_exchange: Option<String>,
+    /// The intake queue (`ordering: perKey` only): bound to the stream exchanges, moved to
+    /// the lanes by the worker consuming it.
+    pub intake: Option<String>,
     /// Partition queues (`ordering: perKey`); empty otherwise.
     pub partitions: Vec<String>,
     /// One hold queue per partition (`ordering: perKey`), same order: the durable record of
@@ -131,10 +142,10 @@ impl Names {
             plan.stream().name.as_str()
         };
         let queue = format!("weir.{ns}.{stream}.{sub}");
-        let (hash_exchange, partitions, holds) = match &plan.ordering {
+        let (intake, partitions, holds) = match &plan.ordering {
             OrderingPlan::None => (None, vec![], vec![]),
             OrderingPlan::PerKey { partitions, .. } => (
-                Some(format!("weir-hash.{ns}.{sub}")),
+                Some(format!("{queue}.intake")),
                 (0..*partitions).map(|i| format!("{queue}.p{i}")).collect(),
                 (0..*partitions)
                     .map(|i| Names::hold_name(ns, sub, i))
@@ -144,7 +155,7 @@ impl Names {
         Names {
             queue,
             dead_letter_queue: format!("weir-dlq.{ns}.{sub}"),
-            hash_exchange,
+            intake,
             partitions,
             holds,
             retry_prefix: format!("weir-retry.{ns}.{sub}."),
@@ -162,14 +173,47 @@ impl Names {
         format!("{}{}ms", self.retry_prefix, delay.as_millis())
     }
 
-    /// The queues events are consumed from.
+    /// The queues events wait in: the lanes, then the intake (`perKey`), or the queue. The
+    /// first one exists once the subscription was provisioned.
     pub fn consumed(&self) -> Vec<String> {
         if self.partitions.is_empty() {
             vec![self.queue.clone()]
         } else {
-            self.partitions.clone()
+            self.partitions
+                .iter()
+                .chain(&self.intake)
+                .cloned()
+                .collect()
         }
     }
+
+    /// The queue the subscription's streams publish into: the intake under `perKey`.
+    pub fn bound(&self) -> &str {
+        self.intake.as_deref().unwrap_or(&self.queue)
+    }
+
+    /// The consistent-hash exchange earlier versions routed `perKey` subscriptions through;
+    /// deleted (with its bindings) wherever it is still found.
+    pub fn legacy_hash_exchange(plan: &SubscriptionPlan) -> String {
+        format!("weir-hash.{}.{}", plan.key.namespace, plan.key.name)
+    }
+}
+
+/// The lane of a `perKey` event: the CRC-32 of its partition-key value (as the
+/// `cloudEvents:<key>` header carries it) modulo `partitions`. Stable across workers,
+/// versions and broker restarts, so a key's events always share one lane. An event without
+/// the attribute goes to lane 0.
+pub fn lane_of(value: Option<&AMQPValue>, partitions: u32) -> u32 {
+    let hash = match value {
+        None => return 0,
+        Some(AMQPValue::LongString(s)) => crc32fast::hash(s.as_bytes()),
+        Some(AMQPValue::ShortString(s)) => crc32fast::hash(s.as_str().as_bytes()),
+        Some(AMQPValue::Boolean(b)) => crc32fast::hash(if *b { b"true" } else { b"false" }),
+        Some(AMQPValue::LongLongInt(i)) => crc32fast::hash(i.to_string().as_bytes()),
+        Some(AMQPValue::LongInt(i)) => crc32fast::hash(i.to_string().as_bytes()),
+        Some(other) => crc32fast::hash(format!("{other:?}").as_bytes()),
+    };
+    hash % partitions.max(1)
 }
 
 /// The topic patterns that bind a subscription's queue to the stream exchange: when every
@@ -266,9 +310,13 @@ mod tests {
         ));
         assert_eq!(
             p.consumed(),
-            ["weir.shop.orders.notify.p0", "weir.shop.orders.notify.p1"]
+            [
+                "weir.shop.orders.notify.p0",
+                "weir.shop.orders.notify.p1",
+                "weir.shop.orders.notify.intake"
+            ]
         );
-        assert_eq!(p.hash_exchange.as_deref(), Some("weir-hash.shop.notify"));
+        assert_eq!(p.bound(), "weir.shop.orders.notify.intake");
     }
 
     /// Every broker name of a subscription `sub` on stream `stream` of namespace `shop`.
@@ -287,8 +335,28 @@ mod tests {
         ];
         out.extend(n.partitions.iter().map(|q| format!("queue {q}")));
         out.extend(n.holds.iter().map(|q| format!("queue {q}")));
-        out.extend(n.hash_exchange.iter().map(|x| format!("exchange {x}")));
+        out.extend(n.intake.iter().map(|q| format!("queue {q}")));
         out
+    }
+
+    /// The lane of a key is part of the stored state (events wait in their lane across a
+    /// restart of every worker, and of a rolling upgrade): these values must never change.
+    #[test]
+    fn lanes_are_the_crc32_of_the_key_and_never_change() {
+        let s = |v: &str| AMQPValue::LongString(v.into());
+        assert_eq!(lane_of(Some(&s("order-1")), 4), 3769860079 % 4);
+        assert_eq!(lane_of(Some(&s("order-2")), 4), 2042244693 % 4);
+        assert_eq!(lane_of(Some(&s("order-1")), 1), 0);
+        assert_eq!(lane_of(None, 4), 0);
+        // An integer or boolean extension hashes as its JSON text.
+        assert_eq!(lane_of(Some(&AMQPValue::LongLongInt(42)), 4), 0);
+        assert_eq!(lane_of(Some(&AMQPValue::Boolean(true)), 4), 1);
+        // Spread: 1000 keys over 8 lanes, none empty or holding more than twice its share.
+        let mut counts = [0u32; 8];
+        for i in 0..1000 {
+            counts[lane_of(Some(&s(&format!("key-{i}"))), 8) as usize] += 1;
+        }
+        assert!(counts.iter().all(|c| (1..=250).contains(c)), "{counts:?}");
     }
 
     #[test]

@@ -361,11 +361,11 @@ impl Plane {
                         None => st.error().map(|e| (reason::NOT_RUNNING.to_string(), e)),
                     };
                 }
-                let queues = runner.names.consumed();
-                if queues.len() > 1 || queues.first() != Some(&runner.names.queue) {
-                    fields.partition_queues = Some(queues);
+                if !runner.names.partitions.is_empty() {
+                    fields.partition_queues = Some(runner.names.partitions.clone());
                 }
-                fields.queue = Some(runner.names.queue.clone());
+                // The queue the streams publish into (under perKey, the intake).
+                fields.queue = Some(runner.names.bound().to_string());
                 fields.dead_letter_queue = Some(runner.names.dead_letter_queue.clone());
                 fields.consumers = Some(runner.settings().consumers);
                 // Sampled from the broker's queue counts: the same for every worker.

@@ -315,6 +315,16 @@ impl Inner {
             Some(AMQPValue::LongInt(n)) => Some(n.max(0) as u32),
             _ => None,
         };
+        // A perKey event moved from the intake to its lane comes through the default
+        // exchange: the mover kept the stream's exchange in a header.
+        let moved = match exchange {
+            "" => props
+                .headers()
+                .as_ref()
+                .and_then(|h| super::lane::header_str(h, EXCHANGE_HEADER)),
+            _ => None,
+        };
+        let exchange = moved.as_deref().unwrap_or(exchange);
         let mut ev = match from_properties(props, body) {
             Ok(ev) => ev,
             Err(e) => {

@@ -165,6 +165,9 @@ async fn open_consumer(
 
 /// Delivers what is left in a queue of an earlier shape (one message at a time, in queue
 /// order), then deletes it once it stayed empty long enough for pending retries to return.
+///
+/// It consumes rather than polls with `basic.get`: a quorum queue with a single active
+/// consumer (a lane, the intake) refuses `basic.get`, so a retired lane was never drained.
 pub(super) async fn drain(inner: Arc<Inner>, queue: String, cancel: CancellationToken) {
     let settle = inner
         .plan
@@ -175,57 +178,55 @@ pub(super) async fn drain(inner: Arc<Inner>, queue: String, cancel: Cancellation
         + Duration::from_secs(1);
     let mut empty_since: Option<Instant> = None;
     while !cancel.is_cancelled() {
-        let ch = match inner.stream.broker.open_channel().await {
-            Ok(ch) => ch,
-            Err(_) => {
-                sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
-                continue;
-            }
+        let (ch, mut consumer, tag) = match open_or_wait(&inner, &queue, 1, &cancel).await {
+            Opened::Yes(x) => *x,
+            Opened::Retry => continue,
+            Opened::Stopped => return,
         };
         loop {
-            let got = ch
-                .basic_get(queue.as_str().into(), BasicGetOptions::default())
-                .await;
-            let Ok(got) = got else { break };
-            let Some(m) = got else {
-                let since = *empty_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= settle {
-                    // Quorum queues do not implement `if-empty`: the queue was unbound and
-                    // stayed empty through the settle time, so it is deleted outright.
-                    let _ = ch.close(200, "OK".into()).await;
-                    match inner.stream.broker.delete_queue(&queue).await {
-                        Ok(()) => {
-                            tracing::info!(subscription = %inner.plan.key, queue, "drained and deleted");
-                            // A retired lane's hold queue goes with it (its records were
-                            // about events this drain has since delivered).
-                            let lane = queue
-                                .strip_prefix(&format!("{}.p", inner.names.queue))
-                                .and_then(|i| i.parse::<u32>().ok());
-                            if let Some(i) = lane
-                                && !inner.names.partitions.contains(&queue)
-                            {
-                                let key = &inner.plan.key;
-                                let hold = Names::hold_name(&key.namespace, &key.name, i);
-                                let _ = inner.stream.broker.delete_queue(&hold).await;
-                            }
+            let next = tokio::select! {
+                _ = cancel.cancelled() => None,
+                d = tokio::time::timeout(Duration::from_secs(1), consumer.next()) => Some(d),
+            };
+            let Some(next) = next else {
+                finish(&ch, tag, &mut JoinSet::new()).await;
+                return;
+            };
+            let d = match next {
+                Ok(Some(Ok(d))) => d,
+                Ok(_) => {
+                    // The channel broke: consume again.
+                    sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+                    break;
+                }
+                Err(_) => {
+                    // Nothing came for a second. Empty for the settle time (and nothing ready,
+                    // should another worker's consumer be the queue's active one): deleted.
+                    let since = *empty_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < settle {
+                        continue;
+                    }
+                    match inner.stream.broker.queue_counts(&queue).await {
+                        Ok(Some(c)) if c.messages == 0 => {}
+                        // Another worker deleted it.
+                        Ok(None) => {
+                            finish(&ch, tag, &mut JoinSet::new()).await;
                             return;
                         }
-                        Err(e) => {
-                            tracing::warn!(subscription = %inner.plan.key, queue, error = %e,
-                                "deleting a drained queue");
+                        _ => {
                             empty_since = None;
-                            break;
+                            continue;
                         }
                     }
+                    finish(&ch, tag, &mut JoinSet::new()).await;
+                    if inner.delete_drained(&queue).await {
+                        return;
+                    }
+                    empty_since = None;
+                    break;
                 }
-                if !sleep_or_cancel(&cancel, Duration::from_secs(1)).await {
-                    let _ = ch.close(200, "OK".into()).await;
-                    return;
-                }
-                continue;
             };
             empty_since = None;
-            let d = m.delivery;
             let settle = inner
                 .handle(
                     d.exchange.as_str(),
@@ -246,7 +247,37 @@ pub(super) async fn drain(inner: Arc<Inner>, queue: String, cancel: Cancellation
                     .await
             };
         }
-        let _ = ch.close(200, "OK".into()).await;
-        sleep_or_cancel(&cancel, RECONNECT_DELAY).await;
+    }
+}
+
+impl Inner {
+    /// Deletes a drained queue of an earlier shape (and a retired lane's hold queue); false if
+    /// the broker refused.
+    async fn delete_drained(&self, queue: &str) -> bool {
+        // Quorum queues do not implement `if-empty`: the queue was unbound and stayed empty
+        // through the settle time, so it is deleted outright.
+        match self.stream.broker.delete_queue(queue).await {
+            Ok(()) => {
+                tracing::info!(subscription = %self.plan.key, queue, "drained and deleted");
+                // A retired lane's hold queue goes with it (its records were about events this
+                // drain has since delivered).
+                let lane = queue
+                    .strip_prefix(&format!("{}.p", self.names.queue))
+                    .and_then(|i| i.parse::<u32>().ok());
+                if let Some(i) = lane
+                    && !self.names.partitions.iter().any(|p| p == queue)
+                {
+                    let key = &self.plan.key;
+                    let hold = Names::hold_name(&key.namespace, &key.name, i);
+                    let _ = self.stream.broker.delete_queue(&hold).await;
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(subscription = %self.plan.key, queue, error = %e,
+                    "deleting a drained queue");
+                false
+            }
+        }
     }
 }

@@ -46,13 +46,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicQosOptions, ExchangeBindOptions, ExchangeDeclareOptions, ExchangeUnbindOptions,
-    QueuePurgeOptions,
+    BasicQosOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -62,6 +61,7 @@ mod attempt;
 mod backlog;
 mod catchup;
 mod consume;
+mod intake;
 mod lane;
 mod pacing;
 mod provision;
@@ -72,6 +72,7 @@ mod streams;
 use attempt::Settle;
 use backlog::background;
 use consume::{consume_shared, drain};
+use intake::move_intake;
 use lane::{Lane, consume_lane};
 pub use pacing::Pacer;
 pub use replies::{failed_event, reply_event};
@@ -81,9 +82,9 @@ use streams::{Bound, HWM_PENDING};
 use super::backoff::all_buckets;
 use super::sender::{Failure, Outcome, Sender};
 use super::{
-    ATTEMPTS_HEADER, Appender, DELIVERY_FAILED_TYPE, DUE_HEADER, DeliveryError, EXT_ATTEMPTS,
-    EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, EXT_STREAM, HOLD_ID_HEADER, HOLD_SOURCE_HEADER,
-    Names, binding_keys,
+    ATTEMPTS_HEADER, Appender, DELIVERY_FAILED_TYPE, DUE_HEADER, DeliveryError, EXCHANGE_HEADER,
+    EXT_ATTEMPTS, EXT_ERROR_CODE, EXT_ERROR_DATA, EXT_ERROR_DEST, EXT_STREAM, HOLD_ID_HEADER,
+    HOLD_SOURCE_HEADER, Names, binding_keys,
 };
 use crate::data::broker::{Broker, BrokerError, OutMessage, Routing, from_properties, to_message};
 use crate::data::event::{
@@ -346,8 +347,10 @@ impl Runner {
             broker.delete_queue(q).await?;
         }
         broker.delete_queue(&self.names.queue).await?;
-        if let Some(x) = &self.names.hash_exchange {
-            broker.delete_exchange(x).await?;
+        if self.names.intake.is_some() {
+            broker
+                .delete_exchange(&Names::legacy_hash_exchange(&self.plan))
+                .await?;
         }
         for d in all_buckets(&self.plan.delivery) {
             broker.delete_queue(&self.names.retry_queue(d)).await?;
@@ -438,6 +441,7 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
     match &inner.plan.ordering {
         OrderingPlan::None => consume_shared(inner.clone(), cancel.clone()).await,
         OrderingPlan::PerKey { .. } => {
+            let mover = tokio::spawn(move_intake(inner.clone(), cancel.clone()));
             let lanes: Vec<_> = inner
                 .names
                 .partitions
@@ -455,6 +459,7 @@ async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
             for l in lanes {
                 let _ = l.await;
             }
+            let _ = mover.await;
         }
     }
     let _ = side.await;

@@ -11,117 +11,67 @@ impl Inner {
         let fresh = broker.queue_counts(&first).await?.is_none();
         self.declare_or_keep(&self.names.dead_letter_queue, FieldTable::default())
             .await?;
-        match &self.names.hash_exchange {
+        match &self.names.intake {
             None => {
                 self.declare_or_keep(&self.names.queue, FieldTable::default())
                     .await?;
             }
-            Some(hx) => {
-                let OrderingPlan::PerKey { partition_key, .. } = &self.plan.ordering else {
-                    return Err(DeliveryError::Other("hash exchange without perKey".into()));
-                };
-                let ch = broker.open_channel().await?;
-                let mut args = FieldTable::default();
-                args.insert(
-                    "hash-header".into(),
-                    AMQPValue::LongString(format!("cloudEvents:{partition_key}").into()),
-                );
-                let durable = ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                };
-                let r = ch
-                    .exchange_declare(
-                        hx.as_str().into(),
-                        ExchangeKind::Custom("x-consistent-hash".into()),
-                        durable,
-                        args,
-                    )
-                    .await;
-                let _ = ch.close(200, "OK".into()).await;
-                r.map_err(|e| {
-                    DeliveryError::Other(format!(
-                        "declaring the consistent-hash exchange {hx} (is the \
-                         rabbitmq_consistent_hash_exchange plugin enabled?): {e}"
-                    ))
-                })?;
-                for q in &self.names.partitions {
-                    let mut a = FieldTable::default();
-                    a.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-                    self.declare_or_keep(q, a).await?;
-                    // With the consistent-hash exchange the binding key is the weight.
-                    broker.bind_queue(q, hx, "1").await?;
-                }
-                for h in &self.names.holds {
-                    self.declare_or_keep(h, FieldTable::default()).await?;
-                }
-            }
+            Some(_) => self.declare_lanes().await?,
         }
         for exchange in self.exchanges() {
             self.bind_exchange(&exchange).await?;
+        }
+        if self.names.intake.is_some() {
+            // The consistent-hash exchange of earlier versions: deleting it removes its
+            // bindings both ways, so the streams reach the lanes through the intake only.
+            // Events it already routed stay in their lanes and are delivered from there.
+            broker
+                .delete_exchange(&Names::legacy_hash_exchange(&self.plan))
+                .await?;
         }
         self.state.provisioned.store(true, Ordering::Release);
         Ok(fresh)
     }
 
-    /// Binds the subscription's queue (or, under perKey, its consistent-hash exchange) to a
-    /// stream's exchange, with the topic patterns its filters allow.
+    /// perKey: the intake, the lanes and their hold queues. Single active consumer on the
+    /// intake: one worker at a time moves it to the lanes, so the events of a key reach its
+    /// lane in the order they were published; on each lane: one worker delivers its events.
+    pub(super) async fn declare_lanes(&self) -> Result<(), DeliveryError> {
+        let single_active = || {
+            let mut a = FieldTable::default();
+            a.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+            a
+        };
+        if let Some(intake) = &self.names.intake {
+            self.declare_or_keep(intake, single_active()).await?;
+        }
+        for q in &self.names.partitions {
+            self.declare_or_keep(q, single_active()).await?;
+        }
+        for h in &self.names.holds {
+            self.declare_or_keep(h, FieldTable::default()).await?;
+        }
+        Ok(())
+    }
+
+    /// Binds the subscription's queue (its intake under perKey) to a stream's exchange, with
+    /// the topic patterns its filters allow.
     pub(super) async fn bind_exchange(&self, exchange: &str) -> Result<(), DeliveryError> {
         let broker = &self.stream.broker;
         broker.declare_exchange(exchange).await?;
-        let keys = binding_keys(&self.plan);
-        let Some(hx) = &self.names.hash_exchange else {
-            for k in &keys {
-                broker.bind_queue(&self.names.queue, exchange, k).await?;
-            }
-            return Ok(());
-        };
-        let ch = broker.open_channel().await?;
-        let r = async {
-            for k in &keys {
-                ch.exchange_bind(
-                    hx.as_str().into(),
-                    exchange.into(),
-                    k.as_str().into(),
-                    ExchangeBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            }
-            lapin::Result::Ok(())
+        for k in &binding_keys(&self.plan) {
+            broker.bind_queue(self.names.bound(), exchange, k).await?;
         }
-        .await;
-        let _ = ch.close(200, "OK".into()).await;
-        r.map_err(|e| DeliveryError::Other(format!("binding {hx} to {exchange}: {e}")))
+        Ok(())
     }
 
     /// Undoes [`Inner::bind_exchange`].
     pub(super) async fn unbind_exchange(&self, exchange: &str) -> Result<(), DeliveryError> {
         let broker = &self.stream.broker;
-        let keys = binding_keys(&self.plan);
-        let Some(hx) = &self.names.hash_exchange else {
-            for k in &keys {
-                broker.unbind_queue(&self.names.queue, exchange, k).await?;
-            }
-            return Ok(());
-        };
-        let ch = broker.open_channel().await?;
-        let r = async {
-            for k in &keys {
-                ch.exchange_unbind(
-                    hx.as_str().into(),
-                    exchange.into(),
-                    k.as_str().into(),
-                    ExchangeUnbindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            }
-            lapin::Result::Ok(())
+        for k in &binding_keys(&self.plan) {
+            broker.unbind_queue(self.names.bound(), exchange, k).await?;
         }
-        .await;
-        let _ = ch.close(200, "OK".into()).await;
-        r.map_err(|e| DeliveryError::Other(format!("unbinding {hx} from {exchange}: {e}")))
+        Ok(())
     }
 
     pub(super) async fn declare_delay_queue(
@@ -191,16 +141,22 @@ impl Inner {
     /// drained by [`drain`].
     pub(super) async fn retire_stale(&self) -> Result<Vec<String>, DeliveryError> {
         let broker = &self.stream.broker;
-        let (mut stale, first_lane) = match &self.plan.ordering {
-            OrderingPlan::None => (vec![], 0),
-            OrderingPlan::PerKey { partitions, .. } => {
-                let main = &self.names.queue;
-                let found = broker.queue_counts(main).await?.is_some();
-                (if found { vec![main.clone()] } else { vec![] }, *partitions)
-            }
+        // The queue the streams published into under the other ordering.
+        let other_bound = match &self.plan.ordering {
+            OrderingPlan::None => format!("{}.intake", self.names.queue),
+            OrderingPlan::PerKey { .. } => self.names.queue.clone(),
         };
+        let first_lane = match &self.plan.ordering {
+            OrderingPlan::None => 0,
+            OrderingPlan::PerKey { partitions, .. } => *partitions,
+        };
+        let mut stale = vec![];
+        if broker.queue_counts(&other_bound).await?.is_some() {
+            stale.push(other_bound.clone());
+        }
         // Lanes are always declared p0, p1, … in order, so the first one missing ends the
-        // stale ones: looking further would only log the broker's NOT_FOUND for each.
+        // stale ones: looking further would only log the broker's NOT_FOUND for each. Only
+        // the intake's mover feeds a lane, and it moves to the current lanes only.
         for i in first_lane..MAX_PARTITIONS_SCAN {
             let q = format!("{}.p{i}", self.names.queue);
             if broker.queue_counts(&q).await?.is_none() {
@@ -211,29 +167,18 @@ impl Inner {
         if stale.is_empty() {
             return Ok(stale);
         }
-        match &self.names.hash_exchange {
-            // Deleting the old hash exchange removes its bindings, both ways.
-            None => {
-                broker
-                    .delete_exchange(&format!(
-                        "weir-hash.{}.{}",
-                        self.plan.key.namespace, self.plan.key.name
-                    ))
-                    .await?
-            }
-            Some(hx) => {
-                for q in stale.iter().filter(|q| **q != self.names.queue) {
-                    broker.unbind_queue(q, hx, "1").await?;
-                }
-            }
-        }
-        if stale.contains(&self.names.queue) {
+        // Lanes of earlier versions were fed by a consistent-hash exchange; deleting it
+        // removes its bindings, both ways.
+        broker
+            .delete_exchange(&Names::legacy_hash_exchange(&self.plan))
+            .await?;
+        if stale.contains(&other_bound) {
             let mut keys = binding_keys(&self.plan);
             keys.push("#".into());
             keys.dedup();
             for exchange in self.exchanges() {
                 for k in &keys {
-                    broker.unbind_queue(&self.names.queue, &exchange, k).await?;
+                    broker.unbind_queue(&other_bound, &exchange, k).await?;
                 }
             }
         }

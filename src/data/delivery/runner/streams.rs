@@ -3,7 +3,7 @@
 //! several streams and the live binding and unbinding of streams while the consumers run.
 //!
 //! # Several streams
-//! One queue (or one consistent-hash exchange under `perKey`) is bound to every stream's
+//! One queue (the intake under `perKey`) is bound to every stream's
 //! exchange. A live message's stream is the exchange it was published to; the event gains the
 //! extension [`EXT_STREAM`] before anything else sees it, so that retries, hold records and dead
 //! letters (which travel through the default exchange) still name it.
