@@ -142,9 +142,6 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 rabbitmq-diagnostics -q check_port_listener 5671
-# Subscriptions with `ordering: perKey` hash keys over partition queues with this plugin
-# (it ships with RabbitMQ; enabling it is idempotent and works while the node runs).
-rabbitmq-plugins -q enable rabbitmq_consistent_hash_exchange
 # A subscription's status.backlog counts unacknowledged messages (every replica's), which only
 # the management API reports (tests/subscriptions.rs checks it). Wait for its listener.
 rabbitmq-plugins -q enable rabbitmq_management

@@ -203,6 +203,13 @@ fn e2e_and_replay_scenarios_deliver_every_event() {
 
     let r = bench(&["replay", "--events", "2000"]);
     assert_delivered(&r, "replay", 2000);
+
+    // perKey delivery against unordered delivery of the same load.
+    let r = bench(&["per-key", "--events", "500"]);
+    assert_delivered(&r, "per-key", 500);
+    for side in ["weir", "baseline"] {
+        assert_percentiles_ordered(&r[side]);
+    }
 }
 
 /// `scale` with 12 streams + 12 subscriptions on one database — more streams than a stream

@@ -634,15 +634,10 @@ async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
         .unwrap()
         .clone();
     assert_eq!(caught["status"], "True", "{st}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let st = subscription_status(&weir, &sub).await;
-        if st["fields"]["position"] == "12000" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{st}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_status(&weir, &sub, 10, "position 12000", |st| {
+        st["fields"]["position"] == "12000"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -896,11 +891,10 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
             &format!("  consumers: 8\n  rateLimit: {{eventsPerSecond: 20}}\n{delivery}"),
         ),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while subscription_status(&s.weir, &s.sub).await["fields"]["consumers"] != 8 {
-        assert!(Instant::now() < deadline, "consumers not updated");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_status(&s.weir, &s.sub, 10, "consumers: 8", |st| {
+        st["fields"]["consumers"] == 8
+    })
+    .await;
     let before = sink.got().len();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rate = sink.got().len() - before;
@@ -916,20 +910,15 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
             &format!("  ordering: perKey\n  partitions: 2\n{delivery}"),
         ),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while subscription_status(&s.weir, &s.sub).await["fields"]["partitionQueues"].is_null() {
-        assert!(Instant::now() < deadline, "perKey not applied");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_status(&s.weir, &s.sub, 20, "perKey applied", |st| {
+        !st["fields"]["partitionQueues"].is_null()
+    })
+    .await;
     publish(&url, &events("b", 40, 4)).await;
     sink.wait_delivered(100, Duration::from_secs(30), &s.weir)
         .await;
     let old = format!("weir.test.orders.{}", s.sub);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while queue_len(&old).await.is_some() {
-        assert!(Instant::now() < deadline, "old queue not deleted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_deleted(&old, &s.weir).await;
     assert_eq!(queue_len(&format!("{old}.p0")).await, Some(0));
     assert_eq!(queue_len(&format!("{old}.intake")).await, Some(0));
 
@@ -938,29 +927,45 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
         "sub.yaml",
         &subscription_yaml(&s.sub, &sink.url, &format!("  consumers: 4\n{delivery}")),
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !subscription_status(&s.weir, &s.sub).await["fields"]["partitionQueues"].is_null() {
-        assert!(Instant::now() < deadline, "ordering none not applied");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_status(&s.weir, &s.sub, 20, "ordering none applied", |st| {
+        st["fields"]["partitionQueues"].is_null()
+    })
+    .await;
     publish(&url, &events("c", 20, 4)).await;
     sink.wait_delivered(120, Duration::from_secs(30), &s.weir)
         .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for q in [
-        format!("{old}.intake"),
-        format!("{old}.p0"),
-        format!("{old}.p1"),
-    ] {
-        while queue_len(&q).await.is_some() {
-            assert!(
-                Instant::now() < deadline,
-                "{q} not deleted; log:\n{}",
-                tail(&s.weir.log_text())
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    for q in ["intake", "p0", "p1"] {
+        wait_deleted(&format!("{old}.{q}"), &s.weir).await;
     }
+}
+
+/// Waits (up to `secs`) until subscription `sub`'s status entry satisfies `done`.
+async fn wait_status(weir: &Weir, sub: &str, secs: u64, what: &str, done: impl Fn(&Value) -> bool) {
+    let last = std::sync::Mutex::new(Value::Null);
+    let (last, done) = (&last, &done);
+    eventually(
+        secs,
+        what,
+        || last.lock().unwrap().to_string(),
+        || async move {
+            let st = subscription_status(weir, sub).await;
+            let ok = done(&st);
+            *last.lock().unwrap() = st;
+            ok.then_some(())
+        },
+    )
+    .await
+}
+
+/// Waits (up to 20 s) until queue `q` is deleted.
+async fn wait_deleted(q: &str, weir: &Weir) {
+    eventually(
+        20,
+        &format!("{q} deleted"),
+        || format!("log:\n{}", tail(&weir.log_text())),
+        || async move { queue_len(q).await.is_none().then_some(()) },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

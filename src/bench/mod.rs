@@ -9,6 +9,7 @@ mod broker;
 mod cache;
 mod delivery;
 mod load;
+mod perkey;
 mod pii;
 mod pipeline;
 mod replay;
@@ -41,6 +42,10 @@ pub enum Scenario {
     /// as fast as possible; or `--rate`), latency taken by the sink, against a raw lapin
     /// publish → consume → HTTP POST loop.
     E2e,
+    /// HTTP publish → store → an `ordering: perKey` subscription (16 lanes, 1,000 keys) →
+    /// local sink, against the same load through an unordered subscription, one after the
+    /// other in one pipeline: what per-key order costs.
+    PerKey,
     /// Stored events → a new `startFrom: earliest` subscription → local sink, against a raw
     /// `SELECT` feeding the same HTTP POST loop.
     Replay,
@@ -118,6 +123,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         Scenario::Archive => archive::archive(&args).await?,
         Scenario::Cache => cache::cache(&args).await?,
         Scenario::E2e => delivery::e2e(&args).await?,
+        Scenario::PerKey => perkey::per_key(&args).await?,
         Scenario::Replay => replay::replay(&args).await?,
         Scenario::Scale => scale::scale(&args).await?,
     };

@@ -10,12 +10,11 @@ pub(super) async fn consume_shared(inner: Arc<Inner>, cancel: CancellationToken)
     let mut settings = inner.settings.clone();
     'connect: while !cancel.is_cancelled() {
         let prefetch = settings.borrow_and_update().consumers;
-        let (ch, mut consumer, tag) =
-            match open_or_wait(&inner, &inner.names.queue, prefetch, &cancel).await {
-                Opened::Yes(x) => *x,
-                Opened::Retry => continue,
-                Opened::Stopped => break,
-            };
+        let Some((ch, mut consumer, tag)) =
+            open_or_wait(&inner, &inner.names.queue, prefetch, &cancel).await
+        else {
+            break;
+        };
         inner.state.set_error(None);
         loop {
             tokio::select! {
@@ -86,38 +85,34 @@ pub(super) async fn finish(ch: &Channel, tag: ShortString, tasks: &mut JoinSet<(
 /// milliseconds, a loaded broker a few seconds.
 const CONSUME_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// What [`open_or_wait`] came to.
-pub(super) enum Opened {
-    Yes(Box<(Channel, lapin::Consumer, ShortString)>),
-    /// The broker refused; the failure is recorded and a moment waited: try again.
-    Retry,
-    /// The subscription stopped while waiting.
-    Stopped,
-}
+/// A consumer: its channel, the stream of deliveries, and its tag.
+pub(super) type Opened = (Channel, lapin::Consumer, ShortString);
 
-/// Opens a consumer of `queue`; when the broker refuses, records why (status shows it) and
-/// waits a moment. The broker's link backs off its reconnects: this costs nothing while it is
-/// down, and it is not logged (the link says it once).
+/// Opens a consumer of `queue`; while the broker refuses, records why (status shows it),
+/// waits a moment and tries again. `None` once the subscription stops. The broker's link backs
+/// off its reconnects: this costs nothing while it is down, and it is not logged (the link
+/// says it once).
 pub(super) async fn open_or_wait(
     inner: &Inner,
     queue: &str,
     prefetch: u32,
     cancel: &CancellationToken,
-) -> Opened {
-    match open_consumer(inner, queue, prefetch).await {
-        Ok(x) => Opened::Yes(Box::new(x)),
-        Err(e) => {
-            inner.state.set_failure(
-                crate::data::conditions::reason::BROKER_UNAVAILABLE,
-                e.to_string(),
-            );
-            if sleep_or_cancel(cancel, RECONNECT_DELAY).await {
-                Opened::Retry
-            } else {
-                Opened::Stopped
+) -> Option<Opened> {
+    while !cancel.is_cancelled() {
+        match open_consumer(inner, queue, prefetch).await {
+            Ok(x) => return Some(x),
+            Err(e) => {
+                inner.state.set_failure(
+                    crate::data::conditions::reason::BROKER_UNAVAILABLE,
+                    e.to_string(),
+                );
+                if !sleep_or_cancel(cancel, RECONNECT_DELAY).await {
+                    return None;
+                }
             }
         }
     }
+    None
 }
 
 async fn open_consumer(
@@ -178,10 +173,8 @@ pub(super) async fn drain(inner: Arc<Inner>, queue: String, cancel: Cancellation
         + Duration::from_secs(1);
     let mut empty_since: Option<Instant> = None;
     while !cancel.is_cancelled() {
-        let (ch, mut consumer, tag) = match open_or_wait(&inner, &queue, 1, &cancel).await {
-            Opened::Yes(x) => *x,
-            Opened::Retry => continue,
-            Opened::Stopped => return,
+        let Some((ch, mut consumer, tag)) = open_or_wait(&inner, &queue, 1, &cancel).await else {
+            return;
         };
         loop {
             let next = tokio::select! {

@@ -14,7 +14,7 @@
 
 use futures::FutureExt;
 
-use super::consume::{Opened, open_or_wait};
+use super::consume::open_or_wait;
 use super::*;
 use crate::data::broker::HEADER_PREFIX;
 use crate::data::delivery::lane_of;
@@ -39,12 +39,11 @@ pub(super) async fn move_intake(inner: Arc<Inner>, cancel: CancellationToken) {
     while !cancel.is_cancelled() {
         // Every worker asks; the broker lets one consume and keeps the others waiting, and
         // hands the intake to one of them when that one goes away.
-        let (ch, mut consumer, tag) =
-            match open_or_wait(&inner, &intake, INTAKE_PREFETCH.into(), &cancel).await {
-                Opened::Yes(x) => *x,
-                Opened::Retry => continue,
-                Opened::Stopped => return,
-            };
+        let Some((ch, mut consumer, tag)) =
+            open_or_wait(&inner, &intake, INTAKE_PREFETCH.into(), &cancel).await
+        else {
+            return;
+        };
         loop {
             let first = tokio::select! {
                 _ = cancel.cancelled() => None,

@@ -2,7 +2,7 @@
 //! queue that keeps a waiting retry's attempt count and due time (see the module documentation
 //! of [`super`]).
 
-use super::consume::{Opened, finish, open_or_wait};
+use super::consume::{finish, open_or_wait};
 use super::*;
 
 /// A perKey lane's consumer channel and hold queue, for the message being handled.
@@ -169,12 +169,11 @@ pub(super) async fn consume_lane(
     cancel: CancellationToken,
 ) {
     while !cancel.is_cancelled() {
-        let (ch, mut consumer, tag) =
-            match open_or_wait(&inner, &queue, LANE_PREFETCH.into(), &cancel).await {
-                Opened::Yes(x) => *x,
-                Opened::Retry => continue,
-                Opened::Stopped => return,
-            };
+        let Some((ch, mut consumer, tag)) =
+            open_or_wait(&inner, &queue, LANE_PREFETCH.into(), &cancel).await
+        else {
+            return;
+        };
         let opened = Instant::now();
         loop {
             let d = tokio::select! {
