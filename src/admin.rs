@@ -278,17 +278,16 @@ async fn status(State(st): State<AdminState>, headers: HeaderMap) -> Response {
 /// stream here, 409 while another run holds the stream, 503 for store trouble.
 fn archive_error(e: crate::data::archive::ArchiveError) -> Response {
     use crate::data::archive::ArchiveError;
-    let kind = match &e {
-        ArchiveError::NotArchived(_) => ProblemKind::NotFound,
-        ArchiveError::Busy => ProblemKind::Busy,
+    let problem = match &e {
+        ArchiveError::NotArchived(_) => HttpProblem::new(ProblemKind::NotFound, e.to_string()),
+        ArchiveError::Busy => HttpProblem::new(ProblemKind::Busy, e.to_string()),
         // With `Retry-After`, as documented: the store may be back in a moment.
         ArchiveError::NotRunning(_) | ArchiveError::Store(_) => {
-            let retry = crate::data::http::RETRY_AFTER_SECS;
-            return HttpProblem::unavailable(e.to_string(), retry).into_response();
+            HttpProblem::unavailable(e.to_string(), crate::data::http::RETRY_AFTER_SECS)
         }
-        _ => ProblemKind::Internal,
+        _ => HttpProblem::new(ProblemKind::Internal, e.to_string()),
     };
-    HttpProblem::new(kind, e.to_string()).into_response()
+    problem.into_response()
 }
 
 /// Every stream archived by this process that the caller may see (`get`

@@ -8,9 +8,9 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::recording::RecordingSink;
 use common::*;
 use serde_json::{Value, json};
 
@@ -362,8 +362,8 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
     assert!(metrics.contains("weir_store_payload_bytes_total{kind=\"raw\""));
 
     // A subscription created now replays all of it, in order, from the archive.
-    let got = Arc::new(Mutex::new(Vec::<i64>::new()));
-    let sink = start_sink(got.clone()).await;
+    let got = RecordingSink::start().await;
+    let sink = &got.url;
     // A name of its own: queues outlive the process, and an existing queue means "not new".
     let sub = unique("replay-");
     m.write(
@@ -375,8 +375,8 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
     );
     // And one starting from a time inside the archive starts at the first event recorded
     // then.
-    let from_time = Arc::new(Mutex::new(Vec::<i64>::new()));
-    let sink2 = start_sink(from_time.clone()).await;
+    let from_time = RecordingSink::start().await;
+    let sink2 = &from_time.url;
     let first_at = before
         .iter()
         .position(|e| e["weirrecordedtime"].as_str().unwrap() >= as_of.as_str())
@@ -392,8 +392,8 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
     );
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let n = got.lock().unwrap().len();
-        let n2 = from_time.lock().unwrap().len() as i64;
+        let n = got.got().len();
+        let n2 = from_time.got().len() as i64;
         if n > N && n2 >= N as i64 + 2 - first_at {
             break;
         }
@@ -405,7 +405,7 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let got = got.lock().unwrap().clone();
+    let got: Vec<i64> = got.got().iter().map(|g| g.position).collect();
     let distinct: BTreeSet<i64> = got.iter().copied().collect();
     assert_eq!(distinct.len(), N + 1);
     assert_eq!(distinct.first(), Some(&1));
@@ -414,36 +414,13 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
         got.windows(2).all(|p| p[0] < p[1]),
         "delivered out of order"
     );
-    let from_time: BTreeSet<i64> = from_time.lock().unwrap().iter().copied().collect();
+    let from_time: BTreeSet<i64> = from_time.got().iter().map(|g| g.position).collect();
     assert_eq!(from_time.first(), Some(&first_at));
     assert_eq!(from_time.len() as i64, N as i64 + 2 - first_at);
 }
 
 fn urlencode(s: &str) -> String {
     s.replace(':', "%3A").replace('+', "%2B")
-}
-
-/// A sink that records `ce-weirposition` of every event it accepts.
-async fn start_sink(got: Arc<Mutex<Vec<i64>>>) -> String {
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::post(move |h: http::HeaderMap, _b: bytes::Bytes| {
-            let got = got.clone();
-            async move {
-                let p = h
-                    .get("ce-weirposition")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
-                got.lock().unwrap().push(p);
-                http::StatusCode::OK
-            }
-        }),
-    );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app).await });
-    url
 }
 
 fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {

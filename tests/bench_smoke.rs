@@ -204,6 +204,14 @@ fn e2e_and_replay_scenarios_deliver_every_event() {
     let r = bench(&["replay", "--events", "2000"]);
     assert_delivered(&r, "replay", 2000);
 
+    // Live delivery alone: a queue filled while scaled to zero, drained by each side.
+    let r = bench(&["drain", "--events", "2000"]);
+    assert_delivered(&r, "drain", 2000);
+    assert!(
+        r["weir"]["first_delivery_ms"].as_f64().is_some(),
+        "the time to the first delivery after scaling up: {r}"
+    );
+
     // perKey delivery against unordered delivery of the same load.
     let r = bench(&["per-key", "--events", "500"]);
     assert_delivered(&r, "per-key", 500);

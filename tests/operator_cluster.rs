@@ -11,11 +11,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::routing::post;
+use common::recording::RecordingSink;
 use common::{free_port, unique, weir_binary};
 use serde_json::{Value, json};
 
@@ -121,23 +119,8 @@ async fn operator_on_a_real_cluster() {
     assert!(out.ok(), "{}", out.stderr());
 
     // The sink.
-    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
-    let s = seen.clone();
-    let app = Router::new().route(
-        "/",
-        post(move |h: http::HeaderMap| {
-            let s = s.clone();
-            async move {
-                if let Some(id) = h.get("ce-id").and_then(|v| v.to_str().ok()) {
-                    s.lock().unwrap().push(id.to_string());
-                }
-                http::StatusCode::OK
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sink = format!("http://{}/", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let seen = RecordingSink::start().await;
+    let sink = seen.url.clone();
 
     let port = free_port();
     let _operator = Operator(
@@ -204,10 +187,7 @@ async fn operator_on_a_real_cluster() {
         .unwrap()
         .status();
     assert!(status.is_success(), "{status}");
-    eventually(60, "delivery", || {
-        seen.lock().unwrap().contains(&"c1".to_string())
-    })
-    .await;
+    eventually(60, "delivery", || seen.delivered().contains("c1")).await;
 
     let out = kubectl(
         &["scale", "-n", &ns, "wsub", "print-orders", "--replicas=8"],

@@ -18,12 +18,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apiserver::TestApiServer;
-use axum::Router;
-use axum::routing::post;
+use common::recording::RecordingSink;
 use common::{Operator, exchange_exists, queue_exists, unique};
 use serde_json::{Value, json};
 
@@ -127,29 +125,15 @@ where
     common::eventually(secs, what, logs, f).await
 }
 
-/// A sink that records the `ce-id` of every delivery.
-async fn sink() -> (String, Arc<Mutex<Vec<String>>>) {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let s = seen.clone();
-    let app = Router::new().route(
-        "/",
-        post(move |headers: http::HeaderMap| {
-            let s = s.clone();
-            async move {
-                let id = headers
-                    .get("ce-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                s.lock().unwrap().push(id);
-                http::StatusCode::OK
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/"), seen)
+/// A sink recording every delivery; [`delivered_ids`] lists their `ce-id`s.
+async fn sink() -> (String, RecordingSink) {
+    let sink = RecordingSink::start().await;
+    (sink.url.clone(), sink)
+}
+
+/// The `ce-id` of every delivery so far, in order.
+fn delivered_ids(sink: &RecordingSink) -> Vec<String> {
+    sink.got().into_iter().map(|g| g.id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,9 +227,7 @@ async fn operator_end_to_end_with_kubectl() {
     .unwrap();
     assert_eq!(body["id"], "e1");
     eventually(30, "delivery of e1", &[&a], || async {
-        delivered
-            .lock()
-            .unwrap()
+        delivered_ids(&delivered)
             .contains(&"e1".to_string())
             .then_some(())
     })
@@ -613,9 +595,7 @@ async fn kubectl_scale_to_zero_parks_a_subscription_and_scaling_up_delivers_what
     wait_condition(&server, ns, &wsub, "True", "Ready", &[&op]).await;
     assert!(publish(&op.url, ns, &stream, "e0").await.is_success());
     eventually(30, "delivery of e0", &[&op], || async {
-        delivered
-            .lock()
-            .unwrap()
+        delivered_ids(&delivered)
             .contains(&"e0".to_string())
             .then_some(())
     })
@@ -658,7 +638,7 @@ async fn kubectl_scale_to_zero_parks_a_subscription_and_scaling_up_delivers_what
         (v["status"]["backlog"] == 20).then_some(())
     })
     .await;
-    assert_eq!(*delivered.lock().unwrap(), vec!["e0".to_string()]);
+    assert_eq!(delivered_ids(&delivered), vec!["e0".to_string()]);
 
     // Back up: everything that accumulated is delivered, once.
     let out = server
@@ -670,7 +650,7 @@ async fn kubectl_scale_to_zero_parks_a_subscription_and_scaling_up_delivers_what
         "the 20 accumulated events delivered",
         &[&op],
         || async {
-            let d = delivered.lock().unwrap().clone();
+            let d = delivered_ids(&delivered);
             ids.iter().all(|id| d.contains(id)).then_some(())
         },
     )
@@ -681,7 +661,7 @@ async fn kubectl_scale_to_zero_parks_a_subscription_and_scaling_up_delivers_what
         (v["status"]["consumers"] == 2 && v["status"]["backlog"] == 0).then_some(())
     })
     .await;
-    let d = delivered.lock().unwrap().clone();
+    let d = delivered_ids(&delivered);
     assert_eq!(d.len(), 21, "each event once: {d:?}");
 
     // Clean up the broker side (deletionPolicy Delete on both).

@@ -9,10 +9,10 @@
 mod common;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
+use common::recording::RecordingSink;
 use common::*;
 use serde_json::{Value, json};
 
@@ -83,30 +83,18 @@ async fn read_all(w: &Weir) -> Vec<Value> {
     page.as_array().cloned().unwrap_or_default()
 }
 
-/// A sink recording `(ce-subject, body)` of every event (binary mode: the body is `data`).
-async fn recording_sink() -> (String, Arc<Mutex<Vec<(String, Value)>>>) {
-    let got: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
-    let g = got.clone();
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::post(move |h: http::HeaderMap, b: bytes::Bytes| {
-            let g = g.clone();
-            async move {
-                let subject = h
-                    .get("ce-subject")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
-                let body = serde_json::from_slice(&b).unwrap_or(Value::Null);
-                g.lock().unwrap().push((subject, body));
-                http::StatusCode::OK
-            }
-        }),
-    );
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, app).await });
-    (url, got)
+/// A sink recording every event; `(ce-subject, body)` of each through [`received`].
+async fn recording_sink() -> (String, RecordingSink) {
+    let sink = RecordingSink::start().await;
+    (sink.url.clone(), sink)
+}
+
+/// `(ce-subject, body)` of every event `sink` accepted (binary mode: the body is `data`).
+fn received(sink: &RecordingSink) -> Vec<(String, Value)> {
+    sink.got()
+        .iter()
+        .map(|g| (g.subject.clone(), g.json()))
+        .collect()
 }
 
 fn subscription(name: &str, sink: &str, extra: &str) -> String {
@@ -358,12 +346,10 @@ async fn personal_data_is_ciphertext_at_rest_plaintext_for_readers_and_forgettab
         30,
         "7 deliveries to each sink",
         || w.log_text(),
-        || async {
-            (live.lock().unwrap().len() >= 7 && sealed.lock().unwrap().len() >= 7).then_some(())
-        },
+        || async { (live.got().len() >= 7 && sealed.got().len() >= 7).then_some(()) },
     )
     .await;
-    for (subject, body) in live.lock().unwrap().iter().filter(|(s, _)| s != "carol") {
+    for (subject, body) in received(&live).iter().filter(|(s, _)| s != "carol") {
         assert!(
             body["customer"]["email"]
                 .as_str()
@@ -372,7 +358,7 @@ async fn personal_data_is_ciphertext_at_rest_plaintext_for_readers_and_forgettab
             "{body}"
         );
     }
-    for (subject, body) in sealed.lock().unwrap().iter().filter(|(s, _)| s != "carol") {
+    for (subject, body) in received(&sealed).iter().filter(|(s, _)| s != "carol") {
         let e = body["customer"]["email"].as_str().unwrap();
         assert!(e.starts_with("weir:pii:v1:"), "{subject}: {body}");
     }
@@ -457,12 +443,12 @@ async fn personal_data_is_ciphertext_at_rest_plaintext_for_readers_and_forgettab
         "replay.yaml",
         &subscription(&replay_sub, &replay_url, "  startFrom: earliest\n"),
     );
-    let seen = || format!("{:?}\n{}", replay.lock().unwrap(), w.log_text());
+    let seen = || format!("{:?}\n{}", received(&replay), w.log_text());
     eventually(60, "11 replayed deliveries", seen, || async {
-        (replay.lock().unwrap().len() >= 11).then_some(())
+        (replay.got().len() >= 11).then_some(())
     })
     .await;
-    for (subject, body) in replay.lock().unwrap().iter() {
+    for (subject, body) in received(&replay).iter() {
         match subject.as_str() {
             "alice" => assert_eq!(body["customer"]["email"], MARKER, "{body}"),
             "bob" => assert!(
@@ -591,7 +577,7 @@ async fn rotation_lets_old_keys_go_and_a_missing_key_fails_clearly() {
             .unwrap_or_default();
         assert!(email.starts_with("weir:pii:v1:"), "{d}");
     }
-    assert!(got.lock().unwrap().is_empty(), "delivered without its key");
+    assert!(got.got().is_empty(), "delivered without its key");
     m.remove("replay.yaml");
     assert!(w.child.try_wait().unwrap().is_none(), "weir exited");
 

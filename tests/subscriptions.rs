@@ -5,8 +5,9 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::recording::{Answer, Got, RecordingSink};
 use common::*;
 use serde_json::{Value, json};
 
@@ -15,164 +16,12 @@ use serde_json::{Value, json};
 /// observe queueing time instead of backoff. It takes this lock exclusively; the rest share it.
 static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-/// How the test sink answers.
-#[derive(Clone, Debug)]
-enum Mode {
-    /// 200 to everything.
-    Ok,
-    /// 503 to the first `n` attempts of every event id, then 200.
-    FailFirst(u32),
-    /// This status, with this body, to everything.
-    Status(u16, &'static str),
-    /// 500 with this probability, else 200.
-    Random(f64),
-    /// 200 after this long.
-    Slow(Duration),
-}
+/// The test sink: records every request and fails on demand.
+type Sink = RecordingSink;
 
-/// One request the sink received.
-#[derive(Clone, Debug)]
-struct Got {
-    id: String,
-    ty: String,
-    subject: String,
-    position: i64,
-    at: Instant,
-    ok: bool,
-    headers: BTreeMap<String, String>,
-}
-
-#[derive(Default)]
-struct SinkState {
-    mode: Option<Mode>,
-    got: Vec<Got>,
-    attempts: HashMap<String, u32>,
-}
-
-/// The test sink.
-#[derive(Clone)]
-struct Sink {
-    url: String,
-    st: Arc<Mutex<SinkState>>,
-}
-
-impl Sink {
-    async fn start(mode: Mode) -> Sink {
-        let st = Arc::new(Mutex::new(SinkState {
-            mode: Some(mode),
-            ..Default::default()
-        }));
-        let s2 = st.clone();
-        let app = axum::Router::new().route(
-            "/",
-            axum::routing::post(move |h: http::HeaderMap, _b: bytes::Bytes| {
-                let st = s2.clone();
-                async move {
-                    let hv = |k: &str| {
-                        h.get(k)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default()
-                            .to_string()
-                    };
-                    let id = hv("ce-id");
-                    let (mode, n) = {
-                        let mut s = st.lock().unwrap();
-                        let n = {
-                            let a = s.attempts.entry(id.clone()).or_insert(0);
-                            *a += 1;
-                            *a
-                        };
-                        (s.mode.clone().unwrap(), n)
-                    };
-                    let (status, body) = match mode {
-                        Mode::Ok => (200, ""),
-                        Mode::FailFirst(k) => {
-                            if n <= k {
-                                (503, "not yet")
-                            } else {
-                                (200, "")
-                            }
-                        }
-                        Mode::Status(s, b) => (s, b),
-                        Mode::Random(p) => {
-                            if rand::random::<f64>() < p {
-                                (500, "flaky")
-                            } else {
-                                (200, "")
-                            }
-                        }
-                        Mode::Slow(d) => {
-                            tokio::time::sleep(d).await;
-                            (200, "")
-                        }
-                    };
-                    let headers = h
-                        .iter()
-                        .filter(|(k, _)| k.as_str().starts_with("ce-"))
-                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-                        .collect();
-                    st.lock().unwrap().got.push(Got {
-                        id,
-                        ty: hv("ce-type"),
-                        subject: hv("ce-subject"),
-                        position: hv("ce-weirposition").parse().unwrap_or(0),
-                        at: Instant::now(),
-                        ok: status == 200,
-                        headers,
-                    });
-                    (http::StatusCode::from_u16(status).unwrap(), body)
-                }
-            }),
-        );
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/", l.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(l, app).await });
-        Sink { url, st }
-    }
-
-    fn set_mode(&self, m: Mode) {
-        self.st.lock().unwrap().mode = Some(m);
-    }
-
-    fn got(&self) -> Vec<Got> {
-        self.st.lock().unwrap().got.clone()
-    }
-
-    /// Distinct ids answered 200.
-    fn delivered(&self) -> BTreeSet<String> {
-        self.got()
-            .into_iter()
-            .filter(|g| g.ok)
-            .map(|g| g.id)
-            .collect()
-    }
-
-    /// How many distinct ids were answered 200, without copying what the sink received.
-    fn delivered_count(&self) -> usize {
-        let s = self.st.lock().unwrap();
-        s.got
-            .iter()
-            .filter(|g| g.ok)
-            .map(|g| g.id.as_str())
-            .collect::<std::collections::HashSet<_>>()
-            .len()
-    }
-
-    async fn wait_delivered(&self, n: usize, within: Duration, weir: &Weir) {
-        let deadline = Instant::now() + within;
-        loop {
-            let d = self.delivered().len();
-            if d >= n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {d} of {n} events delivered in {within:?}; log:\n{}",
-                tail(&weir.log_text())
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+/// The end of a worker's log, for a failure's message.
+fn log_tail(w: &Weir) -> String {
+    format!("log:\n{}", tail(&w.log_text()))
 }
 
 fn tail(s: &str) -> &str {
@@ -235,9 +84,14 @@ async fn orders_stream() -> Manifests {
 }
 
 async fn setup(sink: &Sink, sub_extra: &str) -> Setup {
+    setup_to(&sink.url, sub_extra).await
+}
+
+/// [`setup`] for a sink at `url`.
+async fn setup_to(url: &str, sub_extra: &str) -> Setup {
     let m = orders_stream().await;
     let sub = unique("s");
-    m.write("sub.yaml", &subscription_yaml(&sub, &sink.url, sub_extra));
+    m.write("sub.yaml", &subscription_yaml(&sub, url, sub_extra));
     let mut weir = Weir::start(m.path());
     weir.wait_ready("test", "orders").await;
     wait_subscription(&weir, &sub).await;
@@ -252,7 +106,7 @@ fn median(v: &mut [Duration]) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_are_exponential_capped_and_deliver_everything() {
     let _exclusive = MACHINE.write().await;
-    let sink = Sink::start(Mode::FailFirst(3)).await;
+    let sink = Sink::start_with(Answer::FailFirst(3)).await;
     let s = setup(
         &sink,
         "  consumers: 64\n  delivery: {retry: 5, backoffDelay: 100ms, backoffMax: 300ms}\n",
@@ -282,11 +136,10 @@ async fn retries_are_exponential_capped_and_deliver_everything() {
         publish(&url, chunk).await;
         published += chunk.len();
     }
-    sink.wait_delivered(5000, Duration::from_secs(180), &s.weir)
-        .await;
+    sink.wait_delivered(5000, 180, || log_tail(&s.weir)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let got = sink.got();
+    let got = sink.requests();
     let mut by_id: HashMap<&str, Vec<&Got>> = HashMap::new();
     for g in &got {
         by_id.entry(g.id.as_str()).or_default().push(g);
@@ -346,8 +199,8 @@ async fn retries_are_exponential_capped_and_deliver_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_400_dead_letters_with_context_and_redrive_delivers() {
     let _shared = MACHINE.read().await;
-    let sink = Sink::start(Mode::Status(400, "bad order")).await;
-    let dl_sink = Sink::start(Mode::Ok).await;
+    let sink = Sink::start_with(Answer::Status(400, "bad order")).await;
+    let dl_sink = Sink::start_with(Answer::Ok).await;
     let s = setup(
         &sink,
         &format!(
@@ -381,7 +234,7 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
     let dlq = format!("weir-dlq.test.{}", s.sub);
     wait_dead_letters(&s.weir, &s.sub, 20, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let got = sink.got();
+    let got = sink.requests();
     assert_eq!(
         got.len(),
         20,
@@ -413,12 +266,10 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
         assert_eq!(d["type"], "order.created");
     }
     // The dead-letter sink got each one too, with the error context.
-    dl_sink
-        .wait_delivered(20, Duration::from_secs(10), &s.weir)
-        .await;
+    dl_sink.wait_delivered(20, 10, || log_tail(&s.weir)).await;
     assert!(
         dl_sink
-            .got()
+            .requests()
             .iter()
             .all(|g| g.headers.get("ce-weirerrorcode").map(String::as_str) == Some("400"))
     );
@@ -436,7 +287,7 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
     wait_dead_letters(&s.weir, &s.sub, 20, Duration::from_secs(5)).await;
 
     // A fixed sink, then redrive through the CLI.
-    sink.set_mode(Mode::Ok);
+    sink.set_answer(Answer::Ok);
     let out = std::process::Command::new(weir_binary())
         .args([
             "--admin",
@@ -463,10 +314,13 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    sink.wait_delivered(20, Duration::from_secs(30), &s.weir)
-        .await;
+    sink.wait_delivered(20, 30, || log_tail(&s.weir)).await;
     assert_eq!(queue_len(&dlq).await, Some(0));
-    let delivered = sink.got().into_iter().filter(|g| g.ok).collect::<Vec<_>>();
+    let delivered = sink
+        .requests()
+        .into_iter()
+        .filter(|g| g.ok)
+        .collect::<Vec<_>>();
     // Redriven events arrive without the error attributes.
     assert!(
         delivered
@@ -480,21 +334,10 @@ async fn a_400_dead_letters_with_context_and_redrive_delivers() {
 /// management API (queue names are current there; its message counts are sampled), the counts
 /// from a passive declare of each (exact).
 async fn delayed(prefix: &str) -> u32 {
-    let api = "http://127.0.0.1:15672/api/queues/%2F?columns=name";
-    let client = common::http();
-    let Ok(r) = client
-        .get(api)
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await
-    else {
-        return 0;
-    };
-    let names: Vec<Value> = r.json().await.unwrap_or_default();
     let mut total = 0;
-    for name in names.iter().filter_map(|q| q["name"].as_str()) {
+    for name in common::management_queues().await {
         if name.starts_with(prefix) {
-            total += queue_len(name).await.unwrap_or(0);
+            total += queue_len(&name).await.unwrap_or(0);
         }
     }
     total
@@ -503,42 +346,31 @@ async fn delayed(prefix: &str) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retries_waiting_survive_kill_9() {
     let _shared = MACHINE.read().await;
-    let sink = Sink::start(Mode::FailFirst(1)).await;
+    let sink = Sink::start_with(Answer::FailFirst(1)).await;
     let mut s = setup(
         &sink,
         "  delivery: {retry: 3, backoffDelay: 3s, backoffMax: 3s}\n",
     )
     .await;
     publish(&s.weir.events_url("test", "orders"), &events("k", 50, 5)).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.got().len() < 50 {
-        assert!(
-            Instant::now() < deadline,
-            "first attempts: {}",
-            sink.got().len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sink.wait_attempts(50).await;
     assert!(sink.delivered().is_empty(), "every first attempt failed");
     // Killed once every retry copy waits in a delay queue: a failed attempt's original is
     // acknowledged only after its copy is confirmed there, so a kill before that redelivers
     // the original as well (at-least-once: a third attempt, not what this test is about).
     let prefix = format!("weir-retry.test.{}.", s.sub);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting = delayed(&prefix).await;
-        if waiting == 50 {
-            break;
+    eventually_ok(30, "50 retry copies waiting", || async {
+        match delayed(&prefix).await {
+            50 => Ok(()),
+            waiting => Err(format!("{waiting} waiting")),
         }
-        assert!(Instant::now() < deadline, "retry copies waiting: {waiting}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     s.weir.kill9();
     tokio::time::sleep(Duration::from_secs(4)).await;
     let weir = Weir::start(s.m.path());
-    sink.wait_delivered(50, Duration::from_secs(60), &weir)
-        .await;
-    let got = sink.got();
+    sink.wait_delivered(50, 60, || log_tail(&weir)).await;
+    let got = sink.requests();
     let per_id = got.iter().fold(HashMap::<&str, u32>::new(), |mut m, g| {
         *m.entry(&g.id).or_default() += 1;
         m
@@ -552,18 +384,14 @@ async fn retries_waiting_survive_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_during_delivery_loses_and_dead_letters_nothing() {
     let _shared = MACHINE.read().await;
-    let sink = Sink::start(Mode::Slow(Duration::from_millis(300))).await;
+    let sink = Sink::start_with(Answer::Slow(Duration::from_millis(300))).await;
     let mut s = setup(
         &sink,
         "  consumers: 8\n  delivery: {retry: 0, timeout: 5s}\n",
     )
     .await;
     publish(&s.weir.events_url("test", "orders"), &events("t", 200, 20)).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.got().len() < 20 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sink.wait_attempts(20).await;
     let status = s.weir.terminate();
     assert!(status.success(), "{status:?}");
     let dlq = format!("weir-dlq.test.{}", s.sub);
@@ -575,11 +403,10 @@ async fn sigterm_during_delivery_loses_and_dead_letters_nothing() {
     let before = sink.delivered().len();
     assert!(before < 200, "stopped mid-way ({before})");
     // Every request that started got its answer (the shutdown waited for it).
-    assert!(sink.got().iter().all(|g| g.ok));
-    sink.set_mode(Mode::Ok);
+    assert!(sink.requests().iter().all(|g| g.ok));
+    sink.set_answer(Answer::Ok);
     let weir = Weir::start(s.m.path());
-    sink.wait_delivered(200, Duration::from_secs(60), &weir)
-        .await;
+    sink.wait_delivered(200, 60, || log_tail(&weir)).await;
     assert_eq!(queue_len(&dlq).await, Some(0));
 }
 
@@ -592,7 +419,7 @@ async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
     let url = weir.events_url("test", "orders");
     publish(&url, &events("h", 10_000, 100)).await;
 
-    let sink = Sink::start(Mode::Ok).await;
+    let sink = Sink::start_with(Answer::Ok).await;
     let sub = unique("s");
     m.write(
         "sub.yaml",
@@ -609,10 +436,9 @@ async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
         })
     };
     live.await.unwrap();
-    sink.wait_delivered(12_000, Duration::from_secs(180), &weir)
-        .await;
+    sink.wait_delivered(12_000, 180, || log_tail(&weir)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let got = sink.got();
+    let got = sink.requests();
     let mut seen = BTreeSet::new();
     let dups: Vec<i64> = got
         .iter()
@@ -643,7 +469,7 @@ async fn start_from_earliest_catches_up_then_goes_live_without_gap_or_repeat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_key_ordering_holds_across_two_processes_with_a_flaky_sink() {
     let _shared = MACHINE.read().await;
-    let sink = Sink::start(Mode::Random(0.2)).await;
+    let sink = Sink::start_with(Answer::Random(0.2)).await;
     let m = orders_stream().await;
     let sub = unique("s");
     m.write(
@@ -674,9 +500,8 @@ async fn per_key_ordering_holds_across_two_processes_with_a_flaky_sink() {
         b.events_url("test", "orders"),
     );
     tokio::join!(publish(&ua, x), publish(&ub, y));
-    sink.wait_delivered(10_000, Duration::from_secs(300), &a)
-        .await;
-    let got = sink.got();
+    sink.wait_delivered(10_000, 300, || log_tail(&a)).await;
+    let got = sink.requests();
     let mut per_key: HashMap<&str, Vec<i64>> = HashMap::new();
     for g in &got {
         let v = per_key.entry(g.subject.as_str()).or_default();
@@ -802,8 +627,7 @@ async fn the_saga_example_compensates_a_failed_payment() {
         ],
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let events = loop {
+    let events = eventually_ok(30, "the saga's five events", || async {
         let evs: Value = common::http_get(format!("{url}?from=1&limit=100"))
             .await
             .unwrap()
@@ -812,15 +636,12 @@ async fn the_saga_example_compensates_a_failed_payment() {
             .unwrap();
         let evs = evs.as_array().unwrap().clone();
         if evs.len() >= 5 {
-            break evs;
+            Ok(evs)
+        } else {
+            Err(format!("{evs:?}\n{}", tail(&weir.log_text())))
         }
-        assert!(
-            Instant::now() < deadline,
-            "saga incomplete: {evs:?}\n{}",
-            tail(&weir.log_text())
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
     let steps: Vec<(String, String)> = events
         .iter()
         .map(|e| {
@@ -869,7 +690,7 @@ async fn the_saga_example_compensates_a_failed_payment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_queue() {
     let _shared = MACHINE.read().await;
-    let sink = Sink::start(Mode::Ok).await;
+    let sink = Sink::start_with(Answer::Ok).await;
     let delivery = "  delivery: {backoffDelay: 100ms, backoffMax: 1s, retryAfterMax: 1s}\n";
     let s = setup(
         &sink,
@@ -879,7 +700,7 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
     let url = s.weir.events_url("test", "orders");
     publish(&url, &events("a", 60, 6)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let n = sink.got().len();
+    let n = sink.requests().len();
     assert!(n <= 15, "rate limited to 5/s: {n} in 2 s");
 
     // Live: a higher rate and more consumers, without restarting the subscription.
@@ -895,9 +716,9 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
         st["fields"]["consumers"] == 8
     })
     .await;
-    let before = sink.got().len();
+    let before = sink.requests().len();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rate = sink.got().len() - before;
+    let rate = sink.requests().len() - before;
     assert!((10..=30).contains(&rate), "about 20/s now: {rate}");
 
     // Another shape (perKey): what waits in the old queue is still delivered, then the old
@@ -915,8 +736,7 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
     })
     .await;
     publish(&url, &events("b", 40, 4)).await;
-    sink.wait_delivered(100, Duration::from_secs(30), &s.weir)
-        .await;
+    sink.wait_delivered(100, 30, || log_tail(&s.weir)).await;
     let old = format!("weir.test.orders.{}", s.sub);
     wait_deleted(&old, &s.weir).await;
     assert_eq!(queue_len(&format!("{old}.p0")).await, Some(0));
@@ -932,8 +752,7 @@ async fn rate_and_consumers_apply_live_and_an_ordering_change_drains_the_old_que
     })
     .await;
     publish(&url, &events("c", 20, 4)).await;
-    sink.wait_delivered(120, Duration::from_secs(30), &s.weir)
-        .await;
+    sink.wait_delivered(120, 30, || log_tail(&s.weir)).await;
     for q in ["intake", "p0", "p1"] {
         wait_deleted(&format!("{old}.{q}"), &s.weir).await;
     }
@@ -971,7 +790,7 @@ async fn wait_deleted(q: &str, weir: &Weir) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_key_delivers_events_without_the_key_too() {
     let _shared = MACHINE.read().await;
-    let sink = Sink::start(Mode::Ok).await;
+    let sink = Sink::start_with(Answer::Ok).await;
     let s = setup(&sink, "  ordering: perKey\n  partitions: 3\n").await;
     let url = s.weir.events_url("test", "orders");
     let evs: Vec<Value> = (0..20)
@@ -979,11 +798,10 @@ async fn per_key_delivers_events_without_the_key_too() {
         .collect();
     publish(&url, &evs).await;
     publish(&url, &events("k", 20, 4)).await;
-    sink.wait_delivered(40, Duration::from_secs(30), &s.weir)
-        .await;
+    sink.wait_delivered(40, 30, || log_tail(&s.weir)).await;
     // Unkeyed events share one lane: they arrive in position order.
     let unkeyed: Vec<i64> = sink
-        .got()
+        .requests()
         .iter()
         .filter(|g| g.subject.is_empty())
         .map(|g| g.position)
@@ -993,15 +811,15 @@ async fn per_key_delivers_events_without_the_key_too() {
 
 /// Waits until `path` holds at least `n` lines.
 async fn wait_lines(path: &std::path::Path, n: usize, what: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually_ok(30, what, || async {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         if text.lines().count() >= n {
-            return text;
+            Ok(text)
+        } else {
+            Err(text)
         }
-        assert!(Instant::now() < deadline, "{what}: {text}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1032,15 +850,8 @@ async fn cli_sink_tail_and_dlq_list_show_purge() {
         .spawn()
         .unwrap();
     let sink_proc = Kill(sink_proc);
-    let refusing = Sink::start(Mode::Status(422, "unprocessable")).await;
-    let s = setup(
-        &Sink {
-            url: format!("http://127.0.0.1:{port}/"),
-            st: Default::default(),
-        },
-        "",
-    )
-    .await;
+    let refusing = Sink::start_with(Answer::Status(422, "unprocessable")).await;
+    let s = setup_to(&format!("http://127.0.0.1:{port}/"), "").await;
     let sub2 = unique("s");
     s.m.write("sub2.yaml", &subscription_yaml(&sub2, &refusing.url, ""));
     wait_subscription(&s.weir, &sub2).await;
@@ -1217,25 +1028,22 @@ async fn an_https_sink_is_verified_and_delivered_to() {
     wait_subscription(&weir, &untrusted).await;
     publish(&weir.events_url("test", "orders"), &events("t", 20, 4)).await;
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let got = eventually_ok(30, "20 events delivered over https", || async {
         let got: BTreeSet<String> = tls.ids.lock().unwrap().iter().cloned().collect();
         if got.len() == 20 {
-            assert!(got.iter().all(|id| id.starts_with("t-")), "{got:?}");
-            break;
+            return Ok(got);
         }
-        if Instant::now() >= deadline {
-            let log = weir.log_text();
-            let about: Vec<&str> = log.lines().filter(|l| l.contains(&trusted)).collect();
-            panic!(
-                "{} of 20 delivered over https, dead letters {:?}; log of {trusted}:\n{}",
-                got.len(),
-                queue_len(&format!("weir-dlq.test.{trusted}")).await,
-                tail(&about.join("\n"))
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let log = weir.log_text();
+        let about: Vec<&str> = log.lines().filter(|l| l.contains(&trusted)).collect();
+        Err(format!(
+            "{} so far, dead letters {:?}; log of {trusted}:\n{}",
+            got.len(),
+            queue_len(&format!("weir-dlq.test.{trusted}")).await,
+            tail(&about.join("\n"))
+        ))
+    })
+    .await;
+    assert!(got.iter().all(|id| id.starts_with("t-")), "{got:?}");
     // Each event reached the server once: the untrusted subscription never got through.
     assert_eq!(tls.ids.lock().unwrap().len(), 20);
     wait_dead_letters(&weir, &untrusted, 20, Duration::from_secs(30)).await;
@@ -1272,44 +1080,37 @@ async fn dead_letters(weir: &Weir, sub: &str) -> Vec<Value> {
 /// Waits until the dead-letter queue holds `n` events.
 async fn wait_dead_letters(weir: &Weir, sub: &str, n: u32, within: Duration) {
     let dlq = format!("weir-dlq.test.{sub}");
-    let deadline = Instant::now() + within;
-    while queue_len(&dlq).await != Some(n) {
-        assert!(
-            Instant::now() < deadline,
-            "DLQ has {:?} of {n}; log:\n{}",
-            queue_len(&dlq).await,
-            tail(&weir.log_text())
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_ok(within.as_secs(), &format!("{n} dead letters"), || async {
+        match queue_len(&dlq).await {
+            Some(m) if m == n => Ok(()),
+            m => Err(format!("{dlq} has {m:?}; log:\n{}", tail(&weir.log_text()))),
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_key_retries_keep_their_attempt_count_through_kill_9() {
     let _shared = MACHINE.read().await;
-    let sink = Sink::start(Mode::Status(503, "down")).await;
+    let sink = Sink::start_with(Answer::Status(503, "down")).await;
     let mut s = setup(
         &sink,
         "  ordering: perKey\n  partitions: 1\n  delivery: {retry: 3, backoffDelay: 2s, backoffMax: 2s}\n",
     )
     .await;
     publish(&s.weir.events_url("test", "orders"), &events("h", 1, 1)).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.got().len() < 2 {
-        assert!(Instant::now() < deadline, "attempts: {:?}", sink.got());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sink.wait_attempts(2).await;
     // Two attempts made, the third due in ~2 s: the attempt count lives in the hold queue,
     // not in this process. The lane records an attempt after the sink answers it; a kill in
     // that window repeats the attempt (at-least-once), so let the record of the second land
     // first (it takes milliseconds; the third attempt is 2 s away).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(sink.got().len(), 2, "the third attempt came early");
+    assert_eq!(sink.requests().len(), 2, "the third attempt came early");
     s.weir.kill9();
     let weir = Weir::start(s.m.path());
     wait_dead_letters(&weir, &s.sub, 1, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let got = sink.got();
+    let got = sink.requests();
     assert_eq!(
         got.len(),
         4,
@@ -1329,7 +1130,7 @@ async fn per_key_retries_keep_their_attempt_count_through_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_key_lanes_return_their_messages_during_long_waits_without_losing_order_or_attempts() {
     let _shared = MACHINE.read().await;
-    let sink = Sink::start(Mode::Status(503, "down")).await;
+    let sink = Sink::start_with(Answer::Status(503, "down")).await;
     let m = orders_stream().await;
     let sub = unique("s");
     m.write(
@@ -1352,7 +1153,7 @@ async fn per_key_lanes_return_their_messages_during_long_waits_without_losing_or
     publish(&weir.events_url("test", "orders"), &events("r", 4, 2)).await;
     wait_dead_letters(&weir, &sub, 4, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let got = sink.got();
+    let got = sink.requests();
     let mut per_id: BTreeMap<&str, Vec<&Got>> = BTreeMap::new();
     for g in &got {
         per_id.entry(&g.id).or_default().push(g);
@@ -1378,8 +1179,8 @@ async fn per_key_lanes_return_their_messages_during_long_waits_without_losing_or
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn backlog_counts_unacknowledged_deliveries_of_every_replica_and_waiting_retries() {
     let _shared = MACHINE.read().await;
-    let slow = Sink::start(Mode::Slow(Duration::from_secs(50))).await;
-    let failing = Sink::start(Mode::Status(503, "down")).await;
+    let slow = Sink::start_with(Answer::Slow(Duration::from_secs(50))).await;
+    let failing = Sink::start_with(Answer::Status(503, "down")).await;
     let m = orders_stream().await;
     let held = unique("s");
     let retrying = unique("s");
@@ -1407,22 +1208,21 @@ async fn backlog_counts_unacknowledged_deliveries_of_every_replica_and_waiting_r
     publish(&a.events_url("test", "orders"), &events("b", 20, 5)).await;
     // `held`: 3 deliveries in flight in each process (6 unacknowledged), 14 ready; this
     // process alone sees only its own 3. `retrying`: all 20 wait in a delay queue.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
+    eventually_ok(40, "a backlog of 20 on both", || async {
         let (h, r) = (
             subscription_status(&a, &held).await["fields"]["backlog"].as_i64(),
             subscription_status(&a, &retrying).await["fields"]["backlog"].as_i64(),
         );
         if h == Some(20) && r == Some(20) {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "held {h:?} retrying {r:?}; log:\n{}",
+                tail(&a.log_text())
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "backlog held {h:?} retrying {r:?}; log:\n{}",
-            tail(&a.log_text())
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await;
 }
 
 /// The `Ready` condition of a subscription's status (`/v1/status`).
@@ -1451,7 +1251,10 @@ async fn scaled_to_zero_delivers_nothing_counts_the_backlog_and_loses_nothing_wh
     // Stored before the subscriptions exist: only `replay` (startFrom earliest) wants them.
     publish(&url, &events("h", 50, 10)).await;
 
-    let (replay_sink, keyed_sink) = (Sink::start(Mode::Ok).await, Sink::start(Mode::Ok).await);
+    let (replay_sink, keyed_sink) = (
+        Sink::start_with(Answer::Ok).await,
+        Sink::start_with(Answer::Ok).await,
+    );
     let (replay, keyed) = (unique("s"), unique("s"));
     let replay_yaml = |consumers: u32| {
         subscription_yaml(
@@ -1482,22 +1285,21 @@ async fn scaled_to_zero_delivers_nothing_counts_the_backlog_and_loses_nothing_wh
     // Counted while parked: `keyed` holds the 300 in its lanes; `replay` waits for the 350
     // stored events its catch-up will replay (its queue holds the newest 300 of them). The
     // metric KEDA reads says the same.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
+    eventually_ok(40, "backlogs of 350 and 300", || async {
         let (r, k) = (
             subscription_status(&weir, &replay).await["fields"]["backlog"].as_i64(),
             subscription_status(&weir, &keyed).await["fields"]["backlog"].as_i64(),
         );
         if r == Some(350) && k == Some(300) {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "replay {r:?} keyed {k:?}; log:\n{}",
+                tail(&weir.log_text())
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "backlog replay {r:?} keyed {k:?}; log:\n{}",
-            tail(&weir.log_text())
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    })
+    .await;
     let metrics = weir.metrics().await;
     for (sub, n) in [(&replay, 350), (&keyed, 300)] {
         let line = metrics
@@ -1514,42 +1316,48 @@ async fn scaled_to_zero_delivers_nothing_counts_the_backlog_and_loses_nothing_wh
         Some(300)
     );
     // Nothing was delivered, and nothing consumes: the queues are untouched.
-    assert!(replay_sink.got().is_empty(), "{:?}", replay_sink.got());
-    assert!(keyed_sink.got().is_empty(), "{:?}", keyed_sink.got());
+    assert!(
+        replay_sink.requests().is_empty(),
+        "{:?}",
+        replay_sink.requests()
+    );
+    assert!(
+        keyed_sink.requests().is_empty(),
+        "{:?}",
+        keyed_sink.requests()
+    );
 
     // Scaled up: everything that accumulated is delivered, once.
     m.write("replay.yaml", &replay_yaml(2));
     m.write("keyed.yaml", &keyed_yaml(2));
     replay_sink
-        .wait_delivered(350, Duration::from_secs(60), &weir)
+        .wait_delivered(350, 60, || log_tail(&weir))
         .await;
-    keyed_sink
-        .wait_delivered(300, Duration::from_secs(60), &weir)
-        .await;
+    keyed_sink.wait_delivered(300, 60, || log_tail(&weir)).await;
     // Settled: both queues empty and the status live, so any repeat would have arrived.
     for sub in [&replay, &keyed] {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        eventually_ok(30, &format!("{sub} settled"), || async {
             let st = subscription_status(&weir, sub).await;
             if ready_condition(&st)["reason"] == "Ready"
                 && condition(&st, "CaughtUp")["reason"] == "Live"
                 && st["fields"]["consumers"] == 2
                 && st["fields"]["backlog"] == 0
             {
-                break;
+                Ok(())
+            } else {
+                Err(st.to_string())
             }
-            assert!(Instant::now() < deadline, "{st}");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        })
+        .await;
     }
-    let got = replay_sink.got();
+    let got = replay_sink.requests();
     let positions: Vec<i64> = got.iter().map(|g| g.position).collect();
     assert_eq!(got.len(), 350, "each stored event once: {positions:?}");
     assert_eq!(
         positions.iter().copied().collect::<BTreeSet<i64>>(),
         (1..=350).collect::<BTreeSet<i64>>()
     );
-    let got = keyed_sink.got();
+    let got = keyed_sink.requests();
     assert_eq!(got.len(), 300, "each event once");
     assert!(got.iter().all(|g| g.id.starts_with("p-")));
     let mut per_key: HashMap<&str, Vec<i64>> = HashMap::new();

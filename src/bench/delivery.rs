@@ -59,10 +59,20 @@ fn broker_err(e: lapin::Error) -> BenchError {
 /// The Subscription delivering the bench stream to the sink. Retries are short so a hiccup
 /// does not stall a run for long; none are expected from the local sink.
 pub(super) fn subscription_yaml(name: &str, sink_url: &str, start_from: &str) -> String {
+    subscription_yaml_with(name, sink_url, start_from, DELIVERY_CONSUMERS)
+}
+
+/// [`subscription_yaml`] with `consumers` deliveries in flight (0: scaled to zero).
+pub(super) fn subscription_yaml_with(
+    name: &str,
+    sink_url: &str,
+    start_from: &str,
+    consumers: usize,
+) -> String {
     format!(
         "apiVersion: weir.dev/v1alpha1\nkind: Subscription\nmetadata: {{name: {name}, namespace: bench}}\n\
          spec:\n  stream: orders\n  sink: {{uri: \"{sink_url}\"}}\n  startFrom: {start_from}\n  \
-         consumers: {DELIVERY_CONSUMERS}\n  \
+         consumers: {consumers}\n  \
          delivery: {{timeout: 10s, retry: 10, backoffDelay: 100ms, backoffMax: 2s}}\n"
     )
 }
@@ -306,6 +316,7 @@ impl RawLoop<'_> {
             self.conn.create_channel().await.map_err(broker_err)?,
             self.queue.to_string(),
             self.sink.url.clone(),
+            DELIVERY_CONSUMERS,
             cancel.clone(),
         ));
         let ch = self.conn.create_channel().await.map_err(broker_err)?;
@@ -380,15 +391,17 @@ impl RawLoop<'_> {
     }
 }
 
-/// The raw consumer: prefetch [`DELIVERY_CONSUMERS`], one POST task per message (as many in
-/// flight as the prefetch), ack after a 2xx, requeue otherwise. Runs until `cancel`.
-async fn consume_and_post(
+/// The raw consumer: prefetch `inflight`, one POST task per message (as many in flight as
+/// the prefetch), ack after a 2xx, requeue otherwise. Runs until `cancel`.
+pub(super) async fn consume_and_post(
     ch: lapin::Channel,
     queue: String,
     url: String,
+    inflight: usize,
     cancel: CancellationToken,
 ) -> Result<(), BenchError> {
-    ch.basic_qos(DELIVERY_CONSUMERS as u16, BasicQosOptions::default())
+    let inflight = inflight.clamp(1, u16::MAX.into());
+    ch.basic_qos(inflight as u16, BasicQosOptions::default())
         .await
         .map_err(broker_err)?;
     let tag = format!("weir-bench-{:x}", rand::random::<u32>());
@@ -401,8 +414,8 @@ async fn consume_and_post(
         )
         .await
         .map_err(broker_err)?;
-    let client = sink::raw_client(DELIVERY_CONSUMERS)?;
-    let limit = Arc::new(Semaphore::new(DELIVERY_CONSUMERS));
+    let client = sink::raw_client(inflight)?;
+    let limit = Arc::new(Semaphore::new(inflight));
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {

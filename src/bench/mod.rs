@@ -8,10 +8,12 @@ mod archive;
 mod broker;
 mod cache;
 mod delivery;
+mod drain;
 mod load;
 mod perkey;
 mod pii;
 mod pipeline;
+pub use pipeline::listen_port;
 mod replay;
 mod report;
 mod scale;
@@ -49,6 +51,11 @@ pub enum Scenario {
     /// Stored events → a new `startFrom: earliest` subscription → local sink, against a raw
     /// `SELECT` feeding the same HTTP POST loop.
     Replay,
+    /// Live delivery alone: `--events` waiting in a scaled-to-zero Subscription's queue,
+    /// drained to a local sink with at least 64 deliveries in flight (`--concurrency`),
+    /// against a raw consumer (the same prefetch, one POST per message, ack after the 2xx)
+    /// draining as many from a quorum queue.
+    Drain,
     /// One worker with `--streams` EventStreams (store + broker, one database) and one
     /// Subscription each: time until every resource is Ready, `/v1/status` answer times,
     /// PostgreSQL sessions, AMQP connections and channels, idle RSS and CPU, one more
@@ -125,6 +132,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         Scenario::E2e => delivery::e2e(&args).await?,
         Scenario::PerKey => perkey::per_key(&args).await?,
         Scenario::Replay => replay::replay(&args).await?,
+        Scenario::Drain => drain::drain(&args).await?,
         Scenario::Scale => scale::scale(&args).await?,
     };
     println!("{}", report::table(&reports));

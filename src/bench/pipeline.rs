@@ -19,8 +19,37 @@ pub struct Pipeline {
     pub suffix: String,
 }
 
-fn free_port() -> Result<u16, BenchError> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A loopback port for a child process to listen on, free when this returns.
+///
+/// Not a port the kernel hands out for `bind(0)`: those come from the ephemeral range, which
+/// outgoing connections (to PostgreSQL, RabbitMQ, the sinks) draw from too, so one of them
+/// could take the port between this pick and the child's bind ("Address already in use").
+/// Below the range (Linux's default starts at 32768) only listeners take ports. A per-process
+/// counter, started at a point set by the pid, keeps one process's picks distinct; the bind
+/// check skips ports already listened on. The window stays clear of RabbitMQ's
+/// 15671/15672/15692 and 25672, which must be free when the broker restarts.
+pub fn listen_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 16_000;
+    const SPAN: u32 = 9_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        // Below 25,000: the sum fits in a u16.
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free port in {LOW}..{}", LOW + SPAN),
+    ))
 }
 
 /// The URL of database `name` on the server of `url`.
@@ -87,7 +116,7 @@ impl Pipeline {
             streams(&suffix)
         );
         std::fs::write(dir.path().join("bench.yaml"), manifests)?;
-        let (port, admin_port) = (free_port()?, free_port()?);
+        let (port, admin_port) = (listen_port()?, listen_port()?);
         let exe = std::env::current_exe()?;
         let child = Command::new(exe)
             .arg("run")

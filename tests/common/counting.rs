@@ -3,8 +3,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use serde_json::Value;
-
 /// A sink that counts deliveries by CloudEvent id.
 pub struct CountingSink {
     pub url: String,
@@ -55,25 +53,14 @@ impl CountingSink {
 /// suite.
 pub async fn delete_queues(tag: &str) {
     let client = super::http();
-    let api = "http://127.0.0.1:15672/api/queues/%2F";
-    let Ok(r) = client
-        .get(api)
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await
-    else {
-        return;
-    };
-    let Ok(qs) = r.json::<Vec<Value>>().await else {
-        return;
-    };
-    for q in qs {
-        let Some(name) = q["name"].as_str() else {
-            continue;
-        };
+    for name in super::management_queues().await {
         if name.contains(tag) {
             let _ = client
-                .delete(format!("{api}/{}", name.replace('/', "%2F")))
+                .delete(format!(
+                    "{}/{}",
+                    super::MANAGEMENT_QUEUES,
+                    name.replace('/', "%2F")
+                ))
                 .basic_auth("guest", Some("guest"))
                 .send()
                 .await;

@@ -1,7 +1,6 @@
 //! Test harness: unique databases, manifest folders, and real `weir` processes.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -58,11 +57,31 @@ pub async fn fresh_database() -> String {
     format!("{}/{name}", &base[..cut])
 }
 
+/// A port for a child `weir` to listen on, free when this returns: below the kernel's
+/// ephemeral range, so no outgoing connection can take it before the child binds it (see
+/// [`weir::bench::listen_port`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    weir::bench::listen_port().expect("a free port")
+}
+
+/// RabbitMQ's management API for the default vhost's queues.
+pub const MANAGEMENT_QUEUES: &str = "http://127.0.0.1:15672/api/queues/%2F";
+
+/// The names of the default vhost's queues, from the management API (current there, unlike
+/// its sampled message counts); empty when the API does not answer.
+pub async fn management_queues() -> Vec<String> {
+    let Ok(r) = http()
+        .get(format!("{MANAGEMENT_QUEUES}?columns=name"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+    else {
+        return Vec::new();
+    };
+    let qs: Vec<serde_json::Value> = r.json().await.unwrap_or_default();
+    qs.iter()
+        .filter_map(|q| q["name"].as_str().map(str::to_string))
+        .collect()
 }
 
 /// A manifest folder with Secrets for the local RabbitMQ and the given database.
@@ -521,8 +540,29 @@ impl Drop for Operator {
     }
 }
 
-/// Polls `f` every 250 ms until it returns `Some`, failing after `secs` with `what` and
-/// whatever `context` says then (a process's log, say).
+/// How often the waiting helpers below look again: short beside what tests wait for (seconds),
+/// long beside what one look costs (a local HTTP request or a passive declare).
+const POLL: Duration = Duration::from_millis(100);
+
+/// Calls `f` every [`POLL`] until it returns `Ok`, or until `secs` have passed; then the last
+/// `Err` (what it saw instead).
+async fn poll_for<T, E, F, Fut>(secs: u64, mut f: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, failing after `secs` with `what` and whatever `context`
+/// says then (a process's log, say).
 pub async fn eventually<T, F, Fut>(
     secs: u64,
     what: &str,
@@ -533,15 +573,27 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {secs} s waiting for {what}\n{}", context());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    let found = poll_for(secs, || {
+        let look = f();
+        async move { look.await.ok_or(()) }
+    })
+    .await;
+    match found {
+        Ok(v) => v,
+        Err(()) => panic!("timed out after {secs} s waiting for {what}\n{}", context()),
+    }
+}
+
+/// Polls `f` until it returns `Ok`, failing after `secs` with `what` and the last `Err`: what
+/// `f` saw instead, in its own words.
+pub async fn eventually_ok<T, F, Fut>(secs: u64, what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    match poll_for(secs, f).await {
+        Ok(v) => v,
+        Err(seen) => panic!("timed out after {secs} s waiting for {what}: {seen}"),
     }
 }
 

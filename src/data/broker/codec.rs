@@ -36,7 +36,7 @@ use crate::data::event::{CONTEXT_ATTRIBUTES, CloudEvent, Data, ExtValue, SPEC_VE
 /// Prefix of the headers that carry CloudEvents attributes.
 pub const HEADER_PREFIX: &str = "cloudEvents:";
 /// The alternative prefix the AMQP binding allows; accepted when decoding.
-const HEADER_PREFIX_ALT: &str = "cloudEvents_";
+pub const HEADER_PREFIX_ALT: &str = "cloudEvents_";
 /// AMQP short strings (routing keys, header names, most properties) hold at most this many
 /// bytes.
 pub const MAX_SHORT_STRING: usize = 255;

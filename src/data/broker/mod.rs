@@ -36,8 +36,8 @@ use lapin::{Channel, ExchangeKind};
 use tokio::time::Instant;
 
 pub use codec::{
-    DATA_KIND_HEADER, HEADER_PREFIX, MAX_SHORT_STRING, data_for, from_delivery, from_properties,
-    to_message,
+    DATA_KIND_HEADER, HEADER_PREFIX, HEADER_PREFIX_ALT, MAX_SHORT_STRING, data_for, from_delivery,
+    from_properties, to_message,
 };
 pub use error::{BrokerError, validate_url};
 /// AMQP header tables and values, as used in [`OutMessage::headers`] and queue arguments.

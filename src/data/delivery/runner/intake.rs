@@ -16,7 +16,7 @@ use futures::FutureExt;
 
 use super::consume::open_or_wait;
 use super::*;
-use crate::data::broker::HEADER_PREFIX;
+use crate::data::broker::{HEADER_PREFIX, HEADER_PREFIX_ALT};
 use crate::data::delivery::lane_of;
 
 /// Messages the mover holds unacked: one batch, published and confirmed together. 128 keeps a
@@ -34,7 +34,7 @@ pub(super) async fn move_intake(inner: Arc<Inner>, cancel: CancellationToken) {
     };
     let key_headers = [
         format!("{HEADER_PREFIX}{partition_key}"),
-        format!("cloudEvents_{partition_key}"),
+        format!("{HEADER_PREFIX_ALT}{partition_key}"),
     ];
     while !cancel.is_cancelled() {
         // Every worker asks; the broker lets one consume and keeps the others waiting, and
