@@ -222,6 +222,13 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
+        // Answers go out as soon as they are written: with Nagle's algorithm on, a response
+        // written in more than one segment can wait for the client's delayed ACK (40 ms on
+        // Linux) before its last part leaves. Not set, it costs latency, never correctness:
+        // logged, not fatal.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(server = name, error = %e, "TCP_NODELAY not set");
+        }
         conns.spawn(connection(
             builder.clone(),
             stream,

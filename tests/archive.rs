@@ -59,30 +59,16 @@ fn event(i: usize) -> Value {
     e
 }
 
-async fn publish(c: &reqwest::Client, w: &Weir, events: &[Value]) {
-    let r = c
-        .post(w.events_url(NS, STREAM))
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(serde_json::to_string(events).unwrap())
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    assert!(status.is_success(), "{status}: {}", r.text().await.unwrap());
+async fn publish(w: &Weir, events: &[Value]) {
+    let (status, body) = post_batch(&w.events_url(NS, STREAM), events).await;
+    assert!((200..300).contains(&status), "{status}: {body}");
 }
 
 async fn publish_range(w: &Weir, range: std::ops::Range<usize>) {
-    let c = common::http();
     let all: Vec<Value> = range.map(event).collect();
     for chunk in all.chunks(500) {
-        publish(&c, w, chunk).await;
+        publish(w, chunk).await;
     }
-}
-
-async fn get_json(url: &str) -> (u16, Value) {
-    let r = common::http_get(url).await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// Every event of the stream, read in pages.
@@ -284,7 +270,7 @@ async fn fifty_thousand_archived_events_read_back_exactly_as_before() {
             .count()
             .to_string()
     );
-    publish(&c, &w, &[next]).await;
+    publish(&w, &[next]).await;
     let dup = c
         .post(w.events_url(NS, STREAM))
         .header("content-type", "application/cloudevents-batch+json")

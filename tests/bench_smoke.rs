@@ -63,6 +63,12 @@ fn ingest_broker_and_relay_scenarios_complete_with_sane_numbers() {
     let p50 = r["weir"]["p50_ms"].as_f64().unwrap();
     let p999 = r["weir"]["p999_ms"].as_f64().unwrap();
     assert!(p50 > 0.0 && p999 >= p50, "percentiles are ordered: {r}");
+    // The schema's own cost: the three tables appended raw, every event, and Weir's ratio to it.
+    assert_eq!(r["baseline_schema"]["events"].as_u64(), Some(400), "{r}");
+    let schema_rate = r["baseline_schema"]["events_per_s"].as_f64().unwrap_or(0.0);
+    assert!(schema_rate > 0.0 && schema_rate.is_finite(), "{r}");
+    let ratio = r["ratio_schema"].as_f64().unwrap_or(0.0);
+    assert!(ratio > 0.0 && ratio.is_finite(), "{r}");
 
     let r = bench(&[
         "broker",

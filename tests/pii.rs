@@ -60,21 +60,7 @@ fn event(subject: &str, i: usize) -> Value {
 }
 
 async fn publish(w: &Weir, events: &[Value]) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(w.events_url(NS, STREAM))
-        .header("content-type", "application/cloudevents-batch+json")
-        .body(serde_json::to_string(events).unwrap())
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn get_json(url: &str) -> (u16, Value) {
-    let r = reqwest::get(url).await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    post_batch(&w.events_url(NS, STREAM), events).await
 }
 
 async fn read_all(w: &Weir) -> Vec<Value> {

@@ -1208,21 +1208,23 @@ async fn backlog_counts_unacknowledged_deliveries_of_every_replica_and_waiting_r
     publish(&a.events_url("test", "orders"), &events("b", 20, 5)).await;
     // `held`: 3 deliveries in flight in each process (6 unacknowledged), 14 ready; this
     // process alone sees only its own 3. `retrying`: all 20 wait in a delay queue.
-    eventually_ok(40, "a backlog of 20 on both", || async {
-        let (h, r) = (
-            subscription_status(&a, &held).await["fields"]["backlog"].as_i64(),
-            subscription_status(&a, &retrying).await["fields"]["backlog"].as_i64(),
-        );
-        if h == Some(20) && r == Some(20) {
+    wait_backlogs(&a, &[(held.as_str(), 20), (retrying.as_str(), 20)]).await;
+}
+
+/// Waits until each subscription's status reports its backlog.
+async fn wait_backlogs(weir: &Weir, want: &[(&str, i64)]) {
+    eventually_ok(40, &format!("backlogs {want:?}"), || async {
+        let mut seen = Vec::new();
+        for (sub, _) in want {
+            seen.push(subscription_status(weir, sub).await["fields"]["backlog"].as_i64());
+        }
+        if want.iter().zip(&seen).all(|((_, n), s)| *s == Some(*n)) {
             Ok(())
         } else {
-            Err(format!(
-                "held {h:?} retrying {r:?}; log:\n{}",
-                tail(&a.log_text())
-            ))
+            Err(format!("{seen:?}; {}", log_tail(weir)))
         }
     })
-    .await;
+    .await
 }
 
 /// The `Ready` condition of a subscription's status (`/v1/status`).
@@ -1285,21 +1287,7 @@ async fn scaled_to_zero_delivers_nothing_counts_the_backlog_and_loses_nothing_wh
     // Counted while parked: `keyed` holds the 300 in its lanes; `replay` waits for the 350
     // stored events its catch-up will replay (its queue holds the newest 300 of them). The
     // metric KEDA reads says the same.
-    eventually_ok(40, "backlogs of 350 and 300", || async {
-        let (r, k) = (
-            subscription_status(&weir, &replay).await["fields"]["backlog"].as_i64(),
-            subscription_status(&weir, &keyed).await["fields"]["backlog"].as_i64(),
-        );
-        if r == Some(350) && k == Some(300) {
-            Ok(())
-        } else {
-            Err(format!(
-                "replay {r:?} keyed {k:?}; log:\n{}",
-                tail(&weir.log_text())
-            ))
-        }
-    })
-    .await;
+    wait_backlogs(&weir, &[(replay.as_str(), 350), (keyed.as_str(), 300)]).await;
     let metrics = weir.metrics().await;
     for (sub, n) in [(&replay, 350), (&keyed, 300)] {
         let line = metrics

@@ -63,10 +63,12 @@ pub(super) async fn bind_queue(
 }
 
 /// The raw publisher baseline: one lapin channel with confirms, `PUBLISH_WINDOW` messages
-/// unconfirmed at most, persistent and mandatory, the same body and headers Weir sends.
+/// unconfirmed at most, persistent and mandatory, the same body and headers Weir sends; the
+/// ids are `{label}-{i}`.
 pub(super) async fn raw_publish(
     ch: &lapin::Channel,
     exchange: &str,
+    label: &str,
     events: usize,
     payload_bytes: usize,
 ) -> Result<Measurement, BenchError> {
@@ -84,10 +86,11 @@ pub(super) async fn raw_publish(
             let _: lapin::Confirmation = c_await(c).await?;
         }
         let headers = [
-            ("cloudEvents:id", format!("raw-{i}")),
+            ("cloudEvents:id", format!("{label}-{i}")),
             ("cloudEvents:source", "/bench".into()),
             ("cloudEvents:type", "order.created".into()),
             ("cloudEvents:specversion", "1.0".into()),
+            ("cloudEvents:subject", format!("order-{}", i % 1000)),
         ];
         let confirm = publish_event(ch, exchange, &body, headers)
             .await
@@ -220,7 +223,8 @@ pub async fn broker(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             .create_channel()
             .await
             .map_err(|e| BenchError::Broker(e.to_string()))?;
-        let baseline = raw_publish(&raw_ch, &exchange, r.events.max(1), args.payload).await?;
+        let baseline =
+            raw_publish(&raw_ch, &exchange, "raw", r.events.max(1), args.payload).await?;
         reports.push(Report::new(
             "broker",
             format!("batch={batch} c={concurrency} payload={}B", args.payload),
@@ -340,7 +344,7 @@ pub async fn relay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
         .create_channel()
         .await
         .map_err(|e| BenchError::Broker(e.to_string()))?;
-    let baseline = raw_publish(&raw_ch, &exchange, args.events, args.payload).await?;
+    let baseline = raw_publish(&raw_ch, &exchange, "raw", args.events, args.payload).await?;
     let _ = ch
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;

@@ -8,18 +8,17 @@
 //! Both rates are taken from the first arrival to the last, so neither side's start-up (the
 //! folder watch and the consumer's opening for Weir, `basic.consume` for the baseline) counts.
 
-use std::collections::VecDeque;
 use std::time::Instant;
 
 use lapin::options::QueueDeleteOptions;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{bench_channel, bind_queue, c_await, delete_exchange, publish_event};
+use super::broker::{bench_channel, bind_queue, delete_exchange, raw_publish};
 use super::delivery::{STALL, consume_and_post, from_arrivals, subscription_yaml_with};
-use super::load::{self, LoadSpec, payload};
+use super::load::{self, LoadSpec};
 use super::pipeline::{Database, Pipeline};
 use super::report::{Measurement, Report};
-use super::scenarios::{PUBLISH_WINDOW, stream_yaml, versions};
+use super::scenarios::{stream_yaml, versions};
 use super::sink::Sink;
 use super::{BenchArgs, BenchError};
 
@@ -151,31 +150,10 @@ async fn raw_side(
     bind_queue(&ch, &exchange, &queue).await?;
     let label = format!("r{suffix}");
     eprintln!("drain: filling the raw queue with {events} messages");
-    ch.confirm_select(Default::default()).await.map_err(b)?;
-    let body = serde_json::to_vec(&payload(args.payload, 0)).unwrap_or_default();
-    let mut window = VecDeque::with_capacity(PUBLISH_WINDOW);
-    for i in 0..events {
-        if window.len() >= PUBLISH_WINDOW
-            && let Some(c) = window.pop_front()
-        {
-            c_await(c).await?;
-        }
-        let headers = [
-            ("cloudEvents:specversion", "1.0".to_string()),
-            ("cloudEvents:id", format!("{label}-{i}")),
-            ("cloudEvents:source", "/bench".into()),
-            ("cloudEvents:type", "order.created".into()),
-            ("cloudEvents:subject", format!("order-{}", i % 1000)),
-        ];
-        window.push_back(
-            publish_event(&ch, &exchange, &body, headers)
-                .await
-                .map_err(b)?,
-        );
-    }
-    while let Some(c) = window.pop_front() {
-        c_await(c).await?;
-    }
+    // On a channel of its own: confirm mode stays with the channel.
+    let publish_ch = conn.create_channel().await.map_err(b)?;
+    raw_publish(&publish_ch, &exchange, &label, events, args.payload).await?;
+    let _ = publish_ch.close(200, "OK".into()).await;
     eprintln!("drain: raw consumer, {inflight} in flight");
     sink.begin(&format!("{label}-"))?;
     let cancel = CancellationToken::new();

@@ -118,6 +118,12 @@ pub struct Report {
     /// A second baseline where one applies (ingest: the raw append on two connections).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline_parallel: Option<Measurement>,
+    /// ingest: the raw append of Weir's three tables with their indexes (the schema's own
+    /// cost), and weir ÷ that.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_schema: Option<Measurement>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_schema: Option<f64>,
     /// weir ÷ baseline (events/s).
     pub ratio: f64,
     /// Scenario-specific figures (archive: MB/s of raw JSON, compression ratios).
@@ -142,6 +148,8 @@ impl Report {
             weir,
             baseline,
             baseline_parallel: None,
+            baseline_schema: None,
+            ratio_schema: None,
             details: None,
             machine: machine(),
             versions,
@@ -199,12 +207,15 @@ pub fn table(reports: &[Report]) -> String {
     ));
     for r in reports {
         let head = format!("{} {}", r.scenario, r.variant);
+        // The ratio column: weir ÷ the first baseline on Weir's row, weir ÷ the three-table
+        // baseline on that baseline's row.
         let rows = [
-            Some(&r.weir),
-            Some(&r.baseline),
-            r.baseline_parallel.as_ref(),
+            Some((&r.weir, Some(r.ratio))),
+            Some((&r.baseline, None)),
+            r.baseline_schema.as_ref().map(|m| (m, r.ratio_schema)),
+            r.baseline_parallel.as_ref().map(|m| (m, None)),
         ];
-        for (i, m) in rows.into_iter().flatten().enumerate() {
+        for (i, (m, ratio)) in rows.into_iter().flatten().enumerate() {
             out.push_str(&format!(
                 "{:<44} {:<36} {:>12.0} {:>8} {:>8} {:>8} {:>7}{}{}\n",
                 if i == 0 { head.as_str() } else { "" },
@@ -213,11 +224,7 @@ pub fn table(reports: &[Report]) -> String {
                 ms(m.p50_ms),
                 ms(m.p99_ms),
                 ms(m.p999_ms),
-                if i == 0 {
-                    format!("{:.2}", r.ratio)
-                } else {
-                    String::new()
-                },
+                ratio.map(|x| format!("{x:.2}")).unwrap_or_default(),
                 match (backlog, m.backlog) {
                     (true, Some(b)) => format!(" {b:>8}"),
                     (true, None) => format!(" {:>8}", "-"),

@@ -153,6 +153,97 @@ async fn raw_append(
     ))
 }
 
+/// The schema baseline: what Weir's three tables cost by themselves. In a database migrated
+/// with Weir's schema, one statement per transaction of `txn` rows moves the stream's head
+/// (the counter row that keeps positions gap-free) and inserts the rows into `weir_events`
+/// (with its four indexes), their dedup keys into `weir_event_ids` and each subject's new
+/// version into `weir_subjects`: the writes of Weir's append, on one connection (appends to
+/// one stream commit one at a time), without the lookups, the decision, the notifications
+/// and the HTTP side.
+async fn raw_append_schema(
+    db_url: &str,
+    events: usize,
+    txn: usize,
+    payload_bytes: usize,
+) -> Result<Measurement, BenchError> {
+    let pool = sqlx::PgPool::connect(db_url).await?;
+    let store = crate::data::store::Store::new(pool.clone());
+    let stream_id = store
+        .ensure_stream("bench", "raw")
+        .await
+        .map_err(|e| BenchError::Pipeline(e.to_string()))?;
+    pool.close().await;
+    let mut c = sqlx::PgConnection::connect(db_url).await?;
+    let data = serde_json::to_vec(&payload(payload_bytes, 0)).unwrap_or_default();
+    let txn = txn.max(1);
+    let started = Instant::now();
+    let mut versions: std::collections::HashMap<String, i64> = Default::default();
+    for t in 0..events.div_ceil(txn) {
+        let n = txn.min(events - t * txn);
+        let base = (t * txn) as i64;
+        let pos: Vec<i64> = (1..=n as i64).map(|i| base + i).collect();
+        let ids: Vec<String> = pos.iter().map(|p| format!("raw-{p}")).collect();
+        let subjects: Vec<String> = pos.iter().map(|p| format!("order-{}", p % 1000)).collect();
+        let event_versions: Vec<i64> = subjects
+            .iter()
+            .map(|s| {
+                let v = versions.entry(s.clone()).or_insert(0);
+                *v += 1;
+                *v
+            })
+            .collect();
+        // A subject's last version in the batch (one row per subject for ON CONFLICT).
+        let mut last: std::collections::BTreeMap<&str, i64> = Default::default();
+        for (s, v) in subjects.iter().zip(&event_versions) {
+            last.insert(s.as_str(), *v);
+        }
+        let (subj, subj_v): (Vec<&str>, Vec<i64>) = last.into_iter().unzip();
+        let datas: Vec<Vec<u8>> = (0..n).map(|_| data.clone()).collect();
+        let mut tx = c.begin().await?;
+        sqlx::query(
+            "WITH h AS (
+               UPDATE weir_streams SET head = $7,
+                   head_time = GREATEST(clock_timestamp(), head_time)
+               WHERE stream_id = $1 RETURNING head_time AS ts
+             ),
+             ev AS (
+               INSERT INTO weir_events (stream_id, position, id, source, type, subject, version,
+                   datacontenttype, data_kind, data, recorded_at)
+               SELECT $1, u.p, u.id, '/bench', 'order.created', u.s, u.v, 'application/json',
+                   1, u.d, h.ts
+               FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::bytea[])
+                   AS u(p, id, s, v, d), h
+             ),
+             ids AS (
+               INSERT INTO weir_event_ids (stream_id, source, id, position, version)
+               SELECT $1, '/bench', u.id, u.p, u.v
+               FROM UNNEST($3::text[], $2::bigint[], $5::bigint[]) AS u(id, p, v), h
+             )
+             INSERT INTO weir_subjects (stream_id, subject, version)
+             SELECT $1, u.s, u.v FROM UNNEST($8::text[], $9::bigint[]) AS u(s, v), h
+             ON CONFLICT (stream_id, subject) DO UPDATE SET version = EXCLUDED.version",
+        )
+        .bind(stream_id)
+        .bind(&pos)
+        .bind(&ids)
+        .bind(&subjects)
+        .bind(&event_versions)
+        .bind(&datas)
+        .bind(base + n as i64)
+        .bind(&subj)
+        .bind(&subj_v)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Measurement::rate_only(
+        &format!("raw three-table append ({txn}/txn)"),
+        events,
+        secs,
+    ))
+}
+
 pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     let versions = versions(&args.pg_url).await;
     let pipe = match &args.url {
@@ -238,6 +329,11 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
             let baseline = baselines
                 .pop()
                 .ok_or_else(|| BenchError::Pipeline("no baseline".into()))?;
+            eprintln!("ingest batch={batch}: raw three-table append");
+            let (db, name) = scratch_db(&args.pg_url).await?;
+            let schema = raw_append_schema(&db, r.events.max(1), txn, args.payload).await;
+            drop_db(&args.pg_url, &name).await?;
+            let schema = schema?;
             let mut report = Report::new(
                 "ingest",
                 format!("batch={batch} c={concurrency} payload={}B", args.payload),
@@ -246,6 +342,8 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
                 versions.clone(),
             );
             report.baseline_parallel = parallel;
+            report.ratio_schema = Some(report.weir.events_per_s / schema.events_per_s.max(1e-9));
+            report.baseline_schema = Some(schema);
             reports.push(report);
         }
     }

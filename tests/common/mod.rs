@@ -35,6 +35,27 @@ pub async fn http_get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Re
     http().get(url).send().await
 }
 
+/// `GET url`: the status and the body as JSON (null when it is not JSON).
+pub async fn get_json(url: &str) -> (u16, serde_json::Value) {
+    let r = http_get(url).await.expect("GET");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// POSTs `events` as one `application/cloudevents-batch+json` request: the status and the body
+/// as JSON (null when it is not JSON).
+pub async fn post_batch(url: &str, events: &[serde_json::Value]) -> (u16, serde_json::Value) {
+    let r = http()
+        .post(url)
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(serde_json::to_string(events).expect("events serialise"))
+        .send()
+        .await
+        .expect("POST");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// A name unique to this test run, safe for databases, exchanges and queues.
 pub fn unique(prefix: &str) -> String {
     let n: u64 = rand::random();
