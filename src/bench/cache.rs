@@ -80,13 +80,10 @@ async fn store_subjects(
 }
 
 pub async fn cache(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
-    if args.url.is_some() {
-        return Err(BenchError::Pipeline(
-            "the cache scenario starts its own pipeline (its streams and CachePolicies); \
-             it does not take --url"
-                .into(),
-        ));
-    }
+    super::own_pipeline(
+        args,
+        "the cache scenario starts its own pipeline (its streams and CachePolicies)",
+    )?;
     let versions = versions(&args.pg_url).await;
     let subjects = args.subjects.max(1);
     let items = args.cache_items.max(1);

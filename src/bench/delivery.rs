@@ -79,7 +79,16 @@ pub(super) fn subscription_yaml_with(
 
 /// A stored stream `orders` publishing to `exchange`.
 pub(super) fn stored_stream_yaml(exchange: &str) -> String {
-    stream_yaml("orders", "  store: {urlSecretRef: {name: pg, key: url}}\n").replace(
+    stream_on(exchange, "  store: {urlSecretRef: {name: pg, key: url}}\n")
+}
+
+/// A broker-only stream `orders` publishing to `exchange`.
+pub(super) fn broker_stream_yaml(exchange: &str) -> String {
+    stream_on(exchange, "")
+}
+
+fn stream_on(exchange: &str, extra: &str) -> String {
+    stream_yaml("orders", extra).replace(
         "queueType: quorum}",
         &format!("queueType: quorum, exchange: {exchange}}}"),
     )
@@ -137,11 +146,10 @@ pub(super) async fn stop_pipeline(pipe: Pipeline, sub: &str) -> Result<(), Bench
 }
 
 pub async fn e2e(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
-    if args.url.is_some() {
-        return Err(BenchError::Pipeline(
-            "e2e creates its own subscription and needs its own pipeline: drop --url".into(),
-        ));
-    }
+    super::own_pipeline(
+        args,
+        "e2e creates its own subscription and needs its own pipeline",
+    )?;
     let versions = versions(&args.pg_url).await;
     let sink = Sink::start().await?;
     eprintln!(

@@ -14,28 +14,29 @@ use lapin::options::QueueDeleteOptions;
 use tokio_util::sync::CancellationToken;
 
 use super::broker::{bench_channel, bind_queue, delete_exchange, raw_publish};
-use super::delivery::{STALL, consume_and_post, from_arrivals, subscription_yaml_with};
+use super::delivery::{
+    STALL, broker_stream_yaml, consume_and_post, from_arrivals, subscription_yaml_with,
+};
 use super::load::{self, LoadSpec};
 use super::pipeline::{Database, Pipeline};
 use super::report::{Measurement, Report};
-use super::scenarios::{stream_yaml, versions};
+use super::scenarios::versions;
 use super::sink::Sink;
 use super::{BenchArgs, BenchError};
 
 /// Deliveries in flight at least (the Subscription's `consumers`, the raw consumer's
 /// prefetch): the delivery target is stated for 64.
-pub const DRAIN_CONSUMERS: usize = 64;
+const DRAIN_CONSUMERS: usize = 64;
 /// Events per request while filling Weir's queue, and requests in flight: the fastest way in
 /// (the filling is not measured).
 const FILL_BATCH: usize = 100;
 const FILL_CLIENTS: usize = 8;
 
 pub async fn drain(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
-    if args.url.is_some() {
-        return Err(BenchError::Pipeline(
-            "drain creates its own subscription and needs its own pipeline: drop --url".into(),
-        ));
-    }
+    super::own_pipeline(
+        args,
+        "drain creates its own subscription and needs its own pipeline",
+    )?;
     let inflight = args.concurrency.max(DRAIN_CONSUMERS);
     let events = args.events;
     let versions = versions(&args.pg_url).await;
@@ -44,10 +45,7 @@ pub async fn drain(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
     let suffix = db.suffix.clone();
     let exchange = format!("weir.bench.drain-{suffix}");
     let pipe = Pipeline::start_on(db, &args.pg_url, &args.amqp_url, |_| {
-        stream_yaml("orders", "").replace(
-            "queueType: quorum}",
-            &format!("queueType: quorum, exchange: {exchange}}}"),
-        )
+        broker_stream_yaml(&exchange)
     })
     .await?;
     let sub = format!("drain-{suffix}");
@@ -170,11 +168,10 @@ async fn raw_side(
         .await
         .map_err(|e| BenchError::Pipeline(e.to_string()))??;
     let a = sink.take()?;
-    let asked = Instant::now();
     let m = from_arrivals(
         &format!("raw consume→POST (prefetch {inflight})"),
         &a,
-        a.first.unwrap_or(asked),
+        a.first.unwrap_or_else(Instant::now),
         events,
         None,
         None,

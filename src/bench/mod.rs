@@ -120,6 +120,15 @@ pub enum BenchError {
     Plot(String),
 }
 
+/// Refuses `--url` for a scenario that starts its own pipeline; `why` says what it needs one
+/// for.
+fn own_pipeline(args: &BenchArgs, why: &str) -> Result<(), BenchError> {
+    match args.url {
+        Some(_) => Err(BenchError::Pipeline(format!("{why}: drop --url"))),
+        None => Ok(()),
+    }
+}
+
 /// Runs one scenario, prints its table, and writes `--json`/`--plot` if asked.
 pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
     let reports = match args.scenario {

@@ -28,11 +28,10 @@ const CLIENTS: usize = 64;
 const WARM_UP: usize = 500;
 
 pub async fn per_key(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
-    if args.url.is_some() {
-        return Err(BenchError::Pipeline(
-            "per-key creates its own subscriptions and needs its own pipeline: drop --url".into(),
-        ));
-    }
+    super::own_pipeline(
+        args,
+        "per-key creates its own subscriptions and needs its own pipeline",
+    )?;
     let versions = versions(&args.pg_url).await;
     let sink = Sink::start().await?;
     let db = Database::create(&args.pg_url).await?;

@@ -28,11 +28,7 @@ fn manifests() -> String {
 }
 
 pub async fn ingest_pii(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
-    if args.url.is_some() {
-        return Err(BenchError::Pipeline(
-            "ingest --pii starts its own worker (two streams); leave out --url".into(),
-        ));
-    }
+    super::own_pipeline(args, "ingest --pii starts its own worker (two streams)")?;
     let versions = versions(&args.pg_url).await;
     eprintln!("starting a weir pipeline (plain and encrypted streams)…");
     let pipe = Pipeline::start(&args.pg_url, &args.amqp_url, |_| manifests()).await?;

@@ -22,11 +22,10 @@ use super::sink::{self, RawEvent, Sink};
 use super::{BenchArgs, BenchError};
 
 pub async fn replay(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
-    if args.url.is_some() {
-        return Err(BenchError::Pipeline(
-            "replay stores its own events and needs its own pipeline: drop --url".into(),
-        ));
-    }
+    super::own_pipeline(
+        args,
+        "replay stores its own events and needs its own pipeline",
+    )?;
     let versions = versions(&args.pg_url).await;
     let sink = Sink::start().await?;
     // Store the events before weir runs, straight through the store.
