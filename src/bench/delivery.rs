@@ -109,6 +109,9 @@ pub(super) fn from_arrivals(
         .last
         .map_or(0.0, |l| l.saturating_duration_since(started).as_secs_f64());
     let q = |q: f64| (!a.latency.is_empty()).then(|| a.latency.value_at_quantile(q) as f64 / 1e3);
+    let c = |q: f64| {
+        (!a.after_commit.is_empty()).then(|| a.after_commit.value_at_quantile(q) as f64 / 1e3)
+    };
     Measurement {
         name: name.to_string(),
         events_per_s: a.delivered as f64 / seconds.max(1e-9),
@@ -128,6 +131,8 @@ pub(super) fn from_arrivals(
             .map(|f| f.saturating_duration_since(started).as_secs_f64() * 1e3),
         publish_p50_ms: None,
         publish_p99_ms: None,
+        after_commit_p50_ms: c(0.5),
+        after_commit_p99_ms: c(0.99),
     }
 }
 

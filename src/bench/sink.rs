@@ -46,6 +46,9 @@ struct Tally {
     prefix: String,
     seen: HashSet<String>,
     latency: Histogram<u64>,
+    /// From the event's commit (`ce-weirrecordedtime`, PostgreSQL's clock) to its arrival
+    /// (this machine's clock: the same one, as the bench runs beside PostgreSQL).
+    after_commit: Histogram<u64>,
     duplicates: usize,
     first: Option<Instant>,
     last: Option<Instant>,
@@ -63,6 +66,8 @@ pub struct Arrivals {
     pub duplicates: usize,
     /// End-to-end latency of each first arrival, in microseconds.
     pub latency: Histogram<u64>,
+    /// Commit → arrival (relay, broker and delivery) of each first arrival, in microseconds.
+    pub after_commit: Histogram<u64>,
     pub first: Option<Instant>,
     pub last: Option<Instant>,
 }
@@ -82,6 +87,7 @@ impl Sink {
                 prefix: String::new(),
                 seen: HashSet::new(),
                 latency: new_histogram()?,
+                after_commit: new_histogram()?,
                 duplicates: 0,
                 first: None,
                 last: None,
@@ -121,6 +127,7 @@ impl Sink {
         t.prefix = prefix.to_string();
         t.seen.clear();
         t.latency = new_histogram()?;
+        t.after_commit = new_histogram()?;
         t.duplicates = 0;
         t.first = None;
         t.last = None;
@@ -168,6 +175,7 @@ impl Sink {
             delivered: t.seen.len(),
             duplicates: t.duplicates,
             latency: std::mem::replace(&mut t.latency, new_histogram()?),
+            after_commit: std::mem::replace(&mut t.after_commit, new_histogram()?),
             first: t.first,
             last: t.last,
         })
@@ -192,6 +200,12 @@ fn receive(st: &State, headers: &HeaderMap) {
     };
     // The stamp is decimal digits; anything else (a foreign event) records no latency.
     let sent: Option<u64> = header(headers, "ce-benchsent").and_then(|v| v.parse().ok());
+    let committed = header(headers, "ce-weirrecordedtime")
+        .and_then(|v| chrono::DateTime::parse_from_rfc3339(v).ok())
+        .map(|at| {
+            let us = (chrono::Utc::now() - at.to_utc()).num_microseconds();
+            us.unwrap_or(0).clamp(1, MAX_LATENCY_US as i64) as u64
+        });
     let mut t = st.tally.locked();
     if t.prefix.is_empty() || !id.starts_with(t.prefix.as_str()) {
         return;
@@ -203,6 +217,9 @@ fn receive(st: &State, headers: &HeaderMap) {
     if let Some(sent) = sent {
         let us = now_us.saturating_sub(sent).clamp(1, MAX_LATENCY_US);
         let _ = t.latency.record(us);
+    }
+    if let Some(us) = committed {
+        let _ = t.after_commit.record(us);
     }
     t.first.get_or_insert(now);
     t.last = Some(now);
