@@ -47,8 +47,8 @@ pub struct Measurement {
     pub publish_p50_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub publish_p99_ms: Option<f64>,
-    /// Delivery scenarios: from each event's commit (its `weirrecordedtime`) to its arrival
-    /// at the sink, the share after the store (relay, broker, delivery), in ms.
+    /// e2e: from each event's commit (its `weirrecordedtime`) to its arrival at the sink,
+    /// the share after the store (relay, broker, delivery), in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub after_commit_p50_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -253,7 +253,7 @@ pub fn table(reports: &[Report]) -> String {
                     "", "  of which publish → 201 (stored)", "", p50, p99
                 ));
             }
-            // Delivery scenarios through the store: the part after the commit.
+            // e2e: the part after the commit.
             if let (Some(p50), Some(p99)) = (m.after_commit_p50_ms, m.after_commit_p99_ms) {
                 out.push_str(&format!(
                     "{:<44} {:<36} {:>12} {:>8.2} {:>8.2}\n",
