@@ -15,7 +15,8 @@ set-ups of one run, not absolute rates.
     benches/scale/workers.py --weir target/release/weir --streams 8 --duration 20
 
 Needs PostgreSQL (user postgres, trust) and RabbitMQ (guest/guest) on 127.0.0.1. Cleans up:
-SIGTERM to the workers, the databases dropped (FORCE). The streams' exchanges (the namespace's
+SIGTERM to the workers, the databases dropped (FORCE), the manifest folder removed (kept, with
+the workers' logs, when a run fails). The streams' exchanges (the namespace's
 defaults, no queue bound) are left to RabbitMQ and reused by the next run.
 """
 
@@ -25,6 +26,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,14 +133,16 @@ def run(args, workers, tag):
     psql(f"CREATE DATABASE {db}")
     folder = tempfile.mkdtemp(prefix="weir-workers-")
     manifests(folder, db, args.streams, tag)
-    procs, ports = [], []
+    procs, ports, logs = [], [], []
+    done = False
     try:
         for w in range(workers):
             port, admin = 18500 + 2 * w, 18501 + 2 * w
+            logs.append(open(os.path.join(folder, f"w{w}.log"), "w"))
             procs.append(subprocess.Popen(
                 [args.weir, "run", "-f", folder, "--listen", f"127.0.0.1:{port}",
                  "--admin-listen", f"127.0.0.1:{admin}"],
-                stdout=subprocess.DEVNULL, stderr=open(os.path.join(folder, f"w{w}.log"), "w")))
+                stdout=subprocess.DEVNULL, stderr=logs[-1]))
             ports.append((port, admin))
         for _, admin in ports:
             ready(admin, time.time() + 60)
@@ -162,6 +166,7 @@ def run(args, workers, tag):
         stored = sum(v[0] for v in out.values())
         lat = sorted(x for v in out.values() for x in v[1])
         per_worker = [metrics(admin) for _, admin in ports]
+        done = True
         return {
             "workers": workers,
             "events_per_s": stored / elapsed,
@@ -178,7 +183,12 @@ def run(args, workers, tag):
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        for f in logs:
+            f.close()
         psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        # The folder (manifests, the workers' logs) is kept when the run failed.
+        if done:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main():
