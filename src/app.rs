@@ -247,9 +247,10 @@ pub async fn run(
     };
     let (running, ingest) = serving.serve_ingest(cfg.worker.request_timeout, shutdown.clone());
 
+    let mut builder = crate::topology::Builder::new(defaults);
     loop {
         let loaded = rx.borrow_and_update().clone();
-        apply(&loaded, &defaults, &running.plane, cfg.prune).await;
+        apply(&loaded, &mut builder, &running.plane, cfg.prune).await;
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = rx.changed() => if changed.is_err() { break },
@@ -287,8 +288,21 @@ fn standalone_admin_auth(
 /// Applies one snapshot of the folder: valid resources run, invalid ones keep their previous
 /// version (and say why in status), absent ones stop. Problems are logged with the file and
 /// document they come from.
-async fn apply(loaded: &Loaded, defaults: &Defaults, plane: &Plane, prune: bool) {
-    let built = crate::topology::build::build(&loaded.index, defaults);
+async fn apply(
+    loaded: &Loaded,
+    builder: &mut crate::topology::Builder,
+    plane: &Plane,
+    prune: bool,
+) {
+    let timing = &plane.engine.metrics.topology_sync_duration;
+    timing
+        .with_label_values(&["load"])
+        .observe(loaded.took.as_secs_f64());
+    let started = std::time::Instant::now();
+    let built = builder.build(&loaded.index);
+    timing
+        .with_label_values(&["build"])
+        .observe(started.elapsed().as_secs_f64());
     for r in built.reports.iter().filter(|r| !r.is_valid()) {
         let origin = loaded
             .origins
@@ -308,7 +322,11 @@ async fn apply(loaded: &Loaded, defaults: &Defaults, plane: &Plane, prune: bool)
         deleting_streams: Default::default(),
         source_problems: loaded.problems.iter().map(ToString::to_string).collect(),
     };
+    let started = std::time::Instant::now();
     let report = plane.apply(desired, prune).await;
+    timing
+        .with_label_values(&["apply"])
+        .observe(started.elapsed().as_secs_f64());
     for e in report.stream_errors.values().chain(&report.errors) {
         tracing::error!(error = %e, "applying the topology");
     }

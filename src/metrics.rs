@@ -46,6 +46,7 @@ pub struct Metrics {
     pub archive_deleted_events: IntCounterVec,
     pub followers: IntGaugeVec,
     pub follow_ends: IntCounterVec,
+    pub topology_sync_duration: HistogramVec,
 }
 
 /// Latency buckets from 0.5 ms to 10 s: ingest answers in milliseconds when healthy and the
@@ -333,6 +334,20 @@ impl Metrics {
                 "Live follows ended by the worker, by reason: stalled (the client stopped \
                  reading), shutdown, error (the store could not be read).",
                 &["namespace", "stream", "reason"],
+            ),
+            topology_sync_duration: histogram(
+                &r,
+                "weir_topology_sync_seconds",
+                "Time a topology change spends in Weir before its streams and subscriptions \
+                 start or stop, by phase: load (standalone: reading and parsing the \
+                 folder), index (operator: the watched objects and their Secrets into one \
+                 index), build (validating and \
+                 planning), apply (moving the data plane to the plan, starts included).",
+                &["phase"],
+                &[
+                    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
+                    1.0, 5.0,
+                ],
             ),
             registry: r,
         }

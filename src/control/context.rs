@@ -60,6 +60,69 @@ pub struct Stores {
     pub subscriptions: Vec<Store<Subscription>>,
     pub archive_policies: Vec<Store<ArchivePolicy>>,
     pub cache_policies: Vec<Store<CachePolicy>>,
+    /// The Secrets and ConfigMaps each object's spec references, by the object's uid and
+    /// resourceVersion: finding them walks the spec as JSON, which an index of every object
+    /// would otherwise do for all of them on every change.
+    refs_memo: Arc<Mutex<HashMap<(Kind, Key), RefsMemo>>>,
+}
+
+/// The memo of one [`Stores::index`]: entries of the last one, and those of this one.
+struct Memoized {
+    old: HashMap<(Kind, Key), RefsMemo>,
+    new: HashMap<(Kind, Key), RefsMemo>,
+}
+
+/// Adds the Secrets and ConfigMaps `spec` references to `refs`, from the memo when this
+/// version of the object was seen before.
+fn add_refs(
+    refs: &mut Refs,
+    memo: &mut Memoized,
+    kind: Kind,
+    key: &Key,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: &impl serde::Serialize,
+) {
+    let id = (kind, key.clone());
+    let entry = match (memo.old.remove(&id), &meta.resource_version) {
+        (Some(m), Some(v)) if &m.version == v && m.uid == meta.uid => m,
+        _ => {
+            let found = serde_json::to_value(spec)
+                .map(|spec| refs_of(&key.namespace, &spec))
+                .unwrap_or_default();
+            match &meta.resource_version {
+                Some(version) => RefsMemo {
+                    uid: meta.uid.clone(),
+                    version: version.clone(),
+                    refs: found,
+                },
+                // Without a version it cannot be recognised next time: not kept.
+                None => {
+                    refs.extend(found);
+                    return;
+                }
+            }
+        }
+    };
+    // Most objects reference the same few Secrets: insert only what is new.
+    for k in &entry.refs.secrets {
+        if !refs.secrets.contains(k) {
+            refs.secrets.insert(k.clone());
+        }
+    }
+    for k in &entry.refs.config_maps {
+        if !refs.config_maps.contains(k) {
+            refs.config_maps.insert(k.clone());
+        }
+    }
+    memo.new.insert(id, entry);
+}
+
+/// [`Stores::refs_memo`]: one object's references, for one version of it.
+#[derive(Clone)]
+struct RefsMemo {
+    uid: Option<String>,
+    version: String,
+    refs: Refs,
 }
 
 /// Waits for one cache's first list. A cache's readiness wakes only its latest waiter (the
@@ -264,6 +327,10 @@ impl Stores {
     pub fn index(&self, d: &Deleting<'_>) -> (Index, Refs) {
         let mut index = Index::default();
         let mut refs = Refs::default();
+        let mut memo = Memoized {
+            old: std::mem::take(&mut *self.refs_memo.locked()),
+            new: HashMap::new(),
+        };
         let live_subs: BTreeSet<Key> = self
             .subscriptions()
             .iter()
@@ -283,10 +350,15 @@ impl Stores {
             if gone(s.as_ref(), &key, Kind::EventStream, d) && !live_subs.contains(&key) {
                 continue;
             }
-            if let Ok(spec) = serde_json::to_value(&s.spec) {
-                refs.extend(refs_of(&key.namespace, &spec));
-            }
-            index.streams.insert(key, (*s).clone());
+            add_refs(
+                &mut refs,
+                &mut memo,
+                Kind::EventStream,
+                &key,
+                &s.metadata,
+                &s.spec,
+            );
+            index.streams.insert(key, s.clone());
         }
         for s in self.subscriptions() {
             let Some(key) = key_of(s.as_ref()) else {
@@ -295,25 +367,32 @@ impl Stores {
             if gone(s.as_ref(), &key, Kind::Subscription, d) {
                 continue;
             }
-            if let Ok(spec) = serde_json::to_value(&s.spec) {
-                refs.extend(refs_of(&key.namespace, &spec));
-            }
-            index.subscriptions.insert(key, (*s).clone());
+            add_refs(
+                &mut refs,
+                &mut memo,
+                Kind::Subscription,
+                &key,
+                &s.metadata,
+                &s.spec,
+            );
+            index.subscriptions.insert(key, s.clone());
         }
         for p in self.archive_policies.iter().flat_map(Store::state) {
             if let Some(key) = key_of(p.as_ref())
                 && !gone(p.as_ref(), &key, Kind::ArchivePolicy, d)
             {
-                index.archive_policies.insert(key, (*p).clone());
+                index.archive_policies.insert(key, p.clone());
             }
         }
         for p in self.cache_policies.iter().flat_map(Store::state) {
             if let Some(key) = key_of(p.as_ref())
                 && !gone(p.as_ref(), &key, Kind::CachePolicy, d)
             {
-                index.cache_policies.insert(key, (*p).clone());
+                index.cache_policies.insert(key, p.clone());
             }
         }
+        // Objects that left the caches leave the memo.
+        *self.refs_memo.locked() = memo.new;
         (index, refs)
     }
 }
@@ -322,6 +401,9 @@ impl Stores {
 pub struct Context {
     pub client: Client,
     pub defaults: Defaults,
+    /// Builds every sync's topology from `defaults`, re-planning only what changed; held
+    /// only while building, under `apply_lock`.
+    pub builder: Mutex<crate::topology::Builder>,
     pub plane: Arc<Plane>,
     pub stores: Stores,
     pub refs: RefCache,
@@ -412,6 +494,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter(None)),
             client,
             defaults: Defaults::default(),
+            builder: Mutex::new(crate::topology::Builder::new(Defaults::default())),
             plane,
             stores,
             refs: RefCache::default(),

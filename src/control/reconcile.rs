@@ -187,11 +187,20 @@ pub async fn sync(
             return Ok(last.report);
         }
     }
+    let timing = &ctx.plane.engine.metrics.topology_sync_duration;
+    let observe = |phase: &str, took: std::time::Duration| {
+        timing
+            .with_label_values(&[phase])
+            .observe(took.as_secs_f64())
+    };
+    let started = std::time::Instant::now();
     let (mut index, refs) = ctx.stores.index(&Deleting {
         cleaning,
         leader,
         cleaned: &cleaned,
     });
+    // The Secret reads of `refresh` are network waits, not the index's cost: left out.
+    let indexing = started.elapsed();
     ctx.refs
         .refresh(&ctx.client, &refs, ctx.settings.refresh)
         .await?;
@@ -203,16 +212,23 @@ pub async fn sync(
         leader,
         cleaned: cleaned.clone(),
     };
+    let started = std::time::Instant::now();
     let (secrets, config_maps) = ctx.refs.resolved(&refs);
     index.secrets = secrets;
     index.config_maps = config_maps;
+    observe("index", indexing + started.elapsed());
+    let started = std::time::Instant::now();
+    let built = ctx.builder.locked().build(&index);
+    observe("build", started.elapsed());
+    let started = std::time::Instant::now();
     let desired = Desired {
-        built: crate::topology::build(&index, &ctx.defaults),
+        built,
         broken: BTreeSet::new(),
         deleting_streams: ctx.stores.deleting_streams(),
         source_problems: Vec::new(),
     };
     let report = ctx.plane.apply(desired, prune).await;
+    observe("apply", started.elapsed());
     ctx.syncs.with_label_values(&["applied"]).inc();
     // Here rather than on every sync: objects leave the caches only through a change, and a
     // change is what makes a sync build.

@@ -75,8 +75,11 @@ impl Engine {
     }
 
     pub fn stream(&self, namespace: &str, name: &str) -> Option<Arc<StreamRuntime>> {
-        let streams = self.streams.reading();
-        streams.get(&Key::new(namespace, name)).cloned()
+        self.stream_by_key(&Key::new(namespace, name))
+    }
+
+    pub fn stream_by_key(&self, key: &Key) -> Option<Arc<StreamRuntime>> {
+        self.streams.reading().get(key).cloned()
     }
 
     pub fn streams(&self) -> Vec<Arc<StreamRuntime>> {
@@ -138,7 +141,7 @@ impl Engine {
     /// with `prune` its exchange and stored events are removed if its policy says Delete.
     pub async fn apply(
         &self,
-        plans: &std::collections::BTreeMap<Key, StreamPlan>,
+        plans: &std::collections::BTreeMap<Key, Arc<StreamPlan>>,
         keep: &BTreeSet<Key>,
         prune: bool,
     ) -> Vec<EngineError> {
@@ -146,14 +149,18 @@ impl Engine {
         let mut to_stop = Vec::new();
         let mut to_prune = Vec::new();
         for (key, plan) in plans {
-            if let Some(rt) = self.stream(&key.namespace, &key.name)
-                && rt.plan.same_runtime(plan)
-            {
-                if rt.current_plan() != *plan {
-                    *rt.access.writing() = Arc::new(plan.access.clone());
-                    tracing::info!(stream = %key, "stream access updated");
+            if let Some(rt) = self.stream_by_key(key) {
+                if Arc::ptr_eq(&*rt.applied.reading(), plan) {
+                    continue;
                 }
-                continue;
+                if rt.plan.same_runtime(plan) {
+                    if rt.current_plan() != **plan {
+                        *rt.access.writing() = Arc::new(plan.access.clone());
+                        tracing::info!(stream = %key, "stream access updated");
+                    }
+                    *rt.applied.writing() = plan.clone();
+                    continue;
+                }
             }
             match self.start(plan.clone()) {
                 Ok(rt) => {
@@ -215,7 +222,8 @@ impl Engine {
         Ok(())
     }
 
-    fn start(&self, plan: StreamPlan) -> Result<Arc<StreamRuntime>, EngineError> {
+    fn start(&self, applied: Arc<StreamPlan>) -> Result<Arc<StreamRuntime>, EngineError> {
+        let plan = StreamPlan::clone(&applied);
         let key = plan.key.clone();
         self.metrics.init_stream(&key.namespace, &key.name);
         let validator = Validator::new(&plan.validation).map_err(|e| EngineError::Invalid {
@@ -311,6 +319,7 @@ impl Engine {
         )));
         Ok(Arc::new(StreamRuntime {
             access: RwLock::new(Arc::new(plan.access.clone())),
+            applied: RwLock::new(applied),
             rate_limit: plan
                 .rate_limit
                 .as_ref()

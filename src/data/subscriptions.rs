@@ -8,7 +8,7 @@
 
 use crate::poison::RwLockExt;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
@@ -22,7 +22,7 @@ use crate::data::delivery::{
     ATTEMPTS_HEADER, Appender, DeliveryError, EXT_ATTEMPTS, EXT_ERROR_CODE, EXT_ERROR_DATA,
     EXT_ERROR_DEST, Runner,
 };
-use crate::data::engine::Engine;
+use crate::data::engine::{Engine, StreamRuntime};
 use crate::data::event::{CloudEvent, to_structured_json};
 use crate::metrics::Metrics;
 use crate::topology::{DeletionPolicy, Key, StreamPlan, SubscriptionPlan};
@@ -37,7 +37,12 @@ struct Entry {
     runner: Arc<Runner>,
     /// The plan as last applied (consumers and rateLimit may differ from the runner's
     /// starting plan).
-    plan: SubscriptionPlan,
+    plan: Arc<SubscriptionPlan>,
+    /// The stream runtimes it was applied with, in `plan.streams` order. An apply that
+    /// finds the same plan allocation over the same runtimes has nothing to compare (see
+    /// [`Subscriptions::unchanged`]). Weak: a stopped stream's runtime is not kept alive
+    /// for this, and the allocation it points to cannot be reused while it is held.
+    streams: Vec<Weak<StreamRuntime>>,
 }
 
 /// Every subscription of this worker.
@@ -107,7 +112,42 @@ impl Subscriptions {
         self.running
             .reading()
             .get(key)
-            .map(|e| (e.runner.clone(), e.plan.clone()))
+            .map(|e| (e.runner.clone(), SubscriptionPlan::clone(&e.plan)))
+    }
+
+    /// Whether `key` runs `plan` (the same allocation, which the builder hands back for a
+    /// subscription it did not re-plan) over the same stream runtimes as when last applied:
+    /// then the apply has nothing to do for it.
+    fn unchanged(&self, key: &Key, plan: &Arc<SubscriptionPlan>) -> bool {
+        let running = self.running.reading();
+        let Some(e) = running.get(key) else {
+            return false;
+        };
+        Arc::ptr_eq(&e.plan, plan)
+            && e.streams.len() == plan.streams.len()
+            && plan.streams.iter().zip(&e.streams).all(|(k, w)| {
+                self.engine
+                    .stream_by_key(k)
+                    .is_some_and(|rt| std::ptr::eq(Arc::as_ptr(&rt), w.as_ptr()))
+            })
+    }
+
+    /// The stream runtimes `sides` stand for, to be recorded with an applied plan.
+    fn runtimes(&self, plan: &SubscriptionPlan) -> Vec<Weak<StreamRuntime>> {
+        plan.streams
+            .iter()
+            .filter_map(|k| self.engine.stream_by_key(k))
+            .map(|rt| Arc::downgrade(&rt))
+            .collect()
+    }
+
+    /// Records `plan` as applied to the running `key`, with the runtimes it reads now.
+    fn applied(&self, key: &Key, plan: &Arc<SubscriptionPlan>) {
+        let streams = self.runtimes(plan);
+        if let Some(e) = self.running.writing().get_mut(key) {
+            e.plan = plan.clone();
+            e.streams = streams;
+        }
     }
 
     /// Why a subscription of the topology is not running, if so.
@@ -121,13 +161,16 @@ impl Subscriptions {
     /// are deleted when their deletionPolicy is Delete.
     pub async fn apply(
         &self,
-        plans: &BTreeMap<Key, SubscriptionPlan>,
+        plans: &BTreeMap<Key, Arc<SubscriptionPlan>>,
         keep: &BTreeSet<Key>,
         prune: bool,
     ) -> Vec<DeliveryError> {
         let mut errors = Vec::new();
         let mut problems = BTreeMap::new();
         for (key, plan) in plans {
+            if self.unchanged(key, plan) {
+                continue;
+            }
             let sides = match self.sides(plan) {
                 Ok(sides) => sides,
                 Err(missing) => {
@@ -152,14 +195,12 @@ impl Subscriptions {
                 let mut moved = runner.plan.clone();
                 moved.streams = running.keys().cloned().collect();
                 if running == wanted && same_but_live(&moved, plan) {
-                    if applied != plan {
+                    if applied != &**plan {
                         runner.update(plan);
-                        if let Some(e) = self.running.writing().get_mut(key) {
-                            e.plan = plan.clone();
-                        }
                         tracing::info!(subscription = %key, consumers = plan.consumers,
                             rate = ?plan.rate_limit, "subscription settings updated");
                     }
+                    self.applied(key, plan);
                     continue;
                 }
                 // Another set of streams (a label added or removed, a stream created or
@@ -176,9 +217,7 @@ impl Subscriptions {
                     match runner.rebind(sides.clone()).await {
                         Ok(()) => {
                             runner.update(plan);
-                            if let Some(e) = self.running.writing().get_mut(key) {
-                                e.plan = plan.clone();
-                            }
+                            self.applied(key, plan);
                             tracing::info!(subscription = %key, streams = ?plan.streams, "subscription streams changed");
                             continue;
                         }
@@ -200,8 +239,9 @@ impl Subscriptions {
             if let Some(e) = old {
                 e.runner.stop().await;
             }
+            let streams = self.runtimes(plan);
             match Runner::start(
-                plan.clone(),
+                SubscriptionPlan::clone(plan),
                 sides,
                 self.appender.clone(),
                 self.metrics.clone(),
@@ -214,6 +254,7 @@ impl Subscriptions {
                         Entry {
                             runner: Arc::new(r),
                             plan: plan.clone(),
+                            streams,
                         },
                     );
                 }

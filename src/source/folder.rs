@@ -74,6 +74,8 @@ pub struct Loaded {
     pub generations: BTreeMap<(Kind, Key), (i64, serde_json::Value)>,
     /// How many times the folder has been loaded to produce this snapshot (1 for the first).
     pub revision: u64,
+    /// How long reading and parsing the folder took (`weir_topology_sync_seconds{phase="load"}`).
+    pub took: std::time::Duration,
 }
 
 impl Loaded {
@@ -157,6 +159,7 @@ fn load_inner(dir: &Path, previous: Option<&Loaded>) -> Result<Loaded, SourceErr
     if !meta.is_dir() {
         return Err(SourceError::NotADirectory(dir.to_path_buf()));
     }
+    let started = std::time::Instant::now();
     let mut loader = Loader {
         previous,
         out: Loaded {
@@ -171,6 +174,7 @@ fn load_inner(dir: &Path, previous: Option<&Loaded>) -> Result<Loaded, SourceErr
     }
     loader.carry_forward();
     loader.stamp_generations();
+    loader.out.took = started.elapsed();
     Ok(loader.out)
 }
 
@@ -487,24 +491,28 @@ impl Loader<'_> {
         let index = &mut self.out.index;
         match kind {
             Kind::EventStream => {
-                index
-                    .streams
-                    .insert(key.clone(), decode_resource(value, key)?);
+                index.streams.insert(
+                    key.clone(),
+                    std::sync::Arc::new(decode_resource(value, key)?),
+                );
             }
             Kind::Subscription => {
-                index
-                    .subscriptions
-                    .insert(key.clone(), decode_resource(value, key)?);
+                index.subscriptions.insert(
+                    key.clone(),
+                    std::sync::Arc::new(decode_resource(value, key)?),
+                );
             }
             Kind::ArchivePolicy => {
-                index
-                    .archive_policies
-                    .insert(key.clone(), decode_resource(value, key)?);
+                index.archive_policies.insert(
+                    key.clone(),
+                    std::sync::Arc::new(decode_resource(value, key)?),
+                );
             }
             Kind::CachePolicy => {
-                index
-                    .cache_policies
-                    .insert(key.clone(), decode_resource(value, key)?);
+                index.cache_policies.insert(
+                    key.clone(),
+                    std::sync::Arc::new(decode_resource(value, key)?),
+                );
             }
         }
         Ok(())

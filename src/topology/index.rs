@@ -3,18 +3,20 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use crate::api;
 use crate::topology::Key;
 
-/// Every resource the topology is built from, keyed by namespace/name.
+/// Every resource the topology is built from, keyed by namespace/name. The objects are shared
+/// (`Arc`) with the source's caches: an index of N objects costs N pointers, not N copies.
 #[derive(Default, Clone, Debug)]
 pub struct Index {
     /// EventStreams by namespace/name (likewise for the three kinds below).
-    pub streams: BTreeMap<Key, api::EventStream>,
-    pub subscriptions: BTreeMap<Key, api::Subscription>,
-    pub archive_policies: BTreeMap<Key, api::ArchivePolicy>,
-    pub cache_policies: BTreeMap<Key, api::CachePolicy>,
+    pub streams: BTreeMap<Key, Arc<api::EventStream>>,
+    pub subscriptions: BTreeMap<Key, Arc<api::Subscription>>,
+    pub archive_policies: BTreeMap<Key, Arc<api::ArchivePolicy>>,
+    pub cache_policies: BTreeMap<Key, Arc<api::CachePolicy>>,
     /// Secrets with their values decoded (the bytes of `data`, or `stringData` as UTF-8).
     pub secrets: BTreeMap<Key, BTreeMap<String, Vec<u8>>>,
     /// ConfigMaps' `data`.

@@ -14,7 +14,7 @@ pub mod plan;
 pub mod report;
 pub mod units;
 
-pub use build::{Built, build};
+pub use build::{BuildCounts, Builder, Built, build};
 pub use defaults::Defaults;
 pub use filter::Filter;
 pub use index::{Index, Kind};

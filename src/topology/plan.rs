@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `namespace/name` of a namespaced resource.
@@ -304,8 +305,10 @@ pub struct RateLimitPlan {
 /// Everything that should run: one plan per valid resource.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Topology {
-    pub streams: BTreeMap<Key, StreamPlan>,
-    pub subscriptions: BTreeMap<Key, SubscriptionPlan>,
+    /// Shared with the builder's memo and the running streams: a plan that did not change
+    /// between two builds is the same allocation, so applying it is a pointer comparison.
+    pub streams: BTreeMap<Key, Arc<StreamPlan>>,
+    pub subscriptions: BTreeMap<Key, Arc<SubscriptionPlan>>,
     pub archive_policies: BTreeMap<Key, ArchivePlan>,
     pub cache_policies: BTreeMap<Key, CachePlan>,
 }

@@ -108,6 +108,13 @@ pub struct ScaleRun {
     pub idle_window_s: f64,
     /// Apply (file written) → stream and subscription both Ready, with N in place.
     pub one_more_ready_ms: f64,
+    /// Of that change, the worker's own time per phase (`weir_topology_sync_seconds`, summed
+    /// over the syncs it caused): reading the folder, building the topology, applying it.
+    pub one_more_load_ms: Option<f64>,
+    pub one_more_build_ms: Option<f64>,
+    pub one_more_apply_ms: Option<f64>,
+    /// How many syncs that change caused (one, unless the folder watch saw two writes).
+    pub one_more_syncs: Option<f64>,
     pub rate: u64,
     pub traffic_s: f64,
     /// Events accepted by the worker (2xx) in the traffic phase.
@@ -174,6 +181,9 @@ fn figures(r: &ScaleRun) -> Vec<(&'static str, Option<f64>)> {
         ("rss_idle_mb", r.rss_idle_mb),
         ("idle_cpu_percent", r.idle_cpu_percent),
         ("one_more_ready_ms", Some(r.one_more_ready_ms)),
+        ("one_more_load_ms", r.one_more_load_ms),
+        ("one_more_build_ms", r.one_more_build_ms),
+        ("one_more_apply_ms", r.one_more_apply_ms),
     ]
 }
 
@@ -368,6 +378,7 @@ async fn measure(
 
     // One more stream + subscription, with n in place.
     eprintln!("{tag}: one more stream + subscription…");
+    let phases_before = sync_phases(&client, &pipe.admin).await;
     pipe.write_manifest("extra.yaml", &resource_yaml(suffix, n, &sink.url))?;
     let applied = Instant::now();
     let extra = [stream_name(n), sub_name(suffix, n)];
@@ -377,6 +388,27 @@ async fn measure(
         return Err(not_ready_error(tag, &w, &extra, None, amqp, sampler).await);
     };
     run.one_more_ready_ms = one_more.as_secs_f64() * 1e3;
+    // The sync is timed when it ends, which is before its resources report Ready.
+    if let (Some(before), Some(after)) = (phases_before, sync_phases(&client, &pipe.admin).await) {
+        let spent = |phase: &str| {
+            let (s1, c1) = after.get(phase).copied().unwrap_or_default();
+            let (s0, c0) = before.get(phase).copied().unwrap_or_default();
+            (c1 > c0).then_some(((s1 - s0) * 1e3, c1 - c0))
+        };
+        run.one_more_load_ms = spent("load").map(|(ms, _)| ms);
+        run.one_more_build_ms = spent("build").map(|(ms, _)| ms);
+        run.one_more_apply_ms = spent("apply").map(|(ms, _)| ms);
+        run.one_more_syncs = spent("build").map(|(_, n)| n);
+    }
+    eprintln!(
+        "{tag}: one more → Ready in {:.0} ms; the worker's own time: load {} ms, build {} ms, \
+         apply {} ms ({} syncs)",
+        run.one_more_ready_ms,
+        opt(run.one_more_load_ms, 2),
+        opt(run.one_more_build_ms, 2),
+        opt(run.one_more_apply_ms, 2),
+        opt(run.one_more_syncs, 0),
+    );
 
     // Traffic over every stream, the extra one included.
     let streams: Vec<String> = (0..=n).map(stream_name).collect();
@@ -464,5 +496,18 @@ mod tests {
         assert!(rss_kib(pid).is_some_and(|k| k > 0));
         assert!(cpu_ticks(pid).is_some());
         assert!(socket_ports(pid, 1).is_some());
+    }
+
+    #[test]
+    fn sync_phases_are_read_from_a_real_scrape() {
+        let m = crate::metrics::Metrics::new();
+        let h = &m.topology_sync_duration;
+        h.with_label_values(&["build"]).observe(0.25);
+        h.with_label_values(&["build"]).observe(0.5);
+        h.with_label_values(&["apply"]).observe(2.0);
+        let phases = parse_sync_phases(&m.render());
+        assert_eq!(phases.get("build"), Some(&(0.75, 2.0)));
+        assert_eq!(phases.get("apply"), Some(&(2.0, 1.0)));
+        assert_eq!(phases.get("load"), None);
     }
 }

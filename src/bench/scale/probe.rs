@@ -270,3 +270,52 @@ impl Management {
 pub(super) fn encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
+
+/// `(sum, count)` of `weir_topology_sync_seconds` by phase, from the worker's `/metrics`.
+pub(super) async fn sync_phases(
+    client: &reqwest::Client,
+    admin: &str,
+) -> Option<std::collections::BTreeMap<String, (f64, f64)>> {
+    let text = client
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(parse_sync_phases(&text))
+}
+
+/// The `_sum` and `_count` samples of `weir_topology_sync_seconds{phase}` in a scrape.
+pub(super) fn parse_sync_phases(text: &str) -> std::collections::BTreeMap<String, (f64, f64)> {
+    let mut out = std::collections::BTreeMap::<String, (f64, f64)>::new();
+    for line in text.lines() {
+        let (is_sum, rest) = if let Some(r) = line.strip_prefix("weir_topology_sync_seconds_sum{") {
+            (true, r)
+        } else if let Some(r) = line.strip_prefix("weir_topology_sync_seconds_count{") {
+            (false, r)
+        } else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let Some(phase) = labels
+            .strip_prefix("phase=\"")
+            .and_then(|p| p.strip_suffix('"'))
+        else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let e = out.entry(phase.to_string()).or_default();
+        if is_sum {
+            e.0 = v;
+        } else {
+            e.1 = v;
+        }
+    }
+    out
+}

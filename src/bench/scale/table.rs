@@ -18,7 +18,7 @@ pub fn table(details: &serde_json::Value) -> String {
         "ratio",
         "per added res."
     );
-    let rows: [(&str, &str, usize); 9] = [
+    let rows: [(&str, &str, usize); 12] = [
         ("ready_s", "all Ready after (s)", 2),
         (
             "status_worst_ms",
@@ -36,6 +36,13 @@ pub fn table(details: &serde_json::Value) -> String {
         ("rss_idle_mb", "RSS idle (MB)", 1),
         ("idle_cpu_percent", "idle CPU (% of one core)", 2),
         ("one_more_ready_ms", "one more stream + sub → Ready (ms)", 0),
+        ("one_more_load_ms", "  of which reading the folder (ms)", 2),
+        (
+            "one_more_build_ms",
+            "  of which building the topology (ms)",
+            2,
+        ),
+        ("one_more_apply_ms", "  of which applying it (ms)", 2),
     ];
     for (k, label, d) in rows {
         out.push_str(&format!(

@@ -73,6 +73,10 @@ pub struct StreamRuntime {
     /// Who may publish and read now (replaced in place when only it changes, e.g. a rotated
     /// token, so that a rotation does not restart the stream).
     pub(super) access: RwLock<Arc<AccessPlan>>,
+    /// The topology's plan last applied to this runtime (the start plan, or a later one that
+    /// differed only in place). The next apply with the same allocation has nothing to
+    /// compare: the builder hands an unchanged stream's plan back as the same `Arc`.
+    pub(super) applied: RwLock<Arc<StreamPlan>>,
     pub validator: Validator,
     pub broker: Broker,
     pub backend: Backend,

@@ -84,14 +84,16 @@ impl Loader<'_> {
 /// it changed.
 fn stamp<T>(
     kind: Kind,
-    map: &mut BTreeMap<Key, T>,
+    map: &mut BTreeMap<Key, std::sync::Arc<T>>,
     before: &BTreeMap<(Kind, Key), (i64, serde_json::Value)>,
     out: &mut BTreeMap<(Kind, Key), (i64, serde_json::Value)>,
 ) where
-    T: Resource + HasSpec,
+    T: Resource + HasSpec + Clone,
     T::Spec: serde::Serialize,
 {
     for (key, obj) in map.iter_mut() {
+        // Freshly loaded, so not shared yet: no copy is made.
+        let obj = std::sync::Arc::make_mut(obj);
         // Serializing plain spec structs cannot fail; should it, the spec counts as changed.
         let spec = serde_json::to_value(obj.spec()).unwrap_or(serde_json::Value::Null);
         let id = (kind, key.clone());

@@ -150,7 +150,7 @@ fn is_dns_subdomain(s: &str) -> bool {
 /// The `(name, token)` pairs of a tokens Secret: every key names a caller.
 fn tokens(cx: &mut Cx<'_>, secret: &str, path: &str) -> Vec<(String, Token)> {
     let key = cx.key(secret);
-    let Some(data) = cx.index.secrets.get(&key) else {
+    let Some(data) = cx.secret_data(&key) else {
         cx.push(
             path,
             format!("Secret {key} not found"),

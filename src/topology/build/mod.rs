@@ -12,6 +12,7 @@
 //! EventStream has problems is still valid, since the stream's last good version keeps running.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -67,78 +68,314 @@ use stream::stream_plan;
 pub use subscription::parse_start_from;
 use subscription::subscription_plan;
 
-/// Builds the topology from `index`, filling unset fields from `defaults`.
+/// Builds the topology from `index`, filling unset fields from `defaults`: every resource
+/// planned from scratch (`weir validate`, tests). A source that builds again and again keeps
+/// a [`Builder`], which re-plans only what changed.
 pub fn build(index: &Index, defaults: &Defaults) -> Built {
-    let mut built = Built::default();
+    Builder::new(defaults.clone()).build(index)
+}
 
-    let mut stream_reports = Vec::new();
-    for (key, es) in &index.streams {
-        let mut cx = Cx::new(index, defaults, key);
-        let plan = stream_plan(&mut cx, key, &es.metadata, &es.spec);
-        stream_reports.push((key.clone(), generation(&es.metadata), cx.problems, plan));
-    }
-    // Two streams publishing to one exchange would mix their events: the older stream keeps it.
-    let mut exchange_owner: BTreeMap<String, Key> = BTreeMap::new();
-    let mut order: Vec<usize> = (0..stream_reports.len()).collect();
-    order.sort_by_key(|&i| {
-        creation_order(
-            &index.streams[&stream_reports[i].0].metadata,
-            &stream_reports[i].0,
-        )
-    });
-    for i in order {
-        let (key, _, problems, _) = &mut stream_reports[i];
-        let exchange = index.streams[&*key]
-            .spec
-            .broker
-            .exchange
-            .clone()
-            .filter(|e| !e.is_empty())
-            .unwrap_or_else(|| default_exchange(key));
-        match exchange_owner.get(&exchange) {
-            Some(owner) => problems.push(Problem {
-                path: "spec.broker.exchange".into(),
-                message: format!("exchange {exchange:?} is already used by EventStream {owner}"),
-                reason: Reason::InvalidSpec,
-            }),
-            None => {
-                exchange_owner.insert(exchange, key.clone());
-            }
+/// Builds topologies one after another, reusing the plan (and problems) of every EventStream
+/// and Subscription whose inputs did not change since the previous build: its own object (its
+/// generation, uid, labels and creation time: see [`Version`]), the Secrets and ConfigMaps it
+/// read (compared by value), and for a Subscription the outcome of each EventStream it names.
+/// So one change costs the plans it touches plus a walk of the index, not a build of every
+/// resource.
+///
+/// What is always re-planned: objects without a generation, Subscriptions with a
+/// `streamSelector` (they depend on every EventStream of their namespace), ArchivePolicies and
+/// CachePolicies (few, and they select streams by label), and the exchange-ownership check
+/// across streams (a map lookup per stream).
+#[derive(Debug)]
+pub struct Builder {
+    defaults: Defaults,
+    streams: BTreeMap<Key, Memo<Arc<StreamPlan>>>,
+    subscriptions: BTreeMap<Key, Memo<Arc<SubscriptionPlan>>>,
+    /// The last revision handed out (see [`Memo::revision`]).
+    revision: u64,
+    /// What the last build re-planned and reused.
+    pub last: BuildCounts,
+}
+
+/// How many EventStreams and Subscriptions a build planned afresh and how many it reused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuildCounts {
+    pub planned: usize,
+    pub reused: usize,
+}
+
+/// The outcome of one resource's plan, with what it was built from.
+#[derive(Debug)]
+struct Memo<P> {
+    /// The object planned.
+    version: Version,
+    reads: Vec<Read>,
+    /// Problems found by the resource's own plan (not the cross-stream exchange check).
+    problems: Vec<Problem>,
+    plan: P,
+    /// EventStreams: the exchange-ownership problem of the last build, if any.
+    exchange: Option<Problem>,
+    /// EventStreams: a number that changes whenever the stream's outcome (problems or plan)
+    /// may have changed; Subscriptions that name the stream compare it.
+    revision: u64,
+}
+
+/// Something a plan read besides its own object, as it was when read.
+#[derive(Clone, Debug, PartialEq)]
+enum Read {
+    Secret(Key, Option<BTreeMap<String, Vec<u8>>>),
+    ConfigMap(Key, Option<BTreeMap<String, String>>),
+    /// An EventStream by the revision of its outcome (`None`: absent).
+    Stream(Key, Option<u64>),
+}
+
+impl Read {
+    fn holds(&self, index: &Index, revisions: &BTreeMap<Key, u64>) -> bool {
+        match self {
+            Read::Secret(k, v) => index.secrets.get(k) == v.as_ref(),
+            Read::ConfigMap(k, v) => index.config_maps.get(k) == v.as_ref(),
+            Read::Stream(k, r) => revisions.get(k) == r.as_ref(),
         }
     }
-    for (key, generation, problems, plan) in stream_reports {
-        finish(
-            &mut built.reports,
-            &mut built.topology.streams,
-            Kind::EventStream,
-            key,
-            generation,
-            problems,
-            plan,
-        );
+}
+
+/// What a plan reads of its own object besides the spec: an object whose generation (which
+/// the API server, and the manifest folder's loader, raise on every spec change), uid, labels
+/// and creation time are those of the memo is, for its plan, the same object. Not the
+/// resourceVersion: every status write changes it, and re-planning every object whose status
+/// was written since the last build would be most of them.
+#[derive(Debug, PartialEq)]
+struct Version {
+    uid: Option<String>,
+    generation: i64,
+    labels: Option<BTreeMap<String, String>>,
+    created: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+impl Version {
+    /// `None` for an object without a generation: it cannot be recognised next time.
+    fn of(meta: &ObjectMeta) -> Option<Version> {
+        Some(Version {
+            uid: meta.uid.clone(),
+            generation: meta.generation?,
+            labels: meta.labels.clone(),
+            created: meta.creation_timestamp.clone(),
+        })
     }
 
-    for (key, sub) in &index.subscriptions {
-        let mut cx = Cx::new(index, defaults, key);
-        let plan = subscription_plan(
-            &mut cx,
-            key,
-            &sub.metadata,
-            &sub.spec,
-            &built.topology.streams,
-        );
-        let problems = cx.problems;
-        finish(
-            &mut built.reports,
-            &mut built.topology.subscriptions,
-            Kind::Subscription,
-            key.clone(),
-            generation(&sub.metadata),
-            problems,
-            plan,
-        );
+    fn matches(&self, meta: &ObjectMeta) -> bool {
+        meta.generation == Some(self.generation)
+            && meta.uid == self.uid
+            && meta.labels == self.labels
+            && meta.creation_timestamp == self.created
+    }
+}
+
+impl<P: Clone> Memo<P> {
+    /// The memo of `key`, if it was planned from this version of the object (`meta`) and
+    /// nothing it read changed.
+    fn reusable<'m>(
+        memos: &'m BTreeMap<Key, Memo<P>>,
+        key: &Key,
+        meta: &ObjectMeta,
+        index: &Index,
+        revisions: &BTreeMap<Key, u64>,
+    ) -> Option<&'m Memo<P>> {
+        memos.get(key).filter(|m| {
+            m.version.matches(meta) && m.reads.iter().all(|r| r.holds(index, revisions))
+        })
+    }
+}
+
+impl Builder {
+    pub fn new(defaults: Defaults) -> Builder {
+        Builder {
+            defaults,
+            streams: BTreeMap::new(),
+            subscriptions: BTreeMap::new(),
+            revision: 0,
+            last: BuildCounts::default(),
+        }
     }
 
+    pub fn defaults(&self) -> &Defaults {
+        &self.defaults
+    }
+
+    fn next_revision(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+
+    /// Builds the topology of `index` (see the type's docs for what is reused).
+    pub fn build(&mut self, index: &Index) -> Built {
+        let defaults = self.defaults.clone();
+        let defaults = &defaults;
+        let mut built = Built::default();
+        let mut counts = BuildCounts::default();
+        let no_revisions = BTreeMap::new();
+
+        // EventStreams: (key, generation, own problems, plan, version, reads or None if reused).
+        let mut stream_out = Vec::with_capacity(index.streams.len());
+        for (key, es) in &index.streams {
+            let reused = Memo::reusable(&self.streams, key, &es.metadata, index, &no_revisions);
+            let (problems, plan, reads, version) = match reused {
+                Some(m) => {
+                    counts.reused += 1;
+                    (m.problems.clone(), m.plan.clone(), None, None)
+                }
+                None => {
+                    counts.planned += 1;
+                    let mut cx = Cx::new(index, defaults, key);
+                    let plan = Arc::new(stream_plan(&mut cx, key, &es.metadata, &es.spec));
+                    let version = Version::of(&es.metadata);
+                    (cx.problems, plan, Some(cx.reads), version)
+                }
+            };
+            stream_out.push((
+                key,
+                generation(&es.metadata),
+                problems,
+                plan,
+                version,
+                reads,
+            ));
+        }
+        // Two streams publishing to one exchange would mix their events: the older stream
+        // keeps it.
+        let mut exchange_owner: BTreeMap<std::borrow::Cow<'_, str>, &Key> = BTreeMap::new();
+        // (creation time, key, object) of each stream, oldest first.
+        let mut order: Vec<(_, &Key, usize)> = stream_out
+            .iter()
+            .enumerate()
+            .map(|(i, (key, ..))| {
+                let (created, key) = creation_order(&index.streams[*key].metadata, key);
+                (created, key, i)
+            })
+            .collect();
+        order.sort_unstable();
+        let mut exchange_problems: Vec<Option<Problem>> = vec![None; stream_out.len()];
+        for (_, key, i) in order {
+            let exchange: std::borrow::Cow<'_, str> =
+                match index.streams[key].spec.broker.exchange.as_deref() {
+                    Some(e) if !e.is_empty() => e.into(),
+                    _ => default_exchange(key).into(),
+                };
+            match exchange_owner.get(&exchange) {
+                Some(owner) => {
+                    exchange_problems[i] = Some(Problem {
+                        path: "spec.broker.exchange".into(),
+                        message: format!(
+                            "exchange {exchange:?} is already used by EventStream {owner}"
+                        ),
+                        reason: Reason::InvalidSpec,
+                    })
+                }
+                None => {
+                    exchange_owner.insert(exchange, key);
+                }
+            }
+        }
+        let mut revisions: BTreeMap<Key, u64> = BTreeMap::new();
+        let mut stream_memos = BTreeMap::new();
+        for ((key, generation, own, plan, version, reads), exchange) in
+            stream_out.into_iter().zip(exchange_problems)
+        {
+            let previous = self.streams.remove(key);
+            let (reads, revision, version) = match (reads, previous) {
+                // Reused, and the exchange check says the same: the outcome is the same.
+                (None, Some(m)) if m.exchange == exchange => (m.reads, m.revision, Some(m.version)),
+                (None, Some(m)) => (m.reads, self.next_revision(), Some(m.version)),
+                (Some(reads), _) => (reads, self.next_revision(), version),
+                // A reused plan always has a memo; should it not, plan it as new next time.
+                (None, None) => (Vec::new(), self.next_revision(), None),
+            };
+            revisions.insert(key.clone(), revision);
+            let mut problems = own.clone();
+            problems.extend(exchange.clone());
+            if let Some(version) = version {
+                stream_memos.insert(
+                    key.clone(),
+                    Memo {
+                        version,
+                        reads,
+                        problems: own,
+                        plan: plan.clone(),
+                        exchange,
+                        revision,
+                    },
+                );
+            }
+            finish(
+                &mut built.reports,
+                &mut built.topology.streams,
+                Kind::EventStream,
+                key.clone(),
+                generation,
+                problems,
+                plan,
+            );
+        }
+        // Streams that left the index leave the memo with them.
+        self.streams = stream_memos;
+
+        let mut sub_memos = BTreeMap::new();
+        for (key, sub) in &index.subscriptions {
+            let reused = Memo::reusable(&self.subscriptions, key, &sub.metadata, index, &revisions)
+                .is_some();
+            let (problems, plan) = match reused.then(|| self.subscriptions.remove(key)).flatten() {
+                Some(m) => {
+                    counts.reused += 1;
+                    let out = (m.problems.clone(), m.plan.clone());
+                    sub_memos.insert(key.clone(), m);
+                    out
+                }
+                None => {
+                    counts.planned += 1;
+                    let mut cx = Cx::new(index, defaults, key);
+                    cx.revisions = Some(&revisions);
+                    let plan = Arc::new(subscription_plan(
+                        &mut cx,
+                        key,
+                        &sub.metadata,
+                        &sub.spec,
+                        &built.topology.streams,
+                    ));
+                    if let Some(version) = Version::of(&sub.metadata).filter(|_| !cx.volatile) {
+                        sub_memos.insert(
+                            key.clone(),
+                            Memo {
+                                version,
+                                reads: cx.reads,
+                                problems: cx.problems.clone(),
+                                plan: plan.clone(),
+                                exchange: None,
+                                revision: 0,
+                            },
+                        );
+                    }
+                    (cx.problems, plan)
+                }
+            };
+            finish(
+                &mut built.reports,
+                &mut built.topology.subscriptions,
+                Kind::Subscription,
+                key.clone(),
+                generation(&sub.metadata),
+                problems,
+                plan,
+            );
+        }
+        self.subscriptions = sub_memos;
+        self.last = counts;
+        policies_into(&mut built, index, defaults);
+        built
+    }
+}
+
+/// Plans the ArchivePolicies and CachePolicies of `index` into `built`.
+fn policies_into(built: &mut Built, index: &Index, defaults: &Defaults) {
     let archive: Vec<(&Key, &ObjectMeta, &ArchivePolicySpec)> = index
         .archive_policies
         .iter()
@@ -186,8 +423,6 @@ pub fn build(index: &Index, defaults: &Defaults) -> Built {
             plan,
         );
     }
-
-    built
 }
 
 /// Records the report of one resource and, if it has no problem, its plan.
@@ -216,8 +451,11 @@ fn generation(meta: &ObjectMeta) -> i64 {
 }
 
 /// Older first; resources without a creation time (manifest files) by namespace/name.
-fn creation_order(meta: &ObjectMeta, key: &Key) -> (Option<k8s_openapi::jiff::Timestamp>, Key) {
-    (meta.creation_timestamp.as_ref().map(|t| t.0), key.clone())
+fn creation_order<'k>(
+    meta: &ObjectMeta,
+    key: &'k Key,
+) -> (Option<k8s_openapi::jiff::Timestamp>, &'k Key) {
+    (meta.creation_timestamp.as_ref().map(|t| t.0), key)
 }
 
 fn default_exchange(key: &Key) -> String {
@@ -230,6 +468,13 @@ struct Cx<'a> {
     defaults: &'a Defaults,
     namespace: &'a str,
     problems: Vec<Problem>,
+    /// What the plan read besides its own object (see [`Builder`]).
+    reads: Vec<Read>,
+    /// Set when the plan depends on more than it can list in `reads` (a label selector over
+    /// a namespace's streams): it is planned again on every build.
+    volatile: bool,
+    /// The revisions of the streams' outcomes, once they are built (Subscriptions).
+    revisions: Option<&'a BTreeMap<Key, u64>>,
 }
 
 impl<'a> Cx<'a> {
@@ -239,6 +484,9 @@ impl<'a> Cx<'a> {
             defaults,
             namespace: &key.namespace,
             problems: Vec::new(),
+            reads: Vec::new(),
+            volatile: false,
+            revisions: None,
         };
         // Folder mode refuses such a name when loading; the API server allows dots in custom
         // resource names, so the operator's resources are checked here.
@@ -310,10 +558,23 @@ impl<'a> Cx<'a> {
         }
     }
 
+    fn read(&mut self, read: Read) {
+        if !self.reads.contains(&read) {
+            self.reads.push(read);
+        }
+    }
+
+    /// A Secret's data, recorded as read.
+    fn secret_data(&mut self, key: &Key) -> Option<&'a BTreeMap<String, Vec<u8>>> {
+        let data = self.index.secrets.get(key);
+        self.read(Read::Secret(key.clone(), data.cloned()));
+        data
+    }
+
     /// The bytes of a Secret key, or a SecretNotFound problem.
     fn secret(&mut self, r: &api::SecretKeyRef, path: &str) -> Option<Vec<u8>> {
         let key = self.key(&r.name);
-        let Some(secret) = self.index.secrets.get(&key) else {
+        let Some(secret) = self.secret_data(&key) else {
             self.push(
                 path,
                 format!("Secret {key} not found"),
@@ -363,7 +624,9 @@ impl<'a> Cx<'a> {
 
     fn config_map(&mut self, r: &api::ConfigMapKeyRef, path: &str) -> Option<String> {
         let key = self.key(&r.name);
-        let Some(cm) = self.index.config_maps.get(&key) else {
+        let cm = self.index.config_maps.get(&key);
+        self.read(Read::ConfigMap(key.clone(), cm.cloned()));
+        let Some(cm) = cm else {
             self.push(
                 path,
                 format!("ConfigMap {key} not found"),
@@ -387,6 +650,8 @@ impl<'a> Cx<'a> {
     /// An EventStream of this namespace, or a StreamNotFound problem.
     fn stream(&mut self, name: &str, path: &str) -> Option<(Key, &'a api::EventStream)> {
         let key = self.key(name);
+        let revision = self.revisions.and_then(|r| r.get(&key).copied());
+        self.read(Read::Stream(key.clone(), revision));
         match self.index.streams.get(&key) {
             Some(s) => Some((key, s)),
             None => {
@@ -514,3 +779,6 @@ mod tests {
         assert_eq!(Reason::PolicyConflict.to_string(), "PolicyConflict");
     }
 }
+
+#[cfg(test)]
+mod incremental_tests;

@@ -7,7 +7,7 @@ pub(super) fn subscription_plan(
     key: &Key,
     meta: &ObjectMeta,
     spec: &SubscriptionSpec,
-    plans: &BTreeMap<Key, StreamPlan>,
+    plans: &BTreeMap<Key, Arc<StreamPlan>>,
 ) -> SubscriptionPlan {
     let (streams, multi, broker_only) = read_streams(cx, spec, plans);
 
@@ -159,7 +159,7 @@ pub(super) fn subscription_plan(
 fn read_streams(
     cx: &mut Cx<'_>,
     spec: &SubscriptionSpec,
-    plans: &BTreeMap<Key, StreamPlan>,
+    plans: &BTreeMap<Key, Arc<StreamPlan>>,
 ) -> (Vec<Key>, bool, Option<Key>) {
     let mut found: Vec<(Key, String, bool)> = Vec::new();
     let mut named = |cx: &mut Cx<'_>, name: &str, path: String| {
@@ -251,12 +251,13 @@ fn read_streams(
 fn select(
     cx: &mut Cx<'_>,
     sel: &LabelSelector,
-    plans: &BTreeMap<Key, StreamPlan>,
+    plans: &BTreeMap<Key, Arc<StreamPlan>>,
     found: &mut Vec<(Key, String, bool)>,
     with_list: bool,
 ) {
     let ns = cx.namespace.to_string();
     let before = found.len();
+    cx.volatile = true;
     for (key, es) in cx.index.streams.range(Key::new(ns.clone(), "")..) {
         if key.namespace != ns {
             break;
