@@ -300,6 +300,7 @@ async fn apply(
         .observe(loaded.took.as_secs_f64());
     let started = std::time::Instant::now();
     let built = builder.build(&loaded.index);
+    plane.engine.metrics.count_plans(builder.last);
     timing
         .with_label_values(&["build"])
         .observe(started.elapsed().as_secs_f64());

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub followers: IntGaugeVec,
     pub follow_ends: IntCounterVec,
     pub topology_sync_duration: HistogramVec,
+    pub topology_plans: IntCounterVec,
 }
 
 /// Latency buckets from 0.5 ms to 10 s: ingest answers in milliseconds when healthy and the
@@ -84,6 +85,15 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], b: &[f64]) -
 }
 
 impl Metrics {
+    /// Counts what a topology build planned and reused.
+    pub fn count_plans(&self, counts: crate::topology::BuildCounts) {
+        let c = &self.topology_plans;
+        c.with_label_values(&["planned"])
+            .inc_by(counts.planned as u64);
+        c.with_label_values(&["reused"])
+            .inc_by(counts.reused as u64);
+    }
+
     pub fn new() -> Metrics {
         let r = Registry::new();
         #[cfg(target_os = "linux")]
@@ -348,6 +358,13 @@ impl Metrics {
                     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
                     1.0, 5.0,
                 ],
+            ),
+            topology_plans: counter(
+                &r,
+                "weir_topology_plans_total",
+                "EventStreams and Subscriptions a topology build planned (planned) or took \
+                 unchanged from the previous build (reused).",
+                &["outcome"],
             ),
             registry: r,
         }

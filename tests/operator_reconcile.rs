@@ -68,11 +68,10 @@ fn stores(streams: Vec<EventStream>, subs: Vec<Subscription>) -> Stores {
     }
     sub_writer.apply_watcher_event(&watcher::Event::InitDone);
     // The writers may go: the stores keep their content and readiness.
-    Stores {
-        streams: vec![s_store],
-        subscriptions: vec![sub_store],
-        ..Stores::default()
-    }
+    let mut stores = Stores::default();
+    stores.streams = vec![s_store];
+    stores.subscriptions = vec![sub_store];
+    stores
 }
 
 /// One request as the mock API server saw it.

@@ -125,6 +125,34 @@ async fn syncs(op: &Operator, outcome: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The sum of the samples of `name` whose labels contain `label` (`phase="build"`, say).
+async fn metric_sum(op: &Operator, name: &str, label: &str) -> f64 {
+    let text = common::http_get(format!("{}/metrics", op.admin))
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Per phase of the topology syncs: (seconds spent, syncs), and the plans made and reused.
+async fn sync_costs(op: &Operator) -> Vec<f64> {
+    let mut out = Vec::new();
+    for phase in ["index", "build", "apply"] {
+        let label = format!("phase=\"{phase}\"");
+        out.push(metric_sum(op, "weir_topology_sync_seconds_sum", &label).await);
+    }
+    for outcome in ["planned", "reused"] {
+        let label = format!("outcome=\"{outcome}\"");
+        out.push(metric_sum(op, "weir_topology_plans_total", &label).await);
+    }
+    out
+}
+
 /// Resident memory of `pid`, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -207,11 +235,20 @@ async fn run(n: usize) {
 
     // One more pair while N exist.
     let before = syncs(&op, "applied").await;
+    let costs_before = sync_costs(&op).await;
     let t = Instant::now();
     server.apply(&pair(&ns, &tag, n, &sink.url)).await;
     let one_more = wait_ready(&streams, &subs, 2 * n + 2, Duration::from_secs(60), &op).await;
     let one_more_total = t.elapsed();
     let applied_for_one = syncs(&op, "applied").await - before;
+    let costs: Vec<f64> = sync_costs(&op)
+        .await
+        .iter()
+        .zip(&costs_before)
+        .map(|(a, b)| a - b)
+        .collect();
+    let (index_ms, build_ms, apply_ms) = (costs[0] * 1e3, costs[1] * 1e3, costs[2] * 1e3);
+    let (planned, reused) = (costs[3], costs[4]);
 
     eprintln!(
         "operator scale: {n} streams + {n} subscriptions\n\
@@ -221,8 +258,16 @@ async fn run(n: usize) {
          | operator RSS when Ready | {:.1} MiB |\n\
          | one event per stream delivered | {n} / {n} ({duplicated} duplicated) |\n\
          | one more pair: kubectl apply → Ready | {one_more_total:.1?} (wait {one_more:.1?}) |\n\
-         | syncs that built for that pair | {applied_for_one} |",
+         | syncs that built for that pair | {applied_for_one} |\n\
+         | their index / build / apply | {index_ms:.2} / {build_ms:.2} / {apply_ms:.2} ms |\n\
+         | plans they made / reused | {planned} / {reused} |",
         rss as f64 / 1024.0
+    );
+    // The builds for one more pair planned that pair, not the N already running (a build
+    // that found the stream before its subscription plans each once).
+    assert!(
+        planned >= 2.0 && planned <= 2.0 * applied_for_one as f64,
+        "{planned} plans made by {applied_for_one} builds for one more pair ({reused} reused)"
     );
 
     // The reconciles of N objects did not each build the topology: most found it unchanged.

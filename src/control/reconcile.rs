@@ -218,7 +218,12 @@ pub async fn sync(
     index.config_maps = config_maps;
     observe("index", indexing + started.elapsed());
     let started = std::time::Instant::now();
-    let built = ctx.builder.locked().build(&index);
+    let built = {
+        let mut builder = ctx.builder.locked();
+        let built = builder.build(&index);
+        ctx.plane.engine.metrics.count_plans(builder.last);
+        built
+    };
     observe("build", started.elapsed());
     let started = std::time::Instant::now();
     let desired = Desired {
