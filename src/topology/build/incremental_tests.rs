@@ -316,7 +316,7 @@ fn a_series_of_changes_matches_fresh_builds() {
             4 => {
                 w.index
                     .subscriptions
-                    .remove(&Key::new("t", &format!("sub{i}")));
+                    .remove(&Key::new("t", format!("sub{i}")));
             }
             5 => w.secret(
                 "amqp",
