@@ -130,11 +130,11 @@ enum Read {
 }
 
 impl Read {
-    fn holds(&self, index: &Index, revisions: &BTreeMap<Key, u64>) -> bool {
+    fn holds(&self, index: &Index, revisions: &Revisions<'_>) -> bool {
         match self {
             Read::Secret(k, v) => index.secrets.get(k) == v.as_ref(),
             Read::ConfigMap(k, v) => index.config_maps.get(k) == v.as_ref(),
-            Read::Stream(k, r) => revisions.get(k) == r.as_ref(),
+            Read::Stream(k, r) => revisions.get(k) == *r,
         }
     }
 }
@@ -179,7 +179,7 @@ impl<P: Clone> Memo<P> {
         key: &Key,
         meta: &ObjectMeta,
         index: &Index,
-        revisions: &BTreeMap<Key, u64>,
+        revisions: &Revisions<'_>,
     ) -> Option<&'m Memo<P>> {
         memos.get(key).filter(|m| {
             m.version.matches(meta) && m.reads.iter().all(|r| r.holds(index, revisions))
@@ -202,54 +202,51 @@ impl Builder {
         &self.defaults
     }
 
-    fn next_revision(&mut self) -> u64 {
-        self.revision += 1;
-        self.revision
-    }
-
-    /// Builds the topology of `index` (see the type's docs for what is reused).
+    /// Builds the topology of `index` (see the type's docs for what is reused). The memos
+    /// are updated in place: a reused resource costs lookups, not copies.
     pub fn build(&mut self, index: &Index) -> Built {
         let defaults = self.defaults.clone();
         let defaults = &defaults;
         let mut built = Built::default();
         let mut counts = BuildCounts::default();
-        let no_revisions = BTreeMap::new();
+        // Memos of resources that left the index go first: a stream's memo is also its
+        // revision, which Subscriptions compare.
+        self.streams.retain(|k, _| index.streams.contains_key(k));
+        self.subscriptions
+            .retain(|k, _| index.subscriptions.contains_key(k));
+        let unversioned = BTreeMap::new();
+        let none = Revisions {
+            memos: &BTreeMap::new(),
+            unversioned: &unversioned,
+        };
 
-        // EventStreams: (key, generation, own problems, plan, version, reads or None if reused).
+        // EventStreams: (key, generation, own problems, plan, what a fresh plan read).
         let mut stream_out = Vec::with_capacity(index.streams.len());
         for (key, es) in &index.streams {
-            let reused = Memo::reusable(&self.streams, key, &es.metadata, index, &no_revisions);
-            let (problems, plan, reads, version) = match reused {
+            let reused = Memo::reusable(&self.streams, key, &es.metadata, index, &none);
+            let (problems, plan, fresh) = match reused {
                 Some(m) => {
                     counts.reused += 1;
-                    (m.problems.clone(), m.plan.clone(), None, None)
+                    (m.problems.clone(), m.plan.clone(), None)
                 }
                 None => {
                     counts.planned += 1;
                     let mut cx = Cx::new(index, defaults, key);
                     let plan = Arc::new(stream_plan(&mut cx, key, &es.metadata, &es.spec));
-                    let version = Version::of(&es.metadata);
-                    (cx.problems, plan, Some(cx.reads), version)
+                    (cx.problems, plan, Some(cx.reads))
                 }
             };
-            stream_out.push((
-                key,
-                generation(&es.metadata),
-                problems,
-                plan,
-                version,
-                reads,
-            ));
+            stream_out.push((key, es, problems, plan, fresh));
         }
         // Two streams publishing to one exchange would mix their events: the older stream
         // keeps it.
         let mut exchange_owner: BTreeMap<std::borrow::Cow<'_, str>, &Key> = BTreeMap::new();
-        // (creation time, key, object) of each stream, oldest first.
+        // (creation time, key, position) of each stream, oldest first.
         let mut order: Vec<(_, &Key, usize)> = stream_out
             .iter()
             .enumerate()
-            .map(|(i, (key, ..))| {
-                let (created, key) = creation_order(&index.streams[*key].metadata, key);
+            .map(|(i, (key, es, ..))| {
+                let (created, key) = creation_order(&es.metadata, key);
                 (created, key, i)
             })
             .collect();
@@ -276,59 +273,66 @@ impl Builder {
                 }
             }
         }
-        let mut revisions: BTreeMap<Key, u64> = BTreeMap::new();
-        let mut stream_memos = BTreeMap::new();
-        for ((key, generation, own, plan, version, reads), exchange) in
-            stream_out.into_iter().zip(exchange_problems)
+        let mut revision = self.revision;
+        let mut next = || {
+            revision += 1;
+            revision
+        };
+        let mut unversioned = BTreeMap::new();
+        for ((key, es, own, plan, fresh), exchange) in stream_out.into_iter().zip(exchange_problems)
         {
-            let previous = self.streams.remove(key);
-            let (reads, revision, version) = match (reads, previous) {
-                // Reused, and the exchange check says the same: the outcome is the same.
-                (None, Some(m)) if m.exchange == exchange => (m.reads, m.revision, Some(m.version)),
-                (None, Some(m)) => (m.reads, self.next_revision(), Some(m.version)),
-                (Some(reads), _) => (reads, self.next_revision(), version),
-                // A reused plan always has a memo; should it not, plan it as new next time.
-                (None, None) => (Vec::new(), self.next_revision(), None),
-            };
-            revisions.insert(key.clone(), revision);
             let mut problems = own.clone();
             problems.extend(exchange.clone());
-            if let Some(version) = version {
-                stream_memos.insert(
-                    key.clone(),
-                    Memo {
+            match (fresh, Version::of(&es.metadata)) {
+                (None, _) => {
+                    // Reused: the same outcome unless the exchange check now says otherwise.
+                    if let Some(m) = self.streams.get_mut(key)
+                        && m.exchange != exchange
+                    {
+                        m.exchange = exchange;
+                        m.revision = next();
+                    }
+                }
+                (Some(reads), Some(version)) => {
+                    let memo = Memo {
                         version,
                         reads,
                         problems: own,
                         plan: plan.clone(),
                         exchange,
-                        revision,
-                    },
-                );
+                        revision: next(),
+                    };
+                    self.streams.insert(key.clone(), memo);
+                }
+                // Without a generation it cannot be recognised next time: a new outcome on
+                // every build.
+                (Some(_), None) => {
+                    self.streams.remove(key);
+                    unversioned.insert(key.clone(), next());
+                }
             }
             finish(
                 &mut built.reports,
                 &mut built.topology.streams,
                 Kind::EventStream,
                 key.clone(),
-                generation,
+                generation(&es.metadata),
                 problems,
                 plan,
             );
         }
-        // Streams that left the index leave the memo with them.
-        self.streams = stream_memos;
+        self.revision = revision;
 
-        let mut sub_memos = BTreeMap::new();
+        let revisions = Revisions {
+            memos: &self.streams,
+            unversioned: &unversioned,
+        };
         for (key, sub) in &index.subscriptions {
-            let reused = Memo::reusable(&self.subscriptions, key, &sub.metadata, index, &revisions)
-                .is_some();
-            let (problems, plan) = match reused.then(|| self.subscriptions.remove(key)).flatten() {
+            let reused = Memo::reusable(&self.subscriptions, key, &sub.metadata, index, &revisions);
+            let (problems, plan) = match reused {
                 Some(m) => {
                     counts.reused += 1;
-                    let out = (m.problems.clone(), m.plan.clone());
-                    sub_memos.insert(key.clone(), m);
-                    out
+                    (m.problems.clone(), m.plan.clone())
                 }
                 None => {
                     counts.planned += 1;
@@ -341,18 +345,21 @@ impl Builder {
                         &sub.spec,
                         &built.topology.streams,
                     ));
-                    if let Some(version) = Version::of(&sub.metadata).filter(|_| !cx.volatile) {
-                        sub_memos.insert(
-                            key.clone(),
-                            Memo {
+                    match Version::of(&sub.metadata).filter(|_| !cx.volatile) {
+                        Some(version) => {
+                            let memo = Memo {
                                 version,
                                 reads: cx.reads,
                                 problems: cx.problems.clone(),
                                 plan: plan.clone(),
                                 exchange: None,
                                 revision: 0,
-                            },
-                        );
+                            };
+                            self.subscriptions.insert(key.clone(), memo);
+                        }
+                        None => {
+                            self.subscriptions.remove(key);
+                        }
                     }
                     (cx.problems, plan)
                 }
@@ -367,10 +374,25 @@ impl Builder {
                 plan,
             );
         }
-        self.subscriptions = sub_memos;
         self.last = counts;
         policies_into(&mut built, index, defaults);
         built
+    }
+}
+
+/// The revision of each EventStream's outcome in this build: its memo's, or for a stream
+/// without a generation, the one it got this time.
+struct Revisions<'a> {
+    memos: &'a BTreeMap<Key, Memo<Arc<StreamPlan>>>,
+    unversioned: &'a BTreeMap<Key, u64>,
+}
+
+impl Revisions<'_> {
+    fn get(&self, key: &Key) -> Option<u64> {
+        self.memos
+            .get(key)
+            .map(|m| m.revision)
+            .or_else(|| self.unversioned.get(key).copied())
     }
 }
 
@@ -474,7 +496,7 @@ struct Cx<'a> {
     /// a namespace's streams): it is planned again on every build.
     volatile: bool,
     /// The revisions of the streams' outcomes, once they are built (Subscriptions).
-    revisions: Option<&'a BTreeMap<Key, u64>>,
+    revisions: Option<&'a Revisions<'a>>,
 }
 
 impl<'a> Cx<'a> {
@@ -650,7 +672,7 @@ impl<'a> Cx<'a> {
     /// An EventStream of this namespace, or a StreamNotFound problem.
     fn stream(&mut self, name: &str, path: &str) -> Option<(Key, &'a api::EventStream)> {
         let key = self.key(name);
-        let revision = self.revisions.and_then(|r| r.get(&key).copied());
+        let revision = self.revisions.and_then(|r| r.get(&key));
         self.read(Read::Stream(key.clone(), revision));
         match self.index.streams.get(&key) {
             Some(s) => Some((key, s)),
