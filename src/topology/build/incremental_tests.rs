@@ -238,6 +238,34 @@ fn an_exchange_taken_by_another_stream() {
 }
 
 #[test]
+fn a_stream_losing_its_exchange_replans_what_reads_its_plan() {
+    // A subscription over two streams checks that their plans share a broker; a stream that
+    // loses its exchange to an older one has no plan, so the check changes although neither
+    // the stream's object nor anything it read did.
+    let mut w = world();
+    w.secret("amqp2", "amqp://guest:guest@127.0.0.1:5673/%2f");
+    let mut other = stream_spec(100, Some("weir.t.zz"));
+    other["broker"]["urlSecretRef"]["name"] = json!("amqp2");
+    w.stream("zz", other.clone(), json!({}));
+    w.subscription(
+        "both",
+        json!({"streams": ["s1", "zz"], "sink": {"uri": "https://sink.example.com/x"}}),
+    );
+    let mut b = Builder::new(Defaults::default());
+    check(&mut b, &w, "the first build");
+    let both = Key::new("t", "both");
+    assert!(!b.build(&w.index).topology.subscriptions.contains_key(&both));
+    // An older stream takes zz's exchange: zz has no plan, the subscription reads s1's alone.
+    w.stream("aa", stream_spec(100, Some("weir.t.zz")), json!({}));
+    check(&mut b, &w, "aa takes zz's exchange");
+    assert!(b.build(&w.index).topology.subscriptions.contains_key(&both));
+    // aa leaves: zz's plan is back, and so is the subscription's problem.
+    w.index.streams.remove(&Key::new("t", "aa"));
+    check(&mut b, &w, "aa deleted");
+    assert!(!b.build(&w.index).topology.subscriptions.contains_key(&both));
+}
+
+#[test]
 fn a_selector_subscription_follows_labels() {
     let mut w = world();
     w.subscription(
