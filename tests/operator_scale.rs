@@ -110,14 +110,19 @@ fn tail(s: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// `weir_operator_syncs_total{outcome}` from the operator's metrics.
-async fn syncs(op: &Operator, outcome: &str) -> u64 {
-    let text = common::http_get(format!("{}/metrics", op.admin))
+/// The operator's `/metrics` text.
+async fn metrics_text(op: &Operator) -> String {
+    common::http_get(format!("{}/metrics", op.admin))
         .await
         .expect("metrics answer")
         .text()
         .await
-        .expect("metrics text");
+        .expect("metrics text")
+}
+
+/// `weir_operator_syncs_total{outcome}` from the operator's metrics.
+async fn syncs(op: &Operator, outcome: &str) -> u64 {
+    let text = metrics_text(op).await;
     let want = format!("weir_operator_syncs_total{{outcome=\"{outcome}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&want))
@@ -127,13 +132,9 @@ async fn syncs(op: &Operator, outcome: &str) -> u64 {
 
 /// The sum of the samples of `name` whose labels contain `label` (`phase="build"`, say).
 async fn metric_sum(op: &Operator, name: &str, label: &str) -> f64 {
-    let text = common::http_get(format!("{}/metrics", op.admin))
+    metrics_text(op)
         .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
+        .lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()

@@ -86,6 +86,18 @@ impl Database {
 }
 
 impl Pipeline {
+    /// The worker's `/metrics` text, or `None` when it does not answer.
+    pub async fn metrics_text(&self) -> Option<String> {
+        crate::tls_provider::http_client()
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    }
+
     /// Creates the database, writes the manifests and starts `weir run`. `streams` is YAML
     /// appended after the Secrets (EventStreams in namespace `bench`).
     pub async fn start(

@@ -355,14 +355,7 @@ pub async fn ingest(args: &BenchArgs) -> Result<Vec<Report>, BenchError> {
 
 /// `(sum, count)` of the pipeline's `weir_batch_events` histogram (events per transaction).
 async fn batch_stats(pipe: Option<&Pipeline>) -> Option<(f64, f64)> {
-    let text = crate::tls_provider::http_client()
-        .get(format!("{}/metrics", pipe?.admin))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = pipe?.metrics_text().await?;
     let get = |name: &str| -> Option<f64> {
         text.lines()
             .find(|l| l.starts_with(name))

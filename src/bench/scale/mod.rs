@@ -378,7 +378,7 @@ async fn measure(
 
     // One more stream + subscription, with n in place.
     eprintln!("{tag}: one more stream + subscription…");
-    let phases_before = sync_phases(&client, &pipe.admin).await;
+    let phases_before = sync_phases(pipe).await;
     pipe.write_manifest("extra.yaml", &resource_yaml(suffix, n, &sink.url))?;
     let applied = Instant::now();
     let extra = [stream_name(n), sub_name(suffix, n)];
@@ -389,7 +389,7 @@ async fn measure(
     };
     run.one_more_ready_ms = one_more.as_secs_f64() * 1e3;
     // The sync is timed when it ends, which is before its resources report Ready.
-    if let (Some(before), Some(after)) = (phases_before, sync_phases(&client, &pipe.admin).await) {
+    if let (Some(before), Some(after)) = (phases_before, sync_phases(pipe).await) {
         let spent = |phase: &str| {
             let (s1, c1) = after.get(phase).copied().unwrap_or_default();
             let (s0, c0) = before.get(phase).copied().unwrap_or_default();

@@ -273,18 +273,9 @@ pub(super) fn encode(s: &str) -> String {
 
 /// `(sum, count)` of `weir_topology_sync_seconds` by phase, from the worker's `/metrics`.
 pub(super) async fn sync_phases(
-    client: &reqwest::Client,
-    admin: &str,
+    pipe: &super::Pipeline,
 ) -> Option<std::collections::BTreeMap<String, (f64, f64)>> {
-    let text = client
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    Some(parse_sync_phases(&text))
+    Some(parse_sync_phases(&pipe.metrics_text().await?))
 }
 
 /// The `_sum` and `_count` samples of `weir_topology_sync_seconds{phase}` in a scrape.
