@@ -294,16 +294,12 @@ async fn apply(
     plane: &Plane,
     prune: bool,
 ) {
-    let timing = &plane.engine.metrics.topology_sync_duration;
-    timing
-        .with_label_values(&["load"])
-        .observe(loaded.took.as_secs_f64());
+    let metrics = &plane.engine.metrics;
+    metrics.observe_sync("load", loaded.took);
     let started = std::time::Instant::now();
     let built = builder.build(&loaded.index);
-    plane.engine.metrics.count_plans(builder.last);
-    timing
-        .with_label_values(&["build"])
-        .observe(started.elapsed().as_secs_f64());
+    metrics.count_plans(builder.last);
+    metrics.observe_sync("build", started.elapsed());
     for r in built.reports.iter().filter(|r| !r.is_valid()) {
         let origin = loaded
             .origins
@@ -325,9 +321,7 @@ async fn apply(
     };
     let started = std::time::Instant::now();
     let report = plane.apply(desired, prune).await;
-    timing
-        .with_label_values(&["apply"])
-        .observe(started.elapsed().as_secs_f64());
+    metrics.observe_sync("apply", started.elapsed());
     for e in report.stream_errors.values().chain(&report.errors) {
         tracing::error!(error = %e, "applying the topology");
     }

@@ -85,6 +85,13 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], b: &[f64]) -
 }
 
 impl Metrics {
+    /// Records the time one phase of a topology sync took (`weir_topology_sync_seconds`).
+    pub fn observe_sync(&self, phase: &str, took: std::time::Duration) {
+        self.topology_sync_duration
+            .with_label_values(&[phase])
+            .observe(took.as_secs_f64());
+    }
+
     /// Counts what a topology build planned and reused.
     pub fn count_plans(&self, counts: crate::topology::BuildCounts) {
         let c = &self.topology_plans;
@@ -351,8 +358,7 @@ impl Metrics {
                 "Time a topology change spends in Weir before its streams and subscriptions \
                  start or stop, by phase: load (standalone: reading and parsing the \
                  folder), index (operator: the watched objects and their Secrets into one \
-                 index), build (validating and \
-                 planning), apply (moving the data plane to the plan, starts included).",
+                 index), build (validating and planning), apply (moving the data plane to the plan, starts included).",
                 &["phase"],
                 &[
                     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,

@@ -97,23 +97,13 @@ fn add_refs(
                 },
                 // Without a version it cannot be recognised next time: not kept.
                 None => {
-                    refs.extend(found);
+                    refs.extend(&found);
                     return;
                 }
             }
         }
     };
-    // Most objects reference the same few Secrets: insert only what is new.
-    for k in &entry.refs.secrets {
-        if !refs.secrets.contains(k) {
-            refs.secrets.insert(k.clone());
-        }
-    }
-    for k in &entry.refs.config_maps {
-        if !refs.config_maps.contains(k) {
-            refs.config_maps.insert(k.clone());
-        }
-    }
+    refs.extend(&entry.refs);
     memo.new.insert(id, entry);
 }
 
@@ -400,9 +390,8 @@ impl Stores {
 /// Shared state of every reconcile.
 pub struct Context {
     pub client: Client,
-    pub defaults: Defaults,
-    /// Builds every sync's topology from `defaults`, re-planning only what changed; held
-    /// only while building, under `apply_lock`.
+    /// Builds every sync's topology (with the operator's defaults), re-planning only what
+    /// changed; held only while building, under `apply_lock`.
     pub builder: Mutex<crate::topology::Builder>,
     pub plane: Arc<Plane>,
     pub stores: Stores,
@@ -493,7 +482,6 @@ impl Context {
         let ctx = Context {
             recorder: Recorder::new(client.clone(), reporter(None)),
             client,
-            defaults: Defaults::default(),
             builder: Mutex::new(crate::topology::Builder::new(Defaults::default())),
             plane,
             stores,

@@ -187,12 +187,7 @@ pub async fn sync(
             return Ok(last.report);
         }
     }
-    let timing = &ctx.plane.engine.metrics.topology_sync_duration;
-    let observe = |phase: &str, took: std::time::Duration| {
-        timing
-            .with_label_values(&[phase])
-            .observe(took.as_secs_f64())
-    };
+    let metrics = &ctx.plane.engine.metrics;
     let started = std::time::Instant::now();
     let (mut index, refs) = ctx.stores.index(&Deleting {
         cleaning,
@@ -216,15 +211,15 @@ pub async fn sync(
     let (secrets, config_maps) = ctx.refs.resolved(&refs);
     index.secrets = secrets;
     index.config_maps = config_maps;
-    observe("index", indexing + started.elapsed());
+    metrics.observe_sync("index", indexing + started.elapsed());
     let started = std::time::Instant::now();
     let built = {
         let mut builder = ctx.builder.locked();
         let built = builder.build(&index);
-        ctx.plane.engine.metrics.count_plans(builder.last);
+        metrics.count_plans(builder.last);
         built
     };
-    observe("build", started.elapsed());
+    metrics.observe_sync("build", started.elapsed());
     let started = std::time::Instant::now();
     let desired = Desired {
         built,
@@ -233,7 +228,7 @@ pub async fn sync(
         source_problems: Vec::new(),
     };
     let report = ctx.plane.apply(desired, prune).await;
-    observe("apply", started.elapsed());
+    metrics.observe_sync("apply", started.elapsed());
     ctx.syncs.with_label_values(&["applied"]).inc();
     // Here rather than on every sync: objects leave the caches only through a change, and a
     // change is what makes a sync build.

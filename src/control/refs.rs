@@ -25,10 +25,19 @@ pub struct Refs {
 }
 
 impl Refs {
-    /// Adds the references of `other`.
-    pub fn extend(&mut self, other: Refs) {
-        self.secrets.extend(other.secrets);
-        self.config_maps.extend(other.config_maps);
+    /// Adds the references of `other`. Most resources reference the same few Secrets, so
+    /// only keys not yet present are copied.
+    pub fn extend(&mut self, other: &Refs) {
+        for k in &other.secrets {
+            if !self.secrets.contains(k) {
+                self.secrets.insert(k.clone());
+            }
+        }
+        for k in &other.config_maps {
+            if !self.config_maps.contains(k) {
+                self.config_maps.insert(k.clone());
+            }
+        }
     }
 }
 

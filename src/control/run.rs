@@ -187,8 +187,7 @@ pub async fn run_with_client(
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter(Some(cfg.lease.identity.clone()))),
         client: client.clone(),
-        builder: std::sync::Mutex::new(crate::topology::Builder::new(defaults.clone())),
-        defaults,
+        builder: std::sync::Mutex::new(crate::topology::Builder::new(defaults)),
         plane,
         stores,
         refs: RefCache::default(),

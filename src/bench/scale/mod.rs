@@ -501,10 +501,9 @@ mod tests {
     #[test]
     fn sync_phases_are_read_from_a_real_scrape() {
         let m = crate::metrics::Metrics::new();
-        let h = &m.topology_sync_duration;
-        h.with_label_values(&["build"]).observe(0.25);
-        h.with_label_values(&["build"]).observe(0.5);
-        h.with_label_values(&["apply"]).observe(2.0);
+        m.observe_sync("build", Duration::from_millis(250));
+        m.observe_sync("build", Duration::from_millis(500));
+        m.observe_sync("apply", Duration::from_secs(2));
         let phases = parse_sync_phases(&m.render());
         assert_eq!(phases.get("build"), Some(&(0.75, 2.0)));
         assert_eq!(phases.get("apply"), Some(&(2.0, 1.0)));
